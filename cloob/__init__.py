@@ -1,0 +1,1 @@
+"""CLOOB/CLIP training library."""

@@ -1,0 +1,177 @@
+"""Training recipes: typed, validated configuration loaded from YAML with dotted overrides.
+
+A recipe is a YAML file (or the name of one shipped in cloob/recipes/) with the sections below.
+Every field has a default that works for the tiny CPU run; `key.sub=value` overrides on the command
+line are parsed as YAML scalars. An invalid field raises CloobError naming the field and a fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cloob.errors import CloobError
+from cloob.losses import METHODS
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    arch: str = Field("cloob-tiny-vit", description="open_clip architecture name, or a cloob-tiny-* config")
+    inv_tau: float = Field(30.0, ge=1.0, le=100.0, description="initial 1/tau, stored as log in logit_scale")
+    learn_inv_tau: bool = False
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+class LossConfig(_Section):
+    method: Literal["clip", "cloob", "infoloob", "clip_hopfield"] = "cloob"
+    beta: float = Field(8.0, gt=0.0, description="Hopfield inverse temperature (scale_hopfield), fixed")
+
+    @property
+    def objective(self) -> str:
+        return METHODS[self.method][0]
+
+    @property
+    def retrieval(self) -> str:
+        return METHODS[self.method][1]
+
+
+class DataConfig(_Section):
+    train: str = Field(
+        "", description="shards: a folder or fsspec URL holding NNNNN.tar + NNNNN_stats.json, "
+        "a brace pattern (s3://b/p/{00000..00099}.tar) or a glob"
+    )
+    num_samples: int | None = Field(None, gt=0, description="override the count read from *_stats.json")
+    resampled: bool = True
+    shuffle_buffer: int = Field(1000, ge=0)
+    workers: int = Field(2, ge=0)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "cosine_restarts", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    restarts: int = Field(1, ge=1, description="number of cosine cycles for cosine_restarts")
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, ge=1, description="per rank; the global batch is batch_size x world size")
+    epochs: float | None = Field(1.0, gt=0.0)
+    steps: int | None = Field(None, gt=0, description="total optimizer steps; overrides epochs")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    output: str = Field("./runs", description="folder or fsspec URL under which runs/<run_name> is written")
+    run_name: str | None = Field(None, description="default: <recipe name>-<recipe hash>, so a rerun resumes")
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    resume: bool = True
+    progress: bool = True
+
+
+class Recipe(_Section):
+    name: str = "tiny"
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check_length(self) -> "Recipe":
+        if self.train.steps is None and self.train.epochs is None:
+            raise ValueError("set train.steps or train.epochs")
+        return self
+
+    def content_hash(self) -> str:
+        """sha256 of the fields that change the trajectory (not output location or console flags)."""
+        d = self.model_dump(mode="json")
+        for k in ("output", "run_name", "progress", "resume"):
+            d["train"].pop(k)
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def default_run_name(self) -> str:
+        return f"{self.name}-{self.content_hash()[:10]}"
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise CloobError(f"override {dotted!r}: {k!r} is not a section", "use section.field=value")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    p = Path(recipe)
+    if p.is_file():
+        return p
+    shipped = RECIPES_DIR / f"{recipe}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise CloobError(
+        f"recipe {str(recipe)!r} is neither a file nor a shipped recipe",
+        f"pass a YAML path or one of: {', '.join(names)}",
+    )
+
+
+def load_recipe(recipe: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe; overrides are `section.field=value` strings."""
+    if isinstance(recipe, dict):
+        data, source = dict(recipe), "<dict>"
+    else:
+        path = resolve_recipe_path(recipe)
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise CloobError(f"recipe {source} is not valid YAML: {e}", "fix the YAML syntax") from None
+        if not isinstance(data, dict):
+            raise CloobError(f"recipe {source} must be a mapping of sections", "see cloob/recipes/tiny.yaml")
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise CloobError(f"override {ov!r} has no '='", "write overrides as section.field=value")
+        key, raw = ov.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling; see cloob/recipes/tiny.yaml for all fields)"
+            lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
+        raise CloobError(
+            f"invalid recipe {source}: " + "; ".join(lines),
+            "correct the field in the recipe or pass section.field=value",
+        ) from None

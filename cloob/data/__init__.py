@@ -1,0 +1,1 @@
+"""Data: webdataset shards in img2dataset's layout, streamed from any fsspec URL."""

@@ -1,0 +1,247 @@
+"""An endless, deterministic, resumable stream of (image, tokens) batches from webdataset shards.
+
+Each (epoch, rank, logical worker) draws its own shard sequence from a seeded RNG: resampled (shards
+drawn with replacement) or, with resampled=False, a seeded permutation of the shards split across all
+ranks x workers and repeated. Tar members are grouped into samples by webdataset, shuffled in a
+seeded buffer, then decoded. Image augmentation is seeded per sample, so a sample's crop depends only
+on its position in the stream.
+
+Exact resume: every batch carries its logical worker id and how many raw (undecoded) samples that
+worker has drawn so far. The trainer stores these positions in the checkpoint; on resume each worker
+skips that many raw samples without decoding them, and the worker order is rotated so that the
+DataLoader's round-robin continues where it stopped.
+
+Bad data never stops training: a corrupt image, a missing or undecodable caption, and a truncated or
+unreadable shard are skipped and counted; the counts travel with the batches.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SKIP_REASONS = ("corrupt_image", "missing_caption", "bad_shard")
+
+# PIL refuses absurdly large images (decompression bombs) with an error, which we count as corrupt.
+Image.MAX_IMAGE_PIXELS = 89_478_485
+
+
+@dataclass
+class SkipCounts:
+    corrupt_image: int = 0
+    missing_caption: int = 0
+    bad_shard: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in SKIP_REASONS}
+
+    @property
+    def total(self) -> int:
+        return self.corrupt_image + self.missing_caption + self.bad_shard
+
+
+@dataclass
+class StreamState:
+    """Where each logical worker of one rank stands within the current epoch."""
+
+    raw_consumed: dict[int, int] = field(default_factory=dict)
+    batches: int = 0
+    skips: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def update(self, batch: dict) -> None:
+        w = int(batch["worker"])
+        self.raw_consumed[w] = int(batch["raw_consumed"])
+        self.skips[w] = {k: int(v) for k, v in batch["skips"].items()}
+        self.batches += 1
+
+    def skip_totals(self) -> dict[str, int]:
+        out = dict.fromkeys(SKIP_REASONS, 0)
+        for s in self.skips.values():
+            for k, v in s.items():
+                out[k] += v
+        return out
+
+    def to_dict(self) -> dict:
+        return {"raw_consumed": dict(self.raw_consumed), "batches": self.batches,
+                "skips": {w: dict(s) for w, s in self.skips.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamState":
+        return cls({int(k): int(v) for k, v in d["raw_consumed"].items()}, int(d["batches"]),
+                   {int(k): dict(v) for k, v in d["skips"].items()})
+
+
+def _seed(*parts: int) -> int:
+    # A stable mix (Python's hash() of tuples is stable for ints, but make it explicit).
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+class ShardStream(IterableDataset):
+    """Yields dict batches: image (B,3,H,W), text (B,L), worker, raw_consumed, skips."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        batch_size: int,
+        image_transform: Callable,
+        tokenizer: Callable,
+        seed: int = 0,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not shards:
+            raise ValueError("ShardStream needs at least one shard")
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.resume: StreamState = StreamState()
+
+    def start_epoch(self, epoch: int, resume: StreamState | None = None) -> None:
+        """Set before creating the DataLoader iterator; workers copy these attributes."""
+        self.epoch = epoch
+        self.resume = resume or StreamState()
+
+    # -- the pipeline, run inside each DataLoader worker ------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Rotate so that physical worker 0 serves the logical worker whose batch comes next.
+        logical = (worker_id + self.resume.batches) % num_workers
+        skip_raw = self.resume.raw_consumed.get(logical, 0)
+        counts = SkipCounts(**self.resume.skips.get(logical, {}))
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, logical))
+
+        def handler(exn: Exception) -> bool:
+            counts.bad_shard += 1
+            log.warning("skipping the rest of a bad shard: %s", repr(exn)[:300])
+            return True
+
+        raw = group_by_keys(tar_file_expander(self._open_shards(rng, logical, num_workers), handler=handler),
+                            handler=handler)
+        stream = _buffer_shuffle(raw, self.shuffle_buffer, rng)
+        images, texts = [], []
+        for index, sample in enumerate(stream, start=1):
+            if index <= skip_raw:
+                continue  # resume: already consumed before the checkpoint; not decoded
+            decoded = self._decode(sample, index, logical, counts)
+            if decoded is None:
+                continue
+            images.append(decoded[0])
+            texts.append(decoded[1])
+            if len(images) == self.batch_size:
+                yield {
+                    "image": torch.stack(images),
+                    "text": self.tokenizer(texts),
+                    "worker": logical,
+                    "raw_consumed": index,
+                    "skips": counts.as_dict(),
+                }
+                images, texts = [], []
+
+    def _open_shards(self, rng: random.Random, logical: int, num_workers: int) -> Iterator[dict]:
+        for url in self._shard_sequence(rng, logical, num_workers):
+            try:
+                stream = fsspec.open(url, "rb").open()
+            except (OSError, ValueError) as e:
+                # Unreadable shard: counted by the expander's handler through the raised error.
+                yield {"url": url, "stream": _RaisingStream(e)}
+                continue
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    def _shard_sequence(self, rng: random.Random, logical: int, num_workers: int) -> Iterator[str]:
+        if self.resampled:
+            while True:
+                yield rng.choice(self.shards)
+        total = self.world_size * num_workers
+        part = self.rank * num_workers + logical
+        if len(self.shards) < total:
+            raise ValueError(
+                f"{len(self.shards)} shards cannot be split across {total} ranks x workers; "
+                "use data.resampled=true or fewer data.workers"
+            )
+        passes = 0
+        while True:  # the same permutation on every rank and worker, so the parts are disjoint
+            perm = list(self.shards)
+            random.Random(_seed(self.seed, self.epoch, passes)).shuffle(perm)
+            yield from perm[part::total]
+            passes += 1
+
+    def _decode(self, sample: dict, index: int, logical: int, counts: SkipCounts):
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            counts.corrupt_image += 1
+            return None
+        caption = sample.get("txt")
+        try:
+            caption = caption.decode("utf-8").strip() if caption is not None else ""
+        except UnicodeDecodeError:
+            caption = ""
+        if not caption:
+            counts.missing_caption += 1
+            return None
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            counts.corrupt_image += 1
+            return None
+        # The crop of a sample depends only on its place in the stream: resume replays it exactly.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(self.seed, self.epoch, self.rank, logical, index) & 0x7FFFFFFFFFFFFFFF)
+            tensor = self.image_transform(image)
+        return tensor, caption
+
+
+class _RaisingStream(io.RawIOBase):
+    def __init__(self, exc: Exception):
+        self.exc = exc
+
+    def read(self, *a):
+        raise self.exc
+
+    def readinto(self, b):
+        raise self.exc
+
+
+def _buffer_shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    if bufsize <= 1:
+        yield from samples
+        return
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf

@@ -1,0 +1,78 @@
+"""Process-group setup under torchrun (or a single process) and the feature gather for the loss.
+
+Gradient convention: features are gathered WITHOUT autograd and the local block is put back in place,
+so every rank computes the loss over the global batch and gets the exact gradient with respect to its
+own features. DDP then averages parameter gradients, so each rank's gradient is the full-batch
+gradient divided by world_size (tested in tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment; NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        from cloob.errors import CloobError
+        raise CloobError("train.device=cuda but no CUDA GPU is visible", "use train.device=auto or cpu")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=dev if use_cuda else None)
+    return DistInfo(rank, local_rank, world, dev)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_features(local: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate every rank's features in rank order; only the local block carries gradient."""
+    if not info.distributed:
+        return local
+    blocks = [torch.empty_like(local) for _ in range(info.world_size)]
+    dist.all_gather(blocks, local.detach().contiguous())
+    blocks[info.rank] = local
+    return torch.cat(blocks)
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()

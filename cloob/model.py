@@ -1,0 +1,66 @@
+"""Models: any open_clip architecture by name, built offline, with inv_tau in `logit_scale`.
+
+The tiny configurations in cloob/model_configs/ (cloob-tiny-vit, cloob-tiny-rn) are registered with
+open_clip on import, so plain open_clip can build them too after `open_clip.add_model_config(
+cloob.model.MODEL_CONFIGS_DIR)`. inv_tau = 1/tau is stored as log(inv_tau) in open_clip's
+`logit_scale`, so our checkpoints load unchanged in open_clip.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+
+from cloob.errors import CloobError
+
+MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
+INV_TAU_MIN, INV_TAU_MAX = 1.0, 100.0
+
+open_clip.add_model_config(MODEL_CONFIGS_DIR)
+
+
+def list_architectures() -> list[str]:
+    return open_clip.list_models()
+
+
+def check_architecture(arch: str) -> None:
+    if arch not in open_clip.list_models():
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `cloob models` to list them"
+        raise CloobError(f"unknown architecture {arch!r}", f"use an open_clip model name; {hint}")
+
+
+def model_config(arch: str) -> dict:
+    check_architecture(arch)
+    return open_clip.get_model_config(arch)
+
+
+def create_model(arch: str, inv_tau: float = 30.0, learn_inv_tau: bool = False, device="cpu"):
+    """(model, train_transform, val_transform, tokenizer) for an open_clip architecture, offline."""
+    check_architecture(arch)
+    model, train_tf, val_tf = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
+    set_inv_tau(model, inv_tau)
+    model.logit_scale.requires_grad_(learn_inv_tau)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return model, train_tf, val_tf, tokenizer
+
+
+def set_inv_tau(model, inv_tau: float) -> None:
+    if not INV_TAU_MIN <= inv_tau <= INV_TAU_MAX:
+        raise CloobError(f"inv_tau={inv_tau} is outside [1, 100]", "choose model.inv_tau in [1, 100]")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(inv_tau))
+
+
+def clamp_inv_tau_(model) -> None:
+    """The reference run's rule for a learnable inv_tau: clamp to [1, 100] after every step."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(math.log(INV_TAU_MIN), math.log(INV_TAU_MAX))
+
+
+def inv_tau(model) -> torch.Tensor:
+    return model.logit_scale.exp()

@@ -1,0 +1,339 @@
+"""Train CLOOB or CLIP on webdataset shards: single process, or DDP under torchrun.
+
+    cloob train tiny data.train=./shards train.steps=200
+    torchrun --nproc_per_node 4 -m cloob.train cloob_rn50_cc3m data.train=s3://bucket/cc3m
+
+Everything the run needs is checked before anything is written. Checkpoints are step-based and
+atomic; a rerun of the same command resumes from the latest one and follows the same trajectory as
+an uninterrupted run (model, optimizer, scaler, step, RNG and per-worker data positions restored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import posixpath
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from cloob import distributed
+from cloob.checkpoint import CheckpointStore, _is_local
+from cloob.config import Recipe, load_recipe
+from cloob.data.shards import list_shards
+from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
+from cloob.errors import CloobError
+from cloob.losses import LossSpec
+from cloob.metrics import MetricsLogger
+from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
+from cloob.optim import build_optimizer, lr_factor, set_lr
+from cloob.version import code_version
+
+log = logging.getLogger("cloob.train")
+
+
+@dataclass
+class Plan:
+    """What the run will do, derived from the recipe and the data before anything is written."""
+
+    shard_urls: list[str]
+    num_samples: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    run_name: str
+    run_dir: str
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    samples_seen: int = 0
+    stream: StreamState = field(default_factory=StreamState)  # this rank, current epoch
+    skips_before_epoch: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+
+
+def plan_run(recipe: Recipe, world_size: int) -> Plan:
+    check_architecture(recipe.model.arch)
+    shards = list_shards(recipe.data.train)
+    _check_readable(shards.urls[0])
+    num_samples = recipe.data.num_samples or shards.num_samples
+    if num_samples is None:
+        raise CloobError(f"no *_stats.json next to the shards of {recipe.data.train!r}, so the sample "
+                         "count is unknown", "set data.num_samples=<number of samples>")
+    global_batch = recipe.train.batch_size * world_size
+    if num_samples < global_batch:
+        raise CloobError(f"{num_samples} samples are fewer than one global batch ({global_batch})",
+                         "lower train.batch_size or add data")
+    if not recipe.data.resampled and len(shards.urls) < world_size * max(1, recipe.data.workers):
+        raise CloobError(f"{len(shards.urls)} shards cannot be split across {world_size} ranks x "
+                         f"{recipe.data.workers} workers", "set data.resampled=true or fewer data.workers")
+    steps_per_epoch = num_samples // global_batch
+    total = recipe.train.steps or max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
+    run_name = recipe.train.run_name or recipe.default_run_name()
+    run_dir = posixpath.join(recipe.train.output.rstrip("/"), "runs", run_name)
+    return Plan(shards.urls, num_samples, global_batch, steps_per_epoch, total, run_name, run_dir)
+
+
+def _check_readable(url: str) -> None:
+    try:
+        with fsspec.open(url, "rb") as f:
+            head = f.read(512)
+    except (OSError, ValueError) as e:
+        raise CloobError(f"cannot read shard {url}: {type(e).__name__}: {e}",
+                         "check the path, permissions and credentials") from None
+    if len(head) < 512 or head[257:262] != b"ustar":
+        raise CloobError(f"{url} is not a tar file", "point data.train at webdataset (.tar) shards")
+
+
+def _check_writable(run_dir: str) -> None:
+    try:
+        fs, path = fsspec.core.url_to_fs(run_dir)
+        fs.makedirs(path, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise CloobError(f"cannot create the run folder {run_dir}: {e}", "choose a writable train.output") from None
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train(recipe: Recipe) -> dict:
+    """Run (or resume) one training run; returns a summary with the final checkpoint's URL."""
+    info = distributed.init(recipe.train.device)
+    try:
+        return _train(recipe, info)
+    finally:
+        distributed.shutdown()
+
+
+def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
+    cfg = recipe.train
+    plan = plan_run(recipe, info.world_size)
+    if info.is_main:
+        _check_writable(plan.run_dir)
+    store = CheckpointStore(plan.run_dir)
+    resume_from = store.latest() if cfg.resume else None
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model, train_tf, _, tokenizer = create_model(recipe.model.arch, recipe.model.inv_tau,
+                                                 recipe.model.learn_inv_tau, device=info.device)
+    if recipe.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, recipe.optim)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+    progress = Progress()
+
+    if resume_from is not None:
+        model_state, state, meta = CheckpointStore.load(resume_from, map_location=info.device)
+        if meta.get("recipe_hash") != recipe.content_hash():
+            raise CloobError(f"{plan.run_dir} holds a run of a different recipe",
+                             "pass train.run_name=<new name>, or train.resume=false to start over elsewhere")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        progress.step, progress.samples_seen = state["step"], state["samples_seen"]
+        if state["world_size"] == info.world_size:
+            rank_state = state["ranks"][info.rank]
+            progress.stream = StreamState.from_dict(rank_state["stream"])
+            progress.skips_before_epoch = rank_state["skips_before_epoch"]
+            _set_rng_state(rank_state["rng"])
+        else:
+            log.warning("resuming on %d ranks a run saved on %d: data order restarts within the epoch",
+                        info.world_size, state["world_size"])
+
+    ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+        if info.distributed else model
+    forward = torch.compile(ddp) if recipe.model.compile else ddp
+    loss_fn = LossSpec(recipe.loss.objective, recipe.loss.retrieval, recipe.loss.beta)
+    dataset = ShardStream(plan.shard_urls, batch_size=cfg.batch_size, image_transform=train_tf,
+                          tokenizer=tokenizer, seed=cfg.seed, resampled=recipe.data.resampled,
+                          shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size)
+
+    local_log_dir = plan.run_dir if _is_local(store.fs) else str(Path(".cloob-logs") / plan.run_name)
+    logger = MetricsLogger(local_log_dir, resume_step=progress.step) if info.is_main else None
+    if info.is_main:
+        _announce(recipe, plan, info, resume_from)
+        _write_recipe(recipe, plan.run_dir)
+    bar = _progress_bar(plan.total_steps, progress.step, enabled=info.is_main and cfg.progress)
+
+    last_ckpt = resume_from
+    t_last, samples_last = time.perf_counter(), progress.samples_seen
+    metrics: dict = {}
+    while progress.step < plan.total_steps:
+        epoch, in_epoch = divmod(progress.step, plan.steps_per_epoch)
+        if in_epoch == 0 and progress.stream.batches:  # a new epoch: fold this one's skip counts away
+            for k, v in progress.stream.skip_totals().items():
+                progress.skips_before_epoch[k] += v
+            progress.stream = StreamState()
+        dataset.start_epoch(epoch, progress.stream)
+        loader = DataLoader(dataset, batch_size=None, num_workers=recipe.data.workers,
+                            pin_memory=info.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        for batch in loader:
+            images = batch["image"].to(info.device, non_blocking=True)
+            texts = batch["text"].to(info.device, non_blocking=True)
+            lr = set_lr(optimizer, recipe.optim.lr, lr_factor(progress.step, plan.total_steps, recipe.schedule))
+            with _autocast(info.device, cfg.precision):
+                image_features, text_features, inv_tau = forward(images, texts)
+                loss = loss_fn(distributed.gather_features(image_features, info),
+                               distributed.gather_features(text_features, info), inv_tau)
+            if not torch.isfinite(loss):
+                raise CloobError(f"loss became {loss.item()} at step {progress.step}",
+                                 "lower optim.lr or use train.precision=bf16/fp32")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if recipe.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if recipe.model.learn_inv_tau:
+                clamp_inv_tau_(model)
+            progress.step += 1
+            progress.samples_seen += plan.global_batch
+            progress.stream.update(batch)
+
+            last = progress.step == plan.total_steps
+            if progress.step % cfg.log_every == 0 or last or progress.step == 1:
+                now = time.perf_counter()
+                skips = _global_skips(progress, info)
+                metrics = {"loss": loss.item(), "lr": lr, "inv_tau": model.logit_scale.exp().item(),
+                           "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
+                           "epoch": epoch, "skipped": sum(skips.values()),
+                           **{f"skipped_{k}": v for k, v in skips.items()}}
+                t_last, samples_last = now, progress.samples_seen
+                if logger:
+                    logger.log(progress.step, metrics)
+            if bar is not None:
+                bar.update(1)
+                if metrics:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                    inv_tau=f"{metrics['inv_tau']:.1f}", sps=f"{metrics['samples_per_s']:.0f}",
+                                    skipped=metrics["skipped"], refresh=False)
+            if progress.step % cfg.checkpoint_every == 0 or last:
+                last_ckpt = _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger)
+            if last or progress.step % plan.steps_per_epoch == 0:
+                break
+        del loader
+
+    if bar is not None:
+        bar.close()
+    if logger:
+        logger.close()
+    summary = {"run_dir": plan.run_dir, "checkpoint": last_ckpt.url if last_ckpt else None,
+               "step": progress.step, "metrics": metrics}
+    if info.is_main:
+        print(f"done: {progress.step} steps; checkpoint: {summary['checkpoint']}", file=sys.stderr)
+    return summary
+
+
+def _global_skips(progress: Progress, info: distributed.DistInfo) -> dict[str, int]:
+    local = progress.stream.skip_totals()
+    values = torch.tensor([local[k] + progress.skips_before_epoch[k] for k in SKIP_REASONS], dtype=torch.int64)
+    if info.distributed:
+        values = values.to(info.device)
+        torch.distributed.all_reduce(values)
+    return dict(zip(SKIP_REASONS, values.tolist()))
+
+
+def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger):
+    rank_state = {"stream": progress.stream.to_dict(), "skips_before_epoch": dict(progress.skips_before_epoch),
+                  "rng": _rng_state()}
+    ranks = distributed.all_gather_object(rank_state, info)
+    ref = None
+    if info.is_main:
+        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": progress.step,
+                 "samples_seen": progress.samples_seen, "world_size": info.world_size, "ranks": ranks}
+        cfg = {"model_cfg": model_config(recipe.model.arch),
+               "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {})}
+        meta = {"arch": recipe.model.arch, "method": recipe.loss.method, "recipe_name": recipe.name,
+                "recipe_hash": recipe.content_hash(), "run_name": plan.run_name, "epoch_size": plan.num_samples,
+                "samples_seen": progress.samples_seen, "world_size": info.world_size,
+                "code_version": code_version(), "metrics": metrics, "time": time.time()}
+        ref = store.save(progress.step, model.state_dict(), cfg, state, meta, keep=recipe.train.keep_checkpoints)
+        if logger:
+            logger.flush()
+            if not _is_local(store.fs):
+                _upload_logs(logger.dir, plan.run_dir)
+    distributed.barrier(info)
+    return ref
+
+
+def _upload_logs(local_dir: Path, run_dir: str) -> None:
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    for p in local_dir.rglob("*"):
+        if p.is_file():
+            fs.put_file(str(p), posixpath.join(root, p.relative_to(local_dir).as_posix()))
+
+
+def _write_recipe(recipe: Recipe, run_dir: str) -> None:
+    import yaml
+
+    from cloob.checkpoint import atomic_write_bytes
+    atomic_write_bytes(posixpath.join(run_dir, "recipe.yaml"),
+                       yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode())
+
+
+def _announce(recipe, plan: Plan, info, resume_from) -> None:
+    where = f"resuming from step {resume_from.step}" if resume_from else "starting"
+    print(f"cloob train: {recipe.loss.method} / {recipe.model.arch} on {plan.num_samples} samples in "
+          f"{len(plan.shard_urls)} shards; {info.world_size} x {recipe.train.batch_size} = global batch "
+          f"{plan.global_batch}; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on "
+          f"{info.device.type}; {where}\n  run: {plan.run_dir}", file=sys.stderr)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cloob.train <recipe> [section.field=value ...]`, also under torchrun."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="cloob.train", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="YAML file or shipped recipe name (cloob recipes)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CLOOB_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        train(load_recipe(args.recipe, args.overrides))
+    except CloobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
