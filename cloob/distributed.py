@@ -4,6 +4,10 @@ Gradient convention: features are gathered WITHOUT autograd and the local block 
 so every rank computes the loss over the global batch and gets the exact gradient with respect to its
 own features. DDP then averages parameter gradients, so each rank's gradient is the full-batch
 gradient divided by world_size (tested in tests/test_distributed.py).
+
+inv_tau (logit_scale) is different: it enters only through the loss, which every rank computes in
+full, so each rank would hold its FULL gradient and DDP's average would keep it full, W times the
+convention above. `scale_grad(inv_tau, 1/W)` puts it on the same footing as every other parameter.
 """
 
 from __future__ import annotations
@@ -63,6 +67,28 @@ def gather_features(local: torch.Tensor, info: DistInfo) -> torch.Tensor:
     dist.all_gather(blocks, local.detach().contiguous())
     blocks[info.rank] = local
     return torch.cat(blocks)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, factor: float):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass (bit-exact); multiplies the gradient by factor."""
+    return _ScaleGrad.apply(t, factor) if factor != 1.0 else t
+
+
+def loss_inputs(image_features, text_features, inv_tau, info: DistInfo):
+    """Global-batch features and an inv_tau whose gradient follows the 1/world_size convention."""
+    return (gather_features(image_features, info), gather_features(text_features, info),
+            scale_grad(inv_tau, 1.0 / info.world_size))
 
 
 def all_gather_object(obj, info: DistInfo) -> list:

@@ -9,6 +9,7 @@ cloob.model.MODEL_CONFIGS_DIR)`. inv_tau = 1/tau is stored as log(inv_tau) in op
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,15 @@ MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 INV_TAU_MIN, INV_TAU_MAX = 1.0, 100.0
 
 open_clip.add_model_config(MODEL_CONFIGS_DIR)
+
+
+class _QuietRandomInit(logging.Filter):
+    # open_clip warns on the root logger for every pretrained=None build; that is our normal case.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_QuietRandomInit())
 
 
 def list_architectures() -> list[str]:

@@ -203,8 +203,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
             lr = set_lr(optimizer, recipe.optim.lr, lr_factor(progress.step, plan.total_steps, recipe.schedule))
             with _autocast(info.device, cfg.precision):
                 image_features, text_features, inv_tau = forward(images, texts)
-                loss = loss_fn(distributed.gather_features(image_features, info),
-                               distributed.gather_features(text_features, info), inv_tau)
+                loss = loss_fn(*distributed.loss_inputs(image_features, text_features, inv_tau, info))
             if not torch.isfinite(loss):
                 raise CloobError(f"loss became {loss.item()} at step {progress.step}",
                                  "lower optim.lr or use train.precision=bf16/fp32")

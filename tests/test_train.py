@@ -1,0 +1,155 @@
+"""The trainer end to end on generated shards: learning, exact resume after a kill, open_clip
+compatibility of checkpoints, and clear errors with nothing written on bad input.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from cloob.checkpoint import MODEL_FILE, CheckpointStore
+from cloob.config import load_recipe
+from cloob.data import synthetic
+from cloob.model import MODEL_CONFIGS_DIR
+from cloob.train import train
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    synthetic.write_shards(d, 320, shard_size=80, image_size=32, seed=3)  # 4 shards
+    return d
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _train_cmd(shards, out, *extra):
+    return [sys.executable, "-m", "cloob.train", "tiny", f"data.train={shards}", f"train.output={out}",
+            "train.batch_size=16", "train.steps=30", "train.checkpoint_every=8", "train.log_every=1",
+            "data.workers=2", "data.shuffle_buffer=40", "train.progress=false", "schedule.warmup_steps=5",
+            "train.run_name=r", *extra]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wait_for_step(run_dir: Path, step: int, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+        f = run_dir / "metrics.jsonl"
+        if f.exists():
+            steps = [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, small_shards):
+    """20 steps/epoch; kill after step 11 (resume from 8) and after step 26 (resume from 24, past the
+    epoch boundary at 20). The final weights and every logged loss equal an uninterrupted run's."""
+    ref = subprocess.run(_train_cmd(small_shards, tmp_path / "a"), env=_env(), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run_b = tmp_path / "b" / "runs" / "r"
+    for kill_after in (11, 26):
+        proc = subprocess.Popen(_train_cmd(small_shards, tmp_path / "b"), env=_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _wait_for_step(run_b, kill_after, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(_train_cmd(small_shards, tmp_path / "b"), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from step 24" in done.stderr
+
+    a = CheckpointStore.load(CheckpointStore(str(tmp_path / "a" / "runs" / "r")).latest())
+    b = CheckpointStore.load(CheckpointStore(str(run_b)).latest())
+    assert a[2]["step"] == b[2]["step"] == 30
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+    assert a[2]["model_sha256"] == b[2]["model_sha256"]
+    losses_a = [m["loss"] for m in _metrics(tmp_path / "a" / "runs" / "r")]
+    losses_b = [m["loss"] for m in _metrics(run_b)]
+    assert len(losses_a) == 30 and losses_a == losses_b
+    # Only the latest keep_checkpoints complete checkpoints remain, no half-written ones.
+    names = sorted(p.name for p in (run_b / "checkpoints").iterdir())
+    assert names == ["step_00000024", "step_00000030"]
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_and_checkpoint_loads_in_open_clip(tmp_path, small_shards):
+    recipe = load_recipe("tiny", [f"data.train={small_shards}", f"train.output={tmp_path}", "train.steps=60",
+                                  "train.batch_size=64", "train.log_every=1", "data.workers=0",
+                                  "train.checkpoint_every=30", "train.progress=false", "schedule.warmup_steps=5"])
+    summary = train(recipe)
+    losses = [m["loss"] for m in _metrics(Path(summary["run_dir"]))]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.02, (first, last)
+
+    ckpt = Path(summary["checkpoint"])
+    model_state, _, meta = CheckpointStore.load(CheckpointStore(summary["run_dir"]).latest())
+    assert meta["step"] == 60 and meta["method"] == "cloob"
+
+    open_clip.add_model_config(MODEL_CONFIGS_DIR)
+    plain, _, val_tf = open_clip.create_model_and_transforms("cloob-tiny-vit", pretrained=str(ckpt / MODEL_FILE))
+    from_dir, _, _ = open_clip.create_model_and_transforms(f"local-dir:{ckpt}")
+    ours = open_clip.create_model("cloob-tiny-vit")
+    ours.load_state_dict(model_state)
+    tok = open_clip.get_tokenizer("cloob-tiny-vit")
+    images = torch.randn(4, 3, 32, 32)
+    texts = tok(["a red circle", "a blue square", "two green triangles", "a cat"])
+    with torch.no_grad():
+        for m in (plain, from_dir):
+            m.eval()
+            assert torch.equal(m.encode_image(images), ours.eval().encode_image(images))
+            assert torch.equal(m.encode_text(texts), ours.encode_text(texts))
+            assert m.logit_scale.exp().item() == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.arch=RN5O"], "unknown architecture 'RN5O'"),
+        (["data.train=/nonexistent/shards"], "does not exist"),
+        (["train.batch_size=-3"], "train.batch_size"),
+        (["train.bogus=1"], "train.bogus: unknown field"),
+        (["loss.method=infonce"], "loss.method"),
+        (["model.inv_tau=500"], "model.inv_tau"),
+        (["train.batch_size=1000"], "fewer than one global batch"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, small_shards, overrides, message, capsys):
+    from cloob.cli import main
+
+    rc = main(["train", "tiny", f"data.train={small_shards}", f"train.output={tmp_path / 'out'}", *overrides])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err and "fix:" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_tar_is_refused(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "00000.tar").write_bytes(b"<html>not a tar</html>" * 100)
+    (bad / "00000_stats.json").write_text(json.dumps({"successes": 100}))
+    cmd = [sys.executable, "-m", "cloob.cli", "train", "tiny", f"data.train={bad}", f"train.output={tmp_path / 'o'}"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not a tar file" in proc.stderr
+    assert not (tmp_path / "o").exists()
