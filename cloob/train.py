@@ -204,9 +204,6 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
             with _autocast(info.device, cfg.precision):
                 image_features, text_features, inv_tau = forward(images, texts)
                 loss = loss_fn(*distributed.loss_inputs(image_features, text_features, inv_tau, info))
-            if not torch.isfinite(loss):
-                raise CloobError(f"loss became {loss.item()} at step {progress.step}",
-                                 "lower optim.lr or use train.precision=bf16/fp32")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if recipe.optim.grad_clip:
@@ -224,7 +221,10 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
             if progress.step % cfg.log_every == 0 or last or progress.step == 1:
                 now = time.perf_counter()
                 skips = _global_skips(progress, info)
-                metrics = {"loss": loss.item(), "lr": lr, "inv_tau": model.logit_scale.exp().item(),
+                if not math.isfinite(loss_value := loss.item()):  # checked here: .item() syncs the GPU
+                    raise CloobError(f"loss became {loss_value} at step {progress.step}",
+                                     "lower optim.lr, set optim.grad_clip, or use train.precision=bf16/fp32")
+                metrics = {"loss": loss_value, "lr": lr, "inv_tau": model.logit_scale.exp().item(),
                            "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
                            "epoch": epoch, "skipped": sum(skips.values()),
                            **{f"skipped_{k}": v for k, v in skips.items()}}

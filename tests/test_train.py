@@ -153,3 +153,32 @@ def test_not_a_tar_is_refused(tmp_path):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is not a tar file" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_shards_and_checkpoints_on_s3(tmp_path, small_shards, s3):
+    """Shards read from and checkpoints + metrics written to a real S3 protocol server on 127.0.0.1."""
+    s3.mkdir("bucket")
+    s3.put(str(small_shards) + "/", "bucket/shards/", recursive=True)
+    overrides = ["data.train=s3://bucket/shards", "train.output=s3://bucket/store", "train.steps=4",
+                 "train.batch_size=16", "train.checkpoint_every=2", "data.workers=1", "train.log_every=1",
+                 "train.progress=false", "train.run_name=s3run"]
+    summary = train(load_recipe("tiny", overrides))
+    assert summary["checkpoint"] == "s3://bucket/store/runs/s3run/checkpoints/step_00000004"
+    listing = sorted(p.rsplit("/", 1)[-1] for p in s3.ls("bucket/store/runs/s3run/checkpoints/step_00000004"))
+    assert listing == ["meta.json", "open_clip_config.json", "open_clip_pytorch_model.bin", "train_state.pt"]
+    assert not any(".tmp" in p for p in s3.find("bucket/store"))
+    assert len(s3.cat("bucket/store/runs/s3run/metrics.jsonl").decode().splitlines()) == 4
+    assert s3.exists("bucket/store/runs/s3run/recipe.yaml")
+
+    ref = CheckpointStore("s3://bucket/store/runs/s3run").latest()
+    model_state, state, meta = CheckpointStore.load(ref)  # verifies the sha256
+    assert ref.step == 4 and state["step"] == 4 and meta["step"] == 4
+    local = tmp_path / MODEL_FILE
+    s3.get(ref.model_url, str(local))
+    open_clip.add_model_config(MODEL_CONFIGS_DIR)
+    loaded = open_clip.create_model("cloob-tiny-vit", pretrained=str(local))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model_state.items())
+
+    again = train(load_recipe("tiny", overrides))  # finished run: resumes at its end, trains nothing
+    assert again["step"] == 4 and again["checkpoint"] == summary["checkpoint"]
