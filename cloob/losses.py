@@ -83,13 +83,14 @@ class _HopfieldRetrievalPair(torch.autograd.Function):
             _softmax_rows_(p, beta)
         r_x = torch.mm(p_x, x)
         r_y = torch.mm(p_y, y)
-        ctx.save_for_backward(x, y, p_x, p_y)
+        # r_x, r_y are saved for the row dots of the softmax backward (F.normalize keeps them anyway).
+        ctx.save_for_backward(x, y, p_x, p_y, r_x, r_y)
         ctx.beta = beta
         return r_x, r_y
 
     @staticmethod
     def backward(ctx, g_x: torch.Tensor, g_y: torch.Tensor):
-        x, y, p_x, p_y = ctx.saved_tensors
+        x, y, p_x, p_y, r_x, r_y = ctx.saved_tensors
         beta, n = ctx.beta, x.shape[0]
         g_x = g_x.contiguous()
         g_y = g_y.contiguous()
@@ -99,8 +100,8 @@ class _HopfieldRetrievalPair(torch.autograd.Function):
         ds_x = torch.mm(g_x, x.T)
         ds_y = torch.mm(g_y, y.T)
         # Through row softmax: dS = beta * P * (dP - <dP, P>_row), and <dP, P>_row = <dR, R>_row.
-        for ds, p, g, m in ((ds_x, p_x, g_x, x), (ds_y, p_y, g_y, y)):
-            ds.sub_(_rowdot(g, p, m)).mul_(p).mul_(beta)
+        for ds, p, g, r in ((ds_x, p_x, g_x, r_x), (ds_y, p_y, g_y, r_y)):
+            ds.sub_(_rowdot(g, r)).mul_(p).mul_(beta)
         # Through the Gram matrices. s_xx = x x^T feeds rows 0..n-1 of ds_x; s_yx = y x^T feeds rows
         # n.. of ds_x and, transposed, rows n.. of ds_y; s_yy = y y^T feeds rows 0..n-1 of ds_y.
         d_xx = ds_x[:n]
@@ -116,9 +117,10 @@ class _HopfieldRetrievalPair(torch.autograd.Function):
         return dx, dy, None
 
 
-def _rowdot(g: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    # <dP_i, P_i> = sum_j P_ij <dR_i, M_j> = <dR_i, R_i>: O(N d) instead of an N x N pass.
-    return (g * torch.mm(p, m)).sum(1, keepdim=True)
+def _rowdot(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    # <dP_i, P_i> = sum_j P_ij <dR_i, M_j> = <dR_i, R_i> with R = P M saved from the forward:
+    # O(N d) instead of an N x N pass (and no recomputation of P M, which is an N^2 d GEMM).
+    return (g * r).sum(1, keepdim=True)
 
 
 def _softmax_rows_(s: torch.Tensor, beta: float) -> None:

@@ -47,6 +47,7 @@ class Plan:
     """What the run will do, derived from the recipe and the data before anything is written."""
 
     shard_urls: list[str]
+    shard_counts: list[int | None]  # samples per shard from its stats file
     num_samples: int
     global_batch: int
     steps_per_epoch: int
@@ -82,7 +83,7 @@ def plan_run(recipe: Recipe, world_size: int) -> Plan:
     total = recipe.train.steps or max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
     run_name = recipe.train.run_name or recipe.default_run_name()
     run_dir = posixpath.join(recipe.train.output.rstrip("/"), "runs", run_name)
-    return Plan(shards.urls, num_samples, global_batch, steps_per_epoch, total, run_name, run_dir)
+    return Plan(shards.urls, shards.counts, num_samples, global_batch, steps_per_epoch, total, run_name, run_dir)
 
 
 def _check_readable(url: str) -> None:
@@ -175,7 +176,8 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     loss_fn = LossSpec(recipe.loss.objective, recipe.loss.retrieval, recipe.loss.beta)
     dataset = ShardStream(plan.shard_urls, batch_size=cfg.batch_size, image_transform=train_tf,
                           tokenizer=tokenizer, seed=cfg.seed, resampled=recipe.data.resampled,
-                          shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size)
+                          shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size,
+                          expected_counts={u: c for u, c in zip(plan.shard_urls, plan.shard_counts) if c})
 
     local_log_dir = plan.run_dir if _is_local(store.fs) else str(Path(".cloob-logs") / plan.run_name)
     logger = MetricsLogger(local_log_dir, resume_step=progress.step) if info.is_main else None

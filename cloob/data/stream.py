@@ -106,6 +106,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         rank: int = 0,
         world_size: int = 1,
+        expected_counts: dict[str, int] | None = None,
     ):
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
@@ -118,6 +119,9 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.rank = rank
         self.world_size = world_size
+        # Samples per shard from its stats file: a shard that yields fewer was cut short, even where
+        # tarfile mistakes a cut at a header for the end of the archive and raises nothing.
+        self.expected_counts = dict(expected_counts or {})
         self.epoch = 0
         self.resume: StreamState = StreamState()
 
@@ -134,16 +138,50 @@ class ShardStream(IterableDataset):
         logical = (worker_id + self.resume.batches) % num_workers
         skip_raw = self.resume.raw_consumed.get(logical, 0)
         counts = SkipCounts(**self.resume.skips.get(logical, {}))
+        # Resume replays the raw stream up to the checkpoint, which meets its bad shards again and
+        # counts them anew; restoring their saved count as well would count each one twice.
+        counts.bad_shard = 0
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, logical))
+        # Shards are numbered as they are opened (the same shard can be drawn twice in a row).
+        opened: dict[int, str] = {}  # ordinal -> url, until the shard has been checked
+        bad: set[int] = set()  # ordinals already counted as bad
+        now = [-1]
+
+        def count_bad(ordinal: int, why: str) -> None:
+            # One bad shard can raise twice (a truncated member, then the next header): count it once.
+            if ordinal not in bad:
+                bad.add(ordinal)
+                counts.bad_shard += 1
+                log.warning("skipping the rest of a bad shard (%s): %s", opened.get(ordinal), why[:300])
 
         def handler(exn: Exception) -> bool:
-            counts.bad_shard += 1
-            log.warning("skipping the rest of a bad shard: %s", repr(exn)[:300])
+            count_bad(now[0], repr(exn))
             return True
 
-        raw = group_by_keys(tar_file_expander(self._open_shards(rng, logical, num_workers), handler=handler),
-                            handler=handler)
-        stream = _buffer_shuffle(raw, self.shuffle_buffer, rng)
+        def sources() -> Iterator[dict]:
+            for source in self._open_shards(rng, logical, num_workers):
+                now[0] += 1
+                opened[now[0]] = source["url"]
+                yield {**source, "url": (now[0], source["url"])}
+
+        def check_complete(samples: Iterator[dict]) -> Iterator[dict]:
+            # webdataset yields a shard's last sample once the next shard has started, so shard k is
+            # checked when a sample of a later shard arrives.
+            current, seen = 0, 0
+            for sample in samples:
+                ordinal = sample["__url__"][0]
+                while current < ordinal:
+                    expected = self.expected_counts.get(opened.get(current))
+                    if expected is not None and seen < expected:
+                        count_bad(current, f"{seen} of {expected} samples: the tar was cut short")
+                    bad.discard(current)
+                    opened.pop(current, None)
+                    current, seen = current + 1, 0
+                seen += 1
+                yield sample
+
+        raw = group_by_keys(tar_file_expander(sources(), handler=handler), handler=handler)
+        stream = _buffer_shuffle(check_complete(raw), self.shuffle_buffer, rng)
         images, texts = [], []
         for index, sample in enumerate(stream, start=1):
             if index <= skip_raw:

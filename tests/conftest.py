@@ -1,0 +1,79 @@
+"""Shared fixtures: generated shards, a local S3-protocol server (moto) and a local HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from cloob.data import synthetic
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory) -> Path:
+    """Four finished synthetic shards of 12 samples each (00000.tar .. 00003.tar + stats). Read-only."""
+    d = tmp_path_factory.mktemp("shards")
+    synthetic.write_shards(d, 48, shard_size=12, image_size=32, seed=1)
+    return d
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """Endpoint URL of a moto S3 server on 127.0.0.1 (state lives as long as the session)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """An s3fs filesystem on the local server, with the environment set so that plain
+    fsspec.open('s3://...') inside library code reaches it too.
+
+    AWS_ENDPOINT_URL is read by botocore each time a client is created, so setting it here works
+    (checked with s3fs 2026.9.0 / aiobotocore 3.10 / botocore 1.43; AWS_ENDPOINT_URL_S3 works too).
+    FSSPEC_S3_ENDPOINT_URL does not: fsspec reads FSSPEC_* variables once, when it is imported.
+    """
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached instance would keep its old endpoint
+    yield s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """serve(folder) -> base URL of a ThreadingHTTPServer on 127.0.0.1 serving that folder."""
+    servers = []
+
+    def serve(directory) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
