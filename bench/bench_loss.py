@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION = "## CLOOB loss: forward + backward"
@@ -277,20 +279,6 @@ def _command() -> str:
     return shlex.join([exe, script, *sys.argv[1:]])
 
 
-def _write_section(text: str) -> None:
-    content = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    lines = content.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    block = text.rstrip("\n") + "\n"
-    if start is None:
-        new = content.rstrip("\n") + "\n\n" + block
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + block + ("\n" + tail if tail else "")
-    BENCHMARKS.write_text(new)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="512,4096,16384", help="comma-separated global batch sizes N")
@@ -405,7 +393,7 @@ def main() -> None:
             f"(other processes on the machine share its {os.cpu_count()} cores)\n\n"
             f"{table}\n\n{note}\n"
         )
-        _write_section(text)
+        write_section(SECTION, text)
         print(f"\nwrote section '{SECTION}' in {BENCHMARKS}")
 
 

@@ -12,7 +12,7 @@ default torch thread count, AdamW (lr 1e-3, wd 0.1, betas 0.9/0.999, eps 1e-8) a
 warmup followed by a cosine schedule. Each run is a fresh subprocess; runs are strictly sequential and
 alternate between implementations (round r runs ours-clip, open_clip, ours-cloob; even rounds
 reversed) so that slow drift in machine load spreads over all of them. The median over rounds is
-reported.
+reported, and the best run (on a machine shared with other work, the least disturbed one).
 
 Both runs are one epoch of exactly `warmup + steps` optimizer steps (rounded up to a multiple of the
 worker count, as open_clip rounds its epoch up to whole batches per worker): ours gets
@@ -52,6 +52,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from report import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -227,9 +229,10 @@ def _median(runs: list[Run]) -> float:
 
 def table(runs: list[Run], args) -> str:
     oc = _median([r for r in runs if r.impl == "open_clip"])
+    best_oc = max((r.samples_per_s for r in runs if r.impl == "open_clip" and not r.error), default=float("nan"))
     rows = ["| implementation | method | batch size | workers | steps measured | samples/s (median) "
-            "| per run | ratio vs open_clip |",
-            "|---|---|---:|---:|---:|---:|---|---:|"]
+            "| ratio vs open_clip (median) | per run (in run order) | best run | ratio vs open_clip (best) |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     order = [("ours", m) for m in args.methods] + [("open_clip", "clip")]
     for impl, method in order:
         rs = [r for r in runs if r.impl == impl and r.method == method]
@@ -239,12 +242,18 @@ def table(runs: list[Run], args) -> str:
         steps = sorted({r.steps_measured for r in rs if not r.error})
         per_run = ", ".join("failed" if r.error else f"{r.samples_per_s:.1f}" for r in rs)
         ratio = med / oc if oc == oc and oc > 0 and med == med else float("nan")
+        best = max((r.samples_per_s for r in rs if not r.error), default=float("nan"))
+        ratio_best = best / best_oc if best_oc == best_oc and best_oc > 0 and best == best else float("nan")
         name = "ours (cloob.train)" if impl == "ours" else "open_clip_train.main"
         method_txt = {"clip": "CLIP (InfoNCE)", "cloob": "CLOOB (InfoLOOB + Hopfield)"}.get(method, method)
         rows.append(f"| {name} | {method_txt} | {args.batch_size} | {args.workers} | "
-                    f"{'/'.join(map(str, steps)) or '-'} | {med:.1f} | {per_run} | "
-                    f"{'-' if ratio != ratio else f'{ratio:.2f}x'} |")
+                    f"{'/'.join(map(str, steps)) or '-'} | {med:.1f} | {_x(ratio)} | {per_run} | "
+                    f"{best:.1f} | {_x(ratio_best)} |")
     return "\n".join(rows)
+
+
+def _x(ratio: float) -> str:
+    return "-" if ratio != ratio else f"{ratio:.2f}x"
 
 
 def machine() -> str:
@@ -283,23 +292,6 @@ def _display_cmd(cmd: list[str], work: Path, data: Path) -> str:
         parts.append(a.replace(str(data), "<shards>").replace(str(work), "<tmp>"))
     parts[0] = "python"
     return shlex.join(parts)
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) only our section: from SECTION up to the next '## ' heading or EOF."""
-    content = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    lines = content.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    block = text.rstrip("\n") + "\n"
-    if start is None:
-        new = content.rstrip("\n") + "\n\n" + block
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + block + ("\n" + tail if tail else "")
-    tmp = BENCHMARKS.with_name(BENCHMARKS.name + f".tmp{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, BENCHMARKS)
 
 
 def main() -> int:
@@ -354,6 +346,9 @@ def main() -> int:
         first = {}
         for r in runs:
             first.setdefault(r.label, r)
+        run_log = "; ".join(
+            f"{r.label} {'failed' if r.error else f'{r.samples_per_s:.0f}'} ({r.load_before:.1f} -> {r.load_after:.1f})"
+            for r in runs)
         cmds = "\n".join(_display_cmd(first[k].cmd, work, data) for k in first)
         date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         text = (
@@ -365,14 +360,17 @@ def main() -> int:
             f"settings and warmup+cosine schedule. Each run is a fresh process of {total_steps} steps; the "
             f"first {args.warmup} are discarded and throughput is samples / wall time over the rest, from each "
             f"trainer's own logs. {args.repeats} runs per row, sequential and alternating "
-            f"(ours-clip, open_clip, ours-cloob; reversed in the next round); the median is reported.\n\n"
+            f"(ours-clip, open_clip, ours-cloob; reversed in the next round); the median is reported, and "
+            f"the best run, which is the one least disturbed by other load on the machine.\n\n"
             f"- Machine: {machine()}\n"
             f"- Date: {date}\n"
             f"- Command: `{command()}`\n"
-            f"- Load average (1 min) seen at run starts/ends: {min(loads):.1f} to {max(loads):.1f}. The machine "
-            f"was shared with other work while this ran, so absolute numbers are noisy; compare rows of the "
-            f"same run only.\n\n"
+            f"- Load average (1 min, counting the benchmark's own trainer and worker processes) seen at run "
+            f"starts/ends: {min(loads):.1f} to {max(loads):.1f}. The machine is shared with other work (other "
+            f"jobs come and go on its cores), so absolute numbers are noisy and a run that overlaps other load "
+            f"can lose more than half its throughput; compare rows of the same run only.\n\n"
             f"{tbl}\n\n"
+            f"Runs in order (samples/s; 1-min load average before -> after): {run_log}.\n\n"
             f"What differs between the two loops:\n"
             f"- Loss: open_clip trains CLIP (`ClipLoss`, InfoNCE with a learnable logit scale, init 1/0.07, "
             f"clamped to 100). Ours-clip computes the same InfoNCE with the fixed inv_tau of the tiny recipe "
@@ -390,7 +388,7 @@ def main() -> int:
             f"Per-run commands (`<shards>`: the shard folder, `<tmp>`: a fresh run folder):\n\n"
             f"```\n{cmds}\n```\n"
         )
-        write_section(text)
+        write_section(SECTION, text)
         print(f"\nwrote section '{SECTION}' in {BENCHMARKS}", file=sys.stderr)
 
     if not args.keep:
