@@ -31,7 +31,7 @@ from cloob import distributed
 from cloob.checkpoint import CheckpointStore, _is_local
 from cloob.config import Recipe, load_recipe
 from cloob.data.shards import list_shards
-from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
+from cloob.data.stream import SKIP_REASONS, NoUsableData, ShardStream, StreamState
 from cloob.errors import CloobError
 from cloob.losses import LossSpec
 from cloob.metrics import MetricsLogger
@@ -131,6 +131,9 @@ def train(recipe: Recipe) -> dict:
     info = distributed.init(recipe.train.device)
     try:
         return _train(recipe, info)
+    except NoUsableData as e:  # raised in a data worker, re-raised here by the DataLoader
+        raise CloobError(f"no usable training samples in {recipe.data.train}: {e}",
+                         "check the shards (images, .txt captions) or prepare them again") from None
     finally:
         distributed.shutdown()
 

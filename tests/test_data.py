@@ -515,3 +515,35 @@ def test_tar_cut_at_a_header_is_caught_by_the_stats_count(tmp_path, shards_dir, 
     got = [next(it) for _ in range(len(keys) // 2 + expected[str(whole)])]  # one pass over both shards
     assert got[-1]["skips"]["bad_shard"] == (1 if with_counts else 0)
     assert got[-1]["skips"]["corrupt_image"] == got[-1]["skips"]["missing_caption"] == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_all_bad_shards_raise_instead_of_hanging(tmp_path, tfs, num_workers):
+    _, val_tf, tok = tfs
+    urls = []
+    for i in range(2):
+        p = tmp_path / f"{i:05d}.tar"
+        write_tar(p, [(f"{i}{k}.jpg", b"not a jpeg" * 20) for k in range(3)] +
+                  [(f"{i}{k}.txt", b"a caption") for k in range(3)])
+        urls.append(str(p))
+    from cloob.data.stream import NoUsableData
+
+    stream = make_stream(urls, val_tf, tok, batch_size=2, resampled=True)
+    with pytest.raises(NoUsableData, match="30 shards in a row gave no usable sample"):
+        next(batches(stream, num_workers=num_workers))
+
+
+def test_training_on_all_bad_shards_is_a_clear_error(tmp_path, capsys):
+    from cloob.cli import main
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    for i in range(2):
+        write_tar(d / f"{i:05d}.tar", [(f"{i}{k}.jpg", b"junk" * 50) for k in range(40)] +
+                  [(f"{i}{k}.txt", b"a caption") for k in range(40)])
+        (d / f"{i:05d}_stats.json").write_text(json.dumps({"successes": 40}))
+    rc = main(["train", "tiny", f"data.train={d}", f"train.output={tmp_path / 'out'}", "train.batch_size=8",
+               "data.workers=1", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable training samples" in err and "fix:" in err
+    assert not list((tmp_path / "out").rglob("meta.json"))  # no checkpoint

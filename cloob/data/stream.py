@@ -38,6 +38,10 @@ SKIP_REASONS = ("corrupt_image", "missing_caption", "bad_shard")
 Image.MAX_IMAGE_PIXELS = 89_478_485
 
 
+class NoUsableData(RuntimeError):
+    """Raised in a worker when shard after shard yields no usable sample (all corrupt or unreadable)."""
+
+
 @dataclass
 class SkipCounts:
     corrupt_image: int = 0
@@ -158,8 +162,18 @@ class ShardStream(IterableDataset):
             count_bad(now[0], repr(exn))
             return True
 
+        # An endless stream over shards that are all bad would hang training without a word. Draws
+        # with replacement can hit bad shards many times in a row by chance, hence the wide margin.
+        barren = [0]  # shards opened since the last usable sample
+        barren_limit = 10 * len(self.shards) + 10
+
         def sources() -> Iterator[dict]:
             for source in self._open_shards(rng, logical, num_workers):
+                barren[0] += 1
+                if barren[0] > barren_limit:
+                    raise NoUsableData(
+                        f"{barren_limit} shards in a row gave no usable sample (skipped so far: "
+                        f"{counts.as_dict()}); the data is corrupt or unreadable")
                 now[0] += 1
                 opened[now[0]] = source["url"]
                 yield {**source, "url": (now[0], source["url"])}
@@ -185,10 +199,12 @@ class ShardStream(IterableDataset):
         images, texts = [], []
         for index, sample in enumerate(stream, start=1):
             if index <= skip_raw:
+                barren[0] = 0
                 continue  # resume: already consumed before the checkpoint; not decoded
             decoded = self._decode(sample, index, logical, counts)
             if decoded is None:
                 continue
+            barren[0] = 0
             images.append(decoded[0])
             texts.append(decoded[1])
             if len(images) == self.batch_size:
