@@ -192,61 +192,62 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     last_ckpt = resume_from
     t_last, samples_last = time.perf_counter(), progress.samples_seen
     metrics: dict = {}
+    # One DataLoader for the whole run: its workers go on from epoch to epoch by themselves.
+    dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
+    loader = DataLoader(dataset, batch_size=None, num_workers=recipe.data.workers,
+                        pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    batches = iter(loader)
     while progress.step < plan.total_steps:
         epoch, in_epoch = divmod(progress.step, plan.steps_per_epoch)
-        if in_epoch == 0 and progress.stream.batches:  # a new epoch: fold this one's skip counts away
+        if in_epoch == 0 and progress.stream.batches:  # a new epoch: fold the last one's skip counts away
             for k, v in progress.stream.skip_totals().items():
                 progress.skips_before_epoch[k] += v
             progress.stream = StreamState()
-        dataset.start_epoch(epoch, progress.stream)
-        loader = DataLoader(dataset, batch_size=None, num_workers=recipe.data.workers,
-                            pin_memory=info.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        for batch in loader:
-            images = batch["image"].to(info.device, non_blocking=True)
-            texts = batch["text"].to(info.device, non_blocking=True)
-            lr = set_lr(optimizer, recipe.optim.lr, lr_factor(progress.step, plan.total_steps, recipe.schedule))
-            with _autocast(info.device, cfg.precision):
-                image_features, text_features, inv_tau = forward(images, texts)
-                loss = loss_fn(*distributed.loss_inputs(image_features, text_features, inv_tau, info))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if recipe.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if recipe.model.learn_inv_tau:
-                clamp_inv_tau_(model)
-            progress.step += 1
-            progress.samples_seen += plan.global_batch
-            progress.stream.update(batch)
+        batch = next(batches)
+        if batch["epoch"] != epoch:  # the workers' epoch bookkeeping must agree with the step count
+            raise RuntimeError(f"data stream is in epoch {batch['epoch']} at step {progress.step} (epoch {epoch})")
+        images = batch["image"].to(info.device, non_blocking=True)
+        texts = batch["text"].to(info.device, non_blocking=True)
+        lr = set_lr(optimizer, recipe.optim.lr, lr_factor(progress.step, plan.total_steps, recipe.schedule))
+        with _autocast(info.device, cfg.precision):
+            image_features, text_features, inv_tau = forward(images, texts)
+            loss = loss_fn(*distributed.loss_inputs(image_features, text_features, inv_tau, info))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if recipe.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if recipe.model.learn_inv_tau:
+            clamp_inv_tau_(model)
+        progress.step += 1
+        progress.samples_seen += plan.global_batch
+        progress.stream.update(batch)
 
-            last = progress.step == plan.total_steps
-            if progress.step % cfg.log_every == 0 or last or progress.step == 1:
-                now = time.perf_counter()
-                skips = _global_skips(progress, info)
-                if not math.isfinite(loss_value := loss.item()):  # checked here: .item() syncs the GPU
-                    raise CloobError(f"loss became {loss_value} at step {progress.step}",
-                                     "lower optim.lr, set optim.grad_clip, or use train.precision=bf16/fp32")
-                metrics = {"loss": loss_value, "lr": lr, "inv_tau": model.logit_scale.exp().item(),
-                           "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
-                           "epoch": epoch, "skipped": sum(skips.values()),
-                           **{f"skipped_{k}": v for k, v in skips.items()}}
-                t_last, samples_last = now, progress.samples_seen
-                if logger:
-                    logger.log(progress.step, metrics)
-            if bar is not None:
-                bar.update(1)
-                if metrics:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                    inv_tau=f"{metrics['inv_tau']:.1f}", sps=f"{metrics['samples_per_s']:.0f}",
-                                    skipped=metrics["skipped"], refresh=False)
-            if progress.step % cfg.checkpoint_every == 0 or last:
-                last_ckpt = _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger)
-            if last or progress.step % plan.steps_per_epoch == 0:
-                break
-        del loader
+        last = progress.step == plan.total_steps
+        if progress.step % cfg.log_every == 0 or last or progress.step == 1:
+            now = time.perf_counter()
+            skips = _global_skips(progress, info)
+            if not math.isfinite(loss_value := loss.item()):  # checked here: .item() syncs the GPU
+                raise CloobError(f"loss became {loss_value} at step {progress.step}",
+                                 "lower optim.lr, set optim.grad_clip, or use train.precision=bf16/fp32")
+            metrics = {"loss": loss_value, "lr": lr, "inv_tau": model.logit_scale.exp().item(),
+                       "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
+                       "epoch": epoch, "skipped": sum(skips.values()),
+                       **{f"skipped_{k}": v for k, v in skips.items()}}
+            t_last, samples_last = now, progress.samples_seen
+            if logger:
+                logger.log(progress.step, metrics)
+        if bar is not None:
+            bar.update(1)
+            if metrics:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                inv_tau=f"{metrics['inv_tau']:.1f}", sps=f"{metrics['samples_per_s']:.0f}",
+                                skipped=metrics["skipped"], refresh=False)
+        if progress.step % cfg.checkpoint_every == 0 or last:
+            last_ckpt = _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger)
+    del batches, loader  # stops the workers
 
     if bar is not None:
         bar.close()

@@ -547,3 +547,40 @@ def test_training_on_all_bad_shards_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no usable training samples" in err and "fix:" in err
     assert not list((tmp_path / "out").rglob("meta.json"))  # no checkpoint
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_one_loader_across_epochs_equals_a_loader_per_epoch(shards_dir, tfs, resampled):
+    """Workers carry on into the next epoch by themselves. With 5 batches per epoch and 2 workers the
+    round-robin shifts at every boundary; batches must still equal fresh per-epoch loaders', and a
+    resume in the middle of epoch 1 must continue exactly."""
+    train_tf, _, tok = tfs
+    urls = list_shards(str(shards_dir)).urls
+    kw = {"batch_size": 3, "shuffle_buffer": 6, "seed": 9, "resampled": resampled}
+    spe, workers = 5, 2
+
+    per_epoch = []
+    for epoch in range(3):
+        stream = make_stream(urls, train_tf, tok, **kw)
+        stream.start_epoch(epoch, None, spe)
+        it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
+        per_epoch += [next(it) for _ in range(spe)]
+        del it
+
+    stream = make_stream(urls, train_tf, tok, **kw)
+    stream.start_epoch(0, None, spe)
+    it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
+    continuous = [next(it) for _ in range(3 * spe)]
+    del it
+    assert [b["epoch"] for b in continuous] == [e for e in range(3) for _ in range(spe)]
+    assert_same_batches(continuous, per_epoch)
+
+    state = StreamState()  # resume after 2 batches of epoch 1 (step 7)
+    for b in continuous[spe:spe + 2]:
+        state.update(b)
+    stream = make_stream(urls, train_tf, tok, **kw)
+    stream.start_epoch(1, StreamState.from_dict(state.to_dict()), spe)
+    it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
+    resumed = [next(it) for _ in range(3 * spe - 7)]
+    del it
+    assert_same_batches(resumed, continuous[7:])

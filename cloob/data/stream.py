@@ -128,24 +128,52 @@ class ShardStream(IterableDataset):
         self.expected_counts = dict(expected_counts or {})
         self.epoch = 0
         self.resume: StreamState = StreamState()
+        self.steps_per_epoch: int | None = None
 
-    def start_epoch(self, epoch: int, resume: StreamState | None = None) -> None:
-        """Set before creating the DataLoader iterator; workers copy these attributes."""
+    def start_epoch(self, epoch: int, resume: StreamState | None = None,
+                    steps_per_epoch: int | None = None) -> None:
+        """Set before creating the DataLoader iterator; workers copy these attributes.
+
+        With steps_per_epoch, each worker goes on into the following epochs by itself (one
+        DataLoader serves the whole run, no worker restarts); without it, the epoch never ends.
+        """
         self.epoch = epoch
         self.resume = resume or StreamState()
+        self.steps_per_epoch = steps_per_epoch
 
     # -- the pipeline, run inside each DataLoader worker ------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # Rotate so that physical worker 0 serves the logical worker whose batch comes next.
-        logical = (worker_id + self.resume.batches) % num_workers
-        skip_raw = self.resume.raw_consumed.get(logical, 0)
-        counts = SkipCounts(**self.resume.skips.get(logical, {}))
+        # The DataLoader takes batch g (counted from its start) from physical worker g % W. In-epoch
+        # batch i of epoch e is loader batch base(e) + i, with base(first) = -(batches already done)
+        # and base(e + 1) = base(e) + steps_per_epoch. Physical worker w therefore serves the
+        # in-epoch batches i = w - base(e) (mod W): it plays logical worker (w - base(e)) mod W.
+        epoch, base, spe = self.epoch, -self.resume.batches, self.steps_per_epoch
+        resume: StreamState | None = self.resume
+        while True:
+            logical = (worker_id - base) % num_workers
+            first = resume.batches if resume is not None else 0
+            if spe is None:
+                yield from self._epoch(epoch, logical, num_workers, resume, limit=None)
+                return
+            first_mine = first + (logical - first) % num_workers
+            yield from self._epoch(epoch, logical, num_workers, resume,
+                                   limit=len(range(first_mine, spe, num_workers)))
+            epoch, base, resume = epoch + 1, base + spe, None
+
+    def _epoch(self, epoch: int, logical: int, num_workers: int, resume: StreamState | None,
+               limit: int | None) -> Iterator[dict]:
+        """This logical worker's batches of one epoch (at most limit of them)."""
+        if limit == 0:
+            return
+        resume = resume or StreamState()
+        skip_raw = resume.raw_consumed.get(logical, 0)
+        counts = SkipCounts(**resume.skips.get(logical, {}))
         # Resume replays the raw stream up to the checkpoint, which meets its bad shards again and
         # counts them anew; restoring their saved count as well would count each one twice.
         counts.bad_shard = 0
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, logical))
+        rng = random.Random(_seed(self.seed, epoch, self.rank, logical))
         # Shards are numbered as they are opened (the same shard can be drawn twice in a row).
         opened: dict[int, str] = {}  # ordinal -> url, until the shard has been checked
         bad: set[int] = set()  # ordinals already counted as bad
@@ -168,7 +196,7 @@ class ShardStream(IterableDataset):
         barren_limit = 10 * len(self.shards) + 10
 
         def sources() -> Iterator[dict]:
-            for source in self._open_shards(rng, logical, num_workers):
+            for source in self._open_shards(rng, epoch, logical, num_workers):
                 barren[0] += 1
                 if barren[0] > barren_limit:
                     raise NoUsableData(
@@ -196,12 +224,12 @@ class ShardStream(IterableDataset):
 
         raw = group_by_keys(tar_file_expander(sources(), handler=handler), handler=handler)
         stream = _buffer_shuffle(check_complete(raw), self.shuffle_buffer, rng)
-        images, texts = [], []
+        images, texts, produced = [], [], 0
         for index, sample in enumerate(stream, start=1):
             if index <= skip_raw:
                 barren[0] = 0
                 continue  # resume: already consumed before the checkpoint; not decoded
-            decoded = self._decode(sample, index, logical, counts)
+            decoded = self._decode(sample, epoch, index, logical, counts)
             if decoded is None:
                 continue
             barren[0] = 0
@@ -211,14 +239,18 @@ class ShardStream(IterableDataset):
                 yield {
                     "image": torch.stack(images),
                     "text": self.tokenizer(texts),
+                    "epoch": epoch,
                     "worker": logical,
                     "raw_consumed": index,
                     "skips": counts.as_dict(),
                 }
                 images, texts = [], []
+                produced += 1
+                if produced == limit:
+                    return
 
-    def _open_shards(self, rng: random.Random, logical: int, num_workers: int) -> Iterator[dict]:
-        for url in self._shard_sequence(rng, logical, num_workers):
+    def _open_shards(self, rng: random.Random, epoch: int, logical: int, num_workers: int) -> Iterator[dict]:
+        for url in self._shard_sequence(rng, epoch, logical, num_workers):
             try:
                 stream = fsspec.open(url, "rb").open()
             except (OSError, ValueError) as e:
@@ -230,7 +262,7 @@ class ShardStream(IterableDataset):
             finally:
                 stream.close()
 
-    def _shard_sequence(self, rng: random.Random, logical: int, num_workers: int) -> Iterator[str]:
+    def _shard_sequence(self, rng: random.Random, epoch: int, logical: int, num_workers: int) -> Iterator[str]:
         if self.resampled:
             while True:
                 yield rng.choice(self.shards)
@@ -244,11 +276,11 @@ class ShardStream(IterableDataset):
         passes = 0
         while True:  # the same permutation on every rank and worker, so the parts are disjoint
             perm = list(self.shards)
-            random.Random(_seed(self.seed, self.epoch, passes)).shuffle(perm)
+            random.Random(_seed(self.seed, epoch, passes)).shuffle(perm)
             yield from perm[part::total]
             passes += 1
 
-    def _decode(self, sample: dict, index: int, logical: int, counts: SkipCounts):
+    def _decode(self, sample: dict, epoch: int, index: int, logical: int, counts: SkipCounts):
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             counts.corrupt_image += 1
@@ -272,7 +304,7 @@ class ShardStream(IterableDataset):
         # with a captured stack trace (130 us a sample, against 2 us for this).
         gen = torch.default_generator
         saved = gen.get_state()
-        gen.manual_seed(_seed(self.seed, self.epoch, self.rank, logical, index) & 0x7FFFFFFFFFFFFFFF)
+        gen.manual_seed(_seed(self.seed, epoch, self.rank, logical, index) & 0x7FFFFFFFFFFFFFFF)
         try:
             tensor = self.image_transform(image)
         finally:
