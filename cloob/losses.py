@@ -94,27 +94,41 @@ class _HopfieldRetrievalPair(torch.autograd.Function):
         beta, n = ctx.beta, x.shape[0]
         g_x = g_x.contiguous()
         g_y = g_y.contiguous()
-        # Through R = P M: dM += P^T dR; dP = dR M^T.
+        # Through R = P M: dM += P^T dR (here), dP = dR M^T (per block below).
         dx = torch.mm(p_x.T, g_x)
         dy = torch.mm(p_y.T, g_y)
-        ds_x = torch.mm(g_x, x.T)
-        ds_y = torch.mm(g_y, y.T)
-        # Through row softmax: dS = beta * P * (dP - <dP, P>_row), and <dP, P>_row = <dR, R>_row.
-        for ds, p, g, r in ((ds_x, p_x, g_x, r_x), (ds_y, p_y, g_y, r_y)):
-            ds.sub_(_rowdot(g, r)).mul_(p).mul_(beta)
-        # Through the Gram matrices. s_xx = x x^T feeds rows 0..n-1 of ds_x; s_yx = y x^T feeds rows
-        # n.. of ds_x and, transposed, rows n.. of ds_y; s_yy = y y^T feeds rows 0..n-1 of ds_y.
-        d_xx = ds_x[:n]
-        d_xx.add_(d_xx.T.clone())
-        d_yy = ds_y[:n]
-        d_yy.add_(d_yy.T.clone())
-        d_yx = ds_x[n:]
-        d_yx.add_(ds_y[n:].T)
-        dx.addmm_(d_xx, x)
+
+        def d_scores(rows: slice, g, p, r, m) -> torch.Tensor:
+            # dS = beta * P * (dP - <dP, P>_row) for one block of query rows; <dP, P>_row = <dR, R>_row.
+            ds = torch.mm(g[rows], m.T)
+            return ds.sub_(_rowdot(g[rows], r[rows])).mul_(p[rows]).mul_(beta)
+
+        # Through the Gram matrices, one N x N block at a time so each is freed after its GEMM
+        # (peak: the 4 saved N x N softmax blocks + 2). s_xx = x x^T and s_yy = y y^T are symmetric:
+        # their two gradient paths fold into one GEMM with the symmetrised block.
+        top, bottom = slice(0, n), slice(n, 2 * n)
+        dx.addmm_(_symmetrise_(d_scores(top, g_x, p_x, r_x, x)), x)
+        dy.addmm_(_symmetrise_(d_scores(top, g_y, p_y, r_y, y)), y)
+        # s_yx = y x^T feeds queries y on the image memory and, transposed, queries x on the text memory.
+        d_yx = d_scores(bottom, g_x, p_x, r_x, x)
+        d_yx.add_(d_scores(bottom, g_y, p_y, r_y, y).T)
         dx.addmm_(d_yx.T, y)
-        dy.addmm_(d_yy, y)
         dy.addmm_(d_yx, x)
         return dx, dy, None
+
+
+def _symmetrise_(a: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """In place: a <- a + a^T, tile by tile (no N x N temporary)."""
+    n = a.shape[0]
+    for i in range(0, n, tile):
+        for j in range(i, n, tile):
+            upper = a[i:i + tile, j:j + tile]
+            lower = a[j:j + tile, i:i + tile]
+            both = upper + lower.T
+            upper.copy_(both)
+            if i != j:
+                lower.copy_(both.T)
+    return a
 
 
 def _rowdot(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -382,3 +382,13 @@ def test_mismatched_shapes_raise(shape_x, shape_y):
 def test_batch_smaller_than_two_raises(n, method):
     with pytest.raises(ValueError, match="at least 2 pairs"):
         LossSpec.from_method(method)(torch.randn(n, 4), torch.randn(n, 4), 30.0)
+
+
+@pytest.mark.parametrize("n, tile", [(1, 4), (7, 3), (12, 4), (10, 16)])
+def test_symmetrise_in_place_by_tiles(n, tile):
+    from cloob.losses import _symmetrise_
+
+    a = torch.randn(n, n, dtype=torch.float64)
+    want = a + a.T
+    out = _symmetrise_(a, tile=tile)
+    assert out is a and torch.equal(a, want)
