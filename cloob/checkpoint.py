@@ -33,7 +33,7 @@ META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return proto in ("file", "local")
 
@@ -41,7 +41,7 @@ def _is_local(fs) -> bool:
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write data to url so that readers see either nothing or all of it."""
     fs, path = fsspec.core.url_to_fs(url)
-    if _is_local(fs):
+    if is_local(fs):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
@@ -92,7 +92,7 @@ class CheckpointStore:
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
 
     def _url(self, path: str) -> str:
-        return path if _is_local(self.fs) else self.fs.unstrip_protocol(path)
+        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
 
     def complete(self) -> list[CheckpointRef]:
         if not self.fs.exists(self._root_path):

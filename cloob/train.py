@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cloob import distributed
-from cloob.checkpoint import CheckpointStore, _is_local
+from cloob.checkpoint import CheckpointStore, is_local
 from cloob.config import Recipe, load_recipe
 from cloob.data.shards import list_shards
 from cloob.data.stream import SKIP_REASONS, NoUsableData, ShardStream, StreamState
@@ -164,14 +164,18 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         progress.step, progress.samples_seen = state["step"], state["samples_seen"]
-        if state["world_size"] == info.world_size:
+        same_layout = (state["world_size"], state.get("steps_per_epoch")) == (info.world_size, plan.steps_per_epoch)
+        if same_layout:
             rank_state = state["ranks"][info.rank]
             progress.stream = StreamState.from_dict(rank_state["stream"])
             progress.skips_before_epoch = rank_state["skips_before_epoch"]
             _set_rng_state(rank_state["rng"])
         else:
-            log.warning("resuming on %d ranks a run saved on %d: data order restarts within the epoch",
-                        info.world_size, state["world_size"])
+            # Positions are per rank and per epoch layout: keep the step, restart the epoch's order.
+            log.warning("resuming a run saved on %d ranks with %s steps/epoch on %d ranks with %d: the data "
+                        "order restarts within the epoch (not the exact trajectory)", state["world_size"],
+                        state.get("steps_per_epoch"), info.world_size, plan.steps_per_epoch)
+            progress.stream = StreamState(batches=progress.step % plan.steps_per_epoch)
 
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.distributed else model
@@ -182,7 +186,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
                           shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size,
                           expected_counts={u: c for u, c in zip(plan.shard_urls, plan.shard_counts) if c})
 
-    local_log_dir = plan.run_dir if _is_local(store.fs) else str(Path(".cloob-logs") / plan.run_name)
+    local_log_dir = plan.run_dir if is_local(store.fs) else str(Path(".cloob-logs") / plan.run_name)
     logger = MetricsLogger(local_log_dir, resume_step=progress.step) if info.is_main else None
     if info.is_main:
         _announce(recipe, plan, info, resume_from)
@@ -276,7 +280,8 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
     ref = None
     if info.is_main:
         state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": progress.step,
-                 "samples_seen": progress.samples_seen, "world_size": info.world_size, "ranks": ranks}
+                 "samples_seen": progress.samples_seen, "world_size": info.world_size,
+                 "steps_per_epoch": plan.steps_per_epoch, "ranks": ranks}
         cfg = {"model_cfg": model_config(recipe.model.arch),
                "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {})}
         meta = {"arch": recipe.model.arch, "method": recipe.loss.method, "recipe_name": recipe.name,
@@ -286,7 +291,7 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
         ref = store.save(progress.step, model.state_dict(), cfg, state, meta, keep=recipe.train.keep_checkpoints)
         if logger:
             logger.flush()
-            if not _is_local(store.fs):
+            if not is_local(store.fs):
                 _upload_logs(logger.dir, plan.run_dir)
     distributed.barrier(info)
     return ref

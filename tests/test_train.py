@@ -182,3 +182,25 @@ def test_shards_and_checkpoints_on_s3(tmp_path, small_shards, s3):
 
     again = train(load_recipe("tiny", overrides))  # finished run: resumes at its end, trains nothing
     assert again["step"] == 4 and again["checkpoint"] == summary["checkpoint"]
+
+
+def test_resume_after_the_data_grew_continues_with_a_warning(tmp_path, small_shards, caplog):
+    """A new shard changes steps/epoch: data positions no longer apply. The run resumes at its step,
+    restarts the epoch's data order, says so, and finishes (the same path serves a changed world size)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    overrides = [f"data.train={data}", f"train.output={tmp_path}", "train.steps=30", "train.batch_size=16",
+                 "train.checkpoint_every=12", "data.workers=2", "train.progress=false", "train.run_name=g"]
+    train(load_recipe("tiny", overrides))
+    store = CheckpointStore(str(tmp_path / "runs" / "g"))
+    shutil.rmtree(store.latest().url)  # as if the run had died after step 24
+    assert store.latest().step == 24  # 20 steps/epoch now; 25 once the shard is added: 24 -> 25 crosses
+    synthetic.write_shards(tmp_path / "extra", 80, shard_size=80, image_size=32, seed=99)
+    shutil.copy(tmp_path / "extra" / "00000.tar", data / "00004.tar")
+    shutil.copy(tmp_path / "extra" / "00000_stats.json", data / "00004_stats.json")
+    with caplog.at_level("WARNING", logger="cloob.train"):
+        summary = train(load_recipe("tiny", overrides))
+    assert summary["step"] == 30 and store.latest().step == 30
+    assert "restarts within the epoch" in caplog.text
