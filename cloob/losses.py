@@ -34,7 +34,8 @@ Implementation notes (why this is faster and lighter than four independent retri
   gradients that reach each Gram matrix before the matmul, so every Gram matrix costs one GEMM
   forward and at most two backward (autograd would spend 8 on the four products).
 - The diagonal is excluded from logsumexp with -inf in place (no eye/mask matrices); positives are
-  row-wise dot products, O(N d) instead of a masked N x N reduction.
+  row-wise dot products, O(N d) instead of a masked N x N reduction. The logits buffer becomes the
+  softmax in place and is the only N x N matrix kept per term.
 - All loss arithmetic runs in float32 whatever the autocast dtype, so fp16/bf16 training at
   inv_tau = 100 cannot overflow to inf/NaN.
 """
@@ -156,17 +157,42 @@ def hopfield_retrieve_all(
     return r_x[:n], r_x[n:], r_y[:n], r_y[n:]
 
 
+class _RowLogSumExp(torch.autograd.Function):
+    """logsumexp_j (A C^T)_ij per row i, optionally without j = i; saves only the softmax.
+
+    The N x N logits buffer becomes the softmax in place, which is all the backward needs
+    (d lse_i / d k_ij = softmax_ij), so one N x N matrix is kept and one more is made in the
+    backward, where torch.logsumexp on a materialised matrix keeps its input and makes three.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, c: torch.Tensor, leave_one_out: bool):
+        p = torch.mm(a, c.T)
+        if leave_one_out:
+            # -inf, not -1000: exact, and the row stays finite for N >= 2.
+            p.diagonal().fill_(float("-inf"))
+        row_max = p.amax(dim=1, keepdim=True)
+        p.sub_(row_max).exp_()
+        row_sum = p.sum(dim=1, keepdim=True)
+        p.div_(row_sum)
+        ctx.save_for_backward(a, c, p)
+        return (row_sum.log_() + row_max).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, c, p = ctx.saved_tensors
+        dk = p * g.unsqueeze(1)
+        return torch.mm(dk, c), torch.mm(dk.T, a), None
+
+
 def _contrastive_rows(
     anchors: torch.Tensor, candidates: torch.Tensor, inv_tau: torch.Tensor, leave_one_out: bool
 ) -> torch.Tensor:
     """mean_i[-k_ii + logsumexp_j k_ij] with k = inv_tau A C^T; j != i when leave_one_out."""
     scaled = anchors * inv_tau  # scale N x d, not N x N
-    logits = scaled @ candidates.T
     positives = (scaled * candidates).sum(dim=1)
-    if leave_one_out:
-        # -inf, not -1000: exact, and stays finite through logsumexp for N >= 2.
-        logits.diagonal().fill_(float("-inf"))
-    return (torch.logsumexp(logits, dim=1) - positives).mean()
+    lse = _RowLogSumExp.apply(scaled.contiguous(), candidates.contiguous(), leave_one_out)
+    return (lse - positives).mean()
 
 
 def info_loob(anchors: torch.Tensor, candidates: torch.Tensor, inv_tau: torch.Tensor) -> torch.Tensor:
