@@ -138,12 +138,18 @@ def _rowdot(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return (g * r).sum(1, keepdim=True)
 
 
-def _softmax_rows_(s: torch.Tensor, beta: float) -> None:
-    """In place: s <- softmax(beta * s) over rows. Avoids new N x N buffers (page faults on CPU)."""
-    s.mul_(beta)
-    s.sub_(s.amax(dim=1, keepdim=True))
-    s.exp_()
-    s.div_(s.sum(dim=1, keepdim=True))
+def _softmax_rows_(s: torch.Tensor, beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: s <- softmax(beta * s) over rows. Avoids new N x N buffers (page faults on CPU).
+
+    Returns the row max and the row sum of exp(beta * s - max), so logsumexp = log(sum) + max.
+    """
+    if beta != 1.0:
+        s.mul_(beta)
+    row_max = s.amax(dim=1, keepdim=True)
+    s.sub_(row_max).exp_()
+    row_sum = s.sum(dim=1, keepdim=True)
+    s.div_(row_sum)
+    return row_max, row_sum
 
 
 def hopfield_retrieve_all(
@@ -171,10 +177,7 @@ class _RowLogSumExp(torch.autograd.Function):
         if leave_one_out:
             # -inf, not -1000: exact, and the row stays finite for N >= 2.
             p.diagonal().fill_(float("-inf"))
-        row_max = p.amax(dim=1, keepdim=True)
-        p.sub_(row_max).exp_()
-        row_sum = p.sum(dim=1, keepdim=True)
-        p.div_(row_sum)
+        row_max, row_sum = _softmax_rows_(p)
         ctx.save_for_backward(a, c, p)
         return (row_sum.log_() + row_max).squeeze(1)
 
