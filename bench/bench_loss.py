@@ -55,16 +55,9 @@ OOM = "OOM"
 # --------------------------------------------------------------------------------------------------
 
 
-def _meminfo_kib(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
+def _proc_kib(path: str, key: str) -> int:
+    """A 'Key:   123 kB' field of /proc/meminfo or /proc/self/status, in KiB."""
+    with open(path) as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
@@ -74,7 +67,7 @@ def _status_kib(key: str) -> int:
 def _cap_address_space() -> None:
     """Turn 'this would exhaust RAM' into a catchable allocation error (Linux, CPU runs only)."""
     try:
-        limit = (_status_kib("VmSize") + _meminfo_kib("MemAvailable") - 1024 * 1024) * 1024
+        limit = (_proc_kib("/proc/self/status", "VmSize") + _proc_kib("/proc/meminfo", "MemAvailable") - 1024 * 1024) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
     except (OSError, KeyError, ValueError):
         pass
@@ -156,7 +149,7 @@ def _child(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
         else:
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            out["rss_now_at_baseline"] = _status_kib("VmRSS") * 1024
+            out["rss_now_at_baseline"] = _proc_kib("/proc/self/status", "VmRSS") * 1024
             out["rss_peak_at_baseline"] = base
         try:
             seconds, value = step(impls[args.impl], x, y, t)
@@ -258,7 +251,7 @@ def _machine(device: str) -> str:
         pass
     mem = ""
     try:
-        mem = f", {_meminfo_kib('MemTotal') / 2**20:.0f} GiB RAM"
+        mem = f", {_proc_kib('/proc/meminfo', 'MemTotal') / 2**20:.0f} GiB RAM"
     except (OSError, KeyError):
         pass
     desc = (f"CPU: {cpu}, {os.cpu_count()} logical cores (torch threads: {torch.get_num_threads()})"
