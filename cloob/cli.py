@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cloob.errors import CloobError
@@ -30,6 +31,85 @@ def _cmd_demo(args) -> int:
 
     run_demo(out=Path(args.out), steps=args.steps, samples=args.samples, workers=args.workers)
     return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def print_prepare_summary(m: dict, out: str) -> None:
+    t, run = m["totals"], m["run"]
+    print(f"{m['name']}: {t['rows']} rows -> {t['successes']} images in {t['shards']} shards "
+          f"({_human_bytes(t['bytes'])}) at {out}  [{100 * t['success_rate']:.1f}% success]")
+    if run["noop"]:
+        print(f"  nothing to do: every shard was already finished ({run['seconds']:.1f} s)")
+    else:
+        rate = sum(r["rows"] for r in run["rounds"]) / max(sum(r["seconds"] for r in run["rounds"]), 1e-9)
+        rounds = ", ".join(f"{r['mode']} {r['rows']} rows in {r['seconds']:.1f} s" for r in run["rounds"])
+        print(f"  this run: {run['seconds']:.1f} s ({rounds or 'no download needed'}"
+              f"{f'; {rate:.0f} rows/s' if run['rounds'] else ''})")
+    skipped = {k: m["rows"][k] for k in ("invalid_url", "empty_caption") if m["rows"].get(k)}
+    if skipped:
+        print("  source rows left out: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items()))
+    if t["failures_by_reason"]:
+        print(f"  failures by reason ({t['failures']}):")
+        for reason, n in list(t["failures_by_reason"].items())[:10]:
+            print(f"    {n:8d}  {reason}")
+        print("  retry them with --retry-failed")
+    print(f"  manifest: {out.rstrip('/')}/_cloob/manifest.json (content hash {m['content_hash'][:12]})")
+    print(f"  train on it: cloob train <recipe> data.train={out}")
+
+
+def _cmd_prepare(args) -> int:
+    from cloob.data.prepare import prepare
+    from cloob.data.spec import load_spec
+
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url  # read by botocore, here and in img2dataset
+    overrides = list(args.set or []) + ([f"limit={args.limit}"] if args.limit else [])
+    spec = load_spec(args.spec, overrides)
+    m = prepare(spec, args.out, input=args.input, retry_failed=args.retry_failed, force=args.force,
+                progress=not args.no_progress)
+    print_prepare_summary(m, args.out)
+    return 0
+
+
+def _cmd_prepare_downstream(args) -> int:
+    from cloob.data.downstream import list_downstream_specs, prepare_downstream
+
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
+    names = list_downstream_specs() if args.names == ["all"] else args.names
+    sources: dict[str, str] = {}
+    for item in args.source or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            raise CloobError(f"--source {item!r} is not name=path", "write e.g. --source imagenet=/data/imagenet/val")
+        if name not in names:
+            raise CloobError(f"--source names {name!r}, which is not among the datasets asked for",
+                             f"add {name} to the dataset list, or drop the --source")
+        sources[name] = value
+    t0, rows, failed = time.monotonic(), [], []
+    for name in names:
+        try:
+            rows.append(prepare_downstream(name, args.out, source=sources.get(name), force=args.force,
+                                           progress=not args.no_progress))
+        except CloobError as e:
+            if len(names) == 1:
+                raise
+            failed.append((name, e))  # one bad set does not stop the others
+            print(f"error: {name}: {e}", file=sys.stderr)
+    print(f"{'dataset':14s} {'images':>8s} {'classes':>8s} {'bytes':>10s} {'time':>8s}  location")
+    for r in rows:
+        note = " (already prepared)" if r["reused"] else ""
+        print(f"{r['name']:14s} {r['images']:8d} {r['classes']:8d} {_human_bytes(r['bytes'] or 0):>10s} "
+              f"{r['seconds']:7.1f}s  {r['uri']}{note}")
+    print(f"{len(rows)} prepared, {len(failed)} failed, {time.monotonic() - t0:.1f} s in all")
+    return 2 if failed else 0
 
 
 def _cmd_models(args) -> int:
@@ -64,6 +144,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4096)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("prepare", help="download a pretraining dataset into webdataset shards (img2dataset)")
+    p.add_argument("spec", help="a data_specs name (demo, cc3m, yfcc15m) or a spec YAML path")
+    p.add_argument("--out", required=True, help="dataset folder or URL (s3://bucket/prefix, ...)")
+    p.add_argument("--input", help="the source file: CC3M TSV, YFCC100M metadata, or your url/caption table")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set download.processes=16 (repeatable)")
+    p.add_argument("--limit", type=int, help="take only the first N source rows")
+    p.add_argument("--retry-failed", action="store_true", help="download again the rows that failed")
+    p.add_argument("--force", action="store_true", help="delete a different dataset at --out and start over")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("prepare-downstream", help="download, verify and unpack zero-shot evaluation sets")
+    p.add_argument("names", nargs="+", help="datasets (see data_specs/downstream/), or all")
+    p.add_argument("--out", required=True, help="downstream root folder or URL; each set goes to <out>/<name>/")
+    p.add_argument("--source", action="append", metavar="NAME=PATH",
+                   help="your copy: imagenet=/data/imagenet/val (required for imagenet), or a mirror/archive")
+    p.add_argument("--force", action="store_true", help="prepare again even if already prepared")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_prepare_downstream)
 
     sub.add_parser("models", help="list model architectures").set_defaults(func=_cmd_models)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=_cmd_recipes)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import functools
+import io
+import os
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cloob.data import synthetic
+from cloob.data.demo_server import DemoHandler, DemoServer, render
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +82,67 @@ def http_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+class _BadCasesHandler(DemoHandler):
+    """Demo pictures plus the failure modes of real image URLs (see `image_server`)."""
+
+    def route(self, path: str):
+        self.server.requests.append(path)
+        if path == "/bad/404.jpg":
+            return 404, b"not found\n", "text/plain"
+        if path == "/bad/not-an-image.jpg":
+            return 200, b"<html><body>this is a web page, not a picture</body></html>\n", "image/jpeg"
+        if path == "/bad/truncated.jpg":
+            body, _ = render(7, 64, 2, 0)
+            return 200, body[: len(body) // 2], "image/jpeg"
+        if path == "/bad/huge-area.jpg":  # small file, 2000 x 2000 pixels
+            buf = io.BytesIO()
+            Image.new("RGB", (2000, 2000), (200, 30, 30)).save(buf, format="JPEG", quality=50)
+            return 200, buf.getvalue(), "image/jpeg"
+        if path == "/bad/too-many-bytes.jpg":
+            return 200, b"\xff\xd8" + os.urandom(300_000) + b"\xff\xd9", "image/jpeg"
+        if path.startswith("/flaky/"):  # 503 on the first request for each path, then a picture
+            with self.server.lock:
+                first = path not in self.server.flaky_seen
+                self.server.flaky_seen.add(path)
+            if first:
+                return 503, b"busy\n", "text/plain"
+            return super().route(path.removeprefix("/flaky"))
+        return super().route(path)
+
+    def do_GET(self):  # noqa: N802
+        if self.path.endswith("/bad/trickle.jpg"):
+            self.server.requests.append("/bad/trickle.jpg")
+            # Headers promise 100 kB, then one byte every 0.2 s for as long as the client stays.
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                self.wfile.write(b"\xff\xd8")
+                while not self.server.stopping.is_set():
+                    self.wfile.write(b"\x00")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def image_server():
+    """A DemoServer on 127.0.0.1 serving demo pictures at /<seed>/<size>/<items>/<i>.jpg, plus
+    /bad/{404,not-an-image,truncated,huge-area,too-many-bytes,trickle}.jpg and /flaky/... (503 once).
+    `.requests` lists the paths asked for, in order."""
+    server = DemoServer(_BadCasesHandler)
+    server.httpd.requests = []
+    server.httpd.flaky_seen = set()
+    server.httpd.lock = threading.Lock()
+    server.httpd.stopping = threading.Event()
+    with server:
+        try:
+            yield server
+        finally:
+            server.httpd.stopping.set()

@@ -1,0 +1,167 @@
+"""Preparation throughput: `cloob prepare` against plain img2dataset, same rows, same server, same run.
+
+    ours:  python -m cloob.cli prepare <table spec> --out DIR --no-progress
+           (the whole command: reading the rows into the url/caption parquet, img2dataset with our
+           download guards in its own process, then the manifest, which reads every shard back to
+           hash it)
+    peer:  python -c "import img2dataset; img2dataset.download(**kwargs)"
+           with the very kwargs our command passes (same image size, resize mode, quality, shard size,
+           processes, threads, timeout, retries), reading the same url/caption parquet
+
+Both download the same N generated pictures from one local HTTP server (cloob.data.demo_server) that
+runs in this process on 127.0.0.1 for the whole benchmark, so the network is not the bottleneck and
+what differs is only the tooling. Runs are fresh subprocesses, strictly sequential, alternating in
+order (odd rounds ours first, even rounds the peer first); the median over rounds is reported.
+
+Throughput = images written / wall-clock seconds of the command, start-up included (img2dataset
+spends ~7 s importing torch and albumentations in its main process and again in each worker, on
+both sides). img2dataset sometimes never exits after its last shard (rom1504/img2dataset#74): if
+the peer is still running 15 s after its last stats file, it is stopped and its time is taken at
+that last stats file, which favours the peer. Ours handles the same hang itself, inside its time.
+
+Usage: python bench/bench_prepare.py [--samples 4000] [--shard-size 500] [--processes 2]
+                                     [--threads 32] [--repeats 3] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from cloob.data.demo_server import DemoServer, demo_rows  # noqa: E402
+from cloob.data.prepare import _img2dataset_args, _Store  # noqa: E402
+from cloob.data.spec import load_spec  # noqa: E402
+from report import write_section  # noqa: E402
+
+GRACE_S = 15.0
+
+
+def _stats_count(folder: Path) -> int:
+    return len(list(folder.glob("*_stats.json")))
+
+
+def _run(cmd: list[str], out: Path, shards: int, env: dict) -> tuple[float, bool]:
+    """Wall seconds of cmd; if it hangs after its last shard, the time of that last shard."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last_at = None
+    while proc.poll() is None:
+        time.sleep(0.2)
+        if last_at is None and _stats_count(out) >= shards:
+            last_at = time.perf_counter()
+        if last_at is not None and time.perf_counter() - last_at > GRACE_S:
+            proc.kill()
+            proc.wait()
+            return last_at - t0, True
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed:\n{proc.stderr.read().decode()[-3000:]}")
+    return time.perf_counter() - t0, False
+
+
+def _images(folder: Path) -> int:
+    return sum(json.loads(p.read_text())["successes"] for p in folder.glob("*_stats.json"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=4000)
+    ap.add_argument("--size", type=int, default=64, help="size the server renders at")
+    ap.add_argument("--image-size", type=int, default=64, help="img2dataset image_size")
+    ap.add_argument("--shard-size", type=int, default=500)
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(REPO))
+    shards = -(-args.samples // args.shard_size)
+    times: dict[str, list[float]] = {"ours": [], "img2dataset": []}
+    images: dict[str, list[int]] = {"ours": [], "img2dataset": []}
+    hangs = {"ours": 0, "img2dataset": 0}
+    try:
+        with DemoServer() as server:
+            rows = [{"url": r["url"].replace("http://demo.cloob.invalid", server.url), "caption": r["caption"]}
+                    for r in demo_rows(0, args.size, 3, args.samples)]
+            table = work / "rows.parquet"
+            pq.write_table(pa.Table.from_pylist(rows), table)
+            spec_data = {"name": "bench", "source": {"kind": "table", "path": str(table)},
+                         "download": {"image_size": args.image_size, "shard_size": args.shard_size,
+                                      "processes": args.processes, "threads": args.threads, "timeout": 10,
+                                      "retries": 0, "encode_quality": 90}}
+            spec_file = work / "spec.json"
+            spec_file.write_text(json.dumps(spec_data))
+            spec = load_spec(spec_data)
+            for r in range(args.repeats):
+                order = ["ours", "img2dataset"] if r % 2 == 0 else ["img2dataset", "ours"]
+                for who in order:
+                    out = work / f"{who}-{r}"
+                    if who == "ours":
+                        cmd = [sys.executable, "-m", "cloob.cli", "prepare", str(spec_file), "--out", str(out),
+                               "--no-progress"]
+                    else:
+                        kwargs = _img2dataset_args(spec, _Store(str(out)), str(table), "incremental")
+                        kwargs["url_list"], kwargs["save_additional_columns"] = str(table), None
+                        cmd = [sys.executable, "-c",
+                               f"import img2dataset, json; img2dataset.download(**json.loads({json.dumps(kwargs)!r}))"]
+                    seconds, hung = _run(cmd, out, shards, env)
+                    times[who].append(seconds)
+                    images[who].append(_images(out))
+                    hangs[who] += hung
+                    print(f"round {r} {who:12s} {seconds:7.2f} s  {images[who][-1]} images"
+                          f"{'  (hung after its last shard; timed at it)' if hung else ''}", flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rate = {k: [n / t for n, t in zip(images[k], times[k])] for k in times}
+    med = {k: statistics.median(v) for k, v in rate.items()}
+    overhead = med["img2dataset"] / med["ours"] - 1
+    print(f"median images/s: ours {med['ours']:.1f}, img2dataset {med['img2dataset']:.1f}; "
+          f"overhead {100 * overhead:+.1f}%")
+    if args.write:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        lines = [
+            "## Data preparation: cloob prepare vs plain img2dataset",
+            "",
+            f"{_dt.date.today()}, {machine}, Python {platform.python_version()}. Command: `python "
+            f"bench/bench_prepare.py --samples {args.samples} --shard-size {args.shard_size} --processes "
+            f"{args.processes} --threads {args.threads} --repeats {args.repeats} --write`.",
+            "",
+            f"{args.samples} generated {args.size} px pictures from one local HTTP server in the benchmark's"
+            f" process; img2dataset settings: image_size {args.image_size}, keep_ratio, JPEG quality 90,"
+            f" {args.shard_size} per shard, {args.processes} processes x {args.threads} threads. Time is the"
+            " whole command, start-up included; ours includes reading the rows and hashing every shard for"
+            " the manifest. Goal: overhead under 5%.",
+            "",
+            "| tool | images/s (median) | per run (images/s) | wall s (median) | hung at exit |",
+            "|---|---:|---|---:|---:|",
+        ]
+        for k, label in (("ours", "cloob prepare"), ("img2dataset", "plain img2dataset")):
+            lines.append(f"| {label} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in rate[k])} | "
+                         f"{statistics.median(times[k]):.2f} | {hangs[k]} |")
+        lines += ["", f"Overhead of ours: **{100 * overhead:+.1f}%** (peer median / ours median - 1; "
+                  "negative means ours is faster).", ""]
+        write_section(lines[0], "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

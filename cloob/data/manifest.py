@@ -1,0 +1,176 @@
+"""The dataset manifest: what exactly is in a prepared dataset's shards.
+
+Built from img2dataset's own outputs: a shard counts only once its NNNNN_stats.json exists (written
+last); per-row outcomes come from its NNNNN.parquet. A row retried into a later shard counts once:
+as a success if any attempt succeeded, else with the reason of its last attempt.
+
+Each shard has two digests: `sha256` of the tar file (integrity: what a reader must find) and
+`content_sha256`, a digest of its samples independent of member order and tar timestamps
+(img2dataset writes samples as their downloads finish, so two runs over the same rows give different
+files with the same samples). The manifest's `content_hash` covers the spec, the rows and every
+shard's content digest: equal hashes mean equal datasets, however they were downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import re
+import tarfile
+from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
+
+import pyarrow.parquet as pq
+
+from cloob.checkpoint import atomic_write_bytes
+
+MANIFEST_VERSION = 1
+_STATS = re.compile(r"^(\d+)_stats\.json$")
+
+
+def tool_versions() -> dict[str, str]:
+    from cloob.version import code_version
+
+    out = {"cloob": code_version()}
+    for pkg in ("img2dataset", "webdataset", "pyarrow", "fsspec", "s3fs"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def finished_shards(fs, root: str) -> dict[int, str]:
+    """{shard id: shard name stem} for every shard whose stats file exists."""
+    out = {}
+    for p in fs.glob(posixpath.join(root, "*_stats.json")):
+        m = _STATS.match(posixpath.basename(p))
+        if m:
+            out[int(m.group(1))] = m.group(1)
+    return dict(sorted(out.items()))
+
+
+def reason_of(message: str | None) -> str:
+    """A failure message with its URL left out, so that equal causes count together."""
+    if not message:
+        return "unknown"
+    msg = re.sub(r"https?://\S+", "<url>", str(message)).strip()
+    return msg[:160]
+
+
+class _HashingReader(io.RawIOBase):
+    """Feeds every byte read through sha256 (tarfile reads the stream once, front to back)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        self.h.update(data)
+        self.n += len(data)
+        b[: len(data)] = data
+        return len(data)
+
+
+def shard_digest(fs, tar_path: str) -> dict:
+    """bytes, sha256 and order-independent content_sha256 of one tar, in a single read."""
+    with fs.open(tar_path, "rb") as f:
+        r = _HashingReader(f)
+        members: dict[str, str] = {}
+        with tarfile.open(fileobj=io.BufferedReader(r, 1 << 20), mode="r|") as tar:
+            for m in tar:
+                if m.isfile():
+                    members[m.name] = hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+        while r.readinto(bytearray(1 << 20)):  # the tar's end padding counts in the file hash
+            pass
+    content = hashlib.sha256("".join(f"{k}\t{v}\n" for k, v in sorted(members.items())).encode())
+    samples = len({k.rsplit(".", 1)[0] for k in members})
+    return {"bytes": r.n, "sha256": r.h.hexdigest(), "content_sha256": content.hexdigest(), "samples": samples}
+
+
+def _cached_digest(fs, root: str, meta_dir: str, stem: str) -> dict:
+    tar = posixpath.join(root, f"{stem}.tar")
+    cache = posixpath.join(meta_dir, "digests", f"{stem}.json")
+    size = fs.size(tar)
+    try:
+        with fs.open(cache, "rb") as f:
+            d = json.load(f)
+        if d.get("bytes") == size:
+            return d
+    except (FileNotFoundError, ValueError):
+        pass
+    d = shard_digest(fs, tar)
+    atomic_write_bytes(fs.unstrip_protocol(cache), json.dumps(d).encode())
+    return d
+
+
+def row_outcomes(fs, root: str, shards: dict[int, str]):
+    """(ids that succeeded, {failed id: last reason}) over all finished shards, in shard order."""
+    ok: set[int] = set()
+    last_fail: dict[int, str] = {}
+    for stem in shards.values():
+        with fs.open(posixpath.join(root, f"{stem}.parquet"), "rb") as f:
+            t = pq.read_table(f, columns=["row_id", "status", "error_message"])
+        for rid, status, err in zip(*(t.column(c).to_pylist() for c in ("row_id", "status", "error_message"))):
+            if status == "success":
+                ok.add(rid)
+            else:
+                last_fail[rid] = reason_of(err)
+    for rid in ok:
+        last_fail.pop(rid, None)
+    return ok, last_fail
+
+
+def build_manifest(fs, root: str, meta_dir: str, *, spec, spec_hash: str, rows: dict, history: list[dict],
+                   progress: bool = False) -> dict:
+    from tqdm import tqdm
+
+    shards = finished_shards(fs, root)
+    entries = []
+    for sid, stem in tqdm(shards.items(), desc="hashing shards", unit="shard", disable=not progress,
+                          leave=False):
+        with fs.open(posixpath.join(root, f"{stem}_stats.json"), "rb") as f:
+            stats = json.load(f)
+        d = _cached_digest(fs, root, meta_dir, stem)
+        entries.append({"shard": f"{stem}.tar", "successes": int(stats["successes"]), "attempted":
+                        int(stats["count"]), "samples": d["samples"], "bytes": d["bytes"],
+                        "sha256": d["sha256"], "content_sha256": d["content_sha256"]})
+    ok, fails = row_outcomes(fs, root, shards)
+    by_reason = Counter(fails.values())
+    attempted = len(ok) + len(fails)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "name": spec.name,
+        "spec_hash": spec_hash,
+        "spec": spec.model_dump(mode="json"),
+        "rows": rows,
+        "shards": entries,
+        "totals": {
+            "rows": rows["kept"],
+            "attempted": attempted,
+            "successes": len(ok),
+            "failures": len(fails),
+            "success_rate": round(len(ok) / attempted, 6) if attempted else 0.0,
+            "failures_by_reason": dict(by_reason.most_common()),
+            "shards": len(entries),
+            "samples": sum(e["samples"] for e in entries),
+            "bytes": sum(e["bytes"] for e in entries),
+        },
+        "tools": tool_versions(),
+        "history": history,
+    }
+    manifest["content_hash"] = content_hash(manifest)
+    return manifest
+
+
+def content_hash(manifest: dict) -> str:
+    """Hash of what the dataset holds: spec, rows, and each shard's name, count and content digest."""
+    key = {"spec_hash": manifest["spec_hash"], "rows_sha256": manifest["rows"]["sha256"],
+           "shards": [(e["shard"], e["successes"], e["content_sha256"]) for e in manifest["shards"]]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+

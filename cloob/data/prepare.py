@@ -1,0 +1,400 @@
+"""Prepare a pretraining dataset: spec -> url/caption rows -> img2dataset -> shards + manifest.
+
+Layout of a prepared dataset at `out` (a folder or any fsspec URL, e.g. s3://bucket/datasets/cc3m):
+
+    NNNNN.tar, NNNNN.parquet, NNNNN_stats.json   img2dataset's shards; the stats file, written
+                                                  last, marks a shard finished
+    _cloob/spec.json                              the spec and its content hash (who owns `out`)
+    _cloob/rows.parquet, rows.json                row_id/url/caption rows; rows.json marks them done
+    _cloob/retry/NNN.parquet                      rows given to a retry-failed round
+    _cloob/digests/NNNNN.json                     per-shard digests (so a re-run does not re-read)
+    _cloob/logs/*.log                             img2dataset's output per round
+    _cloob/manifest.json                          written last, atomically: what the shards hold
+
+Nothing of ours sits at the top level as *.json: img2dataset reads every top-level *.json as a
+finished shard's stats. Every step is resumable: rows are reused once rows.json exists,
+img2dataset's incremental mode skips finished shards, and a killed round leaves at most unfinished
+shards (no stats file), which the next run redoes. A retry-failed round gives the rows whose status
+is not success to img2dataset again, as new shards after the last one ("extend" mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import posixpath
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cloob.checkpoint import atomic_write_bytes, is_local
+from cloob.data.manifest import build_manifest, finished_shards
+from cloob.data.sources import iter_rows
+from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
+from cloob.errors import CloobError
+
+META = "_cloob"
+ROW_SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
+                        ("source_key", pa.string())])
+EXIT_GRACE_S = 15.0  # how long img2dataset may take to exit once every shard of a round is finished
+_OURS = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _Store:
+    """The dataset folder, reached only through fsspec."""
+
+    def __init__(self, out: str):
+        self.fs, root = fsspec.core.url_to_fs(out)
+        self.local = is_local(self.fs)
+        self.root = os.path.abspath(root) if self.local else root.rstrip("/")
+        self.meta = posixpath.join(self.root, META)
+
+    def uri(self, path: str) -> str:
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def read_json(self, path: str) -> dict | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, path: str, data: dict) -> None:
+        atomic_write_bytes(self.uri(path), json.dumps(data, indent=1, sort_keys=True).encode())
+
+    def put_file(self, local: str, path: str) -> None:
+        """Move a finished local file into place atomically (rename, or one upload)."""
+        if self.local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            os.replace(local, path)
+        else:
+            self.fs.put_file(local, path)
+            os.unlink(local)
+
+    def refresh(self) -> None:
+        self.fs.invalidate_cache()  # s3fs caches listings; shards appear while we poll
+
+
+def _with_input(spec: PretrainSpec, input_uri: str | None) -> PretrainSpec:
+    if not input_uri:
+        return spec
+    src = spec.source
+    if isinstance(src, DemoSource):
+        raise CloobError("the demo spec generates its rows and takes no --input", "leave out --input")
+    field = "metadata" if isinstance(src, Yfcc15mSource) else "path"
+    return spec.model_copy(update={"source": src.model_copy(update={field: input_uri})})
+
+
+def _check_owner(store: _Store, spec_hash: str, force: bool) -> None:
+    """Refuse a folder holding another dataset (or, with force, delete that dataset)."""
+    try:
+        current = store.read_json(posixpath.join(store.meta, "spec.json"))
+    except (OSError, ValueError) as e:
+        raise CloobError(f"cannot read {store.uri(store.meta)}: {type(e).__name__}: {e}",
+                         "check the --out URL and its credentials (AWS_* environment or config)") from None
+    if current and current.get("spec_hash") != spec_hash and not force:
+        raise CloobError(
+            f"{store.uri(store.root)} holds dataset {current.get('name')!r} prepared from a different spec "
+            f"(hash {current.get('spec_hash', '?')[:12]}, this spec {spec_hash[:12]})",
+            "prepare into a new --out, or pass --force to delete that dataset and start over")
+    if force and store.fs.exists(store.root):
+        _clear(store)
+
+
+def _record_owner(store: _Store, spec: PretrainSpec, spec_hash: str) -> None:
+    store.write_json(posixpath.join(store.meta, "spec.json"),
+                     {"name": spec.name, "spec_hash": spec_hash, "spec": spec.model_dump(mode="json")})
+
+
+def _clear(store: _Store) -> None:
+    """Delete what img2dataset and we wrote, and nothing else."""
+    store.refresh()
+    for p in store.fs.ls(store.root, detail=False):
+        name = posixpath.basename(p.rstrip("/"))
+        if _OURS.match(name) or name in (META, "_tmp"):
+            store.fs.rm(p, recursive=True)
+
+
+def _ensure_rows(store: _Store, spec: PretrainSpec, spec_hash: str, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    info_path = posixpath.join(store.meta, "rows.json")
+    info = store.read_json(info_path)
+    if info and info.get("spec_hash") == spec_hash:
+        return info
+    import hashlib
+
+    counts: Counter = Counter()
+    digest = hashlib.sha256()
+    tmp_dir = store.meta if store.local else None
+    created = []  # folders made here, removed again if this fails: a failed first run leaves no trace
+    if tmp_dir:
+        for d in (store.root, store.meta):
+            if not os.path.isdir(d):
+                os.makedirs(d)
+                created.append(d)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".tmp-rows-", suffix=".parquet")
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
+            cols: dict[str, list] = {k: [] for k in ROW_SCHEMA.names}
+
+            def flush():
+                if cols["row_id"]:
+                    writer.write_table(pa.table(cols, schema=ROW_SCHEMA))
+                    for v in cols.values():
+                        v.clear()
+
+            bar = tqdm(desc=f"{spec.name}: reading rows", unit=" rows", disable=not progress, leave=False)
+            for row in iter_rows(spec, counts, progress):
+                for k in ROW_SCHEMA.names:
+                    cols[k].append(row[k])
+                digest.update(f"{row['row_id']}\t{row['url']}\t{row['caption']}\n".encode())
+                bar.update()
+                if len(cols["row_id"]) >= 65536:
+                    flush()
+            flush()
+            bar.close()
+        if counts["kept"] == 0:
+            raise CloobError(
+                f"the source of {spec.name!r} gave no usable rows (read {counts['read']}, invalid URL "
+                f"{counts['invalid_url']}, empty caption {counts['empty_caption']})",
+                "check the source file and its columns (url must be http(s), caption non-empty)")
+        store.put_file(tmp, posixpath.join(store.meta, "rows.parquet"))
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only if empty
+        if isinstance(e, OSError):
+            raise CloobError(f"preparing the rows of {spec.name!r} failed: {type(e).__name__}: {e}",
+                             "check that the source is readable and --out writable (for a bucket: that it "
+                             "exists and the credentials)") from None
+        raise
+    info = {"spec_hash": spec_hash, "sha256": digest.hexdigest(), "file": f"{META}/rows.parquet",
+            "read": counts["read"], "kept": counts["kept"], "invalid_url": counts["invalid_url"],
+            "empty_caption": counts["empty_caption"]}
+    store.write_json(info_path, info)
+    return info
+
+
+def _failed_rows(store: _Store, shards: dict[int, str]) -> list[int]:
+    from cloob.data.manifest import row_outcomes
+
+    _, fails = row_outcomes(store.fs, store.root, shards)
+    return sorted(fails)
+
+
+def _write_retry_rows(store: _Store, row_ids: list[int]) -> str:
+    import pyarrow.compute as pc
+
+    retry_dir = posixpath.join(store.meta, "retry")
+    n = len(store.fs.glob(posixpath.join(retry_dir, "*.parquet"))) if store.fs.exists(retry_dir) else 0
+    target = posixpath.join(retry_dir, f"{n:03d}.parquet")
+    wanted = pa.array(row_ids, pa.int64())
+    fd, tmp = tempfile.mkstemp(dir=store.meta if store.local else None, prefix=".tmp-retry-", suffix=".parquet")
+    os.close(fd)
+    try:
+        with store.fs.open(posixpath.join(store.meta, "rows.parquet"), "rb") as f, \
+                pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
+                t = pa.Table.from_batches([batch])
+                writer.write_table(t.filter(pc.is_in(t["row_id"], value_set=wanted)))
+        store.put_file(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _remove_unfinished(store: _Store, done: dict[int, str], below: int | None = None) -> None:
+    """Delete shard files without a stats file (from a killed round) so a new round's ids are free."""
+    store.refresh()
+    for p in store.fs.ls(store.root, detail=False):
+        m = _OURS.match(posixpath.basename(p))
+        if m and int(m.group(1)) not in done and (below is None or int(m.group(1)) >= below):
+            store.fs.rm(p)
+
+
+def _fetch_env(spec: PretrainSpec, proxy: str | None) -> dict[str, str]:
+    d = spec.download
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", CLOOB_FETCH_DEADLINE=str(d.deadline),
+               CLOOB_FETCH_MAX_BYTES=str(d.max_bytes), PYTHONUNBUFFERED="1")
+    if proxy:
+        # The demo host is reached through the local server as an HTTP proxy. Only plain http is
+        # proxied; local endpoints (an S3-compatible store on 127.0.0.1, ...) are kept direct.
+        env["http_proxy"] = env["HTTP_PROXY"] = proxy
+        direct = ["127.0.0.1", "localhost"]
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            direct.append(urlsplit(endpoint).hostname or "")
+        existing = [h for h in os.environ.get("no_proxy", os.environ.get("NO_PROXY", "")).split(",") if h]
+        env["no_proxy"] = env["NO_PROXY"] = ",".join(existing + direct)
+    return env
+
+
+def _img2dataset_args(spec: PretrainSpec, store: _Store, url_list: str, mode: str) -> dict:
+    d = spec.download
+    return {
+        "url_list": store.uri(url_list), "output_folder": store.uri(store.root),
+        "input_format": "parquet", "url_col": "url", "caption_col": "caption",
+        "save_additional_columns": ["row_id"], "output_format": "webdataset",
+        "image_size": d.image_size, "resize_mode": d.resize_mode, "resize_only_if_bigger": d.resize_only_if_bigger,
+        "encode_format": d.encode_format, "encode_quality": d.encode_quality,
+        "number_sample_per_shard": d.shard_size, "processes_count": d.processes, "thread_count": d.threads,
+        "timeout": d.timeout, "retries": d.retries, "min_image_size": d.min_image_size,
+        "max_image_area": d.max_image_area, "max_aspect_ratio": d.max_aspect_ratio,
+        "incremental_mode": mode, "enable_wandb": False, "compute_hash": "sha256",
+        "user_agent_token": d.user_agent_token, "disallowed_header_directives": d.disallowed_header_directives,
+        "oom_shard_count": 5,
+    }
+
+
+def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows: int, shards: int,
+               proxy: str | None, progress: bool) -> dict:
+    """One img2dataset run in its own process, with a progress bar fed by the stats files."""
+    from tqdm import tqdm
+
+    started, t0 = _now(), time.monotonic()
+    before = finished_shards(store.fs, store.root)
+    args = _img2dataset_args(spec, store, url_list, mode)
+    with tempfile.TemporaryDirectory(prefix="cloob-fetch-") as tmp:
+        args_file, log_file = os.path.join(tmp, "args.json"), os.path.join(tmp, "img2dataset.log")
+        with open(args_file, "w") as f:
+            json.dump(args, f)
+        bar = tqdm(total=shards, desc=f"{spec.name}: {'retry' if mode == 'extend' else 'download'}",
+                   unit="shard", disable=not progress)
+        seen, ok, tried = set(before), 0, 0
+        with open(log_file, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "cloob.data.fetch", args_file], stdout=log,
+                                    stderr=subprocess.STDOUT, env=_fetch_env(spec, proxy))
+            all_done_at, hung = None, False
+            try:
+                while proc.poll() is None:
+                    time.sleep(1.0)
+                    store.refresh()
+                    for sid, stem in finished_shards(store.fs, store.root).items():
+                        if sid not in seen:
+                            seen.add(sid)
+                            st = store.read_json(store.path(f"{stem}_stats.json")) or {}
+                            ok, tried = ok + st.get("successes", 0), tried + st.get("count", 0)
+                            bar.update()
+                            bar.set_postfix_str(f"{ok}/{tried} ok")
+                    # img2dataset sometimes never exits after its last shard: its pool waits on a
+                    # worker that already ended (rom1504/img2dataset#74, #289, #402). Every shard
+                    # is on disk with its stats file by then, so stop it after a grace period.
+                    if len(seen) - len(before) >= shards:
+                        all_done_at = all_done_at or time.monotonic()
+                        if time.monotonic() - all_done_at > EXIT_GRACE_S and proc.poll() is None:
+                            hung = True
+                            proc.kill()
+                            proc.wait()
+            except BaseException:
+                # Ctrl-C reaches img2dataset too (same process group); give it a moment, then stop it.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+                proc.kill()
+                raise
+        bar.close()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        log_target = posixpath.join(store.meta, "logs", f"{stamp}-{mode}.log")
+        with contextlib.suppress(OSError):
+            store.put_file(log_file, log_target) if store.local else store.fs.put_file(log_file, log_target)
+        if hung:
+            with contextlib.suppress(OSError):
+                store.fs.rm(store.path("_tmp"), recursive=True)  # img2dataset's own clean-up, skipped
+        elif proc.returncode != 0:
+            tail = _tail(log_target if store.local else log_file, store)
+            raise CloobError(f"img2dataset failed (exit {proc.returncode}); last lines of its log:\n{tail}",
+                             f"see {store.uri(log_target)}; rerun the same command to resume")
+    store.refresh()
+    after = finished_shards(store.fs, store.root)
+    return {"mode": "retry-failed" if mode == "extend" else "download", "started_at": started,
+            "seconds": round(time.monotonic() - t0, 2), "rows": rows, "new_shards": len(after) - len(before),
+            **({"note": "img2dataset did not exit after its last shard; stopped it"} if hung else {})}
+
+
+def _tail(path: str, store: _Store, n: int = 15) -> str:
+    try:
+        with open(path, "rb") if os.path.exists(path) else store.fs.open(path, "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + ln for ln in lines[-n:])
+
+
+@contextlib.contextmanager
+def _source_server(spec: PretrainSpec):
+    """The local picture server for the demo source (None for real sources)."""
+    if not isinstance(spec.source, DemoSource):
+        yield None
+        return
+    from cloob.data.demo_server import DemoServer
+
+    with DemoServer() as server:
+        yield server.url
+
+
+def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_failed: bool = False,
+            force: bool = False, progress: bool = True) -> dict:
+    """Prepare (or complete) the dataset at `out`; returns the manifest plus a `run` summary."""
+    t0 = time.monotonic()
+    spec = _with_input(spec, input)
+    spec_hash = spec.content_hash()
+    store = _Store(out)
+    _check_owner(store, spec_hash, force)
+    rows = _ensure_rows(store, spec, spec_hash, progress)  # a bad source fails here, before any write
+    _record_owner(store, spec, spec_hash)
+    manifest_path = posixpath.join(store.meta, "manifest.json")
+    old = store.read_json(manifest_path)
+    history = list(old["history"]) if old and old.get("spec_hash") == spec_hash else []
+    expected = math.ceil(rows["kept"] / spec.download.shard_size)
+    store.refresh()
+    done = finished_shards(store.fs, store.root)
+    missing = [i for i in range(expected) if i not in done]
+    if not missing and not retry_failed and old and old.get("spec_hash") == spec_hash \
+            and len(old["shards"]) == len(done):
+        return {**old, "run": {"seconds": round(time.monotonic() - t0, 2), "rounds": [], "noop": True}}
+    rounds = []
+    with _source_server(spec) as proxy:
+        if missing:
+            rounds.append(_run_round(store, spec, posixpath.join(store.meta, "rows.parquet"), "incremental",
+                                     rows["kept"], len(missing), proxy, progress))
+            done = finished_shards(store.fs, store.root)
+        if retry_failed:
+            failed = _failed_rows(store, done)
+            if failed:
+                _remove_unfinished(store, done, below=expected)
+                retry_list = _write_retry_rows(store, failed)
+                rounds.append(_run_round(store, spec, retry_list, "extend", len(failed),
+                                         math.ceil(len(failed) / spec.download.shard_size), proxy, progress))
+    history += rounds
+    manifest = build_manifest(store.fs, store.root, store.meta, spec=spec, spec_hash=spec_hash, rows=rows,
+                              history=history, progress=progress)
+    manifest["updated_at"] = _now()
+    store.write_json(manifest_path, manifest)
+    return {**manifest, "run": {"seconds": round(time.monotonic() - t0, 2), "rounds": rounds, "noop": False}}
+
+
+def read_manifest(out: str) -> dict | None:
+    store = _Store(out)
+    return store.read_json(posixpath.join(store.meta, "manifest.json"))

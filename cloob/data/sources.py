@@ -1,0 +1,147 @@
+"""Source rows for a pretraining spec: an iterator of {row_id, url, caption, source_key}.
+
+`row_id` is the row's position in its source (the TSV line, the YFCC metadata line number, the
+table row, the demo index), so it stays the same however the validation rules below change.
+Rows with a URL that is not http(s) or an empty caption are dropped and counted, not fatal: real
+lists hold some of both. A source in the wrong layout is fatal, with a message saying what was
+expected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+
+import fsspec
+
+from cloob.data.spec import Cc3mSource, DemoSource, PretrainSpec, TableSource, Yfcc15mSource
+from cloob.errors import CloobError
+
+_WS = re.compile(r"\s+")
+
+
+def clean_caption(text: str | None) -> str:
+    return _WS.sub(" ", text).strip() if text else ""
+
+
+def valid_url(url: str | None) -> bool:
+    return bool(url) and url.startswith(("http://", "https://")) and not any(c.isspace() for c in url.strip())
+
+
+def _open_text(uri: str, what: str, fix: str):
+    try:
+        return fsspec.open(uri, "rt", compression="infer", encoding="utf-8", errors="replace").open()
+    except FileNotFoundError:
+        raise CloobError(f"{what} {uri!r} does not exist", fix) from None
+    except (OSError, ValueError) as e:
+        raise CloobError(f"cannot open {what} {uri!r}: {type(e).__name__}: {e}", fix) from None
+
+
+def _cc3m(src: Cc3mSource) -> Iterator[dict]:
+    fix = f"download the CC3M TSV from {src.download_page} and pass --input <path to the .tsv>"
+    if not src.path:
+        raise CloobError("the cc3m spec needs Google's TSV (caption<TAB>url, no header)", fix)
+    with _open_text(src.path, "CC3M TSV", fix) as f:
+        for i, line in enumerate(f):
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 2:
+                if i < 3:
+                    raise CloobError(f"{src.path}: line {i + 1} has {len(parts)} tab-separated fields, "
+                                     "expected 2 (caption<TAB>url)", fix)
+                yield {"row_id": i, "url": None, "caption": None, "source_key": f"line:{i + 1}"}
+                continue
+            caption, url = parts
+            if i == 0 and valid_url(caption) and not valid_url(url):
+                raise CloobError(f"{src.path}: the first line reads url<TAB>caption; CC3M's TSV is "
+                                 "caption<TAB>url", "use a table spec (kind: table) for other layouts")
+            yield {"row_id": i, "url": url.strip(), "caption": caption, "source_key": f"line:{i + 1}"}
+
+
+def _table(src: TableSource) -> Iterator[dict]:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    fix = "pass --input <table with url and caption columns> (tsv, csv or parquet)"
+    if not src.path:
+        raise CloobError("the table spec names no file", fix)
+    fmt = src.format or next((f for f in ("parquet", "tsv", "csv") if src.path.split("?")[0]
+                              .removesuffix(".gz").removesuffix(".bz2").endswith("." + f)), None)
+    if fmt is None:
+        raise CloobError(f"cannot tell the format of {src.path!r} from its name", "set source.format")
+    try:
+        f = fsspec.open(src.path, "rb", compression=None if fmt == "parquet" else "infer").open()
+    except FileNotFoundError:
+        raise CloobError(f"table {src.path!r} does not exist", fix) from None
+    with f:
+        try:
+            if fmt == "parquet":
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                batches = pf.iter_batches(batch_size=65536, columns=[c for c in (src.url_col, src.caption_col)
+                                                                    if c in names])
+            else:
+                reader = pcsv.open_csv(f, parse_options=pcsv.ParseOptions(
+                    delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=False),
+                    convert_options=pcsv.ConvertOptions(column_types={src.url_col: "string",
+                                                                      src.caption_col: "string"}))
+                names = reader.schema.names
+                batches = reader
+        except Exception as e:  # noqa: BLE001 (pyarrow raises several types for bad files)
+            raise CloobError(f"cannot read table {src.path!r}: {e}", fix) from None
+        missing = [c for c in (src.url_col, src.caption_col) if c not in names]
+        if missing:
+            raise CloobError(f"table {src.path!r} has no column(s) {missing}; it has {names}",
+                             "set source.url_col / source.caption_col to the right names")
+        i = 0
+        for batch in batches:
+            urls = batch.column(src.url_col).to_pylist()
+            caps = batch.column(src.caption_col).to_pylist()
+            for url, cap in zip(urls, caps):
+                yield {"row_id": i, "url": url.strip() if url else url, "caption": cap, "source_key": f"row:{i}"}
+                i += 1
+
+
+def _yfcc(src: Yfcc15mSource, progress: bool) -> Iterator[dict]:
+    from cloob.data.yfcc import iter_yfcc_rows
+
+    if not src.metadata:
+        raise CloobError("the yfcc15m spec needs the YFCC100M metadata file (yfcc100m_dataset, 25 columns)",
+                         "get it from the Multimedia Commons (https://multimediacommons.wordpress.com/"
+                         "yfcc100m-core-dataset/) and pass --input <path or s3:// URL, .bz2 is fine>")
+    for r in iter_yfcc_rows(src.subset, src.metadata, src.caption_rule, progress=progress):
+        yield {"row_id": int(r["line"]), "url": r["url"], "caption": r["caption"],
+               "source_key": f"photo:{r['photo_id']}"}
+
+
+def _demo(src: DemoSource) -> Iterator[dict]:
+    from cloob.data.demo_server import demo_rows
+
+    for i, r in enumerate(demo_rows(src.seed, src.image_size, src.max_items, src.samples)):
+        yield {"row_id": i, **r, "source_key": f"demo:{src.seed}:{i}"}
+
+
+def iter_rows(spec: PretrainSpec, counts: Counter, progress: bool = False) -> Iterator[dict]:
+    """The spec's usable rows (cleaned); `counts` receives read/kept/invalid_url/empty_caption."""
+    src = spec.source
+    if isinstance(src, Cc3mSource):
+        rows = _cc3m(src)
+    elif isinstance(src, TableSource):
+        rows = _table(src)
+    elif isinstance(src, Yfcc15mSource):
+        rows = _yfcc(src, progress)
+    else:
+        rows = _demo(src)
+    for row in rows:
+        if spec.limit is not None and counts["read"] >= spec.limit:
+            break
+        counts["read"] += 1
+        if not valid_url(row["url"]):
+            counts["invalid_url"] += 1
+            continue
+        row["caption"] = clean_caption(row["caption"])
+        if not row["caption"]:
+            counts["empty_caption"] += 1
+            continue
+        counts["kept"] += 1
+        yield row

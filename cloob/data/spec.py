@@ -1,0 +1,162 @@
+"""Pretraining dataset specs: where the rows come from and how img2dataset turns them into shards.
+
+A spec is a YAML file in data_specs/ (or any path). `source` says where the (url, caption) rows come
+from; `download` holds img2dataset's settings. The spec's content hash covers everything that changes
+what lands in the shards (source, image processing, shard size) and leaves out what only changes how
+fast it gets there (processes, threads, timeouts), so a re-run with more processes resumes the same
+dataset instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cloob.errors import CloobError
+
+SPECS_DIR = Path(__file__).resolve().parent.parent.parent / "data_specs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TableSource(_Strict):
+    """Your own url/caption list: a TSV, CSV or parquet file (local or any fsspec URL)."""
+
+    kind: Literal["table"]
+    path: str | None = Field(None, description="the table; or pass --input on the command line")
+    format: Literal["tsv", "csv", "parquet"] | None = Field(None, description="default: from the suffix")
+    url_col: str = "url"
+    caption_col: str = "caption"
+
+
+class Cc3mSource(_Strict):
+    """Conceptual Captions: Google's TSV, caption<TAB>url, no header. The user downloads it."""
+
+    kind: Literal["cc3m"]
+    path: str | None = Field(None, description="Train_GCC-training.tsv; or pass --input")
+    download_page: str = "https://ai.google.com/research/ConceptualCaptions/download"
+
+
+class Yfcc15mSource(_Strict):
+    """OpenAI's YFCC15M subset list joined on photo id with the YFCC100M metadata file."""
+
+    kind: Literal["yfcc15m"]
+    subset: str = "https://openaipublic.azureedge.net/clip/data/yfcc100m_subset_data.tsv.bz2"
+    metadata: str | None = Field(None, description="yfcc100m_dataset(.bz2); or pass --input")
+    caption_rule: Literal["title", "description", "title_description", "longest"] = "title_description"
+
+
+class DemoSource(_Strict):
+    """Generated shape pictures with captions that describe them, served from 127.0.0.1."""
+
+    kind: Literal["demo"]
+    samples: int = Field(2048, gt=0)
+    seed: int = 0
+    image_size: int = Field(64, ge=16, le=1024, description="size the local server renders at")
+    max_items: int = Field(3, ge=1, le=3)
+
+
+# Download fields that only change speed or robustness, not what a successful sample contains.
+_OPERATIONAL = {"processes", "threads", "timeout", "deadline", "retries", "max_bytes"}
+
+Source = Annotated[Union[TableSource, Cc3mSource, Yfcc15mSource, DemoSource], Field(discriminator="kind")]
+
+
+class DownloadSettings(_Strict):
+    """img2dataset's settings (names as in img2dataset where they exist)."""
+
+    image_size: int = Field(256, ge=8)
+    # img2dataset's default "border" pads to a square; CLIP-style training crops, so keep the ratio.
+    resize_mode: Literal["keep_ratio", "keep_ratio_largest", "center_crop", "border", "no"] = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    shard_size: int = Field(10_000, gt=0, description="samples per shard (number_sample_per_shard)")
+    min_image_size: int = Field(0, ge=0)
+    max_image_area: float = Field(1.0e8, gt=0, description="width x height above which an image is refused")
+    max_aspect_ratio: float = Field(math.inf, gt=0)
+    processes: int = Field(4, gt=0)
+    threads: int = Field(64, gt=0)
+    timeout: float = Field(10.0, gt=0, description="seconds to connect and between received bytes")
+    deadline: float = Field(60.0, gt=0, description="seconds for one whole download (stops tricklers)")
+    max_bytes: int = Field(50 * 2**20, gt=0, description="largest response body accepted")
+    retries: int = Field(2, ge=0, description="extra attempts for a failed download")
+    user_agent_token: str | None = None
+    disallowed_header_directives: list[str] | None = None  # None: img2dataset's list (noai, ...)
+
+
+class PretrainSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    licence: str = ""
+    source: Source
+    download: DownloadSettings = DownloadSettings()
+    limit: int | None = Field(None, gt=0, description="take only the first N source rows")
+
+    @field_validator("download", mode="before")
+    @classmethod
+    def _none_is_default(cls, v):
+        return {} if v is None else v
+
+    def content_hash(self) -> str:
+        """sha256 of what decides the shards' contents (see the module docstring)."""
+        data = self.model_dump(mode="json")
+        for k in _OPERATIONAL:
+            data["download"].pop(k, None)
+        data.pop("description"), data.pop("licence")
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise CloobError(f"override {item!r} is not key=value", "write e.g. download.processes=16")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value else None
+
+
+def shipped_specs() -> list[str]:
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+def load_spec(spec: str | Path | dict, overrides: list[str] | None = None) -> PretrainSpec:
+    """Load and validate a spec from a path, a shipped name (data_specs/<name>.yaml) or a dict."""
+    if isinstance(spec, dict):
+        data, origin = dict(spec), "<dict>"
+    else:
+        path = Path(spec)
+        if not path.exists() and (SPECS_DIR / f"{spec}.yaml").exists():
+            path = SPECS_DIR / f"{spec}.yaml"
+        if not path.is_file():
+            raise CloobError(f"dataset spec {str(spec)!r} not found",
+                             f"pass a YAML path or one of: {', '.join(shipped_specs())}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise CloobError(f"dataset spec {path} is not valid YAML: {e}", "fix the YAML syntax") from None
+        origin = str(path)
+        if not isinstance(data, dict):
+            raise CloobError(f"dataset spec {path} must be a mapping", "see data_specs/demo.yaml for the layout")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise CloobError(f"override {item!r}: {k} is not a section", "check the key path")
+        node[keys[-1]] = value
+    try:
+        return PretrainSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise CloobError(f"dataset spec {origin}: {field}: {err['msg']}",
+                         f"fix {field} (see data_specs/*.yaml; {len(e.errors())} problem(s) in all)") from None

@@ -1,0 +1,370 @@
+"""Downstream (zero-shot) sets: the shipped specs, and preparation from generated archives served over
+a local HTTP server, into a local folder and into S3 (moto server); safe extraction; clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from cloob.data import archive
+from cloob.data.downstream import (dataset_root, list_downstream_specs, load_downstream_spec, match_classes,
+                                   prepare_downstream, read_manifest, spec_hash)
+from cloob.errors import CloobError
+
+EXPECTED = {"birdsnap": 500, "country211": 211, "flowers102": 102, "gtsrb": 43, "stanford_cars": 196,
+            "ucf101": 101, "imagenet": 1000, "imagenet_v2": 1000}
+# Class name -> folder name in the generated archives (normalize: alnum_casefold maps one to the other).
+CLASSES = {"red apple": "red_apple", "green pear": "Green-Pear", "blue plum": "blue_plum"}
+TEST_COUNTS = {"red_apple": 3, "Green-Pear": 2, "blue_plum": 1}
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+JPEG = _jpeg()
+
+
+def _tree(root: Path, counts: dict[str, int], prefix: str = "toy/test") -> Path:
+    for folder, n in counts.items():
+        d = root / prefix / folder
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (d / f"img{i}.jpg").write_bytes(JPEG)
+        (d / "notes.txt").write_text("not an image")  # ignored by the counts
+    return root
+
+
+def _archive(src: Path, dest: Path) -> Path:
+    if dest.name.endswith(".zip"):
+        with zipfile.ZipFile(dest, "w") as zf:
+            for p in sorted(src.rglob("*")):
+                zf.write(p, p.relative_to(src).as_posix())
+    else:
+        with tarfile.open(dest, "w:gz") as tf:
+            for p in sorted(src.iterdir()):
+                tf.add(p, p.name)
+    return dest
+
+
+def _spec(tmp: Path, url: str, *, name: str = "toy", layout: dict | None = None, **source) -> Path:
+    data = {"name": name, "title": "Toy fruit", "homepage": "https://example.org/toy",
+            "source": {"kind": "download", "url": url, **source},
+            "layout": layout or {"root": "auto", "split": "test", "by": "name", "normalize": "alnum_casefold"},
+            "main_metric": "top1", "classes": list(CLASSES),
+            "templates": ["a photo of a {}.", "a blurry photo of a {}."]}
+    p = tmp / f"{name}-{len(list(tmp.glob('*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+@pytest.fixture
+def served(tmp_path, http_server):
+    """(base URL, folder) of an HTTP server holding toy.tar.gz and toy.zip: test/ (3 classes, 6 images)
+    and a train/ split with the same class folders (auto root must pick test/)."""
+    src = _tree(tmp_path / "src", TEST_COUNTS)
+    _tree(src, {f: 1 for f in TEST_COUNTS}, prefix="toy/train")
+    www = tmp_path / "www"
+    www.mkdir()
+    _archive(src, www / "toy.tar.gz")
+    _archive(src, www / "toy.zip")
+    return http_server(www), www
+
+
+# ------------------------------------------------------------------------------------------ shipped specs
+
+def test_shipped_specs_validate():
+    assert set(list_downstream_specs()) == set(EXPECTED)
+    for name, n in EXPECTED.items():
+        spec = load_downstream_spec(name)
+        assert spec.name == name and len(spec.class_names) == n, name
+        assert spec.templates and all("{}" in t for t in spec.templates), name
+        assert len(spec_hash(spec)) == 64
+        if spec.source.kind == "download":
+            assert spec.source.url.startswith("https://")
+    inet = load_downstream_spec("imagenet")  # names and templates resolved from open_clip's metadata
+    assert inet.class_names[:2] == ["tench", "goldfish"] and inet.class_names[-1] == "toilet paper"
+    assert len(inet.templates) == 80 and inet.templates[0] == "a bad photo of a {}."
+    assert inet.source.kind == "user-supplied" and "ILSVRC2012_img_val.tar" in inet.source.instructions
+    assert load_downstream_spec("imagenet_v2").layout.by == "index"
+    c211 = load_downstream_spec("country211")
+    assert c211.folders[c211.class_names.index("Austria")] == "AT" and c211.folders == sorted(c211.folders)
+    assert load_downstream_spec("flowers102").main_metric == "mean_per_class_recall"
+
+
+def test_spec_errors_name_the_field(tmp_path):
+    good = yaml.safe_load(_spec(tmp_path, "https://example.org/x.zip").read_text())
+    bad = dict(good, colour="red")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(CloobError, match="colour"):
+        load_downstream_spec(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(good, templates=["a photo"])))
+    with pytest.raises(CloobError, match="templates.*no '{}'"):
+        load_downstream_spec(tmp_path / "bad.yaml")
+    with pytest.raises(CloobError, match="not found"):
+        load_downstream_spec("no_such_set")
+
+
+# ------------------------------------------------------------------------------------------ preparation
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
+def test_prepare_from_http(fmt, served, tmp_path, capsys):
+    base, www = served
+    url = f"{base}/toy.{fmt}?token=s3cr3t"  # a query string may carry credentials: never shown
+    spec = _spec(tmp_path, url)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    # A stale partial download: the test server ignores Range, so the download must start over.
+    final = archive.cache_path(url, cache)
+    part = final.with_name(final.name + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"garbage from an interrupted run")
+
+    s = prepare_downstream(spec, str(out), cache_dir=cache, progress=True)
+    sha = hashlib.sha256((www / f"toy.{fmt}").read_bytes()).hexdigest()
+    assert (s["name"], s["images"], s["classes"], s["sha256"], s["reused"]) == ("toy", 6, 3, sha, False)
+    assert s["bytes"] == (www / f"toy.{fmt}").stat().st_size
+    err = capsys.readouterr().err
+    assert f"source.sha256: {sha}" in err and "s3cr3t" not in err  # unpinned: printed so it can be pinned
+    assert "s3cr3t" not in (out / "toy" / "manifest.json").read_text()
+
+    m = read_manifest(str(out), "toy")
+    assert m["root"] == "toy/test" and m["spec_sha256"] == spec_hash(load_downstream_spec(spec))
+    assert m["archive"]["sha256"] == sha and m["images"] == 6 and m["main_metric"] == "top1"
+    assert [(c["name"], c["folder"], c["images"]) for c in m["classes"]] == \
+        [(c, f, TEST_COUNTS[f]) for c, f in CLASSES.items()]
+    assert dataset_root(m, s["uri"]) == str(out / "toy" / "toy" / "test")
+    assert (out / "toy" / "toy" / "test" / "Green-Pear" / "img1.jpg").read_bytes() == JPEG
+    assert sorted(os.listdir(out)) == ["toy"]  # no partial folders left behind
+    assert not part.exists()
+
+    again = prepare_downstream(spec, str(out), cache_dir=cache, progress=False)
+    assert again["reused"] and again["images"] == 6
+    assert read_manifest(str(out), "toy")["created_at"] == m["created_at"]
+    (www / f"toy.{fmt}").unlink()  # a forced rerun works from the cache, without the server's file
+    forced = prepare_downstream(spec, str(out), cache_dir=cache, progress=False, force=True)
+    assert not forced["reused"] and forced["sha256"] == sha
+
+
+def test_checksum_mismatch_refused(served, tmp_path):
+    base, www = served
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    real = hashlib.sha256((www / "toy.zip").read_bytes()).hexdigest()
+    spec = _spec(tmp_path, f"{base}/toy.zip", sha256="0" * 64)
+    with pytest.raises(CloobError) as e:
+        prepare_downstream(spec, str(out), cache_dir=cache, progress=False)
+    assert f"expected {'0' * 64}, got {real}" in str(e.value) and e.value.fix
+    spec = _spec(tmp_path, f"{base}/toy.zip", size=12345)
+    with pytest.raises(CloobError, match=f"expected 12345 bytes, got {(www / 'toy.zip').stat().st_size}"):
+        prepare_downstream(spec, str(out), cache_dir=cache, progress=False)
+    assert not out.exists() or os.listdir(out) == []
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # bad files deleted
+
+
+def _evil_tar(path: Path, kind: str) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        good = tarfile.TarInfo("toy/test/red_apple/img0.jpg")
+        good.size = len(JPEG)
+        tf.addfile(good, io.BytesIO(JPEG))
+        if kind in ("../evil.txt", "/abs.txt", "toy/../../evil.txt"):
+            ti = tarfile.TarInfo(kind)
+            ti.size = 4
+            tf.addfile(ti, io.BytesIO(b"evil"))
+        elif kind == "symlink-out":
+            ti = tarfile.TarInfo("toy/test/link")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "../../../outside"
+            tf.addfile(ti)
+        elif kind == "symlink-abs":
+            ti = tarfile.TarInfo("toy/link")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "/etc"
+            tf.addfile(ti)
+        elif kind == "through-link":  # a link that stays inside, then a member written through it
+            ti = tarfile.TarInfo("toy/link")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "test"
+            tf.addfile(ti)
+            ti = tarfile.TarInfo("toy/link/x.txt")
+            ti.size = 4
+            tf.addfile(ti, io.BytesIO(b"evil"))
+        elif kind == "hardlink-out":
+            ti = tarfile.TarInfo("toy/hard")
+            ti.type, ti.linkname = tarfile.LNKTYPE, "../outside"
+            tf.addfile(ti)
+        elif kind == "fifo":
+            ti = tarfile.TarInfo("toy/fifo")
+            ti.type = tarfile.FIFOTYPE
+            tf.addfile(ti)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["../evil.txt", "/abs.txt", "toy/../../evil.txt", "symlink-out", "symlink-abs",
+                                  "through-link", "hardlink-out", "fifo"])
+def test_unsafe_tar_refused(kind, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    bad = _evil_tar(work / "evil.tar.gz", kind)
+    out = work / "out"
+    spec = _spec(tmp_path, "https://example.org/unused.tar.gz")
+    with pytest.raises(CloobError, match="refusing to extract evil.tar.gz: member") as e:
+        prepare_downstream(spec, str(out), source=str(bad), cache_dir=work / "cache", progress=False)
+    assert "nothing was extracted" in e.value.fix
+    # Nothing outside the target, and nothing at all in the output.
+    assert not list(tmp_path.rglob("evil.txt")) and not (tmp_path / "outside").exists()
+    assert not Path("/abs.txt").exists()
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_unsafe_zip_refused(tmp_path):
+    for i, name in enumerate(["../evil.txt", "/abs.txt", "a/../../evil.txt"]):
+        bad = tmp_path / f"evil{i}.zip"
+        with zipfile.ZipFile(bad, "w") as zf:
+            zf.writestr("toy/test/red_apple/img0.jpg", JPEG)
+            zf.writestr(zipfile.ZipInfo(name), b"evil")
+        dest = tmp_path / f"x{i}" / "dest"
+        with pytest.raises(CloobError, match=f"member {name!r}"):
+            archive.safe_extract(bad, dest)
+        assert os.listdir(dest) == []
+    link = zipfile.ZipInfo("toy/link")
+    link.external_attr = (0o120777 << 16)  # a symlink entry
+    with zipfile.ZipFile(tmp_path / "link.zip", "w") as zf:
+        zf.writestr(link, "../../outside")
+    with pytest.raises(CloobError, match="symlink"):
+        archive.safe_extract(tmp_path / "link.zip", tmp_path / "y")
+    assert not list(tmp_path.rglob("evil.txt"))
+
+
+def test_damaged_or_foreign_archive(tmp_path):
+    src = _tree(tmp_path / "src", TEST_COUNTS)
+    whole = _archive(src, tmp_path / "toy.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CloobError, match="damaged or truncated"):
+        archive.safe_extract(tmp_path / "cut.tar.gz", tmp_path / "x")
+    (tmp_path / "page.html").write_text("<html>not found</html>")
+    with pytest.raises(CloobError, match="neither a zip nor a tar"):
+        archive.safe_extract(tmp_path / "page.html", tmp_path / "y")
+
+
+def test_class_folder_mismatch_lists_differences(tmp_path):
+    src = _tree(tmp_path / "src", {"red_apple": 1, "Green-Pear": 1, "purple_grape": 2, "kiwi": 1})
+    bad = _archive(src, tmp_path / "toy.tar.gz")
+    spec = _spec(tmp_path, "https://example.org/unused.tar.gz",
+                 layout={"root": "toy/test", "by": "name", "normalize": "alnum_casefold"})
+    with pytest.raises(CloobError) as e:
+        prepare_downstream(spec, str(tmp_path / "out"), source=str(bad), cache_dir=tmp_path / "c", progress=False)
+    msg = str(e.value)
+    assert "1 missing: blue plum" in msg and "2 unexpected: kiwi, purple_grape" in msg and e.value.fix
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_index_and_sorted_mappings():
+    spec = load_downstream_spec("imagenet_v2")
+    folders = [str(i) for i in range(1000)][::-1]
+    got = match_classes(spec, folders, "x")
+    assert got[2] == "2" and got[10] == "10" and got[999] == "999"
+    with pytest.raises(CloobError, match=r"1 missing: 999.*1 unexpected: 1000"):
+        match_classes(spec, [str(i) for i in range(999)] + ["1000"], "x")
+    flowers = load_downstream_spec("flowers102")
+    assert match_classes(flowers, [f"{i:03d}" for i in range(1, 103)], "x")[9] == "010"
+    with pytest.raises(CloobError, match="layout.by: index"):  # 1, 10, 100, ... sorted as text
+        match_classes(flowers, [str(i) for i in range(1, 103)], "x")
+    with pytest.raises(CloobError, match="found 101.*1 too few"):
+        match_classes(flowers, [f"{i:03d}" for i in range(1, 102)], "x")
+
+
+def test_imagenet_v2_shipped_spec_from_local_archive(tmp_path):
+    # The real layout: imagenetv2-matched-frequency-format-val/<0..999>/, numbers in class order.
+    arc = tmp_path / "imagenetv2-matched-frequency.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        for k in range(1000):
+            ti = tarfile.TarInfo(f"imagenetv2-matched-frequency-format-val/{k}/{k}_0.jpeg")
+            ti.size = len(JPEG)
+            tf.addfile(ti, io.BytesIO(JPEG))
+    s = prepare_downstream("imagenet_v2", str(tmp_path / "out"), source=str(arc), progress=False)
+    assert (s["images"], s["classes"]) == (1000, 1000)
+    m = read_manifest(str(tmp_path / "out"), "imagenet_v2")
+    assert m["root"] == "imagenetv2-matched-frequency-format-val" and m["mapping"] == "index"
+    assert [c["folder"] for c in m["classes"][:11]] == [str(k) for k in range(11)]  # not 0, 1, 10, 100, ...
+    assert (m["classes"][10]["name"], m["classes"][10]["folder"]) == ("brambling", "10")
+    assert m["source"] == {"kind": "download", "url": str(arc)}
+
+
+# ------------------------------------------------------------------------------------------ imagenet
+
+def test_imagenet_needs_source(tmp_path):
+    with pytest.raises(CloobError) as e:
+        prepare_downstream("imagenet", str(tmp_path / "out"), progress=False)
+    assert "ILSVRC2012_img_val.tar" in str(e.value) and "n########" in str(e.value)
+    assert "--source imagenet=" in e.value.fix
+    with pytest.raises(CloobError, match="does not exist"):
+        prepare_downstream("imagenet", str(tmp_path / "out"), source=str(tmp_path / "nope"), progress=False)
+
+
+def _fake_imagenet(root: Path, n: int = 1000) -> Path:
+    for i in range(n):
+        d = root / "val" / f"n{i:08d}"
+        d.mkdir(parents=True)
+        (d / "ILSVRC2012_val_0.JPEG").write_bytes(JPEG)
+    (root / "ILSVRC2012_devkit_t12").mkdir()  # other things next to val/ are fine
+    return root
+
+
+def test_imagenet_user_supplied(tmp_path):
+    src = _fake_imagenet(tmp_path / "imagenet")
+    out = tmp_path / "out"
+    s = prepare_downstream("imagenet", str(out), source=str(src), progress=False)
+    assert (s["images"], s["classes"], s["sha256"]) == (1000, 1000, None)
+    m = read_manifest(str(out), "imagenet")
+    assert m["external_root"] == str((src / "val").resolve()) and m["root"] is None  # pointed at, not copied
+    assert dataset_root(m, s["uri"]) == m["external_root"]
+    assert m["classes"][0]["folder"] == "n00000000" and m["classes"][0]["name"] == "tench"
+    assert os.listdir(out / "imagenet") == ["manifest.json"]
+    assert prepare_downstream("imagenet", str(out), source=str(src), progress=False)["reused"]
+
+    broken = tmp_path / "broken"
+    _fake_imagenet(broken, 999)
+    (broken / "val" / "README").mkdir()
+    with pytest.raises(CloobError, match="found 1000.*1 too few.*1 unexpected: README"):
+        prepare_downstream("imagenet", str(out), source=str(broken / "val"), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ S3 output
+
+def test_prepare_to_s3(s3, served, tmp_path):
+    base, _ = served
+    s3.mkdir("dstream")  # the moto server lives for the session: one bucket per test
+    spec = _spec(tmp_path, f"{base}/toy.tar.gz")
+    out = "s3://dstream/downstream"
+    s = prepare_downstream(spec, out, cache_dir=tmp_path / "cache", progress=False)
+    assert s["uri"] == "s3://dstream/downstream/toy" and s["images"] == 6
+    m = json.loads(s3.cat_file("dstream/downstream/toy/manifest.json"))
+    assert m["root"] == "toy/test" and [c["images"] for c in m["classes"]] == [3, 2, 1]
+    assert s3.cat_file("dstream/downstream/toy/toy/test/blue_plum/img0.jpg") == JPEG
+    assert len(s3.glob("dstream/downstream/toy/toy/test/*/*.jpg")) == 6
+    assert not list((tmp_path / "cache").glob(".extract-*"))  # local scratch removed
+    assert prepare_downstream(spec, out, cache_dir=tmp_path / "cache", progress=False)["reused"]
+
+
+def test_user_supplied_to_s3_is_uploaded(s3, tmp_path):
+    # The imagenet path (a user-supplied folder) with a small spec of the same kind.
+    s3.mkdir("supplied")  # the moto server lives for the session: one bucket per test
+    data = yaml.safe_load(_spec(tmp_path, "unused").read_text())
+    data["source"] = {"kind": "user-supplied", "instructions": "put the fruit photos in val/<class>/"}
+    data["layout"] = {"root": "auto", "split": "val", "by": "name", "normalize": "alnum_casefold"}
+    (tmp_path / "supplied.yaml").write_text(yaml.safe_dump(data))
+    src = _tree(tmp_path / "mine", TEST_COUNTS, prefix="val")
+    s = prepare_downstream(tmp_path / "supplied.yaml", "s3://supplied/ds", source=str(src), progress=False)
+    assert s["images"] == 6 and s["sha256"] is None
+    m = json.loads(s3.cat_file("supplied/ds/toy/manifest.json"))
+    assert m["root"] == "val" and m["external_root"] is None  # an object store gets a copy
+    assert s3.cat_file("supplied/ds/toy/val/Green-Pear/img1.jpg") == JPEG
+    assert prepare_downstream(tmp_path / "supplied.yaml", "s3://supplied/ds", source=str(src),
+                              progress=False)["reused"]

@@ -1,0 +1,273 @@
+"""Pretraining data preparation: real img2dataset against a local HTTP server, local disk and S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cloob.cli import main as cli_main
+from cloob.data.demo_server import render
+from cloob.data.prepare import prepare, read_manifest
+from cloob.data.shards import list_shards
+from cloob.data.spec import load_spec
+from cloob.errors import CloobError
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = {"processes": 1, "threads": 8, "timeout": 2, "deadline": 3, "retries": 0, "image_size": 32,
+        "shard_size": 16, "max_image_area": 1.0e6, "max_bytes": 200_000}
+BAD = {"404.jpg": "HTTP Error 404", "not-an-image.jpg": "decod", "truncated.jpg": "truncated JPEG",
+       "huge-area.jpg": "image area too large", "too-many-bytes.jpg": "byte limit",
+       "trickle.jpg": "deadline"}
+
+
+def table_spec(tsv: Path, **download) -> dict:
+    return {"name": "t", "source": {"kind": "table", "path": str(tsv)}, "download": {**FAST, **download}}
+
+
+def write_table(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("url\tcaption\n" + "".join(f"{u}\t{c}\n" for u, c in rows))
+    return path
+
+
+def good_rows(base: str, n: int, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for i in range(n):
+        _, caption = render(3, 48, 3, i)
+        out.append((f"{base}{prefix}/3/48/3/{i}.jpg", caption))
+    return out
+
+
+def read_shards(folder: Path) -> dict[int, dict]:
+    """row_id -> {caption, json, image size} over every finished shard in a local folder."""
+    out = {}
+    for tar_path in sorted(folder.glob("*.tar")):
+        if not tar_path.with_name(tar_path.stem + "_stats.json").exists():
+            continue
+        samples: dict[str, dict] = {}
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.rsplit(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for s in samples.values():
+            meta = json.loads(s["json"])
+            out[meta["row_id"]] = {"caption": s["txt"].decode(), "meta": meta,
+                                   "size": Image.open(io.BytesIO(s["jpg"])).size}
+    return out
+
+
+def test_prepare_local_with_every_kind_of_bad_url(tmp_path, image_server):
+    rows = good_rows(image_server.url, 40)
+    rows[5:5] = [(f"{image_server.url}/bad/{name}", f"bad case {name}") for name in BAD]
+    tsv = write_table(tmp_path / "rows.tsv", rows + [("ftp://nope/x.jpg", "not http"), ("http://x/y.jpg", "  ")])
+    out = tmp_path / "ds"
+    t0 = time.monotonic()
+    m = prepare(load_spec(table_spec(tsv)), str(out), progress=False)
+    elapsed = time.monotonic() - t0
+
+    t = m["totals"]
+    assert m["rows"]["invalid_url"] == 1 and m["rows"]["empty_caption"] == 1 and t["rows"] == 46
+    assert (t["successes"], t["failures"], t["attempted"]) == (40, 6, 46)
+    assert t["success_rate"] == pytest.approx(40 / 46, abs=1e-6)
+    reasons = " | ".join(t["failures_by_reason"])
+    for name, words in BAD.items():
+        assert words in reasons, (name, t["failures_by_reason"])
+    assert sum(t["failures_by_reason"].values()) == 6
+    # The trickling URL is cut at the deadline (3 s) plus one socket timeout (2 s), not waited on:
+    # the whole preparation, img2dataset start-up included, ends long before pytest's timeout.
+    assert elapsed < 120
+
+    # What is in the shards is exactly what was served, under the rows' ids.
+    got = read_shards(out)
+    served = {i if i < 5 else i + len(BAD): r for i, r in enumerate(good_rows(image_server.url, 40))}
+    assert set(got) == set(served)
+    for rid, (url, caption) in served.items():
+        assert got[rid]["caption"] == caption and got[rid]["meta"]["url"] == url
+        assert min(got[rid]["size"]) == 32  # keep_ratio resize of the 48 px original
+    # The manifest's shard list, counts and digests match the files.
+    assert [e["shard"] for e in m["shards"]] == ["00000.tar", "00001.tar", "00002.tar"]
+    for e in m["shards"]:
+        data = (out / e["shard"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["bytes"]
+        assert e["successes"] == e["samples"]
+    assert sum(e["successes"] for e in m["shards"]) == 40
+    assert list_shards(str(out)).num_samples == 40
+    assert m["spec_hash"] == load_spec(table_spec(tsv)).content_hash()
+    assert m["tools"]["img2dataset"] and m["content_hash"]
+    on_disk = read_manifest(str(out))
+    assert on_disk["content_hash"] == m["content_hash"] and on_disk["totals"] == t
+
+    # A re-run is a no-op: no request reaches the server, the manifest file is unchanged.
+    before, n_requests = (out / "_cloob" / "manifest.json").read_bytes(), len(image_server.httpd.requests)
+    again = prepare(load_spec(table_spec(tsv)), str(out), progress=False)
+    assert again["run"]["noop"] and again["content_hash"] == m["content_hash"]
+    assert len(image_server.httpd.requests) == n_requests
+    assert (out / "_cloob" / "manifest.json").read_bytes() == before
+
+
+def test_retry_failed_fetches_only_the_failed_rows(tmp_path, image_server):
+    base = image_server.url
+    rows = good_rows(base, 20) + good_rows(base, 6, prefix="/flaky") + [(f"{base}/bad/404.jpg", "gone")]
+    tsv = write_table(tmp_path / "rows.tsv", rows)
+    out = tmp_path / "ds"
+    spec = load_spec(table_spec(tsv, shard_size=10))
+    m1 = prepare(spec, str(out), progress=False)
+    assert (m1["totals"]["successes"], m1["totals"]["failures"]) == (20, 7)
+    assert m1["totals"]["failures_by_reason"].get("HTTP Error 503: Service Unavailable") == 6
+
+    image_server.httpd.requests.clear()
+    m2 = prepare(spec, str(out), retry_failed=True, progress=False)
+    asked = sorted(image_server.httpd.requests)
+    assert asked == sorted(["/bad/404.jpg"] + [f"/flaky/3/48/3/{i}.jpg" for i in range(6)])
+    assert (m2["totals"]["successes"], m2["totals"]["failures"]) == (26, 1)
+    assert m2["totals"]["failures_by_reason"] == {"HTTP Error 404: Not Found": 1}
+    assert [e["shard"] for e in m2["shards"]][-1] == "00003.tar"  # the retry went into a new shard
+    assert m2["history"][-1]["mode"] == "retry-failed" and m2["history"][-1]["rows"] == 7
+    got = read_shards(out)
+    assert sorted(got) == list(range(26)) and list_shards(str(out)).num_samples == 26
+    assert got[22]["caption"] == rows[22][1]
+    retry_rows = pq.read_table(out / "_cloob" / "retry" / "000.parquet").column("row_id").to_pylist()
+    assert sorted(retry_rows) == list(range(20, 27))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cloob.cli", "prepare", *args]
+
+
+def test_killed_preparation_resumes_to_the_same_manifest(tmp_path):
+    args = ["demo", "--set", "source.samples=480", "--set", "download.shard_size=48", "--set",
+            "download.processes=1", "--set", "download.threads=2", "--set", "download.image_size=32",
+            "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", str(killed)), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(killed.glob("*_stats.json"))) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "preparation ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_at_kill = len(list(killed.glob("*_stats.json")))
+    assert 2 <= done_at_kill < 10 and not (killed / "_cloob" / "manifest.json").exists()
+    finished_before = {p.name: p.read_bytes() for p in killed.glob("*.tar")
+                       if p.with_name(p.stem + "_stats.json").exists()}
+
+    resumed = subprocess.run(_cli(*args, "--out", str(killed)), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = subprocess.run(_cli(*args, "--out", str(tmp_path / "straight")), env=env, capture_output=True,
+                              text=True)
+    assert straight.returncode == 0, straight.stderr
+    a, b = read_manifest(str(killed)), read_manifest(str(tmp_path / "straight"))
+    assert a["content_hash"] == b["content_hash"]
+    assert a["totals"] == b["totals"] and a["totals"]["successes"] == 480
+    strip = lambda m: [{k: v for k, v in e.items() if k not in ("sha256", "bytes")} for e in m["shards"]]  # noqa: E731
+    assert strip(a) == strip(b)
+    # Shards finished before the kill were kept as they were, not downloaded again.
+    for name, data in finished_before.items():
+        assert (killed / name).read_bytes() == data
+    assert "480 rows -> 480 images in 10 shards" in resumed.stdout
+
+
+def test_prepare_demo_into_s3_keeps_secrets_out(tmp_path, s3, monkeypatch, capfd):
+    secret = "Sentinel-Secret-3b1f9e"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any credentials
+    s3.mkdir("prep-bucket")
+    out = "s3://prep-bucket/datasets/demo"
+    rc = cli_main(["prepare", "demo", "--out", out, "--set", "source.samples=100", "--set",
+                   "download.shard_size=40", "--set", "download.processes=1", "--set", "download.image_size=32"])
+    assert rc == 0
+    m = read_manifest(out)
+    assert m["totals"]["successes"] == 100 and [e["shard"] for e in m["shards"]] == \
+        ["00000.tar", "00001.tar", "00002.tar"]
+    for e in m["shards"]:
+        assert hashlib.sha256(s3.cat(f"prep-bucket/datasets/demo/{e['shard']}")).hexdigest() == e["sha256"]
+    assert list_shards(out).num_samples == 100
+    # The captions came through the real download: compare one sample with what the server renders.
+    with s3.open("prep-bucket/datasets/demo/00000.tar", "rb") as f, tarfile.open(fileobj=f) as tar:
+        txt = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith((".txt", ".json"))}
+    key = min(name.removesuffix(".json") for name in txt if name.endswith(".json"))
+    rid = json.loads(txt[f"{key}.json"])["row_id"]
+    assert txt[f"{key}.txt"].decode() == render(0, 64, 3, rid)[1]
+    # No credential in anything written or printed.
+    for path in s3.find("prep-bucket"):
+        assert secret.encode() not in s3.cat(path), path
+    captured = capfd.readouterr()
+    assert secret not in captured.out + captured.err
+    assert "100 rows -> 100 images in 3 shards" in captured.out
+
+
+def test_bad_specs_and_sources_give_one_clear_error(tmp_path, capsys):
+    def err(*argv) -> str:
+        assert cli_main(["prepare", *argv]) == 2
+        return capsys.readouterr().err
+
+    out = str(tmp_path / "o")
+    e = err("cc3m", "--out", out)
+    assert "needs Google's TSV" in e and "fix: download the CC3M TSV" in e and "--input" in e
+    e = err("yfcc15m", "--out", out)
+    assert "YFCC100M metadata" in e and "--input" in e
+    e = err("no-such-spec", "--out", out)
+    assert "not found" in e and "demo" in e
+    e = err("demo", "--out", out, "--set", "download.resize_mode=squash")
+    assert "download.resize_mode" in e and "fix:" in e
+    e = err("demo", "--out", out, "--set", "download.colour=red")
+    assert "download.colour" in e
+    swapped = tmp_path / "swapped.tsv"
+    swapped.write_text("http://a/b.jpg\ta caption\n")
+    e = err("cc3m", "--out", out, "--input", str(swapped))
+    assert "caption<TAB>url" in e
+    e = err("cc3m", "--out", out, "--input", str(tmp_path / "missing.tsv"))
+    assert "does not exist" in e
+    table = write_table(tmp_path / "t.tsv", [("http://a/b.jpg", "x")])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: t\nsource: {{kind: table, path: {table}, url_col: link}}\n")
+    e = err(str(spec), "--out", out)
+    assert "no column(s) ['link']" in e and "url_col" in e
+    spec.write_text(f"name: t\nsource: {{kind: table, path: {write_table(tmp_path / 'u.tsv', [('nope', 'x')])}}}\n")
+    e = err(str(spec), "--out", out)
+    assert "no usable rows" in e and "invalid URL 1" in e
+    e = err("demo", "--out", out, "--input", "x.tsv")
+    assert "takes no --input" in e
+    assert not Path(out).exists()  # no failed attempt left anything behind
+
+
+def test_a_folder_holding_another_dataset_is_refused(tmp_path, image_server):
+    tsv = write_table(tmp_path / "rows.tsv", good_rows(image_server.url, 3))
+    out = str(tmp_path / "ds")
+    prepare(load_spec(table_spec(tsv)), out, progress=False)
+    other = load_spec(table_spec(tsv, image_size=40))
+    with pytest.raises(CloobError, match="different spec") as e:
+        prepare(other, out, progress=False)
+    assert "--force" in str(e.value)
+    m = prepare(other, out, force=True, progress=False)
+    assert m["totals"]["successes"] == 3 and m["spec_hash"] == other.content_hash()
+    assert min(read_shards(Path(out))[0]["size"]) == 40
+
+
+def test_cc3m_rows_are_read_with_line_ids(tmp_path):
+    from collections import Counter
+
+    from cloob.data.sources import iter_rows
+
+    tsv = tmp_path / "cc.tsv"
+    tsv.write_text("a dog  on\tgrass\thttp://x/1.jpg\n".replace("\tgrass", " grass")
+                   + "\thttp://x/2.jpg\nsecond\tnot-a-url\nthird one\thttps://x/4.jpg\n")
+    counts: Counter = Counter()
+    rows = list(iter_rows(load_spec({"name": "c", "source": {"kind": "cc3m", "path": str(tsv)}}), counts))
+    assert [(r["row_id"], r["caption"], r["url"]) for r in rows] == \
+        [(0, "a dog on grass", "http://x/1.jpg"), (3, "third one", "https://x/4.jpg")]
+    assert counts == Counter(read=4, kept=2, empty_caption=1, invalid_url=1)

@@ -1,0 +1,258 @@
+"""YFCC15M join: subset list x YFCC100M metadata, streamed with bounded memory."""
+
+from __future__ import annotations
+
+import bz2
+import gc
+import gzip
+import random
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloob.data.yfcc import STAT_KEYS, clean_text, iter_yfcc_rows, load_subset_ids, make_caption
+from cloob.errors import CloobError
+
+N_ROWS = 2000
+
+
+def meta_line(line: int, pid: int, title: str = "", desc: str = "", *, url: str | None = None,
+              marker: int = 0) -> str:
+    """One metadata line in the real 25-column layout."""
+    if url is None:
+        url = f"http://farm1.staticflickr.com/1/{pid}_abc.jpg"
+    cols = [str(line), str(pid), f"h{pid:x}", "12345@N00", "nick", "2010-01-01 10:00:00.0", "1262340000",
+            "Canon+EOS", title, desc, "tag1,tag2", "", "2.35", "48.85", "16",
+            f"http://www.flickr.com/photos/12345@N00/{pid}/", url, "Attribution License",
+            "http://creativecommons.org/licenses/by/2.0/", "1", "1", "abc", "def", "jpg", str(marker)]
+    assert len(cols) == 25
+    return "\t".join(cols)
+
+
+# Hand-picked rows: row index -> (title, desc, extra kwargs, expected caption or None if skipped).
+SPECIAL = {
+    3: ("Sunset+over+the+lake%2C+Norway", "", {}, "Sunset over the lake, Norway"),
+    6: ("My+dog",
+        "Taken+at+%3Ca+href%3D%22http%3A%2F%2Fx%22%3Elink%3C%2Fa%3E+%26amp%3B+more%3Cbr%3Eline+two", {},
+        "My dog. Taken at link & more line two"),
+    9: ("", "Only+a+description", {}, "Only a description"),
+    12: ("100%+sure+%zz+%E2%82", "", {}, "100% sure %zz"),
+    15: ("Same+text", "Same+text", {}, "Same text"),
+    18: ("Hello!", "World", {}, "Hello! World"),
+    21: ("", "", {}, None),                         # empty caption
+    24: ("%3Cbr%3E", "+++", {}, None),              # empty after cleaning
+    27: ("No+url", "", {"url": ""}, None),          # no download URL
+    30: ("i+%3C3+it", "%26lt%3Bb%26gt%3B+Caf%C3%A9", {}, "i <3 it. <b> Café"),
+    33: ('raw <a href="http://x">link</a> &amp; co', "", {}, "raw link & co"),
+    36: ("A+video", "", {"marker": 1}, None),       # video
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small metadata file and subset list, plus the expected join result."""
+    d = tmp_path_factory.mktemp("yfcc")
+    rng = random.Random(0)
+    ids = rng.sample(range(10_000, 10_000_000), N_ROWS)  # metadata is not sorted by photo id
+    lines, videos = [], set()
+    for i, pid in enumerate(ids):
+        if i in SPECIAL:
+            title, desc, kw, _ = SPECIAL[i]
+            lines.append(meta_line(i, pid, title, desc, **kw))
+            if kw.get("marker"):
+                videos.add(pid)
+            continue
+        marker = 1 if i % 10 == 7 else 0
+        if marker:
+            videos.add(pid)
+        lines.append(meta_line(i, pid, f"photo+number+{i}", f"desc+{i}" if i % 2 else "", marker=marker))
+        if i % 250 == 0:  # malformed lines between good ones
+            lines += ["too\tfew\tcolumns", meta_line(0, 1, "x").replace("\t1\t", "\tnot-an-id\t", 1), ""]
+    n_malformed = sum(1 for i in range(N_ROWS) if i % 250 == 0 and i not in SPECIAL) * 2
+    meta = "\n".join(lines) + "\n"
+
+    subset_idx = sorted(set(range(0, N_ROWS, 3)) | set(SPECIAL))
+    subset_ids = [ids[i] for i in subset_idx] + [5, 6, 7]  # plus ids not in the metadata
+    subset = "line\tphotoid\tphotohash\n" + "".join(f"{i}\t{p}\th{p:x}\n" for i, p in enumerate(subset_ids))
+
+    expected = {}
+    for i in subset_idx:
+        pid = ids[i]
+        if i in SPECIAL:
+            if SPECIAL[i][3] is not None:
+                expected[pid] = SPECIAL[i][3]
+        elif pid not in videos:
+            expected[pid] = f"photo number {i}. desc {i}" if i % 2 else f"photo number {i}"
+
+    for suffix, opener in (("", open), (".bz2", bz2.open), (".gz", gzip.open)):
+        with opener(d / f"meta.tsv{suffix}", "wt") as f:
+            f.write(meta)
+        with opener(d / f"subset.tsv{suffix}", "wt") as f:
+            f.write(subset)
+    (d / "subset_noheader.tsv").write_text(subset.split("\n", 1)[1])
+    return {"dir": d, "ids": ids, "subset_idx": subset_idx, "expected": expected, "videos": videos,
+            "n_malformed": n_malformed, "n_lines": len(lines)}
+
+
+@pytest.mark.parametrize("suffix", ["", ".bz2", ".gz"])
+def test_join_exact(dataset, suffix):
+    d = dataset["dir"]
+    stats: dict = {}
+    rows = list(iter_yfcc_rows(str(d / f"subset.tsv{suffix}"), str(d / f"meta.tsv{suffix}"),
+                               batch_lines=300, stats=stats))
+    got = {r["photo_id"]: r["caption"] for r in rows}
+    assert len(got) == len(rows)
+    assert got == dataset["expected"]
+    # file order is kept, and the other fields come from the right columns
+    assert [r["line"] for r in rows] == sorted(r["line"] for r in rows)
+    r = rows[0]
+    assert r["url"] == f"http://farm1.staticflickr.com/1/{r['photo_id']}_abc.jpg"
+    assert r["photo_hash"] == f"h{r['photo_id']:x}"
+    assert dataset["ids"][r["line"]] == r["photo_id"]
+
+    assert set(stats) == set(STAT_KEYS)
+    videos_in_subset = sum(1 for i in dataset["subset_idx"] if dataset["ids"][i] in dataset["videos"])
+    assert stats == {
+        "lines_read": dataset["n_lines"],
+        "matched": len(dataset["subset_idx"]),
+        "yielded": len(dataset["expected"]),
+        "skipped_video": videos_in_subset,
+        "skipped_no_url": 1,
+        "skipped_empty_caption": 2,
+        "malformed": dataset["n_malformed"],
+        "subset_ids": len(dataset["subset_idx"]) + 3,
+    }
+
+
+def test_subset_ids_header_or_not(dataset):
+    d = dataset["dir"]
+    want = np.array(sorted({dataset["ids"][i] for i in dataset["subset_idx"]} | {5, 6, 7}), dtype=np.int64)
+    for name in ("subset.tsv", "subset.tsv.bz2", "subset_noheader.tsv"):
+        got = load_subset_ids(str(d / name))
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+
+
+def test_subset_ids_dedup_and_array_input(tmp_path, dataset):
+    p = tmp_path / "dup.tsv"
+    p.write_text("1\t30\ta\n2\t10\tb\n3\t30\tc\n4\t20\td\n")
+    np.testing.assert_array_equal(load_subset_ids(str(p)), [10, 20, 30])
+    # an (unsorted) id array works in place of the subset URI
+    d = dataset["dir"]
+    ids = np.array([dataset["ids"][i] for i in dataset["subset_idx"]][::-1], dtype=np.int64)
+    got = {r["photo_id"] for r in iter_yfcc_rows(ids, str(d / "meta.tsv"))}
+    assert got == set(dataset["expected"])
+
+
+@pytest.mark.parametrize("rule,caption", [
+    ("title", "My dog"),
+    ("description", "Taken at link & more line two"),
+    ("title_description", "My dog. Taken at link & more line two"),
+    ("longest", "Taken at link & more line two"),
+])
+def test_caption_rules(dataset, rule, caption):
+    d = dataset["dir"]
+    rows = {r["photo_id"]: r["caption"]
+            for r in iter_yfcc_rows(str(d / "subset.tsv"), str(d / "meta.tsv"), rule)}
+    assert rows[dataset["ids"][6]] == caption
+    if rule == "title":  # description-only row has no title: skipped
+        assert dataset["ids"][9] not in rows
+    if rule == "description":
+        assert rows[dataset["ids"][9]] == "Only a description"
+        assert dataset["ids"][3] not in rows
+
+
+def test_clean_text_and_make_caption():
+    assert clean_text("a+b%2Cc") == "a b,c"
+    assert clean_text("%E2%82%AC+5+%ZZ+%") == "€ 5 %ZZ %"
+    assert clean_text("<p>one</p><p>two</p>") == "one two"
+    assert clean_text("click+<b>here</b>.") == "click here."
+    assert clean_text("x+<+y+>+z") == "x < y > z"
+    assert clean_text("&lt;3+&amp;+&nbsp;++\t ok") == "<3 & ok"
+    assert clean_text("") == ""
+    assert make_caption("Same", "Same") == "Same"
+    assert make_caption("Title", "") == "Title"
+    assert make_caption("Done.", "More") == "Done. More"
+    assert make_caption("ab", "cd", "longest") == "ab"
+    with pytest.raises(CloobError):
+        make_caption("a", "b", "tags")  # type: ignore[arg-type]
+
+
+def test_through_s3(s3, dataset):
+    d = dataset["dir"]
+    s3.mkdir("yfcc-bucket")
+    s3.put(str(d / "meta.tsv.bz2"), "yfcc-bucket/yfcc/yfcc100m_dataset.bz2")
+    s3.put(str(d / "subset.tsv.bz2"), "yfcc-bucket/yfcc/yfcc100m_subset_data.tsv.bz2")
+    rows = iter_yfcc_rows("s3://yfcc-bucket/yfcc/yfcc100m_subset_data.tsv.bz2",
+                          "s3://yfcc-bucket/yfcc/yfcc100m_dataset.bz2", batch_lines=500, progress=True)
+    assert {r["photo_id"]: r["caption"] for r in rows} == dataset["expected"]
+
+
+def _write_big(path: Path, n: int) -> None:
+    with open(path, "w") as f:
+        for start in range(0, n, 10_000):
+            f.write("".join(meta_line(i, 1_000_000 + i, f"title+{i}", f"some+longer+description+{i}") + "\n"
+                            for i in range(start, min(n, start + 10_000))))
+
+
+def _peak(subset: np.ndarray, path: Path) -> tuple[int, int]:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        n = sum(1 for _ in iter_yfcc_rows(subset, str(path), batch_lines=10_000))
+        return n, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_bounded_memory(tmp_path):
+    small, big = tmp_path / "small.tsv", tmp_path / "big.tsv"
+    _write_big(small, 50_000)
+    _write_big(big, 150_000)
+    # every 7th photo is in the subset (so the larger file yields 3x the rows)
+    subset = np.arange(1_000_000, 1_150_000, 7, dtype=np.int64)
+    n_small, peak_small = _peak(subset, small)
+    n_big, peak_big = _peak(subset, big)
+    assert (n_small, n_big) == (len(range(0, 50_000, 7)), len(subset))
+    print(f"peak traced memory: {peak_small / 2**20:.1f} MiB (50k lines), {peak_big / 2**20:.1f} MiB (150k)")
+    assert peak_big <= 1.5 * peak_small + (1 << 20), (peak_small, peak_big)
+    assert peak_big < big.stat().st_size / 2, peak_big  # the file is never held whole
+
+
+def test_errors(tmp_path, dataset):
+    d = dataset["dir"]
+    subset = str(d / "subset.tsv")
+    with pytest.raises(CloobError, match="not found"):
+        iter_yfcc_rows(subset, str(tmp_path / "missing.bz2"))
+    with pytest.raises(CloobError, match="not found"):
+        load_subset_ids(str(tmp_path / "missing.tsv.bz2"))
+
+    # the files swapped: the subset list passed as metadata, and the other way round
+    with pytest.raises(CloobError, match=r"expected 25 tab-separated columns.*got 3.*swapped") as e:
+        list(iter_yfcc_rows(subset, subset))
+    assert "yfcc100m_dataset" in str(e.value)
+    with pytest.raises(CloobError, match="looks like the YFCC100M metadata file"):
+        load_subset_ids(str(d / "meta.tsv"))
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("".join("\t".join(["x"] * 10) + "\n" for _ in range(1500)))
+    with pytest.raises(CloobError, match="got 10") as e:
+        next(iter_yfcc_rows(subset, str(bad)))
+    assert "fix: pass yfcc100m_dataset(.bz2)" in str(e.value)
+
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    with pytest.raises(CloobError, match="empty"):
+        list(iter_yfcc_rows(subset, str(empty)))
+    with pytest.raises(CloobError, match="is empty"):
+        load_subset_ids(str(empty))
+
+    truncated = tmp_path / "truncated.tsv.bz2"
+    truncated.write_bytes((d / "meta.tsv.bz2").read_bytes()[:5000])
+    with pytest.raises(CloobError, match="cannot read"):
+        list(iter_yfcc_rows(subset, str(truncated)))
+
+    with pytest.raises(CloobError, match="caption rule"):
+        iter_yfcc_rows(subset, str(d / "meta.tsv"), "tags")  # type: ignore[arg-type]
