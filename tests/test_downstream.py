@@ -368,3 +368,26 @@ def test_user_supplied_to_s3_is_uploaded(s3, tmp_path):
     assert s3.cat_file("supplied/ds/toy/val/Green-Pear/img1.jpg") == JPEG
     assert prepare_downstream(tmp_path / "supplied.yaml", "s3://supplied/ds", source=str(src),
                               progress=False)["reused"]
+
+
+def test_cli_prepare_downstream_errors_and_summary(tmp_path, capsys):
+    from cloob.cli import main as cli_main
+
+    out = str(tmp_path / "ds")
+    assert cli_main(["prepare-downstream", "imagenet", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "imagenet must be supplied by you" in err and "--source imagenet=" in err
+    assert cli_main(["prepare-downstream", "imagenet", "--out", out, "--source", "imagenet"]) == 2
+    assert "is not name=path" in capsys.readouterr().err
+    assert cli_main(["prepare-downstream", "gtsrb", "--out", out, "--source", "imagenet=/x"]) == 2
+    assert "not among the datasets" in capsys.readouterr().err
+    # Two sets, one broken: the good one is still prepared and the summary says so.
+    val = tmp_path / "val"
+    for i in range(1000):
+        (val / f"n{i:08d}").mkdir(parents=True)
+        (val / f"n{i:08d}" / "a.jpg").write_bytes(b"x")
+    rc = cli_main(["prepare-downstream", "imagenet", "no-such-set", "--out", out, "--source", f"imagenet={val}",
+                   "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "no-such-set" in captured.err
+    assert "1 prepared, 1 failed" in captured.out and "imagenet" in captured.out and " 1000 " in captured.out

@@ -256,3 +256,22 @@ def test_errors(tmp_path, dataset):
 
     with pytest.raises(CloobError, match="caption rule"):
         iter_yfcc_rows(subset, str(d / "meta.tsv"), "tags")  # type: ignore[arg-type]
+
+
+def test_yfcc15m_spec_rows_as_prepare_reads_them(dataset):
+    """The shipped yfcc15m spec, with --input and the subset overridden, gives the join's rows with
+    the metadata line number as the stable row id (what `cloob prepare yfcc15m` writes)."""
+    from collections import Counter
+
+    from cloob.data.prepare import _with_input
+    from cloob.data.sources import iter_rows
+    from cloob.data.spec import load_spec
+
+    d = dataset["dir"]
+    spec = _with_input(load_spec("yfcc15m", [f"source.subset={d / 'subset.tsv.bz2'}"]), str(d / "meta.tsv.bz2"))
+    counts: Counter = Counter()
+    rows = list(iter_rows(spec, counts))
+    line_of = {pid: i for i, pid in enumerate(dataset["ids"])}
+    assert {int(r["source_key"].split(":")[1]): r["caption"] for r in rows} == dataset["expected"]
+    assert all(r["row_id"] == line_of[int(r["source_key"].split(":")[1])] for r in rows)
+    assert counts["kept"] == len(dataset["expected"]) == len(rows)

@@ -8,6 +8,7 @@ do not depend on which port the server got. Each picture is rendered on request 
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ def demo_url(seed: int, size: int, max_items: int, index: int) -> str:
     return f"http://{DEMO_HOST}/{seed}/{size}/{max_items}/{index}.jpg"
 
 
+@functools.lru_cache(maxsize=16384)  # ~50 MB at 64 px: a re-run or a second reader is served from memory
 def render(seed: int, size: int, max_items: int, index: int) -> tuple[bytes, str]:
     """The JPEG bytes and the caption of demo picture `index` (deterministic)."""
     rng = random.Random(seed * 1_000_003 + index)
@@ -70,7 +72,10 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a deadline, a killed run): nothing to report
 
 
 class DemoServer:

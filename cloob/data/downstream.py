@@ -394,7 +394,7 @@ def _check_numeric_order(spec: DownstreamSpec, folders: list[str], where: str) -
 def _fs(out: str):
     import fsspec
 
-    from cloob.checkpoint import is_local
+    from cloob.storage import is_local
 
     fs, root = fsspec.core.url_to_fs(out)
     return fs, root.rstrip("/"), is_local(fs)
@@ -486,7 +486,7 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
                 "source": source_id, "main_metric": spec.main_metric, "mapping": spec.layout.by, **manifest,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "tool_version": _code_version(), "spec": shown_spec}
-    from cloob.checkpoint import atomic_write_bytes
+    from cloob.storage import atomic_write_bytes
 
     # Written last: its presence means the folder is complete and checked.
     atomic_write_bytes(manifest_path if local_out else fs.unstrip_protocol(manifest_path),

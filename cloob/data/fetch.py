@@ -77,8 +77,15 @@ _downloader.download_image = download_image
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies: a killed `cloob prepare` (or a killed
-    img2dataset main, for its pool workers) must not leave downloads running in the background."""
+    """Ask Linux to kill this process when its parent dies: a killed `cloob prepare` must not leave
+    img2dataset downloading in the background (its pool workers then see their task pipe close and
+    exit).
+
+    Only in img2dataset's main process, never in its pool workers: the signal fires when the parent
+    *thread* ends, and replacement workers are started by the pool's worker-handler thread, which
+    ends during Pool.terminate(). A worker killed then, while idle, dies holding the task queue's
+    lock, and terminate() waits on that lock forever (seen here as img2dataset hanging after its
+    last shard)."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -89,12 +96,10 @@ def _die_with_parent() -> None:
             pass
 
 
-_die_with_parent()
-
-
 def main(argv: list[str]) -> int:
     import img2dataset
 
+    _die_with_parent()
     with open(argv[1]) as f:
         kwargs = json.load(f)
     img2dataset.download(**kwargs)

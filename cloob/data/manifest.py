@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow.parquet as pq
 
-from cloob.checkpoint import atomic_write_bytes
+from cloob.storage import atomic_write_bytes
 
 MANIFEST_VERSION = 1
 _STATS = re.compile(r"^(\d+)_stats\.json$")

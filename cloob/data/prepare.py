@@ -38,7 +38,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cloob.checkpoint import atomic_write_bytes, is_local
+from cloob.storage import atomic_write_bytes, is_local
 from cloob.data.manifest import build_manifest, finished_shards
 from cloob.data.sources import iter_rows
 from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
@@ -47,7 +47,7 @@ from cloob.errors import CloobError
 META = "_cloob"
 ROW_SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
                         ("source_key", pa.string())])
-EXIT_GRACE_S = 15.0  # how long img2dataset may take to exit once every shard of a round is finished
+EXIT_GRACE_S = 10.0  # how long img2dataset may take to exit once every shard of a round is finished
 _OURS = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
 
 
@@ -290,7 +290,7 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
             all_done_at, hung = None, False
             try:
                 while proc.poll() is None:
-                    time.sleep(1.0)
+                    time.sleep(0.25 if store.local else 2.0)  # listing a bucket costs a request
                     store.refresh()
                     for sid, stem in finished_shards(store.fs, store.root).items():
                         if sid not in seen:
@@ -299,9 +299,9 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
                             ok, tried = ok + st.get("successes", 0), tried + st.get("count", 0)
                             bar.update()
                             bar.set_postfix_str(f"{ok}/{tried} ok")
-                    # img2dataset sometimes never exits after its last shard: its pool waits on a
-                    # worker that already ended (rom1504/img2dataset#74, #289, #402). Every shard
-                    # is on disk with its stats file by then, so stop it after a grace period.
+                    # img2dataset is reported to hang after its last shard at times
+                    # (rom1504/img2dataset#74, #289, #402). Every shard is on disk with its stats
+                    # file by then, so stopping it loses nothing: do so after a grace period.
                     if len(seen) - len(before) >= shards:
                         all_done_at = all_done_at or time.monotonic()
                         if time.monotonic() - all_done_at > EXIT_GRACE_S and proc.poll() is None:
