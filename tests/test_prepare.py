@@ -271,3 +271,26 @@ def test_cc3m_rows_are_read_with_line_ids(tmp_path):
     assert [(r["row_id"], r["caption"], r["url"]) for r in rows] == \
         [(0, "a dog on grass", "http://x/1.jpg"), (3, "third one", "https://x/4.jpg")]
     assert counts == Counter(read=4, kept=2, empty_caption=1, invalid_url=1)
+
+
+def test_fast_shard_digest_equals_the_tarfile_one(tmp_path, shards_dir):
+    import fsspec
+
+    from cloob.data.manifest import _digest_tarfile, _digest_ustar, shard_digest
+
+    fs = fsspec.filesystem("file")
+    long_name = tmp_path / "long.tar"
+    with tarfile.open(long_name, "w") as tar:  # a 150-character name needs a pax header or GNU entry
+        data = b"x" * 700
+        info = tarfile.TarInfo("k" * 150 + ".txt")
+        info.size, info.mtime = len(data), 1.5
+        tar.addfile(info, io.BytesIO(data))
+    for path in [*sorted(shards_dir.glob("*.tar")), long_name]:
+        fast, slow = shard_digest(fs, str(path)), _digest_tarfile(fs, str(path))
+        assert fast == slow and fast["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert shard_digest(fs, str(long_name))["samples"] == 1
+    assert _digest_ustar(fs, str(next(shards_dir.glob("*.tar"))))["samples"] == 12
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(next(shards_dir.glob("*.tar")).read_bytes()[:1500])
+    with pytest.raises(Exception):
+        _digest_ustar(fs, str(cut))

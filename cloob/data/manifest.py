@@ -77,8 +77,8 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def shard_digest(fs, tar_path: str) -> dict:
-    """bytes, sha256 and order-independent content_sha256 of one tar, in a single read."""
+def _digest_tarfile(fs, tar_path: str) -> dict:
+    """shard_digest through the tarfile module: any tar, slower (a Python object per member)."""
     with fs.open(tar_path, "rb") as f:
         r = _HashingReader(f)
         members: dict[str, str] = {}
@@ -88,9 +88,67 @@ def shard_digest(fs, tar_path: str) -> dict:
                     members[m.name] = hashlib.sha256(tar.extractfile(m).read()).hexdigest()
         while r.readinto(bytearray(1 << 20)):  # the tar's end padding counts in the file hash
             pass
+    return _digest_result(r.n, r.h.hexdigest(), members)
+
+
+def _digest_result(n: int, sha256: str, members: dict[str, str]) -> dict:
     content = hashlib.sha256("".join(f"{k}\t{v}\n" for k, v in sorted(members.items())).encode())
     samples = len({k.rsplit(".", 1)[0] for k in members})
-    return {"bytes": r.n, "sha256": r.h.hexdigest(), "content_sha256": content.hexdigest(), "samples": samples}
+    return {"bytes": n, "sha256": sha256, "content_sha256": content.hexdigest(), "samples": samples}
+
+
+class _NotPlainUstar(Exception):
+    pass
+
+
+def _digest_ustar(fs, tar_path: str) -> dict:
+    """shard_digest for the plain ustar files img2dataset writes (short names, regular files):
+    headers parsed directly, ~5x faster than tarfile. Anything else raises _NotPlainUstar."""
+    h, n, members, pax = hashlib.sha256(), 0, {}, {}
+    with fs.open(tar_path, "rb") as raw:
+        f = io.BufferedReader(raw, 1 << 20) if not isinstance(raw, io.BufferedReader) else raw
+        while True:
+            header = f.read(512)
+            h.update(header)
+            n += len(header)
+            if len(header) < 512:
+                if header:
+                    raise _NotPlainUstar("truncated header")
+                break
+            if header == b"\0" * 512:  # end-of-archive blocks, then padding: hash the rest
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    n += len(chunk)
+                break
+            kind = header[156:157]
+            if kind not in (b"0", b"\0", b"5", b"x") or header[345:500].strip(b"\0"):
+                raise _NotPlainUstar(f"member type {kind!r} or a long name")
+            name = header[:100].split(b"\0", 1)[0].decode()
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            if pax:  # the previous pax header's records override this member's fields
+                name, size = pax.get("path", name), int(pax.get("size", size))
+                pax = {}
+            padded = -(-size // 512) * 512
+            data = f.read(padded)
+            if len(data) < padded:
+                raise _NotPlainUstar("truncated member")
+            h.update(data)
+            n += padded
+            if kind == b"x":  # records "<len> <key>=<value>\n" (tarfile writes one for a float mtime)
+                for rec in bytes(data[:size]).decode().splitlines():
+                    key, _, value = rec.partition(" ")[2].partition("=")
+                    pax[key] = value
+            elif kind != b"5":
+                members[name] = hashlib.sha256(memoryview(data)[:size]).hexdigest()
+    return _digest_result(n, h.hexdigest(), members)
+
+
+def shard_digest(fs, tar_path: str) -> dict:
+    """bytes, sha256 and order-independent content_sha256 of one tar, in a single read."""
+    try:
+        return _digest_ustar(fs, tar_path)
+    except (_NotPlainUstar, ValueError, UnicodeDecodeError):
+        return _digest_tarfile(fs, tar_path)
 
 
 def _cached_digest(fs, root: str, meta_dir: str, stem: str) -> dict:
