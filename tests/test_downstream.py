@@ -171,43 +171,33 @@ def test_checksum_mismatch_refused(served, tmp_path):
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # bad files deleted
 
 
+# Members (name, tar type, link target, data) that each unsafe archive adds after one good image.
+_EVIL = {
+    "../evil.txt": [("../evil.txt", tarfile.REGTYPE, "", b"evil")],
+    "/abs.txt": [("/abs.txt", tarfile.REGTYPE, "", b"evil")],
+    "toy/../../evil.txt": [("toy/../../evil.txt", tarfile.REGTYPE, "", b"evil")],
+    "symlink-out": [("toy/test/link", tarfile.SYMTYPE, "../../../outside", b"")],
+    "symlink-abs": [("toy/link", tarfile.SYMTYPE, "/etc", b"")],
+    # a link that stays inside, then a member written through it
+    "through-link": [("toy/link", tarfile.SYMTYPE, "test", b""), ("toy/link/x.txt", tarfile.REGTYPE, "", b"evil")],
+    "hardlink-out": [("toy/hard", tarfile.LNKTYPE, "../outside", b"")],
+    "fifo": [("toy/fifo", tarfile.FIFOTYPE, "", b"")],
+}
+
+
 def _evil_tar(path: Path, kind: str) -> Path:
     with tarfile.open(path, "w:gz") as tf:
         good = tarfile.TarInfo("toy/test/red_apple/img0.jpg")
         good.size = len(JPEG)
         tf.addfile(good, io.BytesIO(JPEG))
-        if kind in ("../evil.txt", "/abs.txt", "toy/../../evil.txt"):
-            ti = tarfile.TarInfo(kind)
-            ti.size = 4
-            tf.addfile(ti, io.BytesIO(b"evil"))
-        elif kind == "symlink-out":
-            ti = tarfile.TarInfo("toy/test/link")
-            ti.type, ti.linkname = tarfile.SYMTYPE, "../../../outside"
-            tf.addfile(ti)
-        elif kind == "symlink-abs":
-            ti = tarfile.TarInfo("toy/link")
-            ti.type, ti.linkname = tarfile.SYMTYPE, "/etc"
-            tf.addfile(ti)
-        elif kind == "through-link":  # a link that stays inside, then a member written through it
-            ti = tarfile.TarInfo("toy/link")
-            ti.type, ti.linkname = tarfile.SYMTYPE, "test"
-            tf.addfile(ti)
-            ti = tarfile.TarInfo("toy/link/x.txt")
-            ti.size = 4
-            tf.addfile(ti, io.BytesIO(b"evil"))
-        elif kind == "hardlink-out":
-            ti = tarfile.TarInfo("toy/hard")
-            ti.type, ti.linkname = tarfile.LNKTYPE, "../outside"
-            tf.addfile(ti)
-        elif kind == "fifo":
-            ti = tarfile.TarInfo("toy/fifo")
-            ti.type = tarfile.FIFOTYPE
-            tf.addfile(ti)
+        for name, type_, target, data in _EVIL[kind]:
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname, ti.size = type_, target, len(data)
+            tf.addfile(ti, io.BytesIO(data) if data else None)
     return path
 
 
-@pytest.mark.parametrize("kind", ["../evil.txt", "/abs.txt", "toy/../../evil.txt", "symlink-out", "symlink-abs",
-                                  "through-link", "hardlink-out", "fifo"])
+@pytest.mark.parametrize("kind", list(_EVIL))
 def test_unsafe_tar_refused(kind, tmp_path):
     work = tmp_path / "work"
     work.mkdir()

@@ -34,12 +34,8 @@ def render(seed: int, size: int, max_items: int, index: int) -> tuple[bytes, str
 
 def demo_rows(seed: int, size: int, max_items: int, samples: int) -> Iterator[dict]:
     for i in range(samples):
-        rng = random.Random(seed * 1_000_003 + i)
         # The caption is decided by the first draws; rendering is only needed when served.
-        n = rng.randint(1, max_items)
-        items = [synthetic.Item(rng.choice(synthetic.SHAPES), rng.choice(list(synthetic.COLORS)))
-                 for _ in range(n)]
-        background = rng.choice(list(synthetic.BACKGROUNDS))
+        items, background = synthetic.draw(random.Random(seed * 1_000_003 + i), max_items)
         yield {"url": demo_url(seed, size, max_items, i), "caption": synthetic.caption(items, background)}
 
 

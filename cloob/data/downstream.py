@@ -39,11 +39,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import cloob
 from cloob.data import archive
+from cloob.data.spec import read_spec_file, shipped_specs
 from cloob.errors import CloobError
 
 log = logging.getLogger(__name__)
@@ -199,26 +199,14 @@ def spec_hash(spec: DownstreamSpec) -> str:
 
 
 def list_downstream_specs() -> list[str]:
-    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+    return shipped_specs(SPECS_DIR)
 
 
 def load_downstream_spec(name_or_path: str | Path | DownstreamSpec) -> DownstreamSpec:
     """A shipped spec by name (data_specs/downstream/<name>.yaml) or a YAML file by path."""
     if isinstance(name_or_path, DownstreamSpec):
         return name_or_path
-    path = Path(name_or_path)
-    if not path.is_file() and (SPECS_DIR / f"{name_or_path}.yaml").is_file():
-        path = SPECS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise CloobError(f"downstream spec {str(name_or_path)!r} not found",
-                         f"pass a YAML path or one of: {', '.join(list_downstream_specs())}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CloobError(f"downstream spec {path} is not valid YAML: {e}", "fix the YAML syntax") from None
-    if not isinstance(data, dict):
-        raise CloobError(f"downstream spec {path} must be a mapping",
-                         "see data_specs/downstream/flowers102.yaml for the layout")
+    data, path = read_spec_file(name_or_path, SPECS_DIR, "downstream spec", "data_specs/downstream/flowers102.yaml")
     try:
         return DownstreamSpec.model_validate(data)
     except ValidationError as e:

@@ -226,12 +226,13 @@ def _write_retry_rows(store: _Store, row_ids: list[int]) -> str:
     return target
 
 
-def _remove_unfinished(store: _Store, done: dict[int, str], below: int | None = None) -> None:
-    """Delete shard files without a stats file (from a killed round) so a new round's ids are free."""
+def _remove_unfinished(store: _Store, done: dict[int, str], from_id: int) -> None:
+    """Delete shard files from `from_id` on that have no stats file (a killed retry round's), so the
+    next round's shard ids are free."""
     store.refresh()
     for p in store.fs.ls(store.root, detail=False):
         m = _OURS.match(posixpath.basename(p))
-        if m and int(m.group(1)) not in done and (below is None or int(m.group(1)) >= below):
+        if m and int(m.group(1)) >= from_id and int(m.group(1)) not in done:
             store.fs.rm(p)
 
 
@@ -317,13 +318,14 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
         bar.close()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         log_target = posixpath.join(store.meta, "logs", f"{stamp}-{mode}.log")
+        failed = not hung and proc.returncode != 0
+        tail = _tail(log_file) if failed else ""
         with contextlib.suppress(OSError):
-            store.put_file(log_file, log_target) if store.local else store.fs.put_file(log_file, log_target)
+            store.put_file(log_file, log_target)
         if hung:
             with contextlib.suppress(OSError):
                 store.fs.rm(store.path("_tmp"), recursive=True)  # img2dataset's own clean-up, skipped
-        elif proc.returncode != 0:
-            tail = _tail(log_target if store.local else log_file, store)
+        elif failed:
             raise CloobError(f"img2dataset failed (exit {proc.returncode}); last lines of its log:\n{tail}",
                              f"see {store.uri(log_target)}; rerun the same command to resume")
     store.refresh()
@@ -333,9 +335,9 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
             **({"note": "img2dataset did not exit after its last shard; stopped it"} if hung else {})}
 
 
-def _tail(path: str, store: _Store, n: int = 15) -> str:
+def _tail(path: str, n: int = 15) -> str:
     try:
-        with open(path, "rb") if os.path.exists(path) else store.fs.open(path, "rb") as f:
+        with open(path, "rb") as f:
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return "(no log)"
@@ -383,7 +385,7 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_fai
         if retry_failed:
             failed = _failed_rows(store, done)
             if failed:
-                _remove_unfinished(store, done, below=expected)
+                _remove_unfinished(store, done, from_id=expected)
                 retry_list = _write_retry_rows(store, failed)
                 rounds.append(_run_round(store, spec, retry_list, "extend", len(failed),
                                          math.ceil(len(failed) / spec.download.shard_size), proxy, progress))

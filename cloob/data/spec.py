@@ -123,8 +123,29 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value else None
 
 
-def shipped_specs() -> list[str]:
-    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+def shipped_specs(specs_dir: Path = SPECS_DIR) -> list[str]:
+    return sorted(p.stem for p in specs_dir.glob("*.yaml"))
+
+
+def read_spec_file(name_or_path: str | Path, specs_dir: Path, what: str, example: str,
+                   empty_ok: bool = False) -> tuple[dict, Path]:
+    """(mapping, path) of a spec YAML given by path or by the name of one shipped in specs_dir.
+    A missing file, bad YAML or a non-mapping raises CloobError naming `what` and a fix."""
+    path = Path(name_or_path)
+    if not path.is_file() and (specs_dir / f"{name_or_path}.yaml").is_file():
+        path = specs_dir / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise CloobError(f"{what} {str(name_or_path)!r} not found",
+                         f"pass a YAML path or one of: {', '.join(shipped_specs(specs_dir))}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CloobError(f"{what} {path} is not valid YAML: {e}", "fix the YAML syntax") from None
+    if data is None and empty_ok:
+        data = {}
+    if not isinstance(data, dict):
+        raise CloobError(f"{what} {path} must be a mapping", f"see {example} for the layout")
+    return data, path
 
 
 def load_spec(spec: str | Path | dict, overrides: list[str] | None = None) -> PretrainSpec:
@@ -132,19 +153,8 @@ def load_spec(spec: str | Path | dict, overrides: list[str] | None = None) -> Pr
     if isinstance(spec, dict):
         data, origin = dict(spec), "<dict>"
     else:
-        path = Path(spec)
-        if not path.exists() and (SPECS_DIR / f"{spec}.yaml").exists():
-            path = SPECS_DIR / f"{spec}.yaml"
-        if not path.is_file():
-            raise CloobError(f"dataset spec {str(spec)!r} not found",
-                             f"pass a YAML path or one of: {', '.join(shipped_specs())}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CloobError(f"dataset spec {path} is not valid YAML: {e}", "fix the YAML syntax") from None
+        data, path = read_spec_file(spec, SPECS_DIR, "dataset spec", "data_specs/demo.yaml", empty_ok=True)
         origin = str(path)
-        if not isinstance(data, dict):
-            raise CloobError(f"dataset spec {path} must be a mapping", "see data_specs/demo.yaml for the layout")
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = data

@@ -62,10 +62,15 @@ def caption(items: list[Item], background: str) -> str:
     return f"{things} on a {background} background"
 
 
-def sample(rng: random.Random, size: int, max_items: int = 3) -> tuple[Image.Image, str, dict]:
+def draw(rng: random.Random, max_items: int = 3) -> tuple[list[Item], str]:
+    """What a picture shows (its caption depends only on this): the first draws from rng."""
     n = rng.randint(1, max_items)
     items = [Item(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(n)]
-    background = rng.choice(list(BACKGROUNDS))
+    return items, rng.choice(list(BACKGROUNDS))
+
+
+def sample(rng: random.Random, size: int, max_items: int = 3) -> tuple[Image.Image, str, dict]:
+    items, background = draw(rng, max_items)
     meta = {"items": [it.__dict__ for it in items], "background": background}
     return render(items, background, size, rng), caption(items, background), meta
 
