@@ -1,0 +1,1 @@
+"""The results table (parquet parts under <store>/results/) and the `cloob results` report."""
