@@ -62,8 +62,10 @@ class _Strict(BaseModel):
 
 
 class Source(_Strict):
-    kind: Literal["download", "user-supplied"]
+    kind: Literal["download", "user-supplied", "generated"]
     url: str | None = None
+    generator: Literal["shapes"] | None = Field(None, description="for kind: generated, what makes the images")
+    per_class: int = Field(20, ge=1, description="for kind: generated, images per class")
     size: int | None = Field(None, gt=0, description="archive size in bytes; null: recorded at download")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     instructions: str | None = None
@@ -72,6 +74,8 @@ class Source(_Strict):
     def _complete(self):
         if self.kind == "download" and not self.url:
             raise ValueError("a download source needs `url`")
+        if self.kind == "generated" and not self.generator:
+            raise ValueError("a generated source needs `generator` (shapes)")
         if self.kind == "user-supplied" and not self.instructions:
             raise ValueError("a user-supplied source needs `instructions` (what to get and how to arrange it)")
         return self
@@ -198,8 +202,12 @@ def spec_hash(spec: DownstreamSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def list_downstream_specs() -> list[str]:
-    return shipped_specs(SPECS_DIR)
+def list_downstream_specs(generated: bool = False) -> list[str]:
+    """The shipped specs: the paper's eight sets, plus the generated ones if asked."""
+    names = shipped_specs(SPECS_DIR)
+    if generated:
+        return names
+    return [n for n in names if load_downstream_spec(n).source.kind != "generated"]
 
 
 def load_downstream_spec(name_or_path: str | Path | DownstreamSpec) -> DownstreamSpec:
@@ -453,6 +461,8 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
                              f"pass the folder with the class folders: --source {spec.name}=/path/to/val\n"
                              f"{spec.source.instructions.strip()}")
         source_id = {"kind": spec.source.kind, "path": str(src_path)}
+    elif spec.source.kind == "generated":
+        source_id = {"kind": spec.source.kind, "generator": spec.source.generator, "per_class": spec.source.per_class}
     else:
         url = source or spec.source.url
         source_id = {"kind": spec.source.kind, "url": archive.redact(url)}
@@ -465,6 +475,8 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
     cache = Path(cache_dir) if cache_dir else archive.default_cache_dir()
     if spec.source.kind == "user-supplied":
         manifest = _prepare_supplied(spec, src_path, fs, ds_path, local_out, progress)
+    elif spec.source.kind == "generated":
+        manifest = _prepare_generated(spec, fs, root, ds_path, local_out, cache, progress)
     else:
         manifest = _prepare_archive(spec, url, fs, root, ds_path, local_out, cache, progress, timeout)
     shown_spec = spec.model_dump(mode="json")
@@ -526,6 +538,24 @@ def _prepare_archive(spec, url, fs, root, ds_path, local_out, cache: Path, progr
         manifest = _class_table(spec, scan, rel, f"{where}:{rel}")
         manifest.update({"archive": {"filename": archive.url_filename(url), "size": size, "sha256": sha},
                          "root": rel, "external_root": None})
+        _publish(work, fs, ds_path, local_out, progress)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare_generated(spec, fs, root, ds_path, local_out, cache: Path, progress) -> dict:
+    from cloob.data import synthetic
+
+    parent = root if local_out else cache
+    os.makedirs(parent, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=parent))
+    try:
+        _say(progress, f"{spec.name}: generating {spec.source.per_class} images for each of {len(spec.classes)} classes")
+        synthetic.write_class_folders(work, spec.source.per_class, classes=spec.class_names)
+        scan = _Scan(work)
+        manifest = _class_table(spec, scan, ".", f"generated {spec.name}")
+        manifest.update({"archive": None, "root": ".", "external_root": None})
         _publish(work, fs, ds_path, local_out, progress)
         return manifest
     finally:

@@ -1,0 +1,284 @@
+"""Evaluation sets, read from a local folder or any fsspec URL.
+
+Zero-shot classification sets come in three shapes, all checked against a downstream spec (class
+names, templates, main metric, folder -> class mapping):
+    prepared    a folder made by `cloob prepare-downstream` (its manifest.json pairs classes and folders)
+    folders     a plain folder of class folders, matched to the spec's classes as preparation does
+    shards      webdataset shards (*.tar): an image (jpg/jpeg/png/webp) and its class index in `cls`
+Retrieval sets are webdataset shards of captioned images (`txt`), as `cloob prepare` writes them.
+
+Images are decoded in DataLoader workers. An unreadable image (corrupt, truncated, not an image) is
+not an error: it is skipped and counted, and the count goes into the results row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from cloob.data.downstream import (IMAGE_EXTENSIONS, MANIFEST, DownstreamSpec, dataset_root, load_downstream_spec,
+                                   match_classes, spec_hash)
+from cloob.errors import CloobError
+from cloob.storage import is_local
+
+Image.MAX_IMAGE_PIXELS = 89_478_485  # a decompression bomb is a corrupt image, not a crash
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_BAD = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
+
+
+@dataclass
+class ClassificationSet:
+    name: str
+    uri: str
+    spec: DownstreamSpec
+    kind: str  # prepared | folders | shards
+    items: list[tuple[str, int]] = field(default_factory=list)  # (image URL, class index) for folders
+    shards: list[str] = field(default_factory=list)
+    identity: str = ""  # sha256 over the spec and the listed files (names and sizes)
+
+    @property
+    def main_metric(self) -> str:
+        return self.spec.main_metric
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class RetrievalSet:
+    name: str
+    uri: str
+    shards: list[str]
+    identity: str
+
+
+def _fs(uri: str):
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as e:
+        raise CloobError(f"cannot open {uri!r}: {e}", "give a local folder or an fsspec URL (s3://bucket/path)") from None
+    return fs, path.rstrip("/")
+
+
+def _url(fs, path: str) -> str:
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _list_images(fs, folder: str) -> list[tuple[str, int]]:
+    found = fs.find(folder, detail=True)
+    # Hidden files and folders are not images of the set (macOS ._ files, .ipynb_checkpoints, ...).
+    return sorted((p, int(d.get("size") or 0)) for p, d in found.items()
+                  if _is_image(p) and not any(part.startswith(".") for part in posixpath.relpath(p, folder).split("/")))
+
+
+def _shard_urls(fs, path: str) -> list[str]:
+    if path.endswith(".tar"):
+        return [path]
+    if fs.isdir(path):
+        return sorted(p for p in fs.glob(posixpath.join(path, "*.tar")))
+    return []
+
+
+def open_classification_set(spec: str | DownstreamSpec, uri: str) -> ClassificationSet:
+    """Resolve `uri` (prepared folder, class folders or shards) for the downstream spec `spec`."""
+    spec = load_downstream_spec(spec)
+    fs, path = _fs(uri)
+    try:
+        exists = fs.exists(path)
+    except OSError as e:
+        raise CloobError(f"{spec.name}: cannot reach {uri}: {type(e).__name__}: {e}",
+                         "check the URL, network and credentials (AWS_* environment or config)") from None
+    if not exists:
+        raise CloobError(f"{spec.name}: eval set {uri} does not exist",
+                         f"prepare it: cloob prepare-downstream {spec.name} --out <downstream root>, "
+                         "or point at a folder of class folders / webdataset shards")
+    digest = spec_hash(spec)
+    shards = _shard_urls(fs, path)
+    if shards:
+        sizes = [fs.size(p) for p in shards]
+        return ClassificationSet(spec.name, uri, spec, "shards", shards=[_url(fs, p) for p in shards],
+                                 identity=_digest(digest, [(posixpath.basename(p), s) for p, s in zip(shards, sizes)]))
+
+    manifest = None
+    if fs.exists(posixpath.join(path, MANIFEST)):
+        with fs.open(posixpath.join(path, MANIFEST), "rb") as f:
+            manifest = json.load(f)
+    if manifest is not None:
+        names = [c["name"] for c in manifest["classes"]]
+        if names != spec.class_names:
+            raise CloobError(f"{spec.name}: {uri} was prepared with other class names than the spec has now",
+                             f"prepare it again: cloob prepare-downstream {spec.name} --force --out <root>")
+        root = dataset_root(manifest, _url(fs, path))
+        rfs, rpath = _fs(root)
+        folders = [c["folder"] for c in manifest["classes"]]
+        kind = "prepared"
+    else:
+        rfs, rpath = fs, path
+        try:
+            entries = rfs.ls(rpath, detail=True)
+        except (NotADirectoryError, FileNotFoundError):
+            raise CloobError(f"{spec.name}: {uri} is neither a folder of class folders nor webdataset shards",
+                             "point at the folder that holds one folder per class, or at *.tar shards") from None
+        subdirs = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+        subdirs = [d for d in subdirs if not d.startswith((".", "_"))]
+        if not subdirs:
+            raise CloobError(f"{spec.name}: {uri} holds no class folders and no *.tar shards (empty dataset)",
+                             f"point at the folder with one folder per class ({len(spec.classes)} for {spec.name})")
+        folders = match_classes(spec, subdirs, uri)  # lists missing and unexpected folders on mismatch
+        kind = "folders"
+
+    items: list[tuple[str, int]] = []
+    listing: list[tuple[str, int]] = []
+    for label, folder in enumerate(folders):
+        cpath = posixpath.join(rpath, folder)
+        for p, size in _list_images(rfs, cpath):
+            items.append((_url(rfs, p), label))
+            listing.append((posixpath.relpath(p, rpath), size))
+    if not items:
+        raise CloobError(f"{spec.name}: {uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
+                         f"{len(folders)} class folders (empty dataset)",
+                         "check that the download or copy finished; prepare it again with --force")
+    return ClassificationSet(spec.name, uri, spec, kind, items=items, identity=_digest(digest, listing))
+
+
+def open_retrieval_set(uri: str, name: str | None = None) -> RetrievalSet:
+    fs, path = _fs(uri)
+    if not fs.exists(path):
+        raise CloobError(f"retrieval set {uri} does not exist",
+                         "point at webdataset shards of captioned images (e.g. made by `cloob prepare`)")
+    shards = _shard_urls(fs, path)
+    if not shards:
+        raise CloobError(f"retrieval set {uri} holds no *.tar shards (empty dataset)",
+                         "point at a folder of webdataset shards with an image and a `txt` caption per sample")
+    sizes = [fs.size(p) for p in shards]
+    return RetrievalSet(name or posixpath.basename(path.rstrip("/")) or "retrieval", uri,
+                        [_url(fs, p) for p in shards],
+                        _digest("retrieval", [(posixpath.basename(p), s) for p, s in zip(shards, sizes)]))
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def _decode(data: bytes, transform):
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return transform(im.convert("RGB"))
+    except _BAD:
+        return None
+
+
+class _Files(Dataset):
+    """(image tensor or None if unreadable, label, index) for a list of (URL, label)."""
+
+    def __init__(self, items: list[tuple[str, int]], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        url, label = self.items[i]
+        try:
+            with fsspec.open(url, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""  # vanished since listing: count it with the unreadable ones
+        return _decode(data, self.transform), label, i
+
+
+class _Shards(IterableDataset):
+    """Samples of webdataset shards, split across DataLoader workers shard by shard.
+
+    Yields (image tensor or None, target, index) where target is the `cls` integer (-1 if absent or
+    not an integer) or the `txt` caption ("" if absent).
+    """
+
+    def __init__(self, shards: list[str], transform, target: str):
+        self.shards, self.transform, self.target = shards, transform, target
+
+    def __iter__(self) -> Iterator:
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for s_idx, url in enumerate(self.shards):
+            if s_idx % nw != wid:
+                continue
+            with fsspec.open(url, "rb") as stream:
+                # A damaged shard stops at its first unreadable member: what came before still counts.
+                samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}],
+                                                          handler=_stop_on_error))
+                for n, sample in enumerate(samples):
+                    yield self._item(sample, s_idx, n)
+
+    def _item(self, sample: dict, s_idx: int, n: int):
+        key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+        image = _decode(sample[key], self.transform) if key else None
+        if self.target == "cls":
+            try:
+                target = int(sample["cls"].decode().strip())
+            except (KeyError, ValueError, UnicodeDecodeError, AttributeError):
+                target = -1
+        else:
+            try:
+                target = sample.get("txt", b"").decode("utf-8").strip()
+            except UnicodeDecodeError:
+                target = ""
+        return image, target, (s_idx << 32) | n
+
+
+def _stop_on_error(exn: Exception) -> bool:
+    import logging
+
+    logging.getLogger(__name__).warning("unreadable shard data skipped: %s", exn)
+    return False
+
+
+def collate(batch):
+    """Stack the readable images; report which were unreadable."""
+    good = [b for b in batch if b[0] is not None]
+    bad = [b[2] for b in batch if b[0] is None]
+    images = torch.stack([b[0] for b in good]) if good else None
+    targets = [b[1] for b in good]
+    return {"images": images, "targets": targets, "index": [b[2] for b in good], "bad": bad}
+
+
+def loader(ds: Dataset | IterableDataset, batch_size: int, workers: int) -> DataLoader:
+    if isinstance(ds, _Shards):
+        workers = min(workers, len(ds.shards))
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def classification_data(ds: ClassificationSet, transform, limit: int | None, seed: int):
+    """The dataset to load, and its number of images (None if unknown before reading: shards, where
+    the reader stops after `limit`)."""
+    if ds.kind == "shards":
+        return _Shards(ds.shards, transform, "cls"), None
+    items = ds.items
+    if limit is not None and limit < len(items):
+        # A seeded random subset, in listing order: the first N would be only the first classes.
+        keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+        items = [items[i] for i in keep]
+    return _Files(items, transform), len(items)
+
+
+def retrieval_data(rs: RetrievalSet, transform):
+    return _Shards(rs.shards, transform, "txt")

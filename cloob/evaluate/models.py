@@ -1,0 +1,228 @@
+"""Load a model for evaluation, with what the results table needs to know about it.
+
+A model reference is one of:
+    <checkpoint folder>       one of our step checkpoints (holds meta.json), any fsspec URL
+    <run folder>              one of our runs: its latest complete checkpoint
+    <ARCH>=<weights file>     any open_clip architecture with a local or fsspec weights file:
+                              an open_clip/OpenCLIP state dict (.pt/.bin/.safetensors) or an OpenAI
+                              TorchScript archive (RN50.pt), e.g. RN50=~/weights/RN50.pt
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import torch
+
+from cloob.errors import CloobError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalModel:
+    model: torch.nn.Module
+    preprocess: object  # the model's validation transform (PIL image -> tensor)
+    tokenizer: object
+    info: dict = field(default_factory=dict)  # lineage columns of the results table
+
+
+def _redact(url: str) -> str:
+    # user:password@host in a URL is the one place a secret could ride along with a path.
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        if "@" in rest.split("/", 1)[0]:
+            return f"{scheme}://{rest.split('@', 1)[1]}"
+    return url
+
+
+def _read_json(url: str) -> dict | None:
+    try:
+        with fsspec.open(url, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_checkpoint(ref: str) -> str:
+    """The checkpoint folder a reference means: itself, or a run's latest complete checkpoint."""
+    from cloob.checkpoint import META_FILE, CheckpointStore
+
+    ref = ref.rstrip("/")
+    try:
+        fs, path = fsspec.core.url_to_fs(ref)
+        exists = fs.exists(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise CloobError(f"cannot reach {_redact(ref)}: {type(e).__name__}: {e}",
+                         "check the URL, network and credentials (AWS_* environment or config)") from None
+    if not exists:
+        raise CloobError(f"model {_redact(ref)} does not exist",
+                         "give a checkpoint folder, a run folder, or ARCH=<weights file> for open_clip weights")
+    if fs.exists(posixpath.join(path, META_FILE)):
+        return ref
+    latest = CheckpointStore(ref).latest()
+    if latest is not None:
+        return latest.url
+    if fs.isfile(path):
+        raise CloobError(f"{_redact(ref)} is a file, not one of our checkpoints",
+                         f"for open_clip weights name the architecture: RN50={ref} (see `cloob models`)")
+    raise CloobError(f"{_redact(ref)} holds no complete checkpoint (no meta.json, no checkpoints/step_*/meta.json)",
+                     "point at a run folder or a checkpoints/step_NNNNNNNN folder of a finished save")
+
+
+def _pretraining(run_dir: str) -> tuple[str | None, str | None]:
+    """(dataset name, content hash) of the data a run trained on, from its recipe and the dataset
+    manifest when the data was made by `cloob prepare`; else the data folder's name."""
+    import yaml
+
+    try:
+        with fsspec.open(posixpath.join(run_dir, "recipe.yaml"), "r") as f:
+            recipe = yaml.safe_load(f) or {}
+    except (FileNotFoundError, OSError, ValueError):
+        return None, None
+    train = ((recipe.get("data") or {}).get("train") or "").rstrip("/")
+    if not train:
+        return None, None
+    manifest = _read_json(posixpath.join(train, "_cloob", "manifest.json")) if "{" not in train else None
+    if manifest:
+        name = (manifest.get("spec") or {}).get("name") or manifest.get("name")
+        return name or posixpath.basename(train), manifest.get("content_hash")
+    return posixpath.basename(train) or train, None
+
+
+def load_checkpoint(ref: str, device: str | torch.device = "cpu") -> EvalModel:
+    """One of our checkpoints (folder or run), verified against the sha256 in its meta.json."""
+    import open_clip
+
+    from cloob.checkpoint import MODEL_FILE, CheckpointRef, sha256_bytes
+    from cloob.model import MODEL_CONFIGS_DIR, check_architecture
+
+    url = resolve_checkpoint(ref)
+    meta = CheckpointRef(url, 0).meta()
+    arch = meta["arch"]
+    check_architecture(arch)
+    with fsspec.open(posixpath.join(url, MODEL_FILE), "rb") as f:
+        blob = f.read()
+    sha = sha256_bytes(blob)
+    if sha != meta.get("model_sha256"):
+        raise CloobError(f"checkpoint {_redact(url)}: the model file does not match the sha256 in meta.json",
+                         "the file is damaged or was replaced; use another checkpoint or re-run training")
+    open_clip.add_model_config(MODEL_CONFIGS_DIR)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    run_dir = posixpath.dirname(posixpath.dirname(url))
+    data, data_hash = _pretraining(run_dir)
+    info = {"run_id": meta.get("run_name") or posixpath.basename(run_dir), "checkpoint_id": sha,
+            "checkpoint_uri": _redact(url), "step": int(meta["step"]), "method": meta.get("method"),
+            "arch": arch, "pretraining_data": data, "pretraining_hash": data_hash,
+            "samples_seen": meta.get("samples_seen")}
+    return EvalModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(arch), info)
+
+
+def _is_torchscript(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()[:50])
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _pretrained_tag(arch: str, filename: str) -> str | None:
+    """open_clip's pretrained tag whose download has this file name (RN50 + RN50.pt -> openai)."""
+    import open_clip
+
+    for tag in open_clip.list_pretrained_tags_by_model(arch):
+        cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+        url = cfg.get("url") or ""
+        if url and posixpath.basename(url.split("?")[0]) == filename:
+            return tag
+    return None
+
+
+def _local_copy(url: str) -> tuple[str, bool]:
+    fs, path = fsspec.core.url_to_fs(url)
+    from cloob.storage import is_local
+
+    if is_local(fs):
+        return path, False
+    fd, tmp = tempfile.mkstemp(suffix="-" + posixpath.basename(path))
+    os.close(fd)
+    fs.get_file(path, tmp)
+    return tmp, True
+
+
+def load_open_clip_weights(arch: str, weights: str, device: str | torch.device = "cpu",
+                           pretraining: str | None = None, method: str = "clip") -> EvalModel:
+    """An open_clip architecture with weights from a file (state dict, safetensors or OpenAI JIT)."""
+    import open_clip
+
+    from cloob.model import MODEL_CONFIGS_DIR, check_architecture
+
+    open_clip.add_model_config(MODEL_CONFIGS_DIR)
+    check_architecture(arch)
+    weights = os.path.expanduser(weights)
+    try:
+        local, temporary = _local_copy(weights)
+    except FileNotFoundError:
+        raise CloobError(f"weights file {_redact(weights)} does not exist",
+                         f"give the path of a downloaded weights file: {arch}=/path/to/weights.pt") from None
+    try:
+        if not os.path.isfile(local):
+            raise CloobError(f"weights file {_redact(weights)} does not exist",
+                             f"give the path of a downloaded weights file: {arch}=/path/to/weights.pt")
+        h = hashlib.sha256()
+        with open(local, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        try:
+            if _is_torchscript(local):
+                # OpenAI's original release: open_clip rebuilds the model from the archive's state dict.
+                model = open_clip.load_openai_model(local, precision="fp32", device="cpu")
+                _, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+            else:
+                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=local)
+        except (RuntimeError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile,
+                __import__("pickle").UnpicklingError) as e:
+            raise CloobError(f"cannot load {_redact(weights)} as {arch} weights: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]}",
+                             "check that the file belongs to this architecture (`cloob models` lists them) "
+                             "and is not truncated") from None
+    finally:
+        if temporary:
+            os.unlink(local)
+    name = Path(weights).name
+    tag = _pretrained_tag(arch, name)
+    info = {"run_id": f"open_clip:{arch}:{name}", "checkpoint_id": h.hexdigest(),
+            "checkpoint_uri": _redact(weights), "step": None, "method": method, "arch": arch,
+            "pretraining_data": pretraining or tag, "pretraining_hash": None, "samples_seen": None}
+    return EvalModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(arch), info)
+
+
+def parse_external(ref: str) -> tuple[str, str] | None:
+    """ARCH=PATH -> (arch, path); None for a plain checkpoint/run reference."""
+    if "=" not in ref:
+        return None
+    arch, path = ref.split("=", 1)
+    if "/" in arch or not arch:
+        return None
+    return arch, path
+
+
+def load_model(ref: str, device: str | torch.device = "cpu", pretraining: str | None = None) -> EvalModel:
+    ext = parse_external(ref)
+    if ext:
+        return load_open_clip_weights(*ext, device=device, pretraining=pretraining)
+    return load_checkpoint(ref, device=device)
