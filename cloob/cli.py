@@ -112,6 +112,88 @@ def _cmd_prepare_downstream(args) -> int:
     return 2 if failed else 0
 
 
+def _split_pair(item: str, flag: str, example: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+        raise CloobError(f"{flag} {item!r} is not NAME=URI", f"write e.g. {flag} {example}")
+    return name, value
+
+
+def _eval_sets(args) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    import posixpath
+
+    from cloob.data.downstream import list_downstream_specs, read_manifest
+
+    downstream = args.downstream or posixpath.join(args.store, "downstream")
+    classification: list[tuple[str, str]] = []
+    names = list(args.datasets or [])
+    if names == ["all"]:
+        names = [n for n in list_downstream_specs(generated=True) if read_manifest(downstream, n) is not None]
+        if not names:
+            raise CloobError(f"no prepared downstream set in {downstream}",
+                             f"prepare some first: cloob prepare-downstream all --out {downstream}")
+    for name in names:
+        if read_manifest(downstream, name) is None:
+            raise CloobError(f"{name} is not prepared in {downstream}",
+                             f"cloob prepare-downstream {name} --out {downstream} (or --downstream <root>)")
+        classification.append((name, posixpath.join(downstream, name)))
+    classification += [_split_pair(d, "--data", "flowers102=/data/flowers102/test") for d in args.data or []]
+    retrieval = []
+    for item in args.retrieval or []:
+        if "=" in item and "://" not in item.split("=", 1)[0]:
+            retrieval.append(_split_pair(item, "--retrieval", "cc3m-val=./data/cc3m-val"))
+        else:
+            retrieval.append((posixpath.basename(item.rstrip("/")), item))
+    if not classification and not retrieval:
+        raise CloobError("no eval set given", "add --datasets flowers102 ... | all, --data NAME=URI or --retrieval URI")
+    return classification, retrieval
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{100 * v:6.2f}"
+
+
+def _cmd_evaluate(args) -> int:
+    import posixpath
+
+    from cloob.evaluate.runner import EvalSettings, evaluate_many
+
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
+    settings = EvalSettings(batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+                            device=args.device, limit=args.limit, diag_samples=args.diag_samples, seed=args.seed)
+    classification, retrieval = _eval_sets(args)
+    results = args.results or posixpath.join(args.store, "results")
+    cache = None if args.no_cache else posixpath.join(args.store, "cache", "classifiers")
+    failed = 0
+    print(f"{'model':32s} {'dataset':14s} {'main':>22s} {'top1':>6s} {'top5':>6s} {'i2t@1':>6s} {'t2i@1':>6s} "
+          f"{'images':>7s} {'skip':>5s} {'time':>7s}")
+    for o in evaluate_many(args.models, classification, retrieval, results=results, cache_root=cache,
+                           settings=settings, force=args.force, pretraining=args.pretraining,
+                           progress=not args.no_progress):
+        if o.error:
+            failed += 1
+            print(f"error: {o.model if o.model != '*' else o.dataset}: {o.error}", file=sys.stderr)
+            continue
+        r = o.row
+        note = " (already in results)" if o.reused else (" (cached classifier)" if o.extra.get("classifier_cached") else "")
+        label = f"{r['run_id']}" + (f"@{r['step']}" if r.get("step") is not None else "")
+        main = f"{r['main_metric']} {_fmt(r['main_value'])}"
+        print(f"{label[-32:]:32s} {r['dataset'][:14]:14s} {main:>22s} {_fmt(r.get('top1')):>6s} {_fmt(r.get('top5')):>6s} "
+              f"{_fmt(r.get('i2t_r1')):>6s} {_fmt(r.get('t2i_r1')):>6s} {r['n_images']:7d} {r['n_skipped']:5d} "
+              f"{r['seconds']:6.1f}s{note}")
+    print(f"results: {results}  (cloob results --results {results})")
+    return 2 if failed else 0
+
+
+def _cmd_results(args) -> int:
+    from cloob.results.report import run_command
+
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
+    return run_command(args)
+
+
 def _cmd_models(args) -> int:
     from cloob.model import list_architectures
 
@@ -167,6 +249,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_prepare_downstream)
+
+    p = sub.add_parser("evaluate", help="zero-shot classification and retrieval of checkpoints -> results table",
+                       description="Evaluate models on eval sets; one results-table row per (model, set).")
+    p.add_argument("models", nargs="+",
+                   help="a checkpoint folder, a run folder (its latest checkpoint), or ARCH=<weights file> "
+                        "for open_clip weights (e.g. RN50=~/weights/RN50.pt); local or fsspec URLs")
+    p.add_argument("--datasets", nargs="+", metavar="NAME",
+                   help="prepared downstream sets under --downstream (flowers102 ...), or all")
+    p.add_argument("--data", action="append", metavar="SPEC=URI",
+                   help="a set by spec name/path and location: class folders or webdataset shards (cls) (repeatable)")
+    p.add_argument("--retrieval", action="append", metavar="[NAME=]URI",
+                   help="webdataset shards of captioned images for image<->text recall@k (repeatable)")
+    p.add_argument("--store", default=".", help="root of downstream/, results/ and cache/ (default: .)")
+    p.add_argument("--downstream", help="prepared downstream root (default: <store>/downstream)")
+    p.add_argument("--results", help="results table location (default: <store>/results)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="DataLoader workers decoding images (default: cores - 1, at most 8)")
+    p.add_argument("--precision", choices=["auto", "fp32", "amp"], default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--limit", type=int, help="at most N images per set (a seeded random subset)")
+    p.add_argument("--diag-samples", type=int, default=2000, help="embeddings used for the diagnostics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretraining", help="pretraining data name recorded for ARCH=<weights> models")
+    p.add_argument("--force", action="store_true", help="evaluate again pairs already in the results table")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the text classifier cache")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("results", help="the results table side by side: datasets x checkpoints, with the paper")
+    p.add_argument("--store", default=".", help="root holding results/ (default: .)")
+    p.add_argument("--results", help="results table location (default: <store>/results)")
+    p.add_argument("--metric", default="main", choices=["main", "top1", "top5", "mean_per_class_recall"],
+                   help="zero-shot metric shown (main: each dataset's main metric)")
+    p.add_argument("--paper", default="auto",
+                   help="published reference columns: auto | none | PRETRAINING:ENCODER[:EPOCHS], e.g. cc3m:RN50:128")
+    p.add_argument("--dataset", nargs="+", help="only these datasets")
+    p.add_argument("--run", nargs="+", help="only these runs (run ids)")
+    p.add_argument("--out", help="where results.md and results.png go (default: <results>/report)")
+    p.add_argument("--compact", action="store_true", help="fold the table's parts into one file first")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
+    p.set_defaults(func=_cmd_results)
 
     sub.add_parser("models", help="list model architectures").set_defaults(func=_cmd_models)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=_cmd_recipes)

@@ -135,7 +135,7 @@ def load_checkpoint(ref: str, device: str | torch.device = "cpu") -> EvalModel:
 def _is_torchscript(path: str) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()[:50])
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
 
@@ -189,9 +189,19 @@ def load_open_clip_weights(arch: str, weights: str, device: str | torch.device =
                 h.update(chunk)
         try:
             if _is_torchscript(local):
-                # OpenAI's original release: open_clip rebuilds the model from the archive's state dict.
-                model = open_clip.load_openai_model(local, precision="fp32", device="cpu")
-                _, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+                # OpenAI's original release (RN50.pt, ViT-B-32.pt): a TorchScript archive whose state
+                # dict has open_clip's key names. Every OpenAI model uses QuickGELU.
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                    state = torch.jit.load(local, map_location="cpu").state_dict()
+                # Not weights: OpenAI's extra attributes and the (recomputed) causal attention mask.
+                for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+                    state.pop(key, None)
+                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None,
+                                                                             force_quick_gelu=True)
+                model.load_state_dict(state, strict=True)
             else:
                 model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=local)
         except (RuntimeError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalSettings:
     batch_size: int = 64
-    workers: int = 2
+    workers: int | None = None  # DataLoader workers; None: one per core but one, at most 8
     precision: Literal["auto", "fp32", "amp"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     device: str = "auto"
     limit: int | None = None  # at most this many images per set (a seeded random subset of folders)
@@ -45,6 +46,9 @@ class EvalSettings:
     def __post_init__(self):
         if self.batch_size < 1:
             raise CloobError(f"batch size {self.batch_size} must be at least 1", "use --batch-size 64")
+        if self.workers is None:
+            # The model needs the cores too: on 2 cores one decoding worker is fastest (bench_eval).
+            self.workers = max(0, min(8, (os.cpu_count() or 1) - 1))
         if self.workers < 0:
             raise CloobError(f"workers {self.workers} must be 0 or more", "use --workers 2 (0: load in this process)")
         if self.limit is not None and self.limit < 1:

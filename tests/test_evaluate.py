@@ -1,0 +1,293 @@
+"""Zero-shot evaluation against an independent, direct CLIP zero-shot computation; eval sets as
+class folders, webdataset shards and on S3; open_clip weights files; the classifier cache; bad input.
+"""
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from cloob import cli
+from cloob.checkpoint import MODEL_FILE, CheckpointStore
+from cloob.data import synthetic
+from cloob.data.downstream import load_downstream_spec
+from cloob.errors import CloobError
+from cloob.evaluate.datasets import open_classification_set, open_retrieval_set
+from cloob.evaluate.models import load_model
+from cloob.evaluate.runner import EvalSettings, evaluate_retrieval, evaluate_zeroshot
+from cloob.evaluate.zeroshot import ClassifierCache
+from cloob.model import MODEL_CONFIGS_DIR, create_model, model_config
+from cloob.results.table import read_rows
+
+ARCH = "cloob-tiny-vit"
+SPEC = load_downstream_spec("shapes")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A run folder with one checkpoint of a randomly initialised tiny model (seeded)."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(7)
+    model, *_ = create_model(ARCH)
+    CheckpointStore(str(run)).save(3, model.state_dict(), {"model_cfg": model_config(ARCH)}, {},
+                                   {"arch": ARCH, "method": "cloob", "run_name": "rand"}, keep=1)
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("shapes")
+    synthetic.write_class_folders(d, per_class=5, image_size=48, seed=2)
+    return d
+
+
+def _settings(**kw):
+    return EvalSettings(**{"batch_size": 16, "workers": 0, **kw})
+
+
+def _direct_zero_shot(model_file: str, root: Path) -> dict:
+    """The standard CLIP zero-shot procedure, written out with plain open_clip and torch."""
+    open_clip.add_model_config(MODEL_CONFIGS_DIR)
+    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=model_file)
+    tokenizer = open_clip.get_tokenizer(ARCH)
+    model.eval()
+    with torch.no_grad():
+        weights = []
+        for name in SPEC.classes:
+            e = model.encode_text(tokenizer([t.format(name) for t in SPEC.templates]))
+            e = e / e.norm(dim=-1, keepdim=True)
+            m = e.mean(dim=0)
+            weights.append(m / m.norm())
+        weights = torch.stack(weights)  # [classes, dim]
+        images, labels = [], []
+        for label, name in enumerate(SPEC.classes):
+            for p in sorted((root / name).iterdir()):
+                try:
+                    images.append(preprocess(Image.open(p).convert("RGB")))
+                    labels.append(label)
+                except OSError:
+                    pass  # an unreadable image is left out
+        x = model.encode_image(torch.stack(images))
+        logits = (x / x.norm(dim=-1, keepdim=True)) @ weights.T
+    labels = torch.tensor(labels)
+    top5 = logits.topk(5, dim=1).indices
+    pred = top5[:, 0]
+    n = len(labels)
+    recalls = [int((pred[labels == c] == c).sum()) / int((labels == c).sum()) for c in range(len(SPEC.classes))]
+    return {"top1": int((pred == labels).sum()) / n,
+            "top5": int((top5 == labels[:, None]).any(dim=1).sum()) / n,
+            "mean_per_class_recall": sum(recalls) / len(recalls), "n": len(labels)}
+
+
+def _model_file(checkpoint: str) -> str:
+    return str(CheckpointStore(checkpoint).latest().url) + "/" + MODEL_FILE
+
+
+def _corrupt_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "red circle" / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    good = (dst / "blue square" / "0000.jpg").read_bytes()
+    (dst / "blue square" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    return dst
+
+
+def test_accuracy_equals_direct_clip_zero_shot(checkpoint, folders, tmp_path):
+    data = _corrupt_copy(folders, tmp_path / "data")
+    em = load_model(checkpoint)
+    row = evaluate_zeroshot(em, open_classification_set("shapes", str(data)), _settings(workers=2), progress=False)
+    direct = _direct_zero_shot(_model_file(checkpoint), data)
+    assert row["n_images"] == direct["n"] == 90
+    assert row["n_skipped"] == 2  # the garbage file and the truncated JPEG
+    for k in ("top1", "top5", "mean_per_class_recall"):
+        assert row[k] == pytest.approx(direct[k], abs=1e-9), k
+    assert row["main_metric"] == "top1" and row["main_value"] == row["top1"]
+    assert row["step"] == 3 and row["method"] == "cloob" and row["run_id"] == "rand"
+
+
+def test_shards_and_open_clip_weights_file_give_the_same_numbers(checkpoint, folders, tmp_path):
+    # The same images as webdataset shards with `cls`, and the same weights as a plain open_clip file.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    items = [(p, label) for label, name in enumerate(SPEC.classes) for p in sorted((folders / name).iterdir())]
+    for s in range(3):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for i, (p, label) in enumerate(items[s::3]):
+                for ext, data in (("jpg", p.read_bytes()), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{s}{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(Path(_model_file(checkpoint)).read_bytes())
+
+    ours = evaluate_zeroshot(load_model(checkpoint), open_classification_set("shapes", str(folders)),
+                             _settings(), progress=False)
+    ext = load_model(f"{ARCH}={weights}")
+    assert ext.info["run_id"] == f"open_clip:{ARCH}:weights.pt" and ext.info["step"] is None
+    assert ext.info["checkpoint_id"] == ours["checkpoint_id"]  # same bytes, same identity
+    from_shards = evaluate_zeroshot(ext, open_classification_set("shapes", str(shards)), _settings(workers=2),
+                                    progress=False)
+    for k in ("top1", "top5", "mean_per_class_recall", "n_images"):
+        assert from_shards[k] == pytest.approx(ours[k], abs=1e-9), k
+
+
+def test_classifier_is_cached_per_checkpoint_and_dataset(checkpoint, folders, tmp_path):
+    cache = ClassifierCache(str(tmp_path / "cache"))
+    em = load_model(checkpoint)
+    ds = open_classification_set("shapes", str(folders))
+    first = evaluate_zeroshot(em, ds, _settings(limit=20), cache, progress=False)
+    assert not first["classifier_cached"] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+    def no_text(*a, **k):
+        raise AssertionError("text encoder called although the classifier is cached")
+
+    em.model.encode_text = no_text
+    second = evaluate_zeroshot(em, ds, _settings(limit=20), cache, progress=False)
+    assert second["classifier_cached"] and second["top1"] == first["top1"] and second["n_images"] == 20
+
+
+def test_class_folder_mismatch_lists_the_differences(checkpoint, folders, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folders, data)
+    (data / "red circle").rename(data / "crimson circle")
+    shutil.rmtree(data / "blue square")
+    with pytest.raises(CloobError) as e:
+        open_classification_set("shapes", str(data))
+    msg = str(e.value)
+    assert "red circle" in msg and "blue square" in msg and "crimson circle" in msg
+
+
+@pytest.mark.parametrize("make", ["no_class_folders", "no_images", "empty_shard"])
+def test_empty_dataset_is_a_clear_error(tmp_path, make):
+    data = tmp_path / "data"
+    data.mkdir()
+    if make == "no_images":
+        for name in SPEC.classes:
+            (data / name).mkdir()
+    if make == "empty_shard":
+        tarfile.open(data / "00000.tar", "w").close()
+    if make == "empty_shard":
+        ds = open_classification_set("shapes", str(data))
+        with pytest.raises(CloobError, match="no readable image"):
+            evaluate_zeroshot(load_model_random(tmp_path), ds, _settings(), progress=False)
+    else:
+        with pytest.raises(CloobError, match="empty dataset"):
+            open_classification_set("shapes", str(data))
+
+
+def load_model_random(tmp_path):
+    model, *_ = create_model(ARCH)
+    CheckpointStore(str(tmp_path / "r")).save(1, model.state_dict(), {}, {}, {"arch": ARCH, "method": "clip"}, keep=1)
+    return load_model(str(tmp_path / "r"))
+
+
+def test_retrieval_recall_equals_direct_computation(checkpoint, tmp_path):
+    synthetic.write_shards(tmp_path / "ret", 60, shard_size=25, image_size=48, seed=5)
+    em = load_model(checkpoint)
+    row = evaluate_retrieval(em, open_retrieval_set(str(tmp_path / "ret")), _settings(workers=2), progress=False)
+    # Direct: read the shards in order, embed, rank; a hit is a text with the same caption.
+    pairs = []
+    for tar_path in sorted((tmp_path / "ret").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for key in sorted({n.split(".")[0] for n in members}):
+            pairs.append((Image.open(io.BytesIO(members[f"{key}.jpg"])).convert("RGB"), members[f"{key}.txt"].decode()))
+    with torch.no_grad():
+        x = em.model.encode_image(torch.stack([em.preprocess(im) for im, _ in pairs]), normalize=True)
+        y = em.model.encode_text(em.tokenizer([c for _, c in pairs]), normalize=True)
+    caps = [c for _, c in pairs]
+    sims = x @ y.T
+    for k in (1, 5, 10):
+        i2t = sum(any(caps[j] == caps[i] for j in sims[i].topk(k).indices.tolist()) for i in range(len(caps)))
+        t2i = sum(any(caps[j] == caps[i] for j in sims[:, i].topk(k).indices.tolist()) for i in range(len(caps)))
+        assert row[f"i2t_r{k}"] == pytest.approx(i2t / len(caps)), k
+        assert row[f"t2i_r{k}"] == pytest.approx(t2i / len(caps)), k
+    assert row["n_images"] == 60 and row["task"] == "retrieval"
+    assert row["alignment"] == pytest.approx(((x - y) ** 2).sum(dim=1).mean().item(), rel=1e-5)
+
+
+def test_eval_set_and_results_on_s3(checkpoint, folders, s3, tmp_path):
+    s3.mkdir("eval-bucket")
+    s3.put(str(folders) + "/", "eval-bucket/shapes", recursive=True)
+    local = evaluate_zeroshot(load_model(checkpoint), open_classification_set("shapes", str(folders)),
+                              _settings(), progress=False)
+    code = cli.main([*["evaluate", checkpoint, "--data", "shapes=s3://eval-bucket/shapes", "--workers", "2"],
+                     "--store", str(tmp_path), "--results", "s3://eval-bucket/results", "--no-progress"])
+    assert code == 0
+    rows = read_rows("s3://eval-bucket/results").to_pylist()
+    assert len(rows) == 1 and rows[0]["dataset_uri"] == "s3://eval-bucket/shapes"
+    assert rows[0]["top1"] == pytest.approx(local["top1"]) and rows[0]["n_images"] == local["n_images"]
+
+
+def test_cli_end_to_end_trained_run(tmp_path, capsys):
+    """prepare-downstream (generated set) -> train a few steps -> evaluate -> results, and a rerun
+    that finds the rows already there."""
+    from cloob.config import load_recipe
+    from cloob.train import train
+
+    shards = tmp_path / "pretrain"
+    synthetic.write_shards(shards, 160, shard_size=40, image_size=32, seed=4)
+    summary = train(load_recipe("tiny", [f"data.train={shards}", f"train.output={tmp_path / 'runs'}",
+                                         "train.steps=12", "train.batch_size=16", "data.workers=0",
+                                         "train.progress=false", "train.checkpoint_every=12", "train.run_name=t"]))
+    store = tmp_path / "store"
+    assert cli.main(["prepare-downstream", "shapes", "--out", str(store / "downstream"), "--no-progress"]) == 0
+    data = store / "downstream" / "shapes" / "red circle" / "0000.jpg"
+    data.write_bytes(b"corrupt")
+    capsys.readouterr()
+    argv = ["evaluate", summary["run_dir"], "--datasets", "all", "--store", str(store), "--no-progress",
+            "--retrieval", f"held-out={shards}", "--limit", "100"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "shapes" in out and "held-out" in out
+    rows = {r["dataset"]: r for r in read_rows(str(store / "results")).to_pylist()}
+    assert set(rows) == {"shapes", "held-out"}
+    assert rows["shapes"]["n_skipped"] == 1 and rows["shapes"]["step"] == 12
+    assert rows["shapes"]["pretraining_data"] == "pretrain" and rows["shapes"]["run_id"] == "t"
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count("already in results") == 2
+    assert len(read_rows(str(store / "results"), latest=False)) == 2
+
+
+def test_bad_model_reference_is_one_clear_error(tmp_path, folders, capsys):
+    code = cli.main(["evaluate", str(tmp_path / "nope"), "--data", f"shapes={folders}", "--store", str(tmp_path),
+                     "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "fix:" in err
+    (tmp_path / "w.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CloobError, match="cannot load"):
+        load_model(f"{ARCH}={tmp_path / 'w.pt'}")
+
+
+def test_openai_torchscript_weights_file(tmp_path):
+    """OpenAI's release format: a TorchScript archive (QuickGELU models); loaded into the named arch."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(ARCH, force_quick_gelu=True).eval()
+    img = torch.randn(2, 3, 32, 32)
+    text = open_clip.get_tokenizer(ARCH)(["a red circle", "a blue square"])
+    with pytest.warns():  # tracing warns about its own limits
+        torch.jit.trace_module(model, {"encode_image": (img,)}, check_trace=False).save(str(tmp_path / "M.pt"))
+    em = load_model(f"{ARCH}={tmp_path / 'M.pt'}")
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(img), em.model.encode_image(img))
+        assert torch.equal(model.encode_text(text), em.model.encode_text(text))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_on_gpu_agrees_with_fp32(checkpoint, folders):
+    ds = open_classification_set("shapes", str(folders))
+    fp32 = evaluate_zeroshot(load_model(checkpoint), ds, _settings(device="cuda", precision="fp32"), progress=False)
+    amp = evaluate_zeroshot(load_model(checkpoint), ds, _settings(device="cuda", precision="auto"), progress=False)
+    assert json.loads(amp["eval_settings"])["precision"] == "amp" and amp["device"].startswith("cuda:")
+    assert abs(amp["top1"] - fp32["top1"]) <= 3 / fp32["n_images"]  # bf16 may flip a near tie or two
