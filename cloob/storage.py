@@ -22,6 +22,7 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
         try:
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600; a published file is as readable as any other
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import posixpath
 import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import fsspec
@@ -23,6 +25,9 @@ from cloob.results.schema import KEY, NAMES, SCHEMA
 from cloob.storage import atomic_write_bytes, is_local
 
 PARTS = "parts"
+# A listed part can vanish before it is read (a compaction folded it into a newer part): list again.
+_READ_ATTEMPTS = 10
+_REMOTE_THREADS = 16
 
 
 def _fs(results_uri: str):
@@ -35,10 +40,19 @@ def _url(fs, path: str) -> str:
 
 
 def to_table(rows: list[dict]) -> pa.Table:
+    """Rows -> a table with exactly SCHEMA (absent columns null); CloobError names a bad column."""
+    if not rows:
+        raise CloobError("no rows to append to the results table", "pass at least one row")
+    if not all(isinstance(r, dict) for r in rows):
+        raise CloobError("results rows must be dicts (column name -> value)", "pass a list of dicts")
     unknown = sorted({k for r in rows for k in r} - set(NAMES))
     if unknown:
         raise CloobError(f"results rows have unknown column(s) {unknown}",
                          "use the columns of cloob/results/schema.py")
+    for name in KEY:
+        if any(r.get(name) is None for r in rows):
+            raise CloobError(f"results column {name!r} is missing in a row: it is part of the key {KEY}",
+                             f"give every row a {name}")
     columns = {}
     for field in SCHEMA:
         values = [r.get(field.name) for r in rows]
@@ -51,6 +65,7 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 def _part_name() -> str:
+    # Time first so that a listing is roughly chronological; the uuid makes names unique across hosts.
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex}.parquet"
 
 
@@ -70,6 +85,8 @@ def append_rows(results_uri: str, rows: list[dict]) -> str:
 
 def _list_parts(fs, root: str) -> list[str]:
     folder = posixpath.join(root, PARTS)
+    # s3fs caches listings per filesystem instance: other processes' parts would stay invisible.
+    fs.invalidate_cache(folder)
     try:
         paths = fs.ls(folder, detail=False)
     except FileNotFoundError:
@@ -77,22 +94,65 @@ def _list_parts(fs, root: str) -> list[str]:
     return sorted(p for p in paths if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
 
 
-def _conform(table: pa.Table) -> pa.Table:
+def _conform(table: pa.Table, where: str) -> pa.Table:
     # Parts written by an older version may lack a column (null) or hold extra ones (dropped).
-    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-            for f in SCHEMA]
+    cols = []
+    for f in SCHEMA:
+        if f.name not in table.column_names:
+            cols.append(pa.nulls(len(table), f.type))
+            continue
+        try:
+            cols.append(table.column(f.name).cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise CloobError(f"results part {where}: column {f.name!r} is {table.schema.field(f.name).type}, "
+                             f"not {f.type}: {e}", "move the part out of the results folder") from None
     return pa.table(cols, schema=SCHEMA)
 
 
-def _read(fs, paths: list[str]) -> pa.Table:
-    tables = []
-    for p in paths:
-        try:
-            with fs.open(p, "rb") as f:
-                tables.append(_conform(pq.read_table(f)))
-        except FileNotFoundError:
-            continue  # compacted away since the listing: its rows are in the compacted part
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+def _map(fs, fn: Callable, items: Iterable) -> list:
+    items = list(items)
+    if is_local(fs) or len(items) < 2:
+        return [fn(x) for x in items]
+    # Object stores: one request per part, so many at once.
+    with ThreadPoolExecutor(min(_REMOTE_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _load_part(fs, path: str) -> pa.Table | None:
+    """The part conformed to SCHEMA; None if it is gone."""
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CloobError(f"results part {_url(fs, path)} is not a readable parquet file: {e}",
+                         "move it out of the results folder") from None
+    return _conform(table, _url(fs, path))
+
+
+def _read_parts(fs, root: str) -> tuple[pa.Table, list[str]]:
+    """Every row of one complete listing, and the parts they came from.
+
+    A compaction publishes its part before it deletes the parts it folded in, so when a listed part
+    has vanished, a new listing holds its rows: list again (parts never change, so the ones already
+    read are kept)."""
+    loaded: dict[str, pa.Table] = {}
+    for _ in range(_READ_ATTEMPTS):
+        paths = _list_parts(fs, root)
+        todo = [p for p in paths if p not in loaded]
+        vanished = False
+        for p, t in zip(todo, _map(fs, lambda p: _load_part(fs, p), todo)):
+            if t is None:
+                vanished = True
+            else:
+                loaded[p] = t
+        if not vanished:
+            tables = [loaded[p] for p in paths]
+            return (pa.concat_tables(tables) if tables else SCHEMA.empty_table()), paths
+    raise CloobError(f"results parts under {_url(fs, root)} kept vanishing while being read",
+                     "a compaction may be running: try again in a moment")
 
 
 def latest_rows(table: pa.Table) -> pa.Table:
@@ -106,32 +166,36 @@ def latest_rows(table: pa.Table) -> pa.Table:
         if k not in seen:
             seen.add(k)
             keep.append(i)
-    return order.take(pa.array(sorted(keep), type=pa.int64()))
+    return order.take(pa.array(keep, type=pa.int64()))
 
 
 def read_rows(results_uri: str, latest: bool = True) -> pa.Table:
     """The table (an empty one with the schema if nothing was written yet)."""
     fs, root = _fs(results_uri)
-    table = _read(fs, _list_parts(fs, root))
+    table, _ = _read_parts(fs, root)
     return latest_rows(table) if latest else table
 
 
 def to_pandas(results_uri: str, latest: bool = True):
+    """read_rows as a pandas DataFrame."""
     return read_rows(results_uri, latest).to_pandas()
+
+
+def _remove(fs, path: str) -> None:
+    try:
+        fs.rm_file(path)  # rm_file: no glob expansion, so only this exact part
+    except FileNotFoundError:
+        pass  # a concurrent compaction removed it first; its rows are in that compaction's part
 
 
 def compact(results_uri: str) -> dict:
     """Fold the current parts into one. Rows appended meanwhile are in parts not listed here and
     stay; a concurrent compaction at worst duplicates rows, which latest=True reads as one."""
     fs, root = _fs(results_uri)
-    paths = _list_parts(fs, root)
+    table, paths = _read_parts(fs, root)
     if len(paths) < 2:
-        return {"parts_before": len(paths), "rows": None, "part": None}
-    table = _read(fs, paths)
+        return {"parts_before": len(paths), "rows": len(table), "part": _url(fs, paths[0]) if paths else None}
+    # Publish the union first, then delete exactly the parts read: a crash in between only duplicates.
     part = _write_part(results_uri, table)
-    for p in paths:
-        try:
-            fs.rm(p)
-        except FileNotFoundError:
-            pass
+    _map(fs, lambda p: _remove(fs, p), paths)
     return {"parts_before": len(paths), "rows": len(table), "part": part}
