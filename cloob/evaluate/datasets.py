@@ -196,8 +196,12 @@ class _Files(Dataset):
     def __getitem__(self, i: int):
         url, label = self.items[i]
         try:
-            with fsspec.open(url, "rb") as f:
-                data = f.read()
+            if "://" in url:
+                with fsspec.open(url, "rb") as f:
+                    data = f.read()
+            else:  # a local path: skip fsspec's per-file machinery (~0.1 ms an image)
+                with open(url, "rb") as f:
+                    data = f.read()
         except FileNotFoundError:
             data = b""  # vanished since listing: count it with the unreadable ones
         return _decode(data, self.transform), label, i

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
+import numpy as np
 import torch
 
 from cloob.errors import CloobError
@@ -94,23 +95,28 @@ class _DiagSample:
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed = size, seed
-        self.keys = torch.empty(0, dtype=torch.long)
-        self.rows: list[torch.Tensor] = []
+        self.keys = np.empty(0, dtype=np.uint64)
+        self.rows: torch.Tensor | None = None
         self.extra: list = []
 
-    def _hash(self, idx: list[int]) -> torch.Tensor:
-        return torch.tensor([int.from_bytes(hashlib.blake2b(f"{self.seed}:{i}".encode(), digest_size=7).digest(),
-                                            "big") for i in idx], dtype=torch.long)
+    def _hash(self, idx: list[int]) -> np.ndarray:
+        # splitmix64 of (index + seed): vectorised, and uint64 arithmetic wraps as intended.
+        z = np.asarray(idx, dtype=np.uint64) + np.uint64((self.seed * 0x9E3779B97F4A7C15) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
     def add(self, index: list[int], emb: torch.Tensor, extra: list) -> None:
-        keys = torch.cat([self.keys, self._hash(index)])
-        rows = (torch.cat([torch.stack(self.rows), emb]) if self.rows else emb).cpu()
+        keys = np.concatenate([self.keys, self._hash(index)])
+        rows = emb.cpu() if self.rows is None else torch.cat([self.rows, emb.cpu()])
         extra = self.extra + list(extra)
-        keep = keys.argsort()[: self.size]
-        self.keys, self.rows, self.extra = keys[keep], list(rows[keep]), [extra[i] for i in keep.tolist()]
+        if len(keys) > self.size:
+            keep = np.argsort(keys, kind="stable")[: self.size]
+            keys, rows, extra = keys[keep], rows[torch.from_numpy(keep)], [extra[i] for i in keep.tolist()]
+        self.keys, self.rows, self.extra = keys, rows, extra
 
     def tensor(self) -> torch.Tensor:
-        return torch.stack(self.rows)
+        return self.rows
 
 
 def _bar(total: int | None, desc: str, enabled: bool):
