@@ -17,7 +17,7 @@ The data: generated pictures (random coloured shapes, JPEG) in one folder per cl
 names and prompt templates of a real downstream spec (default gtsrb: 43 classes x 3 templates).
 
 Usage: python bench/bench_eval.py [--arch ViT-B-32] [--spec gtsrb] [--per-class 4] [--image-size 256]
-                                  [--batch-size 32] [--workers 2] [--repeats 3] [--device cpu] [--write]
+                                  [--batch-size 32] [--workers N] [--repeats 3] [--device cpu] [--write]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=4)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="default: as `cloob evaluate` (cores - 1)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
@@ -125,6 +125,7 @@ def main() -> None:
     ds = open_classification_set(spec_path, str(tmp / "images"))
     em = load_model(str(run), device=device)
     settings = EvalSettings(batch_size=args.batch_size, workers=args.workers, device=str(device))
+    args.workers = settings.workers
     results: dict[str, list[float]] = {"plain": [], "ours, cold cache": [], "ours, warm cache": []}
     for r in range(args.repeats):
         cache = ClassifierCache(str(tmp / f"cache{r}"))

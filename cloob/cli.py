@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     except CloobError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `cloob results | head`: the reader left; say nothing more (and not on the closed pipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted: finished checkpoints are kept; rerun the same command to resume", file=sys.stderr)
         return 130

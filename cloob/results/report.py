@@ -15,7 +15,7 @@ import posixpath
 import re
 import textwrap
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,6 +98,8 @@ class Table:
 
 @dataclass
 class Report:
+    """What `cloob results` shows: the three tables, the paper reference and the footnotes."""
+
     results_uri: str
     metric: str
     checkpoints: list[Checkpoint]  # zero-shot columns, in display order
@@ -105,9 +107,11 @@ class Report:
     zeroshot: Table
     retrieval: Table
     diagnostics: Table
-    paper: PaperReference | None
-    notes: list[str]  # footnotes of the zero-shot table
-    all_checkpoints: list[Checkpoint] = field(default_factory=list)
+    paper: PaperReference | None  # the published setting in the reference columns
+    notes: list[str]  # footnotes
+    all_checkpoints: list[Checkpoint] = field(default_factory=list)  # zero-shot and retrieval
+    paper_values: dict[str, dict[str, Ref]] = field(default_factory=dict)  # method -> dataset -> percent
+    paper_source: str = ""
 
 
 # ----------------------------------------------------------------------------------- the paper
@@ -176,7 +180,8 @@ def paper_values(choice: PaperReference, paper_rows: list[dict] | None = None) -
     for r in load_paper() if paper_rows is None else paper_rows:
         if PaperReference(r["pretraining"], r["encoder"], r["epochs"].strip()) == choice:
             std = r["std_percent"].strip()
-            values.setdefault(r["method"], {})[r["dataset"]] = Ref(float(r["top1_percent"]), float(std) if std else None)
+            ref = Ref(float(r["top1_percent"]), float(std) if std else None)
+            values.setdefault(r["method"], {})[r["dataset"]] = ref
             sources.append(r["source"])
     return values, "; ".join(dict.fromkeys(sources))
 
@@ -227,7 +232,7 @@ def _checkpoints(rows: list[dict]) -> dict[tuple[str, str], Checkpoint]:
     for c, lab in zip(ordered, labels):
         # Same run and step, other weights (a rerun): the checkpoint hash tells them apart.
         lab = f"{lab} #{c.checkpoint_id[:8]}" if lab in dup else lab
-        out[(c.run_id, c.checkpoint_id)] = Checkpoint(**{**c.__dict__, "label": lab})
+        out[(c.run_id, c.checkpoint_id)] = replace(c, label=lab)
     return out
 
 
@@ -255,17 +260,15 @@ def _pct(v) -> float | None:
 def _skipped_notes(rows: list[dict], datasets: list[str], ckpts: dict) -> list[str]:
     notes = []
     for ds in datasets:
-        per = [(ckpts[(r["run_id"], r["checkpoint_id"])].label, r.get("n_skipped") or 0)
-               for r in rows if r["dataset"] == ds]
-        per.sort(key=lambda x: x[0])
-        if not any(n for _, n in per):
-            continue
+        per = sorted((ckpts[(r["run_id"], r["checkpoint_id"])].label, r.get("n_skipped") or 0)
+                     for r in rows if r["dataset"] == ds)
         counts = {n for _, n in per}
-        if len(counts) == 1:
-            n = counts.pop()
-            notes.append(f"{ds}: {n} unreadable image{'s' if n != 1 else ''} skipped")
+        if counts == {0}:
+            continue
+        if len(counts) == 1:  # the same set read the same way by every checkpoint: say it once
+            notes.append(f"{ds}: {counts.pop()} unreadable image(s) skipped")
         else:
-            notes.append(f"{ds}: unreadable images skipped: " + ", ".join(f"{n} ({lab})" for lab, n in per))
+            notes += [f"{ds}, {lab}: {n} unreadable image(s) skipped" for lab, n in per if n]
     return notes
 
 
@@ -292,48 +295,45 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
     ckpts = _checkpoints(rows)
     zs = [r for r in rows if r["task"] == "zeroshot"]
     rt = [r for r in rows if r["task"] == "retrieval"]
-    zs_ckpts = [c for c in ckpts.values() if any((r["run_id"], r["checkpoint_id"]) == (c.run_id, c.checkpoint_id)
-                                                 for r in zs)]
+    zs_keys = {(r["run_id"], r["checkpoint_id"]) for r in zs}
+    zs_ckpts = [c for k, c in ckpts.items() if k in zs_keys]
     zs_datasets = _dataset_order({r["dataset"] for r in zs}, paper_rows)
     ref = choose_paper(paper, zs_ckpts, paper_rows) if zs else None
+    ref_values, ref_source = paper_values(ref, paper_rows) if ref else ({}, "")
 
     # zero-shot: rows = datasets, columns = checkpoints (+ the paper)
     cell = {(r["dataset"], (r["run_id"], r["checkpoint_id"])): r for r in zs}
-    paper_methods = [m for m in ("clip", "cloob") if ref and m in ref.values]
-    columns = ["dataset", *[c.label for c in zs_ckpts], *[ref.column(m) for m in paper_methods], "images", "skipped"]
+    paper_methods = [m for m in ("clip", "cloob") if m in ref_values]
+    columns = ["dataset", "metric", *[c.label for c in zs_ckpts], *[ref.column(m) for m in paper_methods],
+               "images", "skipped"]
     zt = Table(f"Zero-shot classification: {_METRIC_NAMES[metric]} (%)", columns)
     values: dict[str, list[float | None]] = {}
+    shown_metrics = set()
     for ds in zs_datasets:
         rs = [cell.get((ds, (c.run_id, c.checkpoint_id))) for c in zs_ckpts]
         vals = [None if r is None else _pct(r["main_value"] if metric == "main" else r.get(metric)) for r in rs]
         values[ds] = vals
-        refs = [ref.values[m].get(ds) for m in paper_methods]
-        zt.rows.append([ds, *vals, *refs, _count_cell([r and r.get("n_images") for r in rs]),
+        names = sorted({r["main_metric"] or "?" for r in rs if r}) if metric == "main" else [metric]
+        shown_metrics.update(names)
+        zt.rows.append([ds, "/".join(names), *vals, *[ref_values[m].get(ds) for m in paper_methods],
+                        _count_cell([r and r.get("n_images") for r in rs]),
                         _count_cell([r and r.get("n_skipped") for r in rs])])
+    # The mean over the datasets every checkpoint has, so that the columns are comparable.
     common = [ds for ds in zs_datasets if all(v is not None for v in values[ds])]
     notes = []
     if len(common) >= 2:
         means = [sum(values[ds][i] for ds in common) / len(common) for i in range(len(zs_ckpts))]
-        paper_means = [Ref(sum(ref.values[m][ds].value for ds in common) / len(common))
-                       if all(ds in ref.values[m] for ds in common) else None for m in paper_methods]
-        zt.rows.append(["mean", *means, *paper_means, None, None])
+        paper_means = [Ref(sum(ref_values[m][ds].value for ds in common) / len(common))
+                       if all(ds in ref_values[m] for ds in common) else None for m in paper_methods]
+        zt.rows.append(["mean", "", *means, *paper_means, "", ""])
         zt.summary_rows = 1
         if len(common) < len(zs_datasets):
             notes.append(f"mean: over the {len(common)} datasets every checkpoint has ({', '.join(common)})")
-    if metric == "main":
-        mains = {ds: sorted({r["main_metric"] for r in zs if r["dataset"] == ds and r.get("main_metric")})
-                 for ds in zs_datasets}
-        other = {ds: m for ds, m in mains.items() if m and m != ["top1"]}
-        if other:
-            notes.append("main metric: top-1 accuracy, except " + "; ".join(
-                f"{ds}: {', '.join(_METRIC_NAMES.get(m, m) for m in ms)}" for ds, ms in other.items()))
     if ref:
-        shown = "" if metric == "top1" else (
-            "; compare with care where this table shows another metric" if metric == "main" and notes and
-            notes[-1].startswith("main metric") else "" if metric == "main" else
-            f"; this table shows {_METRIC_NAMES[metric]}")
-        notes.append(f"paper columns: zero-shot top-1 accuracy as published (the paper reports top-1 for all "
-                     f"datasets), {ref.label}, ± one standard deviation where given; source: {ref.source}{shown}")
+        care = ("; where the metric column is not top1 the numbers are not directly comparable (--metric top1)"
+                if shown_metrics - {"top1"} else "")
+        notes.append(f"paper columns: published zero-shot top-1 accuracy, {ref.label}, ± one standard deviation "
+                     f"where given; the paper reports top-1 for all datasets{care}. Source: {ref_source}")
     notes += _skipped_notes(zs, zs_datasets, ckpts)
 
     # retrieval: one row per (dataset, checkpoint)
@@ -353,7 +353,8 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
         if any(r.get(k) is not None for k, _ in _DIAGNOSTICS):
             dt.rows.append([ckpts[(r["run_id"], r["checkpoint_id"])].label, r["dataset"],
                             *[r.get(k) for k, _ in _DIAGNOSTICS], r.get("n_images"), r.get("n_skipped")])
-    return Report(results_uri, metric, zs_ckpts, zs_datasets, zt, rtt, dt, ref, notes, list(ckpts.values()))
+    return Report(results_uri, metric, zs_ckpts, zs_datasets, zt, rtt, dt, ref, notes, list(ckpts.values()),
+                  ref_values, ref_source)
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -367,7 +368,7 @@ def _fmt(v, decimals: int) -> str:
 
 
 def _numeric(col: list) -> bool:
-    return all(v is None or isinstance(v, (int, float, Ref)) for v in col)
+    return all(v is None or v == "" or isinstance(v, (int, float, Ref)) for v in col)
 
 
 def _text_table(t: Table) -> str:
@@ -376,7 +377,8 @@ def _text_table(t: Table) -> str:
     for j, head in enumerate(t.columns):
         width = max([len(r[j]) for r in cells] + [8 if j else 1])
         # Long checkpoint labels as headers: wrapped over a few lines, not one very wide column.
-        lines = textwrap.wrap(head, max(width, 14 if j else width, max(map(len, head.split())))) or [""]
+        lines = textwrap.wrap(head, max(width, 14 if j else width, max(map(len, head.split()))),
+                              break_on_hyphens=False) or [""]
         width = max([width] + [len(x) for x in lines])
         right = j > 0 and _numeric([row[j] for row in t.rows])
         out_cols.append((lines, width, right))
@@ -399,6 +401,12 @@ def _text_table(t: Table) -> str:
             text.append(rule)
         text.append(line(c.rjust(w) if right else c.ljust(w) for c, (_, w, right) in zip(row, out_cols)))
     return "\n".join(text)
+
+
+def zero_shot_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """The zero-shot table as text cells: (header, rows)."""
+    t = report.zeroshot
+    return list(t.columns), [[_fmt(v, t.decimals) for v in row] for row in t.rows]
 
 
 def render_text(report: Report) -> str:
@@ -453,7 +461,7 @@ def render_markdown(report: Report, png_name: str | None = "results.png") -> str
         out += ["", f"## {report.retrieval.title}", "", _md_table(report.retrieval)]
     if report.diagnostics.rows:
         out += ["", f"## {report.diagnostics.title}", "", _md_table(report.diagnostics), "", _DIAG_NOTE + "."]
-    out += ["", "## Checkpoints", "", "| checkpoint | run | step | method | arch | pretraining | sha256 | weights |",
+    out += ["", "**Checkpoints**", "", "| checkpoint | run | step | method | arch | pretraining | sha256 | weights |",
             "|:---|:---|---:|:---|:---|:---|:---|:---|"]
     for c in report.all_checkpoints:
         out.append("| " + " | ".join(_md_escape(_fmt(v, 0)) for v in (
@@ -470,7 +478,7 @@ def _chart_data(report: Report):
     zt = report.zeroshot
     if zt.rows:
         groups = [r[0] for r in zt.rows]
-        series = [(c, [r[1 + i] for r in zt.rows]) for i, c in enumerate(report.checkpoints)]
+        series = [(c, [r[2 + i] for r in zt.rows]) for i, c in enumerate(report.checkpoints)]
         papers = []
         if report.paper:
             for m, style in (("clip", "--"), ("cloob", "-")):
@@ -488,15 +496,16 @@ def _chart_data(report: Report):
     labels = list(dict.fromkeys(r[1] for r in rt.rows))
     vals = {(r[0], r[1]): (r[2], r[5]) for r in rt.rows}
     series = [(by_ckpt[lab], [vals.get((d, lab), (None, None))[k] for d in ds for k in (0, 1)]) for lab in labels]
-    return rt.title, groups, series, []
+    return "Retrieval: recall@1 (%)", groups, series, []
 
 
 def render_png(report: Report, path: str | None = None) -> bytes:
     """A grouped bar chart (one group per dataset, one bar per checkpoint, the paper as lines);
     returns the PNG and writes it to path (any fsspec URL) when given."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily: a slow import
-    from matplotlib.figure import Figure
+    # Lazily (a slow import), and the Agg canvas directly: no pyplot, no global backend switch.
     import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     title, groups, series, papers = _chart_data(report)
     n = max(len(series), 1)
@@ -506,7 +515,8 @@ def render_png(report: Report, path: str | None = None) -> bytes:
     ax = fig.add_subplot()
     group_w = 0.8
     bar_w = group_w / n
-    shades: dict[str, int] = Counter(c.method for c, _ in series)
+    # One colour family per method (CLIP blues, CLOOB oranges), shades within it; external weights hatched.
+    shades = Counter(c.method for c, _ in series)
     used: Counter = Counter()
     annotate = len(groups) * n <= 48
     for i, (c, vals) in enumerate(series):
@@ -542,7 +552,10 @@ def render_png(report: Report, path: str | None = None) -> bytes:
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     if series or papers:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(groups) > 4 else -0.1), fontsize=8,
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("paper "))  # bars, then the paper
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
+                  bbox_to_anchor=(0.5, -0.18 if len(groups) > 4 else -0.1), fontsize=8,
                   ncol=2 if len(series) + len(papers) > 3 else 1, frameon=False)
     if not groups:
         ax.text(0.5, 0.5, "no results to chart", ha="center", va="center", transform=ax.transAxes)
