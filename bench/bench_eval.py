@@ -17,7 +17,7 @@ The data: generated pictures (random coloured shapes, JPEG) in one folder per cl
 names and prompt templates of a real downstream spec (default gtsrb: 43 classes x 3 templates).
 
 Usage: python bench/bench_eval.py [--arch ViT-B-32] [--spec gtsrb] [--per-class 4] [--image-size 256]
-                                  [--batch-size 32] [--workers N] [--repeats 3] [--device cpu] [--write]
+                                  [--batch-size 32] [--workers N] [--threads N] [--repeats 3] [--device cpu] [--write]
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="default: as `cloob evaluate` (cores - 1)")
+    ap.add_argument("--threads", type=int, default=None, help="our model threads on CPU (default: torch's)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
@@ -124,7 +125,8 @@ def main() -> None:
     del model
     ds = open_classification_set(spec_path, str(tmp / "images"))
     em = load_model(str(run), device=device)
-    settings = EvalSettings(batch_size=args.batch_size, workers=args.workers, device=str(device))
+    settings = EvalSettings(batch_size=args.batch_size, workers=args.workers, device=str(device),
+                            threads=args.threads)
     args.workers = settings.workers
     results: dict[str, list[float]] = {"plain": [], "ours, cold cache": [], "ours, warm cache": []}
     for r in range(args.repeats):
@@ -148,11 +150,12 @@ def main() -> None:
     base = statistics.median(results["plain"])
     n_texts = len(spec.classes) * len(spec.templates)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    lines = [f"## Zero-shot evaluation throughput ({args.arch}, {device.type})", "",
+    tag = f", {args.threads} model thread{'s' if args.threads > 1 else ''} + {args.workers} workers" if args.threads else ""
+    lines = [f"## Zero-shot evaluation throughput ({args.arch}, {device.type}{tag})", "",
              f"{_dt.date.today()}, {platform.processor() or platform.machine()}, {dev}, torch {torch.__version__}. "
              f"Command: `python bench/bench_eval.py --arch {args.arch} --spec {args.spec} --per-class "
              f"{args.per_class} --image-size {args.image_size} --batch-size {args.batch_size} --workers "
-             f"{args.workers} --repeats {args.repeats} --device {args.device} --write`", "",
+             f"{args.workers}{f' --threads {args.threads}' if args.threads else ''} --repeats {args.repeats} --device {args.device} --write`", "",
              f"{len(ds)} generated {args.image_size}px JPEGs in {len(spec.classes)} class folders; classifier "
              f"from {args.spec}'s {len(spec.classes)} classes x {len(spec.templates)} templates = {n_texts} "
              f"prompts. Randomly initialised weights (speed does not depend on them). "

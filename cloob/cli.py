@@ -161,7 +161,8 @@ def _cmd_evaluate(args) -> int:
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
     settings = EvalSettings(batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                            device=args.device, limit=args.limit, diag_samples=args.diag_samples, seed=args.seed)
+                            device=args.device, limit=args.limit, diag_samples=args.diag_samples, seed=args.seed,
+                            threads=args.threads)
     classification, retrieval = _eval_sets(args)
     results = args.results or posixpath.join(args.store, "results")
     cache = None if args.no_cache else posixpath.join(args.store, "cache", "classifiers")
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results table location (default: <store>/results)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, help="DataLoader workers decoding images (default: cores - 1, at most 8)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's); "
+                                                 "1 with --workers = cores suits small models")
     p.add_argument("--precision", choices=["auto", "fp32", "amp"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

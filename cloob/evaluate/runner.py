@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -43,6 +43,9 @@ class EvalSettings:
     limit: int | None = None  # at most this many images per set (a seeded random subset of folders)
     diag_samples: int = 2000  # embeddings used for the diagnostics (pairwise cost grows as n^2)
     seed: int = 0
+    # CPU threads of the model in this process (None: torch's default, one per core). With a small
+    # model the images are the work: give the cores to the decoding workers (threads=1, bench_eval).
+    threads: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -56,6 +59,8 @@ class EvalSettings:
             raise CloobError(f"limit {self.limit} must be at least 1", "leave --limit out to use every image")
         if self.diag_samples < 2:
             raise CloobError(f"diag samples {self.diag_samples} must be at least 2", "use --diag-samples 2000")
+        if self.threads is not None and self.threads < 1:
+            raise CloobError(f"threads {self.threads} must be at least 1", "leave --threads out for torch's default")
         if self.precision not in ("auto", "fp32", "amp"):
             raise CloobError(f"precision {self.precision!r} is not auto, fp32 or amp", "use --precision auto")
 
@@ -119,6 +124,19 @@ class _DiagSample:
         return self.rows
 
 
+@contextmanager
+def _threads(settings: EvalSettings, device: torch.device):
+    if settings.threads is None or device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _bar(total: int | None, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -137,14 +155,21 @@ def _device_name(device: torch.device) -> str:
 def _base_row(em: EvalModel, dataset: str, uri: str, identity: str, task: str) -> dict:
     from cloob.version import code_version
 
-    return {**em.info, "dataset": dataset, "dataset_uri": uri, "dataset_hash": identity, "task": task,
+    from cloob.evaluate.models import _redact
+
+    return {**em.info, "dataset": dataset, "dataset_uri": _redact(uri), "dataset_hash": identity, "task": task,
             "code_version": code_version(), "row_uuid": uuid.uuid4().hex}
 
 
-@torch.no_grad()
 def evaluate_zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings,
                       cache: ClassifierCache | None = None, progress: bool = True) -> dict:
     """Zero-shot classification of `ds` with `em`: a results row (plus `classifier_cached`)."""
+    with _threads(settings, settings.torch_device()), torch.no_grad():
+        return _zeroshot(em, ds, settings, cache, progress)
+
+
+def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cache: ClassifierCache | None,
+              progress: bool) -> dict:
     started, t0 = _now(), time.perf_counter()
     device = settings.torch_device()
     precision = settings.resolved_precision(device)
@@ -205,9 +230,13 @@ def evaluate_zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettin
     return {**row, "classifier_cached": cached}
 
 
-@torch.no_grad()
 def evaluate_retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress: bool = True) -> dict:
     """Image<->text recall@1/5/10 on the captioned pairs of `rs`, plus diagnostics on the pairs."""
+    with _threads(settings, settings.torch_device()), torch.no_grad():
+        return _retrieval(em, rs, settings, progress)
+
+
+def _retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress: bool) -> dict:
     started, t0 = _now(), time.perf_counter()
     device = settings.torch_device()
     autocast = _autocast(device, settings.resolved_precision(device))
