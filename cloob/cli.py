@@ -283,16 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("results", help="the results table side by side: datasets x checkpoints, with the paper")
-    p.add_argument("--store", default=".", help="root holding results/ (default: .)")
-    p.add_argument("--results", help="results table location (default: <store>/results)")
-    p.add_argument("--metric", default="main", choices=["main", "top1", "top5", "mean_per_class_recall"],
-                   help="zero-shot metric shown (main: each dataset's main metric)")
-    p.add_argument("--paper", default="auto",
-                   help="published reference columns: auto | none | PRETRAINING:ENCODER[:EPOCHS], e.g. cc3m:RN50:128")
-    p.add_argument("--dataset", nargs="+", help="only these datasets")
-    p.add_argument("--run", nargs="+", help="only these runs (run ids)")
-    p.add_argument("--out", help="where results.md and results.png go (default: <results>/report)")
-    p.add_argument("--compact", action="store_true", help="fold the table's parts into one file first")
+    from cloob.results.report import add_arguments  # no pyarrow/matplotlib at import
+
+    add_arguments(p)
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
     p.set_defaults(func=_cmd_results)
 

@@ -226,6 +226,14 @@ def test_eval_set_and_results_on_s3(checkpoint, folders, s3, tmp_path):
     rows = read_rows("s3://eval-bucket/results").to_pylist()
     assert len(rows) == 1 and rows[0]["dataset_uri"] == "s3://eval-bucket/shapes"
     assert rows[0]["top1"] == pytest.approx(local["top1"]) and rows[0]["n_images"] == local["n_images"]
+    # webdataset shards on S3 (a retrieval set), read through fsspec by the DataLoader workers
+    synthetic.write_shards(tmp_path / "ret", 30, shard_size=10, image_size=32, seed=8)
+    s3.put(str(tmp_path / "ret") + "/", "eval-bucket/ret", recursive=True)
+    local_r = evaluate_retrieval(load_model(checkpoint), open_retrieval_set(str(tmp_path / "ret")), _settings(),
+                                 progress=False)
+    remote_r = evaluate_retrieval(load_model(checkpoint), open_retrieval_set("s3://eval-bucket/ret"),
+                                  _settings(workers=2), progress=False)
+    assert remote_r["n_images"] == 30 and remote_r["i2t_r5"] == pytest.approx(local_r["i2t_r5"])
 
 
 def test_cli_end_to_end_trained_run(tmp_path, capsys):

@@ -350,5 +350,9 @@ def evaluate_many(models: list[str], classification: list[tuple[str, str]], retr
             except CloobError as e:
                 yield Outcome(ref, s.name, error=str(e))
                 continue
+            except OSError as e:  # storage or network failed mid-read: the other pairs still run
+                yield Outcome(ref, s.name, error=f"cannot read {s.uri}: {type(e).__name__}: {e}\n  fix: check the "
+                                                 "path, network and credentials; rerun to evaluate what is missing")
+                continue
             append_rows(results, [row])
             yield Outcome(ref, s.name, row=row, extra=extra)
