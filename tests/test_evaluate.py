@@ -299,3 +299,20 @@ def test_amp_on_gpu_agrees_with_fp32(checkpoint, folders):
     amp = evaluate_zeroshot(load_model(checkpoint), ds, _settings(device="cuda", precision="auto"), progress=False)
     assert json.loads(amp["eval_settings"])["precision"] == "amp" and amp["device"].startswith("cuda:")
     assert abs(amp["top1"] - fp32["top1"]) <= 3 / fp32["n_images"]  # bf16 may flip a near tie or two
+
+
+def test_lineage_names_the_prepared_pretraining_dataset(tmp_path, checkpoint):
+    """A run trained on `cloob prepare` output records that dataset's spec name and content hash."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    data = tmp_path / "datasets" / "cc3m"
+    (data / "_cloob").mkdir(parents=True)
+    (data / "_cloob" / "manifest.json").write_text(json.dumps({"name": "cc3m", "spec": {"name": "cc3m"},
+                                                               "content_hash": "ab" * 32}))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"data": {"train": str(data)}}))
+    info = load_model(str(run)).info
+    assert info["pretraining_data"] == "cc3m" and info["pretraining_hash"] == "ab" * 32
