@@ -24,7 +24,6 @@ import uuid
 from dataclasses import dataclass
 
 import fsspec
-import torch
 
 from cloob.storage import atomic_write_bytes, is_local  # noqa: F401 (re-exported)
 
@@ -38,6 +37,8 @@ _STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
 def torch_bytes(obj) -> bytes:
+    import torch  # here, not at the top: listing checkpoints (registry, evaluation) needs no torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -108,6 +109,8 @@ class CheckpointStore:
     @staticmethod
     def load(ref: CheckpointRef, map_location="cpu") -> tuple[dict, dict, dict]:
         """(model state_dict, train state, meta), verifying the model file's sha256."""
+        import torch
+
         meta = ref.meta()
         with fsspec.open(ref.model_url, "rb") as f:
             model_bytes = f.read()

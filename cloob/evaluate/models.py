@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import posixpath
@@ -25,6 +24,7 @@ import fsspec
 import torch
 
 from cloob.errors import CloobError
+from cloob.lineage import pretraining_data, redact, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,71 +35,6 @@ class EvalModel:
     preprocess: object  # the model's validation transform (PIL image -> tensor)
     tokenizer: object
     info: dict = field(default_factory=dict)  # lineage columns of the results table
-
-
-def _redact(url: str) -> str:
-    # user:password@host in a URL is the one place a secret could ride along with a path.
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        if "@" in rest.split("/", 1)[0]:
-            return f"{scheme}://{rest.split('@', 1)[1]}"
-    return url
-
-
-def _read_json(url: str) -> dict | None:
-    try:
-        with fsspec.open(url, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return None
-
-
-def resolve_checkpoint(ref: str) -> str:
-    """The checkpoint folder a reference means: itself, or a run's latest complete checkpoint."""
-    from cloob.checkpoint import META_FILE, CheckpointStore
-
-    ref = ref.rstrip("/")
-    try:
-        fs, path = fsspec.core.url_to_fs(ref)
-        exists = fs.exists(path)
-    except (OSError, ValueError, ImportError) as e:
-        raise CloobError(f"cannot reach {_redact(ref)}: {type(e).__name__}: {e}",
-                         "check the URL, network and credentials (AWS_* environment or config)") from None
-    if not exists:
-        raise CloobError(f"model {_redact(ref)} does not exist",
-                         "give a checkpoint folder, a run folder, or ARCH=<weights file> for open_clip weights")
-    if fs.exists(posixpath.join(path, META_FILE)):
-        return ref
-    latest = CheckpointStore(ref).latest()
-    if latest is not None:
-        return latest.url
-    if fs.isfile(path):
-        raise CloobError(f"{_redact(ref)} is a file, not one of our checkpoints",
-                         f"for open_clip weights name the architecture: RN50={ref} (see `cloob models`)")
-    raise CloobError(f"{_redact(ref)} holds no complete checkpoint (no meta.json, no checkpoints/step_*/meta.json)",
-                     "point at a run folder or a checkpoints/step_NNNNNNNN folder of a finished save")
-
-
-def _pretraining(run_dir: str) -> tuple[str | None, str | None]:
-    """(dataset name, content hash) of the data a run trained on, from its recipe and the dataset
-    manifest when the data was made by `cloob prepare`; else the data folder's name."""
-    import yaml
-
-    try:
-        with fsspec.open(posixpath.join(run_dir, "recipe.yaml"), "r") as f:
-            recipe = yaml.safe_load(f) or {}
-    except (FileNotFoundError, OSError, ValueError):
-        return None, None
-    train = ((recipe.get("data") or {}).get("train") or "").rstrip("/")
-    if not train:
-        return None, None
-    manifest = _read_json(posixpath.join(train, "_cloob", "manifest.json")) if "{" not in train else None
-    if manifest:
-        name = (manifest.get("spec") or {}).get("name") or manifest.get("name")
-        return name or posixpath.basename(train), manifest.get("content_hash")
-    return posixpath.basename(train) or train, None
 
 
 def load_checkpoint(ref: str, device: str | torch.device = "cpu") -> EvalModel:
@@ -117,16 +52,16 @@ def load_checkpoint(ref: str, device: str | torch.device = "cpu") -> EvalModel:
         blob = f.read()
     sha = sha256_bytes(blob)
     if sha != meta.get("model_sha256"):
-        raise CloobError(f"checkpoint {_redact(url)}: the model file does not match the sha256 in meta.json",
+        raise CloobError(f"checkpoint {redact(url)}: the model file does not match the sha256 in meta.json",
                          "the file is damaged or was replaced; use another checkpoint or re-run training")
     open_clip.add_model_config(MODEL_CONFIGS_DIR)
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     run_dir = posixpath.dirname(posixpath.dirname(url))
-    data, data_hash = _pretraining(run_dir)
+    data, data_hash = pretraining_data(run_dir)
     info = {"run_id": meta.get("run_name") or posixpath.basename(run_dir), "checkpoint_id": sha,
-            "checkpoint_uri": _redact(url), "step": int(meta["step"]), "method": meta.get("method"),
+            "checkpoint_uri": redact(url), "step": int(meta["step"]), "method": meta.get("method"),
             "arch": arch, "pretraining_data": data, "pretraining_hash": data_hash,
             "samples_seen": meta.get("samples_seen")}
     return EvalModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(arch), info)
@@ -177,11 +112,11 @@ def load_open_clip_weights(arch: str, weights: str, device: str | torch.device =
     try:
         local, temporary = _local_copy(weights)
     except FileNotFoundError:
-        raise CloobError(f"weights file {_redact(weights)} does not exist",
+        raise CloobError(f"weights file {redact(weights)} does not exist",
                          f"give the path of a downloaded weights file: {arch}=/path/to/weights.pt") from None
     try:
         if not os.path.isfile(local):
-            raise CloobError(f"weights file {_redact(weights)} does not exist",
+            raise CloobError(f"weights file {redact(weights)} does not exist",
                              f"give the path of a downloaded weights file: {arch}=/path/to/weights.pt")
         h = hashlib.sha256()
         with open(local, "rb") as f:
@@ -206,7 +141,7 @@ def load_open_clip_weights(arch: str, weights: str, device: str | torch.device =
                 model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=local)
         except (RuntimeError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile,
                 __import__("pickle").UnpicklingError) as e:
-            raise CloobError(f"cannot load {_redact(weights)} as {arch} weights: {type(e).__name__}: "
+            raise CloobError(f"cannot load {redact(weights)} as {arch} weights: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:300]}",
                              "check that the file belongs to this architecture (`cloob models` lists them) "
                              "and is not truncated") from None
@@ -216,7 +151,7 @@ def load_open_clip_weights(arch: str, weights: str, device: str | torch.device =
     name = Path(weights).name
     tag = _pretrained_tag(arch, name)
     info = {"run_id": f"open_clip:{arch}:{name}", "checkpoint_id": h.hexdigest(),
-            "checkpoint_uri": _redact(weights), "step": None, "method": method, "arch": arch,
+            "checkpoint_uri": redact(weights), "step": None, "method": method, "arch": arch,
             "pretraining_data": pretraining or tag, "pretraining_hash": None, "samples_seen": None}
     return EvalModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(arch), info)
 

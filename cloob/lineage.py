@@ -1,0 +1,78 @@
+"""Where a checkpoint came from, read from what training wrote (no torch): the checkpoint folder a
+reference means, the run's recipe, and the pretraining dataset's manifest."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import fsspec
+
+from cloob.errors import CloobError
+
+
+def redact(url: str) -> str:
+    # user:password@host in a URL is the one place a secret could ride along with a path.
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        if "@" in rest.split("/", 1)[0]:
+            return f"{scheme}://{rest.split('@', 1)[1]}"
+    return url
+
+
+def read_json(url: str) -> dict | None:
+    try:
+        with fsspec.open(url, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_checkpoint(ref: str) -> str:
+    """The checkpoint folder a reference means: itself, or a run's latest complete checkpoint."""
+    from cloob.checkpoint import META_FILE, CheckpointStore
+
+    ref = ref.rstrip("/")
+    try:
+        fs, path = fsspec.core.url_to_fs(ref)
+        exists = fs.exists(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise CloobError(f"cannot reach {redact(ref)}: {type(e).__name__}: {e}",
+                         "check the URL, network and credentials (AWS_* environment or config)") from None
+    if not exists:
+        raise CloobError(f"model {redact(ref)} does not exist",
+                         "give a checkpoint folder, a run folder, or ARCH=<weights file> for open_clip weights")
+    if fs.exists(posixpath.join(path, META_FILE)):
+        return ref
+    latest = CheckpointStore(ref).latest()
+    if latest is not None:
+        return latest.url
+    if fs.isfile(path):
+        raise CloobError(f"{redact(ref)} is a file, not one of our checkpoints",
+                         f"for open_clip weights name the architecture: RN50={ref} (see `cloob models`)")
+    raise CloobError(f"{redact(ref)} holds no complete checkpoint (no meta.json, no checkpoints/step_*/meta.json)",
+                     "point at a run folder or a checkpoints/step_NNNNNNNN folder of a finished save")
+
+
+def pretraining_data(run_dir: str) -> tuple[str | None, str | None]:
+    """(dataset name, content hash) of the data a run trained on, from its recipe and the dataset
+    manifest when the data was made by `cloob prepare`; else the data folder's name."""
+    import yaml
+
+    try:
+        with fsspec.open(posixpath.join(run_dir, "recipe.yaml"), "r") as f:
+            recipe = yaml.safe_load(f) or {}
+    except (FileNotFoundError, OSError, ValueError):
+        return None, None
+    train = ((recipe.get("data") or {}).get("train") or "").rstrip("/")
+    if not train:
+        return None, None
+    manifest = read_json(posixpath.join(train, "_cloob", "manifest.json")) if "{" not in train else None
+    if manifest:
+        name = (manifest.get("spec") or {}).get("name") or manifest.get("name")
+        return name or posixpath.basename(train), manifest.get("content_hash")
+    return posixpath.basename(train) or train, None
+
+
