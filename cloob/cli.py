@@ -195,6 +195,57 @@ def _cmd_results(args) -> int:
     return run_command(args)
 
 
+def _cmd_registry(args) -> int:
+    import json
+    import posixpath
+
+    from cloob.registry import Registry
+
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
+    reg = Registry(args.registry or posixpath.join(args.store, "registry"))
+    results = args.results or posixpath.join(args.store, "results")
+    if args.action == "register":
+        for ref in args.refs:
+            e = reg.register(ref, aliases=args.alias or [], note=args.note)
+            print(f"registered {e['id'][:12]}  {e['run_id']} step {e['step']}  {e['checkpoint_uri']}")
+        return 0
+    if args.action == "alias":
+        if len(args.refs) != 2:
+            raise CloobError("`cloob registry alias` takes ALIAS ENTRY", "e.g. cloob registry alias prod latest")
+        entry = reg.resolve(args.refs[1])
+        reg.set_alias(args.refs[0], entry["id"], reason=args.note)
+        print(f"{args.refs[0]} -> {entry['id'][:12]} ({entry['run_id']} step {entry['step']})")
+        return 0
+    if args.action == "best":
+        moved = reg.update_best(results)
+        print("\n".join(f"{a} -> {e[:12]}" for a, e in moved.items()) or "no alias moved")
+        return 0
+    if args.action in ("show", "resolve"):
+        if len(args.refs) != 1:
+            raise CloobError(f"`cloob registry {args.action}` takes one name", "an alias, an entry id or a checkpoint URI")
+        entry = reg.resolve(args.refs[0])
+        if args.action == "resolve":
+            print(entry["checkpoint_uri"])
+            return 0
+        aliases = sorted(a for a, e in reg.aliases().items() if e == entry["id"])
+        rows = reg.eval_rows(entry["id"], results)
+        evals = [{k: r[k] for k in ("dataset", "main_metric", "main_value", "n_images", "n_skipped",
+                                    "eval_settings_hash") if k in r} for r in rows]
+        print(json.dumps({**entry, "aliases": aliases, "evaluations": evals}, indent=1, default=str))
+        return 0
+    entries = reg.entries()
+    by_entry: dict[str, list[str]] = {}
+    for a, e in sorted(reg.aliases().items()):
+        by_entry.setdefault(e, []).append(a)
+    print(f"{'id':12s}  {'run':24s} {'step':>7s}  {'method':6s} {'arch':16s} {'data':12s}  aliases")
+    for e in entries:
+        print(f"{e['id'][:12]}  {str(e['run_id'])[-24:]:24s} {str(e['step']):>7s}  {str(e['method']):6s} "
+              f"{str(e['arch'])[:16]:16s} {str(e['data_name'])[:12]:12s}  {', '.join(by_entry.get(e['id'], []))}")
+    print(f"{len(entries)} entries in {reg.uri}")
+    return 0
+
+
 def _cmd_models(args) -> int:
     from cloob.model import list_architectures
 
@@ -288,6 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
     p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("registry", help="register checkpoints with their lineage; list, show, resolve; aliases",
+                       description="register REF... | list | show NAME | resolve NAME | alias ALIAS ENTRY | best")
+    p.add_argument("action", choices=["register", "list", "show", "resolve", "alias", "best"])
+    p.add_argument("refs", nargs="*", help="checkpoint/run folders (register), a name (show, resolve), "
+                                           "ALIAS ENTRY (alias)")
+    p.add_argument("--alias", action="append", help="with register: also move this alias to it (repeatable)")
+    p.add_argument("--note", help="a note kept with the entry or the alias move")
+    p.add_argument("--store", default=".", help="root of registry/ and results/ (default: .)")
+    p.add_argument("--registry", help="registry location (default: <store>/registry)")
+    p.add_argument("--results", help="results table, for show and best (default: <store>/results)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
+    p.set_defaults(func=_cmd_registry)
 
     sub.add_parser("models", help="list model architectures").set_defaults(func=_cmd_models)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=_cmd_recipes)

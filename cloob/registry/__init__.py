@@ -1,0 +1,6 @@
+"""The checkpoint registry: entries with lineage, and aliases that move atomically.
+
+    store.py   entries and alias events on a folder or any fsspec URL, safe with many writers
+"""
+
+from cloob.registry.store import Registry, RegistryError  # noqa: F401

@@ -1,0 +1,202 @@
+"""Checkpoint registry on a folder or an object store, safe with several writers at once.
+
+Layout under `<store>/registry/`:
+    entries/<sha256>.json                 one per checkpoint, named by its model file's sha256 (its
+                                          content identity), so registering twice is a no-op and two
+                                          writers of the same checkpoint write the same file
+    aliases/<alias>/<time>-<uuid>.json    an alias is a log of moves; its target is the newest move
+
+Every file is written once and never rewritten in place (atomic rename locally, one PUT on S3), so
+no writer can lose another's entry or move, and a reader sees an alias either before or after a move,
+never half of one. Aliases: `latest` follows the newest registration; `best-<dataset>` the entry with
+the best main metric on that dataset (`update_best`); any other name is the user's.
+
+An entry holds the lineage: checkpoint URI and sha256, run id, step, method, arch, the recipe and
+its hash, the training data and its manifest hash, code version and the training metrics. Its
+evaluation rows are read from the results table when shown, so they appear once they exist.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import uuid
+from datetime import datetime, timezone
+
+import fsspec
+
+from cloob.errors import CloobError
+from cloob.lineage import pretraining_data, read_json, redact, resolve_checkpoint
+from cloob.storage import atomic_write_bytes, is_local
+
+ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SHA = re.compile(r"^[0-9a-f]{6,64}$")
+
+
+class RegistryError(CloobError):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class Registry:
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.root = self.root.rstrip("/")
+
+    # ------------------------------------------------------------------------------- paths
+    def _url(self, path: str) -> str:
+        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
+
+    def _entry_path(self, entry_id: str) -> str:
+        return posixpath.join(self.root, "entries", f"{entry_id}.json")
+
+    def _ls(self, path: str) -> list[str]:
+        try:
+            self.fs.invalidate_cache(path)  # other processes write here: never trust a cached listing
+            return sorted(self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def _read(self, path: str) -> dict | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    # ----------------------------------------------------------------------------- entries
+    def register(self, ref: str, *, aliases: list[str] | tuple[str, ...] = (), note: str | None = None) -> dict:
+        """Register a checkpoint (folder, or a run's latest) and move `latest` and `aliases` to it."""
+        for a in aliases:
+            self._check_alias(a)
+        url = resolve_checkpoint(ref)
+        meta = read_json(posixpath.join(url, "meta.json"))
+        if not meta or "model_sha256" not in meta:
+            raise RegistryError(f"{redact(url)}: meta.json is missing or has no model_sha256",
+                                "register a complete checkpoint written by `cloob train`")
+        entry_id = meta["model_sha256"]
+        entry = self._read(self._entry_path(entry_id))
+        if entry is None:
+            run_dir = posixpath.dirname(posixpath.dirname(url.rstrip("/")))
+            recipe = self._recipe(run_dir)
+            data_name, data_hash = pretraining_data(run_dir)
+            entry = {"id": entry_id, "checkpoint_uri": redact(url), "checkpoint_sha256": entry_id,
+                     "model_bytes": meta.get("model_bytes"), "run_id": meta.get("run_name"),
+                     "run_dir": redact(run_dir), "step": meta.get("step"), "method": meta.get("method"),
+                     "arch": meta.get("arch"), "recipe_name": meta.get("recipe_name"),
+                     "recipe_hash": meta.get("recipe_hash"), "recipe": recipe,
+                     "data": redact(((recipe or {}).get("data") or {}).get("train") or "") or None,
+                     "data_name": data_name, "data_manifest_hash": data_hash,
+                     "samples_seen": meta.get("samples_seen"), "code_version": meta.get("code_version"),
+                     "training_metrics": meta.get("metrics") or {}, "note": note, "registered_at": _now()}
+            atomic_write_bytes(self._url(self._entry_path(entry_id)),
+                               json.dumps(entry, indent=1, sort_keys=True).encode())
+        for a in ("latest", *aliases):
+            self.set_alias(a, entry_id)
+        return entry
+
+    @staticmethod
+    def _recipe(run_dir: str) -> dict | None:
+        import yaml
+
+        try:
+            with fsspec.open(posixpath.join(run_dir, "recipe.yaml"), "r") as f:
+                return yaml.safe_load(f)
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+
+    def entries(self) -> list[dict]:
+        out = []
+        for p in self._ls(posixpath.join(self.root, "entries")):
+            if p.endswith(".json") and not posixpath.basename(p).startswith("."):
+                e = self._read(p)
+                if e is not None:
+                    out.append(e)
+        return sorted(out, key=lambda e: e["registered_at"])
+
+    def get(self, entry_id: str) -> dict | None:
+        return self._read(self._entry_path(entry_id))
+
+    # ----------------------------------------------------------------------------- aliases
+    @staticmethod
+    def _check_alias(alias: str) -> None:
+        if not ALIAS.match(alias) or _SHA.match(alias):
+            raise RegistryError(f"alias {alias!r} is not a valid name",
+                                "use letters, digits, '.', '_' and '-', starting with a letter or digit, "
+                                "and not a hex string (those name entries)")
+
+    def set_alias(self, alias: str, entry_id: str, *, reason: str | None = None) -> dict:
+        """Move `alias` to the entry: one new, atomically written move event."""
+        self._check_alias(alias)
+        if self.get(entry_id) is None:
+            raise RegistryError(f"no registry entry {entry_id}", "register the checkpoint first: cloob registry register <ckpt>")
+        t = datetime.now(timezone.utc)
+        move = {"alias": alias, "entry": entry_id, "at": t.isoformat(timespec="microseconds"), "reason": reason}
+        name = f"{t:%Y%m%dT%H%M%S.%f}-{uuid.uuid4().hex}.json"
+        atomic_write_bytes(self._url(posixpath.join(self.root, "aliases", alias, name)), json.dumps(move).encode())
+        return move
+
+    def alias_history(self, alias: str) -> list[dict]:
+        moves = [m for p in self._ls(posixpath.join(self.root, "aliases", alias))
+                 if p.endswith(".json") and not posixpath.basename(p).startswith(".")
+                 and (m := self._read(p)) is not None]
+        return sorted(moves, key=lambda m: (m["at"], m["entry"]))
+
+    def aliases(self) -> dict[str, str]:
+        out = {}
+        for p in self._ls(posixpath.join(self.root, "aliases")):
+            history = self.alias_history(posixpath.basename(p.rstrip("/")))
+            if history:
+                out[history[-1]["alias"]] = history[-1]["entry"]
+        return out
+
+    # ----------------------------------------------------------------------------- lookup
+    def resolve(self, name: str) -> dict:
+        """An entry by alias, by id (a unique prefix of at least 6 hex digits), or by checkpoint URI."""
+        history = self.alias_history(name) if ALIAS.match(name) else []
+        if history:
+            return self.get(history[-1]["entry"])
+        entries = self.entries()
+        if _SHA.match(name):
+            hits = [e for e in entries if e["id"].startswith(name)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise RegistryError(f"{name!r} matches {len(hits)} entries", "give more digits of the id")
+        hits = [e for e in entries if e["checkpoint_uri"].rstrip("/") == name.rstrip("/")]
+        if hits:
+            return hits[-1]
+        known = ", ".join(sorted(self.aliases())) or "none"
+        raise RegistryError(f"nothing in the registry {self.uri} is called {name!r}",
+                            f"use an alias ({known}), an entry id, or a registered checkpoint URI; "
+                            "`cloob registry list` shows them")
+
+    def update_best(self, results_uri: str) -> dict[str, str]:
+        """Move `best-<dataset>` to the registered entry with the best main metric on each dataset.
+        Returns the aliases that moved."""
+        from cloob.results.table import read_rows
+
+        registered = {e["id"] for e in self.entries()}
+        best: dict[str, tuple[float, str]] = {}
+        for r in read_rows(results_uri, latest=True).to_pylist():
+            if r["checkpoint_id"] in registered and r["main_value"] is not None:
+                if r["dataset"] not in best or r["main_value"] > best[r["dataset"]][0]:
+                    best[r["dataset"]] = (r["main_value"], r["checkpoint_id"])
+        current = self.aliases()
+        moved = {}
+        for dataset, (value, entry_id) in sorted(best.items()):
+            alias = f"best-{dataset}"
+            if ALIAS.match(alias) and current.get(alias) != entry_id:
+                self.set_alias(alias, entry_id, reason=f"main metric {value:.4f} on {dataset}")
+                moved[alias] = entry_id
+        return moved
+
+    def eval_rows(self, entry_id: str, results_uri: str) -> list[dict]:
+        from cloob.results.table import read_rows
+
+        return [r for r in read_rows(results_uri, latest=True).to_pylist() if r["checkpoint_id"] == entry_id]
