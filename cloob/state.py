@@ -1,0 +1,84 @@
+"""What is already done, judged by content: each function returns a key naming a finished step's
+output (hashes of what it was made from and of what it made), or None when the step still has work.
+
+The orchestration layer caches on these keys: a finished step is skipped, and a missing or partial
+output (deleted, crashed, another spec) gives None, so the step runs and resumes from what is there.
+A key is never built from arguments alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepared(spec, out: str) -> str | None:
+    """A pretraining dataset at `out` made from `spec` (a PretrainSpec) whose manifest is written."""
+    from cloob.data.prepare import read_manifest
+
+    m = read_manifest(out)
+    if not m or m.get("spec_hash") != spec.content_hash():
+        return None
+    return _key("prepared", m["spec_hash"], m["content_hash"])
+
+
+def prepared_downstream(name_or_spec, out: str) -> str | None:
+    from cloob.data.downstream import load_downstream_spec, read_manifest, spec_hash
+
+    spec = load_downstream_spec(name_or_spec)
+    m = read_manifest(out, spec.name)
+    if not m or m.get("spec_sha256") != spec_hash(spec):
+        return None
+    return _key("downstream", m["spec_sha256"], m.get("source"), m.get("images"), m.get("archive"))
+
+
+def trained(recipe) -> str | None:
+    """The run of `recipe` has a checkpoint at its last step, saved by this very recipe."""
+    from cloob.checkpoint import CheckpointStore
+    from cloob.train import plan_run
+
+    plan = plan_run(recipe, world_size=1)
+    latest = CheckpointStore(plan.run_dir).latest()
+    if latest is None:
+        return None
+    meta = latest.meta()
+    if meta.get("recipe_hash") != recipe.content_hash() or latest.step < _total_steps(recipe, plan, meta):
+        return None
+    return _key("trained", meta["recipe_hash"], meta["model_sha256"], latest.step)
+
+
+def _total_steps(recipe, plan, meta) -> int:
+    # The plan depends on the world size (steps per epoch); the run records the one it trained with.
+    if recipe.train.steps:
+        return recipe.train.steps
+    import math
+
+    ws = int(meta.get("world_size") or 1)
+    steps_per_epoch = plan.num_samples // (recipe.train.batch_size * ws)
+    return max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
+
+
+def registered(checkpoint_url: str, registry_uri: str) -> str | None:
+    from cloob.lineage import read_json
+    from cloob.registry import Registry
+
+    meta = read_json(posixpath.join(checkpoint_url, "meta.json"))
+    if not meta or not Registry(registry_uri).get(meta.get("model_sha256", "")):
+        return None
+    return _key("registered", meta["model_sha256"], registry_uri)
+
+
+def evaluated(checkpoint_sha256: str, dataset: str, dataset_hash: str, settings_hash: str,
+              results_uri: str) -> str | None:
+    from cloob.results.table import read_rows
+
+    for r in read_rows(results_uri, latest=True).to_pylist():
+        if (r["checkpoint_id"], r["dataset"], r["dataset_hash"], r["eval_settings_hash"]) == (
+                checkpoint_sha256, dataset, dataset_hash, settings_hash):
+            return _key("evaluated", r["row_uuid"])
+    return None

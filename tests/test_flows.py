@@ -1,0 +1,52 @@
+"""The Prefect flows under a real ephemeral Prefect server in a temporary PREFECT_HOME."""
+
+import os
+import tempfile
+
+# Before Prefect is imported: its settings are read once.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cloob.checkpoint import CheckpointStore  # noqa: E402
+from cloob.data import synthetic  # noqa: E402
+from cloob.model import create_model, model_config  # noqa: E402
+from cloob.results.table import read_rows  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(3)
+    model, *_ = create_model("cloob-tiny-vit")
+    return CheckpointStore(str(run)).save(1, model.state_dict(), {"model_cfg": model_config("cloob-tiny-vit")}, {},
+                                          {"arch": "cloob-tiny-vit", "method": "cloob", "run_name": "f"}, keep=1).url
+
+
+def test_evaluate_flow_a_broken_set_fails_only_its_task_and_reruns_are_cached(tmp_path, checkpoint):
+    from flows.pipeline import evaluate_flow
+
+    good = tmp_path / "shapes"
+    synthetic.write_class_folders(good, per_class=3, image_size=32)
+    broken = tmp_path / "broken"
+    synthetic.write_class_folders(broken, per_class=2, image_size=32)
+    (broken / "red circle").rename(broken / "crimson circle")  # no longer matches the spec
+    spec = Path(__file__).parents[1] / "data_specs" / "downstream" / "shapes.yaml"
+    broken_spec = tmp_path / "shapes_broken.yaml"
+    broken_spec.write_text(spec.read_text().replace("name: shapes", "name: shapes_broken"))
+    store = tmp_path / "store"
+    settings = {"batch_size": 16, "workers": 0}
+    out = evaluate_flow([checkpoint], {"shapes": str(good), str(broken_spec): str(broken)}, str(store), settings)
+    assert out["evaluated"] == 1 and out["failed"] == 1
+    rows = read_rows(str(store / "results")).to_pylist()
+    assert [r["dataset"] for r in rows] == ["shapes"] and rows[0]["n_images"] == 54
+    assert Path(out["report"]).exists()
+    # A second run finds the row: the task is cached (no new row), the broken set fails again.
+    again = evaluate_flow([checkpoint], {"shapes": str(good)}, str(store), settings)
+    assert again["evaluated"] == 1 and len(read_rows(str(store / "results"), latest=False)) == 1
