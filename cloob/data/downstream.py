@@ -64,7 +64,8 @@ class _Strict(BaseModel):
 class Source(_Strict):
     kind: Literal["download", "user-supplied", "generated"]
     url: str | None = None
-    generator: Literal["shapes"] | None = Field(None, description="for kind: generated, what makes the images")
+    generator: Literal["shapes"] | None = Field(None, description="for kind: generated, what makes the images "
+                                                                  "(shapes: cloob.data.synthetic.write_class_folders)")
     per_class: int = Field(20, ge=1, description="for kind: generated, images per class")
     size: int | None = Field(None, gt=0, description="archive size in bytes; null: recorded at download")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")

@@ -125,20 +125,22 @@ SHAPE_CLASSES = [f"{c} {s}" for c in COLORS for s in SHAPES]  # "red circle", ..
 
 def write_class_folders(out_dir: str | Path, per_class: int, image_size: int = 64, seed: int = 0,
                         classes: list[str] | None = None) -> Path:
-    """A zero-shot classification set of one-shape pictures: `<out_dir>/<color shape>/NNNN.jpg`,
-    matching data_specs/downstream/shapes.yaml. Each class folder is written whole, then renamed."""
+    """A zero-shot classification set of one-shape pictures, `<out_dir>/<class>/NNNN.jpg`, where a
+    class is "<color> <shape>" (data_specs/downstream/shapes.yaml) or a colour alone, drawn as any
+    shape (colors.yaml). Each class folder is written whole, then renamed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for ci, name in enumerate(classes or SHAPE_CLASSES):
         final = out / name
         if final.is_dir():
             continue
-        color, shape = name.split(" ")
+        color, _, shape = name.partition(" ")
         rng = random.Random(seed * 1_000_003 + ci)
         tmp = out / f".{name}.tmp"
         tmp.mkdir(exist_ok=True)
         for i in range(per_class):
-            img = render([Item(shape, color)], rng.choice(list(BACKGROUNDS)), image_size, rng)
+            item = Item(shape or rng.choice(SHAPES), color)
+            img = render([item], rng.choice(list(BACKGROUNDS)), image_size, rng)
             (tmp / f"{i:04d}.jpg").write_bytes(_jpeg(img))
         os.replace(tmp, final)
     return out
