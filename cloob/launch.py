@@ -1,0 +1,354 @@
+"""Run one training run under torchrun as a supervised subprocess: its log, its progress, a deadline
+and cancellation, and no stray processes afterwards.
+
+    result = launch("tiny", ["data.train=./shards"], nproc_per_node=2, deadline_s=3600)
+    result.check()          # CloobError with the trainer's error and the end of the log on failure
+    result.checkpoint       # the latest complete checkpoint, e.g. for the registry
+
+torchrun runs in its own session (process group), so one signal to the group reaches torchrun, every
+rank and every DataLoader worker. A stopped run (deadline, cancel, crash) resumes from its last
+checkpoint when launched again with the same recipe and overrides.
+
+Callbacks (`on_line`, `on_progress`) run in the thread that called `launch`, never in a helper
+thread, so they may use thread-bound context (a Prefect run logger, for one). The trainer (and
+open_clip) is not imported here, only the recipe loader: it takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import posixpath
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from cloob.checkpoint import CheckpointStore
+from cloob.config import load_recipe
+from cloob.errors import CloobError
+from cloob.storage import is_local
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 200  # kept for error messages
+ERROR_TAIL_LINES = 20  # shown by LaunchResult.check()
+POLL_S = 1.0  # metrics.jsonl poll interval
+_TICK_S = 0.1  # how often the wait loop looks at the deadline, the stop event and the process
+_REAP_S = 30.0  # after SIGKILL: how long to wait for the group's processes to be reaped
+_DRAIN_S = 5.0  # after torchrun exits: how long to wait for the end of its output
+
+# Printed by the trainer (cloob.train._announce) before the first step: the planned total.
+_TOTAL_STEPS = re.compile(r"; (\d+) steps \(\d+/epoch\)")
+
+
+@dataclass
+class LaunchResult:
+    returncode: int | None  # torchrun's exit status; negative: killed by that signal; None: would not die
+    run_dir: str
+    checkpoint: str | None  # URL of the latest complete checkpoint after the run
+    last_progress: dict | None  # the last metrics line seen (+ total_steps)
+    seconds: float
+    timed_out: bool
+    cancelled: bool
+    log_tail: list[str]  # the last TAIL_LINES lines of torchrun's merged stdout/stderr
+    command: list[str]
+    pgid: int  # torchrun's pid and process group id; no process of it exists after launch returns
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.cancelled
+
+    def check(self) -> LaunchResult:
+        """Return self if the run finished; else raise CloobError saying why, with the log's end."""
+        if self.ok:
+            return self
+        resume = "rerun the same command to resume from the last checkpoint"
+        where = f"last checkpoint: {self.checkpoint or 'none'}"
+        if p := self.last_progress:
+            of = f" of {p['total_steps']}" if p.get("total_steps") else ""
+            where = f"at step {p.get('step')}{of}; {where}"
+        if self.timed_out:
+            raise CloobError(f"training in {self.run_dir} was stopped at its deadline after {self.seconds:.0f} s "
+                             f"({where})", f"{resume}, with a later deadline if it needs more time")
+        if self.cancelled:
+            raise CloobError(f"training in {self.run_dir} was cancelled after {self.seconds:.0f} s ({where})",
+                             resume)
+        tail = self.log_tail[-ERROR_TAIL_LINES:]
+        # Under torchrun the trainer's own "error: ... fix: ..." lines are often pushed out of the
+        # last lines by torchrun's failure report, so they are picked out of the whole tail.
+        errors = _trainer_errors(self.log_tail)
+        problem = f"training in {self.run_dir} failed (torchrun exit code {self.returncode}; {where})"
+        if errors:
+            problem += "\n  " + "\n  ".join(errors)
+        problem += "\n  last lines of the log:\n    " + "\n    ".join(tail)
+        raise CloobError(problem, f"fix the cause above, then {resume}")
+
+
+def _trainer_errors(lines: list[str]) -> list[str]:
+    """The trainer's `error: <problem>` lines with their `  fix: ...` lines, once each (every rank prints)."""
+    # Ranks print at the same time: one's "error: ..." can land right after another's "  fix: ..."
+    # before its newline (print writes the text and the newline separately).
+    lines = [part for line in lines for part in
+             (re.split(r"(?=error: )", line) if line.startswith(("error: ", "  fix: ")) else [line]) if part]
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        if line.startswith("error: "):
+            block = [line]
+            for nxt in lines[i + 1:]:
+                if not nxt.startswith("  fix: "):
+                    break
+                block.append(nxt)
+            for b in block:
+                if b not in out:
+                    out.append(b)
+    return out
+
+
+def build_command(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes: int = 1,
+                  node_rank: int = 0, rdzv_endpoint: str | None = None) -> list[str]:
+    """The torchrun command line that `launch` runs."""
+    if nproc_per_node < 1 or nnodes < 1:
+        raise CloobError(f"nproc_per_node={nproc_per_node}, nnodes={nnodes}", "both must be at least 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes == 1:
+        cmd.append("--standalone")  # a rendezvous on a free local port: no endpoint needed
+    else:
+        if not rdzv_endpoint or ":" not in rdzv_endpoint:
+            raise CloobError(f"a run on {nnodes} nodes needs a rendezvous endpoint (got {rdzv_endpoint!r})",
+                             "pass rdzv_endpoint='HOST:PORT' of node 0, the same on every node")
+        if not 0 <= node_rank < nnodes:
+            raise CloobError(f"node_rank={node_rank} is not in 0..{nnodes - 1}", "give each node its own rank")
+        cmd += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", rdzv_endpoint]
+    # Last override wins in load_recipe: no tqdm bar, whose carriage returns make a log unreadable.
+    return cmd + ["--nproc_per_node", str(nproc_per_node), "-m", "cloob.train", recipe, *overrides,
+                  "train.progress=false"]
+
+
+class _MetricsTail:
+    """Reads the lines appended to a metrics.jsonl since the last call.
+
+    Lines already there at launch belong to an earlier attempt and are skipped. On resume the
+    trainer rewrites the file (os.replace, a new inode) keeping the lines up to the resumed step; of
+    that backlog only the newest line is reported."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            st = path.stat()
+            self.ino, self.offset = st.st_ino, st.st_size
+        except OSError:
+            self.ino, self.offset = None, 0
+
+    def read_new(self) -> list[dict]:
+        try:
+            f = open(self.path, "rb")
+        except OSError:
+            return []
+        with f:
+            st = os.fstat(f.fileno())
+            replaced = self.ino is not None and (st.st_ino != self.ino or st.st_size < self.offset)
+            if self.ino is None or replaced:
+                self.ino, self.offset = st.st_ino, 0
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        rows = []
+        for line in complete.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+        return rows[-1:] if replaced else rows
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member we may not signal still exists
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_group_gone(proc: subprocess.Popen, pgid: int, timeout: float) -> bool:
+    """Wait until no process of the group exists; torchrun is reaped here, orphaned ranks or
+    workers by init (a killed process stays in the group as a zombie until reaped)."""
+    end = time.monotonic() + timeout
+    while True:
+        proc.poll()
+        if not _group_alive(pgid):
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.05)
+
+
+def _stop_group(proc: subprocess.Popen, pgid: int, grace_s: float) -> None:
+    """SIGTERM the whole group, SIGKILL whatever is left after grace_s, wait until all are gone."""
+    try:
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGTERM)
+            if _wait_group_gone(proc, pgid, grace_s):
+                return
+    finally:  # also when interrupted while waiting out the grace period
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+            if not _wait_group_gone(proc, pgid, _REAP_S):  # stuck in the kernel, or never reaped
+                log.warning("processes of training group %d still exist %.0f s after SIGKILL", pgid, _REAP_S)
+        proc.poll()  # torchrun itself is reaped by now unless it is the one stuck
+
+
+def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, int | None]:
+    """(run_dir, the local metrics.jsonl the trainer appends to, planned steps if fixed)."""
+    r = load_recipe(recipe, overrides)  # raises the same CloobError the trainer would, before any start
+    # As cloob.train.plan_run names it; not imported from there, since cloob.train imports torch.
+    run_name = r.train.run_name or r.default_run_name()
+    run_dir = posixpath.join(r.train.output.rstrip("/"), "runs", run_name)
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    if is_local(fs):
+        metrics = Path(path).absolute() / "metrics.jsonl"
+    else:  # the trainer writes metrics to a local mirror under its working directory (ours)
+        metrics = Path.cwd() / ".cloob-logs" / run_name / "metrics.jsonl"
+    return run_dir, metrics, r.train.steps
+
+
+def _latest_checkpoint(run_dir: str) -> str | None:
+    try:
+        ref = CheckpointStore(run_dir).latest()
+    except Exception as e:  # a storage error here must not hide how the run itself went
+        log.warning("could not list the checkpoints of %s: %s: %s", run_dir, type(e).__name__, e)
+        return None
+    return ref.url if ref else None
+
+
+def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
+           rdzv_endpoint: str | None = None, deadline_s: float | None = None,
+           on_line: Callable[[str], None] | None = None, on_progress: Callable[[dict], None] | None = None,
+           stop: threading.Event | None = None, env: dict | None = None, grace_s: float = 10.0) -> LaunchResult:
+    """Train `recipe` with `overrides` under torchrun and supervise it until it ends.
+
+    deadline_s: seconds from now after which the run is stopped (SIGTERM to the group, SIGKILL after
+    grace_s). stop: set it from any thread to cancel the same way. env: variables added to this
+    process's environment for the run. on_line gets each output line (no newline); on_progress gets
+    each new metrics.jsonl line as a dict plus "total_steps". Both run in this thread; an exception
+    in them, or any exception or KeyboardInterrupt here, stops the group and is re-raised.
+    A failed run is not raised: call .check() on the result. A bad recipe or override is raised at
+    once (CloobError), before anything starts.
+    """
+    command = build_command(recipe, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+    run_dir, metrics_path, total_steps = _resolve_run(recipe, [*overrides, "train.progress=false"])
+    metrics = _MetricsTail(metrics_path)
+    # Unbuffered Python writes print()'s text and its newline separately, so the ranks' lines would
+    # interleave mid-line in the shared pipe; line-buffered stderr (the default; the trainer and
+    # torchrun log there) writes whole lines, as they happen.
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "", **(env or {})}
+
+    start = time.monotonic()
+    proc = subprocess.Popen(command, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)
+    pgid = proc.pid  # start_new_session: torchrun leads its own session and process group
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    def read() -> None:  # only reads; the callbacks run in the caller's thread
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                lines.put(line)
+        finally:
+            lines.put(None)
+
+    reader = threading.Thread(target=read, name=f"cloob-launch-{pgid}", daemon=True)
+    reader.start()
+
+    last_progress: dict | None = None
+    timed_out = cancelled = False
+
+    def deliver(line: str) -> None:
+        nonlocal total_steps
+        if m := _TOTAL_STEPS.search(line):
+            total_steps = int(m.group(1))
+        if on_line is not None:
+            on_line(line)
+
+    def poll_metrics() -> None:
+        nonlocal last_progress
+        for row in metrics.read_new():
+            last_progress = {**row, "total_steps": total_steps}
+            if on_progress is not None:
+                on_progress(dict(last_progress))
+
+    try:
+        eof, exited_at, next_poll = False, None, start + POLL_S
+        while True:
+            now = time.monotonic()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is None:
+                if deadline_s is not None and now - start >= deadline_s:
+                    timed_out = True
+                    break
+                if stop is not None and stop.is_set():
+                    cancelled = True
+                    break
+            # Done when torchrun has exited and its output is read, or when something it left behind
+            # still holds the pipe open a while later (stopped below like the rest of the group).
+            elif eof or now - exited_at > _DRAIN_S:
+                break
+            if eof:
+                time.sleep(_TICK_S)
+            else:
+                try:
+                    item = lines.get(timeout=_TICK_S)
+                except queue.Empty:
+                    pass
+                else:
+                    if item is None:
+                        eof = True
+                    else:
+                        deliver(item)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL_S
+                poll_metrics()
+        _stop_group(proc, pgid, grace_s)  # a no-op when torchrun ended and left nothing behind
+    except BaseException:
+        _stop_group(proc, pgid, grace_s)
+        raise
+    reader.join(timeout=5)  # the group is gone, so the pipe has no writer left
+    while True:  # lines that came in while stopping
+        try:
+            item = lines.get_nowait()
+        except queue.Empty:
+            break
+        if item is not None:
+            deliver(item)
+    poll_metrics()
+    return LaunchResult(returncode=proc.returncode, run_dir=run_dir, checkpoint=_latest_checkpoint(run_dir),
+                        last_progress=last_progress, seconds=time.monotonic() - start, timed_out=timed_out,
+                        cancelled=cancelled, log_tail=list(tail), command=command, pgid=pgid)
