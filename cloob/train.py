@@ -196,6 +196,13 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     last_ckpt = resume_from
     t_last, samples_last = time.perf_counter(), progress.samples_seen
     metrics: dict = {}
+    if progress.step % plan.steps_per_epoch == 0 and progress.stream.batches:
+        # Resumed from a checkpoint saved on an epoch's last step: its stream positions are the
+        # finished epoch's. Fold them away as the loop below does at every epoch start, or the
+        # workers would skip that many batches into the new epoch and land in the next one.
+        for k, v in progress.stream.skip_totals().items():
+            progress.skips_before_epoch[k] += v
+        progress.stream = StreamState()
     # One DataLoader for the whole run: its workers go on from epoch to epoch by themselves.
     dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
     loader = DataLoader(dataset, batch_size=None, num_workers=recipe.data.workers,
