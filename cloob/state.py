@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 
 
 def _key(*parts) -> str:
@@ -25,16 +24,6 @@ def prepared(spec, out: str) -> str | None:
     if not m or m.get("spec_hash") != spec.content_hash():
         return None
     return _key("prepared", m["spec_hash"], m["content_hash"])
-
-
-def prepared_downstream(name_or_spec, out: str) -> str | None:
-    from cloob.data.downstream import load_downstream_spec, read_manifest, spec_hash
-
-    spec = load_downstream_spec(name_or_spec)
-    m = read_manifest(out, spec.name)
-    if not m or m.get("spec_sha256") != spec_hash(spec):
-        return None
-    return _key("downstream", m["spec_sha256"], m.get("source"), m.get("images"), m.get("archive"))
 
 
 def trained(recipe) -> str | None:
@@ -61,16 +50,6 @@ def _total_steps(recipe, plan, meta) -> int:
     ws = int(meta.get("world_size") or 1)
     steps_per_epoch = plan.num_samples // (recipe.train.batch_size * ws)
     return max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
-
-
-def registered(checkpoint_url: str, registry_uri: str) -> str | None:
-    from cloob.lineage import read_json
-    from cloob.registry import Registry
-
-    meta = read_json(posixpath.join(checkpoint_url, "meta.json"))
-    if not meta or not Registry(registry_uri).get(meta.get("model_sha256", "")):
-        return None
-    return _key("registered", meta["model_sha256"], registry_uri)
 
 
 def evaluated(checkpoint_sha256: str, dataset: str, dataset_hash: str, settings_hash: str,

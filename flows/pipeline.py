@@ -11,7 +11,6 @@ is fixed before the task runs, so it cannot tell "not made yet" from "made, then
 from __future__ import annotations
 
 import posixpath
-import threading
 import time
 from typing import Any
 

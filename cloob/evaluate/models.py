@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import posixpath
 import tempfile
@@ -25,8 +24,6 @@ import torch
 
 from cloob.errors import CloobError
 from cloob.lineage import pretraining_data, redact, resolve_checkpoint
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
