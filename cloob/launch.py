@@ -5,9 +5,12 @@ and cancellation, and no stray processes afterwards.
     result.check()          # CloobError with the trainer's error and the end of the log on failure
     result.checkpoint       # the latest complete checkpoint, e.g. for the registry
 
-torchrun runs in its own session (process group), so one signal to the group reaches torchrun, every
-rank and every DataLoader worker. A stopped run (deadline, cancel, crash) resumes from its last
-checkpoint when launched again with the same recipe and overrides.
+torchrun runs in its own session; it starts each rank in a session of its own too, so stopping a
+run is more than one signal to a group: torchrun gets SIGTERM (it stops its ranks), and whatever of
+the process tree seen during the run still runs after the grace period gets SIGKILL. If the
+launching process itself dies, `cloob.torchrun` and the ranks die with it (cloob.lifeline). A
+stopped run (deadline, cancel, crash) resumes from its last checkpoint when launched again with the
+same recipe and overrides.
 
 Callbacks (`on_line`, `on_progress`) run in the thread that called `launch`, never in a helper
 thread, so they may use thread-bound context (a Prefect run logger, for one). The trainer (and
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import psutil
 
 from cloob.checkpoint import CheckpointStore
 from cloob.config import load_recipe
@@ -63,7 +67,7 @@ class LaunchResult:
     cancelled: bool
     log_tail: list[str]  # the last TAIL_LINES lines of torchrun's merged stdout/stderr
     command: list[str]
-    pgid: int  # torchrun's pid and process group id; no process of it exists after launch returns
+    pgid: int  # torchrun's pid and process group id; no process of the run exists after launch returns
 
     @property
     def ok(self) -> bool:
@@ -120,7 +124,7 @@ def build_command(recipe: str, overrides: list[str], *, nproc_per_node: int = 1,
     """The torchrun command line that `launch` runs."""
     if nproc_per_node < 1 or nnodes < 1:
         raise CloobError(f"nproc_per_node={nproc_per_node}, nnodes={nnodes}", "both must be at least 1")
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "cloob.torchrun"]  # torchrun, ended if its launcher dies
     if nnodes == 1:
         cmd.append("--standalone")  # a rendezvous on a free local port: no endpoint needed
     else:
@@ -176,6 +180,70 @@ class _MetricsTail:
         return rows[-1:] if replaced else rows
 
 
+class _ProcessTree:
+    """torchrun and every process it starts, remembered as they appear.
+
+    torchrun starts each rank in a session of its own (torch's SubprocessHandler), so a signal to
+    torchrun's process group misses the ranks and their DataLoader workers, and a rank whose torchrun
+    died is reparented away from it. So the tree is looked at while the run goes and once more
+    before stopping it, and whatever was seen is stopped by pid (psutil checks the start time, so a
+    reused pid is never signalled)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.known: dict[int, psutil.Process] = {}
+        try:
+            self.known[pid] = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            pass
+
+    def refresh(self) -> None:
+        for proc in list(self.known.values()):
+            try:
+                for child in proc.children(recursive=True):
+                    self.known.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+
+    def alive(self) -> list[psutil.Process]:
+        """Known processes that still run; a zombie is dead, whoever is to reap it."""
+        out = []
+        for proc in self.known.values():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(proc)
+            except psutil.Error:
+                pass
+        return out
+
+    def signal_all(self, sig: int) -> None:
+        """`sig` to torchrun's group, then to each live process and the group it leads (a rank's
+        DataLoader workers are in the rank's group); never to our own group."""
+        own = os.getpgrp()
+        _signal_group(self.pid, sig)
+        for proc in self.alive():
+            try:
+                pgid = os.getpgid(proc.pid)
+                if pgid == proc.pid and pgid != own:
+                    _signal_group(pgid, sig)
+                else:
+                    proc.send_signal(sig)
+            except (psutil.Error, ProcessLookupError):
+                pass
+
+    def wait_gone(self, proc: subprocess.Popen, timeout: float) -> bool:
+        """Wait until none of them runs; torchrun is reaped here, orphans by whoever adopted them."""
+        end = time.monotonic() + timeout
+        while True:
+            proc.poll()
+            self.refresh()  # a process started while stopping is stopped too
+            if not self.alive() and not _group_alive(self.pid):
+                return True
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -189,35 +257,27 @@ def _group_alive(pgid: int) -> bool:
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
 
 
-def _wait_group_gone(proc: subprocess.Popen, pgid: int, timeout: float) -> bool:
-    """Wait until no process of the group exists; torchrun is reaped here, orphaned ranks or
-    workers by init (a killed process stays in the group as a zombie until reaped)."""
-    end = time.monotonic() + timeout
-    while True:
-        proc.poll()
-        if not _group_alive(pgid):
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.05)
-
-
-def _stop_group(proc: subprocess.Popen, pgid: int, grace_s: float) -> None:
-    """SIGTERM the whole group, SIGKILL whatever is left after grace_s, wait until all are gone."""
+def _stop_tree(proc: subprocess.Popen, tree: _ProcessTree, grace_s: float) -> None:
+    """SIGTERM torchrun (which stops its ranks itself), SIGKILL whatever of the tree is left after
+    grace_s, and wait until all of it is gone."""
+    tree.refresh()
     try:
-        if _group_alive(pgid):
-            _signal_group(pgid, signal.SIGTERM)
-            if _wait_group_gone(proc, pgid, grace_s):
+        if tree.alive():
+            # torchrun alone first: it forwards SIGTERM to the ranks and waits for them; a rank
+            # signalled at the same time could die before torchrun notices and be reported failed.
+            _signal_group(tree.pid, signal.SIGTERM)
+            if tree.wait_gone(proc, grace_s):
                 return
     finally:  # also when interrupted while waiting out the grace period
-        if _group_alive(pgid):
-            _signal_group(pgid, signal.SIGKILL)
-            if not _wait_group_gone(proc, pgid, _REAP_S):  # stuck in the kernel, or never reaped
-                log.warning("processes of training group %d still exist %.0f s after SIGKILL", pgid, _REAP_S)
+        if tree.alive() or _group_alive(tree.pid):
+            tree.signal_all(signal.SIGKILL)
+            if not tree.wait_gone(proc, _REAP_S):  # stuck in the kernel, or never reaped
+                log.warning("processes of training run %d still exist %.0f s after SIGKILL: %s", tree.pid,
+                            _REAP_S, [p.pid for p in tree.alive()])
         proc.poll()  # torchrun itself is reaped by now unless it is the one stuck
 
 
@@ -265,13 +325,14 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     # Unbuffered Python writes print()'s text and its newline separately, so the ranks' lines would
     # interleave mid-line in the shared pipe; line-buffered stderr (the default; the trainer and
     # torchrun log there) writes whole lines, as they happen.
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "", **(env or {})}
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "", **(env or {}), "CLOOB_LAUNCHER_PID": str(os.getpid())}
 
     start = time.monotonic()
     proc = subprocess.Popen(command, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
                             start_new_session=True)
     pgid = proc.pid  # start_new_session: torchrun leads its own session and process group
+    tree = _ProcessTree(pgid)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
@@ -335,10 +396,11 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
                         deliver(item)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + POLL_S
+                tree.refresh()
                 poll_metrics()
-        _stop_group(proc, pgid, grace_s)  # a no-op when torchrun ended and left nothing behind
+        _stop_tree(proc, tree, grace_s)  # a no-op when torchrun ended and left nothing behind
     except BaseException:
-        _stop_group(proc, pgid, grace_s)
+        _stop_tree(proc, tree, grace_s)
         raise
     reader.join(timeout=5)  # the group is gone, so the pipe has no writer left
     while True:  # lines that came in while stopping

@@ -16,6 +16,7 @@ import math
 import os
 import posixpath
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -343,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="YAML file or shipped recipe name (cloob recipes)")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     args = parser.parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank: torchrun's death must end it (see cloob.lifeline)
+        from cloob.lifeline import die_with_parent
+
+        die_with_parent(signal.SIGKILL)
     logging.basicConfig(level=os.environ.get("CLOOB_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         train(load_recipe(args.recipe, args.overrides))
