@@ -36,7 +36,7 @@ def _env():
 
 def _train_cmd(shards, out, *extra):
     return [sys.executable, "-m", "cloob.train", "tiny", f"data.train={shards}", f"train.output={out}",
-            "train.batch_size=16", "train.steps=30", "train.checkpoint_every=8", "train.log_every=1",
+            "train.batch_size=16", "train.steps=30", "train.checkpoint_every=10", "train.log_every=1",
             "data.workers=2", "data.shuffle_buffer=40", "train.progress=false", "schedule.warmup_steps=5",
             "train.run_name=r", *extra]
 
@@ -61,13 +61,14 @@ def _wait_for_step(run_dir: Path, step: int, proc, timeout=180):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, small_shards):
-    """20 steps/epoch; kill after step 11 (resume from 8) and after step 26 (resume from 24, past the
-    epoch boundary at 20). The final weights and every logged loss equal an uninterrupted run's."""
+    """20 steps/epoch, a checkpoint every 10; kill after step 11 (resume from 10) and after step 23
+    (resume from 20: a checkpoint on an epoch's last step, whose data-stream positions belong to the
+    finished epoch). The final weights and every logged loss equal an uninterrupted run's."""
     ref = subprocess.run(_train_cmd(small_shards, tmp_path / "a"), env=_env(), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run_b = tmp_path / "b" / "runs" / "r"
-    for kill_after in (11, 26):
+    for kill_after in (11, 23):
         proc = subprocess.Popen(_train_cmd(small_shards, tmp_path / "b"), env=_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_for_step(run_b, kill_after, proc)
@@ -75,7 +76,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, small_shards):
         proc.wait()
     done = subprocess.run(_train_cmd(small_shards, tmp_path / "b"), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from step 24" in done.stderr
+    assert "resuming from step 20" in done.stderr
 
     a = CheckpointStore.load(CheckpointStore(str(tmp_path / "a" / "runs" / "r")).latest())
     b = CheckpointStore.load(CheckpointStore(str(run_b)).latest())
@@ -88,7 +89,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, small_shards):
     assert len(losses_a) == 30 and losses_a == losses_b
     # Only the latest keep_checkpoints complete checkpoints remain, no half-written ones.
     names = sorted(p.name for p in (run_b / "checkpoints").iterdir())
-    assert names == ["step_00000024", "step_00000030"]
+    assert names == ["step_00000020", "step_00000030"]
 
 
 @pytest.mark.slow
