@@ -1,4 +1,6 @@
-"""The `cloob` command line: train, demo, and listings. Errors print one message and exit 2."""
+"""The `cloob` command line's computing commands: train, prepare, evaluate, results, registry, listings.
+Errors print one message and exit 2. The installed `cloob` is flows.cli, which adds the commands
+that run Prefect flows (demo, deploy); this module never imports Prefect."""
 
 from __future__ import annotations
 
@@ -23,13 +25,6 @@ def _cmd_train(args) -> int:
     from cloob.train import train
 
     train(load_recipe(args.recipe, args.overrides))
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from cloob.demo import run_demo
-
-    run_demo(out=Path(args.out), steps=args.steps, samples=args.samples, workers=args.workers)
     return 0
 
 
@@ -272,13 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node, via torchrun")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("demo", help="generate a small image-caption set and train a tiny CLOOB model on it")
-    p.add_argument("--out", default="./cloob-demo", help="folder for the data, run and checkpoints")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--samples", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=2)
-    p.set_defaults(func=_cmd_demo)
-
     p = sub.add_parser("prepare", help="download a pretraining dataset into webdataset shards (img2dataset)")
     p.add_argument("spec", help="a data_specs name (demo, cc3m, yfcc15m) or a spec YAML path")
     p.add_argument("--out", required=True, help="dataset folder or URL (s3://bucket/prefix, ...)")
@@ -358,10 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CLOOB_LOG_LEVEL", "WARNING"),
-                        format="%(levelname)s %(name)s: %(message)s")
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run a command; `parser` lets flows.cli add the commands that orchestrate (demo, deploy)."""
+    args = (parser or build_parser()).parse_args(argv)
+    if not getattr(args, "own_logging", False):  # the flow commands keep Prefect's console format
+        logging.basicConfig(level=os.environ.get("CLOOB_LOG_LEVEL", "WARNING"),
+                            format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except CloobError as e:

@@ -1,4 +1,5 @@
-"""Prefect flows over cloob: prepare_data, prepare_downstream, train, register, evaluate, pipeline.
+"""Prefect flows over cloob: prepare_data, prepare_downstream, train, register, evaluate; the flows
+pipeline (all of it), cloob-train (one run, for a GPU work pool) and evaluate-checkpoints.
 
 Thin by design: every task calls one cloob function and passes URIs and hashes on, never data.
 Skipping is keyed on content through cloob.state: each task first asks whether its output is there
@@ -10,6 +11,7 @@ is fixed before the task runs, so it cannot tell "not made yet" from "made, then
 
 from __future__ import annotations
 
+import os
 import posixpath
 import time
 from typing import Any
@@ -62,13 +64,10 @@ def _checkpoint_summary(run_dir: str, checkpoint: str) -> dict:
             "step": meta.get("step"), "method": meta.get("method")}
 
 
-@task(name="train")
-def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s: float | None = None) -> dict:
-    """torchrun in its own process group; its output goes to this task's log, its progress to an
-    artifact; the deadline, a cancel or a crash here kill the whole group."""
+def _trained_summary(recipe: str, overrides: list[str]) -> dict | None:
+    """The finished run of this recipe (content-keyed, see cloob.state), or None."""
     from cloob.checkpoint import CheckpointStore
     from cloob.config import load_recipe
-    from cloob.launch import launch
     from cloob.state import trained
     from cloob.train import plan_run
 
@@ -77,25 +76,70 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
         run_dir = plan_run(r, world_size=1).run_dir
         _skip(f"train {r.name} ({r.loss.method})", key)
         return _checkpoint_summary(run_dir, CheckpointStore(run_dir).latest().url)
+    return None
+
+
+@task(name="train")
+def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s: float | None = None,
+          nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict:
+    """torchrun as a supervised subprocess tree; its output goes to this task's log, its progress to
+    an artifact; the deadline, a cancel or a crash here stop every process of it."""
+    from cloob.config import load_recipe
+    from cloob.launch import launch
+
+    if done := _trained_summary(recipe, overrides):
+        return done
+    r = load_recipe(recipe, list(overrides))
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"training {recipe} ({r.loss.method})")
-    last = [0.0]
+    last = {"artifact": 0.0, "log": time.monotonic()}
 
     def on_progress(p: dict) -> None:
         total = p.get("total_steps") or 0
-        if total and time.monotonic() - last[0] > 2:
-            last[0] = time.monotonic()
-            loss = p.get("loss")
-            update_progress_artifact(artifact, 100.0 * p["step"] / total,
-                                     description=f"step {p['step']}/{total}, loss "
-                                                 f"{'-' if loss is None else f'{loss:.4f}'}, "
-                                                 f"{p.get('samples_per_s') or 0:.0f} samples/s")
+        now = time.monotonic()
+        loss = p.get("loss")
+        text = (f"step {p['step']}/{total or '?'}, loss {'-' if loss is None else f'{loss:.4f}'}, "
+                f"{p.get('samples_per_s') or 0:.0f} samples/s")
+        if total and now - last["artifact"] > 2:
+            last["artifact"] = now
+            update_progress_artifact(artifact, 100.0 * p["step"] / total, description=text)
+        if now - last["log"] > 15 or p["step"] == total:  # the trainer prints no per-step lines here
+            last["log"] = now
+            logger.info(text)
 
-    result = launch(recipe, list(overrides), nproc_per_node=nproc_per_node, deadline_s=deadline_s,
+    result = launch(recipe, list(overrides), nproc_per_node=nproc_per_node, nnodes=nnodes,
+                    rdzv_endpoint=rdzv_endpoint or os.environ.get("CLOOB_RDZV_ENDPOINT"), deadline_s=deadline_s,
                     on_line=lambda line: logger.info(line.rstrip()), on_progress=on_progress)
     result.check()
     update_progress_artifact(artifact, 100.0, description=f"done: {result.checkpoint}")
     return _checkpoint_summary(result.run_dir, result.checkpoint)
+
+
+@task(name="train-on-deployment", task_run_name="train-on-{deployment}")
+def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_node: int = 1,
+                 deadline_s: float | None = None) -> dict:
+    """Training as a run of the `cloob-train` deployment (a GPU work pool), waited for here. Its
+    result is read back from the store by content, as for a finished local run, so the two flows
+    share no result storage, only the store."""
+    from prefect.deployments import run_deployment
+
+    from cloob.errors import CloobError
+
+    if done := _trained_summary(recipe, overrides):
+        return done
+    run = run_deployment(deployment, parameters={"recipe": recipe, "overrides": list(overrides),
+                                                 "nproc_per_node": nproc_per_node, "deadline_s": deadline_s},
+                         timeout=None, as_subflow=True)
+    if not run.state or not run.state.is_completed():
+        raise CloobError(f"training run {run.name} on deployment {deployment} ended {run.state.name if run.state else 'unknown'}"
+                         f": {run.state.message if run.state else ''}",
+                         "see that flow run's log in the Prefect UI; rerunning the pipeline resumes the training")
+    if done := _trained_summary(recipe, overrides):
+        return done
+    raise CloobError(f"training run {run.name} on deployment {deployment} completed, but the store has no "
+                     f"finished checkpoint of {recipe} {' '.join(overrides)}",
+                     "the deployment's worker must see the same store (train.output) as this flow: "
+                     "use a shared bucket, not a local folder")
 
 
 @task(name="register")
@@ -173,19 +217,37 @@ def evaluate_flow(checkpoints: list[str], datasets: dict[str, str], store: str, 
     return {"results": results, "report": report, "evaluated": len(futures) - len(failed), "failed": len(failed)}
 
 
+@flow(name="cloob-train")
+def train_flow(recipe: str, overrides: list[str], nproc_per_node: int = 1, nnodes: int = 1,
+               rdzv_endpoint: str | None = None, deadline_s: float | None = None) -> dict:
+    """One training run, as its own flow: what the GPU work pool runs. With nnodes > 1 this is node 0;
+    the other nodes join at rdzv_endpoint (default: $CLOOB_RDZV_ENDPOINT, set by the Kubernetes job
+    template) with the same recipe and overrides."""
+    return train(recipe, overrides, nproc_per_node, deadline_s, nnodes, rdzv_endpoint)
+
+
 @flow(name="cloob-pipeline")
 def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[str],
              overrides: list[str] | None = None, spec_overrides: list[str] | None = None,
              nproc_per_node: int = 1, train_deadline_s: float | None = None,
-             eval_settings: dict | None = None) -> dict[str, Any]:
+             eval_settings: dict | None = None, train_deployment: str | None = None) -> dict[str, Any]:
     """specs -> shards -> one run per recipe on the first spec's data -> registry -> zero-shot
-    evaluation of every run on every downstream set -> results table and report."""
+    evaluation of every run on every downstream set -> results table and report.
+
+    train_deployment: e.g. "cloob-train/gpu": train there (a GPU work pool) instead of in this
+    flow's process; everything else stays here (the CPU pool)."""
     data = [prepare_data(spec, posixpath.join(store, "datasets", posixpath.splitext(posixpath.basename(spec))[0]),
                          None, spec_overrides) for spec in specs]
     train_data = ",".join(d["uri"] for d in data[:1])
     # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
-    runs = [train(r.split()[0], [f"data.train={train_data}", f"train.output={store}", *(overrides or []),
-                                 *r.split()[1:]], nproc_per_node, train_deadline_s) for r in recipes]
+    runs = []
+    for r in recipes:
+        run_overrides = [f"data.train={train_data}", f"train.output={store}", *(overrides or []), *r.split()[1:]]
+        if train_deployment:
+            runs.append(train_remote(train_deployment, r.split()[0], run_overrides, nproc_per_node,
+                                     train_deadline_s))
+        else:
+            runs.append(train(r.split()[0], run_overrides, nproc_per_node, train_deadline_s))
     registry = posixpath.join(store, "registry")
     for r in runs:
         register(r["checkpoint"], registry)

@@ -1,4 +1,5 @@
-"""The Prefect flows under a real ephemeral Prefect server in a temporary PREFECT_HOME."""
+"""The Prefect flows under a real ephemeral Prefect server in a temporary PREFECT_HOME. The whole
+pipeline end to end, its kill and rerun, and a rerun that skips everything: tests/test_demo.py."""
 
 import os
 import tempfile
@@ -50,34 +51,3 @@ def test_evaluate_flow_a_broken_set_fails_only_its_task_and_reruns_are_cached(tm
     # A second run finds the row: the task is cached (no new row), the broken set fails again.
     again = evaluate_flow([checkpoint], {"shapes": str(good)}, str(store), settings)
     assert again["evaluated"] == 1 and len(read_rows(str(store / "results"), latest=False)) == 1
-
-
-def test_pipeline_end_to_end_then_a_rerun_skips_every_step(tmp_path, monkeypatch):
-    """demo spec -> img2dataset shards -> CLOOB and CLIP under torchrun -> registry -> two generated
-    zero-shot sets -> results; then the same pipeline again does no work."""
-    import cloob.launch
-    from cloob.registry import Registry
-    from flows.pipeline import pipeline
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    store = str(tmp_path / "store")
-    params = dict(store=store, specs=["demo"], recipes=["tiny", "tiny loss.method=clip"],
-                  downstream=["shapes", "colors"],
-                  overrides=["train.steps=12", "train.batch_size=16", "data.workers=0", "train.checkpoint_every=6"],
-                  spec_overrides=["limit=256", "download.shard_size=128"],
-                  eval_settings={"batch_size": 32, "workers": 0, "limit": 60})
-    out = pipeline(**params)
-    rows = read_rows(out["results"]).to_pylist()
-    assert {(r["method"], r["dataset"]) for r in rows} == {(m, d) for m in ("cloob", "clip") for d in ("shapes", "colors")}
-    assert all(r["pretraining_data"] == "demo" and r["step"] == 12 for r in rows)
-    reg = Registry(f"{store}/registry")
-    assert len(reg.entries()) == 2 and {"latest", "best-shapes", "best-colors"} <= set(reg.aliases())
-    assert Path(out["report"]).exists()
-
-    def no_training(*a, **k):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(cloob.launch, "launch", no_training)
-    again = pipeline(**params)
-    assert again["failed"] == 0 and [r["checkpoint"] for r in again["runs"]] == [r["checkpoint"] for r in out["runs"]]
-    assert len(read_rows(out["results"], latest=False)) == 4  # no evaluation ran twice

@@ -1,0 +1,49 @@
+"""The installed `cloob` command: cloob.cli's commands plus those that run Prefect flows.
+
+    cloob demo      the whole pipeline on a laptop, under an ephemeral Prefect (nothing to set up)
+    cloob deploy    deployments and work pools for a Prefect server (flows.deploy)
+
+Prefect reads its settings once, at import: `demo` sets PREFECT_HOME before anything imports it,
+so this module imports Prefect (flows.pipeline) only inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cloob import cli
+
+
+def _cmd_demo(args) -> int:
+    from flows.demo import run_demo
+
+    return run_demo(args.store, steps=args.steps, samples=args.samples, nproc_per_node=args.nproc_per_node)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.add_parser("demo", help="the whole pipeline on this machine: demo data served on 127.0.0.1 -> "
+                                    "img2dataset shards -> CLOOB and CLIP under torchrun -> registry -> "
+                                    "zero-shot evaluation -> results table (ephemeral Prefect)")
+    p.add_argument("--store", default="./cloob-demo", help="storage root (folder or s3://...; default ./cloob-demo)")
+    p.add_argument("--steps", type=int, default=500, help="training steps per model")
+    p.add_argument("--samples", type=int, default=4096, help="captioned images in the demo set")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes per model (torchrun)")
+    p.set_defaults(func=_cmd_demo, own_logging=True)
+    try:
+        from flows.deploy import add_deploy_parser
+    except ImportError:  # pragma: no cover - written alongside
+        pass
+    else:
+        add_deploy_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, parser=build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
