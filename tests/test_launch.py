@@ -79,7 +79,7 @@ class _Recorder:
         self.lines: list[str] = []
         self.progress: list[dict] = []
         self.threads: set[int] = set()
-        self.procs: dict[int, psutil.Process] = {}  # every process under this test's process, seen at a progress line
+        self.procs: dict[int, psutil.Process] = {}  # the run's processes, seen at progress lines
 
     def on_line(self, line: str) -> None:
         self.threads.add(threading.get_ident())
@@ -88,8 +88,13 @@ class _Recorder:
     def on_progress(self, p: dict) -> None:
         self.threads.add(threading.get_ident())
         self.progress.append(p)
-        for c in psutil.Process().children(recursive=True):
-            self.procs.setdefault(c.pid, c)
+        for c in psutil.Process().children():  # torchrun and what it started; not, say, a Prefect server
+            try:
+                if "cloob.torchrun" in c.cmdline():
+                    for p in [c, *c.children(recursive=True)]:
+                        self.procs.setdefault(p.pid, p)
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_two_process_run_reports_lines_and_progress(tmp_path, shards, env):
