@@ -1,0 +1,371 @@
+"""`cloob deploy`: the work pools and deployments that run the pipeline on real infrastructure.
+
+    cloob deploy --store s3://bucket/cloob --spec-override source.path=s3://bucket/cc3m.tsv
+    cloob deploy --store s3://bucket/cloob --spec-override source.path=s3://bucket/cc3m.tsv
+                 --k8s --image REG/cloob-gpu:TAG --nnodes 2 --gpus-per-node 8      (training on Kubernetes)
+    cloob deploy --store s3://bucket/cloob --spec demo --dry-run                   (the plan; contacts nothing)
+
+What it creates on the Prefect server named by PREFECT_API_URL:
+- work pool `cloob-cpu` (process) with deployments `cloob-pipeline/retrain` (a cron schedule,
+  training through `cloob-train/gpu`) and `evaluate-checkpoints/cpu`;
+- work pool `cloob-gpu` (process, a worker on a GPU machine) or, with --k8s, `cloob-gpu-k8s`
+  (kubernetes, base job template deploy/k8s/gpu-job-template.json: an Indexed Job of `nnodes` pods
+  running torchrun together) with deployment `cloob-train/gpu`, at most one run at a time.
+
+The deployments use module entrypoints (flows.pipeline.pipeline, ...) and no pull steps: the code is
+the `cloob` package installed where the worker runs (docker/Dockerfile.cpu, docker/Dockerfile.gpu).
+Secrets never go into parameters or job variables (the server stores both in clear): process
+workers pass their own environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) to
+the flow runs, and Kubernetes pods read them from a Secret (secretKeyRef in the job template).
+
+Prefect is imported only inside the functions: this module is imported by the `cloob` command line
+for its parser, and Prefect reads its settings (PREFECT_API_URL, ...) once, when first imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import zoneinfo
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cloob.errors import CloobError
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_TEMPLATE = ROOT / "deploy" / "k8s" / "gpu-job-template.json"
+K8S_SERVICE = ROOT / "deploy" / "k8s" / "rdzv-service.yaml"
+
+CPU_POOL = "cloob-cpu"
+GPU_POOL = "cloob-gpu"
+GPU_POOL_K8S = "cloob-gpu-k8s"
+# flows.pipeline's flow names; train_flow's deployment is what pipeline(train_deployment=...) runs.
+PIPELINE = ("cloob-pipeline", "retrain")
+EVALUATE = ("evaluate-checkpoints", "cpu")
+TRAIN = ("cloob-train", "gpu")
+TRAIN_DEPLOYMENT = "/".join(TRAIN)
+
+DEFAULT_SPECS = ["cc3m"]
+DEFAULT_RECIPES = ["cloob_rn50_cc3m", "clip_rn50_cc3m"]
+# The evaluation sets that prepare themselves (downloads); imagenet needs a folder you supply.
+DEFAULT_DOWNSTREAM = ["birdsnap", "country211", "flowers102", "gtsrb", "stanford_cars", "ucf101", "imagenet_v2"]
+DEFAULT_CRON = "0 3 * * 0"  # Sundays 03:00
+
+NO_SERVER_FIX = ("start one (`prefect server start`, or `docker compose -f docker/compose.yaml up -d`, see "
+                 "docker/README.md) and point PREFECT_API_URL at it, e.g. "
+                 "`export PREFECT_API_URL=http://127.0.0.1:4200/api`; or look first with --dry-run")
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+def _check_args(args) -> None:
+    """The combinations that cannot work, before anything is imported or contacted."""
+    if args.nnodes < 1 or args.gpus_per_node < 1:
+        raise CloobError(f"--nnodes {args.nnodes} --gpus-per-node {args.gpus_per_node}", "both must be at least 1")
+    if args.nnodes > 1 and not args.k8s:
+        raise CloobError(f"--nnodes {args.nnodes} needs the Kubernetes pool: a process worker runs one machine",
+                         "add --k8s --image <GPU image>, or train on one node (--nnodes 1)")
+    if args.k8s and not args.image:
+        raise CloobError("the Kubernetes pool needs an image to run",
+                         "build docker/Dockerfile.gpu, push it, and pass --image REGISTRY/cloob-gpu:TAG")
+    if args.image and not args.k8s:
+        raise CloobError("--image is used by the Kubernetes pool only: process workers run the code installed "
+                         "where they run (docker/Dockerfile.gpu for the GPU worker)", "add --k8s, or drop --image")
+    if "://" not in args.store and not os.path.isabs(args.store):
+        # A worker runs each flow in a temporary folder of its own: a relative path would land there.
+        raise CloobError(f"--store {args.store!r} is a relative path",
+                         "pass a bucket (s3://bucket/prefix) or an absolute folder that every worker sees")
+
+
+def _check_names(args) -> None:
+    """Recipes, specs and evaluation sets must exist under these names where the workers run (the same
+    package), so a typo fails here rather than at 03:00 on Sunday."""
+    from cloob.config import load_recipe
+    from cloob.data.downstream import load_downstream_spec
+    from cloob.data.spec import load_spec
+
+    for spec in args.spec:
+        source = load_spec(spec, list(args.spec_override or [])).source
+        field = {"cc3m": "path", "table": "path", "yfcc15m": "metadata"}.get(source.kind)
+        if field and getattr(source, field) is None:
+            # `cloob prepare` takes it as --input; a scheduled run has only the spec and its overrides.
+            raise CloobError(f"data spec {spec!r} has no source.{field}, and a scheduled run has no --input",
+                             f"add --spec-override source.{field}=s3://bucket/path/to/file (a file the CPU "
+                             "workers can read)")
+    for entry in args.recipe:
+        name, *overrides = entry.split()
+        load_recipe(name, [*overrides, *(args.override or [])])
+    for name in args.downstream:
+        load_downstream_spec(name)
+
+
+def _schedules(args) -> list:
+    from prefect.schedules import Cron
+
+    if args.no_schedule:
+        return []
+    try:
+        zoneinfo.ZoneInfo(args.timezone)  # Prefect checks it only later, deep inside pydantic
+        return [Cron(args.cron, timezone=args.timezone)]
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError) as e:
+        raise CloobError(f"schedule --cron {args.cron!r} --timezone {args.timezone!r}: {e}".splitlines()[0].rstrip(": "),
+                         "write five cron fields (minute hour day month weekday), e.g. '0 3 * * 0', and an "
+                         "IANA time zone, e.g. UTC or Europe/Vienna") from None
+
+
+def build_plan(args) -> dict[str, Any]:
+    """Work pools and deployments (prefect RunnerDeployment objects), without contacting a server."""
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.pipeline import evaluate_flow, pipeline, train_flow
+
+    gpu_pool = args.gpu_pool or (GPU_POOL_K8S if args.k8s else GPU_POOL)
+    gpu_type = "kubernetes" if args.k8s else "process"
+    if gpu_pool == args.cpu_pool:
+        raise CloobError(f"--cpu-pool and --gpu-pool are both {gpu_pool!r}",
+                         "give training a pool of its own: its workers are the GPU machines")
+    common = dict(entrypoint_type=EntrypointType.MODULE_PATH, tags=["cloob"])
+    pipeline_params = {
+        "store": args.store, "specs": args.spec, "recipes": args.recipe, "downstream": args.downstream,
+        "overrides": list(args.override or []), "spec_overrides": list(args.spec_override or []),
+        # One process per GPU of a node; with --k8s the pods have --gpus-per-node GPUs each.
+        "nproc_per_node": args.gpus_per_node, "train_deployment": TRAIN_DEPLOYMENT,
+    }
+    train_jobvars: dict[str, Any] = {}
+    if args.k8s:
+        train_jobvars = {"image": args.image, "namespace": args.namespace, "nnodes": args.nnodes,
+                         "gpus_per_node": args.gpus_per_node, "s3_secret_name": args.s3_secret}
+    deployments = [
+        pipeline.to_deployment(
+            PIPELINE[1], work_pool_name=args.cpu_pool, parameters=pipeline_params, schedules=_schedules(args),
+            # Two pipelines on one store would prepare and train the same things at once: queue them.
+            concurrency_limit=1,
+            description="Retraining: specs -> shards -> training on the GPU pool -> registry -> zero-shot "
+                        "evaluation -> results. Preparation and evaluation run on this (CPU) pool.",
+            **common),
+        evaluate_flow.to_deployment(
+            EVALUATE[1], work_pool_name=args.cpu_pool, parameters={"store": args.store},
+            description="Evaluate checkpoints on downstream sets; rows go to <store>/results.", **common),
+        train_flow.to_deployment(
+            TRAIN[1], work_pool_name=gpu_pool, job_variables=train_jobvars,
+            parameters={"nproc_per_node": args.gpus_per_node, "nnodes": args.nnodes},
+            # One training at a time on the GPU pool; more runs wait (Prefect's default ENQUEUE).
+            concurrency_limit=1,
+            description="One training run under torchrun (node 0 of nnodes); checkpoints go to the "
+                        "recipe's train.output (the pipeline sets it to the store).", **common),
+    ]
+    pools = [{"name": args.cpu_pool, "type": "process"}, {"name": gpu_pool, "type": gpu_type}]
+    if args.k8s:
+        pools[1]["base_job_template"] = str(K8S_TEMPLATE)
+    return {"pools": pools, "deployments": deployments}
+
+
+def _describe_deployment(d) -> dict[str, Any]:
+    return {
+        "name": d.full_name,
+        "entrypoint": d.entrypoint,
+        "work_pool": d.work_pool_name,
+        "parameters": d.parameters,
+        "job_variables": d.job_variables,
+        "schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone, "active": s.active}
+                      for s in d.schedules or []],
+        "concurrency_limit": d.concurrency_limit,
+        "tags": d.tags,
+    }
+
+
+def _pool_command(pool: dict) -> str:
+    cmd = f"prefect work-pool create {pool['name']} --type {pool['type']}"
+    if pool.get("base_job_template"):
+        cmd += f" --base-job-template {_rel(pool['base_job_template'])}"
+    return cmd
+
+
+def _rel(path: str | Path) -> str:
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def describe(plan: dict) -> dict[str, Any]:
+    """The plan as plain data (what --dry-run prints)."""
+    return {
+        "work_pools": [{**p, **({"base_job_template": _rel(p["base_job_template"])} if "base_job_template" in p
+                                else {}), "create": _pool_command(p)} for p in plan["pools"]],
+        "deployments": [_describe_deployment(d) for d in plan["deployments"]],
+    }
+
+
+def next_steps(plan: dict, args) -> list[str]:
+    cpu, gpu = plan["pools"]
+    steps = [f"CPU worker: prefect worker start --pool {cpu['name']} --type process "
+             "(with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL in its environment for an s3:// store)"]
+    if gpu["type"] == "kubernetes":
+        ns = args.namespace
+        steps += [
+            f"rendezvous Service (once): kubectl apply -n {ns} -f {_rel(K8S_SERVICE)}",
+            f"S3 credentials (once): kubectl create secret generic {args.s3_secret} -n {ns} "
+            "--from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=... "
+            "[--from-literal=AWS_ENDPOINT_URL=...]",
+            f"Kubernetes worker (in the cluster, with prefect-kubernetes installed): "
+            f"prefect worker start --pool {gpu['name']} --type kubernetes",
+        ]
+    else:
+        steps.append(f"GPU worker, on the GPU machine: prefect worker start --pool {gpu['name']} --type process")
+    steps.append(f"a run now: prefect deployment run {'/'.join(PIPELINE)}")
+    return steps
+
+
+# ------------------------------------------------------------------------------------------ apply
+
+def check_server() -> str:
+    """The API URL of a reachable Prefect server, or CloobError saying how to get one."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        # Without it, Prefect would start a temporary server that vanishes with this command.
+        raise CloobError("no Prefect server to deploy to: PREFECT_API_URL is not set", NO_SERVER_FIX)
+    with get_client(sync_client=True, httpx_settings={"timeout": 10}) as client:
+        exc = client.api_healthcheck()
+    if exc is not None:
+        raise CloobError(f"the Prefect server at {url} is not reachable ({type(exc).__name__}: {exc})",
+                         NO_SERVER_FIX)
+    return url
+
+
+def ensure_pool(client, pool: dict) -> str:
+    """Create the work pool if missing; an existing one is left as it is. Returns what was done."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    if pool.get("base_job_template"):
+        template = json.loads(Path(pool["base_job_template"]).read_text())
+    else:
+        # What `prefect work-pool create --type process` uses; ProcessWorker ships with prefect.
+        from prefect.workers.process import ProcessWorker
+
+        template = ProcessWorker.get_default_base_job_template()
+    try:
+        existing = client.read_work_pool(pool["name"])
+    except ObjectNotFound:
+        existing = None
+    if existing is not None:
+        if existing.type != pool["type"]:
+            raise CloobError(f"work pool {pool['name']!r} exists with type {existing.type!r}, not {pool['type']!r}",
+                             f"name another pool (--cpu-pool/--gpu-pool), or delete it: "
+                             f"prefect work-pool delete {pool['name']}")
+        if pool.get("base_job_template") and existing.base_job_template != template:
+            # Someone may have edited it in the UI on purpose: say so rather than overwrite it.
+            return (f"exists, left unchanged; its job template differs from {_rel(pool['base_job_template'])} "
+                    f"(to replace it: prefect work-pool update {pool['name']} --base-job-template "
+                    f"{_rel(pool['base_job_template'])})")
+        return "exists, left unchanged"
+    client.create_work_pool(WorkPoolCreate(name=pool["name"], type=pool["type"], base_job_template=template))
+    return "created"
+
+
+def apply_plan(plan: dict) -> list[tuple[str, str]]:
+    """Create the pools and create or update the deployments; [(what, outcome)]."""
+    from prefect.client.orchestration import get_client
+
+    done = []
+    with get_client(sync_client=True) as client:
+        for pool in plan["pools"]:
+            done.append((f"work pool {pool['name']} ({pool['type']})", ensure_pool(client, pool)))
+    for d in plan["deployments"]:
+        try:
+            deployment_id = d.apply()
+        except Exception as e:  # DeploymentApplyError, HTTP errors: the server's message says why
+            raise CloobError(f"deployment {d.full_name} was refused by the server: {e}",
+                             "check the Prefect server's version (3.8) and the options given") from None
+        done.append((f"deployment {d.full_name} -> {d.work_pool_name}", f"id {deployment_id}"))
+    return done
+
+
+def run(args) -> int:
+    args.spec = args.spec or list(DEFAULT_SPECS)
+    args.recipe = args.recipe or list(DEFAULT_RECIPES)
+    args.downstream = args.downstream or list(DEFAULT_DOWNSTREAM)
+    _check_args(args)
+    _check_names(args)
+    if not args.dry_run:
+        url = check_server()  # before the plan: no server, no point
+    plan = build_plan(args)
+    if args.dry_run:
+        out = {"dry_run": "nothing was created; this is what `cloob deploy` would create",
+               **describe(plan), "next_steps": next_steps(plan, args)}
+        print(json.dumps(out, indent=2) if args.json else yaml.safe_dump(out, sort_keys=False, width=110), end="")
+        return 0
+    print(f"Prefect server: {url}")
+    for what, outcome in apply_plan(plan):
+        print(f"  {what}: {outcome}")
+    if not args.no_schedule:
+        print(f"  schedule of {'/'.join(PIPELINE)}: cron '{args.cron}' ({args.timezone})")
+    print("next:")
+    for step in next_steps(plan, args):
+        print(f"  - {step}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True,
+                   help="storage root every worker reaches: s3://bucket/prefix (or an absolute shared folder)")
+    p.add_argument("--spec", action="append", metavar="SPEC",
+                   help=f"pretraining data spec, repeatable (default: {' '.join(DEFAULT_SPECS)})")
+    p.add_argument("--spec-override", action="append", metavar="KEY=VALUE",
+                   help="spec override, repeatable, e.g. source.path=s3://bucket/Train_GCC-training.tsv")
+    p.add_argument("--recipe", action="append", metavar="'RECIPE [OVERRIDE ...]'",
+                   help=f"recipe with its own overrides, repeatable (default: {' '.join(DEFAULT_RECIPES)})")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE", help="override for every recipe, repeatable")
+    p.add_argument("--downstream", action="append", metavar="NAME",
+                   help="evaluation set, repeatable (default: the seven that download themselves)")
+    p.add_argument("--cpu-pool", default=CPU_POOL, help=f"pool of the pipeline and evaluation (default {CPU_POOL})")
+    p.add_argument("--gpu-pool", help=f"pool of training (default {GPU_POOL}; with --k8s {GPU_POOL_K8S})")
+    p.add_argument("--k8s", action="store_true",
+                   help="train on a Kubernetes pool (Indexed Job, multi-node torchrun) instead of a process pool")
+    p.add_argument("--image", help="with --k8s: the image built from docker/Dockerfile.gpu")
+    p.add_argument("--namespace", default="default", help="with --k8s: namespace of the training jobs")
+    p.add_argument("--s3-secret", default="cloob-s3",
+                   help="with --k8s: Kubernetes Secret holding AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY[/AWS_ENDPOINT_URL]")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (training processes) per node (default 1)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes per training run; more than 1 needs --k8s")
+    p.add_argument("--cron", default=DEFAULT_CRON, help=f"retraining schedule (default '{DEFAULT_CRON}')")
+    p.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
+    p.add_argument("--no-schedule", action="store_true", help="no schedule (removes one set before)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be created (YAML) and contact nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: JSON instead of YAML")
+
+
+def add_deploy_parser(subparsers) -> argparse.ArgumentParser:
+    """The `deploy` subcommand, for the `cloob` command line (flows.cli)."""
+    p = subparsers.add_parser("deploy", help="work pools and deployments (pipeline on a schedule, evaluation, "
+                                             "training on a GPU pool) on a Prefect server")
+    _add_arguments(p)
+    # own_logging: Prefect's console output stays as Prefect configures it
+    p.set_defaults(func=run, own_logging=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.deploy ...`: the same as `cloob deploy ...`."""
+    parser = argparse.ArgumentParser(prog="cloob deploy", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CloobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

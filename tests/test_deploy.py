@@ -1,0 +1,700 @@
+"""Deployments for real infrastructure, tested without a cluster or docker: the compose stack and the
+Dockerfiles as data, the Kubernetes job template rendered the way Prefect's worker renders it,
+`cloob deploy --dry-run`, the error without a server, deployments created on a real local Prefect
+server and read back, and flows.k8s_node (with one real two-node torchrun on this machine)."""
+
+import copy
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import urllib.request
+import uuid
+from pathlib import Path
+
+# Before Prefect is imported (as in test_flows.py): its settings are read once.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+DOCKER = ROOT / "docker"
+TEMPLATE = ROOT / "deploy" / "k8s" / "gpu-job-template.json"
+SERVICE = ROOT / "deploy" / "k8s" / "rdzv-service.yaml"
+FAKE_SECRET = "fake-secret-d41d8cd98f00b204"  # must never leave the environment
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(**extra) -> dict:
+    """This process's environment for a `python -m flows.deploy` subprocess: a fresh Prefect home,
+    no Prefect server unless given, and a fake S3 secret that must not show up anywhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=tempfile.mkdtemp(prefix="prefect-home-"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="1", AWS_ACCESS_KEY_ID="fake-key-id", AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
+               PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+# ----------------------------------------------------------------------------------- compose
+
+_VAR = re.compile(r"\$\{([A-Za-z0-9_]+)(?:(:?[-?])([^}]*))?\}")
+
+
+def _interpolate(value, env: dict):
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} over a parsed compose file."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m):
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if env.get(name):
+            return env[name]
+        if op and op.endswith("?"):
+            raise KeyError(f"{name}: {arg}")
+        return arg if op else ""
+
+    return _VAR.sub(sub, value)
+
+
+def _dotenv(path: Path) -> dict:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_stack_services_health_and_order(compose):
+    s = compose["services"]
+    assert set(s) == {"postgres", "prefect-server", "minio", "create-bucket", "worker-cpu", "worker-gpu"}
+    assert "pg_isready" in " ".join(s["postgres"]["healthcheck"]["test"])
+    assert "postgres-data" in compose["volumes"] and any("postgres-data:" in v for v in s["postgres"]["volumes"])
+    assert "/api/health" in " ".join(s["prefect-server"]["healthcheck"]["test"])
+    assert s["prefect-server"]["command"][:3] == ["prefect", "server", "start"]
+    assert s["minio"]["healthcheck"]["test"] and "minio-data" in compose["volumes"]
+    # Start order by health, not by start: a worker that starts before the server's schema exists
+    # crashes, and one that starts before the bucket exists fails its first run.
+    assert s["prefect-server"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert s["create-bucket"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    for worker, pool in (("worker-cpu", "cloob-cpu"), ("worker-gpu", "cloob-gpu")):
+        w = s[worker]
+        assert w["depends_on"] == {"prefect-server": {"condition": "service_healthy"},
+                                   "create-bucket": {"condition": "service_completed_successfully"}}
+        assert w["command"] == ["prefect", "worker", "start", "--pool", pool, "--type", "process"]
+        assert w["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= set(w["environment"])
+        assert (ROOT / w["build"]["dockerfile"]).is_file() and (DOCKER / w["build"]["context"]).resolve() == ROOT
+    assert s["worker-cpu"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert s["worker-gpu"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+
+
+def test_compose_gpu_worker_is_optional_and_reserves_nvidia_gpus(compose):
+    s = compose["services"]
+    assert s["worker-gpu"]["profiles"] == ["gpu"]
+    assert all("profiles" not in v for k, v in s.items() if k != "worker-gpu")  # the rest starts by default
+    devices = s["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert s["worker-gpu"]["shm_size"]  # DataLoader workers need more than Docker's 64 MB /dev/shm
+
+
+def test_compose_with_the_example_env_connects_the_pieces_and_holds_no_secret(compose):
+    example = _dotenv(DOCKER / ".env.example")
+    s = _interpolate(compose, example)["services"]
+    pg = s["postgres"]["environment"]
+    url = s["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert url == (f"postgresql+asyncpg://{pg['POSTGRES_USER']}:{example['POSTGRES_PASSWORD']}@postgres:5432/"
+                   f"{pg['POSTGRES_DB']}")
+    # The workers' S3 keys are MinIO's root user, and the endpoint is the minio service.
+    w = s["worker-cpu"]["environment"]
+    assert (w["AWS_ACCESS_KEY_ID"], w["AWS_SECRET_ACCESS_KEY"]) == (s["minio"]["environment"]["MINIO_ROOT_USER"],
+                                                                     s["minio"]["environment"]["MINIO_ROOT_PASSWORD"])
+    assert w["AWS_ENDPOINT_URL"] == "http://minio:9000" and len(w["AWS_SECRET_ACCESS_KEY"]) >= 8  # MinIO's minimum
+    # No secret is written into compose.yaml: each comes from .env and compose refuses to start without it.
+    raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    for svc in raw["services"].values():
+        for k, v in (svc.get("environment") or {}).items():
+            if re.search(r"SECRET|PASSWORD", k):
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", v), (k, v)
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        _interpolate(raw, {k: v for k, v in example.items() if k != "POSTGRES_PASSWORD"})
+    assert ".env" in (DOCKER / ".gitignore").read_text().split()
+
+
+def test_compose_bucket_job_creates_the_bucket_through_s3fs(compose, s3_server, tmp_path):
+    """The create-bucket service's own command, run against a local S3 server."""
+    svc = _interpolate(compose, _dotenv(DOCKER / ".env.example"))["services"]["create-bucket"]
+    env = {**os.environ, **svc["environment"], "AWS_ENDPOINT_URL": s3_server, "CLOOB_BUCKET": "cloob-test-bucket",
+           "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    assert svc["command"][0] == "python"
+    command = [sys.executable, *svc["command"][1:]]  # the image's `python` is its venv's (PATH)
+    for _ in range(2):  # and again: a restarted stack finds the bucket there
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "bucket cloob-test-bucket ready" in out.stdout
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
+    assert fs.exists("cloob-test-bucket")
+
+
+# ----------------------------------------------------------------------------------- Dockerfiles
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _locked_versions() -> dict:
+    return {p["name"]: p for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfile_installs_the_lock_frozen_and_runs_under_tini(name):
+    ins = _instructions(DOCKER / name)
+    froms = [rest for word, rest in ins if word == "FROM"]
+    assert len(froms) == 1 and ":" in froms[0] and not froms[0].endswith(":latest")
+    runs = [rest for word, rest in ins if word == "RUN"]
+    # Dependencies from the lock alone (no resolution in the build), without the dev group (pytest, moto):
+    assert any("uv sync --frozen --no-dev --no-install-project" in r for r in runs)
+    assert any(re.search(r"uv sync --frozen --no-dev(?! --no-install-project)", r) for r in runs)
+    assert "dev" in _locked_versions()["cloob"]["dev-dependencies"]  # there is a dev group to leave out
+    copies = [rest for word, rest in ins if word == "COPY" and not rest.startswith("--from")]
+    assert copies[0].split()[:-1] == ["pyproject.toml", "uv.lock", "README.md"]  # the dependency layer first
+    for c in copies:
+        for src in c.split()[:-1]:
+            assert (ROOT / src).exists(), src
+    assert {c.split()[0] for c in copies[1:]} >= {"cloob", "flows", "data_specs", "deploy"}
+    uv = [rest for word, rest in ins if word == "COPY" and rest.startswith("--from")]
+    assert re.match(r"--from=ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ ", uv[0])  # uv pinned too
+    assert any("tini" in r and "apt-get install" in r for r in runs)
+    assert ('ENTRYPOINT', '["tini", "--"]') in ins
+    # BuildKit reads <Dockerfile>.dockerignore: the context is the repository root, .venv alone ~6 GB.
+    ignored = (DOCKER / f"{name}.dockerignore").read_text().split()
+    assert {".venv/", ".git/", "docker/.env"} <= set(ignored)
+    cmd = json.loads(dict(ins)["CMD"])
+    assert cmd[:3] == ["prefect", "worker", "start"] and cmd[cmd.index("--type") + 1] == "process"
+
+
+def test_dockerfile_bases_match_the_locked_python_and_cuda():
+    locked = _locked_versions()
+    cpu = dict(_instructions(DOCKER / "Dockerfile.cpu"))["FROM"]
+    gpu = dict(_instructions(DOCKER / "Dockerfile.gpu"))["FROM"]
+    py = re.fullmatch(r"python:3\.(\d+)\.\d+-slim-\w+", cpu)
+    assert py, cpu
+    assert any(f"cp3{py.group(1)}-manylinux" in w["url"] for w in locked["torch"]["wheels"])
+    assert "UV_PYTHON=3.11" in (DOCKER / "Dockerfile.gpu").read_text() and py.group(1) == "11"
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-base-ubuntu\d+\.\d+", gpu)
+    assert cuda, gpu
+    # The locked torch brings its CUDA as nvidia-*-cuNN wheels: the base image's CUDA (what the driver
+    # must support) has to be that major version.
+    majors = {m for d in locked["torch"]["dependencies"] for m in re.findall(r"-cu(\d+)$", d["name"])}
+    assert majors == {cuda.group(1)}, (majors, gpu)
+
+
+# ----------------------------------------------------------------------------------- k8s template
+
+def _render(values: dict, flow_run_id: str = "1b5e2b2a-0000-4000-8000-000000000000") -> dict:
+    """The job configuration the Kubernetes worker makes for a flow run: variable defaults, then the
+    deployment's job variables, through Prefect's own apply_values (BaseJobConfiguration.
+    from_template_and_values), then what KubernetesWorkerJobConfiguration.prepare_for_flow_run adds
+    (prefect-kubernetes worker.py: its env in front of a hard-coded env list, the command split into args)."""
+    from prefect.utilities.templating import apply_values
+    from prefect.workers.base import BaseJobConfiguration
+
+    template = json.loads(TEMPLATE.read_text())
+    variables = BaseJobConfiguration._get_base_config_defaults(template["variables"]["properties"])
+    variables.update(values)
+    config = apply_values(copy.deepcopy(template["job_configuration"]), variables)
+    env = {"PREFECT_API_URL": "http://prefect:4200/api", "PREFECT__FLOW_RUN_ID": flow_run_id,
+           **(config.get("env") or {})}
+    container = config["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert isinstance(container["env"], list)
+    container["env"] = [{"name": k, "value": v} for k, v in env.items()] + container["env"]
+    args = container.get("args")
+    container["args"] = shlex.split(args if isinstance(args, str) else "prefect flow-run execute")
+    return config
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_k8s_template_renders_an_indexed_multi_node_gpu_job():
+    config = _render({"image": "reg/cloob-gpu:1", "nnodes": 3, "gpus_per_node": 4, "namespace": "ml",
+                      "env": {"NCCL_DEBUG": "INFO"}})
+    job = config["job_manifest"]
+    assert job["kind"] == "Job" and job["metadata"]["namespace"] == "ml" == config["namespace"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 3
+    assert spec["backoffLimit"] == 0  # one failing node fails the run; the Job stops the others
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "reg/cloob-gpu:1" and c["resources"]["limits"] == {"nvidia.com/gpu": 4}
+    assert c["command"] == ["tini", "--", "python", "-m", "flows.k8s_node"]
+    assert c["args"] == ["prefect", "flow-run", "execute"]  # node 0 execs this: the flow run
+    env = _env(c)
+    assert env["CLOOB_RDZV_ENDPOINT"]["value"] == "$(JOB_NAME)-0.cloob-train:29400"
+    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    names = [e["name"] for e in c["env"]]
+    assert names.index("JOB_NAME") < names.index("CLOOB_RDZV_ENDPOINT")  # $(VAR) expands only earlier ones
+    assert env["CLOOB_K8S_SHAPE"]["value"] == "3x4"
+    assert env["NCCL_DEBUG"]["value"] == "INFO" and env["PREFECT__FLOW_RUN_ID"]["value"]
+    # Kubernetes wants strings in env values (a bare "{{ nnodes }}" would render as a number).
+    assert all(isinstance(e["value"], str) for e in c["env"] if "value" in e)
+    # /dev/shm in memory for the DataLoader workers.
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert "{{" not in json.dumps(config)
+
+
+def test_k8s_template_pods_are_found_by_the_headless_rendezvous_service():
+    config = _render({"image": "x", "nnodes": 2})
+    pod = config["job_manifest"]["spec"]["template"]
+    svc = yaml.safe_load(SERVICE.read_text())
+    assert svc["kind"] == "Service" and svc["spec"]["clusterIP"] == "None"
+    assert pod["spec"]["subdomain"] == svc["metadata"]["name"]  # DNS records need subdomain == Service name
+    assert all(pod["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())
+    port = json.loads(TEMPLATE.read_text())["variables"]["properties"]["rdzv_port"]["default"]
+    assert svc["spec"]["ports"][0]["port"] == port == pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+    endpoint = _env(pod["spec"]["containers"][0])["CLOOB_RDZV_ENDPOINT"]["value"]
+    assert endpoint.endswith(f".{svc['metadata']['name']}:{port}")
+
+
+def test_k8s_template_passes_the_kubernetes_workers_checks():
+    """prefect-kubernetes' KubernetesWorkerJobConfiguration validators compare the manifest with its
+    _get_base_job_manifest(): every path there must exist ("add" ops) with the same value ("replace" ops)."""
+    import jsonpatch
+
+    base = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"labels": {}},
+            "spec": {"template": {"spec": {"parallelism": 1, "completions": 1, "restartPolicy": "Never",
+                                           "containers": [{"name": "prefect-job"}]}}}}
+    manifest = _render({"image": "x", "nnodes": 4})["job_manifest"]
+    manifest["metadata"].setdefault("labels", {})  # the worker's own validator adds an empty one
+    ops = jsonpatch.JsonPatch.from_diff(manifest, base)
+    assert [op for op in ops if op["op"] in ("add", "replace")] == []
+    # And the server's check: every placeholder in job_configuration is a declared variable.
+    from prefect.utilities.templating import find_placeholders
+
+    template = json.loads(TEMPLATE.read_text())
+    used = {p.name for p in find_placeholders(json.dumps(template["job_configuration"]))}
+    assert used <= set(template["variables"]["properties"])
+    assert {"image", "namespace", "env", "command", "nnodes", "gpus_per_node"} <= used
+
+
+def test_k8s_template_takes_secrets_by_reference_only():
+    config = _render({"image": "x", "s3_secret_name": "my-s3"})
+    text = json.dumps(config)
+    assert FAKE_SECRET not in text
+    env = _env(config["job_manifest"]["spec"]["template"]["spec"]["containers"][0])
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "my-s3", "key": name, "optional": True}
+    template = json.loads(TEMPLATE.read_text())
+    for v in template["variables"]["properties"].values():  # no default that could hold a credential
+        assert not re.search(r"(?i)secret_access|password", json.dumps(v.get("default")))
+
+
+def test_k8s_entrypoint_and_tini_are_in_the_gpu_image():
+    c = _render({"image": "x"})["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][0] == "tini" and "tini" in (DOCKER / "Dockerfile.gpu").read_text()
+    assert (ROOT / "flows" / "k8s_node.py").is_file() and "COPY flows" in (DOCKER / "Dockerfile.gpu").read_text()
+
+
+# ----------------------------------------------------------------------------------- cloob deploy --dry-run
+
+def _dry_run(capsys, monkeypatch, *argv) -> tuple[int, str, str]:
+    import flows.deploy as deploy
+
+    def no_server(*a, **k):
+        raise AssertionError("a dry run contacted the server")
+
+    monkeypatch.setattr(deploy, "check_server", no_server)
+    monkeypatch.setattr(deploy, "apply_plan", no_server)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake-key-id")
+    rc = deploy.main(["--dry-run", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_dry_run_prints_the_three_deployments(capsys, monkeypatch):
+    rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://bucket/cloob", "--spec", "cc3m",
+                            "--spec-override", "source.path=s3://bucket/cc3m.tsv", "--recipe", "tiny loss.method=clip",
+                            "--gpus-per-node", "2")
+    assert rc == 0, err
+    plan = yaml.safe_load(out)
+    assert {p["name"]: p["type"] for p in plan["work_pools"]} == {"cloob-cpu": "process", "cloob-gpu": "process"}
+    d = {x["name"]: x for x in plan["deployments"]}
+    assert set(d) == {"cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "cloob-train/gpu"}
+    pipe, ev, train = d["cloob-pipeline/retrain"], d["evaluate-checkpoints/cpu"], d["cloob-train/gpu"]
+    assert pipe["work_pool"] == ev["work_pool"] == "cloob-cpu" and train["work_pool"] == "cloob-gpu"
+    assert pipe["schedules"] == [{"cron": "0 3 * * 0", "timezone": "UTC", "active": True}]
+    assert pipe["parameters"]["store"] == ev["parameters"]["store"] == "s3://bucket/cloob"
+    assert pipe["parameters"]["train_deployment"] == train["name"]  # the pipeline trains on the GPU pool
+    assert pipe["parameters"]["recipes"] == ["tiny loss.method=clip"]
+    assert pipe["parameters"]["spec_overrides"] == ["source.path=s3://bucket/cc3m.tsv"]
+    assert pipe["parameters"]["nproc_per_node"] == train["parameters"]["nproc_per_node"] == 2
+    assert train["concurrency_limit"] == 1 and train["schedules"] == [] and ev["schedules"] == []
+    assert {x["entrypoint"] for x in d.values()} == {"flows.pipeline.pipeline", "flows.pipeline.evaluate_flow",
+                                                     "flows.pipeline.train_flow"}
+    assert FAKE_SECRET not in out + err and "fake-key-id" not in out + err
+
+
+def test_dry_run_k8s_json_has_job_variables_the_pool_accepts(capsys, monkeypatch):
+    rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://bucket/cloob", "--spec", "demo", "--k8s",
+                            "--image", "reg/cloob-gpu:7", "--nnodes", "2", "--gpus-per-node", "8",
+                            "--cron", "30 2 * * *", "--timezone", "Europe/Vienna", "--json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    pools = {p["name"]: p for p in plan["work_pools"]}
+    assert pools["cloob-gpu-k8s"]["type"] == "kubernetes"
+    assert "--base-job-template deploy/k8s/gpu-job-template.json" in pools["cloob-gpu-k8s"]["create"]
+    d = {x["name"]: x for x in plan["deployments"]}
+    train = d["cloob-train/gpu"]
+    assert train["work_pool"] == "cloob-gpu-k8s" and train["concurrency_limit"] == 1
+    assert train["parameters"] == {"nproc_per_node": 8, "nnodes": 2}
+    jv = train["job_variables"]
+    assert (jv["image"], jv["nnodes"], jv["gpus_per_node"]) == ("reg/cloob-gpu:7", 2, 8)
+    assert d["cloob-pipeline/retrain"]["schedules"][0] == {"cron": "30 2 * * *", "timezone": "Europe/Vienna",
+                                                           "active": True}
+    # What the server checks when the deployment is created: job variables against the pool's schema.
+    from prefect.utilities.schema_tools import validate
+
+    validate(jv, json.loads(TEMPLATE.read_text())["variables"], raise_on_error=True, preprocess=True,
+             ignore_required=True)
+    # ... and the pods this makes train on 2 nodes of 8 GPUs.
+    c = _render(jv)["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert _env(c)["CLOOB_K8S_SHAPE"]["value"] == "2x8" and c["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert FAKE_SECRET not in out + err
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--nnodes", "2"], "needs the Kubernetes pool"),
+    (["--k8s"], "needs an image"),
+    (["--image", "x:1"], "--image is used by the Kubernetes pool only"),
+    (["--cron", "61 * * * *"], "Invalid cron"),
+    (["--timezone", "Mars/Olympus"], "Mars/Olympus"),
+    (["--recipe", "no-such-recipe"], "no-such-recipe"),
+    (["--downstream", "no-such-set"], "no-such-set"),
+])
+def test_deploy_refuses_what_cannot_work_with_a_fix(capsys, monkeypatch, argv, problem):
+    rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://b/x", "--spec", "demo", *argv)
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and problem in err and "\n  fix: " in err
+
+
+def test_deploy_wants_a_store_every_worker_sees_and_a_source_file_for_cc3m(capsys, monkeypatch):
+    rc, _, err = _dry_run(capsys, monkeypatch, "--store", "relative/store", "--spec", "demo")
+    assert rc == 2 and "relative path" in err and "fix: " in err
+    rc, _, err = _dry_run(capsys, monkeypatch, "--store", "s3://b/x")  # default spec cc3m, no source file
+    assert rc == 2 and "source.path" in err and "--spec-override source.path=" in err
+
+
+# ----------------------------------------------------------------------------------- a real server
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free port of 127.0.0.1 (no UI, no background services), started
+    here and waited for by the test that needs it; its database lives in a temporary PREFECT_HOME."""
+    port = _free_port()
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    env = _clean_env(PREFECT_HOME=str(home))
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-ui", "--no-services"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def wait(timeout: float = 90.0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return url
+            except OSError:
+                time.sleep(0.25)
+        raise AssertionError("the Prefect server did not start: " + (home / "server.log").read_text()[-3000:])
+
+    yield wait
+    os.killpg(proc.pid, 15)  # our own server's process group (uvicorn runs in a child)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, 9)  # whatever of the group is left
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_server_early(prefect_server):
+    """Starts the server when the module starts (the wait is in the test): its ~15 s overlap the others."""
+
+
+def test_deploy_without_a_reachable_server_says_how_to_start_one(capsys, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.deploy as deploy
+
+    monkeypatch.setattr(deploy, "apply_plan", lambda plan: pytest.fail("deployed without a server"))
+    argv = ["--store", "s3://b/x", "--spec", "demo"]
+    closed = f"http://127.0.0.1:{_free_port()}/api"
+    # Unset: Prefect would fall back to a temporary server that vanishes with the command.
+    for settings, problem in (({"restore_defaults": {PREFECT_API_URL}}, "PREFECT_API_URL is not set"),
+                              ({"updates": {PREFECT_API_URL: closed}}, f"server at {closed} is not reachable")):
+        with temporary_settings(**settings):
+            assert deploy.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and problem in err, err
+        assert "fix: start one (`prefect server start`" in err and "docker/compose.yaml" in err
+        assert "PREFECT_API_URL=" in err and out == ""
+
+
+def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, tmp_path):
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.sorting import DeploymentSort
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.deploy as deploy
+
+    url = prefect_server()
+    proc = subprocess.run([sys.executable, "-m", "flows.deploy", "--store", "s3://bucket/cloob", "--spec", "demo",
+                           "--recipe", "tiny", "--recipe", "tiny loss.method=clip", "--downstream", "shapes"],
+                          cwd=ROOT, env=_clean_env(PREFECT_API_URL=url), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "cloob-train/gpu" in proc.stdout and FAKE_SECRET not in proc.stdout + proc.stderr
+
+    with SyncPrefectClient(api=url) as client:
+        pools = {p.name: p for p in client.read_work_pools(limit=200)}
+        assert {n: p.type for n, p in pools.items() if n.startswith("cloob")} == {"cloob-cpu": "process",
+                                                                                 "cloob-gpu": "process"}
+        pipe = client.read_deployment_by_name("cloob-pipeline/retrain")
+        ev = client.read_deployment_by_name("evaluate-checkpoints/cpu")
+        train = client.read_deployment_by_name("cloob-train/gpu")
+        assert (pipe.work_pool_name, ev.work_pool_name, train.work_pool_name) == ("cloob-cpu", "cloob-cpu", "cloob-gpu")
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in pipe.schedules] == [("0 3 * * 0", "UTC", True)]
+        assert train.global_concurrency_limit.limit == 1  # deployment concurrency_limit=1, as the server keeps it
+        assert pipe.global_concurrency_limit.limit == 1 and ev.global_concurrency_limit is None
+        assert pipe.parameters["store"] == ev.parameters["store"] == "s3://bucket/cloob"
+        assert pipe.parameters["recipes"] == ["tiny", "tiny loss.method=clip"]
+        assert pipe.parameters["train_deployment"] == "cloob-train/gpu"
+        assert not pipe.pull_steps and not train.pull_steps  # the worker runs its installed code
+        # A worker loads each flow from its module entrypoint: the names must be the deployments' flows.
+        for d, flow_name in ((pipe, "cloob-pipeline"), (ev, "evaluate-checkpoints"), (train, "cloob-train")):
+            assert load_flow_from_entrypoint(d.entrypoint).name == flow_name
+        first_ids = {pipe.id, ev.id, train.id}
+
+    # Again, for Kubernetes with another schedule (in-process this time, against the same server):
+    # the same deployments are updated, the schedule replaced, and the kubernetes pool created.
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        rc = deploy.main(["--store", "s3://bucket/cloob", "--spec", "demo", "--recipe", "tiny", "--downstream",
+                          "shapes", "--k8s", "--image", "reg/cloob-gpu:7", "--nnodes", "2", "--gpus-per-node", "4",
+                          "--cron", "30 2 * * *", "--timezone", "Europe/Vienna"])
+    assert rc == 0
+    with SyncPrefectClient(api=url) as client:
+        pool = client.read_work_pool("cloob-gpu-k8s")
+        assert pool.type == "kubernetes" and pool.base_job_template == json.loads(TEMPLATE.read_text())
+        pipe = client.read_deployment_by_name("cloob-pipeline/retrain")
+        train = client.read_deployment_by_name("cloob-train/gpu")
+        assert {pipe.id, train.id} <= first_ids
+        assert [(s.schedule.cron, s.schedule.timezone) for s in pipe.schedules] == [("30 2 * * *", "Europe/Vienna")]
+        assert train.work_pool_name == "cloob-gpu-k8s" and train.global_concurrency_limit.limit == 1
+        assert train.job_variables == {"image": "reg/cloob-gpu:7", "namespace": "default", "nnodes": 2,
+                                       "gpus_per_node": 4, "s3_secret_name": "cloob-s3"}
+        assert train.parameters == {"nproc_per_node": 4, "nnodes": 2}
+        # Nothing the server keeps holds the S3 secret of the deploying process.
+        deployments = client.read_deployments(limit=200, sort=DeploymentSort.NAME_ASC)
+        stored = json.dumps([d.model_dump(mode="json") for d in deployments] +
+                            [p.model_dump(mode="json") for p in client.read_work_pools(limit=200)])
+        assert FAKE_SECRET not in stored and "fake-key-id" not in stored
+
+        # A pool someone changed by hand is left alone, with the command that would replace it.
+        from prefect.client.schemas.actions import WorkPoolUpdate
+
+        from cloob.errors import CloobError
+
+        edited = json.loads(TEMPLATE.read_text())
+        edited["variables"]["properties"]["shm_size"]["default"] = "64Gi"
+        client.update_work_pool("cloob-gpu-k8s", WorkPoolUpdate(base_job_template=edited))
+        k8s_pool = {"name": "cloob-gpu-k8s", "type": "kubernetes", "base_job_template": str(TEMPLATE)}
+        note = deploy.ensure_pool(client, k8s_pool)
+        assert "differs" in note and "prefect work-pool update cloob-gpu-k8s --base-job-template" in note
+        assert client.read_work_pool("cloob-gpu-k8s").base_job_template == edited
+        with pytest.raises(CloobError, match="exists with type 'process'"):
+            deploy.ensure_pool(client, {**k8s_pool, "name": "cloob-cpu"})
+
+
+# ----------------------------------------------------------------------------------- flows.k8s_node
+
+class _Result:
+    def __init__(self, returncode=0, cancelled=False):
+        self.returncode, self.cancelled, self.timed_out = returncode, cancelled, False
+        self.log_tail = ["last line"]
+
+    @property
+    def ok(self):
+        return self.returncode == 0 and not self.cancelled
+
+
+@pytest.fixture
+def node(monkeypatch):
+    """flows.k8s_node with the Prefect API and cloob.launch.launch replaced by recorders."""
+    import cloob.launch
+    import flows.k8s_node as k8s_node
+
+    state = {"params": {"recipe": "tiny", "overrides": ["train.steps=5"], "nproc_per_node": 4, "nnodes": 3,
+                        "rdzv_endpoint": None, "deadline_s": None},
+             "states": ["RUNNING"], "launches": [], "result": _Result(), "lookups": []}
+
+    def flow_run(run_id):
+        state["lookups"].append(run_id)
+        return dict(state["params"]), state["states"][min(len(state["lookups"]) - 1, len(state["states"]) - 1)]
+
+    def launch(recipe, overrides, **kw):
+        state["launches"].append((recipe, overrides, kw))
+        return state["result"]() if callable(state["result"]) else state["result"]
+
+    monkeypatch.setattr(k8s_node, "flow_run", flow_run)
+    monkeypatch.setattr(cloob.launch, "launch", launch)
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(uuid.uuid4()))
+    monkeypatch.setenv("CLOOB_RDZV_ENDPOINT", "localhost:29400")  # resolves: no wait for DNS
+    monkeypatch.setenv("CLOOB_K8S_SHAPE", "3x4")
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    state["module"] = k8s_node
+    return state
+
+
+def test_k8s_node_worker_index_launches_torchrun_as_that_node(node, monkeypatch, capsys):
+    from cloob.launch import build_command
+
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert node["module"].main(["prefect", "flow-run", "execute"]) == 0
+    ((recipe, overrides, kw),) = node["launches"]
+    assert (recipe, overrides) == ("tiny", ["train.steps=5"])
+    assert (kw["nproc_per_node"], kw["nnodes"], kw["node_rank"], kw["rdzv_endpoint"]) == (4, 3, 2, "localhost:29400")
+    assert node["lookups"] == [os.environ["PREFECT__FLOW_RUN_ID"]]  # its parameters, from the API
+    cmd = build_command(recipe, overrides, nproc_per_node=4, nnodes=3, node_rank=2, rdzv_endpoint=kw["rdzv_endpoint"])
+    assert cmd[cmd.index("--node_rank") + 1] == "2" and cmd[cmd.index("--rdzv_endpoint") + 1] == "localhost:29400"
+    # Its status is the exit code: a failed torchrun fails the pod, and with it the Job.
+    node["launches"].clear()
+    node["result"] = _Result(returncode=3)
+    assert node["module"].main([]) == 3
+
+
+def test_k8s_node_index_0_execs_the_flow_run_command(node, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execvp", lambda f, args: calls.append((f, list(args))))
+    assert node["module"].main(["prefect", "flow-run", "execute"]) == 127  # only reached with execvp replaced
+    assert calls == [("prefect", ["prefect", "flow-run", "execute"])] and node["launches"] == []
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    node["params"]["nnodes"] = 2  # the Job has 3 pods: the rendezvous would never complete
+    assert node["module"].main(["prefect", "flow-run", "execute"]) == 2
+    assert len(calls) == 1
+
+
+def test_k8s_node_refuses_a_job_that_does_not_match_the_flow_run(node, monkeypatch, capsys):
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    node["params"]["nnodes"] = 2
+    assert node["module"].main([]) == 2
+    err = capsys.readouterr().err
+    assert "nnodes=2" in err and "3 pods" in err and "fix: " in err and node["launches"] == []
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID")
+    assert node["module"].main([]) == 2 and "PREFECT__FLOW_RUN_ID" in capsys.readouterr().err
+
+
+def test_k8s_node_stops_when_the_flow_run_ends_without_it(node, monkeypatch):
+    """Node 0 found the run trained and skipped it (or failed first): the others stop waiting."""
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    node["states"] = ["COMPLETED"]
+    assert node["module"].main([]) == 0 and node["launches"] == []  # already over: nothing to join
+    node["lookups"].clear()
+    node["states"] = ["RUNNING", "RUNNING", "FAILED"]
+    monkeypatch.setattr(node["module"], "WATCH_S", 0.05)
+
+    def wait_for_stop():
+        (_, _, kw), = node["launches"]
+        assert kw["stop"].wait(10), "the watcher never stopped the node"
+        return _Result(returncode=-15, cancelled=True)
+
+    node["result"] = wait_for_stop
+    assert node["module"].main([]) == 1  # the run failed: so does this node
+
+
+def test_k8s_node_joins_a_real_two_node_torchrun(monkeypatch, tmp_path, request, capsys):
+    """Pod 1 through flows.k8s_node and node 0 through cloob.launch (what the cloob-train flow runs),
+    both on this machine with a c10d rendezvous on 127.0.0.1: one run with a global batch of two nodes."""
+    import cloob.launch
+    import flows.k8s_node as k8s_node
+    from cloob.data import synthetic
+
+    # A warm bytecode cache for the ranks (as in test_launch): compiling torch would dominate the test.
+    cache = request.config.cache.mkdir("pycache")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "")
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(cache))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    synthetic.write_shards(tmp_path / "shards", 80, shard_size=40, image_size=32, seed=3)
+    overrides = [f"data.train={tmp_path / 'shards'}", f"train.output={tmp_path / 'out'}", "train.batch_size=8",
+                 "train.steps=3", "train.checkpoint_every=3", "data.workers=1", "data.shuffle_buffer=40",
+                 "schedule.warmup_steps=1"]
+    endpoint = f"127.0.0.1:{_free_port()}"
+    params = {"recipe": "tiny", "overrides": overrides, "nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": None}
+    monkeypatch.setattr(k8s_node, "flow_run", lambda run_id: (params, "RUNNING"))
+    for k, v in {"JOB_COMPLETION_INDEX": "1", "PREFECT__FLOW_RUN_ID": str(uuid.uuid4()),
+                 "CLOOB_RDZV_ENDPOINT": endpoint, "CLOOB_K8S_SHAPE": "2x1"}.items():
+        monkeypatch.setenv(k, v)
+    node0: dict = {}
+    lines: list[str] = []
+    t = threading.Thread(target=lambda: node0.setdefault("result", cloob.launch.launch(
+        "tiny", overrides, nproc_per_node=1, nnodes=2, node_rank=0, rdzv_endpoint=endpoint, on_line=lines.append,
+        deadline_s=240)))
+    t.start()
+    try:
+        assert k8s_node.main([]) == 0
+    finally:
+        t.join(timeout=240)
+    r = node0["result"]
+    assert r.ok, r.log_tail[-20:]
+    assert r.checkpoint and r.checkpoint.endswith("step_00000003")
+    # The trainer's first line (from global rank 0, on either node): both nodes' ranks are in one run.
+    text = "\n".join(lines) + capsys.readouterr().out
+    assert "2 x 8 = global batch 16" in text, text[-3000:]
