@@ -180,6 +180,19 @@ class _MetricsTail:
         return rows[-1:] if replaced else rows
 
 
+def still_running(procs) -> list[psutil.Process]:
+    """Those of `procs` that still run; a zombie is dead, whoever is to reap it (psutil checks the
+    start time, so a reused pid does not count)."""
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
+
+
 class _ProcessTree:
     """torchrun and every process it starts, remembered as they appear.
 
@@ -206,15 +219,7 @@ class _ProcessTree:
                 pass
 
     def alive(self) -> list[psutil.Process]:
-        """Known processes that still run; a zombie is dead, whoever is to reap it."""
-        out = []
-        for proc in self.known.values():
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-            except psutil.Error:
-                pass
-        return out
+        return still_running(self.known.values())
 
     def signal_all(self, sig: int) -> None:
         """`sig` to torchrun's group, then to each live process and the group it leads (a rank's

@@ -356,15 +356,10 @@ def add_deploy_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.deploy ...`: the same as `cloob deploy ...`."""
-    parser = argparse.ArgumentParser(prog="cloob deploy", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except CloobError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`python -m flows.deploy ...`: the same as `cloob deploy ...` (and its error handling)."""
+    from flows.cli import main as cloob_main
+
+    return cloob_main(["deploy", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

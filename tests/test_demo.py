@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cloob.launch import still_running
 from cloob.registry import Registry
 from cloob.results.table import read_rows
 
@@ -58,7 +59,7 @@ def finished_demo(tmp_path_factory, env):
         first.wait()
         # torchrun and its ranks run in sessions of their own; they stop because their parent died.
         _, alive = psutil.wait_procs(descendants, timeout=60)
-        assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], alive
+        assert not still_running(alive), alive
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)

@@ -18,7 +18,7 @@ import pytest
 from cloob.checkpoint import CheckpointStore
 from cloob.data import synthetic
 from cloob.errors import CloobError
-from cloob.launch import _MetricsTail, _resolve_run, _trainer_errors, build_command, launch
+from cloob.launch import _MetricsTail, _resolve_run, _trainer_errors, build_command, launch, still_running
 
 ROOT = Path(__file__).parents[1]
 
@@ -55,23 +55,12 @@ def _assert_group_gone(pgid: int) -> None:
         os.killpg(pgid, 0)
 
 
-def _running(procs) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _assert_run_gone(pgid: int, seen: dict, at_least: int) -> None:
     """torchrun's group is gone and so is every process seen under it while it ran (the ranks run in
     sessions of their own, out of torchrun's group)."""
     _assert_group_gone(pgid)
     assert len(seen) >= at_least, seen  # the check saw the ranks and their workers, not just torchrun
-    assert not _running(seen.values()), [(p.pid, p.cmdline()[:4]) for p in _running(seen.values())]
+    assert not still_running(seen.values()), [(p.pid, p.cmdline()[:4]) for p in still_running(seen.values())]
 
 
 class _Recorder:
@@ -234,7 +223,7 @@ def test_a_killed_launcher_takes_the_run_with_it(tmp_path, shards, env):
         launcher.kill()
         launcher.wait()
         gone, alive = psutil.wait_procs(list(run.values()), timeout=45)
-        alive = _running(alive)  # orphans are reaped by init (or not at all in some containers)
+        alive = still_running(alive)  # orphans are reaped by init (or not at all in some containers)
         assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
     finally:  # nothing left behind for the next test, whatever happened
         for p in [launcher, *run.values()]:
