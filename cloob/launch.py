@@ -398,6 +398,9 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
                     if item is None:
                         eof = True
                     else:
+                        # Metrics the trainer wrote before printing this line come first, so a
+                        # caller's log reads in order ("step 500/500" before "done").
+                        poll_metrics()
                         deliver(item)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + POLL_S
@@ -408,6 +411,7 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
         _stop_tree(proc, tree, grace_s)
         raise
     reader.join(timeout=5)  # the group is gone, so the pipe has no writer left
+    poll_metrics()
     while True:  # lines that came in while stopping
         try:
             item = lines.get_nowait()

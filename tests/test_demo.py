@@ -22,11 +22,8 @@ CHANCE = {"shapes": 1 / 18, "colors": 1 / 6}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    # A bytecode cache of its own: where PYTHONDONTWRITEBYTECODE is set, every process (torchrun,
-    # each rank) would compile torch from source (see test_launch's fixture of the same name).
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "",
-           "PYTHONPYCACHEPREFIX": str(tmp_path_factory.mktemp("pycache"))}
+def env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # bytecode cache: conftest's bytecode_cache
     for var in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_LOGGING_LEVEL"):  # the demo picks its own
         env.pop(var, None)
     return env

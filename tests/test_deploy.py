@@ -660,17 +660,13 @@ def test_k8s_node_stops_when_the_flow_run_ends_without_it(node, monkeypatch):
     assert node["module"].main([]) == 1  # the run failed: so does this node
 
 
-def test_k8s_node_joins_a_real_two_node_torchrun(monkeypatch, tmp_path, request, capsys):
+def test_k8s_node_joins_a_real_two_node_torchrun(monkeypatch, tmp_path, capsys):
     """Pod 1 through flows.k8s_node and node 0 through cloob.launch (what the cloob-train flow runs),
     both on this machine with a c10d rendezvous on 127.0.0.1: one run with a global batch of two nodes."""
     import cloob.launch
     import flows.k8s_node as k8s_node
     from cloob.data import synthetic
 
-    # A warm bytecode cache for the ranks (as in test_launch): compiling torch would dominate the test.
-    cache = request.config.cache.mkdir("pycache")
-    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "")
-    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(cache))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     synthetic.write_shards(tmp_path / "shards", 80, shard_size=40, image_size=32, seed=3)
     overrides = [f"data.train={tmp_path / 'shards'}", f"train.output={tmp_path / 'out'}", "train.batch_size=8",
