@@ -289,6 +289,18 @@ def test_report_cloob_next_to_clip_with_the_paper(store):
     assert len({len(lines[i]) for i in range(len(lines)) if lines[i].startswith(("imagenet ", "flowers102 "))}) == 1
 
 
+def test_runs_named_by_config_hash_are_ordered_by_method(tmp_path):
+    """cloob train names runs <recipe>-<config hash>: the hash must not decide which column comes first."""
+    from cloob.results.report import build_report
+
+    uri = str(tmp_path / "results")
+    for run, method in (("tiny-0a293b34db", "cloob"), ("tiny-fc6678aa8e", "clip")):
+        append_rows(uri, [_row(run=run, ckpt=f"k-{method}", dataset="shapes", method=method, step=500,
+                               arch="cloob-tiny-vit", pretraining_data="demo")])
+    rep = build_report(uri, paper=None)
+    assert [c.method for c in rep.checkpoints] == ["clip", "cloob"]
+
+
 def test_report_metric_paper_choice_and_filters(store):
     from cloob.results.report import build_report
 
