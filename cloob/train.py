@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from cloob import distributed
 from cloob.checkpoint import CheckpointStore, is_local
 from cloob.config import Recipe, load_recipe
+from cloob.data.forked import worker_init
 from cloob.data.shards import list_shards
 from cloob.data.stream import SKIP_REASONS, NoUsableData, ShardStream, StreamState
 from cloob.errors import CloobError
@@ -206,7 +207,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         progress.stream = StreamState()
     # One DataLoader for the whole run: its workers go on from epoch to epoch by themselves.
     dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
-    loader = DataLoader(dataset, batch_size=None, num_workers=recipe.data.workers,
+    loader = DataLoader(dataset, batch_size=None, num_workers=recipe.data.workers, worker_init_fn=worker_init,
                         pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
     while progress.step < plan.total_steps:

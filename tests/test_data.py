@@ -584,3 +584,46 @@ def test_one_loader_across_epochs_equals_a_loader_per_epoch(shards_dir, tfs, res
     resumed = [next(it) for _ in range(3 * spe - 7)]
     del it
     assert_same_batches(resumed, continuous[7:])
+
+
+class _Items(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):
+        return torch.zeros(3), 0, i  # (image, target, index): what cloob.evaluate's collate takes
+
+
+def _worker_exit_codes(loader) -> list[int | None]:
+    it = iter(loader)
+    next(it)  # dropped early, as an evaluation with a limit or a finished training run does
+    try:
+        it._shutdown_workers()
+    except RuntimeError:  # torch's SIGCHLD check: "DataLoader worker ... exited unexpectedly"
+        pass
+    for w in it._workers:
+        w.join(10)
+    return [w.exitcode for w in it._workers]
+
+
+def test_forked_workers_exit_cleanly_under_a_parent_thread_exit_hook():
+    """A process that ran Prefect holds thread-exit hooks that fail in forked children; our
+    DataLoaders' workers (training and evaluation) still exit with 0."""
+    import os
+    import threading
+
+    from cloob.data.forked import worker_init
+    from cloob.evaluate.datasets import loader
+
+    parent = os.getpid()
+
+    def hook():  # like Prefect's log and event workers' hooks: only the owner of the thread may run it
+        assert os.getpid() == parent
+
+    threading._register_atexit(hook)
+    try:
+        assert _worker_exit_codes(DataLoader(_Items(), batch_size=4, num_workers=2)) == [1, 1]  # the failure
+        assert _worker_exit_codes(DataLoader(_Items(), batch_size=4, num_workers=2, worker_init_fn=worker_init)) == [0, 0]
+        assert _worker_exit_codes(loader(_Items(), 4, 2)) == [0, 0]
+    finally:
+        threading._threading_atexits[:] = [h for h in threading._threading_atexits if getattr(h, "func", None) is not hook]

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from cloob.data.downstream import (IMAGE_EXTENSIONS, MANIFEST, DownstreamSpec, dataset_root, load_downstream_spec,
                                    match_classes, spec_hash)
+from cloob.data.forked import worker_init
 from cloob.errors import CloobError
 from cloob.storage import is_local
 
@@ -267,7 +268,7 @@ def collate(batch):
 def loader(ds: Dataset | IterableDataset, batch_size: int, workers: int) -> DataLoader:
     if isinstance(ds, _Shards):
         workers = min(workers, len(ds.shards))
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, worker_init_fn=worker_init,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
