@@ -564,6 +564,78 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
             deploy.ensure_pool(client, {**k8s_pool, "name": "cloob-cpu"})
 
 
+def _run_tree(marker: str) -> list:
+    """The live processes whose command line names `marker` (torchrun and its ranks of one run)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any(marker in a for a in p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect_server, tmp_path):
+    """What the UI's Cancel does to a cloob-train run on a process worker: the run ends Cancelled and
+    torchrun, its rank and the rank's DataLoader worker are gone, not orphaned."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    import flows.deploy as deploy
+    from cloob.data import synthetic
+
+    url = prefect_server()
+    pool = "cloob-gpu-cancel-test"
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        assert deploy.main(["--store", str(tmp_path / "store"), "--spec", "demo", "--recipe", "tiny",
+                            "--downstream", "shapes", "--gpu-pool", pool]) == 0
+    synthetic.write_shards(tmp_path / "shards", 80, shard_size=40, image_size=32, seed=5)
+    out = tmp_path / "train-out"  # in every process of the run's command line: how we find them
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
+                              cwd=tmp_path, env=_clean_env(PREFECT_API_URL=url, OMP_NUM_THREADS="1"), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with SyncPrefectClient(api=url) as client:
+            train = client.read_deployment_by_name("cloob-train/gpu")
+            assert train.work_pool_name == pool
+            run = client.create_flow_run_from_deployment(train.id, parameters={
+                "recipe": "tiny", "overrides": [f"data.train={tmp_path / 'shards'}", f"train.output={out}",
+                                                "train.steps=1000000", "train.batch_size=8", "data.workers=1",
+                                                "data.shuffle_buffer=40"]})
+            deadline = time.monotonic() + 180
+            while not list(out.glob("runs/*/metrics.jsonl")):  # training is stepping
+                assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+                time.sleep(0.5)
+            tree = _run_tree(str(out))
+            names = [" ".join(p.cmdline()) for p in tree]
+            assert any("cloob.torchrun" in n for n in names) and sum("-m cloob.train" in n for n in names) >= 2, names
+
+            client.set_flow_run_state(run.id, Cancelling())  # what the UI and `prefect flow-run cancel` do
+            deadline = time.monotonic() + 90
+            while client.read_flow_run(run.id).state.type != StateType.CANCELLED:
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+                time.sleep(0.2)
+            # Gone by the time the run is Cancelled: the train task stopped them before it let the
+            # flow end. (Were they left to die of a broken stdout pipe, torchrun would outlive the
+            # run by half a minute, training on unsupervised.)
+            left = [" ".join(p.cmdline()) for p in tree if p.is_running() and p.status() != "zombie"]
+            assert not left and not _run_tree(str(out)), left
+    finally:
+        os.killpg(worker.pid, 15)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, 9)
+            worker.wait()
+        log.close()
+
+
 # ----------------------------------------------------------------------------------- flows.k8s_node
 
 class _Result:
