@@ -20,15 +20,22 @@ from cloob.data.demo_server import DemoHandler, DemoServer, render
 @pytest.fixture(scope="session", autouse=True)
 def bytecode_cache(tmp_path_factory):
     """A bytecode cache for every process the tests start (img2dataset's spawned workers, torchrun and
-    its ranks, Prefect servers, CLI subprocesses).
+    its ranks, Prefect servers, CLI subprocesses), where the virtualenv has none.
 
-    uv installs no .pyc files, and where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) each
-    such process would compile torch, pandas and open_clip from source again: ~8 s per process. An
-    unset variable plus a prefix in a temporary folder lets the first process compile and the rest
-    reuse it, without writing into the virtualenv."""
+    `uv sync` compiles the virtualenv (pyproject: tool.uv compile-bytecode). Installed otherwise,
+    without .pyc files, and with PYTHONDONTWRITEBYTECODE set, each such process would compile torch,
+    pandas and open_clip from source again (~8 s per process). Then an unset variable plus a prefix
+    in a temporary folder lets the first process compile and the rest reuse it, without writing into
+    the virtualenv. (A prefix hides the virtualenv's own .pyc files, so it is set only when they are
+    missing.)"""
+    import importlib.util
+
+    import torch
+
     mp = pytest.MonkeyPatch()
-    mp.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
-    mp.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
+    if not Path(importlib.util.cache_from_source(torch.__file__)).exists():
+        mp.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+        mp.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
     yield
     mp.undo()
 
