@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +113,14 @@ class Recipe(_Section):
 
     def default_run_name(self) -> str:
         return f"{self.name}-{self.content_hash()[:10]}"
+
+    def run_id(self) -> str:
+        """The run's name: train.run_name, or <recipe>-<content hash>."""
+        return self.train.run_name or self.default_run_name()
+
+    def run_dir(self) -> str:
+        """Where `cloob train` writes this recipe's run (checkpoints, metrics)."""
+        return posixpath.join(self.train.output.rstrip("/"), "runs", self.run_id())
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

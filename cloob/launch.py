@@ -23,7 +23,6 @@ import collections
 import json
 import logging
 import os
-import posixpath
 import queue
 import re
 import signal
@@ -289,9 +288,7 @@ def _stop_tree(proc: subprocess.Popen, tree: _ProcessTree, grace_s: float) -> No
 def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, int | None]:
     """(run_dir, the local metrics.jsonl the trainer appends to, planned steps if fixed)."""
     r = load_recipe(recipe, overrides)  # raises the same CloobError the trainer would, before any start
-    # As cloob.train.plan_run names it; not imported from there, since cloob.train imports torch.
-    run_name = r.train.run_name or r.default_run_name()
-    run_dir = posixpath.join(r.train.output.rstrip("/"), "runs", run_name)
+    run_name, run_dir = r.run_id(), r.run_dir()
     fs, path = fsspec.core.url_to_fs(run_dir)
     if is_local(fs):
         metrics = Path(path).absolute() / "metrics.jsonl"

@@ -83,9 +83,8 @@ def plan_run(recipe: Recipe, world_size: int) -> Plan:
                          f"{recipe.data.workers} workers", "set data.resampled=true or fewer data.workers")
     steps_per_epoch = num_samples // global_batch
     total = recipe.train.steps or max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
-    run_name = recipe.train.run_name or recipe.default_run_name()
-    run_dir = posixpath.join(recipe.train.output.rstrip("/"), "runs", run_name)
-    return Plan(shards.urls, shards.counts, num_samples, global_batch, steps_per_epoch, total, run_name, run_dir)
+    return Plan(shards.urls, shards.counts, num_samples, global_batch, steps_per_epoch, total, recipe.run_id(),
+                recipe.run_dir())
 
 
 def _check_readable(url: str) -> None:

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from cloob import cli
+from flows.deploy import add_deploy_parser  # imports no Prefect at module level
 
 
 def _cmd_demo(args) -> int:
@@ -32,12 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4096, help="captioned images in the demo set")
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes per model (torchrun)")
     p.set_defaults(func=_cmd_demo, own_logging=True)
-    try:
-        from flows.deploy import add_deploy_parser
-    except ImportError:  # pragma: no cover - written alongside
-        pass
-    else:
-        add_deploy_parser(sub)
+    add_deploy_parser(sub)
     return parser
 
 

@@ -34,9 +34,10 @@ def _use_ephemeral_prefect(home: str) -> None:
 
 def demo_parameters(store: str, steps: int = 500, samples: int = 4096, nproc_per_node: int = 1) -> dict:
     """The pipeline parameters of the demo (the README's numbers come from these)."""
-    # CLOOB at inv_tau 50: at the recipe's 30 the tiny model sometimes stays stuck below chance at
-    # 500 steps, depending on the order img2dataset wrote the shards in (1 of 3 shard sets tried);
-    # at 50 it learned on all four tried (README, "Evaluation").
+    # CLOOB at inv_tau 50: at the recipe's 30 the tiny model stayed below chance at 500 steps on one
+    # of five sample orders tried (before the demo's shards were written in a fixed order); at 50 it
+    # learned on all five. Another machine's arithmetic can move training as a new order did
+    # (README, "Evaluation").
     return dict(store=store, specs=["demo"], recipes=["tiny model.inv_tau=50", "tiny loss.method=clip"],
                 downstream=DOWNSTREAM,
                 overrides=[f"train.steps={steps}", f"train.checkpoint_every={max(1, steps // 3)}"],

@@ -64,18 +64,14 @@ def _checkpoint_summary(run_dir: str, checkpoint: str) -> dict:
             "step": meta.get("step"), "method": meta.get("method")}
 
 
-def _trained_summary(recipe: str, overrides: list[str]) -> dict | None:
-    """The finished run of this recipe (content-keyed, see cloob.state), or None."""
+def _trained_summary(r) -> dict | None:
+    """The finished run of recipe `r` (content-keyed, see cloob.state), or None."""
     from cloob.checkpoint import CheckpointStore
-    from cloob.config import load_recipe
     from cloob.state import trained
-    from cloob.train import plan_run
 
-    r = load_recipe(recipe, list(overrides))
     if key := trained(r):
-        run_dir = plan_run(r, world_size=1).run_dir
         _skip(f"train {r.name} ({r.loss.method})", key)
-        return _checkpoint_summary(run_dir, CheckpointStore(run_dir).latest().url)
+        return _checkpoint_summary(r.run_dir(), CheckpointStore(r.run_dir()).latest().url)
     return None
 
 
@@ -87,9 +83,9 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
     from cloob.config import load_recipe
     from cloob.launch import launch
 
-    if done := _trained_summary(recipe, overrides):
-        return done
     r = load_recipe(recipe, list(overrides))
+    if done := _trained_summary(r):
+        return done
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"training {recipe} ({r.loss.method})")
     last = {"artifact": 0.0, "log": time.monotonic()}
@@ -123,9 +119,11 @@ def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_n
     share no result storage, only the store."""
     from prefect.deployments import run_deployment
 
+    from cloob.config import load_recipe
     from cloob.errors import CloobError
 
-    if done := _trained_summary(recipe, overrides):
+    r = load_recipe(recipe, list(overrides))
+    if done := _trained_summary(r):
         return done
     run = run_deployment(deployment, parameters={"recipe": recipe, "overrides": list(overrides),
                                                  "nproc_per_node": nproc_per_node, "deadline_s": deadline_s},
@@ -134,7 +132,7 @@ def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_n
         raise CloobError(f"training run {run.name} on deployment {deployment} ended {run.state.name if run.state else 'unknown'}"
                          f": {run.state.message if run.state else ''}",
                          "see that flow run's log in the Prefect UI; rerunning the pipeline resumes the training")
-    if done := _trained_summary(recipe, overrides):
+    if done := _trained_summary(r):
         return done
     raise CloobError(f"training run {run.name} on deployment {deployment} completed, but the store has no "
                      f"finished checkpoint of {recipe} {' '.join(overrides)}",
@@ -241,13 +239,13 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
     train_data = ",".join(d["uri"] for d in data[:1])
     # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
     runs = []
-    for r in recipes:
-        run_overrides = [f"data.train={train_data}", f"train.output={store}", *(overrides or []), *r.split()[1:]]
+    for entry in recipes:
+        name, *own = entry.split()
+        run_overrides = [f"data.train={train_data}", f"train.output={store}", *(overrides or []), *own]
         if train_deployment:
-            runs.append(train_remote(train_deployment, r.split()[0], run_overrides, nproc_per_node,
-                                     train_deadline_s))
+            runs.append(train_remote(train_deployment, name, run_overrides, nproc_per_node, train_deadline_s))
         else:
-            runs.append(train(r.split()[0], run_overrides, nproc_per_node, train_deadline_s))
+            runs.append(train(name, run_overrides, nproc_per_node, train_deadline_s))
     registry = posixpath.join(store, "registry")
     for r in runs:
         register(r["checkpoint"], registry)

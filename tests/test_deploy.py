@@ -568,14 +568,9 @@ def _run_tree(marker: str) -> list:
     """The live processes whose command line names `marker` (torchrun and its ranks of one run)."""
     import psutil
 
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and any(marker in a for a in p.info["cmdline"] or []):
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    from cloob.launch import still_running
+
+    return still_running(p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or []))
 
 
 def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect_server, tmp_path):
@@ -588,6 +583,7 @@ def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect
 
     import flows.deploy as deploy
     from cloob.data import synthetic
+    from cloob.launch import still_running
 
     url = prefect_server()
     pool = "cloob-gpu-cancel-test"
@@ -624,8 +620,8 @@ def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect
             # Gone by the time the run is Cancelled: the train task stopped them before it let the
             # flow end. (Were they left to die of a broken stdout pipe, torchrun would outlive the
             # run by half a minute, training on unsupervised.)
-            left = [" ".join(p.cmdline()) for p in tree if p.is_running() and p.status() != "zombie"]
-            assert not left and not _run_tree(str(out)), left
+            left = still_running(tree)
+            assert not left and not _run_tree(str(out)), [" ".join(p.cmdline()) for p in left]
     finally:
         os.killpg(worker.pid, 15)
         try:
