@@ -43,7 +43,7 @@ import open_clip  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cloob.checkpoint import CheckpointStore  # noqa: E402
+from cloob.train.checkpoint import CheckpointStore  # noqa: E402
 from cloob.data import synthetic  # noqa: E402
 from cloob.data.downstream import load_downstream_spec  # noqa: E402
 from cloob.evaluate.datasets import open_classification_set  # noqa: E402

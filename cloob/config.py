@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloob.errors import CloobError
-from cloob.losses import METHODS
+from cloob.methods import METHODS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 

@@ -43,20 +43,11 @@ Implementation notes (why this is faster and lighter than four independent retri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Objective = Literal["infonce", "infoloob"]
-Retrieval = Literal["none", "hopfield"]
-
-METHODS: dict[str, tuple[Objective, Retrieval]] = {
-    "clip": ("infonce", "none"),
-    "cloob": ("infoloob", "hopfield"),
-    "infoloob": ("infoloob", "none"),
-    "clip_hopfield": ("infonce", "hopfield"),
-}
+from cloob.methods import METHODS, Objective, Retrieval  # noqa: F401 (re-exported)
 
 
 def hopfield_retrieval(query: torch.Tensor, memory: torch.Tensor, beta: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ Indexed Job) is the flow run: it execs the given command, so the `cloob-train` f
 meant it and starts torchrun as node 0 (at $CLOOB_RDZV_ENDPOINT, node 0's own DNS name). Every other
 pod is a worker node with no flow run of its own: it reads the flow run's parameters from the Prefect
 API (the worker puts PREFECT__FLOW_RUN_ID and PREFECT_API_URL in every pod's environment), runs
-`cloob.launch.launch` with the same recipe and overrides as node `index`, and exits with its status.
+`cloob.run.launch.launch` with the same recipe and overrides as node `index`, and exits with its status.
 
 A worker node also watches the flow run: if it ends while this node still waits or trains (node 0
 found the run already trained and skipped it, failed before the rendezvous, or was cancelled), this

@@ -2,7 +2,7 @@
 pipeline (all of it), cloob-train (one run, for a GPU work pool) and evaluate-checkpoints.
 
 Thin by design: every task calls one cloob function and passes URIs and hashes on, never data.
-Skipping is keyed on content through cloob.state: each task first asks whether its output is there
+Skipping is keyed on content through cloob.run.state: each task first asks whether its output is there
 and was made from these very inputs (spec, manifest, recipe and checkpoint hashes) and returns it if
 so. A finished pipeline re-runs in seconds; a re-run after a crash does only what is missing
 (training resumes from its last checkpoint). Prefect's own result cache is not used for this: its key
@@ -33,7 +33,7 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
     """One pretraining dataset into webdataset shards (img2dataset runs in its own process)."""
     from cloob.data.prepare import prepare, read_manifest
     from cloob.data.spec import load_spec
-    from cloob.state import prepared
+    from cloob.run.state import prepared
 
     s = load_spec(spec, list(overrides or []))
     if key := prepared(s, out):
@@ -57,7 +57,7 @@ def prepare_downstream_set(name: str, out: str, source: str | None = None) -> di
 # ---------------------------------------------------------------------------------------- training
 
 def _checkpoint_summary(run_dir: str, checkpoint: str) -> dict:
-    from cloob.lineage import read_json
+    from cloob.registry.lineage import read_json
 
     meta = read_json(posixpath.join(checkpoint, "meta.json")) or {}
     return {"run_dir": run_dir, "checkpoint": checkpoint, "sha256": meta.get("model_sha256"),
@@ -65,9 +65,9 @@ def _checkpoint_summary(run_dir: str, checkpoint: str) -> dict:
 
 
 def _trained_summary(r) -> dict | None:
-    """The finished run of recipe `r` (content-keyed, see cloob.state), or None."""
-    from cloob.checkpoint import CheckpointStore
-    from cloob.state import trained
+    """The finished run of recipe `r` (content-keyed, see cloob.run.state), or None."""
+    from cloob.train.checkpoint import CheckpointStore
+    from cloob.run.state import trained
 
     if key := trained(r):
         _skip(f"train {r.name} ({r.loss.method})", key)
@@ -81,7 +81,7 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
     """torchrun as a supervised subprocess tree; its output goes to this task's log, its progress to
     an artifact; the deadline, a cancel or a crash here stop every process of it."""
     from cloob.config import load_recipe
-    from cloob.launch import launch
+    from cloob.run.launch import launch
 
     r = load_recipe(recipe, list(overrides))
     if done := _trained_summary(r):
@@ -160,9 +160,9 @@ def evaluate(checkpoint: str, dataset: str, dataset_uri: str, results: str, cach
     from cloob.evaluate.models import load_model
     from cloob.evaluate.runner import EvalSettings, evaluate_zeroshot, settings_json
     from cloob.evaluate.zeroshot import ClassifierCache
-    from cloob.lineage import read_json
+    from cloob.registry.lineage import read_json
     from cloob.results.table import append_rows, read_rows
-    from cloob.state import evaluated
+    from cloob.run.state import evaluated
 
     s = EvalSettings(**(settings or {}))
     ds = open_classification_set(dataset, dataset_uri)

@@ -7,7 +7,7 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from cloob import distributed
+from cloob.train import distributed
 from cloob.losses import LossSpec
 from cloob.model import create_model
 

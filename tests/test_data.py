@@ -612,7 +612,7 @@ def test_forked_workers_exit_cleanly_under_a_parent_thread_exit_hook():
     import os
     import threading
 
-    from cloob.data.forked import worker_init
+    from cloob.data.workers import worker_init
     from cloob.evaluate.datasets import loader
 
     parent = os.getpid()

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cloob.launch import still_running
+from cloob.run.launch import still_running
 from cloob.registry import Registry
 from cloob.results.table import read_rows
 

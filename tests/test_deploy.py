@@ -568,7 +568,7 @@ def _run_tree(marker: str) -> list:
     """The live processes whose command line names `marker` (torchrun and its ranks of one run)."""
     import psutil
 
-    from cloob.launch import still_running
+    from cloob.run.launch import still_running
 
     return still_running(p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or []))
 
@@ -583,7 +583,7 @@ def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect
 
     import flows.deploy as deploy
     from cloob.data import synthetic
-    from cloob.launch import still_running
+    from cloob.run.launch import still_running
 
     url = prefect_server()
     pool = "cloob-gpu-cancel-test"
@@ -610,7 +610,7 @@ def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect
                 time.sleep(0.5)
             tree = _run_tree(str(out))
             names = [" ".join(p.cmdline()) for p in tree]
-            assert any("cloob.torchrun" in n for n in names) and sum("-m cloob.train" in n for n in names) >= 2, names
+            assert any("cloob.run.torchrun" in n for n in names) and sum("-m cloob.train" in n for n in names) >= 2, names
 
             client.set_flow_run_state(run.id, Cancelling())  # what the UI and `prefect flow-run cancel` do
             deadline = time.monotonic() + 90
@@ -646,8 +646,8 @@ class _Result:
 
 @pytest.fixture
 def node(monkeypatch):
-    """flows.k8s_node with the Prefect API and cloob.launch.launch replaced by recorders."""
-    import cloob.launch
+    """flows.k8s_node with the Prefect API and cloob.run.launch.launch replaced by recorders."""
+    import cloob.run.launch
     import flows.k8s_node as k8s_node
 
     state = {"params": {"recipe": "tiny", "overrides": ["train.steps=5"], "nproc_per_node": 4, "nnodes": 3,
@@ -663,7 +663,7 @@ def node(monkeypatch):
         return state["result"]() if callable(state["result"]) else state["result"]
 
     monkeypatch.setattr(k8s_node, "flow_run", flow_run)
-    monkeypatch.setattr(cloob.launch, "launch", launch)
+    monkeypatch.setattr(cloob.run.launch, "launch", launch)
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(uuid.uuid4()))
     monkeypatch.setenv("CLOOB_RDZV_ENDPOINT", "localhost:29400")  # resolves: no wait for DNS
     monkeypatch.setenv("CLOOB_K8S_SHAPE", "3x4")
@@ -673,7 +673,7 @@ def node(monkeypatch):
 
 
 def test_k8s_node_worker_index_launches_torchrun_as_that_node(node, monkeypatch, capsys):
-    from cloob.launch import build_command
+    from cloob.run.launch import build_command
 
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
     assert node["module"].main(["prefect", "flow-run", "execute"]) == 0
@@ -729,9 +729,9 @@ def test_k8s_node_stops_when_the_flow_run_ends_without_it(node, monkeypatch):
 
 
 def test_k8s_node_joins_a_real_two_node_torchrun(monkeypatch, tmp_path, capsys):
-    """Pod 1 through flows.k8s_node and node 0 through cloob.launch (what the cloob-train flow runs),
+    """Pod 1 through flows.k8s_node and node 0 through cloob.run.launch (what the cloob-train flow runs),
     both on this machine with a c10d rendezvous on 127.0.0.1: one run with a global batch of two nodes."""
-    import cloob.launch
+    import cloob.run.launch
     import flows.k8s_node as k8s_node
     from cloob.data import synthetic
 
@@ -748,7 +748,7 @@ def test_k8s_node_joins_a_real_two_node_torchrun(monkeypatch, tmp_path, capsys):
         monkeypatch.setenv(k, v)
     node0: dict = {}
     lines: list[str] = []
-    t = threading.Thread(target=lambda: node0.setdefault("result", cloob.launch.launch(
+    t = threading.Thread(target=lambda: node0.setdefault("result", cloob.run.launch.launch(
         "tiny", overrides, nproc_per_node=1, nnodes=2, node_rank=0, rdzv_endpoint=endpoint, on_line=lines.append,
         deadline_s=240)))
     t.start()

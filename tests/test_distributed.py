@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloob import distributed
+from cloob.train import distributed
 from cloob.losses import METHODS, LossSpec
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cloob import cli
-from cloob.checkpoint import MODEL_FILE, CheckpointStore
+from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 from cloob.data import synthetic
 from cloob.data.downstream import load_downstream_spec
 from cloob.errors import CloobError

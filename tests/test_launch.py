@@ -1,4 +1,4 @@
-"""cloob.launch with real torchrun on generated shards: a 2-process run with its log and progress, a
+"""cloob.run.launch with real torchrun on generated shards: a 2-process run with its log and progress, a
 deadline that kills the whole process group and a rerun that resumes, cancellation, and failures.
 
 Runs are few and tiny: most of a launch is importing torch in torchrun and in each rank.
@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cloob.checkpoint import CheckpointStore
+from cloob.train.checkpoint import CheckpointStore
 from cloob.data import synthetic
 from cloob.errors import CloobError
-from cloob.launch import _MetricsTail, _resolve_run, _trainer_errors, build_command, launch, still_running
+from cloob.run.launch import _MetricsTail, _resolve_run, _trainer_errors, build_command, launch, still_running
 
 ROOT = Path(__file__).parents[1]
 
@@ -75,7 +75,7 @@ class _Recorder:
         self.progress.append(p)
         for c in psutil.Process().children():  # torchrun and what it started; not, say, a Prefect server
             try:
-                if "cloob.torchrun" in c.cmdline():
+                if "cloob.run.torchrun" in c.cmdline():
                     for p in [c, *c.children(recursive=True)]:
                         self.procs.setdefault(p.pid, p)
             except psutil.NoSuchProcess:
@@ -196,7 +196,7 @@ def test_an_interrupt_in_the_caller_kills_the_whole_run_and_is_raised(tmp_path, 
 
 _LAUNCHER = """
 import sys
-from cloob.launch import launch
+from cloob.run.launch import launch
 launch("tiny", sys.argv[1:], nproc_per_node=2)
 """
 
@@ -255,7 +255,7 @@ def test_bad_recipe_is_refused_before_anything_starts(tmp_path, shards):
 def test_multi_node_command():
     cmd = build_command("tiny", ["train.steps=5"], nproc_per_node=4, nnodes=2, node_rank=1,
                         rdzv_endpoint="node0:29400")
-    assert cmd[1:] == ["-m", "cloob.torchrun", "--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d",
+    assert cmd[1:] == ["-m", "cloob.run.torchrun", "--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d",
                        "--rdzv_endpoint", "node0:29400", "--nproc_per_node", "4", "-m", "cloob.train", "tiny",
                        "train.steps=5", "train.progress=false"]
     with pytest.raises(CloobError, match="node_rank"):

@@ -7,7 +7,7 @@ import torch
 
 from cloob.config import ScheduleConfig
 from cloob.model import clamp_inv_tau_, create_model
-from cloob.optim import build_optimizer, lr_factor, param_groups
+from cloob.train.optim import build_optimizer, lr_factor, param_groups
 from cloob.config import OptimConfig
 
 

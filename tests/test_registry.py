@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from cloob import cli
-from cloob.checkpoint import MODEL_FILE, CheckpointStore
+from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 from cloob.errors import CloobError
 from cloob.registry import Registry
 from cloob.results.table import append_rows

@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 
-from cloob.checkpoint import MODEL_FILE, CheckpointStore
+from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 from cloob.config import load_recipe
 from cloob.data import synthetic
 from cloob.model import MODEL_CONFIGS_DIR

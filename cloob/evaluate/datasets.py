@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from cloob.data.downstream import (IMAGE_EXTENSIONS, MANIFEST, DownstreamSpec, dataset_root, load_downstream_spec,
                                    match_classes, spec_hash)
-from cloob.data.forked import worker_init
+from cloob.data.workers import worker_init
 from cloob.errors import CloobError
 from cloob.storage import is_local
 

@@ -23,7 +23,7 @@ import fsspec
 import torch
 
 from cloob.errors import CloobError
-from cloob.lineage import pretraining_data, redact, resolve_checkpoint
+from cloob.registry.lineage import pretraining_data, redact, resolve_checkpoint
 
 
 @dataclass
@@ -38,7 +38,7 @@ def load_checkpoint(ref: str, device: str | torch.device = "cpu") -> EvalModel:
     """One of our checkpoints (folder or run), verified against the sha256 in its meta.json."""
     import open_clip
 
-    from cloob.checkpoint import MODEL_FILE, CheckpointRef, sha256_bytes
+    from cloob.train.checkpoint import MODEL_FILE, CheckpointRef, sha256_bytes
     from cloob.model import MODEL_CONFIGS_DIR, check_architecture
 
     url = resolve_checkpoint(ref)

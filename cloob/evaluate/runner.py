@@ -155,7 +155,7 @@ def _device_name(device: torch.device) -> str:
 def _base_row(em: EvalModel, dataset: str, uri: str, identity: str, task: str) -> dict:
     from cloob.version import code_version
 
-    from cloob.lineage import redact as _redact
+    from cloob.registry.lineage import redact as _redact
 
     return {**em.info, "dataset": dataset, "dataset_uri": _redact(uri), "dataset_hash": identity, "task": task,
             "code_version": code_version(), "row_uuid": uuid.uuid4().hex}

@@ -3,7 +3,7 @@
 torchrun starts each rank in a session of its own, so a signal to torchrun's process group does
 not reach the ranks, and if torchrun is killed outright (SIGKILL, the OOM killer, its own launcher
 killed) the ranks would go on training as orphans, writing into a run directory that a rerun is
-about to resume. `cloob.train` and `cloob.torchrun` call `die_with_parent` first thing.
+about to resume. `cloob.train` and `cloob.run.torchrun` call `die_with_parent` first thing.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def read_json(url: str) -> dict | None:
 
 def resolve_checkpoint(ref: str) -> str:
     """The checkpoint folder a reference means: itself, or a run's latest complete checkpoint."""
-    from cloob.checkpoint import META_FILE, CheckpointStore
+    from cloob.train.checkpoint import META_FILE, CheckpointStore
 
     ref = ref.rstrip("/")
     try:

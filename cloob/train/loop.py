@@ -28,17 +28,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cloob import distributed
-from cloob.checkpoint import CheckpointStore, is_local
+from cloob.train import distributed
+from cloob.train.checkpoint import CheckpointStore, is_local
 from cloob.config import Recipe, load_recipe
-from cloob.data.forked import worker_init
+from cloob.data.workers import worker_init
 from cloob.data.shards import list_shards
 from cloob.data.stream import SKIP_REASONS, NoUsableData, ShardStream, StreamState
 from cloob.errors import CloobError
 from cloob.losses import LossSpec
-from cloob.metrics import MetricsLogger
+from cloob.train.metrics import MetricsLogger
 from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
-from cloob.optim import build_optimizer, lr_factor, set_lr
+from cloob.train.optim import build_optimizer, lr_factor, set_lr
 from cloob.version import code_version
 
 log = logging.getLogger("cloob.train")
@@ -315,7 +315,7 @@ def _upload_logs(local_dir: Path, run_dir: str) -> None:
 def _write_recipe(recipe: Recipe, run_dir: str) -> None:
     import yaml
 
-    from cloob.checkpoint import atomic_write_bytes
+    from cloob.train.checkpoint import atomic_write_bytes
     atomic_write_bytes(posixpath.join(run_dir, "recipe.yaml"),
                        yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode())
 
@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="YAML file or shipped recipe name (cloob recipes)")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     args = parser.parse_args(argv)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank: torchrun's death must end it (see cloob.lifeline)
-        from cloob.lifeline import die_with_parent
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank: torchrun's death must end it (see cloob.run.lifeline)
+        from cloob.run.lifeline import die_with_parent
 
         die_with_parent(signal.SIGKILL)
     logging.basicConfig(level=os.environ.get("CLOOB_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
@@ -356,6 +356,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-"""`python -m cloob.torchrun ...`: torchrun (torch.distributed.run) that stops when its launcher dies.
+"""`python -m cloob.run.torchrun ...`: torchrun (torch.distributed.run) that stops when its launcher dies.
 
-`cloob.launch` runs this instead of torchrun itself. If the launching process disappears without
+`cloob.run.launch` runs this instead of torchrun itself. If the launching process disappears without
 stopping the run (killed with SIGKILL, a crashed worker), torchrun gets SIGTERM and stops its ranks
 as on any SIGTERM, instead of training on unsupervised.
 """
@@ -8,7 +8,7 @@ as on any SIGTERM, instead of training on unsupervised.
 import os
 import signal
 
-from cloob.lifeline import die_with_parent
+from cloob.run.lifeline import die_with_parent
 
 if __name__ == "__main__":
     launcher = os.environ.get("CLOOB_LAUNCHER_PID")

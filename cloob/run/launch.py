@@ -8,7 +8,7 @@ and cancellation, and no stray processes afterwards.
 torchrun runs in its own session; it starts each rank in a session of its own too, so stopping a
 run is more than one signal to a group: torchrun gets SIGTERM (it stops its ranks), and whatever of
 the process tree seen during the run still runs after the grace period gets SIGKILL. If the
-launching process itself dies, `cloob.torchrun` and the ranks die with it (cloob.lifeline). A
+launching process itself dies, `cloob.run.torchrun` and the ranks die with it (cloob.run.lifeline). A
 stopped run (deadline, cancel, crash) resumes from its last checkpoint when launched again with the
 same recipe and overrides.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import fsspec
 import psutil
 
-from cloob.checkpoint import CheckpointStore
+from cloob.train.checkpoint import CheckpointStore
 from cloob.config import load_recipe
 from cloob.errors import CloobError
 from cloob.storage import is_local
@@ -51,7 +51,7 @@ _TICK_S = 0.1  # how often the wait loop looks at the deadline, the stop event a
 _REAP_S = 30.0  # after SIGKILL: how long to wait for the group's processes to be reaped
 _DRAIN_S = 5.0  # after torchrun exits: how long to wait for the end of its output
 
-# Printed by the trainer (cloob.train._announce) before the first step: the planned total.
+# Printed by the trainer (cloob.train.loop._announce) before the first step: the planned total.
 _TOTAL_STEPS = re.compile(r"; (\d+) steps \(\d+/epoch\)")
 
 
@@ -123,7 +123,7 @@ def build_command(recipe: str, overrides: list[str], *, nproc_per_node: int = 1,
     """The torchrun command line that `launch` runs."""
     if nproc_per_node < 1 or nnodes < 1:
         raise CloobError(f"nproc_per_node={nproc_per_node}, nnodes={nnodes}", "both must be at least 1")
-    cmd = [sys.executable, "-m", "cloob.torchrun"]  # torchrun, ended if its launcher dies
+    cmd = [sys.executable, "-m", "cloob.run.torchrun"]  # torchrun, ended if its launcher dies
     if nnodes == 1:
         cmd.append("--standalone")  # a rendezvous on a free local port: no endpoint needed
     else:
