@@ -234,25 +234,28 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
 
     train_deployment: e.g. "cloob-train/gpu": train there (a GPU work pool) instead of in this
     flow's process; everything else stays here (the CPU pool)."""
-    data = [prepare_data(spec, posixpath.join(store, "datasets", posixpath.splitext(posixpath.basename(spec))[0]),
-                         None, spec_overrides) for spec in specs]
-    train_data = ",".join(d["uri"] for d in data[:1])
-    # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
-    runs = []
-    for entry in recipes:
-        name, *own = entry.split()
-        run_overrides = [f"data.train={train_data}", f"train.output={store}", *(overrides or []), *own]
-        if train_deployment:
-            runs.append(train_remote(train_deployment, name, run_overrides, nproc_per_node, train_deadline_s))
-        else:
-            runs.append(train(name, run_overrides, nproc_per_node, train_deadline_s))
-    registry = posixpath.join(store, "registry")
-    for r in runs:
-        register(r["checkpoint"], registry)
-    sets = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
-    datasets = {s["name"]: s["uri"] for s in [f.result() for f in sets]}
-    out = evaluate_flow([r["checkpoint"] for r in runs], datasets, store, eval_settings)
-    from cloob.registry import Registry
+    from flows.signals import stop_on_signals
 
-    Registry(registry).update_best(out["results"])
-    return {**out, "runs": runs, "datasets": datasets}
+    with stop_on_signals("cloob-pipeline"):
+        data = [prepare_data(spec, posixpath.join(store, "datasets", posixpath.splitext(posixpath.basename(spec))[0]),
+                             None, spec_overrides) for spec in specs]
+        train_data = ",".join(d["uri"] for d in data[:1])
+        # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
+        runs = []
+        for entry in recipes:
+            name, *own = entry.split()
+            run_overrides = [f"data.train={train_data}", f"train.output={store}", *(overrides or []), *own]
+            if train_deployment:
+                runs.append(train_remote(train_deployment, name, run_overrides, nproc_per_node, train_deadline_s))
+            else:
+                runs.append(train(name, run_overrides, nproc_per_node, train_deadline_s))
+        registry = posixpath.join(store, "registry")
+        for r in runs:
+            register(r["checkpoint"], registry)
+        sets = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
+        datasets = {s["name"]: s["uri"] for s in [f.result() for f in sets]}
+        out = evaluate_flow([r["checkpoint"] for r in runs], datasets, store, eval_settings)
+        from cloob.registry import Registry
+
+        Registry(registry).update_best(out["results"])
+        return {**out, "runs": runs, "datasets": datasets}

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from cloob.data.downstream import (IMAGE_EXTENSIONS, MANIFEST, DownstreamSpec, dataset_root, load_downstream_spec,
                                    match_classes, spec_hash)
-from cloob.data.workers import worker_init
+from cloob.data.workers import worker_context, worker_init
 from cloob.errors import CloobError
 from cloob.storage import is_local
 
@@ -265,11 +265,39 @@ def collate(batch):
     return {"images": images, "targets": targets, "index": [b[2] for b in good], "bad": bad}
 
 
-def loader(ds: Dataset | IterableDataset, batch_size: int, workers: int) -> DataLoader:
-    if isinstance(ds, _Shards):
-        workers = min(workers, len(ds.shards))
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, worker_init_fn=worker_init,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+LOADER_TIMEOUT_S = 600.0  # the longest wait for one batch, worker start included (a fork server imports torch)
+
+
+class loader:
+    """Batches of `ds` from `workers` worker processes (0: this process), never waiting more than
+    `timeout_s` for one: a stuck worker or a storage that stops answering ends the evaluation with one
+    error instead of a hang. Workers are never forked from a threaded process (worker_context)."""
+
+    def __init__(self, ds: Dataset | IterableDataset, batch_size: int, workers: int,
+                 timeout_s: float = LOADER_TIMEOUT_S, what: str = "the eval set"):
+        if isinstance(ds, _Shards):
+            workers = min(workers, len(ds.shards))
+        self.timeout_s, self.what = timeout_s, what
+        self.dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                             worker_init_fn=worker_init, persistent_workers=False,
+                             prefetch_factor=4 if workers else None, timeout=timeout_s if workers else 0,
+                             multiprocessing_context=worker_context() if workers else None)
+
+    def __iter__(self):
+        it = iter(self.dl)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                raise CloobError(f"no batch of {self.what} came from its DataLoader workers within "
+                                 f"{self.timeout_s:.0f} s", "a worker is stuck or the storage stopped "
+                                 "answering: check the path and network, then rerun (finished pairs are kept)"
+                                 ) from None
+            yield batch
 
 
 def classification_data(ds: ClassificationSet, transform, limit: int | None, seed: int):

@@ -46,6 +46,9 @@ class EvalSettings:
     # CPU threads of the model in this process (None: torch's default, one per core). With a small
     # model the images are the work: give the cores to the decoding workers (threads=1, bench_eval).
     threads: int | None = None
+    # The longest wait for one batch from the DataLoader workers (their start-up included): past it
+    # the evaluation fails with one error instead of hanging on a stuck worker or a silent store.
+    loader_timeout_s: float = 600.0
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -61,6 +64,8 @@ class EvalSettings:
             raise CloobError(f"diag samples {self.diag_samples} must be at least 2", "use --diag-samples 2000")
         if self.threads is not None and self.threads < 1:
             raise CloobError(f"threads {self.threads} must be at least 1", "leave --threads out for torch's default")
+        if self.loader_timeout_s <= 0:
+            raise CloobError(f"loader timeout {self.loader_timeout_s} s must be positive", "use 600 (seconds)")
         if self.precision not in ("auto", "fp32", "amp"):
             raise CloobError(f"precision {self.precision!r} is not auto, fp32 or amp", "use --precision auto")
 
@@ -191,7 +196,8 @@ def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cach
     sample = _DiagSample(settings.diag_samples, settings.seed)
     skipped = seen = 0
     with _bar(total if total is not None else settings.limit, f"{em.info['run_id'][:24]} {ds.name}", progress) as bar:
-        for batch in loader(data, settings.batch_size, settings.workers):
+        for batch in loader(data, settings.batch_size, settings.workers, settings.loader_timeout_s,
+                            f"{ds.name} ({ds.uri})"):
             skipped += len(batch["bad"])
             seen += len(batch["bad"]) + len(batch["targets"])
             bar.update(len(batch["bad"]) + len(batch["targets"]))
@@ -244,7 +250,8 @@ def _retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress
     images, captions, index = [], [], []
     skipped = 0
     with _bar(settings.limit, f"{em.info['run_id'][:24]} {rs.name}", progress) as bar:
-        for batch in loader(retrieval_data(rs, em.preprocess), settings.batch_size, settings.workers):
+        for batch in loader(retrieval_data(rs, em.preprocess), settings.batch_size, settings.workers,
+                            settings.loader_timeout_s, f"{rs.name} ({rs.uri})"):
             skipped += len(batch["bad"])
             bar.update(len(batch["bad"]) + len(batch["targets"]))
             if batch["images"] is None:
