@@ -155,30 +155,24 @@ _SUMMARY = ("run_id", "checkpoint_id", "dataset", "main_metric", "main_value", "
 @task(name="evaluate", task_run_name="evaluate-{dataset}")
 def evaluate(checkpoint: str, dataset: str, dataset_uri: str, results: str, cache_root: str | None = None,
              settings: dict | None = None) -> dict:
-    """One checkpoint on one zero-shot set -> one row appended to the results table."""
+    """One checkpoint on one zero-shot set -> one row appended to the results table (the runner's own
+    per-pair function: the same skip rule as `cloob evaluate`)."""
+    from cloob.errors import CloobError
     from cloob.evaluate.datasets import open_classification_set
-    from cloob.evaluate.models import load_model
-    from cloob.evaluate.runner import EvalSettings, evaluate_zeroshot, settings_json
+    from cloob.evaluate.runner import EvalSettings, evaluate_pair
     from cloob.evaluate.zeroshot import ClassifierCache
-    from cloob.registry.lineage import read_json
-    from cloob.results.table import append_rows, read_rows
-    from cloob.run.state import evaluated
 
-    s = EvalSettings(**(settings or {}))
     ds = open_classification_set(dataset, dataset_uri)
-    meta = read_json(posixpath.join(checkpoint, "meta.json")) or {}
-    _, settings_hash = settings_json(s, s.torch_device(), {"task": "zeroshot"})
-    if key := evaluated(meta.get("model_sha256", ""), ds.name, ds.identity, settings_hash, results):
-        _skip(f"evaluate {ds.name}", key)
-        row = next(r for r in read_rows(results).to_pylist()
-                   if (r["checkpoint_id"], r["dataset"]) == (meta["model_sha256"], ds.name))
-        return {k: row[k] for k in _SUMMARY}
-    row = evaluate_zeroshot(load_model(checkpoint, device=s.torch_device()), ds, s, ClassifierCache(cache_root),
-                            progress=False)
-    row.pop("classifier_cached")
-    append_rows(results, [row])
-    get_run_logger().info("%s on %s: %s %.4f (%d images, %d skipped)", row["run_id"], ds.name, row["main_metric"],
-                          row["main_value"], row["n_images"], row["n_skipped"])
+    o = evaluate_pair(checkpoint, ds, EvalSettings(**(settings or {})), results=results,
+                      cache=ClassifierCache(cache_root), progress=False)
+    if o.error:
+        raise CloobError(o.error)
+    row = o.row
+    if o.reused:
+        _skip(f"evaluate {ds.name}", row["row_uuid"])
+    else:
+        get_run_logger().info("%s on %s: %s %.4f (%d images, %d skipped)", row["run_id"], ds.name,
+                              row["main_metric"], row["main_value"], row["n_images"], row["n_skipped"])
     return {k: row[k] for k in _SUMMARY}
 
 

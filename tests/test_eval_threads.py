@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cloob.data import synthetic
-from cloob.data.workers import worker_context
+from cloob.data.workers import loader_kwargs, worker_context
 from cloob.errors import CloobError
 from cloob.evaluate.datasets import loader, open_classification_set
 from cloob.evaluate.models import load_model
@@ -116,3 +116,34 @@ def test_a_stuck_worker_gives_one_error_not_a_hang():
             pass
     assert time.monotonic() - t0 < 120
     assert "a stuck set" in str(e.value) and "3 s" in str(e.value) and e.value.fix
+
+
+class _Env(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import os
+
+        return os.environ.get("CLOOB_TEST_VALUE", "unset"), 0, i
+
+
+def _as_list(batch):
+    return batch
+
+
+def test_fork_server_workers_see_the_environment_of_now(monkeypatch):
+    """Credentials or AWS_ENDPOINT_URL set after the fork server started still reach the workers."""
+    ready, stop = threading.Event(), threading.Event()
+    t = threading.Thread(target=lambda: (ready.set(), stop.wait()), daemon=True)
+    t.start()
+    try:
+        ready.wait()
+        for value in ("first", "second"):  # the server starts for the first; the second comes later
+            monkeypatch.setenv("CLOOB_TEST_VALUE", value)
+            dl = torch.utils.data.DataLoader(_Env(), batch_size=2, num_workers=1, collate_fn=_as_list,
+                                             **loader_kwargs(1))
+            assert [x[0] for batch in dl for x in batch] == [value, value]
+    finally:
+        stop.set()
+        t.join()

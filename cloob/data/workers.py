@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,29 @@ def worker_init(_worker_id: int) -> None:
     hooks = getattr(threading, "_threading_atexits", None)  # CPython's list; absent elsewhere
     if isinstance(hooks, list):
         hooks[:] = [_guarded(h) for h in hooks]
+
+
+class WorkerInit:
+    """worker_init_fn for workers from a fork server: they get this process's environment as it is
+    now (credentials, AWS_ENDPOINT_URL set by a command or a test after the server started), not
+    the server's copy from its start. The working directory and sys.path come with multiprocessing's
+    own preparation data."""
+
+    def __init__(self):
+        self.env = dict(os.environ)
+
+    def __call__(self, worker_id: int) -> None:
+        os.environ.clear()
+        os.environ.update(self.env)
+        worker_init(worker_id)
+
+
+def loader_kwargs(workers: int) -> dict:
+    """DataLoader arguments that start `workers` worker processes safely from this process."""
+    if not workers:
+        return {"worker_init_fn": worker_init}
+    ctx = worker_context()
+    return {"multiprocessing_context": ctx, "worker_init_fn": worker_init if ctx is None else WorkerInit()}
 
 
 # Imported once by the fork server, so that each worker it forks starts with them loaded.

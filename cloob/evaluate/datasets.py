@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from cloob.data.downstream import (IMAGE_EXTENSIONS, MANIFEST, DownstreamSpec, dataset_root, load_downstream_spec,
                                    match_classes, spec_hash)
-from cloob.data.workers import worker_context, worker_init
+from cloob.data.workers import loader_kwargs
 from cloob.errors import CloobError
 from cloob.storage import is_local
 
@@ -279,9 +279,8 @@ class loader:
             workers = min(workers, len(ds.shards))
         self.timeout_s, self.what = timeout_s, what
         self.dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                             worker_init_fn=worker_init, persistent_workers=False,
-                             prefetch_factor=4 if workers else None, timeout=timeout_s if workers else 0,
-                             multiprocessing_context=worker_context() if workers else None)
+                             persistent_workers=False, prefetch_factor=4 if workers else None,
+                             timeout=timeout_s if workers else 0, **loader_kwargs(workers))
 
     def __iter__(self):
         it = iter(self.dl)
