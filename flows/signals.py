@@ -22,7 +22,7 @@ import threading
 import psutil
 
 GRACE_S = 20.0
-_active = False
+_state: dict = {"exit_process": False, "fired": 0}
 
 
 def _descendants() -> list[psutil.Process]:
@@ -62,38 +62,46 @@ def _hard_exit(sig: int, grace_s: float, exit_process: bool) -> None:
 @contextlib.contextmanager
 def stop_on_signals(what: str, grace_s: float = GRACE_S, exit_process: bool = False):
     """Within this block (entered in the main thread), SIGTERM and SIGINT stop every process this one
-    started and raise in the main thread; with exit_process (a command), the process is gone within
-    about `grace_s` seconds whatever its threads do. Elsewhere than in the main thread it does nothing."""
-    global _active
-    if _active or threading.current_thread() is not threading.main_thread():
-        yield  # an outer block (the demo around its pipeline) already stops the process
+    started and raise in the main thread. With exit_process (a command: `cloob demo`), the process is
+    gone within about `grace_s` seconds whatever its threads do, with exit status 128 + the signal.
+    Elsewhere than in the main thread it does nothing.
+
+    Blocks nest: a flow body's block goes over the handler that Prefect's flow engine installs when
+    the run starts (its SIGTERM bridge, which reports the run cancelled or crashed) and passes the
+    signal on to it; the command's block around the flow decides the exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    _active = True
+    outer_exit = _state["exit_process"]
+    _state["exit_process"] = outer_exit or exit_process
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    fired = threading.Event()
 
     def handler(sig, frame):
-        if fired.is_set():  # a second signal: no more waiting
+        if _state["fired"]:  # a second signal: no more waiting
             _signal_all(_descendants(), signal.SIGKILL)
             os._exit(128 + sig)
-        fired.set()
-        name = signal.Signals(sig).name
-        print(f"\n{what}: {name} received, stopping; finished work is kept, run the same command again "
-              "to resume", file=sys.stderr, flush=True)
+        _state["fired"] = sig
+        print(f"\n{what}: {signal.Signals(sig).name} received, stopping; finished work is kept, run the same "
+              "command again to resume", file=sys.stderr, flush=True)
         # The Prefect server goes last: the run's final state is reported through it.
         _signal_all([p for p in _descendants() if not _is_prefect_server(p)], signal.SIGTERM)
-        threading.Thread(target=_hard_exit, args=(sig, grace_s, exit_process), name="cloob-stop",
+        threading.Thread(target=_hard_exit, args=(sig, grace_s, _state["exit_process"]), name="cloob-stop",
                          daemon=True).start()
         before = previous[sig]
-        if callable(before) and before not in (signal.default_int_handler,):
-            before(sig, frame)
+        if callable(before) and before is not signal.default_int_handler and not getattr(before, "_cloob", False):
+            before(sig, frame)  # Prefect's bridge raises its TerminationSignal here
         raise KeyboardInterrupt if sig == signal.SIGINT else SystemExit(128 + sig)
 
+    handler._cloob = True
     for s in previous:
         signal.signal(s, handler)
     try:
         yield
+    except BaseException:
+        if exit_process and _state["fired"]:  # whatever the flow made of the signal, the command ends so
+            raise SystemExit(128 + _state["fired"]) from None
+        raise
     finally:
-        _active = False
+        _state["exit_process"] = outer_exit
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)

@@ -465,11 +465,6 @@ def prefect_server(tmp_path_factory):
     log.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _start_server_early(prefect_server):
-    """Starts the server when the module starts (the wait is in the test): its ~15 s overlap the others."""
-
-
 def test_deploy_without_a_reachable_server_says_how_to_start_one(capsys, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -489,6 +484,7 @@ def test_deploy_without_a_reachable_server_says_how_to_start_one(capsys, monkeyp
         assert "PREFECT_API_URL=" in err and out == ""
 
 
+@pytest.mark.slow
 def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, tmp_path):
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.sorting import DeploymentSort
@@ -573,6 +569,7 @@ def _run_tree(marker: str) -> list:
     return still_running(p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or []))
 
 
+@pytest.mark.slow
 def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect_server, tmp_path):
     """What the UI's Cancel does to a cloob-train run on a process worker: the run ends Cancelled and
     torchrun, its rank and the rank's DataLoader worker are gone, not orphaned."""
@@ -728,6 +725,7 @@ def test_k8s_node_stops_when_the_flow_run_ends_without_it(node, monkeypatch):
     assert node["module"].main([]) == 1  # the run failed: so does this node
 
 
+@pytest.mark.slow
 def test_k8s_node_joins_a_real_two_node_torchrun(monkeypatch, tmp_path, capsys):
     """Pod 1 through flows.k8s_node and node 0 through cloob.run.launch (what the cloob-train flow runs),
     both on this machine with a c10d rendezvous on 127.0.0.1: one run with a global batch of two nodes."""
