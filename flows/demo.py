@@ -57,7 +57,8 @@ def run_demo(store: str = "./cloob-demo", steps: int = 500, samples: int = 4096,
         store = os.path.abspath(root)
     home = os.path.join(store if local else os.path.abspath(".cloob-demo-prefect"), "prefect")
     _use_ephemeral_prefect(home)
-    from cloob.results.report import build_report, render_text
+    from cloob.results.arrange import build_report
+    from cloob.results.render import render_text
     from flows.pipeline import pipeline
 
     out = pipeline(**demo_parameters(store, steps, samples, nproc_per_node))

@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from cloob.data.downstream import (IMAGE_EXTENSIONS, MANIFEST, DownstreamSpec, dataset_root, load_downstream_spec,
-                                   match_classes, spec_hash)
+from cloob.data.downstream.folders import IMAGE_EXTENSIONS, match_classes
+from cloob.data.downstream.manifest import MANIFEST, dataset_root
+from cloob.data.downstream.spec import DownstreamSpec, load_downstream_spec, spec_hash
 from cloob.data.workers import worker_init
 from cloob.errors import CloobError
 from cloob.storage import is_local
