@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-import cloob
+from cloob.data.spec import SPECS_DIR as _PRETRAIN_SPECS_DIR
 from cloob.data.spec import read_spec_file, shipped_specs
 from cloob.errors import CloobError
 
-SPECS_DIR = Path(cloob.__file__).resolve().parent.parent / "data_specs" / "downstream"
+SPECS_DIR = _PRETRAIN_SPECS_DIR / "downstream"
 
 
 class _Strict(BaseModel):
