@@ -156,8 +156,8 @@ def test_a_part_compacted_away_while_being_read_is_read_from_the_new_part(tmp_pa
     list_parts = results_table._list_parts
     compacted = []
 
-    def stale_listing(fs, root):
-        paths = list_parts(fs, root)
+    def stale_listing(results):
+        paths = list_parts(results)
         if not compacted:
             compacted.append(None)  # before compacting: compact lists the parts too
             compacted[0] = compact(uri)

@@ -3,36 +3,26 @@ checked): reading it, and where the set's class folders are."""
 
 from __future__ import annotations
 
-import json
 import posixpath
+
+from cloob.storage import Location
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cloob.downstream/1"
 
 
-def output_fs(out: str):
-    import fsspec
-
-    from cloob.storage import is_local
-
-    fs, root = fsspec.core.url_to_fs(out)
-    return fs, root.rstrip("/"), is_local(fs)
-
-
-def read_manifest_file(fs, path: str) -> dict | None:
+def manifest_of(ds: Location) -> dict | None:
+    """The manifest in a set's folder, or None if it has none (not, or not completely, prepared) or
+    one that cannot be read (then the set is prepared again)."""
     try:
-        with fs.open(path, "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+        return ds.read_json(MANIFEST)
     except (OSError, ValueError):
-        return None  # unreadable: treat as absent and prepare again
+        return None
 
 
 def read_manifest(out: str, name: str) -> dict | None:
     """The manifest of `<out>/<name>/`, or None if that dataset is not (completely) prepared."""
-    fs, root, _ = output_fs(out)
-    return read_manifest_file(fs, posixpath.join(root, name, MANIFEST))
+    return manifest_of(Location(out).sub(name))
 
 
 def dataset_root(manifest: dict, dataset_uri: str) -> str:

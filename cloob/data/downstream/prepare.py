@@ -4,17 +4,16 @@ find its manifest for the same spec and source and do nothing."""
 
 from __future__ import annotations
 
-import json
-import posixpath
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from cloob.data import archive
 from cloob.data.downstream.build import build_from_archive, build_generated, build_supplied, say
-from cloob.data.downstream.manifest import MANIFEST, MANIFEST_FORMAT, output_fs, read_manifest_file
+from cloob.data.downstream.manifest import MANIFEST, MANIFEST_FORMAT, manifest_of
 from cloob.data.downstream.spec import DownstreamSpec, load_downstream_spec, spec_hash
 from cloob.errors import CloobError
+from cloob.storage import Location
 
 
 def _summary(manifest: dict, uri: str, seconds: float, reused: bool) -> dict:
@@ -36,10 +35,9 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
     t0 = time.monotonic()
     spec = load_downstream_spec(name_or_spec)
     digest = spec_hash(spec)
-    fs, root, local_out = output_fs(out)
-    ds_path = posixpath.join(root, spec.name)
-    ds_uri = ds_path if local_out else fs.unstrip_protocol(ds_path)
-    manifest_path = posixpath.join(ds_path, MANIFEST)
+    out_loc = Location(out)
+    ds = out_loc.sub(spec.name)
+    ds_uri = ds.url()
 
     if spec.source.kind == "user-supplied":
         if not source:
@@ -57,18 +55,18 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
         url = source or spec.source.url
         source_id = {"kind": spec.source.kind, "url": archive.redact(url)}
 
-    old = read_manifest_file(fs, manifest_path)
+    old = manifest_of(ds)
     if (not force and old is not None and old.get("spec_sha256") == digest
             and old.get("source") == source_id):
         return _summary(old, ds_uri, time.monotonic() - t0, reused=True)
 
     cache = Path(cache_dir) if cache_dir else archive.default_cache_dir()
     if spec.source.kind == "user-supplied":
-        manifest = build_supplied(spec, src_path, fs, ds_path, local_out, progress)
+        manifest = build_supplied(spec, src_path, out_loc, progress)
     elif spec.source.kind == "generated":
-        manifest = build_generated(spec, fs, root, ds_path, local_out, cache, progress)
+        manifest = build_generated(spec, out_loc, cache, progress)
     else:
-        manifest = build_from_archive(spec, url, fs, root, ds_path, local_out, cache, progress, timeout)
+        manifest = build_from_archive(spec, url, out_loc, cache, progress, timeout)
     shown_spec = spec.model_dump(mode="json")
     if shown_spec["source"].get("url"):
         shown_spec["source"]["url"] = archive.redact(shown_spec["source"]["url"])  # no credentials
@@ -76,11 +74,8 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
                 "source": source_id, "main_metric": spec.main_metric, "mapping": spec.layout.by, **manifest,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "tool_version": _code_version(), "spec": shown_spec}
-    from cloob.storage import atomic_write_bytes
-
     # Written last: its presence means the folder is complete and checked.
-    atomic_write_bytes(manifest_path if local_out else fs.unstrip_protocol(manifest_path),
-                       json.dumps(manifest, indent=1, ensure_ascii=False).encode())
+    ds.write_json(MANIFEST, manifest, indent=1, ensure_ascii=False)
     summary = _summary(manifest, ds_uri, time.monotonic() - t0, reused=False)
     say(progress, f"{spec.name}: {summary['images']} images in {summary['classes']} classes -> {ds_uri}")
     return summary
