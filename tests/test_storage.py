@@ -39,6 +39,8 @@ def test_json_and_bytes_round_trip_atomically(where):
     assert loc.read_bytes("d/x.json") == json.dumps({"b": 1, "a": [1, 2]}, indent=1, sort_keys=True).encode()
     assert loc.read_json("d/x.json") == {"a": [1, 2], "b": 1} and loc.exists("d/x.json") and loc.isdir("d")
     assert Location(loc.url("d/x.json")).read_json() == {"a": [1, 2], "b": 1}  # one file's URL
+    with loc.open("d/x.json", "r") as f:  # text mode, for yaml.safe_load and the like
+        assert json.load(f) == {"a": [1, 2], "b": 1}
     atomic_write_bytes(loc.url("d/raw.bin"), b"\x00\x01")
     assert loc.read_bytes("d/raw.bin") == b"\x00\x01" and loc.size("d/raw.bin") == 2
     with pytest.raises(FileNotFoundError):
