@@ -74,7 +74,8 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_prepare_downstream(args) -> int:
-    from cloob.data.downstream import list_downstream_specs, prepare_downstream
+    from cloob.data.downstream.prepare import prepare_downstream
+    from cloob.data.downstream.spec import list_downstream_specs
 
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
@@ -117,7 +118,8 @@ def _split_pair(item: str, flag: str, example: str) -> tuple[str, str]:
 def _eval_sets(args) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     import posixpath
 
-    from cloob.data.downstream import list_downstream_specs, read_manifest
+    from cloob.data.downstream.manifest import read_manifest
+    from cloob.data.downstream.spec import list_downstream_specs
 
     downstream = args.downstream or posixpath.join(args.store, "downstream")
     classification: list[tuple[str, str]] = []

@@ -50,19 +50,18 @@ def demo_parameters(store: str, steps: int = 500, samples: int = 4096, nproc_per
 
 
 def run_demo(store: str = "./cloob-demo", steps: int = 500, samples: int = 4096, nproc_per_node: int = 1) -> int:
-    from cloob.storage import is_local
-
-    import fsspec
+    from cloob.storage import Location
 
     t0 = time.time()
-    fs, root = fsspec.core.url_to_fs(store)
-    local = is_local(fs)
+    where = Location(store)
+    local = where.is_local
     if local:
-        store = os.path.abspath(root)
+        store = os.path.abspath(where.root)
     home = os.path.join(store if local else os.path.abspath(".cloob-demo-prefect"), "prefect")
     _use_ephemeral_prefect(home)
     from cloob.errors import CloobError
-    from cloob.results.report import build_report, render_text
+    from cloob.results.arrange import build_report
+    from cloob.results.render import render_text
     from flows.pipeline import pipeline
     from flows.signals import stop_on_signals
 

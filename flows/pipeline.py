@@ -48,7 +48,7 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
 
 @task(name="prepare_downstream", task_run_name="prepare_downstream-{name}")
 def prepare_downstream_set(name: str, out: str, source: str | None = None) -> dict:
-    from cloob.data.downstream import prepare_downstream
+    from cloob.data.downstream.prepare import prepare_downstream
 
     # prepare_downstream itself returns at once when the manifest matches the spec and the source.
     return prepare_downstream(name, out, source=source, progress=False)
@@ -179,7 +179,9 @@ def evaluate(checkpoint: str, dataset: str, dataset_uri: str, results: str, cach
 @task(name="publish_results")
 def publish_results(results: str) -> str:
     """The results table as a table artifact and the side-by-side report as a markdown artifact."""
-    from cloob.results.report import build_report, render_markdown, write_report
+    from cloob.results.arrange import build_report
+    from cloob.results.render import render_markdown
+    from cloob.results.report import write_report
     from cloob.results.table import read_rows
 
     rows = read_rows(results, latest=True).to_pylist()

@@ -16,7 +16,7 @@ from PIL import Image
 from cloob import cli
 from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 from cloob.data import synthetic
-from cloob.data.downstream import load_downstream_spec
+from cloob.data.downstream.spec import load_downstream_spec
 from cloob.errors import CloobError
 from cloob.evaluate.datasets import open_classification_set, open_retrieval_set
 from cloob.evaluate.models import load_model
