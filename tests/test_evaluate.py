@@ -316,3 +316,26 @@ def test_lineage_names_the_prepared_pretraining_dataset(tmp_path, checkpoint):
     (run / "recipe.yaml").write_text(yaml.safe_dump({"data": {"train": str(data)}}))
     info = load_model(str(run)).info
     assert info["pretraining_data"] == "cc3m" and info["pretraining_hash"] == "ab" * 32
+
+
+def test_evaluate_refuses_a_damaged_model_file(tmp_path, checkpoint, folders, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    model = Path(CheckpointStore(str(run)).latest().url) / MODEL_FILE
+    good = model.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    code = cli.main(["evaluate", str(run), "--data", f"shapes={folders}", "--store", str(tmp_path), "--no-progress",
+                     "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{model} does not match" in err and "fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+    (model.parent / "train_state.pt").unlink()  # not read by evaluation, but listed in meta.json: missing
+    model.write_bytes(good)
+    with pytest.raises(CloobError, match="train_state.pt is missing"):
+        load_model(str(run))
+
