@@ -202,8 +202,11 @@ def _cmd_registry(args) -> int:
     results = args.results or posixpath.join(args.store, "results")
     if args.action == "register":
         for ref in args.refs:
-            e = reg.register(ref, aliases=args.alias or [], note=args.note)
-            print(f"registered {e['id'][:12]}  {e['run_id']} step {e['step']}  {e['checkpoint_uri']}")
+            r = reg.add(ref, aliases=args.alias or [], note=args.note)
+            e = r.entry
+            what = "registered" if r.new else "already registered"
+            moved = "" if r.new or not r.moved else f"; moved {', '.join(r.moved)}"
+            print(f"{what} {e['id'][:12]}  {e['run_id']} step {e['step']}  {e['checkpoint_uri']}{moved}")
         return 0
     if args.action == "alias":
         if len(args.refs) != 2:
