@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 import fsspec
 
 from cloob.errors import CloobError
-from cloob.registry.lineage import pretraining_data, read_json, redact, resolve_checkpoint
+from cloob.registry.lineage import pretraining_data, redact, resolve_checkpoint
 from cloob.storage import atomic_write_bytes, is_local
 
 ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
