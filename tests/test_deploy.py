@@ -560,6 +560,27 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
             deploy.ensure_pool(client, {**k8s_pool, "name": "cloob-cpu"})
 
 
+@pytest.mark.slow
+def test_prefect_deployment_ls_lists_what_cloob_deploy_made(prefect_server):
+    """The Prefect CLI of our environment against a server of our environment, after `cloob deploy`.
+    With fastapi 0.151 to 0.154, prefect 3.8.8's server answers its client's explicit null limit with
+    422, so `prefect deployment ls` (and Flow.deploy()) failed: fastapi is pinned below 0.151."""
+    url = prefect_server()
+    bin_dir = Path(sys.executable).parent
+    cloob = [str(bin_dir / "cloob")] if (bin_dir / "cloob").exists() else [sys.executable, "-m", "flows.cli"]
+    prefect = [str(bin_dir / "prefect")] if (bin_dir / "prefect").exists() else [sys.executable, "-m", "prefect"]
+    env = _clean_env(PREFECT_API_URL=url, COLUMNS="250")  # rich wraps a table to the terminal's width
+    deployed = subprocess.run([*cloob, "deploy", "--store", "s3://bucket/cloob", "--spec", "demo", "--recipe", "tiny",
+                               "--downstream", "shapes"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    ls = subprocess.run([*prefect, "deployment", "ls"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=180)
+    assert ls.returncode == 0, ls.stdout[-3000:] + ls.stderr[-3000:]
+    for name in ("cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "cloob-train/gpu"):
+        assert name in ls.stdout, ls.stdout
+
+
 def _run_tree(marker: str) -> list:
     """The live processes whose command line names `marker` (torchrun and its ranks of one run)."""
     import psutil
