@@ -181,13 +181,22 @@ _SLOW_COMMANDS = {
 _running: dict = {"item": None, "started": []}
 
 
+def _program(args) -> str:
+    """What a command runs: `-m module [subcommand]`, or the program and its first argument (not the
+    arguments that follow, which may name modules without running them)."""
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    if len(argv) > 2 and argv[1] == "-m":
+        return " ".join(argv[2:4])
+    return " ".join([os.path.basename(argv[0]), *argv[1:2]]) if argv else ""
+
+
 def _record_heavy_starts():
     import subprocess
 
     original = subprocess.Popen._execute_child
 
     def guarded(self, args, *rest, **kw):
-        line = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
+        line = _program(args)
         item = _running["item"]
         if item is not None and not item.get_closest_marker("slow"):
             _running["started"] += [what for what, needles in _SLOW_COMMANDS.items() if any(n in line for n in needles)]
