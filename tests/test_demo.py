@@ -69,7 +69,8 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 
 def _checkpoints(store: Path) -> list[Path]:
-    return sorted(store.glob("runs/*/checkpoints/step_*"))
+    """Complete checkpoints: a step folder appears with its first file, meta.json comes last."""
+    return sorted(p.parent for p in store.glob("runs/*/checkpoints/step_*/meta.json"))
 
 
 @pytest.fixture(scope="module")
