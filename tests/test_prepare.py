@@ -294,3 +294,38 @@ def test_fast_shard_digest_equals_the_tarfile_one(tmp_path, shards_dir):
     cut.write_bytes(next(shards_dir.glob("*.tar")).read_bytes()[:1500])
     with pytest.raises(Exception):
         _digest_ustar(fs, str(cut))
+
+
+# ------------------------------------------------------------------------- a junk table
+
+@pytest.mark.parametrize("kind", ["table", "cc3m"])
+def test_a_junk_table_gives_a_message_without_control_bytes(tmp_path, capsys, kind):
+    """Fault report 8f: 300 KB of binary junk as the source table. The message quoted it raw, BEL, SI
+    and all, to the terminal."""
+    import random
+
+    junk = tmp_path / "junk.tsv"
+    rng = random.Random(8)
+    junk.write_bytes(bytes(rng.getrandbits(8) for _ in range(300_000)))
+    if kind == "table":
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(json.dumps({"name": "junk", "source": {"kind": "table", "path": str(junk)}}))
+        argv = ["prepare", str(spec)]
+    else:
+        argv = ["prepare", "cc3m", "--input", str(junk)]
+    rc = cli_main([*argv, "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "fix:" in err, err
+    assert all(ch.isprintable() or ch == "\n" for ch in err), [ch for ch in err if not ch.isprintable()][:10]
+    assert len(err) < 2000
+    assert not (tmp_path / "o").exists()
+
+
+def test_safe_text_escapes_and_cuts():
+    from cloob.safetext import safe_text
+
+    assert safe_text("ok: a b") == "ok: a b"
+    assert safe_text("bell\x07 si\x0f esc\x1b[2J nl\n\u202e") == "bell\\x07 si\\x0f esc\\x1b[2J nl\\n\\u202e"
+    assert safe_text(b"\xff\xfe ab") == "\\xff\\xfe ab"
+    cut = safe_text("x" * 1000, limit=10)
+    assert cut == "x" * 10 + "... (990 more characters)"
