@@ -257,3 +257,51 @@ def test_s3_lease_is_renewed_and_an_expired_one_taken_over(tmp_path, s3):
         assert time.monotonic() < deadline, taker.stderr
         time.sleep(0.2)
     assert "was not renewed" in taker.stderr
+
+
+def _holder_pid(lock: Path, proc: subprocess.Popen) -> int:
+    """The pid in a lock taken by `proc` or by a process it started (a launcher runs the trainer as
+    its child)."""
+    pid = json.loads(lock.read_text())["pid"]
+    assert pid == proc.pid or pid in {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    return pid
+
+
+@pytest.mark.slow
+def test_two_trainings_on_one_run_folder_only_one_trains(tmp_path, shards_dir):
+    """Fault report 5a/5b: two `cloob train` with one train.run_name and different seeds both
+    trained and both printed done; the second is now refused, naming the first."""
+    def cmd(seed):
+        return [sys.executable, "-m", "cloob.cli", "train", "tiny", f"data.train={shards_dir}",
+                f"train.output={tmp_path}", "train.run_name=exp", f"train.seed={seed}", "train.batch_size=8",
+                "train.steps=200", "train.checkpoint_every=1000", "train.log_every=1", "data.workers=1",
+                "train.progress=false"]
+
+    env = dict(_env(), OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "runs" / "exp"
+    first = subprocess.Popen(cmd(0), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()
+              or first.poll() is not None, "the first run's first step", 300)
+        assert first.poll() is None, first.stderr.read()
+        lock = run_dir / "lock.json"
+        holder = _holder_pid(lock, first) if lock.exists() else None  # (None: no lock at all)
+        second = subprocess.run(cmd(1), env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert f"pid {holder}" in second.stderr and "is in use" in second.stderr and "fix:" in second.stderr
+        assert "train.run_name" in second.stderr and "Traceback" not in second.stderr
+        _, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err[-3000:]
+    assert "done: 200 steps" in err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 201))  # every metric line of the one run that trained, once
+    assert not (run_dir / "lock.json").exists()
+    from cloob.config import load_recipe
+    from cloob.train.checkpoint import CheckpointStore
+
+    meta = json.loads((Path(CheckpointStore(str(run_dir)).latest().url) / "meta.json").read_text())
+    assert meta["recipe_hash"] == load_recipe("tiny", cmd(0)[5:]).content_hash()
