@@ -45,7 +45,7 @@ from PIL import Image  # noqa: E402
 
 from cloob.train.checkpoint import CheckpointStore  # noqa: E402
 from cloob.data import synthetic  # noqa: E402
-from cloob.data.downstream import load_downstream_spec  # noqa: E402
+from cloob.data.downstream.spec import load_downstream_spec  # noqa: E402
 from cloob.evaluate.datasets import open_classification_set  # noqa: E402
 from cloob.evaluate.models import load_model  # noqa: E402
 from cloob.evaluate.runner import EvalSettings, evaluate_zeroshot  # noqa: E402

@@ -74,7 +74,8 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_prepare_downstream(args) -> int:
-    from cloob.data.downstream import list_downstream_specs, prepare_downstream
+    from cloob.data.downstream.prepare import prepare_downstream
+    from cloob.data.downstream.spec import list_downstream_specs
 
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
@@ -117,7 +118,8 @@ def _split_pair(item: str, flag: str, example: str) -> tuple[str, str]:
 def _eval_sets(args) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     import posixpath
 
-    from cloob.data.downstream import list_downstream_specs, read_manifest
+    from cloob.data.downstream.manifest import read_manifest
+    from cloob.data.downstream.spec import list_downstream_specs
 
     downstream = args.downstream or posixpath.join(args.store, "downstream")
     classification: list[tuple[str, str]] = []
@@ -161,14 +163,14 @@ def _cmd_evaluate(args) -> int:
     classification, retrieval = _eval_sets(args)
     results = args.results or posixpath.join(args.store, "results")
     cache = None if args.no_cache else posixpath.join(args.store, "cache", "classifiers")
-    failed = 0
+    failed = {"model": 0, "set": 0, "pair": 0}
     print(f"{'model':32s} {'dataset':14s} {'main':>22s} {'top1':>6s} {'top5':>6s} {'i2t@1':>6s} {'t2i@1':>6s} "
           f"{'images':>7s} {'skip':>5s} {'time':>7s}")
     for o in evaluate_many(args.models, classification, retrieval, results=results, cache_root=cache,
                            settings=settings, force=args.force, pretraining=args.pretraining,
                            progress=not args.no_progress):
         if o.error:
-            failed += 1
+            failed["set" if o.model == "*" else "model" if o.dataset == "*" else "pair"] += 1
             print(f"error: {o.model if o.model != '*' else o.dataset}: {o.error}", file=sys.stderr)
             continue
         r = o.row
@@ -179,7 +181,14 @@ def _cmd_evaluate(args) -> int:
               f"{_fmt(r.get('i2t_r1')):>6s} {_fmt(r.get('t2i_r1')):>6s} {r['n_images']:7d} {r['n_skipped']:5d} "
               f"{r['seconds']:6.1f}s{note}")
     print(f"results: {results}  (cloob results --results {results})")
-    return 2 if failed else 0
+    if not any(failed.values()):
+        return 0
+    # Said last, and once more as the exit status: among many rows an error scrolls away.
+    parts = [f"{failed['model']} of {len(args.models)} models could not be evaluated" if failed["model"] else "",
+             f"{failed['set']} eval sets could not be opened" if failed["set"] else "",
+             f"{failed['pair']} (model, set) pairs failed" if failed["pair"] else ""]
+    print(f"failed: {'; '.join(p for p in parts if p)} (errors above)", file=sys.stderr)
+    return 2
 
 
 def _cmd_results(args) -> int:
@@ -202,8 +211,11 @@ def _cmd_registry(args) -> int:
     results = args.results or posixpath.join(args.store, "results")
     if args.action == "register":
         for ref in args.refs:
-            e = reg.register(ref, aliases=args.alias or [], note=args.note)
-            print(f"registered {e['id'][:12]}  {e['run_id']} step {e['step']}  {e['checkpoint_uri']}")
+            r = reg.add(ref, aliases=args.alias or [], note=args.note)
+            e = r.entry
+            what = "registered" if r.new else "already registered"
+            moved = "" if r.new or not r.moved else f"; moved {', '.join(r.moved)}"
+            print(f"{what} {e['id'][:12]}  {e['run_id']} step {e['step']}  {e['checkpoint_uri']}{moved}")
         return 0
     if args.action == "alias":
         if len(args.refs) != 2:

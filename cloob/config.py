@@ -79,7 +79,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
-    output: str = Field("./runs", description="folder or fsspec URL under which runs/<run_name> is written")
+    # The store's root, as in the demo and the pipeline (train.output=<store>): not part of the
+    # recipe hash, so changing this default (it was ./runs, which gave ./runs/runs/<run>) changes no run name.
+    output: str = Field(".", description="folder or fsspec URL under which runs/<run_name> is written")
     run_name: str | None = Field(None, description="default: <recipe name>-<recipe hash>, so a rerun resumes")
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)

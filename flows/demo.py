@@ -18,6 +18,7 @@ import sys
 import time
 
 DOWNSTREAM = ["shapes", "colors"]
+EPHEMERAL_STARTUP_S = 300
 
 
 def _use_ephemeral_prefect(home: str) -> None:
@@ -30,6 +31,9 @@ def _use_ephemeral_prefect(home: str) -> None:
     os.environ["PREFECT_HOME"] = home
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect gives its temporary server 20 s to start; a busy laptop (or 2 cores importing torch
+    # at the same time) needs more, and the failure is a 40-line traceback.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
 
 
 def demo_parameters(store: str, steps: int = 500, samples: int = 4096, nproc_per_node: int = 1) -> dict:
@@ -46,21 +50,31 @@ def demo_parameters(store: str, steps: int = 500, samples: int = 4096, nproc_per
 
 
 def run_demo(store: str = "./cloob-demo", steps: int = 500, samples: int = 4096, nproc_per_node: int = 1) -> int:
-    from cloob.storage import is_local
-
-    import fsspec
+    from cloob.storage import Location
 
     t0 = time.time()
-    fs, root = fsspec.core.url_to_fs(store)
-    local = is_local(fs)
+    where = Location(store)
+    local = where.is_local
     if local:
-        store = os.path.abspath(root)
+        store = os.path.abspath(where.root)
     home = os.path.join(store if local else os.path.abspath(".cloob-demo-prefect"), "prefect")
     _use_ephemeral_prefect(home)
-    from cloob.results.report import build_report, render_text
+    from cloob.errors import CloobError
+    from cloob.results.arrange import build_report
+    from cloob.results.render import render_text
     from flows.pipeline import pipeline
+    from flows.signals import stop_on_signals
 
-    out = pipeline(**demo_parameters(store, steps, samples, nproc_per_node))
+    with stop_on_signals("cloob demo", exit_process=True):
+        try:
+            out = pipeline(**demo_parameters(store, steps, samples, nproc_per_node))
+        except RuntimeError as e:
+            if "ephemeral Prefect API server" not in str(e):
+                raise
+            raise CloobError(f"Prefect's temporary server did not start within "
+                             f"{os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS']} s",
+                             "the machine is busy: run again, or allow it longer with "
+                             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=900") from None
     report = build_report(out["results"], datasets=DOWNSTREAM)
     print()
     print(render_text(report))

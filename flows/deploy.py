@@ -85,7 +85,7 @@ def _check_names(args) -> None:
     """Recipes, specs and evaluation sets must exist under these names where the workers run (the same
     package), so a typo fails here rather than at 03:00 on Sunday."""
     from cloob.config import load_recipe
-    from cloob.data.downstream import load_downstream_spec
+    from cloob.data.downstream.spec import load_downstream_spec
     from cloob.data.spec import load_spec
 
     for spec in args.spec:

@@ -48,7 +48,7 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
 
 @task(name="prepare_downstream", task_run_name="prepare_downstream-{name}")
 def prepare_downstream_set(name: str, out: str, source: str | None = None) -> dict:
-    from cloob.data.downstream import prepare_downstream
+    from cloob.data.downstream.prepare import prepare_downstream
 
     # prepare_downstream itself returns at once when the manifest matches the spec and the source.
     return prepare_downstream(name, out, source=source, progress=False)
@@ -155,37 +155,33 @@ _SUMMARY = ("run_id", "checkpoint_id", "dataset", "main_metric", "main_value", "
 @task(name="evaluate", task_run_name="evaluate-{dataset}")
 def evaluate(checkpoint: str, dataset: str, dataset_uri: str, results: str, cache_root: str | None = None,
              settings: dict | None = None) -> dict:
-    """One checkpoint on one zero-shot set -> one row appended to the results table."""
+    """One checkpoint on one zero-shot set -> one row appended to the results table (the runner's own
+    per-pair function: the same skip rule as `cloob evaluate`)."""
+    from cloob.errors import CloobError
     from cloob.evaluate.datasets import open_classification_set
-    from cloob.evaluate.models import load_model
-    from cloob.evaluate.runner import EvalSettings, evaluate_zeroshot, settings_json
+    from cloob.evaluate.runner import EvalSettings, evaluate_pair
     from cloob.evaluate.zeroshot import ClassifierCache
-    from cloob.registry.lineage import read_json
-    from cloob.results.table import append_rows, read_rows
-    from cloob.run.state import evaluated
 
-    s = EvalSettings(**(settings or {}))
     ds = open_classification_set(dataset, dataset_uri)
-    meta = read_json(posixpath.join(checkpoint, "meta.json")) or {}
-    _, settings_hash = settings_json(s, s.torch_device(), {"task": "zeroshot"})
-    if key := evaluated(meta.get("model_sha256", ""), ds.name, ds.identity, settings_hash, results):
-        _skip(f"evaluate {ds.name}", key)
-        row = next(r for r in read_rows(results).to_pylist()
-                   if (r["checkpoint_id"], r["dataset"]) == (meta["model_sha256"], ds.name))
-        return {k: row[k] for k in _SUMMARY}
-    row = evaluate_zeroshot(load_model(checkpoint, device=s.torch_device()), ds, s, ClassifierCache(cache_root),
-                            progress=False)
-    row.pop("classifier_cached")
-    append_rows(results, [row])
-    get_run_logger().info("%s on %s: %s %.4f (%d images, %d skipped)", row["run_id"], ds.name, row["main_metric"],
-                          row["main_value"], row["n_images"], row["n_skipped"])
+    o = evaluate_pair(checkpoint, ds, EvalSettings(**(settings or {})), results=results,
+                      cache=ClassifierCache(cache_root), progress=False)
+    if o.error:
+        raise CloobError(o.error)
+    row = o.row
+    if o.reused:
+        _skip(f"evaluate {ds.name}", row["row_uuid"])
+    else:
+        get_run_logger().info("%s on %s: %s %.4f (%d images, %d skipped)", row["run_id"], ds.name,
+                              row["main_metric"], row["main_value"], row["n_images"], row["n_skipped"])
     return {k: row[k] for k in _SUMMARY}
 
 
 @task(name="publish_results")
 def publish_results(results: str) -> str:
     """The results table as a table artifact and the side-by-side report as a markdown artifact."""
-    from cloob.results.report import build_report, render_markdown, write_report
+    from cloob.results.arrange import build_report
+    from cloob.results.render import render_markdown
+    from cloob.results.report import write_report
     from cloob.results.table import read_rows
 
     rows = read_rows(results, latest=True).to_pylist()
@@ -234,25 +230,28 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
 
     train_deployment: e.g. "cloob-train/gpu": train there (a GPU work pool) instead of in this
     flow's process; everything else stays here (the CPU pool)."""
-    data = [prepare_data(spec, posixpath.join(store, "datasets", posixpath.splitext(posixpath.basename(spec))[0]),
-                         None, spec_overrides) for spec in specs]
-    train_data = ",".join(d["uri"] for d in data[:1])
-    # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
-    runs = []
-    for entry in recipes:
-        name, *own = entry.split()
-        run_overrides = [f"data.train={train_data}", f"train.output={store}", *(overrides or []), *own]
-        if train_deployment:
-            runs.append(train_remote(train_deployment, name, run_overrides, nproc_per_node, train_deadline_s))
-        else:
-            runs.append(train(name, run_overrides, nproc_per_node, train_deadline_s))
-    registry = posixpath.join(store, "registry")
-    for r in runs:
-        register(r["checkpoint"], registry)
-    sets = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
-    datasets = {s["name"]: s["uri"] for s in [f.result() for f in sets]}
-    out = evaluate_flow([r["checkpoint"] for r in runs], datasets, store, eval_settings)
-    from cloob.registry import Registry
+    from flows.signals import stop_on_signals
 
-    Registry(registry).update_best(out["results"])
-    return {**out, "runs": runs, "datasets": datasets}
+    with stop_on_signals("cloob-pipeline"):
+        data = [prepare_data(spec, posixpath.join(store, "datasets", posixpath.splitext(posixpath.basename(spec))[0]),
+                             None, spec_overrides) for spec in specs]
+        train_data = ",".join(d["uri"] for d in data[:1])
+        # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
+        runs = []
+        for entry in recipes:
+            name, *own = entry.split()
+            run_overrides = [f"data.train={train_data}", f"train.output={store}", *(overrides or []), *own]
+            if train_deployment:
+                runs.append(train_remote(train_deployment, name, run_overrides, nproc_per_node, train_deadline_s))
+            else:
+                runs.append(train(name, run_overrides, nproc_per_node, train_deadline_s))
+        registry = posixpath.join(store, "registry")
+        for r in runs:
+            register(r["checkpoint"], registry)
+        sets = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
+        datasets = {s["name"]: s["uri"] for s in [f.result() for f in sets]}
+        out = evaluate_flow([r["checkpoint"] for r in runs], datasets, store, eval_settings)
+        from cloob.registry import Registry
+
+        Registry(registry).update_best(out["results"])
+        return {**out, "runs": runs, "datasets": datasets}

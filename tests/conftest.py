@@ -169,3 +169,47 @@ def image_server():
             yield server
         finally:
             server.httpd.stopping.set()
+
+
+# What makes a test slow: it starts one of these (the README's quick loop is `pytest -m "not slow"`).
+_SLOW_COMMANDS = {
+    "torchrun": ("torch.distributed.run", "cloob.run.torchrun"),
+    "img2dataset": ("cloob.data.fetch", "img2dataset"),
+    "the demo": ("flows.cli demo",),
+    "a Prefect server": ("prefect server", "uvicorn", "prefect worker"),
+}
+_running: dict = {"item": None, "started": []}
+
+
+def _record_heavy_starts():
+    import subprocess
+
+    original = subprocess.Popen._execute_child
+
+    def guarded(self, args, *rest, **kw):
+        line = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
+        item = _running["item"]
+        if item is not None and not item.get_closest_marker("slow"):
+            _running["started"] += [what for what, needles in _SLOW_COMMANDS.items() if any(n in line for n in needles)]
+        return original(self, args, *rest, **kw)
+
+    subprocess.Popen._execute_child = guarded
+
+
+_record_heavy_starts()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running["item"], _running["started"] = item, []  # module fixtures set up now count for this test
+    yield
+    _running["item"] = None
+
+
+@pytest.fixture(autouse=True)
+def slow_marker_is_honest():
+    """A test that starts torchrun, img2dataset, the demo or a Prefect server (an ephemeral one too),
+    itself or through a fixture it is the first to use, must be marked slow: this fails it otherwise."""
+    yield
+    if started := sorted(set(_running["started"])):
+        pytest.fail(f"this test started {', '.join(started)}: mark it @pytest.mark.slow", pytrace=False)

@@ -624,6 +624,6 @@ def test_forked_workers_exit_cleanly_under_a_parent_thread_exit_hook():
     try:
         assert _worker_exit_codes(DataLoader(_Items(), batch_size=4, num_workers=2)) == [1, 1]  # the failure
         assert _worker_exit_codes(DataLoader(_Items(), batch_size=4, num_workers=2, worker_init_fn=worker_init)) == [0, 0]
-        assert _worker_exit_codes(loader(_Items(), 4, 2)) == [0, 0]
+        assert _worker_exit_codes(loader(_Items(), 4, 2).dl) == [0, 0]
     finally:
         threading._threading_atexits[:] = [h for h in threading._threading_atexits if getattr(h, "func", None) is not hook]

@@ -35,6 +35,7 @@ def ddp_results(tmp_path_factory):
     return {m: [torch.load(out / f"{m}-rank{r}.pt") for r in range(WORLD)] for m in METHODS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_gloo_ranks_match_one_process(ddp_results, method):
     ranks = ddp_results[method]

@@ -16,8 +16,10 @@ import yaml
 from PIL import Image
 
 from cloob.data import archive
-from cloob.data.downstream import (dataset_root, list_downstream_specs, load_downstream_spec, match_classes,
-                                   prepare_downstream, read_manifest, spec_hash)
+from cloob.data.downstream.folders import match_classes
+from cloob.data.downstream.manifest import dataset_root, read_manifest
+from cloob.data.downstream.prepare import prepare_downstream
+from cloob.data.downstream.spec import list_downstream_specs, load_downstream_spec, spec_hash
 from cloob.errors import CloobError
 
 EXPECTED = {"birdsnap": 500, "country211": 211, "flowers102": 102, "gtsrb": 43, "stanford_cars": 196,

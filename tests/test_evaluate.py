@@ -16,7 +16,7 @@ from PIL import Image
 from cloob import cli
 from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 from cloob.data import synthetic
-from cloob.data.downstream import load_downstream_spec
+from cloob.data.downstream.spec import load_downstream_spec
 from cloob.errors import CloobError
 from cloob.evaluate.datasets import open_classification_set, open_retrieval_set
 from cloob.evaluate.models import load_model
@@ -316,3 +316,47 @@ def test_lineage_names_the_prepared_pretraining_dataset(tmp_path, checkpoint):
     (run / "recipe.yaml").write_text(yaml.safe_dump({"data": {"train": str(data)}}))
     info = load_model(str(run)).info
     assert info["pretraining_data"] == "cc3m" and info["pretraining_hash"] == "ab" * 32
+
+
+def test_evaluate_refuses_a_damaged_model_file(tmp_path, checkpoint, folders, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    model = Path(CheckpointStore(str(run)).latest().url) / MODEL_FILE
+    good = model.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    code = cli.main(["evaluate", str(run), "--data", f"shapes={folders}", "--store", str(tmp_path), "--no-progress",
+                     "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{model} does not match" in err and "fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+    (model.parent / "train_state.pt").unlink()  # not read by evaluation, but listed in meta.json: missing
+    model.write_bytes(good)
+    with pytest.raises(CloobError, match="train_state.pt is missing"):
+        load_model(str(run))
+
+
+def test_a_failed_model_among_good_ones_exits_2(tmp_path, checkpoint, folders):
+    """The README's `cloob evaluate ./runs/*` where ./runs also holds a folder that is no run (here
+    ./runs/runs, left by an older default output): the good runs are evaluated, the bad one is one
+    error, and the command (the installed entry point, flows.cli) exits 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    shutil.copytree(checkpoint, runs / "tiny-a")
+    shutil.copytree(checkpoint, runs / "runs" / "tiny-b")
+    root = Path(__file__).parents[1]
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", *sorted(map(str, runs.iterdir())),
+                           "--data", f"shapes={folders}", "--store", str(tmp_path), "--no-progress", "--workers", "0"],
+                          capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{runs / 'runs'} holds no complete checkpoint" in proc.stderr
+    assert "1 of 2 models could not be evaluated" in proc.stderr
+    assert len(read_rows(str(tmp_path / "results"))) == 1

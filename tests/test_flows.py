@@ -30,6 +30,7 @@ def checkpoint(tmp_path_factory) -> str:
                                           {"arch": "cloob-tiny-vit", "method": "cloob", "run_name": "f"}, keep=1).url
 
 
+@pytest.mark.slow
 def test_evaluate_flow_a_broken_set_fails_only_its_task_and_reruns_are_cached(tmp_path, checkpoint):
     from flows.pipeline import evaluate_flow
 

@@ -82,6 +82,7 @@ class _Recorder:
                 pass
 
 
+@pytest.mark.slow
 def test_two_process_run_reports_lines_and_progress(tmp_path, shards, env):
     rec = _Recorder()
     result = launch("tiny", _overrides(shards, tmp_path, "train.steps=12", "train.checkpoint_every=6"),
@@ -101,6 +102,7 @@ def test_two_process_run_reports_lines_and_progress(tmp_path, shards, env):
     assert result.command[-1] == "train.progress=false" and "--standalone" in result.command
 
 
+@pytest.mark.slow
 def test_deadline_kills_the_group_and_a_rerun_resumes(tmp_path, shards, env):
     # The deadline must fall after a checkpoint and before the end: here the first step comes ~6 s
     # after the start and the 200 steps take ~10 s more. The rerun has the same overrides (another
@@ -144,6 +146,7 @@ def test_deadline_kills_the_group_and_a_rerun_resumes(tmp_path, shards, env):
     assert logged == list(range(1, steps + 1))  # one trajectory: the steps after the checkpoint redone once
 
 
+@pytest.mark.slow
 def test_stop_event_cancels_and_kills_the_group(tmp_path, shards, env):
     stop = threading.Event()
     timers = []
@@ -168,6 +171,7 @@ def test_stop_event_cancels_and_kills_the_group(tmp_path, shards, env):
         result.check()
 
 
+@pytest.mark.slow
 def test_an_interrupt_in_the_caller_kills_the_whole_run_and_is_raised(tmp_path, shards, env, monkeypatch):
     started = []
 
@@ -201,6 +205,7 @@ launch("tiny", sys.argv[1:], nproc_per_node=2)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_launcher_takes_the_run_with_it(tmp_path, shards, env):
     # The process that launched torchrun dies without stopping it (SIGKILL: no handler runs):
     # torchrun gets SIGTERM from the kernel and stops its ranks, instead of training on unsupervised.
@@ -229,6 +234,7 @@ def test_a_killed_launcher_takes_the_run_with_it(tmp_path, shards, env):
                 pass
 
 
+@pytest.mark.slow
 def test_trainer_error_is_in_check(tmp_path, shards, env):
     # Valid as a recipe, refused by the trainer: 1000 per rank is more than the 160 samples.
     result = launch("tiny", _overrides(shards, tmp_path / "out", "train.batch_size=1000"), env=env)

@@ -67,6 +67,7 @@ def read_shards(folder: Path) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_prepare_local_with_every_kind_of_bad_url(tmp_path, image_server):
     rows = good_rows(image_server.url, 40)
     rows[5:5] = [(f"{image_server.url}/bad/{name}", f"bad case {name}") for name in BAD]
@@ -116,6 +117,7 @@ def test_prepare_local_with_every_kind_of_bad_url(tmp_path, image_server):
     assert (out / "_cloob" / "manifest.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_retry_failed_fetches_only_the_failed_rows(tmp_path, image_server):
     base = image_server.url
     rows = good_rows(base, 20) + good_rows(base, 6, prefix="/flaky") + [(f"{base}/bad/404.jpg", "gone")]
@@ -145,6 +147,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cloob.cli", "prepare", *args]
 
 
+@pytest.mark.slow
 def test_killed_preparation_resumes_to_the_same_manifest(tmp_path):
     args = ["demo", "--set", "source.samples=480", "--set", "download.shard_size=48", "--set",
             "download.processes=1", "--set", "download.threads=2", "--set", "download.image_size=32",
@@ -182,6 +185,7 @@ def test_killed_preparation_resumes_to_the_same_manifest(tmp_path):
     assert "480 rows -> 480 images in 10 shards" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_prepare_demo_into_s3_keeps_secrets_out(tmp_path, s3, monkeypatch, capfd):
     secret = "Sentinel-Secret-3b1f9e"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any credentials
@@ -245,6 +249,7 @@ def test_bad_specs_and_sources_give_one_clear_error(tmp_path, capsys):
     assert not Path(out).exists()  # no failed attempt left anything behind
 
 
+@pytest.mark.slow
 def test_a_folder_holding_another_dataset_is_refused(tmp_path, image_server):
     tsv = write_table(tmp_path / "rows.tsv", good_rows(image_server.url, 3))
     out = str(tmp_path / "ds")

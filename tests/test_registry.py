@@ -130,3 +130,61 @@ def test_concurrent_writers_on_a_folder(tmp_path):
 def test_concurrent_writers_on_s3(s3):
     s3.mkdir("registry-bucket")
     _many_writers("s3://registry-bucket/store/registry", "s3://registry-bucket/store/runs", 4)
+
+
+def _moves(registry: Path) -> list[Path]:
+    return sorted((registry / "aliases").rglob("*.json"))
+
+
+def test_registering_again_changes_nothing(tmp_path, capsys):
+    """register A, register B, register A again: `latest` stays on B, no alias move is added, and the
+    command says A was already registered (the pipeline's register task relies on this)."""
+    store = tmp_path / "store"
+    a = _checkpoint(str(tmp_path / "runs" / "a"), 10, seed=1)
+    b = _checkpoint(str(tmp_path / "runs" / "b"), 10, seed=2)
+    assert cli.main(["registry", "register", a, "--alias", "candidate", "--store", str(store)]) == 0
+    assert cli.main(["registry", "register", b, "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("registered ") == 2 and "already" not in out
+    reg = Registry(str(store / "registry"))
+    before = _moves(store / "registry")
+    entries_before = sorted(p.read_bytes() for p in (store / "registry" / "entries").iterdir())
+    b_id = reg.aliases()["latest"]
+
+    assert cli.main(["registry", "register", a, "--alias", "candidate", "--store", str(store)]) == 0
+    assert reg.aliases()["latest"] == b_id and reg.resolve("candidate")["checkpoint_uri"] == a
+    assert _moves(store / "registry") == before
+    assert capsys.readouterr().out.startswith("already registered ")
+    assert sorted(p.read_bytes() for p in (store / "registry" / "entries").iterdir()) == entries_before
+    assert Registry(str(store / "registry")).register(str(tmp_path / "runs" / "a"))["checkpoint_uri"] == a
+    assert _moves(store / "registry") == before
+
+    # An alias the user names explicitly still moves to an already registered entry.
+    assert cli.main(["registry", "register", b, "--alias", "candidate", "--store", str(store)]) == 0
+    assert "moved candidate" in capsys.readouterr().out
+    assert reg.resolve("candidate")["id"] == b_id and len(_moves(store / "registry")) == len(before) + 1
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["model", "state", "state-missing", "legacy-model"])
+def test_register_refuses_a_damaged_checkpoint(tmp_path, capsys, damage):
+    ckpt = Path(_checkpoint(str(tmp_path / "runs" / "a"), 10, seed=1))
+    name = MODEL_FILE if "model" in damage else "train_state.pt"
+    if damage == "legacy-model":  # meta.json from before the per-file digests: the model sha still counts
+        meta = json.loads((ckpt / "meta.json").read_text())
+        del meta["files"]
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    if damage == "state-missing":
+        (ckpt / name).unlink()
+    else:
+        _flip(ckpt / name)
+    store = tmp_path / "store"
+    assert cli.main(["registry", "register", str(ckpt), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "fix:" in err and f"{ckpt}/{name}" in err
+    assert not (store / "registry").exists()  # nothing written

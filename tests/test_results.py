@@ -156,8 +156,8 @@ def test_a_part_compacted_away_while_being_read_is_read_from_the_new_part(tmp_pa
     list_parts = results_table._list_parts
     compacted = []
 
-    def stale_listing(fs, root):
-        paths = list_parts(fs, root)
+    def stale_listing(results):
+        paths = list_parts(results)
         if not compacted:
             compacted.append(None)  # before compacting: compact lists the parts too
             compacted[0] = compact(uri)
@@ -188,7 +188,7 @@ def test_a_part_with_fewer_columns_still_reads(tmp_path):
 # ------------------------------------------------------------------------------------------ report
 
 def _paper_top1(pretraining: str, encoder: str, epochs: str, method: str, dataset: str) -> tuple[float, float | None]:
-    from cloob.results.report import load_paper
+    from cloob.results.paper import load_paper
 
     for r in load_paper():
         if (r["pretraining"], r["encoder"], r["epochs"], r["method"], r["dataset"]) == (
@@ -241,7 +241,9 @@ def _col(report, prefix: str) -> int:
 
 
 def test_report_cloob_next_to_clip_with_the_paper(store):
-    from cloob.results.report import Ref, build_report, render_text
+    from cloob.results.arrange import build_report
+    from cloob.results.paper import Ref
+    from cloob.results.render import render_text
 
     rep = build_report(store)
     labels = [c.label for c in rep.checkpoints]
@@ -291,7 +293,7 @@ def test_report_cloob_next_to_clip_with_the_paper(store):
 
 def test_runs_named_by_config_hash_are_ordered_by_method(tmp_path):
     """cloob train names runs <recipe>-<config hash>: the hash must not decide which column comes first."""
-    from cloob.results.report import build_report
+    from cloob.results.arrange import build_report
 
     uri = str(tmp_path / "results")
     for run, method in (("tiny-0a293b34db", "cloob"), ("tiny-fc6678aa8e", "clip")):
@@ -302,7 +304,7 @@ def test_runs_named_by_config_hash_are_ordered_by_method(tmp_path):
 
 
 def test_report_metric_paper_choice_and_filters(store):
-    from cloob.results.report import build_report
+    from cloob.results.arrange import build_report
 
     top1 = build_report(store, metric="top1")
     assert top1.zeroshot.row("flowers102")[_col(top1, "cloob RN50 cc3m step 1000")] == pytest.approx(15.0)
@@ -333,7 +335,10 @@ def test_report_metric_paper_choice_and_filters(store):
 def test_write_report_markdown_and_png(store, tmp_path):
     from PIL import Image
 
-    from cloob.results.report import build_report, render_markdown, render_png, write_report
+    from cloob.results.arrange import build_report
+    from cloob.results.figure import render_png
+    from cloob.results.render import render_markdown
+    from cloob.results.report import write_report
 
     rep = build_report(store)
     out = write_report(rep, str(tmp_path / "out"))
@@ -355,7 +360,8 @@ def test_write_report_markdown_and_png(store, tmp_path):
 
 
 def test_report_to_s3(s3, tmp_path):
-    from cloob.results.report import build_report, write_report
+    from cloob.results.arrange import build_report
+    from cloob.results.report import write_report
 
     uri = _s3_prefix(s3) + "/results"
     append_rows(uri, _report_rows())

@@ -186,13 +186,13 @@ def _fetch_http(url: str, part: Path, *, timeout: float, progress: bool, shown: 
 
 
 def _fetch_fsspec(url: str, part: Path, *, progress: bool, shown: str) -> None:
-    import fsspec
+    from cloob.storage import Location
 
     try:
-        fs, path = fsspec.core.url_to_fs(url)
-        total = fs.size(path)
-        with fs.open(path, "rb") as src, open(part, "wb") as f, \
-                _bar(total, 0, posixpath.basename(path), progress) as bar:
+        src_loc = Location(url)
+        total = src_loc.size()
+        with src_loc.open() as src, open(part, "wb") as f, \
+                _bar(total, 0, posixpath.basename(src_loc.root), progress) as bar:
             while chunk := src.read(_CHUNK):
                 f.write(chunk)
                 bar.update(len(chunk))

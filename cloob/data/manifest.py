@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow.parquet as pq
 
-from cloob.storage import atomic_write_bytes
+from cloob.storage import Location
 
 MANIFEST_VERSION = 1
 _STATS = re.compile(r"^(\d+)_stats\.json$")
@@ -45,8 +45,8 @@ def tool_versions() -> dict[str, str]:
 def finished_shards(fs, root: str) -> dict[int, str]:
     """{shard id: shard name stem} for every shard whose stats file exists."""
     out = {}
-    for p in fs.glob(posixpath.join(root, "*_stats.json")):
-        m = _STATS.match(posixpath.basename(p))
+    for name in Location.on(fs, root).glob("*_stats.json"):
+        m = _STATS.match(name)
         if m:
             out[int(m.group(1))] = m.group(1)
     return dict(sorted(out.items()))
@@ -153,17 +153,17 @@ def shard_digest(fs, tar_path: str) -> dict:
 
 def _cached_digest(fs, root: str, meta_dir: str, stem: str) -> dict:
     tar = posixpath.join(root, f"{stem}.tar")
-    cache = posixpath.join(meta_dir, "digests", f"{stem}.json")
+    cache = Location.on(fs, meta_dir)
+    rel = f"digests/{stem}.json"
     size = fs.size(tar)
     try:
-        with fs.open(cache, "rb") as f:
-            d = json.load(f)
-        if d.get("bytes") == size:
+        d = cache.read_json(rel)
+        if d is not None and d.get("bytes") == size:
             return d
-    except (FileNotFoundError, ValueError):
+    except ValueError:
         pass
     d = shard_digest(fs, tar)
-    atomic_write_bytes(fs.unstrip_protocol(cache), json.dumps(d).encode())
+    cache.write_json(rel, d)
     return d
 
 
@@ -192,8 +192,7 @@ def build_manifest(fs, root: str, meta_dir: str, *, spec, spec_hash: str, rows: 
     entries = []
     for sid, stem in tqdm(shards.items(), desc="hashing shards", unit="shard", disable=not progress,
                           leave=False):
-        with fs.open(posixpath.join(root, f"{stem}_stats.json"), "rb") as f:
-            stats = json.load(f)
+        stats = json.loads(Location.on(fs, root).read_bytes(f"{stem}_stats.json"))
         d = _cached_digest(fs, root, meta_dir, stem)
         entries.append({"shard": f"{stem}.tar", "successes": int(stats["successes"]), "attempted":
                         int(stats["count"]), "samples": d["samples"], "bytes": d["bytes"],

@@ -7,15 +7,13 @@ img2dataset writes NNNNN_stats.json last, so a tar without one is an unfinished 
 
 from __future__ import annotations
 
-import json
 import logging
-import posixpath
 from dataclasses import dataclass
 
-import fsspec
 from braceexpand import braceexpand
 
 from cloob.errors import CloobError
+from cloob.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +34,6 @@ def _stats_url(tar_url: str) -> str:
     return tar_url[: -len(".tar")] + "_stats.json"
 
 
-def _fs_and_protocol(url: str):
-    fs, _ = fsspec.core.url_to_fs(url)
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return fs, proto
-
-
-def _unstrip(fs, proto: str, path: str) -> str:
-    return path if proto in ("file", "local") else fs.unstrip_protocol(path)
-
-
 def list_shards(source: str) -> ShardSet:
     """Resolve a source to its finished shards and their sample counts; raise CloobError if none."""
     if not source:
@@ -54,16 +42,15 @@ def list_shards(source: str) -> ShardSet:
     try:
         if "{" in source:
             urls = list(braceexpand(source))
-            fs, proto = _fs_and_protocol(urls[0])
+            Location(urls[0])  # an unknown protocol or a missing file-system package fails here, once
         else:
-            fs, proto = _fs_and_protocol(source)
+            loc = Location(source)
             if any(ch in source for ch in "*?["):
-                urls = sorted(_unstrip(fs, proto, p) for p in fs.glob(source))
+                urls = sorted(loc.url_of(p) for p in loc.fs.glob(source))
             elif source.endswith(".tar"):
                 urls = [source]
-            elif fs.isdir(source):
-                root = source.rstrip("/")
-                urls = sorted(_unstrip(fs, proto, p) for p in fs.glob(posixpath.join(root, "*.tar")))
+            elif loc.fs.isdir(source):
+                urls = [loc.url(p) for p in loc.glob("*.tar", hidden=True)]
             else:
                 raise CloobError(f"training data {source!r} does not exist",
                                  "check the path; prepare shards first (img2dataset layout: NNNNN.tar)")
@@ -76,7 +63,7 @@ def list_shards(source: str) -> ShardSet:
     if not urls:
         raise CloobError(f"no .tar shards found at {source!r}",
                          "point data.train at a folder of NNNNN.tar shards, a brace pattern or a glob")
-    counts = [_read_count(fs, u) for u in urls]
+    counts = [_read_count(u) for u in urls]
     if any(c is not None for c in counts):
         unfinished = [u for u, c in zip(urls, counts) if c is None]
         if unfinished:
@@ -86,13 +73,10 @@ def list_shards(source: str) -> ShardSet:
     return ShardSet(urls, counts)
 
 
-def _read_count(fs, tar_url: str) -> int | None:
+def _read_count(tar_url: str) -> int | None:
     try:
-        with fs.open(_stats_url(tar_url), "rb") as f:
-            stats = json.load(f)
-        return int(stats["successes"])
-    except FileNotFoundError:
-        return None
+        stats = Location(_stats_url(tar_url)).read_json()
+        return None if stats is None else int(stats["successes"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("unreadable stats file for %s (%s); treating the shard as unfinished", tar_url, e)
         return None

@@ -10,6 +10,7 @@ dataset instead of starting a new one.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import math
 from pathlib import Path
@@ -20,7 +21,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cloob.errors import CloobError
 
-SPECS_DIR = Path(__file__).resolve().parent.parent.parent / "data_specs"
+
+
+def _shipped_specs_dir() -> Path:
+    """The shipped data_specs/: inside the package in an installed wheel (cloob/_data_specs, see
+    pyproject.toml's force-include), else the checkout's top-level data_specs/ (a source tree or an
+    editable install, whose package folder is the checkout's cloob/)."""
+    packaged = importlib.resources.files("cloob").joinpath("_data_specs")
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent.parent / "data_specs"
+
+
+SPECS_DIR = _shipped_specs_dir()
 
 
 class _Strict(BaseModel):

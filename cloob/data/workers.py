@@ -1,4 +1,6 @@
-"""What a forked DataLoader worker must not inherit from its parent process.
+"""DataLoader worker processes: how they are started, and what a forked one must not inherit.
+
+`worker_context` chooses fork or a fork server; `worker_init` guards inherited thread-exit hooks.
 
 DataLoader workers are forked (Linux's default start method). A library with background threads
 registers hooks with `threading._register_atexit` that stop and drain those threads when the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 
 log = logging.getLogger(__name__)
@@ -33,3 +36,52 @@ def worker_init(_worker_id: int) -> None:
     hooks = getattr(threading, "_threading_atexits", None)  # CPython's list; absent elsewhere
     if isinstance(hooks, list):
         hooks[:] = [_guarded(h) for h in hooks]
+
+
+class WorkerInit:
+    """worker_init_fn for workers from a fork server: they get this process's environment as it is
+    now (credentials, AWS_ENDPOINT_URL set by a command or a test after the server started), not
+    the server's copy from its start. The working directory and sys.path come with multiprocessing's
+    own preparation data."""
+
+    def __init__(self):
+        self.env = dict(os.environ)
+
+    def __call__(self, worker_id: int) -> None:
+        os.environ.clear()
+        os.environ.update(self.env)
+        worker_init(worker_id)
+
+
+def loader_kwargs(workers: int) -> dict:
+    """DataLoader arguments that start `workers` worker processes safely from this process."""
+    if not workers:
+        return {"worker_init_fn": worker_init}
+    ctx = worker_context()
+    return {"multiprocessing_context": ctx, "worker_init_fn": worker_init if ctx is None else WorkerInit()}
+
+
+# Imported once by the fork server, so that each worker it forks starts with them loaded.
+_PRELOAD = ["torch", "torchvision.transforms", "PIL.Image", "webdataset", "open_clip", "cloob.evaluate.datasets"]
+
+
+def worker_context():
+    """The multiprocessing context for DataLoader workers: None (fork, the default) when this process
+    runs no thread but the main one, else a fork server's.
+
+    fork() copies only the calling thread: a lock that another thread holds at that moment (torch's
+    generator mutex, taken by any random op; an allocator's; a logging handler's) stays locked in the
+    child for ever, and the worker hangs at its first use of it: `torch.manual_seed` in
+    `_worker_loop`, as seen in `cloob demo` with four evaluations in Prefect task threads. A fork
+    server is a fresh single-threaded process, started once (fork+exec) and kept; workers are forked
+    from it, so they inherit nothing held. It costs one interpreter start per process, not per worker.
+    """
+    if threading.active_count() == 1:
+        return None
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    # Only read when the server starts (the first forkserver worker of this process); later calls no-op.
+    multiprocessing.forkserver.set_forkserver_preload(_PRELOAD)
+    return ctx

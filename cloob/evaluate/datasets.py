@@ -26,11 +26,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from cloob.data.downstream import (IMAGE_EXTENSIONS, MANIFEST, DownstreamSpec, dataset_root, load_downstream_spec,
-                                   match_classes, spec_hash)
-from cloob.data.workers import worker_init
+from cloob.data.downstream.folders import IMAGE_EXTENSIONS, match_classes
+from cloob.data.downstream.manifest import MANIFEST, dataset_root
+from cloob.data.downstream.spec import DownstreamSpec, load_downstream_spec, spec_hash
+from cloob.data.workers import loader_kwargs
 from cloob.errors import CloobError
-from cloob.storage import is_local
+from cloob.storage import Location
 
 Image.MAX_IMAGE_PIXELS = 89_478_485  # a decompression bomb is a corrupt image, not a crash
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -63,16 +64,11 @@ class RetrievalSet:
     identity: str
 
 
-def _fs(uri: str):
+def _location(uri: str) -> Location:
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        return Location(uri)
     except (ValueError, ImportError) as e:
         raise CloobError(f"cannot open {uri!r}: {e}", "give a local folder or an fsspec URL (s3://bucket/path)") from None
-    return fs, path.rstrip("/")
-
-
-def _url(fs, path: str) -> str:
-    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _is_image(name: str) -> bool:
@@ -83,27 +79,30 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _list_images(fs, folder: str) -> list[tuple[str, int]]:
-    found = fs.find(folder, detail=True)
+def _list_images(loc: Location, folder: str) -> list[tuple[str, int]]:
+    """(path relative to loc, size) of the images under loc's folder, sorted."""
     # Hidden files and folders are not images of the set (macOS ._ files, .ipynb_checkpoints, ...).
-    return sorted((p, int(d.get("size") or 0)) for p, d in found.items()
-                  if _is_image(p) and not any(part.startswith(".") for part in posixpath.relpath(p, folder).split("/")))
+    return [(p, size) for p, size in loc.files(folder)
+            if _is_image(p) and not any(part.startswith(".") for part in posixpath.relpath(p, folder).split("/"))]
 
 
-def _shard_urls(fs, path: str) -> list[str]:
-    if path.endswith(".tar"):
-        return [path]
-    if fs.isdir(path):
-        return sorted(p for p in fs.glob(posixpath.join(path, "*.tar")))
-    return []
+def _shards(loc: Location) -> tuple[list[str], list[tuple[str, int]]]:
+    """The shards loc is (one .tar) or holds (its *.tar): (URLs, [(file name, size)])."""
+    if loc.root.endswith(".tar"):
+        rels = [""]
+    elif loc.isdir():
+        rels = loc.glob("*.tar", hidden=True)
+    else:
+        rels = []
+    return [loc.url(r) for r in rels], [(posixpath.basename(loc.path(r)), loc.size(r)) for r in rels]
 
 
 def open_classification_set(spec: str | DownstreamSpec, uri: str) -> ClassificationSet:
     """Resolve `uri` (prepared folder, class folders or shards) for the downstream spec `spec`."""
     spec = load_downstream_spec(spec)
-    fs, path = _fs(uri)
+    loc = _location(uri)
     try:
-        exists = fs.exists(path)
+        exists = loc.exists()
     except OSError as e:
         raise CloobError(f"{spec.name}: cannot reach {uri}: {type(e).__name__}: {e}",
                          "check the URL, network and credentials (AWS_* environment or config)") from None
@@ -112,34 +111,27 @@ def open_classification_set(spec: str | DownstreamSpec, uri: str) -> Classificat
                          f"prepare it: cloob prepare-downstream {spec.name} --out <downstream root>, "
                          "or point at a folder of class folders / webdataset shards")
     digest = spec_hash(spec)
-    shards = _shard_urls(fs, path)
+    shards, sizes = _shards(loc)
     if shards:
-        sizes = [fs.size(p) for p in shards]
-        return ClassificationSet(spec.name, uri, spec, "shards", shards=[_url(fs, p) for p in shards],
-                                 identity=_digest(digest, [(posixpath.basename(p), s) for p, s in zip(shards, sizes)]))
+        return ClassificationSet(spec.name, uri, spec, "shards", shards=shards, identity=_digest(digest, sizes))
 
-    manifest = None
-    if fs.exists(posixpath.join(path, MANIFEST)):
-        with fs.open(posixpath.join(path, MANIFEST), "rb") as f:
-            manifest = json.load(f)
+    manifest = loc.read_json(MANIFEST)
     if manifest is not None:
         names = [c["name"] for c in manifest["classes"]]
         if names != spec.class_names:
             raise CloobError(f"{spec.name}: {uri} was prepared with other class names than the spec has now",
                              f"prepare it again: cloob prepare-downstream {spec.name} --force --out <root>")
-        root = dataset_root(manifest, _url(fs, path))
-        rfs, rpath = _fs(root)
+        classes = _location(dataset_root(manifest, loc.url()))
         folders = [c["folder"] for c in manifest["classes"]]
         kind = "prepared"
     else:
-        rfs, rpath = fs, path
+        classes = loc
         try:
-            entries = rfs.ls(rpath, detail=True)
-        except (NotADirectoryError, FileNotFoundError):
+            subdirs = classes.list(kind="directory")
+        except NotADirectoryError:
             raise CloobError(f"{spec.name}: {uri} is neither a folder of class folders nor webdataset shards",
                              "point at the folder that holds one folder per class, or at *.tar shards") from None
-        subdirs = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
-        subdirs = [d for d in subdirs if not d.startswith((".", "_"))]
+        subdirs = [d for d in subdirs if not d.startswith("_")]
         if not subdirs:
             raise CloobError(f"{spec.name}: {uri} holds no class folders and no *.tar shards (empty dataset)",
                              f"point at the folder with one folder per class ({len(spec.classes)} for {spec.name})")
@@ -149,10 +141,9 @@ def open_classification_set(spec: str | DownstreamSpec, uri: str) -> Classificat
     items: list[tuple[str, int]] = []
     listing: list[tuple[str, int]] = []
     for label, folder in enumerate(folders):
-        cpath = posixpath.join(rpath, folder)
-        for p, size in _list_images(rfs, cpath):
-            items.append((_url(rfs, p), label))
-            listing.append((posixpath.relpath(p, rpath), size))
+        for p, size in _list_images(classes, folder):
+            items.append((classes.url(p), label))
+            listing.append((p, size))
     if not items:
         raise CloobError(f"{spec.name}: {uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
                          f"{len(folders)} class folders (empty dataset)",
@@ -161,18 +152,15 @@ def open_classification_set(spec: str | DownstreamSpec, uri: str) -> Classificat
 
 
 def open_retrieval_set(uri: str, name: str | None = None) -> RetrievalSet:
-    fs, path = _fs(uri)
-    if not fs.exists(path):
+    loc = _location(uri)
+    if not loc.exists():
         raise CloobError(f"retrieval set {uri} does not exist",
                          "point at webdataset shards of captioned images (e.g. made by `cloob prepare`)")
-    shards = _shard_urls(fs, path)
+    shards, sizes = _shards(loc)
     if not shards:
         raise CloobError(f"retrieval set {uri} holds no *.tar shards (empty dataset)",
                          "point at a folder of webdataset shards with an image and a `txt` caption per sample")
-    sizes = [fs.size(p) for p in shards]
-    return RetrievalSet(name or posixpath.basename(path.rstrip("/")) or "retrieval", uri,
-                        [_url(fs, p) for p in shards],
-                        _digest("retrieval", [(posixpath.basename(p), s) for p, s in zip(shards, sizes)]))
+    return RetrievalSet(name or posixpath.basename(loc.root) or "retrieval", uri, shards, _digest("retrieval", sizes))
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -265,11 +253,38 @@ def collate(batch):
     return {"images": images, "targets": targets, "index": [b[2] for b in good], "bad": bad}
 
 
-def loader(ds: Dataset | IterableDataset, batch_size: int, workers: int) -> DataLoader:
-    if isinstance(ds, _Shards):
-        workers = min(workers, len(ds.shards))
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, worker_init_fn=worker_init,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+LOADER_TIMEOUT_S = 600.0  # the longest wait for one batch, worker start included (a fork server imports torch)
+
+
+class loader:
+    """Batches of `ds` from `workers` worker processes (0: this process), never waiting more than
+    `timeout_s` for one: a stuck worker or a storage that stops answering ends the evaluation with one
+    error instead of a hang. Workers are never forked from a threaded process (worker_context)."""
+
+    def __init__(self, ds: Dataset | IterableDataset, batch_size: int, workers: int,
+                 timeout_s: float = LOADER_TIMEOUT_S, what: str = "the eval set"):
+        if isinstance(ds, _Shards):
+            workers = min(workers, len(ds.shards))
+        self.timeout_s, self.what = timeout_s, what
+        self.dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                             persistent_workers=False, prefetch_factor=4 if workers else None,
+                             timeout=timeout_s if workers else 0, **loader_kwargs(workers))
+
+    def __iter__(self):
+        it = iter(self.dl)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                raise CloobError(f"no batch of {self.what} came from its DataLoader workers within "
+                                 f"{self.timeout_s:.0f} s", "a worker is stuck or the storage stopped "
+                                 "answering: check the path and network, then rerun (finished pairs are kept)"
+                                 ) from None
+            yield batch
 
 
 def classification_data(ds: ClassificationSet, transform, limit: int | None, seed: int):

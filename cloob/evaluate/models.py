@@ -38,23 +38,35 @@ def load_checkpoint(ref: str, device: str | torch.device = "cpu") -> EvalModel:
     """One of our checkpoints (folder or run), verified against the sha256 in its meta.json."""
     import open_clip
 
-    from cloob.train.checkpoint import MODEL_FILE, CheckpointRef, sha256_bytes
     from cloob.model import MODEL_CONFIGS_DIR, check_architecture
+    from cloob.train.checkpoint import CONFIG_FILE, MODEL_FILE, read_meta, read_verified, sha256_bytes, verify_files
 
     url = resolve_checkpoint(ref)
-    meta = CheckpointRef(url, 0).meta()
+    meta = read_meta(url)
+    if "arch" not in meta or "model_sha256" not in meta:
+        raise CloobError(f"checkpoint {redact(url)}: meta.json has no arch or model_sha256",
+                         "point at a checkpoint written by `cloob train`")
     arch = meta["arch"]
     check_architecture(arch)
-    with fsspec.open(posixpath.join(url, MODEL_FILE), "rb") as f:
-        blob = f.read()
+    # The model file is read and hashed; the others evaluation does not read are checked by size
+    # (train_state.pt is twice the model: hashing it for every evaluation would double the reads).
+    blob = read_verified(url, MODEL_FILE, meta)
+    verify_files(url, meta, hashed={CONFIG_FILE})
     sha = sha256_bytes(blob)
-    if sha != meta.get("model_sha256"):
-        raise CloobError(f"checkpoint {redact(url)}: the model file does not match the sha256 in meta.json",
-                         "the file is damaged or was replaced; use another checkpoint or re-run training")
+    if sha != meta["model_sha256"]:  # the checkpoint's id, checked even where `files` disagrees with it
+        raise CloobError(f"checkpoint file {redact(posixpath.join(url, MODEL_FILE))} does not match the "
+                         "sha256 in meta.json", "the file is damaged or was replaced; use another checkpoint "
+                         "or re-run training")
     open_clip.add_model_config(MODEL_CONFIGS_DIR)
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, ValueError, EOFError, __import__("pickle").UnpicklingError) as e:
+        raise CloobError(f"cannot load checkpoint {redact(url)} as {arch}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''}",
+                         "the weights do not fit the architecture in meta.json; use a checkpoint written "
+                         "by this version of `cloob train`") from None
     run_dir = posixpath.dirname(posixpath.dirname(url))
     data, data_hash = pretraining_data(run_dir)
     info = {"run_id": meta.get("run_name") or posixpath.basename(run_dir), "checkpoint_id": sha,

@@ -46,6 +46,9 @@ class EvalSettings:
     # CPU threads of the model in this process (None: torch's default, one per core). With a small
     # model the images are the work: give the cores to the decoding workers (threads=1, bench_eval).
     threads: int | None = None
+    # The longest wait for one batch from the DataLoader workers (their start-up included): past it
+    # the evaluation fails with one error instead of hanging on a stuck worker or a silent store.
+    loader_timeout_s: float = 600.0
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -61,6 +64,8 @@ class EvalSettings:
             raise CloobError(f"diag samples {self.diag_samples} must be at least 2", "use --diag-samples 2000")
         if self.threads is not None and self.threads < 1:
             raise CloobError(f"threads {self.threads} must be at least 1", "leave --threads out for torch's default")
+        if self.loader_timeout_s <= 0:
+            raise CloobError(f"loader timeout {self.loader_timeout_s} s must be positive", "use 600 (seconds)")
         if self.precision not in ("auto", "fp32", "amp"):
             raise CloobError(f"precision {self.precision!r} is not auto, fp32 or amp", "use --precision auto")
 
@@ -191,7 +196,8 @@ def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cach
     sample = _DiagSample(settings.diag_samples, settings.seed)
     skipped = seen = 0
     with _bar(total if total is not None else settings.limit, f"{em.info['run_id'][:24]} {ds.name}", progress) as bar:
-        for batch in loader(data, settings.batch_size, settings.workers):
+        for batch in loader(data, settings.batch_size, settings.workers, settings.loader_timeout_s,
+                            f"{ds.name} ({ds.uri})"):
             skipped += len(batch["bad"])
             seen += len(batch["bad"]) + len(batch["targets"])
             bar.update(len(batch["bad"]) + len(batch["targets"]))
@@ -244,7 +250,8 @@ def _retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress
     images, captions, index = [], [], []
     skipped = 0
     with _bar(settings.limit, f"{em.info['run_id'][:24]} {rs.name}", progress) as bar:
-        for batch in loader(retrieval_data(rs, em.preprocess), settings.batch_size, settings.workers):
+        for batch in loader(retrieval_data(rs, em.preprocess), settings.batch_size, settings.workers,
+                            settings.loader_timeout_s, f"{rs.name} ({rs.uri})"):
             skipped += len(batch["bad"])
             bar.update(len(batch["bad"]) + len(batch["targets"]))
             if batch["images"] is None:
@@ -298,6 +305,81 @@ class Outcome:
     extra: dict = field(default_factory=dict)
 
 
+def read_done(results: str) -> dict[tuple[str, str], dict]:
+    """The newest row of every (checkpoint id, dataset) pair in the results table."""
+    from cloob.results.table import read_rows
+
+    return {(r["checkpoint_id"], r["dataset"]): r for r in read_rows(results, latest=True).to_pylist()}
+
+
+def previous_row(done: dict, identity: dict, dataset, settings_hash: str) -> dict | None:
+    """The row that makes evaluating this pair again unnecessary: the same checkpoint (and run), the
+    same data and the same number-changing settings. The one definition of "already evaluated"."""
+    prev = done.get((identity["checkpoint_id"], dataset.name))
+    if (prev and prev["eval_settings_hash"] == settings_hash and prev["dataset_hash"] == dataset.identity
+            and prev["run_id"] == identity["run_id"]):
+        return prev
+    return None
+
+
+def _identity(model: str | EvalModel) -> dict | None:
+    """checkpoint_id and run_id without loading the model, where that is cheap (our checkpoints: from
+    meta.json); None for weights files, whose id is the file's hash."""
+    if isinstance(model, EvalModel):
+        return model.info
+    from cloob.evaluate.models import parse_external
+
+    if parse_external(model):
+        return None
+    import posixpath
+
+    from cloob.registry.lineage import resolve_checkpoint
+    from cloob.train.checkpoint import CheckpointRef
+
+    url = resolve_checkpoint(model)
+    meta = CheckpointRef(url, 0).meta()
+    return {"checkpoint_id": meta.get("model_sha256"),
+            "run_id": meta.get("run_name") or posixpath.basename(posixpath.dirname(posixpath.dirname(url)))}
+
+
+def evaluate_pair(model: str | EvalModel, dataset: ClassificationSet | RetrievalSet, settings: EvalSettings, *,
+                  results: str, cache: ClassifierCache | None = None, done: dict | None = None,
+                  force: bool = False, progress: bool = True, pretraining: str | None = None) -> Outcome:
+    """One model (a reference, or one already loaded) on one set -> its row, appended to the results
+    table at once; or the row already there for the same inputs (reused, unless force). Errors of
+    this pair come back in the Outcome; the caller decides whether the others go on."""
+    from cloob.evaluate.models import load_model
+    from cloob.results.table import append_rows
+
+    label = model if isinstance(model, str) else model.info.get("checkpoint_uri", "?")
+    device = settings.torch_device()
+    task = "retrieval" if isinstance(dataset, RetrievalSet) else "zeroshot"
+    _, settings_hash = settings_json(settings, device, {"task": task})
+    try:
+        identity = _identity(model)
+        if identity is not None and not force:
+            done = read_done(results) if done is None else done
+            if prev := previous_row(done, identity, dataset, settings_hash):
+                return Outcome(label, dataset.name, row=prev, reused=True)
+        em = model if isinstance(model, EvalModel) else load_model(model, device=device, pretraining=pretraining)
+        if identity is None and not force:  # a weights file: its id is known once it is read
+            done = read_done(results) if done is None else done
+            if prev := previous_row(done, em.info, dataset, settings_hash):
+                return Outcome(label, dataset.name, row=prev, reused=True)
+        if task == "retrieval":
+            row, extra = evaluate_retrieval(em, dataset, settings, progress), {}
+        else:
+            row = evaluate_zeroshot(em, dataset, settings, cache, progress)
+            extra = {"classifier_cached": row.pop("classifier_cached")}
+    except CloobError as e:
+        return Outcome(label, dataset.name, error=str(e))
+    except OSError as e:  # storage or network failed mid-read: the other pairs still run
+        return Outcome(label, dataset.name, error=f"cannot read {dataset.uri}: {type(e).__name__}: {e}\n  fix: check "
+                                                   "the path, network and credentials; rerun to evaluate what is missing")
+    append_rows(results, [row])
+    return Outcome(label, dataset.name, row=row, extra=extra)
+
+
 def evaluate_many(models: list[str], classification: list[tuple[str, str]], retrieval: list[tuple[str, str]],
                   *, results: str, cache_root: str | None, settings: EvalSettings, force: bool = False,
                   pretraining: str | None = None, progress: bool = True) -> Iterator[Outcome]:
@@ -305,26 +387,22 @@ def evaluate_many(models: list[str], classification: list[tuple[str, str]], retr
     reported per pair, and the others go on. classification: (spec name or path, uri) pairs."""
     from cloob.evaluate.datasets import open_classification_set, open_retrieval_set
     from cloob.evaluate.models import load_model
-    from cloob.results.table import append_rows, read_rows
 
     device = settings.torch_device()
-    sets: list[tuple[str, object]] = []
+    sets: list = []
     for spec, uri in classification:
         try:
-            sets.append((spec, open_classification_set(spec, uri)))
+            sets.append(open_classification_set(spec, uri))
         except CloobError as e:
             yield Outcome("*", str(spec), error=str(e))
     for name, uri in retrieval:
         try:
-            sets.append((name, open_retrieval_set(uri, name)))
+            sets.append(open_retrieval_set(uri, name))
         except CloobError as e:
             yield Outcome("*", name, error=str(e))
     if not sets:
         return
-    done = {}
-    if not force:
-        for r in read_rows(results, latest=True).to_pylist():
-            done[(r["checkpoint_id"], r["dataset"])] = r
+    done = {} if force else read_done(results)
     cache = ClassifierCache(cache_root)
     for ref in models:
         try:
@@ -332,27 +410,8 @@ def evaluate_many(models: list[str], classification: list[tuple[str, str]], retr
         except CloobError as e:
             yield Outcome(ref, "*", error=str(e))
             continue
-        for label, s in sets:
-            task = "retrieval" if isinstance(s, RetrievalSet) else "zeroshot"
-            _, settings_hash = settings_json(settings, device, {"task": task})
-            prev = done.get((em.info["checkpoint_id"], s.name))
-            if (prev and prev["eval_settings_hash"] == settings_hash and prev["dataset_hash"] == s.identity
-                    and prev["run_id"] == em.info["run_id"]):
-                yield Outcome(ref, s.name, row=prev, reused=True)
-                continue
-            try:
-                if task == "retrieval":
-                    row = evaluate_retrieval(em, s, settings, progress)
-                    extra = {}
-                else:
-                    row = evaluate_zeroshot(em, s, settings, cache, progress)
-                    extra = {"classifier_cached": row.pop("classifier_cached")}
-            except CloobError as e:
-                yield Outcome(ref, s.name, error=str(e))
-                continue
-            except OSError as e:  # storage or network failed mid-read: the other pairs still run
-                yield Outcome(ref, s.name, error=f"cannot read {s.uri}: {type(e).__name__}: {e}\n  fix: check the "
-                                                 "path, network and credentials; rerun to evaluate what is missing")
-                continue
-            append_rows(results, [row])
-            yield Outcome(ref, s.name, row=row, extra=extra)
+        for s in sets:
+            o = evaluate_pair(em, s, settings, results=results, cache=cache, done=done, force=force,
+                              progress=progress)
+            o.model = ref
+            yield o

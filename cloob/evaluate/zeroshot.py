@@ -11,12 +11,10 @@ import hashlib
 import io
 import json
 import logging
-import posixpath
 
-import fsspec
 import torch
 
-from cloob.storage import atomic_write_bytes
+from cloob.storage import Location
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the way a classifier is computed changes
@@ -56,16 +54,13 @@ class ClassifierCache:
 
     def __init__(self, root: str | None):
         self.root = root.rstrip("/") if root else None
-
-    def _url(self, key: str) -> str:
-        return posixpath.join(self.root, f"{key}.pt")
+        self._loc = Location(self.root) if self.root else None
 
     def get(self, key: str) -> torch.Tensor | None:
-        if not self.root:
+        if not self._loc:
             return None
         try:
-            with fsspec.open(self._url(key), "rb") as f:
-                blob = f.read()
+            blob = self._loc.read_bytes(f"{key}.pt")
             return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["weights"]
         except FileNotFoundError:
             return None
@@ -74,11 +69,11 @@ class ClassifierCache:
             return None
 
     def put(self, key: str, weights: torch.Tensor) -> None:
-        if not self.root:
+        if not self._loc:
             return
         buf = io.BytesIO()
         torch.save({"weights": weights.cpu(), "format": CACHE_FORMAT}, buf)
-        atomic_write_bytes(self._url(key), buf.getvalue())
+        self._loc.write_bytes(f"{key}.pt", buf.getvalue())
 
 
 class ClassificationMetrics:

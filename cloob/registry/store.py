@@ -2,13 +2,15 @@
 
 Layout under `<store>/registry/`:
     entries/<sha256>.json                 one per checkpoint, named by its model file's sha256 (its
-                                          content identity), so registering twice is a no-op and two
-                                          writers of the same checkpoint write the same file
+                                          content identity), so registering twice is a no-op (no new
+                                          entry, `latest` stays) and two writers of the same checkpoint
+                                          write the same file
     aliases/<alias>/<time>-<uuid>.json    an alias is a log of moves; its target is the newest move
 
 Every file is written once and never rewritten in place (atomic rename locally, one PUT on S3), so
 no writer can lose another's entry or move, and a reader sees an alias either before or after a move,
-never half of one. Aliases: `latest` follows the newest registration; `best-<dataset>` the entry with
+never half of one. A checkpoint is registered only when every file matches its digest in meta.json.
+Aliases: `latest` follows the newest registration; `best-<dataset>` the entry with
 the best main metric on that dataset (`update_best`); any other name is the user's.
 
 An entry holds the lineage: checkpoint URI and sha256, run id, step, method, arch, the recipe and
@@ -22,12 +24,13 @@ import json
 import posixpath
 import re
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import fsspec
 
 from cloob.errors import CloobError
-from cloob.registry.lineage import pretraining_data, read_json, redact, resolve_checkpoint
+from cloob.registry.lineage import pretraining_data, redact, resolve_checkpoint
 from cloob.storage import atomic_write_bytes, is_local
 
 ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -36,6 +39,13 @@ _SHA = re.compile(r"^[0-9a-f]{6,64}$")
 
 class RegistryError(CloobError):
     pass
+
+
+@dataclass
+class Registration:
+    entry: dict
+    new: bool  # False: the checkpoint was registered before, and nothing was written for `latest`
+    moved: list[str] = field(default_factory=list)  # the aliases that moved to it
 
 
 def _now() -> str:
@@ -71,34 +81,49 @@ class Registry:
 
     # ----------------------------------------------------------------------------- entries
     def register(self, ref: str, *, aliases: list[str] | tuple[str, ...] = (), note: str | None = None) -> dict:
-        """Register a checkpoint (folder, or a run's latest) and move `latest` and `aliases` to it."""
+        """Register a checkpoint (folder, or a run's latest) and move `latest` and `aliases` to it; the entry."""
+        return self.add(ref, aliases=aliases, note=note).entry
+
+    def add(self, ref: str, *, aliases: list[str] | tuple[str, ...] = (), note: str | None = None) -> Registration:
+        """register(), saying what changed. A new checkpoint is checked file by file against its meta.json,
+        then gets its entry, and `latest` and `aliases` move to it. A registered one changes nothing, except
+        that an alias named in `aliases` that points elsewhere moves to it."""
+        from cloob.train.checkpoint import read_meta, verify_files
+
         for a in aliases:
             self._check_alias(a)
         url = resolve_checkpoint(ref)
-        meta = read_json(posixpath.join(url, "meta.json"))
-        if not meta or "model_sha256" not in meta:
-            raise RegistryError(f"{redact(url)}: meta.json is missing or has no model_sha256",
+        meta = read_meta(url)
+        if "model_sha256" not in meta:
+            raise RegistryError(f"{redact(url)}: meta.json has no model_sha256",
                                 "register a complete checkpoint written by `cloob train`")
         entry_id = meta["model_sha256"]
         entry = self._read(self._entry_path(entry_id))
-        if entry is None:
-            run_dir = posixpath.dirname(posixpath.dirname(url.rstrip("/")))
-            recipe = self._recipe(run_dir)
-            data_name, data_hash = pretraining_data(run_dir)
-            entry = {"id": entry_id, "checkpoint_uri": redact(url), "checkpoint_sha256": entry_id,
-                     "model_bytes": meta.get("model_bytes"), "run_id": meta.get("run_name"),
-                     "run_dir": redact(run_dir), "step": meta.get("step"), "method": meta.get("method"),
-                     "arch": meta.get("arch"), "recipe_name": meta.get("recipe_name"),
-                     "recipe_hash": meta.get("recipe_hash"), "recipe": recipe,
-                     "data": redact(((recipe or {}).get("data") or {}).get("train") or "") or None,
-                     "data_name": data_name, "data_manifest_hash": data_hash,
-                     "samples_seen": meta.get("samples_seen"), "code_version": meta.get("code_version"),
-                     "training_metrics": meta.get("metrics") or {}, "note": note, "registered_at": _now()}
-            atomic_write_bytes(self._url(self._entry_path(entry_id)),
-                               json.dumps(entry, indent=1, sort_keys=True).encode())
-        for a in ("latest", *aliases):
+        if entry is not None:
+            verify_files(url, meta, hashed=set())  # registered before (and hashed then): missing or truncated?
+            current = self.aliases()
+            moved = [a for a in dict.fromkeys(aliases) if current.get(a) != entry_id]
+            for a in moved:
+                self.set_alias(a, entry_id)
+            return Registration(entry, new=False, moved=moved)
+        verify_files(url, meta)  # every file, hashed: the entry vouches for the whole checkpoint
+        run_dir = posixpath.dirname(posixpath.dirname(url.rstrip("/")))
+        recipe = self._recipe(run_dir)
+        data_name, data_hash = pretraining_data(run_dir)
+        entry = {"id": entry_id, "checkpoint_uri": redact(url), "checkpoint_sha256": entry_id,
+                 "model_bytes": meta.get("model_bytes"), "run_id": meta.get("run_name"),
+                 "run_dir": redact(run_dir), "step": meta.get("step"), "method": meta.get("method"),
+                 "arch": meta.get("arch"), "recipe_name": meta.get("recipe_name"),
+                 "recipe_hash": meta.get("recipe_hash"), "recipe": recipe,
+                 "data": redact(((recipe or {}).get("data") or {}).get("train") or "") or None,
+                 "data_name": data_name, "data_manifest_hash": data_hash,
+                 "samples_seen": meta.get("samples_seen"), "code_version": meta.get("code_version"),
+                 "training_metrics": meta.get("metrics") or {}, "note": note, "registered_at": _now()}
+        atomic_write_bytes(self._url(self._entry_path(entry_id)), json.dumps(entry, indent=1, sort_keys=True).encode())
+        moved = list(dict.fromkeys(("latest", *aliases)))
+        for a in moved:
             self.set_alias(a, entry_id)
-        return entry
+        return Registration(entry, new=True, moved=moved)
 
     @staticmethod
     def _recipe(run_dir: str) -> dict | None:

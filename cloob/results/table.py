@@ -16,27 +16,17 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cloob.errors import CloobError
 from cloob.results.schema import KEY, NAMES, SCHEMA
-from cloob.storage import atomic_write_bytes, is_local
+from cloob.storage import Location
 
 PARTS = "parts"
 # A listed part can vanish before it is read (a compaction folded it into a newer part): list again.
 _READ_ATTEMPTS = 10
 _REMOTE_THREADS = 16
-
-
-def _fs(results_uri: str):
-    fs, root = fsspec.core.url_to_fs(results_uri)
-    return fs, root.rstrip("/")
-
-
-def _url(fs, path: str) -> str:
-    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def to_table(rows: list[dict]) -> pa.Table:
@@ -69,29 +59,22 @@ def _part_name() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex}.parquet"
 
 
-def _write_part(results_uri: str, table: pa.Table) -> str:
-    fs, root = _fs(results_uri)
+def _write_part(results: Location, table: pa.Table) -> str:
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    path = posixpath.join(root, PARTS, _part_name())
-    atomic_write_bytes(_url(fs, path), buf.getvalue())
-    return _url(fs, path)
+    rel = posixpath.join(PARTS, _part_name())
+    results.write_bytes(rel, buf.getvalue())
+    return results.url(rel)
 
 
 def append_rows(results_uri: str, rows: list[dict]) -> str:
     """Publish rows as one new part; returns its URI."""
-    return _write_part(results_uri, to_table(rows))
+    return _write_part(Location(results_uri), to_table(rows))
 
 
-def _list_parts(fs, root: str) -> list[str]:
-    folder = posixpath.join(root, PARTS)
-    # s3fs caches listings per filesystem instance: other processes' parts would stay invisible.
-    fs.invalidate_cache(folder)
-    try:
-        paths = fs.ls(folder, detail=False)
-    except FileNotFoundError:
-        return []
-    return sorted(p for p in paths if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+def _list_parts(results: Location) -> list[str]:
+    # A fresh listing (s3fs caches them per file system: other processes' parts would stay invisible).
+    return [posixpath.join(PARTS, n) for n in results.list(PARTS) if n.endswith(".parquet") and not n.startswith("_")]
 
 
 def _conform(table: pa.Table, where: str) -> pa.Table:
@@ -109,30 +92,30 @@ def _conform(table: pa.Table, where: str) -> pa.Table:
     return pa.table(cols, schema=SCHEMA)
 
 
-def _map(fs, fn: Callable, items: Iterable) -> list:
+def _map(results: Location, fn: Callable, items: Iterable) -> list:
     items = list(items)
-    if is_local(fs) or len(items) < 2:
+    if results.is_local or len(items) < 2:
         return [fn(x) for x in items]
     # Object stores: one request per part, so many at once.
     with ThreadPoolExecutor(min(_REMOTE_THREADS, len(items))) as pool:
         return list(pool.map(fn, items))
 
 
-def _load_part(fs, path: str) -> pa.Table | None:
+def _load_part(results: Location, rel: str) -> pa.Table | None:
     """The part conformed to SCHEMA; None if it is gone."""
     try:
-        data = fs.cat_file(path)
+        data = results.read_bytes(rel)
     except FileNotFoundError:
         return None
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as e:
-        raise CloobError(f"results part {_url(fs, path)} is not a readable parquet file: {e}",
+        raise CloobError(f"results part {results.url(rel)} is not a readable parquet file: {e}",
                          "move it out of the results folder") from None
-    return _conform(table, _url(fs, path))
+    return _conform(table, results.url(rel))
 
 
-def _read_parts(fs, root: str) -> tuple[pa.Table, list[str]]:
+def _read_parts(results: Location) -> tuple[pa.Table, list[str]]:
     """Every row of one complete listing, and the parts they came from.
 
     A compaction publishes its part before it deletes the parts it folded in, so when a listed part
@@ -140,10 +123,10 @@ def _read_parts(fs, root: str) -> tuple[pa.Table, list[str]]:
     read are kept)."""
     loaded: dict[str, pa.Table] = {}
     for _ in range(_READ_ATTEMPTS):
-        paths = _list_parts(fs, root)
+        paths = _list_parts(results)
         todo = [p for p in paths if p not in loaded]
         vanished = False
-        for p, t in zip(todo, _map(fs, lambda p: _load_part(fs, p), todo)):
+        for p, t in zip(todo, _map(results, lambda p: _load_part(results, p), todo)):
             if t is None:
                 vanished = True
             else:
@@ -151,7 +134,7 @@ def _read_parts(fs, root: str) -> tuple[pa.Table, list[str]]:
         if not vanished:
             tables = [loaded[p] for p in paths]
             return (pa.concat_tables(tables) if tables else SCHEMA.empty_table()), paths
-    raise CloobError(f"results parts under {_url(fs, root)} kept vanishing while being read",
+    raise CloobError(f"results parts under {results.url()} kept vanishing while being read",
                      "a compaction may be running: try again in a moment")
 
 
@@ -171,8 +154,7 @@ def latest_rows(table: pa.Table) -> pa.Table:
 
 def read_rows(results_uri: str, latest: bool = True) -> pa.Table:
     """The table (an empty one with the schema if nothing was written yet)."""
-    fs, root = _fs(results_uri)
-    table, _ = _read_parts(fs, root)
+    table, _ = _read_parts(Location(results_uri))
     return latest_rows(table) if latest else table
 
 
@@ -181,21 +163,15 @@ def to_pandas(results_uri: str, latest: bool = True):
     return read_rows(results_uri, latest).to_pandas()
 
 
-def _remove(fs, path: str) -> None:
-    try:
-        fs.rm_file(path)  # rm_file: no glob expansion, so only this exact part
-    except FileNotFoundError:
-        pass  # a concurrent compaction removed it first; its rows are in that compaction's part
-
-
 def compact(results_uri: str) -> dict:
     """Fold the current parts into one. Rows appended meanwhile are in parts not listed here and
     stay; a concurrent compaction at worst duplicates rows, which latest=True reads as one."""
-    fs, root = _fs(results_uri)
-    table, paths = _read_parts(fs, root)
+    results = Location(results_uri)
+    table, paths = _read_parts(results)
     if len(paths) < 2:
-        return {"parts_before": len(paths), "rows": len(table), "part": _url(fs, paths[0]) if paths else None}
+        return {"parts_before": len(paths), "rows": len(table), "part": results.url(paths[0]) if paths else None}
     # Publish the union first, then delete exactly the parts read: a crash in between only duplicates.
-    part = _write_part(results_uri, table)
-    _map(fs, lambda p: _remove(fs, p), paths)
+    # A part already gone was removed by a concurrent compaction; its rows are in that one's part.
+    part = _write_part(results, table)
+    _map(results, results.remove, paths)
     return {"parts_before": len(paths), "rows": len(table), "part": part}

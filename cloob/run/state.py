@@ -51,13 +51,5 @@ def _total_steps(recipe, plan, meta) -> int:
     steps_per_epoch = plan.num_samples // (recipe.train.batch_size * ws)
     return max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
 
-
-def evaluated(checkpoint_sha256: str, dataset: str, dataset_hash: str, settings_hash: str,
-              results_uri: str) -> str | None:
-    from cloob.results.table import read_rows
-
-    for r in read_rows(results_uri, latest=True).to_pylist():
-        if (r["checkpoint_id"], r["dataset"], r["dataset_hash"], r["eval_settings_hash"]) == (
-                checkpoint_sha256, dataset, dataset_hash, settings_hash):
-            return _key("evaluated", r["row_uuid"])
-    return None
+# Whether a (checkpoint, set) pair is already evaluated: cloob.evaluate.runner.previous_row, used by
+# `cloob evaluate` and the flow's evaluate task alike.

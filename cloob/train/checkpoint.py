@@ -6,9 +6,15 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_00001000/`:
     open_clip_config.json         {"model_cfg", "preprocess_cfg"}: `local-dir:<folder>` loads it too
     train_state.pt                optimizer, grad scaler, step, epoch, RNG and data positions per rank
     meta.json                     written LAST: its presence marks the checkpoint complete; holds the
-                                  step, the model file's sha256, the recipe hash, metrics
+                                  step, the recipe hash, metrics, `files` (sha256 and size of each
+                                  file above) and `model_sha256` (the checkpoint's id in the registry
+                                  and the results table)
 Every file is written atomically: to a temporary name and renamed on a local disk, one PUT on an
-object store. Folders without meta.json are incomplete and ignored by resume.
+object store. Folders without meta.json are incomplete and ignored by resume. A file that does not
+match its digest, or is missing, is one CloobError naming it: on resume (with the older checkpoint to
+fall back to), on evaluation and on registration. Checkpoints written before `files` existed are
+checked by the model file's sha256 alone. A kill in the middle of a write leaves a `.tmp-*` file;
+`remove_temp_files` sweeps them when the run starts again.
 """
 
 from __future__ import annotations
@@ -19,21 +25,24 @@ import json
 import os
 import posixpath
 import re
-import tempfile
+import shlex
 import uuid
 from dataclasses import dataclass
 
 import fsspec
 
-from cloob.storage import atomic_write_bytes, is_local  # noqa: F401 (re-exported)
+from cloob.errors import CloobError
+from cloob.storage import atomic_write_bytes, is_local  # also re-exported
 
 MODEL_FILE = "open_clip_pytorch_model.bin"
 CONFIG_FILE = "open_clip_config.json"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
-
-
+# The names cloob.storage.atomic_write_bytes gives its temporary files: mkstemp's prefix ".tmp-",
+# 8 random characters, then "-<final name>".
+_TEMP_FILE = re.compile(r"^\.tmp-[a-z0-9_]+-.")
+_CHUNK = 1 << 22
 
 
 def torch_bytes(obj) -> bytes:
@@ -48,6 +57,115 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_digest(data: bytes) -> dict:
+    return {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+
+class DamagedCheckpoint(CloobError):
+    """A checkpoint file is missing or does not match its digest in meta.json."""
+
+    def __init__(self, url: str, name: str, what: str, fix: str | None = None):
+        self.url, self.name, self.what = url, name, what
+        super().__init__(f"checkpoint file {_redact(posixpath.join(url, name))} {what}",
+                         fix or "the checkpoint is damaged: use another one, or train again")
+
+    def with_fix(self, fix: str) -> DamagedCheckpoint:
+        return DamagedCheckpoint(self.url, self.name, self.what, fix)
+
+
+def _redact(url: str) -> str:
+    from cloob.registry.lineage import redact
+
+    return redact(url)
+
+
+def read_meta(url: str) -> dict:
+    """A checkpoint folder's meta.json, or DamagedCheckpoint if it cannot be read as JSON."""
+    try:
+        with fsspec.open(posixpath.join(url, META_FILE), "rb") as f:
+            meta = json.loads(f.read())
+    except FileNotFoundError:
+        raise DamagedCheckpoint(url, META_FILE, "is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedCheckpoint(url, META_FILE, f"is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DamagedCheckpoint(url, META_FILE, "is not a JSON object")
+    return meta
+
+
+def expected_files(meta: dict) -> dict[str, dict]:
+    """{file name: {"sha256", "bytes"}} that meta.json vouches for. Checkpoints written before
+    per-file digests carry the model file's alone."""
+    if isinstance(meta.get("files"), dict):
+        return meta["files"]
+    if "model_sha256" in meta:
+        return {MODEL_FILE: {"sha256": meta["model_sha256"], "bytes": meta.get("model_bytes")}}
+    return {}
+
+
+def _check(url: str, name: str, meta: dict, sha: str | None, size: int | None) -> None:
+    want = expected_files(meta).get(name)
+    if want is None:
+        return
+    if size is not None and want.get("bytes") is not None and size != want["bytes"]:
+        raise DamagedCheckpoint(url, name, f"has {size} bytes where meta.json records {want['bytes']}")
+    if sha is not None and sha != want["sha256"]:
+        raise DamagedCheckpoint(url, name, "does not match its sha256 in meta.json")
+
+
+def read_verified(url: str, name: str, meta: dict) -> bytes:
+    """One file of the checkpoint at url, checked against meta.json."""
+    try:
+        with fsspec.open(posixpath.join(url, name), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DamagedCheckpoint(url, name, "is missing") from None
+    _check(url, name, meta, sha256_bytes(data), len(data))
+    return data
+
+
+def verify_files(url: str, meta: dict, *, hashed: set[str] | None = None) -> None:
+    """Every file meta.json lists exists with its recorded size; those in `hashed` (all by default)
+    are also read and compared with their sha256."""
+    fs, root = fsspec.core.url_to_fs(url)
+    for name in expected_files(meta):
+        path = posixpath.join(root, name)
+        try:
+            size = fs.size(path)
+            _check(url, name, meta, None, size)
+            if hashed is None or name in hashed:
+                h = hashlib.sha256()
+                with fs.open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(_CHUNK), b""):
+                        h.update(chunk)
+                _check(url, name, meta, h.hexdigest(), None)
+        except FileNotFoundError:
+            raise DamagedCheckpoint(url, name, "is missing") from None
+
+
+def remove_temp_files(run_dir: str) -> list[str]:
+    """Delete the temporary files that a kill in the middle of an atomic write left in a local run
+    folder, its checkpoints/ and their step folders. Call it before the run writes anything (and
+    while it alone writes there): a live writer's temporary file looks the same. On an object store
+    a write is one PUT and leaves nothing behind. Returns the removed paths."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    if not is_local(fs) or not os.path.isdir(root):
+        return []
+    ckpts = os.path.join(root, "checkpoints")
+    folders = [root, ckpts] + ([os.path.join(ckpts, d) for d in sorted(os.listdir(ckpts)) if _STEP_DIR.search(d)]
+                               if os.path.isdir(ckpts) else [])
+    removed = []
+    for folder in folders:
+        for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+            if _TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
 @dataclass(frozen=True)
 class CheckpointRef:
     url: str  # the checkpoint folder
@@ -58,8 +176,7 @@ class CheckpointRef:
         return posixpath.join(self.url, MODEL_FILE)
 
     def meta(self) -> dict:
-        with fsspec.open(posixpath.join(self.url, META_FILE), "r") as f:
-            return json.load(f)
+        return read_meta(self.url)
 
 
 class CheckpointStore:
@@ -89,12 +206,14 @@ class CheckpointStore:
     def save(self, step: int, model_state: dict, model_cfg: dict, train_state: dict, meta: dict,
              keep: int) -> CheckpointRef:
         folder = posixpath.join(self.root, f"step_{step:08d}")
-        model_bytes = torch_bytes(model_state)
-        atomic_write_bytes(posixpath.join(folder, MODEL_FILE), model_bytes)
-        atomic_write_bytes(posixpath.join(folder, CONFIG_FILE), json.dumps(model_cfg, indent=2).encode())
-        atomic_write_bytes(posixpath.join(folder, STATE_FILE), torch_bytes(train_state))
-        meta = {**meta, "step": step, "model_file": MODEL_FILE, "model_sha256": sha256_bytes(model_bytes),
-                "model_bytes": len(model_bytes), "id": uuid.uuid4().hex}
+        files = {MODEL_FILE: torch_bytes(model_state), CONFIG_FILE: json.dumps(model_cfg, indent=2).encode(),
+                 STATE_FILE: torch_bytes(train_state)}
+        for name, data in files.items():
+            atomic_write_bytes(posixpath.join(folder, name), data)
+        model = file_digest(files[MODEL_FILE])
+        meta = {**meta, "step": step, "model_file": MODEL_FILE, "model_sha256": model["sha256"],
+                "model_bytes": model["bytes"], "files": {n: file_digest(d) for n, d in files.items()},
+                "id": uuid.uuid4().hex}
         atomic_write_bytes(posixpath.join(folder, META_FILE), json.dumps(meta, indent=2).encode())
         self._prune(keep)
         return CheckpointRef(folder, step)
@@ -108,15 +227,39 @@ class CheckpointStore:
 
     @staticmethod
     def load(ref: CheckpointRef, map_location="cpu") -> tuple[dict, dict, dict]:
-        """(model state_dict, train state, meta), verifying the model file's sha256."""
+        """(model state_dict, train state, meta) to resume from, every file checked against meta.json.
+        A damaged checkpoint is one DamagedCheckpoint whose fix names the checkpoint to fall back to."""
         import torch
 
-        meta = ref.meta()
-        with fsspec.open(ref.model_url, "rb") as f:
-            model_bytes = f.read()
-        if sha256_bytes(model_bytes) != meta["model_sha256"]:
-            raise ValueError(f"checkpoint {ref.url}: model file does not match its sha256 in meta.json")
-        model_state = torch.load(io.BytesIO(model_bytes), map_location=map_location, weights_only=True)
-        with fsspec.open(posixpath.join(ref.url, STATE_FILE), "rb") as f:
-            train_state = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
-        return model_state, train_state, meta
+        try:
+            meta = ref.meta()
+            model_bytes = read_verified(ref.url, MODEL_FILE, meta)
+            state_bytes = read_verified(ref.url, STATE_FILE, meta)
+            verify_files(ref.url, meta, hashed={CONFIG_FILE})
+            loaded = []
+            for name, data, weights_only in ((MODEL_FILE, model_bytes, True), (STATE_FILE, state_bytes, False)):
+                # Unpickling garbage can raise anything; a damaged file gets here only without a digest.
+                try:
+                    loaded.append(torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only))
+                except Exception as e:  # noqa: BLE001
+                    first = str(e).splitlines()[0][:200] if str(e) else ""
+                    raise DamagedCheckpoint(ref.url, name, f"cannot be read: {type(e).__name__}: {first}") from None
+        except DamagedCheckpoint as e:
+            raise e.with_fix(_fallback_fix(ref)) from None
+        return loaded[0], loaded[1], meta
+
+
+def _fallback_fix(ref: CheckpointRef) -> str:
+    """How to resume without the damaged checkpoint: move it out of checkpoints/ and rerun, which
+    resumes from the next older complete one."""
+    root = posixpath.dirname(ref.url.rstrip("/"))
+    run_dir = posixpath.dirname(root)
+    aside = posixpath.join(run_dir, f"damaged-{posixpath.basename(ref.url.rstrip('/'))}")
+    move = (f"mv {shlex.quote(ref.url)} {shlex.quote(aside)}" if "://" not in ref.url
+            else f"move the objects under {_redact(ref.url)}/ to {_redact(aside)}/")
+    older = [r for r in CheckpointStore(run_dir).complete() if r.step < ref.step]
+    if older:
+        return (f"move the damaged checkpoint aside ({move}) and rerun the same command: it resumes from "
+                f"step {older[-1].step} ({_redact(older[-1].url)}), the next older complete checkpoint")
+    return (f"no older complete checkpoint is left: move the damaged one aside ({move}) and rerun to "
+            "start the run over, or restore the file from a copy")

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cloob.train import distributed
-from cloob.train.checkpoint import CheckpointStore, is_local
+from cloob.train.checkpoint import CheckpointStore, is_local, remove_temp_files
 from cloob.config import Recipe, load_recipe
 from cloob.data.workers import worker_init
 from cloob.data.shards import list_shards
@@ -156,6 +156,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     plan = plan_run(recipe, info.world_size)
     if info.is_main:
         _check_writable(plan.run_dir)
+        remove_temp_files(plan.run_dir)  # left by a kill mid-write; before this run writes any of its own
     store = CheckpointStore(plan.run_dir)
     resume_from = store.latest() if cfg.resume else None
 

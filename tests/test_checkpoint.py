@@ -1,0 +1,187 @@
+"""Checkpoint integrity and housekeeping: every file's digest in meta.json, checked on resume (one
+error naming the file and the older checkpoint to fall back to); checkpoints from before the digests
+still load; temp files left by a kill are swept at the next start; where the default run folder is."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cloob import cli
+from cloob.config import load_recipe
+from cloob.errors import CloobError
+from cloob.train.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, STATE_FILE, CheckpointStore
+
+ROOT = Path(__file__).parents[1]
+
+
+def _save(run_dir: Path, step: int, seed: int = 0):
+    """A checkpoint written by the trainer's own save (small tensors stand in for a model)."""
+    g = torch.Generator().manual_seed(seed + step)
+    return CheckpointStore(str(run_dir)).save(
+        step, {"w": torch.randn(64, generator=g)}, {"model_cfg": {}},
+        {"step": step, "optimizer": {"m": torch.randn(256, generator=g)}},
+        {"arch": "cloob-tiny-vit", "method": "cloob", "run_name": run_dir.name}, keep=5)
+
+
+def _flip_byte(path: Path, at: float = 0.5) -> None:
+    b = bytearray(path.read_bytes())
+    b[int(len(b) * at)] ^= 0x40
+    path.write_bytes(bytes(b))
+
+
+def _train_argv(shards, out, *extra):
+    return ["train", "tiny", f"data.train={shards}", f"train.output={out}", "train.batch_size=8",
+            "train.steps=40", "data.workers=0", "train.progress=false", "train.run_name=r", *extra]
+
+
+def test_meta_holds_every_files_digest(tmp_path):
+    ref = _save(tmp_path / "run", 10)
+    folder = Path(ref.url)
+    meta = json.loads((folder / META_FILE).read_text())
+    assert set(meta["files"]) == {MODEL_FILE, CONFIG_FILE, STATE_FILE}
+    import hashlib
+
+    for name, d in meta["files"].items():
+        data = (folder / name).read_bytes()
+        assert d == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert meta["model_sha256"] == meta["files"][MODEL_FILE]["sha256"]  # the checkpoint id stays
+
+
+def test_flipped_byte_in_train_state_refuses_resume_naming_the_file_and_the_fallback(tmp_path, shards_dir, capsys):
+    run = tmp_path / "out" / "runs" / "r"
+    _save(run, 10)
+    damaged = Path(_save(run, 20).url)
+    _flip_byte(damaged / STATE_FILE)
+    rc = cli.main(_train_argv(shards_dir, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert f"{damaged}/{STATE_FILE}" in err and "sha256" in err
+    # The fix names the damaged folder, how to move it aside, and the step a rerun then resumes from.
+    fix = err.split("fix:", 1)[1]
+    assert f"mv {damaged} " in fix and "step 10" in fix
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # nothing written
+
+    with pytest.raises(CloobError, match=STATE_FILE):
+        CheckpointStore.load(CheckpointStore(str(run)).latest())
+
+
+def test_missing_train_state_refuses_resume(tmp_path, shards_dir, capsys):
+    run = tmp_path / "out" / "runs" / "r"
+    (Path(_save(run, 10).url) / STATE_FILE).unlink()
+    rc = cli.main(_train_argv(shards_dir, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert STATE_FILE in err and "missing" in err
+    assert "no older complete checkpoint" in err
+
+
+def test_flipped_byte_in_the_model_file_refuses_load(tmp_path):
+    ref = _save(tmp_path / "run", 10)
+    _flip_byte(Path(ref.url) / MODEL_FILE)
+    with pytest.raises(CloobError, match=MODEL_FILE):
+        CheckpointStore.load(ref)
+
+
+def test_checkpoint_from_before_the_digests_still_loads(tmp_path):
+    """meta.json written before per-file digests: the model file's sha256 is still checked."""
+    ref = _save(tmp_path / "run", 10)
+    meta_path = Path(ref.url) / META_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]
+    meta_path.write_text(json.dumps(meta))
+    model, state, loaded = CheckpointStore.load(ref)
+    assert state["step"] == 10 and loaded["step"] == 10 and set(model) == {"w"}
+    _flip_byte(Path(ref.url) / MODEL_FILE)
+    with pytest.raises(CloobError, match=MODEL_FILE):
+        CheckpointStore.load(ref)
+    _flip_byte(Path(ref.url) / MODEL_FILE)  # flipped back: intact again
+    assert CheckpointStore.load(ref)[2]["step"] == 10
+    (Path(ref.url) / STATE_FILE).unlink()
+    with pytest.raises(CloobError, match=STATE_FILE):
+        CheckpointStore.load(ref)
+
+
+def test_unreadable_meta_is_one_clear_error(tmp_path):
+    ref = _save(tmp_path / "run", 10)
+    (Path(ref.url) / META_FILE).write_text("{not json")
+    with pytest.raises(CloobError, match=META_FILE):
+        CheckpointStore.load(ref)
+
+
+def test_default_run_folder_is_runs_slash_run_name():
+    """`cloob train tiny data.train=./shards` writes ./runs/<run>, not ./runs/runs/<run>; the output
+    location is not part of the recipe hash, so the run name (and resume elsewhere) is unchanged."""
+    r = load_recipe("tiny", ["data.train=./shards"])
+    assert r.run_dir() == f"./runs/{r.run_id()}"
+    # The tiny recipe's hash as it was before (a changed hash would restart every run).
+    assert r.content_hash() == "02a89a7615241d483e11e4158d2aa3881956e59d7184edaf9acae0620f59bd91"
+    assert load_recipe("tiny", ["data.train=./shards", "train.output=/store"]).run_dir() == \
+        f"/store/runs/{r.run_id()}"
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_temp_files_of_a_killed_write_are_swept_at_the_next_start(tmp_path, shards_dir):
+    """A kill in the middle of an atomic write leaves '.tmp-<random>-<name>' files; the next start of
+    the run removes them (ours only: other files stay)."""
+    run = tmp_path / "out" / "runs" / "r"
+    half = run / "checkpoints" / "step_00000004"  # a checkpoint killed mid-write: no meta.json
+    half.mkdir(parents=True)
+    planted = [half / f".tmp-x-{MODEL_FILE}", run / ".tmp-k2j4_9ab-recipe.yaml"]
+    for p in planted:
+        p.write_bytes(b"\0" * 1000)
+    kept = [run / "notes.tmp", run / "tmp-notes.txt", tmp_path / "out" / ".tmp-y-other"]
+    for p in kept:
+        p.write_text("the user's")
+    argv = [sys.executable, "-m", "cloob.train", *_train_argv(shards_dir, tmp_path / "out", "train.steps=2",
+                                                              "train.checkpoint_every=1")[1:]]
+    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not any(p.exists() for p in planted)
+    assert all(p.exists() for p in kept)
+    assert not list(run.rglob(".tmp-*"))
+    assert CheckpointStore(str(run)).latest().step == 2
+
+
+@pytest.mark.slow
+def test_damaged_train_state_of_a_real_run_is_refused_and_the_fix_works(tmp_path, shards_dir):
+    """The fault report's recipe (flip a byte in train_state.pt, rerun: rc was 0 and the final model
+    drifted), then what the error says to do: move the damaged step aside and rerun. That resumes from
+    the older checkpoint and ends with the same model as the undamaged run."""
+    import shutil
+
+    argv = [sys.executable, "-m", "cloob.train",
+            *_train_argv(shards_dir, tmp_path / "out", "train.steps=4", "train.checkpoint_every=1",
+                         "train.keep_checkpoints=3")[1:]]
+    first = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "out" / "runs" / "r"
+    store = CheckpointStore(str(run))
+    final_sha = store.latest().meta()["model_sha256"]
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # as if killed during step 4
+    damaged = run / "checkpoints" / "step_00000003"
+    _flip_byte(damaged / STATE_FILE)
+
+    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert f"{damaged}/{STATE_FILE}" in proc.stderr and "step 2" in proc.stderr
+    fix = proc.stderr.split("fix:", 1)[1]
+    mv = fix[fix.index("mv "):].split(";")[0].split(")")[0].split()
+    assert mv[:2] == ["mv", str(damaged)] and len(mv) == 3
+    subprocess.run(mv, check=True)
+
+    done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from step 2" in done.stderr
+    assert store.latest().step == 4 and store.latest().meta()["model_sha256"] == final_sha
