@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 import fsspec
@@ -83,7 +83,7 @@ def _pid_namespace() -> str:
 def _record(purpose: str, lease_s: float) -> dict:
     return {"purpose": purpose, "host": socket.gethostname(), "pid": os.getpid(),
             "started": psutil.Process().create_time(), "boot_id": _boot_id(), "pid_namespace": _pid_namespace(),
-            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "lease_s": lease_s,
+            "since": datetime.now(UTC).isoformat(timespec="seconds"), "lease_s": lease_s,
             "token": uuid.uuid4().hex}
 
 
@@ -284,7 +284,7 @@ class _S3:
             return None
         # The lease's age by the server's clock alone: its Date now against the object's Last-Modified.
         date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+        now = parsedate_to_datetime(date) if date else datetime.now(UTC)
         return _parse(data, self.uri()), (now - resp["LastModified"]).total_seconds(), resp["ETag"]
 
     def write(self, rec: dict, etag: str | None = None) -> str | None:

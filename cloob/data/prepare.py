@@ -38,20 +38,20 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cloob.storage import atomic_write_bytes, is_local
 from cloob.data.manifest import build_manifest, finished_shards
-from cloob.lock import LOCK_NAME, folder_lock
-from cloob.safetext import safe_lines, safe_text
 from cloob.data.sources import iter_rows
 from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
 from cloob.errors import CloobError
+from cloob.lock import LOCK_NAME, folder_lock
+from cloob.safetext import safe_lines, safe_text
+from cloob.storage import atomic_write_bytes, is_local
 
 META = "_cloob"
 ROW_SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
@@ -62,7 +62,7 @@ _SHOWN = 8  # entries of a refused folder named in the message
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class _Store:
@@ -360,7 +360,7 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
                 proc.kill()
                 raise
         bar.close()
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         log_target = posixpath.join(store.meta, "logs", f"{stamp}-{mode}.log")
         failed = not hung and proc.returncode != 0
         tail = _tail(log_file) if failed else ""
