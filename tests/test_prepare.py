@@ -299,3 +299,138 @@ def test_fast_shard_digest_equals_the_tarfile_one(tmp_path, shards_dir):
     cut.write_bytes(next(shards_dir.glob("*.tar")).read_bytes()[:1500])
     with pytest.raises(Exception):
         _digest_ustar(fs, str(cut))
+
+
+# ------------------------------------------------- a folder of the user's, a junk table, two at once
+
+SMALL_DEMO = ["--set", "source.samples=32", "--set", "download.shard_size=16", "--set", "download.processes=1",
+              "--set", "download.image_size=32", "--no-progress"]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in folder.rglob("*")}
+
+
+def _users_folder(folder: Path, shards_dir: Path, config_json: bool) -> dict[str, bytes]:
+    """Fault report 8i: a folder of someone else's files, three of them with shard names."""
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("notes\n")
+    (folder / "00000.tar").write_bytes((shards_dir / "00000.tar").read_bytes())
+    (folder / "00001.tar").write_text("mine\n")
+    (folder / "00001.parquet").write_text("notes\n")
+    if config_json:  # img2dataset crashed on this one and left _cloob/ and _tmp/ behind
+        (folder / "config.json").write_text('{"lr": 0.1}\n')
+    return _snapshot(folder)
+
+
+@pytest.mark.parametrize("config_json", [False, True], ids=["shards-named", "with-config-json"])
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_a_folder_of_other_files_is_refused_and_left_untouched(tmp_path, shards_dir, capsys, config_json, force):
+    user = tmp_path / "other"
+    before = _users_folder(user, shards_dir, config_json)
+    rc = cli_main(["prepare", "demo", "--out", str(user), *SMALL_DEMO, *(["--force"] if force else [])])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    n = 5 if config_json else 4
+    assert f"{user} is not empty and was not made by cloob prepare" in err and f"({n} entries)" in err
+    assert "thesis.txt" in err and "00001.tar" in err and "fix: give a new or empty folder" in err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert _snapshot(user) == before  # every byte of the user's as it was, and nothing added
+
+
+def test_a_prefix_of_other_objects_on_s3_is_refused_and_left_untouched(s3, capsys):
+    s3.mkdir("users-bucket")
+    theirs = {"users-bucket/theirs/00000.tar": b"mine", "users-bucket/theirs/thesis.txt": b"notes\n"}
+    for key, data in theirs.items():
+        s3.pipe(key, data)
+    rc = cli_main(["prepare", "demo", "--out", "s3://users-bucket/theirs", *SMALL_DEMO])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not made by cloob prepare" in err and "(2 entries)" in err, err
+    s3.invalidate_cache()
+    assert sorted(s3.find("users-bucket")) == sorted(theirs)
+    assert all(s3.cat(key) == data for key, data in theirs.items())
+
+
+@pytest.mark.slow
+def test_a_stray_json_in_a_prepared_folder_is_refused_before_anything_is_written(tmp_path, image_server, capsys):
+    tsv = write_table(tmp_path / "rows.tsv", good_rows(image_server.url, 3))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(table_spec(tsv)))
+    out = tmp_path / "ds"
+    assert cli_main(["prepare", str(spec), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    (out / "config.json").write_text("{}\n")
+    before = _snapshot(out)
+    for force in ([], ["--force"]):
+        assert cli_main(["prepare", str(spec), "--out", str(out), "--no-progress", *force]) == 2
+        err = capsys.readouterr().err
+        assert "top-level JSON files that are not shard stats: config.json (1 entries)" in err, err
+        assert "fix: move them out" in err
+        assert _snapshot(out) == before
+    (out / "config.json").unlink()
+    assert cli_main(["prepare", str(spec), "--out", str(out), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["table", "cc3m"])
+def test_a_junk_table_gives_a_message_without_control_bytes(tmp_path, capsys, kind):
+    """Fault report 8f: 300 KB of binary junk as the source table. The message quoted it raw, BEL, SI
+    and all, to the terminal."""
+    import random
+
+    junk = tmp_path / "junk.tsv"
+    rng = random.Random(8)
+    junk.write_bytes(bytes(rng.getrandbits(8) for _ in range(300_000)))
+    if kind == "table":
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(json.dumps({"name": "junk", "source": {"kind": "table", "path": str(junk)}}))
+        argv = ["prepare", str(spec)]
+    else:
+        argv = ["prepare", "cc3m", "--input", str(junk)]
+    rc = cli_main([*argv, "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "fix:" in err, err
+    assert all(ch.isprintable() or ch == "\n" for ch in err), [ch for ch in err if not ch.isprintable()][:10]
+    assert len(err) < 2000
+    assert not (tmp_path / "o").exists()
+
+
+def test_safe_text_escapes_and_cuts():
+    from cloob.safetext import safe_text
+
+    assert safe_text("ok: a b") == "ok: a b"
+    assert safe_text("bell\x07 si\x0f esc\x1b[2J nl\n\u202e") == "bell\\x07 si\\x0f esc\\x1b[2J nl\\n\\u202e"
+    assert safe_text(b"\xff\xfe ab") == "\\xff\\xfe ab"
+    cut = safe_text("x" * 1000, limit=10)
+    assert cut == "x" * 10 + "... (990 more characters)"
+
+
+@pytest.mark.slow
+def test_two_preparations_of_one_folder_one_is_refused(tmp_path):
+    """Fault report 5c: two preparations raced img2dataset in one folder (one failed on the other's
+    _tmp). The second is now refused while the first holds the folder's lock, naming it."""
+    args = ["demo", "--set", "source.samples=480", "--set", "download.shard_size=48", "--set",
+            "download.processes=1", "--set", "download.threads=1", "--set", "download.image_size=32",
+            "--no-progress", "--out", str(tmp_path / "ds")]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    first = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock, owner = tmp_path / "ds" / "_cloob" / "lock.json", tmp_path / "ds" / "_cloob" / "spec.json"
+        deadline = time.monotonic() + 120
+        while not owner.exists():  # the first has read its rows and is downloading
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.05)
+        holder = json.loads(lock.read_text())["pid"] if lock.exists() else None  # (None: no lock at all)
+        second = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=300)
+        out, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert holder == first.pid and f"pid {holder}" in second.stderr
+    assert "is in use: cloob prepare demo" in second.stderr
+    assert "fix:" in second.stderr and "Traceback" not in second.stderr
+    assert first.returncode == 0, err
+    assert "480 rows -> 480 images in 10 shards" in out
+    assert not lock.exists()

@@ -10,9 +10,16 @@ Layout of a prepared dataset at `out` (a folder or any fsspec URL, e.g. s3://buc
     _cloob/digests/NNNNN.json                     per-shard digests (so a re-run does not re-read)
     _cloob/logs/*.log                             img2dataset's output per round
     _cloob/manifest.json                          written last, atomically: what the shards hold
+    _cloob/lock.json                              while a `cloob prepare` works on it (cloob.lock)
 
 Nothing of ours sits at the top level as *.json: img2dataset reads every top-level *.json as a
-finished shard's stats. Every step is resumable: rows are reused once rows.json exists,
+finished shard's stats.
+
+`out` must be new, empty, or made by cloob prepare (it holds _cloob/spec.json): a folder of other
+files is refused before anything is written, --force included, so a user's files are never
+overwritten, and neither is a top-level *.json that is not a shard's stats (img2dataset would take
+it for one). One preparation at a time: the whole of it holds the folder's lock, and a second one
+is refused naming the first. Every step is resumable: rows are reused once rows.json exists,
 img2dataset's incremental mode skips finished shards, and a killed round leaves at most unfinished
 shards (no stats file), which the next run redoes. A retry-failed round gives the rows whose status
 is not success to img2dataset again, as new shards after the last one ("extend" mode).
@@ -31,28 +38,31 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cloob.storage import atomic_write_bytes, is_local
 from cloob.data.manifest import build_manifest, finished_shards
 from cloob.data.sources import iter_rows
 from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
 from cloob.errors import CloobError
+from cloob.lock import LOCK_NAME, folder_lock
+from cloob.safetext import safe_lines, safe_text
+from cloob.storage import atomic_write_bytes, is_local
 
 META = "_cloob"
 ROW_SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
                         ("source_key", pa.string())])
 EXIT_GRACE_S = 10.0  # how long img2dataset may take to exit once every shard of a round is finished
 _OURS = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
+_SHOWN = 8  # entries of a refused folder named in the message
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class _Store:
@@ -103,6 +113,46 @@ def _with_input(spec: PretrainSpec, input_uri: str | None) -> PretrainSpec:
     return spec.model_copy(update={"source": src.model_copy(update={field: input_uri})})
 
 
+def _names(store: _Store) -> list[str] | None:
+    """The top-level entries of `out`, or None where there is nothing yet."""
+    store.refresh()
+    try:
+        if store.fs.isfile(store.root):
+            raise CloobError(f"--out {store.uri(store.root)} is a file", "give a folder (new or empty) as --out")
+        return sorted(posixpath.basename(p.rstrip("/")) for p in store.fs.ls(store.root, detail=False))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CloobError(f"cannot list {store.uri(store.root)}: {type(e).__name__}: {safe_text(e)}",
+                         "check the --out URL and its credentials (AWS_* environment or config)") from None
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(safe_text(n, 60) for n in names[:_SHOWN])
+    return f"{shown}, ... ({len(names)} entries)" if len(names) > _SHOWN else f"{shown} ({len(names)} entries)"
+
+
+def _check_folder(store: _Store) -> None:
+    """Refuse, before anything is written, a folder that cloob prepare did not make, and in one it
+    made, top-level *.json files that are not a shard's stats (img2dataset would count them as
+    finished shards, or crash on their names)."""
+    names = _names(store)
+    if not names:
+        return
+    made_by_us = META in names and store.fs.exists(posixpath.join(store.meta, "spec.json"))
+    if not made_by_us and names != [META]:  # [META] alone: a first run stopped before spec.json
+        raise CloobError(
+            f"{store.uri(store.root)} is not empty and was not made by cloob prepare: it holds {_listed(names)}",
+            "give a new or empty folder as --out; cloob prepare never writes into a folder of other "
+            "files (--force included), so none of them is overwritten")
+    stray = [n for n in names if n.endswith(".json") and not _OURS.match(n)]
+    if stray:
+        raise CloobError(
+            f"{store.uri(store.root)} holds top-level JSON files that are not shard stats: {_listed(stray)}; "
+            "img2dataset would read them as finished shards",
+            "move them out of that folder, then rerun")
+
+
 def _check_owner(store: _Store, spec_hash: str, force: bool) -> None:
     """Refuse a folder holding another dataset (or, with force, delete that dataset)."""
     try:
@@ -125,11 +175,14 @@ def _record_owner(store: _Store, spec: PretrainSpec, spec_hash: str) -> None:
 
 
 def _clear(store: _Store) -> None:
-    """Delete what img2dataset and we wrote, and nothing else."""
+    """Delete what img2dataset and we wrote, and nothing else (and not the lock we hold)."""
     store.refresh()
     for p in store.fs.ls(store.root, detail=False):
         name = posixpath.basename(p.rstrip("/"))
-        if _OURS.match(name) or name in (META, "_tmp"):
+        if _OURS.match(name) or name == "_tmp":
+            store.fs.rm(p, recursive=True)
+    for p in store.fs.ls(store.meta, detail=False):
+        if posixpath.basename(p.rstrip("/")) != LOCK_NAME:
             store.fs.rm(p, recursive=True)
 
 
@@ -144,14 +197,8 @@ def _ensure_rows(store: _Store, spec: PretrainSpec, spec_hash: str, progress: bo
 
     counts: Counter = Counter()
     digest = hashlib.sha256()
-    tmp_dir = store.meta if store.local else None
-    created = []  # folders made here, removed again if this fails: a failed first run leaves no trace
-    if tmp_dir:
-        for d in (store.root, store.meta):
-            if not os.path.isdir(d):
-                os.makedirs(d)
-                created.append(d)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".tmp-rows-", suffix=".parquet")
+    # (The folders exist: the lock made them, and removes them again if this fails on a first run.)
+    fd, tmp = tempfile.mkstemp(dir=store.meta if store.local else None, prefix=".tmp-rows-", suffix=".parquet")
     os.close(fd)
     try:
         with pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
@@ -182,11 +229,8 @@ def _ensure_rows(store: _Store, spec: PretrainSpec, spec_hash: str, progress: bo
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        for d in reversed(created):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)  # only if empty
         if isinstance(e, OSError):
-            raise CloobError(f"preparing the rows of {spec.name!r} failed: {type(e).__name__}: {e}",
+            raise CloobError(f"preparing the rows of {spec.name!r} failed: {type(e).__name__}: {safe_text(e)}",
                              "check that the source is readable and --out writable (for a bucket: that it "
                              "exists and the credentials)") from None
         raise
@@ -316,7 +360,7 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
                 proc.kill()
                 raise
         bar.close()
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         log_target = posixpath.join(store.meta, "logs", f"{stamp}-{mode}.log")
         failed = not hung and proc.returncode != 0
         tail = _tail(log_file) if failed else ""
@@ -338,7 +382,7 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
 def _tail(path: str, n: int = 15) -> str:
     try:
         with open(path, "rb") as f:
-            lines = f.read().decode(errors="replace").splitlines()
+            lines = safe_lines(f.read().decode(errors="replace"))  # it may quote a URL or a server's reply
     except OSError:
         return "(no log)"
     return "\n".join("    " + ln for ln in lines[-n:])
@@ -363,7 +407,15 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_fai
     spec = _with_input(spec, input)
     spec_hash = spec.content_hash()
     store = _Store(out)
-    _check_owner(store, spec_hash, force)
+    _check_folder(store)  # before the lock: the lock would write into a folder we may not touch
+    with folder_lock(store.uri(store.meta), purpose=f"cloob prepare {spec.name}",
+                     alternative="prepare into another --out", label=store.uri(store.root)):
+        _check_owner(store, spec_hash, force)
+        return _prepare_locked(store, spec, spec_hash, retry_failed, progress, t0)
+
+
+def _prepare_locked(store: _Store, spec: PretrainSpec, spec_hash: str, retry_failed: bool, progress: bool,
+                    t0: float) -> dict:
     rows = _ensure_rows(store, spec, spec_hash, progress)  # a bad source fails here, before any write
     _record_owner(store, spec, spec_hash)
     manifest_path = posixpath.join(store.meta, "manifest.json")

@@ -4,7 +4,8 @@
 table row, the demo index), so it stays the same however the validation rules below change.
 Rows with a URL that is not http(s) or an empty caption are dropped and counted, not fatal: real
 lists hold some of both. A source in the wrong layout is fatal, with a message saying what was
-expected.
+expected. Text from the source (a column name, a parser's complaint quoting a line) goes into a
+message only through cloob.safetext: a junk file must not write control bytes to the terminal.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import fsspec
 
 from cloob.data.spec import Cc3mSource, DemoSource, PretrainSpec, TableSource, Yfcc15mSource
 from cloob.errors import CloobError
+from cloob.safetext import safe_text
 
 _WS = re.compile(r"\s+")
 
@@ -33,9 +35,10 @@ def _open_text(uri: str, what: str, fix: str):
     try:
         return fsspec.open(uri, "rt", compression="infer", encoding="utf-8", errors="replace").open()
     except FileNotFoundError:
-        raise CloobError(f"{what} {uri!r} does not exist", fix) from None
+        raise CloobError(f"{what} {safe_text(repr(uri))} does not exist", fix) from None
     except (OSError, ValueError) as e:
-        raise CloobError(f"cannot open {what} {uri!r}: {type(e).__name__}: {e}", fix) from None
+        raise CloobError(f"cannot open {what} {safe_text(repr(uri))}: {type(e).__name__}: {safe_text(e)}",
+                         fix) from None
 
 
 def _cc3m(src: Cc3mSource) -> Iterator[dict]:
@@ -47,13 +50,13 @@ def _cc3m(src: Cc3mSource) -> Iterator[dict]:
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) != 2:
                 if i < 3:
-                    raise CloobError(f"{src.path}: line {i + 1} has {len(parts)} tab-separated fields, "
+                    raise CloobError(f"{safe_text(src.path)}: line {i + 1} has {len(parts)} tab-separated fields, "
                                      "expected 2 (caption<TAB>url)", fix)
                 yield {"row_id": i, "url": None, "caption": None, "source_key": f"line:{i + 1}"}
                 continue
             caption, url = parts
             if i == 0 and valid_url(caption) and not valid_url(url):
-                raise CloobError(f"{src.path}: the first line reads url<TAB>caption; CC3M's TSV is "
+                raise CloobError(f"{safe_text(src.path)}: the first line reads url<TAB>caption; CC3M's TSV is "
                                  "caption<TAB>url", "use a table spec (kind: table) for other layouts")
             yield {"row_id": i, "url": url.strip(), "caption": caption, "source_key": f"line:{i + 1}"}
 
@@ -68,11 +71,11 @@ def _table(src: TableSource) -> Iterator[dict]:
     fmt = src.format or next((f for f in ("parquet", "tsv", "csv") if src.path.split("?")[0]
                               .removesuffix(".gz").removesuffix(".bz2").endswith("." + f)), None)
     if fmt is None:
-        raise CloobError(f"cannot tell the format of {src.path!r} from its name", "set source.format")
+        raise CloobError(f"cannot tell the format of {safe_text(repr(src.path))} from its name", "set source.format")
     try:
         f = fsspec.open(src.path, "rb", compression=None if fmt == "parquet" else "infer").open()
     except FileNotFoundError:
-        raise CloobError(f"table {src.path!r} does not exist", fix) from None
+        raise CloobError(f"table {safe_text(repr(src.path))} does not exist", fix) from None
     with f:
         try:
             if fmt == "parquet":
@@ -88,11 +91,13 @@ def _table(src: TableSource) -> Iterator[dict]:
                 names = reader.schema.names
                 batches = reader
         except Exception as e:  # noqa: BLE001 (pyarrow raises several types for bad files)
-            raise CloobError(f"cannot read table {src.path!r}: {e}", fix) from None
+            # pyarrow quotes the offending line, which in a junk file is raw bytes
+            raise CloobError(f"cannot read table {safe_text(repr(src.path))}: {safe_text(e)}", fix) from None
         missing = [c for c in (src.url_col, src.caption_col) if c not in names]
         if missing:
-            raise CloobError(f"table {src.path!r} has no column(s) {missing}; it has {names}",
-                             "set source.url_col / source.caption_col to the right names")
+            has = safe_text(", ".join(repr(n) for n in names), 300)
+            raise CloobError(f"table {safe_text(repr(src.path))} has no column(s) {missing}; it has "
+                             f"{len(names)}: {has}", "set source.url_col / source.caption_col to the right names")
         i = 0
         for batch in batches:
             urls = batch.column(src.url_col).to_pylist()

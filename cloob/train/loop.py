@@ -131,12 +131,24 @@ def train(recipe: Recipe) -> dict:
     """Run (or resume) one training run; returns a summary with the final checkpoint's URL."""
     info = distributed.init(recipe.train.device)
     try:
-        return _train(recipe, info)
+        with _run_lock(recipe, info):
+            return _train(recipe, info)
     except NoUsableData as e:  # raised in a data worker, re-raised here by the DataLoader
         raise CloobError(f"no usable training samples in {recipe.data.train}: {e}",
                          "check the shards (images, .txt captions) or prepare them again") from None
     finally:
         distributed.shutdown()
+
+
+def _run_lock(recipe: Recipe, info: distributed.DistInfo):
+    """One run per run folder: the main rank holds the folder's lock for the whole run, taken before
+    anything is written there; a second run on it is refused, naming the first (cloob.lock)."""
+    if not info.is_main:
+        return contextlib.nullcontext()
+    from cloob.lock import folder_lock
+
+    return folder_lock(recipe.run_dir(), purpose=f"cloob train {recipe.run_id()}",
+                       alternative="pass train.run_name=<another name> to train into another folder")
 
 
 def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
