@@ -185,3 +185,39 @@ def test_damaged_train_state_of_a_real_run_is_refused_and_the_fix_works(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from step 2" in done.stderr
     assert store.latest().step == 4 and store.latest().meta()["model_sha256"] == final_sha
+
+
+def test_checkpoint_files_keep_their_byte_form(tmp_path):
+    """meta.json and open_clip_config.json are json.dumps(..., indent=2) with ASCII escapes, byte for
+    byte as every earlier version wrote them (readers and digests depend on it)."""
+    cfg = {"model_cfg": {"embed_dim": 8, "name": "é"}, "preprocess_cfg": {"mean": [0.5, 0.25]}}
+    ref = CheckpointStore(str(tmp_path / "run")).save(7, {"w": torch.zeros(2)}, cfg, {"step": 7},
+                                                      {"arch": "cloob-tiny-vit", "metrics": {"loss": 0.5}}, keep=1)
+    folder = Path(ref.url)
+    assert folder == tmp_path / "run" / "checkpoints" / "step_00000007"
+    assert (folder / CONFIG_FILE).read_bytes() == json.dumps(cfg, indent=2).encode()
+    meta = json.loads((folder / META_FILE).read_bytes())
+    assert list(meta)[:3] == ["arch", "metrics", "step"] and list(meta)[-1] == "id"
+    assert (folder / META_FILE).read_bytes() == json.dumps(meta, indent=2).encode()
+
+
+def test_checkpoints_written_by_another_process_are_seen_on_s3(s3):
+    """The supervisor lists a run's checkpoints while torchrun's ranks (other processes) write new
+    ones: every listing is read afresh from the object store, and pruning sees them too."""
+    s3.mkdir("ckpt-bucket")
+    run = "s3://ckpt-bucket/runs/r"
+    store = CheckpointStore(run)
+    assert store.latest() is None
+    first = store.save(1, {"w": torch.zeros(2)}, {"model_cfg": {}}, {"step": 1}, {"arch": "cloob-tiny-vit"}, keep=5)
+    assert first.url == f"{run}/checkpoints/step_00000001" and store.latest() == first
+    # Another process's save of step 2: the same objects under the next step folder.
+    for name in (MODEL_FILE, CONFIG_FILE, STATE_FILE, META_FILE):
+        data = s3.cat(f"ckpt-bucket/runs/r/checkpoints/step_00000001/{name}")
+        s3.pipe(f"ckpt-bucket/runs/r/checkpoints/step_00000002/{name}", data)
+    assert [r.step for r in store.complete()] == [1, 2]
+    assert store.latest().url == f"{run}/checkpoints/step_00000002"
+    store.save(3, {"w": torch.ones(2)}, {"model_cfg": {}}, {"step": 3}, {"arch": "cloob-tiny-vit"}, keep=1)
+    assert sorted(p.rsplit("/", 1)[-1] for p in s3.ls("ckpt-bucket/runs/r/checkpoints", refresh=True)) == \
+        ["step_00000003"]
+    model, state, meta = CheckpointStore.load(CheckpointStore(run).latest())
+    assert meta["step"] == 3 and state == {"step": 3} and torch.equal(model["w"], torch.ones(2))

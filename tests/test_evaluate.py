@@ -360,3 +360,28 @@ def test_a_failed_model_among_good_ones_exits_2(tmp_path, checkpoint, folders):
     assert f"{runs / 'runs'} holds no complete checkpoint" in proc.stderr
     assert "1 of 2 models could not be evaluated" in proc.stderr
     assert len(read_rows(str(tmp_path / "results"))) == 1
+
+
+def test_models_on_s3_load_as_their_local_copies(checkpoint, s3, tmp_path, monkeypatch):
+    """A run folder and an ARCH=<weights file> on S3 load the same weights as the local files; a
+    missing weights file on S3 is one clear error and leaves no temporary download behind."""
+    import tempfile
+
+    s3.mkdir("model-bucket")
+    s3.put(checkpoint + "/", "model-bucket/runs/rand", recursive=True)
+    ckpt = "s3://model-bucket/runs/rand/checkpoints/step_00000003"
+    local = load_model(checkpoint)
+    remote = load_model("s3://model-bucket/runs/rand")
+    assert remote.info["checkpoint_uri"] == ckpt and remote.info["checkpoint_id"] == local.info["checkpoint_id"]
+    assert remote.info["run_id"] == "rand" and remote.info["step"] == 3
+    weights = load_model(f"{ARCH}={ckpt}/{MODEL_FILE}")
+    assert weights.info["checkpoint_id"] == local.info["checkpoint_id"]
+    for m in (remote, weights):
+        assert all(torch.equal(v, local.model.state_dict()[k]) for k, v in m.model.state_dict().items())
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
+    with pytest.raises(CloobError, match="does not exist"):
+        load_model(f"{ARCH}=s3://model-bucket/nothing/here.bin")
+    assert list(downloads.iterdir()) == []

@@ -188,3 +188,50 @@ def test_register_refuses_a_damaged_checkpoint(tmp_path, capsys, damage):
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "fix:" in err and f"{ckpt}/{name}" in err
     assert not (store / "registry").exists()  # nothing written
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    s3 = request.getfixturevalue("s3")
+    bucket = f"reg-{uuid.uuid4().hex[:8]}"
+    s3.mkdir(bucket)
+    return f"s3://{bucket}/store"
+
+
+def test_registry_files_keep_their_byte_form_and_lineage_is_read_on_any_store(store_url):
+    """An entry is json.dumps(entry, indent=1, sort_keys=True), an alias move json.dumps(move) with
+    its keys in the order alias, entry, at, reason: byte for byte what earlier versions wrote. The
+    recipe and the dataset manifest are read from the store the run lives on (here also S3)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(store_url)
+
+    def put(rel: str, data: bytes) -> None:
+        fs.makedirs(f"{root}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
+        fs.pipe_file(f"{root}/{rel}", data)
+
+    data = f"{store_url}/datasets/cc3m"
+    put("datasets/cc3m/_cloob/manifest.json",
+        json.dumps({"name": "cc3m", "spec": {"name": "cc3m"}, "content_hash": "c" * 64}).encode())
+    run = f"{store_url}/runs/a"
+    ckpt = _checkpoint(run, 10, seed=1)
+    put("runs/a/recipe.yaml", yaml.safe_dump({"data": {"train": data}, "name": "tiny"}).encode())
+    reg = Registry(f"{store_url}/registry/")
+    entry = reg.register(run, aliases=["mine"], note="ü")
+    assert entry["checkpoint_uri"] == ckpt and entry["run_dir"] == run and entry["data"] == data
+    assert entry["data_name"] == "cc3m" and entry["data_manifest_hash"] == "c" * 64
+    assert entry["recipe"] == {"data": {"train": data}, "name": "tiny"} and entry["note"] == "ü"
+
+    assert fs.cat_file(f"{root}/registry/entries/{entry['id']}.json") == \
+        json.dumps(entry, indent=1, sort_keys=True).encode()
+    for alias in ("latest", "mine"):
+        (path,) = fs.glob(f"{root}/registry/aliases/{alias}/*.json")
+        move = json.loads(fs.cat_file(path))
+        assert list(move) == ["alias", "entry", "at", "reason"] and move["entry"] == entry["id"]
+        assert fs.cat_file(path) == json.dumps(move).encode()
+        t = datetime.fromisoformat(move["at"])
+        assert path.rsplit("/", 1)[1].startswith(f"{t:%Y%m%dT%H%M%S.%f}-")
+    assert reg.aliases() == {"latest": entry["id"], "mine": entry["id"]}
+    assert reg.entries() == [entry] and reg.resolve("mine") == entry

@@ -19,11 +19,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
 import torch
 
 from cloob.errors import CloobError
 from cloob.registry.lineage import pretraining_data, redact, resolve_checkpoint
+from cloob.storage import Location
 
 
 @dataclass
@@ -97,14 +97,18 @@ def _pretrained_tag(arch: str, filename: str) -> str | None:
 
 
 def _local_copy(url: str) -> tuple[str, bool]:
-    fs, path = fsspec.core.url_to_fs(url)
-    from cloob.storage import is_local
-
-    if is_local(fs):
-        return path, False
-    fd, tmp = tempfile.mkstemp(suffix="-" + posixpath.basename(path))
+    """(a local path of the file at url, whether it is a temporary download the caller deletes).
+    open_clip and torch.jit read only local files."""
+    loc = Location(url)
+    if loc.is_local:
+        return loc.root, False
+    fd, tmp = tempfile.mkstemp(suffix="-" + posixpath.basename(loc.root))
     os.close(fd)
-    fs.get_file(path, tmp)
+    try:
+        loc.fs.get_file(loc.root, tmp)
+    except BaseException:
+        os.unlink(tmp)  # a failed download (a missing file, an outage) leaves nothing behind
+        raise
     return tmp, True
 
 

@@ -1,14 +1,13 @@
 """Where a checkpoint came from, read from what training wrote (no torch): the checkpoint folder a
-reference means, the run's recipe, and the pretraining dataset's manifest."""
+reference means, the run's recipe, and the pretraining dataset's manifest. Everything is read
+through cloob.storage.Location, so it works on any store a run lives on."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 
-import fsspec
-
 from cloob.errors import CloobError
+from cloob.storage import Location
 
 
 def redact(url: str) -> str:
@@ -21,12 +20,22 @@ def redact(url: str) -> str:
 
 
 def read_json(url: str) -> dict | None:
+    """The JSON file at url, or None if it is missing, damaged or cannot be reached: lineage is
+    recorded where it can be found, and never stops a registration or an evaluation."""
     try:
-        with fsspec.open(url, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+        return Location(url).read_json()
     except (OSError, ValueError):
+        return None
+
+
+def read_recipe(run_dir: str) -> dict | None:
+    """The recipe a run wrote (recipe.yaml, parsed), or None if it is missing or cannot be read."""
+    import yaml
+
+    try:
+        with Location(run_dir).open("recipe.yaml", "r") as f:
+            return yaml.safe_load(f)
+    except (OSError, ValueError):  # FileNotFoundError is an OSError; ValueError: a bad URL or encoding
         return None
 
 
@@ -36,20 +45,20 @@ def resolve_checkpoint(ref: str) -> str:
 
     ref = ref.rstrip("/")
     try:
-        fs, path = fsspec.core.url_to_fs(ref)
-        exists = fs.exists(path)
+        loc = Location(ref)
+        exists = loc.exists()
     except (OSError, ValueError, ImportError) as e:
         raise CloobError(f"cannot reach {redact(ref)}: {type(e).__name__}: {e}",
                          "check the URL, network and credentials (AWS_* environment or config)") from None
     if not exists:
         raise CloobError(f"model {redact(ref)} does not exist",
                          "give a checkpoint folder, a run folder, or ARCH=<weights file> for open_clip weights")
-    if fs.exists(posixpath.join(path, META_FILE)):
+    if loc.exists(META_FILE):
         return ref
     latest = CheckpointStore(ref).latest()
     if latest is not None:
         return latest.url
-    if fs.isfile(path):
+    if loc.isfile():
         raise CloobError(f"{redact(ref)} is a file, not one of our checkpoints",
                          f"for open_clip weights name the architecture: RN50={ref} (see `cloob models`)")
     raise CloobError(f"{redact(ref)} holds no complete checkpoint (no meta.json, no checkpoints/step_*/meta.json)",
@@ -59,13 +68,7 @@ def resolve_checkpoint(ref: str) -> str:
 def pretraining_data(run_dir: str) -> tuple[str | None, str | None]:
     """(dataset name, content hash) of the data a run trained on, from its recipe and the dataset
     manifest when the data was made by `cloob prepare`; else the data folder's name."""
-    import yaml
-
-    try:
-        with fsspec.open(posixpath.join(run_dir, "recipe.yaml"), "r") as f:
-            recipe = yaml.safe_load(f) or {}
-    except (FileNotFoundError, OSError, ValueError):
-        return None, None
+    recipe = read_recipe(run_dir) or {}
     train = ((recipe.get("data") or {}).get("train") or "").rstrip("/")
     if not train:
         return None, None

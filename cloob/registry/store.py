@@ -7,11 +7,12 @@ Layout under `<store>/registry/`:
                                           write the same file
     aliases/<alias>/<time>-<uuid>.json    an alias is a log of moves; its target is the newest move
 
-Every file is written once and never rewritten in place (atomic rename locally, one PUT on S3), so
-no writer can lose another's entry or move, and a reader sees an alias either before or after a move,
-never half of one. A checkpoint is registered only when every file matches its digest in meta.json.
-Aliases: `latest` follows the newest registration; `best-<dataset>` the entry with
-the best main metric on that dataset (`update_best`); any other name is the user's.
+Every file is written once and never rewritten in place (through cloob.storage.Location: an atomic
+rename locally, one PUT on S3), and every listing is read afresh, so no writer can lose another's
+entry or move, and a reader sees an alias either before or after a move, never half of one. A
+checkpoint is registered only when every file matches its digest in meta.json. Aliases: `latest`
+follows the newest registration; `best-<dataset>` the entry with the best main metric on that
+dataset (`update_best`); any other name is the user's.
 
 An entry holds the lineage: checkpoint URI and sha256, run id, step, method, arch, the recipe and
 its hash, the training data and its manifest hash, code version and the training metrics. Its
@@ -20,18 +21,15 @@ evaluation rows are read from the results table when shown, so they appear once 
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import fsspec
-
 from cloob.errors import CloobError
-from cloob.registry.lineage import pretraining_data, redact, resolve_checkpoint
-from cloob.storage import atomic_write_bytes, is_local
+from cloob.registry.lineage import pretraining_data, read_recipe, redact, resolve_checkpoint
+from cloob.storage import Location
 
 ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SHA = re.compile(r"^[0-9a-f]{6,64}$")
@@ -55,29 +53,18 @@ def _now() -> str:
 class Registry:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self.root = self.root.rstrip("/")
+        self.loc = Location(self.uri)
 
-    # ------------------------------------------------------------------------------- paths
-    def _url(self, path: str) -> str:
-        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
+    # ------------------------------------------------------------------------------- files
+    # The byte form of both kinds of file is fixed: entries json.dumps(entry, indent=1, sort_keys=True),
+    # alias moves json.dumps(move) (tests/test_registry.py checks both).
+    @staticmethod
+    def _entry_path(entry_id: str) -> str:
+        return f"entries/{entry_id}.json"
 
-    def _entry_path(self, entry_id: str) -> str:
-        return posixpath.join(self.root, "entries", f"{entry_id}.json")
-
-    def _ls(self, path: str) -> list[str]:
-        try:
-            self.fs.invalidate_cache(path)  # other processes write here: never trust a cached listing
-            return sorted(self.fs.ls(path, detail=False))
-        except FileNotFoundError:
-            return []
-
-    def _read(self, path: str) -> dict | None:
-        try:
-            with self.fs.open(path, "rb") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
+    def _json_names(self, rel: str) -> list[str]:
+        """The .json files directly under rel, sorted (hidden ones, writes in progress, left out)."""
+        return [n for n in self.loc.list(rel, kind="file") if n.endswith(".json")]
 
     # ----------------------------------------------------------------------------- entries
     def register(self, ref: str, *, aliases: list[str] | tuple[str, ...] = (), note: str | None = None) -> dict:
@@ -98,7 +85,7 @@ class Registry:
             raise RegistryError(f"{redact(url)}: meta.json has no model_sha256",
                                 "register a complete checkpoint written by `cloob train`")
         entry_id = meta["model_sha256"]
-        entry = self._read(self._entry_path(entry_id))
+        entry = self.loc.read_json(self._entry_path(entry_id))
         if entry is not None:
             verify_files(url, meta, hashed=set())  # registered before (and hashed then): missing or truncated?
             current = self.aliases()
@@ -108,7 +95,7 @@ class Registry:
             return Registration(entry, new=False, moved=moved)
         verify_files(url, meta)  # every file, hashed: the entry vouches for the whole checkpoint
         run_dir = posixpath.dirname(posixpath.dirname(url.rstrip("/")))
-        recipe = self._recipe(run_dir)
+        recipe = read_recipe(run_dir)
         data_name, data_hash = pretraining_data(run_dir)
         entry = {"id": entry_id, "checkpoint_uri": redact(url), "checkpoint_sha256": entry_id,
                  "model_bytes": meta.get("model_bytes"), "run_id": meta.get("run_name"),
@@ -119,33 +106,18 @@ class Registry:
                  "data_name": data_name, "data_manifest_hash": data_hash,
                  "samples_seen": meta.get("samples_seen"), "code_version": meta.get("code_version"),
                  "training_metrics": meta.get("metrics") or {}, "note": note, "registered_at": _now()}
-        atomic_write_bytes(self._url(self._entry_path(entry_id)), json.dumps(entry, indent=1, sort_keys=True).encode())
+        self.loc.write_json(self._entry_path(entry_id), entry, indent=1, sort_keys=True)
         moved = list(dict.fromkeys(("latest", *aliases)))
         for a in moved:
             self.set_alias(a, entry_id)
         return Registration(entry, new=True, moved=moved)
 
-    @staticmethod
-    def _recipe(run_dir: str) -> dict | None:
-        import yaml
-
-        try:
-            with fsspec.open(posixpath.join(run_dir, "recipe.yaml"), "r") as f:
-                return yaml.safe_load(f)
-        except (FileNotFoundError, OSError, ValueError):
-            return None
-
     def entries(self) -> list[dict]:
-        out = []
-        for p in self._ls(posixpath.join(self.root, "entries")):
-            if p.endswith(".json") and not posixpath.basename(p).startswith("."):
-                e = self._read(p)
-                if e is not None:
-                    out.append(e)
+        out = [e for n in self._json_names("entries") if (e := self.loc.read_json(f"entries/{n}")) is not None]
         return sorted(out, key=lambda e: e["registered_at"])
 
     def get(self, entry_id: str) -> dict | None:
-        return self._read(self._entry_path(entry_id))
+        return self.loc.read_json(self._entry_path(entry_id))
 
     # ----------------------------------------------------------------------------- aliases
     @staticmethod
@@ -163,19 +135,18 @@ class Registry:
         t = datetime.now(timezone.utc)
         move = {"alias": alias, "entry": entry_id, "at": t.isoformat(timespec="microseconds"), "reason": reason}
         name = f"{t:%Y%m%dT%H%M%S.%f}-{uuid.uuid4().hex}.json"
-        atomic_write_bytes(self._url(posixpath.join(self.root, "aliases", alias, name)), json.dumps(move).encode())
+        self.loc.write_json(f"aliases/{alias}/{name}", move)
         return move
 
     def alias_history(self, alias: str) -> list[dict]:
-        moves = [m for p in self._ls(posixpath.join(self.root, "aliases", alias))
-                 if p.endswith(".json") and not posixpath.basename(p).startswith(".")
-                 and (m := self._read(p)) is not None]
+        moves = [m for n in self._json_names(f"aliases/{alias}")
+                 if (m := self.loc.read_json(f"aliases/{alias}/{n}")) is not None]
         return sorted(moves, key=lambda m: (m["at"], m["entry"]))
 
     def aliases(self) -> dict[str, str]:
         out = {}
-        for p in self._ls(posixpath.join(self.root, "aliases")):
-            history = self.alias_history(posixpath.basename(p.rstrip("/")))
+        for alias in self.loc.list("aliases", kind="directory"):
+            history = self.alias_history(alias)
             if history:
                 out[history[-1]["alias"]] = history[-1]["entry"]
         return out

@@ -9,12 +9,14 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_00001000/`:
                                   step, the recipe hash, metrics, `files` (sha256 and size of each
                                   file above) and `model_sha256` (the checkpoint's id in the registry
                                   and the results table)
-Every file is written atomically: to a temporary name and renamed on a local disk, one PUT on an
-object store. Folders without meta.json are incomplete and ignored by resume. A file that does not
-match its digest, or is missing, is one CloobError naming it: on resume (with the older checkpoint to
-fall back to), on evaluation and on registration. Checkpoints written before `files` existed are
-checked by the model file's sha256 alone. A kill in the middle of a write leaves a `.tmp-*` file;
-`remove_temp_files` sweeps them when the run starts again.
+Every file is written atomically through cloob.storage.Location: to a temporary name and renamed
+on a local disk, one PUT on an object store. Listings are read afresh each time (other processes,
+torchrun's ranks, write checkpoints while a supervisor lists them). Folders without meta.json are
+incomplete and ignored by resume. A file that does not match its digest, or is missing, is one
+CloobError naming it: on resume (with the older checkpoint to fall back to), on evaluation and on
+registration. Checkpoints written before `files` existed are checked by the model file's sha256
+alone. A kill in the middle of a write leaves a `.tmp-*` file; `remove_temp_files` sweeps them when
+the run starts again.
 """
 
 from __future__ import annotations
@@ -29,17 +31,17 @@ import shlex
 import uuid
 from dataclasses import dataclass
 
-import fsspec
-
 from cloob.errors import CloobError
-from cloob.storage import atomic_write_bytes, is_local  # also re-exported
+
+# atomic_write_bytes and is_local: cloob.train.loop imports them from here.
+from cloob.storage import Location, atomic_write_bytes, is_local  # noqa: F401
 
 MODEL_FILE = "open_clip_pytorch_model.bin"
 CONFIG_FILE = "open_clip_config.json"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
-# The names cloob.storage.atomic_write_bytes gives its temporary files: mkstemp's prefix ".tmp-",
+# The names cloob.storage's atomic writes give their temporary files: mkstemp's prefix ".tmp-",
 # 8 random characters, then "-<final name>".
 _TEMP_FILE = re.compile(r"^\.tmp-[a-z0-9_]+-.")
 _CHUNK = 1 << 22
@@ -82,8 +84,7 @@ def _redact(url: str) -> str:
 def read_meta(url: str) -> dict:
     """A checkpoint folder's meta.json, or DamagedCheckpoint if it cannot be read as JSON."""
     try:
-        with fsspec.open(posixpath.join(url, META_FILE), "rb") as f:
-            meta = json.loads(f.read())
+        meta = json.loads(Location(url).read_bytes(META_FILE))
     except FileNotFoundError:
         raise DamagedCheckpoint(url, META_FILE, "is missing") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -116,8 +117,7 @@ def _check(url: str, name: str, meta: dict, sha: str | None, size: int | None) -
 def read_verified(url: str, name: str, meta: dict) -> bytes:
     """One file of the checkpoint at url, checked against meta.json."""
     try:
-        with fsspec.open(posixpath.join(url, name), "rb") as f:
-            data = f.read()
+        data = Location(url).read_bytes(name)
     except FileNotFoundError:
         raise DamagedCheckpoint(url, name, "is missing") from None
     _check(url, name, meta, sha256_bytes(data), len(data))
@@ -127,15 +127,14 @@ def read_verified(url: str, name: str, meta: dict) -> bytes:
 def verify_files(url: str, meta: dict, *, hashed: set[str] | None = None) -> None:
     """Every file meta.json lists exists with its recorded size; those in `hashed` (all by default)
     are also read and compared with their sha256."""
-    fs, root = fsspec.core.url_to_fs(url)
+    loc = Location(url)
     for name in expected_files(meta):
-        path = posixpath.join(root, name)
         try:
-            size = fs.size(path)
+            size = loc.size(name)
             _check(url, name, meta, None, size)
             if hashed is None or name in hashed:
                 h = hashlib.sha256()
-                with fs.open(path, "rb") as f:
+                with loc.open(name, "rb") as f:
                     for chunk in iter(lambda: f.read(_CHUNK), b""):
                         h.update(chunk)
                 _check(url, name, meta, h.hexdigest(), None)
@@ -148,21 +147,19 @@ def remove_temp_files(run_dir: str) -> list[str]:
     folder, its checkpoints/ and their step folders. Call it before the run writes anything (and
     while it alone writes there): a live writer's temporary file looks the same. On an object store
     a write is one PUT and leaves nothing behind. Returns the removed paths."""
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    if not is_local(fs) or not os.path.isdir(root):
+    loc = Location(run_dir)
+    if not loc.is_local or not loc.isdir():
         return []
-    ckpts = os.path.join(root, "checkpoints")
-    folders = [root, ckpts] + ([os.path.join(ckpts, d) for d in sorted(os.listdir(ckpts)) if _STEP_DIR.search(d)]
-                               if os.path.isdir(ckpts) else [])
+    steps = [f"checkpoints/{d}" for d in loc.list("checkpoints", kind="directory", hidden=True) if _STEP_DIR.search(d)]
     removed = []
-    for folder in folders:
-        for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+    for folder in ("", "checkpoints", *steps):
+        path = loc.path(folder)
+        # os.scandir, not a listing: a symbolic link named like a temporary file is not ours to delete.
+        for entry in os.scandir(path) if os.path.isdir(path) else ():
             if _TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
-                try:
-                    os.unlink(entry.path)
-                    removed.append(entry.path)
-                except FileNotFoundError:
-                    pass
+                rel = posixpath.join(folder, entry.name)
+                loc.remove(rel)  # gone already (another sweep): nothing to do
+                removed.append(loc.path(rel))
     return removed
 
 
@@ -183,20 +180,17 @@ class CheckpointStore:
     """The checkpoints of one run, under `<run_dir>/checkpoints`."""
 
     def __init__(self, run_dir: str):
-        self.root = posixpath.join(run_dir.rstrip("/"), "checkpoints")
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
-
-    def _url(self, path: str) -> str:
-        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
+        self.root = posixpath.join(run_dir.rstrip("/"), "checkpoints")  # as given (may be relative)
+        self.loc = Location(self.root)
+        self.fs = self.loc.fs
 
     def complete(self) -> list[CheckpointRef]:
-        if not self.fs.exists(self._root_path):
-            return []
+        """The complete checkpoints (those with meta.json), oldest first, listed afresh."""
         refs = []
-        for p in self.fs.ls(self._root_path, detail=False):
-            m = _STEP_DIR.search(p.rstrip("/"))
-            if m and self.fs.exists(posixpath.join(p, META_FILE)):
-                refs.append(CheckpointRef(self._url(p.rstrip("/")), int(m.group(1))))
+        for name in self.loc.list():
+            m = _STEP_DIR.search(name)
+            if m and self.loc.exists(f"{name}/{META_FILE}"):
+                refs.append(CheckpointRef(self.loc.url(name), int(m.group(1))))
         return sorted(refs, key=lambda r: r.step)
 
     def latest(self) -> CheckpointRef | None:
@@ -205,25 +199,26 @@ class CheckpointStore:
 
     def save(self, step: int, model_state: dict, model_cfg: dict, train_state: dict, meta: dict,
              keep: int) -> CheckpointRef:
-        folder = posixpath.join(self.root, f"step_{step:08d}")
+        name = f"step_{step:08d}"
+        ck = self.loc.sub(name)
         files = {MODEL_FILE: torch_bytes(model_state), CONFIG_FILE: json.dumps(model_cfg, indent=2).encode(),
                  STATE_FILE: torch_bytes(train_state)}
-        for name, data in files.items():
-            atomic_write_bytes(posixpath.join(folder, name), data)
+        for file, data in files.items():
+            ck.write_bytes(file, data)
         model = file_digest(files[MODEL_FILE])
         meta = {**meta, "step": step, "model_file": MODEL_FILE, "model_sha256": model["sha256"],
                 "model_bytes": model["bytes"], "files": {n: file_digest(d) for n, d in files.items()},
                 "id": uuid.uuid4().hex}
-        atomic_write_bytes(posixpath.join(folder, META_FILE), json.dumps(meta, indent=2).encode())
+        ck.write_json(META_FILE, meta, indent=2)  # last: its presence marks the checkpoint complete
         self._prune(keep)
-        return CheckpointRef(folder, step)
+        return CheckpointRef(posixpath.join(self.root, name), step)
 
     def _prune(self, keep: int) -> None:
         for ref in self.complete()[:-keep]:
-            _, path = fsspec.core.url_to_fs(ref.url)
+            name = posixpath.basename(ref.url)
             # meta.json first: a crash mid-delete leaves an incomplete folder, never a false complete one.
-            self.fs.rm(posixpath.join(path, META_FILE))
-            self.fs.rm(path, recursive=True)
+            self.loc.remove(f"{name}/{META_FILE}")
+            self.loc.remove(name, recursive=True)
 
     @staticmethod
     def load(ref: CheckpointRef, map_location="cpu") -> tuple[dict, dict, dict]:
