@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import open_clip  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
+from report import write_section  # noqa: E402
 
-from cloob.train.checkpoint import CheckpointStore  # noqa: E402
 from cloob.data import synthetic  # noqa: E402
 from cloob.data.downstream.spec import load_downstream_spec  # noqa: E402
 from cloob.evaluate.datasets import open_classification_set  # noqa: E402
@@ -51,7 +51,7 @@ from cloob.evaluate.models import load_model  # noqa: E402
 from cloob.evaluate.runner import EvalSettings, evaluate_zeroshot  # noqa: E402
 from cloob.evaluate.zeroshot import ClassifierCache  # noqa: E402
 from cloob.model import MODEL_CONFIGS_DIR, model_config  # noqa: E402
-from report import write_section  # noqa: E402
+from cloob.train.checkpoint import CheckpointStore  # noqa: E402
 
 
 def make_data(root: Path, spec_name: str, per_class: int, size: int) -> Path:
@@ -155,7 +155,8 @@ def main() -> None:
              f"{_dt.date.today()}, {platform.processor() or platform.machine()}, {dev}, torch {torch.__version__}. "
              f"Command: `python bench/bench_eval.py --arch {args.arch} --spec {args.spec} --per-class "
              f"{args.per_class} --image-size {args.image_size} --batch-size {args.batch_size} --workers "
-             f"{args.workers}{f' --threads {args.threads}' if args.threads else ''} --repeats {args.repeats} --device {args.device} --write`", "",
+             f"{args.workers}{f' --threads {args.threads}' if args.threads else ''} --repeats {args.repeats} "
+             f"--device {args.device} --write`", "",
              f"{len(ds)} generated {args.image_size}px JPEGs in {len(spec.classes)} class folders; classifier "
              f"from {args.spec}'s {len(spec.classes)} classes x {len(spec.templates)} templates = {n_texts} "
              f"prompts. Randomly initialised weights (speed does not depend on them). "

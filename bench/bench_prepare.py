@@ -47,10 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from report import write_section  # noqa: E402
+
 from cloob.data.demo_server import DemoServer, demo_rows, render  # noqa: E402
 from cloob.data.prepare import _img2dataset_args, _Store  # noqa: E402
 from cloob.data.spec import load_spec  # noqa: E402
-from report import write_section  # noqa: E402
 
 GRACE_S = 15.0
 

@@ -100,7 +100,7 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
-    def _check_length(self) -> "Recipe":
+    def _check_length(self) -> Recipe:
         if self.train.steps is None and self.train.epochs is None:
             raise ValueError("set train.steps or train.epochs")
         return self

@@ -242,7 +242,7 @@ class LossSpec:
     beta: float = 8.0
 
     @classmethod
-    def from_method(cls, method: str, beta: float = 8.0) -> "LossSpec":
+    def from_method(cls, method: str, beta: float = 8.0) -> LossSpec:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
         objective, retrieval = METHODS[method]

@@ -17,10 +17,13 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
-from prefect.artifacts import update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import wait
-
 
 # ------------------------------------------------------------------------------------------- data
 
@@ -66,8 +69,8 @@ def _checkpoint_summary(run_dir: str, checkpoint: str) -> dict:
 
 def _trained_summary(r) -> dict | None:
     """The finished run of recipe `r` (content-keyed, see cloob.run.state), or None."""
-    from cloob.train.checkpoint import CheckpointStore
     from cloob.run.state import trained
+    from cloob.train.checkpoint import CheckpointStore
 
     if key := trained(r):
         _skip(f"train {r.name} ({r.loss.method})", key)

@@ -7,9 +7,9 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from cloob.train import distributed
 from cloob.losses import LossSpec
 from cloob.model import create_model
+from cloob.train import distributed
 
 GLOBAL_BATCH = 8
 

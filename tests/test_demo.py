@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cloob.run.launch import still_running
 from cloob.registry import Registry
 from cloob.results.table import read_rows
+from cloob.run.launch import still_running
 
 ROOT = Path(__file__).parents[1]
 CHANCE = {"shapes": 1 / 18, "colors": 1 / 6}

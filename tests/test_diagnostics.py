@@ -1,6 +1,5 @@
 """Embedding diagnostics and recall@k on embeddings whose answers are known by construction."""
 
-import math
 
 import pytest
 import torch

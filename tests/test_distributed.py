@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloob.train import distributed
 from cloob.losses import METHODS, LossSpec
+from cloob.train import distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
@@ -56,7 +56,7 @@ def test_two_gloo_ranks_match_one_process(ddp_results, method):
         # DDP leaves the same averaged gradient on every rank: full-batch gradient / world_size.
         torch.testing.assert_close(ranks[0]["grads"][name], ranks[1]["grads"][name], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0]["grads"][name] * WORLD, p.grad, rtol=1e-8, atol=1e-12,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
     assert any(p.grad.abs().sum() > 0 for p in model.parameters() if p.grad is not None)
 
 

@@ -4,7 +4,6 @@ class folders, webdataset shards and on S3; open_clip weights files; the classif
 
 import io
 import json
-import random
 import tarfile
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import torch
 from PIL import Image
 
 from cloob import cli
-from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 from cloob.data import synthetic
 from cloob.data.downstream.spec import load_downstream_spec
 from cloob.errors import CloobError
@@ -24,6 +22,7 @@ from cloob.evaluate.runner import EvalSettings, evaluate_retrieval, evaluate_zer
 from cloob.evaluate.zeroshot import ClassifierCache
 from cloob.model import MODEL_CONFIGS_DIR, create_model, model_config
 from cloob.results.table import read_rows
+from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 
 ARCH = "cloob-tiny-vit"
 SPEC = load_downstream_spec("shapes")

@@ -15,10 +15,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cloob.train.checkpoint import CheckpointStore  # noqa: E402
 from cloob.data import synthetic  # noqa: E402
 from cloob.model import create_model, model_config  # noqa: E402
 from cloob.results.table import read_rows  # noqa: E402
+from cloob.train.checkpoint import CheckpointStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")

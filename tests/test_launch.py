@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cloob.train.checkpoint import CheckpointStore
 from cloob.data import synthetic
 from cloob.errors import CloobError
 from cloob.run.launch import _MetricsTail, _resolve_run, _trainer_errors, build_command, launch, still_running
+from cloob.train.checkpoint import CheckpointStore
 
 ROOT = Path(__file__).parents[1]
 

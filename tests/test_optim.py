@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from cloob.config import ScheduleConfig
+from cloob.config import OptimConfig, ScheduleConfig
 from cloob.model import clamp_inv_tau_, create_model
 from cloob.train.optim import build_optimizer, lr_factor, param_groups
-from cloob.config import OptimConfig
 
 
 def test_warmup_is_linear_then_cosine_reaches_zero():

@@ -5,7 +5,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from cloob import cli
-from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 from cloob.errors import CloobError
 from cloob.registry import Registry
 from cloob.results.table import append_rows
+from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 
 
 def _checkpoint(run_dir: str, step: int, seed: int, data: str | None = None, method: str = "cloob") -> str:
@@ -72,7 +72,7 @@ def test_aliases_resolve_and_errors(tmp_path):
 
 
 def _row(entry_id: str, dataset: str, value: float) -> dict:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return {"run_id": "r", "checkpoint_id": entry_id, "dataset": dataset, "task": "zeroshot", "main_metric": "top1",
             "main_value": value, "top1": value, "n_images": 10, "n_skipped": 0, "finished_at": now,
             "row_uuid": uuid.uuid4().hex}

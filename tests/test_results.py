@@ -9,7 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,7 +20,7 @@ from cloob.results import table as results_table
 from cloob.results.schema import SCHEMA
 from cloob.results.table import append_rows, compact, read_rows
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -209,7 +209,7 @@ ZS = {
 
 def _report_rows() -> list[dict]:
     rows = []
-    for (run, ckpt, method, step, pre), vals in ZS.items():
+    for (_run, ckpt, _method, _step, _pre), vals in ZS.items():
         arch = "RN50-quickgelu" if step is None else "RN50"
         for ds, v in vals.items():
             flowers = ds == "flowers102"
@@ -253,7 +253,7 @@ def test_report_cloob_next_to_clip_with_the_paper(store):
     ext = _col(rep, "clip RN50-quickgelu yfcc15m (rn50-yfcc15m.pt)")  # external weights: no step
     assert rep.zeroshot.columns[:2] == ["dataset", "metric"]
     # the percent cells are the rows' fractions (main metric per dataset)
-    for (run, ckpt, method, step, pre), vals in ZS.items():
+    for (_run, ckpt, _method, _step, _pre), vals in ZS.items():
         i = next(j for j, c in enumerate(rep.checkpoints) if c.checkpoint_id == ckpt) + 2
         for ds, v in vals.items():
             assert rep.zeroshot.row(ds)[i] == pytest.approx(100 * v)

@@ -14,11 +14,11 @@ import open_clip
 import pytest
 import torch
 
-from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 from cloob.config import load_recipe
 from cloob.data import synthetic
 from cloob.model import MODEL_CONFIGS_DIR
 from cloob.train import train
+from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 
 ROOT = Path(__file__).parents[1]
 

@@ -14,13 +14,12 @@ import importlib.resources
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloob.errors import CloobError
-
 
 
 def _shipped_specs_dir() -> Path:
@@ -80,7 +79,7 @@ class DemoSource(_Strict):
 # Download fields that only change speed or robustness, not what a successful sample contains.
 _OPERATIONAL = {"processes", "threads", "timeout", "deadline", "retries", "max_bytes"}
 
-Source = Annotated[Union[TableSource, Cc3mSource, Yfcc15mSource, DemoSource], Field(discriminator="kind")]
+Source = Annotated[TableSource | Cc3mSource | Yfcc15mSource | DemoSource, Field(discriminator="kind")]
 
 
 class DownloadSettings(_Strict):

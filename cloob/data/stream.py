@@ -82,7 +82,7 @@ class StreamState:
                 "skips": {w: dict(s) for w, s in self.skips.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StreamState":
+    def from_dict(cls, d: dict) -> StreamState:
         return cls({int(k): int(v) for k, v in d["raw_consumed"].items()}, int(d["batches"]),
                    {int(k): dict(v) for k, v in d["skips"].items()})
 

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
@@ -25,8 +25,7 @@ import torch
 
 from cloob.errors import CloobError
 from cloob.evaluate import diagnostics as diag
-from cloob.evaluate.datasets import (ClassificationSet, RetrievalSet, classification_data, loader,
-                                     retrieval_data)
+from cloob.evaluate.datasets import ClassificationSet, RetrievalSet, classification_data, loader, retrieval_data
 from cloob.evaluate.models import EvalModel
 from cloob.evaluate.retrieval import recall_at_k
 from cloob.evaluate.zeroshot import ClassificationMetrics, ClassifierCache, build_classifier, classifier_key
@@ -150,7 +149,7 @@ def _bar(total: int | None, desc: str, enabled: bool):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _device_name(device: torch.device) -> str:
@@ -158,9 +157,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _base_row(em: EvalModel, dataset: str, uri: str, identity: str, task: str) -> dict:
-    from cloob.version import code_version
-
     from cloob.registry.lineage import redact as _redact
+    from cloob.version import code_version
 
     return {**em.info, "dataset": dataset, "dataset_uri": _redact(uri), "dataset_hash": identity, "task": task,
             "code_version": code_version(), "row_uuid": uuid.uuid4().hex}

@@ -25,7 +25,7 @@ import posixpath
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cloob.errors import CloobError
 from cloob.registry.lineage import pretraining_data, read_recipe, redact, resolve_checkpoint
@@ -47,7 +47,7 @@ class Registration:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class Registry:
@@ -132,7 +132,7 @@ class Registry:
         self._check_alias(alias)
         if self.get(entry_id) is None:
             raise RegistryError(f"no registry entry {entry_id}", "register the checkpoint first: cloob registry register <ckpt>")
-        t = datetime.now(timezone.utc)
+        t = datetime.now(UTC)
         move = {"alias": alias, "entry": entry_id, "at": t.isoformat(timespec="microseconds"), "reason": reason}
         name = f"{t:%Y%m%dT%H%M%S.%f}-{uuid.uuid4().hex}.json"
         self.loc.write_json(f"aliases/{alias}/{name}", move)

@@ -14,7 +14,7 @@ import posixpath
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,7 +56,7 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 def _part_name() -> str:
     # Time first so that a listing is roughly chronological; the uuid makes names unique across hosts.
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex}.parquet"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex}.parquet"
 
 
 def _write_part(results: Location, table: pa.Table) -> str:

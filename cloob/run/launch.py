@@ -37,10 +37,10 @@ from pathlib import Path
 import fsspec
 import psutil
 
-from cloob.train.checkpoint import CheckpointStore
 from cloob.config import load_recipe
 from cloob.errors import CloobError
 from cloob.storage import is_local
+from cloob.train.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 

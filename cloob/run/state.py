@@ -28,8 +28,8 @@ def prepared(spec, out: str) -> str | None:
 
 def trained(recipe) -> str | None:
     """The run of `recipe` has a checkpoint at its last step, saved by this very recipe."""
-    from cloob.train.checkpoint import CheckpointStore
     from cloob.train import plan_run
+    from cloob.train.checkpoint import CheckpointStore
 
     plan = plan_run(recipe, world_size=1)
     latest = CheckpointStore(plan.run_dir).latest()

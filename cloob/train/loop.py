@@ -28,16 +28,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cloob.train import distributed
-from cloob.train.checkpoint import CheckpointStore, is_local, remove_temp_files
 from cloob.config import Recipe, load_recipe
-from cloob.data.workers import worker_init
 from cloob.data.shards import list_shards
 from cloob.data.stream import SKIP_REASONS, NoUsableData, ShardStream, StreamState
+from cloob.data.workers import worker_init
 from cloob.errors import CloobError
 from cloob.losses import LossSpec
-from cloob.train.metrics import MetricsLogger
 from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
+from cloob.train import distributed
+from cloob.train.checkpoint import CheckpointStore, is_local, remove_temp_files
+from cloob.train.metrics import MetricsLogger
 from cloob.train.optim import build_optimizer, lr_factor, set_lr
 from cloob.version import code_version
 

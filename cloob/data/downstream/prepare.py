@@ -5,7 +5,7 @@ find its manifest for the same spec and source and do nothing."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cloob.data import archive
@@ -72,7 +72,7 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
         shown_spec["source"]["url"] = archive.redact(shown_spec["source"]["url"])  # no credentials
     manifest = {"format": MANIFEST_FORMAT, "name": spec.name, "title": spec.title, "spec_sha256": digest,
                 "source": source_id, "main_metric": spec.main_metric, "mapping": spec.layout.by, **manifest,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "tool_version": _code_version(), "spec": shown_spec}
     # Written last: its presence means the folder is complete and checked.
     ds.write_json(MANIFEST, manifest, indent=1, ensure_ascii=False)
