@@ -209,7 +209,7 @@ ZS = {
 
 def _report_rows() -> list[dict]:
     rows = []
-    for (_run, ckpt, _method, _step, _pre), vals in ZS.items():
+    for (run, ckpt, method, step, pre), vals in ZS.items():
         arch = "RN50-quickgelu" if step is None else "RN50"
         for ds, v in vals.items():
             flowers = ds == "flowers102"
