@@ -50,8 +50,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from report import write_section  # noqa: E402
 
 from cloob.data.demo_server import DemoServer, demo_rows, render  # noqa: E402
-from cloob.data.prepare import _img2dataset_args, _Store  # noqa: E402
+from cloob.data.prepare import _img2dataset_args  # noqa: E402
 from cloob.data.spec import load_spec  # noqa: E402
+from cloob.storage import Location  # noqa: E402
 
 GRACE_S = 15.0
 
@@ -131,7 +132,7 @@ def main() -> None:
                         cmd = [sys.executable, "-m", "cloob.cli", "prepare", str(spec_file), "--out", str(out),
                                "--no-progress"]
                     else:
-                        kwargs = _img2dataset_args(spec, _Store(str(out)), str(table), "incremental")
+                        kwargs = _img2dataset_args(spec, Location(str(out)), str(table), "incremental")
                         kwargs["url_list"], kwargs["save_additional_columns"] = str(table), None
                         cmd = [sys.executable, "-c",
                                f"import img2dataset, json; img2dataset.download(**json.loads({json.dumps(kwargs)!r}))"]

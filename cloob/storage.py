@@ -65,7 +65,9 @@ class Location:
         """url: a local path or any fsspec URL. An unknown protocol raises ValueError, a missing
         file-system package ImportError."""
         fs, root = fsspec.core.url_to_fs(url)
-        self._set(fs, root)
+        # fsspec keeps '..' and '.' in a local path: `gone/../ds` would go through (and makedirs
+        # create) gone/, and messages would name the folder so.
+        self._set(fs, os.path.abspath(root) if is_local(fs) else root)
 
     @classmethod
     def on(cls, fs, root: str) -> Location:

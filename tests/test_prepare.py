@@ -13,6 +13,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -279,11 +280,9 @@ def test_cc3m_rows_are_read_with_line_ids(tmp_path):
 
 
 def test_fast_shard_digest_equals_the_tarfile_one(tmp_path, shards_dir):
-    import fsspec
-
     from cloob.data.manifest import _digest_tarfile, _digest_ustar, shard_digest
+    from cloob.storage import Location
 
-    fs = fsspec.filesystem("file")
     long_name = tmp_path / "long.tar"
     with tarfile.open(long_name, "w") as tar:  # a 150-character name needs a pax header or GNU entry
         data = b"x" * 700
@@ -291,14 +290,67 @@ def test_fast_shard_digest_equals_the_tarfile_one(tmp_path, shards_dir):
         info.size, info.mtime = len(data), 1.5
         tar.addfile(info, io.BytesIO(data))
     for path in [*sorted(shards_dir.glob("*.tar")), long_name]:
-        fast, slow = shard_digest(fs, str(path)), _digest_tarfile(fs, str(path))
+        where = Location(str(path.parent))
+        fast, slow = shard_digest(where, path.name), _digest_tarfile(where, path.name)
         assert fast == slow and fast["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert shard_digest(fs, str(long_name))["samples"] == 1
-    assert _digest_ustar(fs, str(next(shards_dir.glob("*.tar"))))["samples"] == 12
+    assert shard_digest(Location(str(tmp_path)), "long.tar")["samples"] == 1
+    assert _digest_ustar(Location(str(shards_dir)), "00000.tar")["samples"] == 12
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(next(shards_dir.glob("*.tar")).read_bytes()[:1500])
+    cut.write_bytes((shards_dir / "00000.tar").read_bytes()[:1500])
     with pytest.raises(Exception):
-        _digest_ustar(fs, str(cut))
+        _digest_ustar(Location(str(tmp_path)), "cut.tar")
+
+
+def _finished_folder(folder: Path, shards_dir: Path) -> None:
+    """Four finished shards as img2dataset leaves them (tar, parquet of row outcomes, stats), where
+    rows 3 and 5 failed in shard 0, and row 3 succeeded when retried into shard 3; plus a write in
+    progress (a hidden temp file) that no listing may count."""
+    folder.mkdir()
+    for i in range(4):
+        for ext in (".tar", "_stats.json"):
+            (folder / f"{i:05d}{ext}").write_bytes((shards_dir / f"{i:05d}{ext}").read_bytes())
+        ids = [3, 5] if i == 3 else list(range(i * 12, i * 12 + 12))
+        status = ["success" if i > 0 or rid not in (3, 5) else "failed_to_download" for rid in ids]
+        errors = [None if st == "success" else f"HTTP Error 404 for http://x/{rid}.jpg" for rid, st in
+                  zip(ids, status)]
+        if i == 3:
+            status, errors = ["success", "failed_to_download"], [None, "timed out http://x/5.jpg"]
+        pq.write_table(pa.table({"row_id": ids, "status": status, "error_message": errors}),
+                       folder / f"{i:05d}.parquet")
+    (folder / ".tmp-x-00009_stats.json").write_text("{}")
+
+
+def test_the_manifest_reads_a_location_the_same_locally_and_on_s3(tmp_path, shards_dir, s3):
+    """manifest.py works on a cloob.storage.Location: one dataset folder, copied to S3, gives the same
+    shards, digests, row outcomes and manifest (and content hash) in both places."""
+    from cloob.data.manifest import build_manifest, finished_shards, row_outcomes, shard_digest
+    from cloob.storage import Location
+
+    _finished_folder(tmp_path / "ds", shards_dir)
+    s3.mkdir("manifests")
+    local, remote = Location(str(tmp_path / "ds")), Location("s3://manifests/ds")
+    remote.copy_in(str(tmp_path / "ds"))
+    spec = load_spec({"name": "t", "source": {"kind": "table", "path": "rows.tsv"}})
+    rows = {"spec_hash": spec.content_hash(), "sha256": "0" * 64, "kept": 46}
+    manifests = []
+    for store in (local, remote):
+        shards = finished_shards(store)
+        assert shards == {0: "00000", 1: "00001", 2: "00002", 3: "00003"}
+        d = shard_digest(store, "00002.tar")
+        assert d["sha256"] == hashlib.sha256((shards_dir / "00002.tar").read_bytes()).hexdigest()
+        assert d["samples"] == 12 and d["bytes"] == (shards_dir / "00002.tar").stat().st_size
+        ok, fails = row_outcomes(store, shards)
+        assert ok == set(range(36)) - {5} and fails == {5: "timed out <url>"}
+        m = build_manifest(store, "_cloob", spec=spec, spec_hash=spec.content_hash(), rows=rows, history=[])
+        assert store.list("_cloob/digests") == [f"{i:05d}.json" for i in range(4)]
+        assert store.read_json("_cloob/digests/00002.json") == d
+        manifests.append(m)
+    a, b = manifests
+    assert a == b and a["totals"]["shards"] == 4 and a["totals"]["failures"] == 1
+    # a second build reads the digests back instead of the tars
+    (tmp_path / "ds" / "00001.tar").write_bytes(b"x" * a["shards"][1]["bytes"])
+    again = build_manifest(local, "_cloob", spec=spec, spec_hash=spec.content_hash(), rows=rows, history=[])
+    assert again["content_hash"] == a["content_hash"]
 
 
 # ------------------------------------------------- a folder of the user's, a junk table, two at once

@@ -94,3 +94,12 @@ def test_moving_and_copying_local_files_in(where, tmp_path):
     loc.makedirs("empty/folder")
     if loc.is_local:
         assert os.path.isdir(loc.path("empty/folder"))
+
+
+def test_a_local_path_is_made_absolute_and_normal(tmp_path, monkeypatch):
+    """`--out gone/../ds` names ./ds: the location does not go through (or create) gone/."""
+    monkeypatch.chdir(tmp_path)
+    loc = Location("gone/../ds/./")
+    assert loc.root == loc.url() == str(tmp_path / "ds")
+    loc.write_json("_cloob/x.json", {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == ["ds"] and (tmp_path / "ds" / "_cloob" / "x.json").exists()

@@ -275,3 +275,16 @@ def test_yfcc15m_spec_rows_as_prepare_reads_them(dataset):
     assert {int(r["source_key"].split(":")[1]): r["caption"] for r in rows} == dataset["expected"]
     assert all(r["row_id"] == line_of[int(r["source_key"].split(":")[1])] for r in rows)
     assert counts["kept"] == len(dataset["expected"]) == len(rows)
+
+
+@pytest.mark.parametrize("junk", [b"ab\x1b[2J\x07cd\n", b"2\tx\x1b]0;title\x07y\th\n"], ids=["columns", "id"])
+def test_a_junk_subset_line_is_not_echoed_raw(tmp_path, junk):
+    """pyarrow's parse error quotes the offending line: its control bytes (ESC, BEL) must reach the
+    message escaped, not raw."""
+    subset = tmp_path / "subset.tsv"
+    subset.write_bytes(b"1\t2\th\n" + junk + b"3\t4\th\n")
+    with pytest.raises(CloobError, match="cannot parse") as e:
+        load_subset_ids(str(subset))
+    msg = str(e.value)
+    assert all(ch.isprintable() or ch == "\n" for ch in msg), [ch for ch in msg if not ch.isprintable()]
+    assert "\\x1b" in msg and "\\x07" in msg  # escaped, still there to see

@@ -9,6 +9,9 @@ Each shard has two digests: `sha256` of the tar file (integrity: what a reader m
 (img2dataset writes samples as their downloads finish, so two runs over the same rows give different
 files with the same samples). The manifest's `content_hash` covers the spec, the rows and every
 shard's content digest: equal hashes mean equal datasets, however they were downloaded.
+
+The dataset folder is a cloob.storage.Location (a local folder or an object-store prefix); paths
+are relative to it.
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def finished_shards(fs, root: str) -> dict[int, str]:
+def finished_shards(store: Location) -> dict[int, str]:
     """{shard id: shard name stem} for every shard whose stats file exists."""
     out = {}
-    for name in Location.on(fs, root).glob("*_stats.json"):
+    for name in store.glob("*_stats.json"):
         m = _STATS.match(name)
         if m:
             out[int(m.group(1))] = m.group(1)
@@ -77,9 +80,9 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def _digest_tarfile(fs, tar_path: str) -> dict:
+def _digest_tarfile(store: Location, tar: str) -> dict:
     """shard_digest through the tarfile module: any tar, slower (a Python object per member)."""
-    with fs.open(tar_path, "rb") as f:
+    with store.open(tar, "rb") as f:
         r = _HashingReader(f)
         members: dict[str, str] = {}
         with tarfile.open(fileobj=io.BufferedReader(r, 1 << 20), mode="r|") as tar:
@@ -101,11 +104,11 @@ class _NotPlainUstar(Exception):
     pass
 
 
-def _digest_ustar(fs, tar_path: str) -> dict:
+def _digest_ustar(store: Location, tar: str) -> dict:
     """shard_digest for the plain ustar files img2dataset writes (short names, regular files):
     headers parsed directly, ~5x faster than tarfile. Anything else raises _NotPlainUstar."""
     h, n, members, pax = hashlib.sha256(), 0, {}, {}
-    with fs.open(tar_path, "rb") as raw:
+    with store.open(tar, "rb") as raw:
         f = io.BufferedReader(raw, 1 << 20) if not isinstance(raw, io.BufferedReader) else raw
         while True:
             header = f.read(512)
@@ -143,36 +146,35 @@ def _digest_ustar(fs, tar_path: str) -> dict:
     return _digest_result(n, h.hexdigest(), members)
 
 
-def shard_digest(fs, tar_path: str) -> dict:
-    """bytes, sha256 and order-independent content_sha256 of one tar, in a single read."""
+def shard_digest(store: Location, tar: str) -> dict:
+    """bytes, sha256 and order-independent content_sha256 of the tar at `tar`, in a single read."""
     try:
-        return _digest_ustar(fs, tar_path)
+        return _digest_ustar(store, tar)
     except (_NotPlainUstar, ValueError, UnicodeDecodeError):
-        return _digest_tarfile(fs, tar_path)
+        return _digest_tarfile(store, tar)
 
 
-def _cached_digest(fs, root: str, meta_dir: str, stem: str) -> dict:
-    tar = posixpath.join(root, f"{stem}.tar")
-    cache = Location.on(fs, meta_dir)
-    rel = f"digests/{stem}.json"
-    size = fs.size(tar)
+def _cached_digest(store: Location, meta: str, stem: str) -> dict:
+    """The shard's digest, read back from `<meta>/digests/` while the tar keeps its size."""
+    tar, rel = f"{stem}.tar", posixpath.join(meta, "digests", f"{stem}.json")
+    size = store.size(tar)
     try:
-        d = cache.read_json(rel)
+        d = store.read_json(rel)
         if d is not None and d.get("bytes") == size:
             return d
     except ValueError:
         pass
-    d = shard_digest(fs, tar)
-    cache.write_json(rel, d)
+    d = shard_digest(store, tar)
+    store.write_json(rel, d)
     return d
 
 
-def row_outcomes(fs, root: str, shards: dict[int, str]):
+def row_outcomes(store: Location, shards: dict[int, str]):
     """(ids that succeeded, {failed id: last reason}) over all finished shards, in shard order."""
     ok: set[int] = set()
     last_fail: dict[int, str] = {}
     for stem in shards.values():
-        with fs.open(posixpath.join(root, f"{stem}.parquet"), "rb") as f:
+        with store.open(f"{stem}.parquet", "rb") as f:
             t = pq.read_table(f, columns=["row_id", "status", "error_message"])
         for rid, status, err in zip(*(t.column(c).to_pylist() for c in ("row_id", "status", "error_message"))):
             if status == "success":
@@ -184,20 +186,21 @@ def row_outcomes(fs, root: str, shards: dict[int, str]):
     return ok, last_fail
 
 
-def build_manifest(fs, root: str, meta_dir: str, *, spec, spec_hash: str, rows: dict, history: list[dict],
+def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: dict, history: list[dict],
                    progress: bool = False) -> dict:
+    """The manifest of the dataset at `store`; shard digests are cached under `meta` (relative)."""
     from tqdm import tqdm
 
-    shards = finished_shards(fs, root)
+    shards = finished_shards(store)
     entries = []
     for sid, stem in tqdm(shards.items(), desc="hashing shards", unit="shard", disable=not progress,
                           leave=False):
-        stats = json.loads(Location.on(fs, root).read_bytes(f"{stem}_stats.json"))
-        d = _cached_digest(fs, root, meta_dir, stem)
+        stats = json.loads(store.read_bytes(f"{stem}_stats.json"))
+        d = _cached_digest(store, meta, stem)
         entries.append({"shard": f"{stem}.tar", "successes": int(stats["successes"]), "attempted":
                         int(stats["count"]), "samples": d["samples"], "bytes": d["bytes"],
                         "sha256": d["sha256"], "content_sha256": d["content_sha256"]})
-    ok, fails = row_outcomes(fs, root, shards)
+    ok, fails = row_outcomes(store, shards)
     by_reason = Counter(fails.values())
     attempted = len(ok) + len(fails)
     manifest = {

@@ -31,7 +31,6 @@ import contextlib
 import json
 import math
 import os
-import posixpath
 import re
 import subprocess
 import sys
@@ -41,7 +40,6 @@ from collections import Counter
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -51,9 +49,9 @@ from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
 from cloob.errors import CloobError
 from cloob.lock import LOCK_NAME, folder_lock
 from cloob.safetext import safe_lines, safe_text
-from cloob.storage import atomic_write_bytes, is_local
+from cloob.storage import Location
 
-META = "_cloob"
+META = "_cloob"  # our files in a dataset folder, relative to it
 ROW_SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
                         ("source_key", pa.string())])
 EXIT_GRACE_S = 10.0  # how long img2dataset may take to exit once every shard of a round is finished
@@ -65,42 +63,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class _Store:
-    """The dataset folder, reached only through fsspec."""
-
-    def __init__(self, out: str):
-        self.fs, root = fsspec.core.url_to_fs(out)
-        self.local = is_local(self.fs)
-        self.root = os.path.abspath(root) if self.local else root.rstrip("/")
-        self.meta = posixpath.join(self.root, META)
-
-    def uri(self, path: str) -> str:
-        return path if self.local else self.fs.unstrip_protocol(path)
-
-    def path(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
-    def read_json(self, path: str) -> dict | None:
-        try:
-            with self.fs.open(path, "rb") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-
-    def write_json(self, path: str, data: dict) -> None:
-        atomic_write_bytes(self.uri(path), json.dumps(data, indent=1, sort_keys=True).encode())
-
-    def put_file(self, local: str, path: str) -> None:
-        """Move a finished local file into place atomically (rename, or one upload)."""
-        if self.local:
-            os.makedirs(posixpath.dirname(path), exist_ok=True)
-            os.replace(local, path)
-        else:
-            self.fs.put_file(local, path)
-            os.unlink(local)
-
-    def refresh(self) -> None:
-        self.fs.invalidate_cache()  # s3fs caches listings; shards appear while we poll
+def _write_json(store: Location, rel: str, data: dict) -> None:
+    """Our JSON files' one byte form (the manifest's and spec.json's bytes must not change)."""
+    store.write_json(rel, data, indent=1, sort_keys=True)
 
 
 def _with_input(spec: PretrainSpec, input_uri: str | None) -> PretrainSpec:
@@ -113,17 +78,15 @@ def _with_input(spec: PretrainSpec, input_uri: str | None) -> PretrainSpec:
     return spec.model_copy(update={"source": src.model_copy(update={field: input_uri})})
 
 
-def _names(store: _Store) -> list[str] | None:
-    """The top-level entries of `out`, or None where there is nothing yet."""
+def _names(store: Location) -> list[str]:
+    """The top-level entries of `out`, hidden ones too ([] where there is nothing yet)."""
     store.refresh()
     try:
-        if store.fs.isfile(store.root):
-            raise CloobError(f"--out {store.uri(store.root)} is a file", "give a folder (new or empty) as --out")
-        return sorted(posixpath.basename(p.rstrip("/")) for p in store.fs.ls(store.root, detail=False))
-    except FileNotFoundError:
-        return None
+        if store.isfile():
+            raise CloobError(f"--out {store.url()} is a file", "give a folder (new or empty) as --out")
+        return store.list(hidden=True)
     except (OSError, ValueError) as e:
-        raise CloobError(f"cannot list {store.uri(store.root)}: {type(e).__name__}: {safe_text(e)}",
+        raise CloobError(f"cannot list {store.url()}: {type(e).__name__}: {safe_text(e)}",
                          "check the --out URL and its credentials (AWS_* environment or config)") from None
 
 
@@ -132,64 +95,63 @@ def _listed(names: list[str]) -> str:
     return f"{shown}, ... ({len(names)} entries)" if len(names) > _SHOWN else f"{shown} ({len(names)} entries)"
 
 
-def _check_folder(store: _Store) -> None:
+def _check_folder(store: Location) -> None:
     """Refuse, before anything is written, a folder that cloob prepare did not make, and in one it
     made, top-level *.json files that are not a shard's stats (img2dataset would count them as
     finished shards, or crash on their names)."""
     names = _names(store)
     if not names:
         return
-    made_by_us = META in names and store.fs.exists(posixpath.join(store.meta, "spec.json"))
+    made_by_us = META in names and store.exists(f"{META}/spec.json")
     if not made_by_us and names != [META]:  # [META] alone: a first run stopped before spec.json
         raise CloobError(
-            f"{store.uri(store.root)} is not empty and was not made by cloob prepare: it holds {_listed(names)}",
+            f"{store.url()} is not empty and was not made by cloob prepare: it holds {_listed(names)}",
             "give a new or empty folder as --out; cloob prepare never writes into a folder of other "
             "files (--force included), so none of them is overwritten")
     stray = [n for n in names if n.endswith(".json") and not _OURS.match(n)]
     if stray:
         raise CloobError(
-            f"{store.uri(store.root)} holds top-level JSON files that are not shard stats: {_listed(stray)}; "
+            f"{store.url()} holds top-level JSON files that are not shard stats: {_listed(stray)}; "
             "img2dataset would read them as finished shards",
             "move them out of that folder, then rerun")
 
 
-def _check_owner(store: _Store, spec_hash: str, force: bool) -> None:
+def _check_owner(store: Location, spec_hash: str, force: bool) -> None:
     """Refuse a folder holding another dataset (or, with force, delete that dataset)."""
     try:
-        current = store.read_json(posixpath.join(store.meta, "spec.json"))
+        current = store.read_json(f"{META}/spec.json")
     except (OSError, ValueError) as e:
-        raise CloobError(f"cannot read {store.uri(store.meta)}: {type(e).__name__}: {e}",
+        raise CloobError(f"cannot read {store.url(META)}: {type(e).__name__}: {safe_text(e)}",
                          "check the --out URL and its credentials (AWS_* environment or config)") from None
     if current and current.get("spec_hash") != spec_hash and not force:
         raise CloobError(
-            f"{store.uri(store.root)} holds dataset {current.get('name')!r} prepared from a different spec "
+            f"{store.url()} holds dataset {current.get('name')!r} prepared from a different spec "
             f"(hash {current.get('spec_hash', '?')[:12]}, this spec {spec_hash[:12]})",
             "prepare into a new --out, or pass --force to delete that dataset and start over")
-    if force and store.fs.exists(store.root):
+    if force and store.exists():
         _clear(store)
 
 
-def _record_owner(store: _Store, spec: PretrainSpec, spec_hash: str) -> None:
-    store.write_json(posixpath.join(store.meta, "spec.json"),
-                     {"name": spec.name, "spec_hash": spec_hash, "spec": spec.model_dump(mode="json")})
+def _record_owner(store: Location, spec: PretrainSpec, spec_hash: str) -> None:
+    _write_json(store, f"{META}/spec.json",
+                {"name": spec.name, "spec_hash": spec_hash, "spec": spec.model_dump(mode="json")})
 
 
-def _clear(store: _Store) -> None:
+def _clear(store: Location) -> None:
     """Delete what img2dataset and we wrote, and nothing else (and not the lock we hold)."""
     store.refresh()
-    for p in store.fs.ls(store.root, detail=False):
-        name = posixpath.basename(p.rstrip("/"))
+    for name in store.list(hidden=True):
         if _OURS.match(name) or name == "_tmp":
-            store.fs.rm(p, recursive=True)
-    for p in store.fs.ls(store.meta, detail=False):
-        if posixpath.basename(p.rstrip("/")) != LOCK_NAME:
-            store.fs.rm(p, recursive=True)
+            store.remove(name, recursive=True)
+    for name in store.list(META, hidden=True):
+        if name != LOCK_NAME:
+            store.remove(f"{META}/{name}", recursive=True)
 
 
-def _ensure_rows(store: _Store, spec: PretrainSpec, spec_hash: str, progress: bool) -> dict:
+def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: bool) -> dict:
     from tqdm import tqdm
 
-    info_path = posixpath.join(store.meta, "rows.json")
+    info_path = f"{META}/rows.json"
     info = store.read_json(info_path)
     if info and info.get("spec_hash") == spec_hash:
         return info
@@ -198,7 +160,8 @@ def _ensure_rows(store: _Store, spec: PretrainSpec, spec_hash: str, progress: bo
     counts: Counter = Counter()
     digest = hashlib.sha256()
     # (The folders exist: the lock made them, and removes them again if this fails on a first run.)
-    fd, tmp = tempfile.mkstemp(dir=store.meta if store.local else None, prefix=".tmp-rows-", suffix=".parquet")
+    fd, tmp = tempfile.mkstemp(dir=store.path(META) if store.is_local else None, prefix=".tmp-rows-",
+                               suffix=".parquet")
     os.close(fd)
     try:
         with pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
@@ -225,7 +188,7 @@ def _ensure_rows(store: _Store, spec: PretrainSpec, spec_hash: str, progress: bo
                 f"the source of {spec.name!r} gave no usable rows (read {counts['read']}, invalid URL "
                 f"{counts['invalid_url']}, empty caption {counts['empty_caption']})",
                 "check the source file and its columns (url must be http(s), caption non-empty)")
-        store.put_file(tmp, posixpath.join(store.meta, "rows.parquet"))
+        store.move_in(tmp, f"{META}/rows.parquet")
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -237,47 +200,48 @@ def _ensure_rows(store: _Store, spec: PretrainSpec, spec_hash: str, progress: bo
     info = {"spec_hash": spec_hash, "sha256": digest.hexdigest(), "file": f"{META}/rows.parquet",
             "read": counts["read"], "kept": counts["kept"], "invalid_url": counts["invalid_url"],
             "empty_caption": counts["empty_caption"]}
-    store.write_json(info_path, info)
+    _write_json(store, info_path, info)
     return info
 
 
-def _failed_rows(store: _Store, shards: dict[int, str]) -> list[int]:
+def _failed_rows(store: Location, shards: dict[int, str]) -> list[int]:
     from cloob.data.manifest import row_outcomes
 
-    _, fails = row_outcomes(store.fs, store.root, shards)
+    _, fails = row_outcomes(store, shards)
     return sorted(fails)
 
 
-def _write_retry_rows(store: _Store, row_ids: list[int]) -> str:
+def _write_retry_rows(store: Location, row_ids: list[int]) -> str:
+    """The rows to retry as `_cloob/retry/NNN.parquet` (the next free number); its relative path."""
     import pyarrow.compute as pc
 
-    retry_dir = posixpath.join(store.meta, "retry")
-    n = len(store.fs.glob(posixpath.join(retry_dir, "*.parquet"))) if store.fs.exists(retry_dir) else 0
-    target = posixpath.join(retry_dir, f"{n:03d}.parquet")
+    n = len(store.glob(f"{META}/retry/*.parquet", hidden=True)) if store.exists(f"{META}/retry") else 0
+    target = f"{META}/retry/{n:03d}.parquet"
     wanted = pa.array(row_ids, pa.int64())
-    fd, tmp = tempfile.mkstemp(dir=store.meta if store.local else None, prefix=".tmp-retry-", suffix=".parquet")
+    fd, tmp = tempfile.mkstemp(dir=store.path(META) if store.is_local else None, prefix=".tmp-retry-",
+                               suffix=".parquet")
     os.close(fd)
     try:
-        with store.fs.open(posixpath.join(store.meta, "rows.parquet"), "rb") as f, \
+        with store.open(f"{META}/rows.parquet", "rb") as f, \
                 pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
                 t = pa.Table.from_batches([batch])
                 writer.write_table(t.filter(pc.is_in(t["row_id"], value_set=wanted)))
-        store.put_file(tmp, target)
+        store.move_in(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
 
 
-def _remove_unfinished(store: _Store, done: dict[int, str], from_id: int) -> None:
+def _remove_unfinished(store: Location, done: dict[int, str], from_id: int) -> None:
     """Delete shard files from `from_id` on that have no stats file (a killed retry round's), so the
     next round's shard ids are free."""
     store.refresh()
-    for p in store.fs.ls(store.root, detail=False):
-        m = _OURS.match(posixpath.basename(p))
+    for name in store.list(hidden=True):
+        m = _OURS.match(name)
         if m and int(m.group(1)) >= from_id and int(m.group(1)) not in done:
-            store.fs.rm(p)
+            store.remove(name)
 
 
 def _fetch_env(spec: PretrainSpec, proxy: str | None) -> dict[str, str]:
@@ -297,10 +261,11 @@ def _fetch_env(spec: PretrainSpec, proxy: str | None) -> dict[str, str]:
     return env
 
 
-def _img2dataset_args(spec: PretrainSpec, store: _Store, url_list: str, mode: str) -> dict:
+def _img2dataset_args(spec: PretrainSpec, store: Location, url_list: str, mode: str) -> dict:
+    """img2dataset's arguments: rows from the parquet file at URL `url_list`, shards into `store`."""
     d = spec.download
     return {
-        "url_list": store.uri(url_list), "output_folder": store.uri(store.root),
+        "url_list": url_list, "output_folder": store.url(),
         "input_format": "parquet", "url_col": "url", "caption_col": "caption",
         "save_additional_columns": ["row_id"], "output_format": "webdataset",
         "image_size": d.image_size, "resize_mode": d.resize_mode, "resize_only_if_bigger": d.resize_only_if_bigger,
@@ -314,14 +279,15 @@ def _img2dataset_args(spec: PretrainSpec, store: _Store, url_list: str, mode: st
     }
 
 
-def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows: int, shards: int,
+def _run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, rows: int, shards: int,
                proxy: str | None, progress: bool) -> dict:
-    """One img2dataset run in its own process, with a progress bar fed by the stats files."""
+    """One img2dataset run in its own process, with a progress bar fed by the stats files; the rows
+    come from `url_list`, a parquet file's path relative to `store`."""
     from tqdm import tqdm
 
     started, t0 = _now(), time.monotonic()
-    before = finished_shards(store.fs, store.root)
-    args = _img2dataset_args(spec, store, url_list, mode)
+    before = finished_shards(store)
+    args = _img2dataset_args(spec, store, store.url(url_list), mode)
     with tempfile.TemporaryDirectory(prefix="cloob-fetch-") as tmp:
         args_file, log_file = os.path.join(tmp, "args.json"), os.path.join(tmp, "img2dataset.log")
         with open(args_file, "w") as f:
@@ -335,12 +301,12 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
             all_done_at, hung = None, False
             try:
                 while proc.poll() is None:
-                    time.sleep(0.25 if store.local else 2.0)  # listing a bucket costs a request
+                    time.sleep(0.25 if store.is_local else 2.0)  # listing a bucket costs a request
                     store.refresh()
-                    for sid, stem in finished_shards(store.fs, store.root).items():
+                    for sid, stem in finished_shards(store).items():
                         if sid not in seen:
                             seen.add(sid)
-                            st = store.read_json(store.path(f"{stem}_stats.json")) or {}
+                            st = store.read_json(f"{stem}_stats.json") or {}
                             ok, tried = ok + st.get("successes", 0), tried + st.get("count", 0)
                             bar.update()
                             bar.set_postfix_str(f"{ok}/{tried} ok")
@@ -361,19 +327,19 @@ def _run_round(store: _Store, spec: PretrainSpec, url_list: str, mode: str, rows
                 raise
         bar.close()
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        log_target = posixpath.join(store.meta, "logs", f"{stamp}-{mode}.log")
+        log_target = f"{META}/logs/{stamp}-{mode}.log"
         failed = not hung and proc.returncode != 0
         tail = _tail(log_file) if failed else ""
         with contextlib.suppress(OSError):
-            store.put_file(log_file, log_target)
+            store.move_in(log_file, log_target)
         if hung:
             with contextlib.suppress(OSError):
-                store.fs.rm(store.path("_tmp"), recursive=True)  # img2dataset's own clean-up, skipped
+                store.remove("_tmp", recursive=True)  # img2dataset's own clean-up, skipped
         elif failed:
             raise CloobError(f"img2dataset failed (exit {proc.returncode}); last lines of its log:\n{tail}",
-                             f"see {store.uri(log_target)}; rerun the same command to resume")
+                             f"see {store.url(log_target)}; rerun the same command to resume")
     store.refresh()
-    after = finished_shards(store.fs, store.root)
+    after = finished_shards(store)
     return {"mode": "retry-failed" if mode == "extend" else "download", "started_at": started,
             "seconds": round(time.monotonic() - t0, 2), "rows": rows, "new_shards": len(after) - len(before),
             **({"note": "img2dataset did not exit after its last shard; stopped it"} if hung else {})}
@@ -406,24 +372,24 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_fai
     t0 = time.monotonic()
     spec = _with_input(spec, input)
     spec_hash = spec.content_hash()
-    store = _Store(out)
+    store = Location(out)
     _check_folder(store)  # before the lock: the lock would write into a folder we may not touch
-    with folder_lock(store.uri(store.meta), purpose=f"cloob prepare {spec.name}",
-                     alternative="prepare into another --out", label=store.uri(store.root)):
+    with folder_lock(store.url(META), purpose=f"cloob prepare {spec.name}",
+                     alternative="prepare into another --out", label=store.url()):
         _check_owner(store, spec_hash, force)
         return _prepare_locked(store, spec, spec_hash, retry_failed, progress, t0)
 
 
-def _prepare_locked(store: _Store, spec: PretrainSpec, spec_hash: str, retry_failed: bool, progress: bool,
+def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_failed: bool, progress: bool,
                     t0: float) -> dict:
     rows = _ensure_rows(store, spec, spec_hash, progress)  # a bad source fails here, before any write
     _record_owner(store, spec, spec_hash)
-    manifest_path = posixpath.join(store.meta, "manifest.json")
+    manifest_path = f"{META}/manifest.json"
     old = store.read_json(manifest_path)
     history = list(old["history"]) if old and old.get("spec_hash") == spec_hash else []
     expected = math.ceil(rows["kept"] / spec.download.shard_size)
     store.refresh()
-    done = finished_shards(store.fs, store.root)
+    done = finished_shards(store)
     missing = [i for i in range(expected) if i not in done]
     if not missing and not retry_failed and old and old.get("spec_hash") == spec_hash \
             and len(old["shards"]) == len(done):
@@ -431,9 +397,9 @@ def _prepare_locked(store: _Store, spec: PretrainSpec, spec_hash: str, retry_fai
     rounds = []
     with _source_server(spec) as proxy:
         if missing:
-            rounds.append(_run_round(store, spec, posixpath.join(store.meta, "rows.parquet"), "incremental",
+            rounds.append(_run_round(store, spec, f"{META}/rows.parquet", "incremental",
                                      rows["kept"], len(missing), proxy, progress))
-            done = finished_shards(store.fs, store.root)
+            done = finished_shards(store)
         if retry_failed:
             failed = _failed_rows(store, done)
             if failed:
@@ -442,13 +408,13 @@ def _prepare_locked(store: _Store, spec: PretrainSpec, spec_hash: str, retry_fai
                 rounds.append(_run_round(store, spec, retry_list, "extend", len(failed),
                                          math.ceil(len(failed) / spec.download.shard_size), proxy, progress))
     history += rounds
-    manifest = build_manifest(store.fs, store.root, store.meta, spec=spec, spec_hash=spec_hash, rows=rows,
+    manifest = build_manifest(store, META, spec=spec, spec_hash=spec_hash, rows=rows,
                               history=history, progress=progress)
     manifest["updated_at"] = _now()
-    store.write_json(manifest_path, manifest)
+    _write_json(store, manifest_path, manifest)
     return {**manifest, "run": {"seconds": round(time.monotonic() - t0, 2), "rounds": rounds, "noop": False}}
 
 
 def read_manifest(out: str) -> dict | None:
-    store = _Store(out)
-    return store.read_json(posixpath.join(store.meta, "manifest.json"))
+    """The manifest of the dataset prepared at `out`, or None if it is not (yet) complete."""
+    return Location(out).read_json(f"{META}/manifest.json")

@@ -43,6 +43,7 @@ import fsspec
 import numpy as np
 
 from cloob.errors import CloobError
+from cloob.safetext import safe_text
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _open(uri: str, what: str, fix: str) -> IO[bytes]:
     except FileNotFoundError:
         raise CloobError(f"{what} {uri!r} not found", fix) from None
     except Exception as e:  # noqa: BLE001 (fsspec backends raise many types: OSError, ClientError, ...)
-        raise CloobError(f"cannot open {what} {uri!r}: {type(e).__name__}: {e}", fix) from None
+        raise CloobError(f"cannot open {what} {uri!r}: {type(e).__name__}: {safe_text(e)}", fix) from None
 
 
 def _iter_line_batches(f: IO[bytes], batch_lines: int, uri: str, what: str) -> Iterator[list[bytes]]:
@@ -129,7 +130,7 @@ def _iter_line_batches(f: IO[bytes], batch_lines: int, uri: str, what: str) -> I
         try:
             chunk = f.read(_CHUNK_BYTES)
         except (OSError, EOFError, ValueError) as e:  # truncated or corrupt compressed data, network
-            raise CloobError(f"cannot read {what} {uri!r}: {type(e).__name__}: {e}",
+            raise CloobError(f"cannot read {what} {uri!r}: {type(e).__name__}: {safe_text(e)}",
                              "check that the file is complete (re-download it) and readable") from None
         if not chunk:
             break
@@ -193,7 +194,8 @@ def load_subset_ids(uri: str) -> np.ndarray:
         except CloobError:
             raise
         except Exception as e:  # noqa: BLE001 (pyarrow: ArrowInvalid on bad rows, OSError on bad streams)
-            raise CloobError(f"cannot parse the YFCC15M subset list {uri!r}: {type(e).__name__}: {e}",
+            # pyarrow quotes the offending line: the file's bytes, control characters and all.
+            raise CloobError(f"cannot parse the YFCC15M subset list {uri!r}: {type(e).__name__}: {safe_text(e)}",
                              SUBSET_FIX) from None
     ids = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
     del chunks
