@@ -130,7 +130,7 @@ def run_node0(command: list[str]) -> int:
 
 def run_worker(index: int) -> int:
     """Train as node `index` of the flow run's torchrun; 0 when the run completed."""
-    from cloob import launch as launch_mod
+    from cloob.run import launch as launch_mod
 
     run_id = _flow_run_id()
     params, state = flow_run(run_id)
