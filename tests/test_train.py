@@ -288,3 +288,24 @@ def test_total_steps_is_recorded_and_done_is_known_without_the_data(tmp_path, sm
     assert CheckpointStore(summary["run_dir"]).latest().meta()["total_steps"] == 2
     shutil.rmtree(data)
     assert trained(recipe) is not None
+
+
+def test_orphaned_storage_tasks_are_not_logged_as_tracebacks():
+    """aiohttp leaves a task behind when the store goes away mid-upload; asyncio would log its
+    traceback next to the one message the failed call gives."""
+    import logging
+
+    from aiohttp.client_exceptions import ClientConnectionResetError
+
+    from cloob.train.failures import QuietStorageTasks
+
+    def record(exc):
+        try:
+            raise exc
+        except Exception:
+            return logging.LogRecord("asyncio", logging.ERROR, __file__, 0, "Task exception was never retrieved",
+                                     None, sys.exc_info())
+
+    quiet = QuietStorageTasks()
+    assert not quiet.filter(record(ClientConnectionResetError("Cannot write to closing transport")))
+    assert quiet.filter(record(ValueError("a bug")))  # anything else is still logged

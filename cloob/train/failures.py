@@ -14,6 +14,7 @@ error into a CloobError inside the worker and hands it over as an ordinary item 
 from __future__ import annotations
 
 import errno
+import logging
 
 from torch.utils.data import IterableDataset
 
@@ -71,6 +72,17 @@ def as_cloob_error(exc: BaseException, *, run_dir: str, data: str) -> CloobError
                               "check that the storage is reachable and the credentials are valid (network, "
                               f"AWS_ENDPOINT_URL, AWS_* variables), {RESUME}")
     return None
+
+
+class QuietStorageTasks(logging.Filter):
+    """For the "asyncio" logger: drops "Task exception was never retrieved" records of storage-client
+    errors. When the store goes away in the middle of an upload, aiohttp leaves such a task behind
+    and asyncio logs its traceback at garbage collection, next to the error that the call itself
+    raised, and which is reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or "never retrieved" not in str(record.msg) or not _is_storage_error(exc)
 
 
 class ReportErrors(IterableDataset):

@@ -41,7 +41,7 @@ from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
 from cloob.errors import CloobError
 from cloob.losses import LossSpec
 from cloob.run import reports
-from cloob.train.failures import ReportErrors, as_cloob_error, checked
+from cloob.train.failures import QuietStorageTasks, ReportErrors, as_cloob_error, checked
 from cloob.train.metrics import MetricsLogger
 from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
 from cloob.train.optim import build_optimizer, lr_factor, set_lr
@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
         die_with_parent(signal.SIGKILL)
     logging.basicConfig(level=os.environ.get("CLOOB_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncio").addFilter(QuietStorageTasks())
     # Under cloob.run.launch a failure is reported once, as data, for the launcher to tell the user;
     # every rank printing it (and torchrun's report after it) is what a user would see otherwise.
     try:
