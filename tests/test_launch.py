@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 from cloob.data import synthetic
 from cloob.errors import CloobError
 from cloob.run import reports
-from cloob.run.launch import _MetricsTail, _resolve_run, build_command, launch, still_running
+from cloob.run.launch import _MetricsTail, _resolve_run, _sweep_report_dirs, build_command, launch, still_running
 from cloob.run.watchdog import PHASE_FLOOR_S, STEP_FLOOR_S, Watchdog
 from cloob.train.checkpoint import CheckpointStore
 
@@ -357,6 +358,13 @@ def test_a_signal_to_cloob_train_stops_its_whole_tree(tmp_path, shards, env, npr
         _assert_all_gone(tree)
     finally:
         _kill_all([proc, *tree.values()])
+    launcher_dirs = list(Path(tempfile.gettempdir()).glob(f"cloob-run-{proc.pid}-*"))
+    if sig == signal.SIGKILL:  # left behind by the killed launcher; the next launch removes it
+        assert launcher_dirs
+        _sweep_report_dirs()  # what every launch does first
+        assert not any(d.exists() for d in launcher_dirs)
+    else:
+        assert not launcher_dirs
     if sig == signal.SIGTERM:
         assert proc.returncode == 143, err
         assert err.splitlines()[-1] == ("stopped by SIGTERM: finished checkpoints are kept; rerun the same "

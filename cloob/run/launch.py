@@ -339,13 +339,25 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
                             node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     run_dir, metrics_path, r = _resolve_run(recipe, [*overrides, "train.progress=false"])
     metrics = _MetricsTail(metrics_path)
-    report_dir = Path(tempfile.mkdtemp(prefix="cloob-run-"))
+    _sweep_report_dirs()
+    report_dir = Path(tempfile.mkdtemp(prefix=f"cloob-run-{os.getpid()}-"))
     try:
         return _supervise(command, run_dir, metrics, report_dir, Watchdog(report_dir, nproc_per_node, r.train.watchdog_s),
                           deadline_s=deadline_s, on_line=on_line, on_progress=on_progress, stop=stop, env=env,
                           grace_s=grace_s)
     finally:
         shutil.rmtree(report_dir, ignore_errors=True)
+
+
+def _sweep_report_dirs() -> None:
+    """Remove the report folders of launchers that were killed before they could (SIGKILL)."""
+    for d in Path(tempfile.gettempdir()).glob("cloob-run-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not psutil.pid_exists(pid):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _supervise(command, run_dir, metrics: _MetricsTail, report_dir: Path, watchdog: Watchdog, *, deadline_s,
