@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import time
 
@@ -15,16 +14,11 @@ from cloob.errors import CloobError
 
 
 def _cmd_train(args) -> int:
-    if args.nproc_per_node > 1:
-        # Re-launch under torchrun so a single command covers the multi-process case too.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.nproc_per_node}", "-m", "cloob.train", args.recipe, *args.overrides]
-        return subprocess.call(cmd)
-    from cloob.config import load_recipe
-    from cloob.train import train
+    # One way to start training, for one process as for many: the supervised process tree of
+    # cloob.run.launch (lifelines, signals passed on, step watchdog, one error message).
+    from cloob.run.console import train_command
 
-    train(load_recipe(args.recipe, args.overrides))
-    return 0
+    return train_command(args.recipe, args.overrides, nproc_per_node=args.nproc_per_node)
 
 
 def _human_bytes(n: float) -> str:

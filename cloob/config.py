@@ -88,6 +88,15 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     resume: bool = True
     progress: bool = True
+    # How the run is supervised, not what it computes (left out of the content hash, see below).
+    watchdog_s: float | None = Field(None, ge=0.0, description="fail the run when a rank finishes no step "
+                                     "for this long; default: automatic (cloob/run/watchdog.py); 0: off")
+    process_group_timeout_s: float = Field(1800.0, gt=0.0, description="how long a collective waits "
+                                           "for a rank before the run fails")
+
+
+# train.* fields that do not change what is computed; left out of Recipe.content_hash.
+RUNTIME_FIELDS = ("output", "run_name", "progress", "resume", "watchdog_s", "process_group_timeout_s")
 
 
 class Recipe(_Section):
@@ -106,9 +115,11 @@ class Recipe(_Section):
         return self
 
     def content_hash(self) -> str:
-        """sha256 of the fields that change the trajectory (not output location or console flags)."""
+        """sha256 of the fields that change the trajectory (not output location, console flags or
+        supervision limits: a rerun with a longer watchdog must resume the same run, and the hash of
+        every recipe written before these fields existed stays what it was)."""
         d = self.model_dump(mode="json")
-        for k in ("output", "run_name", "progress", "resume"):
+        for k in RUNTIME_FIELDS:
             d["train"].pop(k)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()

@@ -1,13 +1,21 @@
 """cloob.run.launch with real torchrun on generated shards: a 2-process run with its log and progress, a
-deadline that kills the whole process group and a rerun that resumes, cancellation, and failures.
+deadline that kills the whole process group and a rerun that resumes, cancellation, failures; and
+`cloob train` itself: signals reach the whole tree, a frozen rank fails the run naming it, and every
+failure is one message.
 
 Runs are few and tiny: most of a launch is importing torch in torchrun and in each rank.
 """
 
+import io
 import json
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,7 +25,9 @@ import pytest
 
 from cloob.data import synthetic
 from cloob.errors import CloobError
-from cloob.run.launch import _MetricsTail, _resolve_run, _trainer_errors, build_command, launch, still_running
+from cloob.run import reports
+from cloob.run.launch import _MetricsTail, _resolve_run, _sweep_report_dirs, build_command, launch, still_running
+from cloob.run.watchdog import PHASE_FLOOR_S, STEP_FLOOR_S, Watchdog
 from cloob.train.checkpoint import CheckpointStore
 
 ROOT = Path(__file__).parents[1]
@@ -149,21 +159,20 @@ def test_deadline_kills_the_group_and_a_rerun_resumes(tmp_path, shards, env):
 @pytest.mark.slow
 def test_stop_event_cancels_and_kills_the_group(tmp_path, shards, env):
     stop = threading.Event()
-    timers = []
+    setters = []
     rec = _Recorder()
 
-    def on_line(line: str) -> None:  # cancel 2 s into training, from another thread
-        if line.startswith("cloob train:"):
-            timers.append(threading.Timer(2.0, stop.set))
-            timers[-1].start()
+    def on_progress(p: dict) -> None:  # cancel once training is under way, from another thread
+        rec.on_progress(p)
+        if not setters:
+            setters.append(threading.Thread(target=stop.set))
+            setters[-1].start()
 
-    try:
-        result = launch("tiny", _overrides(shards, tmp_path, "train.steps=100000"), nproc_per_node=2,
-                        stop=stop, env=env, grace_s=5.0, on_line=on_line, on_progress=rec.on_progress)
-    finally:
-        for t in timers:
-            t.cancel()
-    assert timers and stop.is_set()
+    result = launch("tiny", _overrides(shards, tmp_path, "train.steps=100000"), nproc_per_node=2,
+                    stop=stop, env=env, grace_s=5.0, on_progress=on_progress)
+    for t in setters:
+        t.join()
+    assert setters and stop.is_set()
     assert result.cancelled and not result.timed_out and result.returncode != 0
     assert result.last_progress is not None and 0 < result.last_progress["step"] < 100000
     _assert_run_gone(result.pgid, rec.procs, at_least=5)  # torchrun, both ranks and their DataLoader workers
@@ -237,14 +246,17 @@ def test_a_killed_launcher_takes_the_run_with_it(tmp_path, shards, env):
 @pytest.mark.slow
 def test_trainer_error_is_in_check(tmp_path, shards, env):
     # Valid as a recipe, refused by the trainer: 1000 per rank is more than the 160 samples.
-    result = launch("tiny", _overrides(shards, tmp_path / "out", "train.batch_size=1000"), env=env)
+    lines = []
+    result = launch("tiny", _overrides(shards, tmp_path / "out", "train.batch_size=1000"), env=env,
+                    on_line=lines.append)
     assert result.returncode != 0 and not result.timed_out and not result.cancelled
     assert result.checkpoint is None and result.last_progress is None
+    assert result.error["kind"] == "cloob" and result.error["rank"] == 0  # read from the rank's error file
     with pytest.raises(CloobError) as e:
         result.check()
-    msg = str(e.value)
-    assert "fewer than one global batch" in msg and "fix: lower train.batch_size" in msg
-    assert "rerun the same command to resume" in msg
+    assert e.value.problem == "160 samples are fewer than one global batch (1000)"  # the trainer's, as is
+    assert e.value.fix == "lower train.batch_size or add data"
+    assert not any("error" in line.lower() or "Traceback" in line for line in lines), lines  # said once: by check
     _assert_group_gone(result.pgid)
 
 
@@ -270,8 +282,8 @@ def test_multi_node_command():
 
 def test_remote_output_is_followed_in_the_local_metrics_mirror(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the trainer mirrors to .cloob-logs/<run name> in its working folder
-    run_dir, metrics, total = _resolve_run("tiny", ["train.output=s3://bucket/x/", "train.run_name=r7"])
-    assert run_dir == "s3://bucket/x/runs/r7" and total == 300
+    run_dir, metrics, recipe = _resolve_run("tiny", ["train.output=s3://bucket/x/", "train.run_name=r7"])
+    assert run_dir == "s3://bucket/x/runs/r7" and recipe.run_id() == "r7"
     assert metrics == tmp_path / ".cloob-logs" / "r7" / "metrics.jsonl"
     run_dir, metrics, _ = _resolve_run("tiny", ["train.output=out", "train.epochs=2", "train.steps=null"])
     assert run_dir.startswith("out/runs/tiny-") and metrics == tmp_path / run_dir / "metrics.jsonl"
@@ -294,9 +306,341 @@ def test_metrics_tail_skips_an_earlier_attempt_and_follows_a_rewrite(tmp_path):
     assert tail.read_new() == [{"step": 5}]
 
 
-def test_the_trainers_error_is_found_when_two_ranks_print_it_at_once():
-    glued = ["W1124 torchrun says", "error: 160 samples are fewer than one global batch (2000)",
-             "  fix: lower train.batch_size or add dataerror: 160 samples are fewer than one global batch (2000)",
-             "  fix: lower train.batch_size or add data", "ChildFailedError: cloob.train FAILED"]
-    assert _trainer_errors(glued) == ["error: 160 samples are fewer than one global batch (2000)",
-                                      "  fix: lower train.batch_size or add data"]
+# ------------------------------------------------------------------------- `cloob train` itself
+
+def _cli(shards, out, *extra, nproc=1):
+    return [sys.executable, "-m", "cloob.cli", "train", "tiny", *_overrides(shards, out, *extra),
+            "train.progress=false", f"--nproc-per-node={nproc}"]
+
+
+def _wait_for_training(metrics: Path, proc, timeout=180) -> None:
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, f"ended early: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+
+
+def _assert_all_gone(procs: dict, timeout=60.0) -> None:
+    """Every one of procs ends within timeout (polled; orphans are reaped by init, or not at all in
+    some containers, so a zombie counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while (alive := still_running(procs.values())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, [(p.pid, p.cmdline()[:5]) for p in alive]
+
+
+def _kill_all(procs) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_signal_to_cloob_train_stops_its_whole_tree(tmp_path, shards, env, nproc, sig):
+    """A signal to the `cloob train` process alone (not its group, as a batch system or `kill PID`
+    sends it): torchrun, every rank and their DataLoader workers end; SIGTERM says so in one line."""
+    overrides = _overrides(shards, tmp_path, "train.steps=100000")
+    cmd = _cli(shards, tmp_path, "train.steps=100000", nproc=nproc)
+    proc = psutil.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        start_new_session=True)
+    tree: dict[int, psutil.Process] = {}
+    try:
+        _wait_for_training(_resolve_run("tiny", overrides)[1], proc)
+        tree.update((p.pid, p) for p in proc.children(recursive=True))
+        assert len(tree) >= 1 + 2 * nproc, tree  # torchrun, the ranks, a DataLoader worker each
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        _assert_all_gone(tree)
+    finally:
+        _kill_all([proc, *tree.values()])
+    launcher_dirs = list(Path(tempfile.gettempdir()).glob(f"cloob-run-{proc.pid}-*"))
+    if sig == signal.SIGKILL:  # left behind by the killed launcher; the next launch removes it
+        assert launcher_dirs
+        _sweep_report_dirs()  # what every launch does first
+        assert not any(d.exists() for d in launcher_dirs)
+    else:
+        assert not launcher_dirs
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, err
+        assert err.splitlines()[-1] == ("stopped by SIGTERM: finished checkpoints are kept; rerun the same "
+                                        "command to resume"), err
+        assert "Traceback" not in err and "error" not in err.lower(), err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv")
+def test_a_killed_uv_run_takes_the_run_with_it(tmp_path, shards, env):
+    """`uv run cloob train ...` (the README's way) killed outright: the command it ran stops the run
+    instead of training on as an orphan."""
+    overrides = _overrides(shards, tmp_path, "train.steps=100000", "train.progress=false")
+    cmd = [shutil.which("uv"), "run", "--frozen", "--no-sync", "--project", str(ROOT), "cloob", "train", "tiny",
+           *overrides]
+    uv = psutil.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                      text=True, start_new_session=True)
+    tree: dict[int, psutil.Process] = {}
+    try:
+        _wait_for_training(_resolve_run("tiny", overrides)[1], uv)
+        tree.update((p.pid, p) for p in uv.children(recursive=True))
+        assert len(tree) >= 4, tree  # cloob, torchrun, the rank, its DataLoader worker
+        uv.kill()
+        uv.wait()
+        _assert_all_gone(tree)
+    finally:
+        _kill_all([uv, *tree.values()])
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_fails_the_run_and_is_named(tmp_path, shards, env):
+    """SIGSTOP of rank 1 after its first step (a hung GPU or filesystem): the step watchdog stops the
+    run within its limit, names rank 1, and nothing is left running."""
+    limit, grace = 10.0, 5.0
+    rec = _Recorder()
+    frozen: dict = {}
+
+    def on_progress(p: dict) -> None:
+        rec.on_progress(p)
+        if not frozen:
+            torchrun = next(q for q in rec.procs.values() if "cloob.run.torchrun" in q.cmdline())
+            rank1 = next(q for q in torchrun.children() if q.environ().get("RANK") == "1")
+            rank1.suspend()
+            frozen.update(proc=rank1, at=time.monotonic())
+
+    try:
+        result = launch("tiny", _overrides(shards, tmp_path, "train.steps=100000", f"train.watchdog_s={limit:g}"),
+                        nproc_per_node=2, env=env, grace_s=grace, on_progress=on_progress)
+        ended = time.monotonic()
+    finally:
+        if frozen:
+            _kill_all([frozen["proc"]])
+    assert frozen and not result.ok and not result.cancelled and not result.timed_out
+    assert result.stall is not None and result.stall.ranks == [1], result.stall
+    assert limit <= ended - frozen["at"] < limit + grace + 45  # the limit, the stop, a loaded machine
+    with pytest.raises(CloobError) as e:
+        result.check()
+    assert "stopped making progress: rank 1 " in e.value.problem and "stopped" in e.value.problem
+    assert "\n" not in e.value.problem and "train.watchdog_s" in e.value.fix
+    _assert_run_gone(result.pgid, rec.procs, at_least=5)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_outright_is_named_from_torchruns_report(tmp_path, shards, env):
+    """A rank that can write no error of its own (SIGKILL, the OOM killer): torchrun's account of it,
+    written as data by cloob.run.torchrun, names it; its 40-line report is not in the log."""
+    rec, lines, killed = _Recorder(), [], []
+
+    def on_progress(p: dict) -> None:
+        rec.on_progress(p)
+        if not killed:
+            torchrun = next(q for q in rec.procs.values() if "cloob.run.torchrun" in q.cmdline())
+            rank1 = next(q for q in torchrun.children() if q.environ().get("RANK") == "1")
+            rank1.kill()
+            killed.append(rank1)
+
+    result = launch("tiny", _overrides(shards, tmp_path, "train.steps=100000"), nproc_per_node=2, env=env,
+                    grace_s=5.0, on_line=lines.append, on_progress=on_progress)
+    assert killed and not result.ok and result.failures[1]["signal"] == "SIGKILL", result.failures
+    with pytest.raises(CloobError) as e:
+        result.check()
+    assert "rank 1 was killed by SIGKILL" in e.value.problem and "out-of-memory" in e.value.fix
+    assert not any("ChildFailedError" in line or "Traceback" in line for line in lines), lines
+    _assert_run_gone(result.pgid, rec.procs, at_least=5)
+
+
+def _write_beat(folder: Path, local: int, **beat) -> None:
+    (folder / f"beat-{local}").write_text(json.dumps({"rank": local, "pid": os.getpid(), "step_s": None, **beat}))
+
+
+def test_the_watchdog_names_the_rank_that_holds_up_the_others(tmp_path):
+    clock = [0.0]
+    dog = Watchdog(tmp_path, 2, limit_s=10, clock=lambda: clock[0])
+    sleeper = psutil.Popen(["sleep", "60"])
+    try:
+        _write_beat(tmp_path, 0, step=5, phase="step", step_s=0.5)
+        _write_beat(tmp_path, 1, step=5, phase="step", pid=sleeper.pid)
+        assert dog.poll() is None
+        sleeper.suspend()
+        while sleeper.status() != psutil.STATUS_STOPPED:  # the kernel stops it when it next runs
+            time.sleep(0.01)
+        clock[0] = 9.0
+        assert dog.poll() is None  # within the limit
+        clock[0] = 10.5
+        stall = dog.poll()
+        assert stall.ranks == [1] and stall.step == 5 and stall.states == {1: psutil.STATUS_STOPPED}
+        assert stall.describe().startswith("rank 1 has not finished step 6 for 10 s (watchdog limit 10 s")
+        # Neither is stopped: the one still waiting for its data holds up the one in a collective.
+        sleeper.resume()
+        _write_beat(tmp_path, 1, step=5, phase="data", pid=sleeper.pid)
+        clock[0] = 30.0
+        assert dog.poll().ranks == [1]  # overdue again 10 s after its beat changed
+        # Start-up and saves get the floor, whatever the limit.
+        assert dog.limit("start") == dog.limit("save") == PHASE_FLOOR_S and dog.limit("step") == 10
+    finally:
+        _kill_all([sleeper])
+
+
+def test_the_automatic_limit_follows_the_step_time(tmp_path):
+    clock = [0.0]
+    dog = Watchdog(tmp_path, 1, limit_s=None, clock=lambda: clock[0])
+    assert dog.limit("step") == PHASE_FLOOR_S  # nothing measured yet
+    for step in range(1, 4):
+        _write_beat(tmp_path, 0, step=step, phase="data", step_s=30.0)
+        clock[0] += 1
+        dog.poll()
+    assert dog.limit("step") == 20 * 30.0 and dog.limit("data") == 600.0
+    _write_beat(tmp_path, 0, step=9, phase="data", step_s=0.01)
+    dog.poll()
+    assert dog.median_step_s() == 30.0  # one fast step does not move the median far
+    assert Watchdog(tmp_path, 1, limit_s=None).limit("step") == PHASE_FLOOR_S
+    off = Watchdog(tmp_path, 1, limit_s=0, clock=lambda: 1e9)
+    assert off.poll() is None and off.limit("start") == float("inf")
+    assert STEP_FLOOR_S < PHASE_FLOOR_S
+
+
+def test_the_root_cause_is_the_first_error_that_is_not_a_peers_reaction():
+    errors = [{"rank": 0, "kind": "peer", "problem": "DistBackendError: connection closed", "time": 1.0},
+              {"rank": 1, "kind": "cloob", "problem": "no space", "time": 2.0},
+              {"rank": 2, "kind": "cloob", "problem": "no space", "time": 3.0}]
+    assert reports.root_cause(errors)["rank"] == 1
+    assert reports.root_cause(errors[:1])["rank"] == 0 and reports.root_cause([]) is None
+
+
+def _one_message(stderr: str) -> str:
+    """The one `error:` line (with its `  fix:` line right after it) of a failed command's stderr."""
+    lines = stderr.splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert lines[errors[0] + 1].startswith("  fix: ") and sum("fix:" in line for line in lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[errors[0]]
+
+
+@pytest.fixture
+def garbage_shards(tmp_path):
+    """A valid tar of 200 random-byte .jpg/.txt members (and a stats file that promises 100 samples)."""
+    d = tmp_path / "garbage"
+    d.mkdir()
+    with tarfile.open(d / "00000.tar", "w") as tar:
+        for i in range(100):
+            for ext in ("jpg", "txt"):
+                data = os.urandom(2000)
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (d / "00000_stats.json").write_text(json.dumps({"successes": 100}))
+    return d
+
+
+@pytest.mark.slow
+def test_bad_data_under_two_ranks_is_one_message_and_writes_nothing(tmp_path, garbage_shards, env):
+    out = tmp_path / "out"
+    proc = subprocess.run(_cli(garbage_shards, out, nproc=2), env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "no usable training samples" in _one_message(proc.stderr)
+    assert not out.exists()  # the first batch is read before the run folder is made
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _file_size_limit(limit: int):
+    def preexec():  # inherited by torchrun and the ranks; SIGXFSZ ignored: writes fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return preexec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["full-tmpfs", "file-size-limit"])
+def test_a_full_disk_is_one_message(tmp_path, shards, env, how):
+    """The first checkpoint (a 13.5 MB model file) does not fit: ENOSPC on a 4 MB tmpfs where we may
+    mount one (root), and everywhere EFBIG under a 4 MB file-size limit (ulimit -f)."""
+    disk, preexec = tmp_path / "disk", None
+    if how == "full-tmpfs":
+        if not _mount_tmpfs(disk, "4m"):
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+    else:
+        disk.mkdir()
+        preexec = _file_size_limit(4 << 20)
+    try:
+        proc = subprocess.run(_cli(shards, disk, "train.steps=4", "train.checkpoint_every=2"),
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+                              preexec_fn=preexec)
+    finally:
+        if how == "full-tmpfs":
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert proc.returncode == 2, proc.stderr
+    line = _one_message(proc.stderr)
+    assert ("no space left" if how == "full-tmpfs" else "largest file size") in line, line
+
+
+@pytest.mark.slow
+def test_an_s3_outage_is_one_message(tmp_path, shards, env, monkeypatch):
+    """The S3 server goes away after the first checkpoint: one message, exit 2, whether the data
+    workers or the checkpoint upload meet it first."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    stopped = False
+    try:
+        host, port = server.get_host_and_port()
+        aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+               "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+        fs = s3fs.S3FileSystem(endpoint_url=aws["AWS_ENDPOINT_URL"], key="testing", secret="testing")
+        fs.mkdir("outage")
+        fs.put(str(shards) + "/", "outage/shards/", recursive=True)
+        cmd = [sys.executable, "-m", "cloob.cli", "train", "tiny", "data.train=s3://outage/shards",
+               "train.output=s3://outage/store", "train.run_name=r", "train.batch_size=8", "train.steps=100000",
+               "train.checkpoint_every=2", "data.workers=1", "train.progress=false"]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **env, **aws}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not fs.exists("outage/store/runs/r/checkpoints/step_00000002/meta.json"):
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "no checkpoint"
+                time.sleep(0.5)
+            server.stop()
+            stopped = True
+            _, err = proc.communicate(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        if not stopped:
+            server.stop()
+    assert proc.returncode == 2, err
+    assert "lost the storage" in _one_message(err)
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_on_resume_is_one_message(tmp_path, shards, env):
+    from cloob.config import load_recipe
+    from cloob.train import train
+
+    overrides = _overrides(shards, tmp_path, "train.steps=2", "train.checkpoint_every=2", "data.workers=0",
+                           "train.progress=false")
+    summary = train(load_recipe("tiny", overrides))
+    model = Path(summary["checkpoint"]) / "open_clip_pytorch_model.bin"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "cloob.cli", "train", "tiny", *overrides, "--nproc-per-node=2"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "checkpoint" in _one_message(proc.stderr)

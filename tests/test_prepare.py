@@ -280,7 +280,7 @@ def test_cc3m_rows_are_read_with_line_ids(tmp_path):
 
 
 def test_fast_shard_digest_equals_the_tarfile_one(tmp_path, shards_dir):
-    from cloob.data.manifest import _digest_tarfile, _digest_ustar, shard_digest
+    from cloob.data.manifest import _digest_tarfile, _digest_ustar, _NotPlainUstar, shard_digest
     from cloob.storage import Location
 
     long_name = tmp_path / "long.tar"
@@ -297,7 +297,7 @@ def test_fast_shard_digest_equals_the_tarfile_one(tmp_path, shards_dir):
     assert _digest_ustar(Location(str(shards_dir)), "00000.tar")["samples"] == 12
     cut = tmp_path / "cut.tar"
     cut.write_bytes((shards_dir / "00000.tar").read_bytes()[:1500])
-    with pytest.raises(Exception):
+    with pytest.raises(_NotPlainUstar):
         _digest_ustar(Location(str(tmp_path)), "cut.tar")
 
 

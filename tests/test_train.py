@@ -16,6 +16,7 @@ import torch
 
 from cloob.config import load_recipe
 from cloob.data import synthetic
+from cloob.errors import CloobError
 from cloob.model import MODEL_CONFIGS_DIR
 from cloob.train import train
 from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
@@ -125,13 +126,15 @@ def test_tiny_run_learns_and_checkpoint_loads_in_open_clip(tmp_path, small_shard
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.arch=RN5O"], "unknown architecture 'RN5O'"),
-        (["data.train=/nonexistent/shards"], "does not exist"),
+        # Refused by the trainer (under torchrun, as every `cloob train`), or by the recipe before that.
+        pytest.param(["model.arch=RN5O"], "unknown architecture 'RN5O'", marks=pytest.mark.slow),
+        pytest.param(["data.train=/nonexistent/shards"], "does not exist", marks=pytest.mark.slow),
         (["train.batch_size=-3"], "train.batch_size"),
         (["train.bogus=1"], "train.bogus: unknown field"),
         (["loss.method=infonce"], "loss.method"),
         (["model.inv_tau=500"], "model.inv_tau"),
-        (["train.batch_size=1000"], "fewer than one global batch"),
+        (["train.watchdog_s=-1"], "train.watchdog_s"),
+        pytest.param(["train.batch_size=1000"], "fewer than one global batch", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, small_shards, overrides, message, capsys):
@@ -145,6 +148,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, small_shards,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_not_a_tar_is_refused(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -205,3 +209,103 @@ def test_resume_after_the_data_grew_continues_with_a_warning(tmp_path, small_sha
         summary = train(load_recipe("tiny", overrides))
     assert summary["step"] == 30 and store.latest().step == 30
     assert "restarts within the epoch" in caplog.text
+
+
+def test_garbage_members_are_one_line_and_nothing_is_written(tmp_path):
+    """A valid tar of random-byte .jpg/.txt members: the error comes out of the DataLoader worker as one
+    line (not torch's re-raised worker traceback), and the run folder is not made before the first batch."""
+    import io
+    import tarfile
+
+    data = tmp_path / "garbage"
+    data.mkdir()
+    with tarfile.open(data / "00000.tar", "w") as tar:
+        for i in range(100):
+            for ext in ("jpg", "txt"):
+                blob = os.urandom(2000)
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    (data / "00000_stats.json").write_text(json.dumps({"successes": 100}))
+    out = tmp_path / "out"
+    recipe = load_recipe("tiny", [f"data.train={data}", f"train.output={out}", "train.batch_size=8",
+                                  "data.workers=1", "train.progress=false"])
+    with pytest.raises(CloobError) as e:
+        train(recipe)
+    assert "no usable training samples" in e.value.problem and e.value.fix
+    assert "\n" not in e.value.problem and "Traceback" not in e.value.problem
+    assert not out.exists()
+
+
+def test_environment_errors_become_one_message():
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from cloob.train.failures import as_cloob_error
+
+    where = {"run_dir": "/runs/r", "data": "s3://b/shards"}
+    full = as_cloob_error(OSError(errno.ENOSPC, "No space left on device"), **where)
+    assert "no space left" in full.problem and "/runs/r" in full.problem and "resumes" in full.fix
+    big = as_cloob_error(OSError(errno.EFBIG, "File too large"), **where)
+    assert "largest file size" in big.problem and "ulimit -f" in big.fix
+    try:  # raised from another error, as s3fs and fsspec do
+        try:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k")
+        except EndpointConnectionError as inner:
+            raise RuntimeError("upload failed") from inner
+    except RuntimeError as outer:
+        s3 = as_cloob_error(outer, **where)
+    assert "lost the storage" in s3.problem and "127.0.0.1:9" in s3.problem and "AWS_ENDPOINT_URL" in s3.fix
+    mine = CloobError("p", "f")
+    assert as_cloob_error(mine, **where) is mine
+    assert as_cloob_error(ValueError("a bug"), **where) is None  # keeps its traceback
+
+
+def test_runtime_fields_leave_the_recipe_hash_alone():
+    base = load_recipe("tiny")
+    # The tiny recipe's hash before train.watchdog_s and train.process_group_timeout_s existed.
+    assert base.content_hash() == "fa244323c967a36397bb622451271c7976555acccc47dee263e114eff79e5352"
+    tuned = load_recipe("tiny", ["train.watchdog_s=60", "train.process_group_timeout_s=120"])
+    assert tuned.content_hash() == base.content_hash() and tuned.run_dir() == base.run_dir()
+
+
+def test_total_steps_is_recorded_and_done_is_known_without_the_data(tmp_path, small_shards):
+    """metrics.jsonl lines and meta.json carry total_steps; "already trained?" reads it from the
+    checkpoint, so it needs no shard listing (here: the data is gone)."""
+    import shutil
+
+    from cloob.run.state import trained
+
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    recipe = load_recipe("tiny", [f"data.train={data}", f"train.output={tmp_path}", "train.epochs=0.1",
+                                  "train.steps=null", "train.batch_size=16", "data.workers=0",
+                                  "train.progress=false", "train.log_every=1"])
+    summary = train(recipe)
+    rows = _metrics(Path(summary["run_dir"]))
+    assert {r["total_steps"] for r in rows} == {2} and summary["step"] == 2  # 0.1 x 320 // 16
+    assert CheckpointStore(summary["run_dir"]).latest().meta()["total_steps"] == 2
+    shutil.rmtree(data)
+    assert trained(recipe) is not None
+
+
+def test_orphaned_storage_tasks_are_not_logged_as_tracebacks():
+    """aiohttp leaves a task behind when the store goes away mid-upload; asyncio would log its
+    traceback next to the one message the failed call gives."""
+    import logging
+
+    from aiohttp.client_exceptions import ClientConnectionResetError
+
+    from cloob.train.failures import QuietStorageTasks
+
+    def record(exc):
+        try:
+            raise exc
+        except Exception:
+            return logging.LogRecord("asyncio", logging.ERROR, __file__, 0, "Task exception was never retrieved",
+                                     None, sys.exc_info())
+
+    quiet = QuietStorageTasks()
+    assert not quiet.filter(record(ClientConnectionResetError("Cannot write to closing transport")))
+    assert quiet.filter(record(ValueError("a bug")))  # anything else is still logged

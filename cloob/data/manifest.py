@@ -193,7 +193,7 @@ def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: di
 
     shards = finished_shards(store)
     entries = []
-    for sid, stem in tqdm(shards.items(), desc="hashing shards", unit="shard", disable=not progress,
+    for _sid, stem in tqdm(shards.items(), desc="hashing shards", unit="shard", disable=not progress,
                           leave=False):
         stats = json.loads(store.read_bytes(f"{stem}_stats.json"))
         d = _cached_digest(store, meta, stem)

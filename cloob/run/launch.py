@@ -1,9 +1,15 @@
-"""Run one training run under torchrun as a supervised subprocess: its log, its progress, a deadline
-and cancellation, and no stray processes afterwards.
+"""Run one training run under torchrun as a supervised subprocess: its log, its progress, a deadline,
+cancellation and a step watchdog, its error as one message, and no stray processes afterwards.
 
     result = launch("tiny", ["data.train=./shards"], nproc_per_node=2, deadline_s=3600)
-    result.check()          # CloobError with the trainer's error and the end of the log on failure
+    result.check()          # CloobError saying why the run did not finish, once, whatever the ranks
     result.checkpoint       # the latest complete checkpoint, e.g. for the registry
+
+Between the ranks and this supervisor pass data, not console text (cloob.run.reports): each rank
+writes a heartbeat and, when it fails, an error record into a private folder named in
+CLOOB_REPORT_DIR; progress comes from metrics.jsonl, whose lines carry total_steps. The log lines are
+passed on to `on_line` for people to read and are never parsed. The watchdog (cloob.run.watchdog)
+stops a run whose ranks no longer make progress and names the rank at fault.
 
 torchrun runs in its own session; it starts each rank in a session of its own too, so stopping a
 run is more than one signal to a group: torchrun gets SIGTERM (it stops its ranks), and whatever of
@@ -24,35 +30,35 @@ import json
 import logging
 import os
 import queue
-import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
 import psutil
 
-from cloob.config import load_recipe
+from cloob.config import Recipe, load_recipe
 from cloob.errors import CloobError
+from cloob.run import reports
+from cloob.run.watchdog import Stall, Watchdog
 from cloob.storage import is_local
 from cloob.train.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 
-TAIL_LINES = 200  # kept for error messages
-ERROR_TAIL_LINES = 20  # shown by LaunchResult.check()
+TAIL_LINES = 200  # kept in LaunchResult.log_tail for callers (flows.k8s_node prints them)
 POLL_S = 1.0  # metrics.jsonl poll interval
 _TICK_S = 0.1  # how often the wait loop looks at the deadline, the stop event and the process
 _REAP_S = 30.0  # after SIGKILL: how long to wait for the group's processes to be reaped
 _DRAIN_S = 5.0  # after torchrun exits: how long to wait for the end of its output
-
-# Printed by the trainer (cloob.train.loop._announce) before the first step: the planned total.
-_TOTAL_STEPS = re.compile(r"; (\d+) steps \(\d+/epoch\)")
+_RESUME = "rerun the same command to resume from the last checkpoint"
 
 
 @dataclass
@@ -60,62 +66,68 @@ class LaunchResult:
     returncode: int | None  # torchrun's exit status; negative: killed by that signal; None: would not die
     run_dir: str
     checkpoint: str | None  # URL of the latest complete checkpoint after the run
-    last_progress: dict | None  # the last metrics line seen (+ total_steps)
+    last_progress: dict | None  # the last metrics line seen (with total_steps)
     seconds: float
     timed_out: bool
     cancelled: bool
     log_tail: list[str]  # the last TAIL_LINES lines of torchrun's merged stdout/stderr
     command: list[str]
     pgid: int  # torchrun's pid and process group id; no process of the run exists after launch returns
+    stall: Stall | None = None  # set when the step watchdog stopped the run
+    error: dict | None = None  # the error record of the rank whose failure ended the run (cloob.run.reports)
+    failures: dict[int, dict] = field(default_factory=dict)  # how torchrun saw each failed rank end
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out and not self.cancelled
+        return self.returncode == 0 and not self.timed_out and not self.cancelled and self.stall is None
 
     def check(self) -> LaunchResult:
-        """Return self if the run finished; else raise CloobError saying why, with the log's end."""
+        """Return self if the run finished; else raise one CloobError saying why."""
         if self.ok:
             return self
-        resume = "rerun the same command to resume from the last checkpoint"
         where = f"last checkpoint: {self.checkpoint or 'none'}"
         if p := self.last_progress:
             of = f" of {p['total_steps']}" if p.get("total_steps") else ""
             where = f"at step {p.get('step')}{of}; {where}"
+        if self.stall is not None:
+            raise CloobError(f"training in {self.run_dir} stopped making progress: {self.stall.describe()}; "
+                             f"the run was stopped ({where})",
+                             "find what froze it (a hung GPU or filesystem, a stopped process), then "
+                             f"{_RESUME}; train.watchdog_s=<seconds> sets the limit, 0 turns the watchdog off")
         if self.timed_out:
             raise CloobError(f"training in {self.run_dir} was stopped at its deadline after {self.seconds:.0f} s "
-                             f"({where})", f"{resume}, with a later deadline if it needs more time")
+                             f"({where})", f"{_RESUME}, with a later deadline if it needs more time")
         if self.cancelled:
             raise CloobError(f"training in {self.run_dir} was cancelled after {self.seconds:.0f} s ({where})",
-                             resume)
-        tail = self.log_tail[-ERROR_TAIL_LINES:]
-        # Under torchrun the trainer's own "error: ... fix: ..." lines are often pushed out of the
-        # last lines by torchrun's failure report, so they are picked out of the whole tail.
-        errors = _trainer_errors(self.log_tail)
-        problem = f"training in {self.run_dir} failed (torchrun exit code {self.returncode}; {where})"
-        if errors:
-            problem += "\n  " + "\n  ".join(errors)
-        problem += "\n  last lines of the log:\n    " + "\n    ".join(tail)
-        raise CloobError(problem, f"fix the cause above, then {resume}")
+                             _RESUME)
+        e = self.error
+        if e is not None and e.get("kind") == "cloob":  # the trainer's own message, as it would print it alone
+            raise CloobError(_one_line(e["problem"]), _one_line(e["fix"]) if e.get("fix") else None)
+        if e is not None and e.get("kind") != "peer":
+            raise CloobError(f"training in {self.run_dir} failed on rank {e.get('rank')}: {_one_line(e['problem'])} "
+                             f"({where})", f"see the traceback above; fix the cause, then {_RESUME}")
+        if self.failures:
+            # A rank killed from outside comes before the others' reactions to its end: a collective
+            # failing on them (exit code 1, a "peer" error) or torchrun stopping them (SIGTERM).
+            def order(kv):
+                sig = kv[1].get("signal")
+                return (0 if sig and sig != "SIGTERM" else 1 if not sig else 2, kv[1].get("time") or 0, kv[0])
+
+            rank, f = min(self.failures.items(), key=order)
+            how = f"was killed by {f['signal']}" if f.get("signal") else f"exited with code {f.get('exitcode')}"
+            hint = " (SIGKILL is also how the kernel's out-of-memory killer ends a process: see dmesg; lower " \
+                   "train.batch_size or data.workers if so)" if f.get("signal") == "SIGKILL" else ""
+            raise CloobError(f"training in {self.run_dir} failed: rank {rank} {how} without an error of its own "
+                             f"({where})", f"see the log above{hint}; fix the cause, then {_RESUME}")
+        if e is not None:
+            raise CloobError(f"training in {self.run_dir} failed on rank {e.get('rank')}: {_one_line(e['problem'])} "
+                             f"({where})", f"see the traceback above; fix the cause, then {_RESUME}")
+        raise CloobError(f"training in {self.run_dir} failed (torchrun exit code {self.returncode}; {where})",
+                         f"see the log above; fix the cause, then {_RESUME}")
 
 
-def _trainer_errors(lines: list[str]) -> list[str]:
-    """The trainer's `error: <problem>` lines with their `  fix: ...` lines, once each (every rank prints)."""
-    # Ranks print at the same time: one's "error: ..." can land right after another's "  fix: ..."
-    # before its newline (print writes the text and the newline separately).
-    lines = [part for line in lines for part in
-             (re.split(r"(?=error: )", line) if line.startswith(("error: ", "  fix: ")) else [line]) if part]
-    out: list[str] = []
-    for i, line in enumerate(lines):
-        if line.startswith("error: "):
-            block = [line]
-            for nxt in lines[i + 1:]:
-                if not nxt.startswith("  fix: "):
-                    break
-                block.append(nxt)
-            for b in block:
-                if b not in out:
-                    out.append(b)
-    return out
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def build_command(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes: int = 1,
@@ -285,8 +297,8 @@ def _stop_tree(proc: subprocess.Popen, tree: _ProcessTree, grace_s: float) -> No
         proc.poll()  # torchrun itself is reaped by now unless it is the one stuck
 
 
-def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, int | None]:
-    """(run_dir, the local metrics.jsonl the trainer appends to, planned steps if fixed)."""
+def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, Recipe]:
+    """(run_dir, the local metrics.jsonl the trainer appends to, the recipe)."""
     r = load_recipe(recipe, overrides)  # raises the same CloobError the trainer would, before any start
     run_name, run_dir = r.run_id(), r.run_dir()
     fs, path = fsspec.core.url_to_fs(run_dir)
@@ -294,14 +306,14 @@ def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, int | No
         metrics = Path(path).absolute() / "metrics.jsonl"
     else:  # the trainer writes metrics to a local mirror under its working directory (ours)
         metrics = Path.cwd() / ".cloob-logs" / run_name / "metrics.jsonl"
-    return run_dir, metrics, r.train.steps
+    return run_dir, metrics, r
 
 
 def _latest_checkpoint(run_dir: str) -> str | None:
     try:
         ref = CheckpointStore(run_dir).latest()
     except Exception as e:  # a storage error here must not hide how the run itself went
-        log.warning("could not list the checkpoints of %s: %s: %s", run_dir, type(e).__name__, e)
+        log.info("could not list the checkpoints of %s: %s: %s", run_dir, type(e).__name__, e)
         return None
     return ref.url if ref else None
 
@@ -313,21 +325,48 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     """Train `recipe` with `overrides` under torchrun and supervise it until it ends.
 
     deadline_s: seconds from now after which the run is stopped (SIGTERM to the group, SIGKILL after
-    grace_s). stop: set it from any thread to cancel the same way. env: variables added to this
-    process's environment for the run. on_line gets each output line (no newline); on_progress gets
-    each new metrics.jsonl line as a dict plus "total_steps". Both run in this thread; an exception
-    in them, or any exception or KeyboardInterrupt here, stops the group and is re-raised.
+    grace_s). stop: set it from any thread to cancel the same way. The step watchdog
+    (train.watchdog_s, see cloob.run.watchdog) stops it the same way when its ranks stop making
+    progress. env: variables added to this process's environment for the run. on_line gets each
+    output line (no newline), and at the end the traceback of a rank that failed with an error
+    cloob does not know; on_progress gets each new metrics.jsonl line as a dict (with
+    "total_steps"). Both run in this thread; an exception in them, or any exception or
+    KeyboardInterrupt here, stops the group and is re-raised.
     A failed run is not raised: call .check() on the result. A bad recipe or override is raised at
     once (CloobError), before anything starts.
     """
     command = build_command(recipe, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,
                             node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
-    run_dir, metrics_path, total_steps = _resolve_run(recipe, [*overrides, "train.progress=false"])
+    run_dir, metrics_path, r = _resolve_run(recipe, [*overrides, "train.progress=false"])
     metrics = _MetricsTail(metrics_path)
+    _sweep_report_dirs()
+    report_dir = Path(tempfile.mkdtemp(prefix=f"cloob-run-{os.getpid()}-"))
+    try:
+        return _supervise(command, run_dir, metrics, report_dir, Watchdog(report_dir, nproc_per_node, r.train.watchdog_s),
+                          deadline_s=deadline_s, on_line=on_line, on_progress=on_progress, stop=stop, env=env,
+                          grace_s=grace_s)
+    finally:
+        shutil.rmtree(report_dir, ignore_errors=True)
+
+
+def _sweep_report_dirs() -> None:
+    """Remove the report folders of launchers that were killed before they could (SIGKILL)."""
+    for d in Path(tempfile.gettempdir()).glob("cloob-run-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not psutil.pid_exists(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _supervise(command, run_dir, metrics: _MetricsTail, report_dir: Path, watchdog: Watchdog, *, deadline_s,
+               on_line, on_progress, stop, env, grace_s) -> LaunchResult:
     # Unbuffered Python writes print()'s text and its newline separately, so the ranks' lines would
     # interleave mid-line in the shared pipe; line-buffered stderr (the default; the trainer and
     # torchrun log there) writes whole lines, as they happen.
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "", **(env or {}), "CLOOB_LAUNCHER_PID": str(os.getpid())}
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "", **(env or {}), "CLOOB_LAUNCHER_PID": str(os.getpid()),
+                 reports.ENV: str(report_dir)}
 
     start = time.monotonic()
     proc = subprocess.Popen(command, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -351,21 +390,19 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     reader.start()
 
     last_progress: dict | None = None
+    stall: Stall | None = None
     timed_out = cancelled = False
 
     def deliver(line: str) -> None:
-        nonlocal total_steps
-        if m := _TOTAL_STEPS.search(line):
-            total_steps = int(m.group(1))
         if on_line is not None:
             on_line(line)
 
     def poll_metrics() -> None:
         nonlocal last_progress
         for row in metrics.read_new():
-            last_progress = {**row, "total_steps": total_steps}
+            last_progress = row
             if on_progress is not None:
-                on_progress(dict(last_progress))
+                on_progress(dict(row))
 
     try:
         eof, exited_at, next_poll = False, None, start + POLL_S
@@ -379,6 +416,8 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
                     break
                 if stop is not None and stop.is_set():
                     cancelled = True
+                    break
+                if stall is not None:
                     break
             # Done when torchrun has exited and its output is read, or when something it left behind
             # still holds the pipe open a while later (stopped below like the rest of the group).
@@ -403,6 +442,8 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
                 next_poll = time.monotonic() + POLL_S
                 tree.refresh()
                 poll_metrics()
+                if exited_at is None:
+                    stall = watchdog.poll()
         _stop_tree(proc, tree, grace_s)  # a no-op when torchrun ended and left nothing behind
     except BaseException:
         _stop_tree(proc, tree, grace_s)
@@ -417,6 +458,11 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
         if item is not None:
             deliver(item)
     poll_metrics()
+    error = reports.root_cause(reports.read_errors(report_dir))
+    if error is not None and error.get("kind") == "internal" and error.get("traceback"):
+        for line in error["traceback"].rstrip("\n").splitlines():  # once, from the rank that failed first
+            deliver(line)
     return LaunchResult(returncode=proc.returncode, run_dir=run_dir, checkpoint=_latest_checkpoint(run_dir),
                         last_progress=last_progress, seconds=time.monotonic() - start, timed_out=timed_out,
-                        cancelled=cancelled, log_tail=list(tail), command=command, pgid=pgid)
+                        cancelled=cancelled, log_tail=list(tail), command=command, pgid=pgid, stall=stall,
+                        error=error, failures=reports.read_failures(report_dir))

@@ -27,26 +27,33 @@ def prepared(spec, out: str) -> str | None:
 
 
 def trained(recipe) -> str | None:
-    """The run of `recipe` has a checkpoint at its last step, saved by this very recipe."""
-    from cloob.train import plan_run
+    """The run of `recipe` has a checkpoint at its last step, saved by this very recipe.
+
+    The run's length is read from the checkpoint (meta.json's total_steps, what the trainer planned),
+    so this lists no shards; only a checkpoint from before total_steps was recorded is planned anew."""
     from cloob.train.checkpoint import CheckpointStore
 
-    plan = plan_run(recipe, world_size=1)
-    latest = CheckpointStore(plan.run_dir).latest()
+    latest = CheckpointStore(recipe.run_dir()).latest()
     if latest is None:
         return None
     meta = latest.meta()
-    if meta.get("recipe_hash") != recipe.content_hash() or latest.step < _total_steps(recipe, plan, meta):
+    if meta.get("recipe_hash") != recipe.content_hash():
+        return None
+    total = meta.get("total_steps") or _planned_steps(recipe, meta)
+    if latest.step < total:
         return None
     return _key("trained", meta["recipe_hash"], meta["model_sha256"], latest.step)
 
 
-def _total_steps(recipe, plan, meta) -> int:
-    # The plan depends on the world size (steps per epoch); the run records the one it trained with.
+def _planned_steps(recipe, meta) -> int:
     if recipe.train.steps:
         return recipe.train.steps
     import math
 
+    from cloob.train import plan_run
+
+    # The plan depends on the world size (steps per epoch); the run records the one it trained with.
+    plan = plan_run(recipe, world_size=1)
     ws = int(meta.get("world_size") or 1)
     steps_per_epoch = plan.num_samples // (recipe.train.batch_size * ws)
     return max(1, math.ceil(recipe.train.epochs * steps_per_epoch))

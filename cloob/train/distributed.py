@@ -36,8 +36,11 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment; NCCL on GPU, gloo on CPU."""
+def init(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun describes in the environment; NCCL on GPU, gloo on CPU.
+
+    timeout_s (train.process_group_timeout_s): how long a collective waits for a rank before the run
+    fails. The launcher's step watchdog (cloob.run.watchdog) usually notices a frozen rank first."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,7 +52,7 @@ def init(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if use_cuda else None)
     return DistInfo(rank, local_rank, world, dev)
 

@@ -3,14 +3,17 @@
     cloob train tiny data.train=./shards train.steps=200
     torchrun --nproc_per_node 4 -m cloob.train cloob_rn50_cc3m data.train=s3://bucket/cc3m
 
-Everything the run needs is checked before anything is written. Checkpoints are step-based and
-atomic; a rerun of the same command resumes from the latest one and follows the same trajectory as
-an uninterrupted run (model, optimizer, scaler, step, RNG and per-worker data positions restored).
+Everything the run needs is checked before anything is written, the first batch of data included.
+Checkpoints are step-based and atomic; a rerun of the same command resumes from the latest one and
+follows the same trajectory as an uninterrupted run (model, optimizer, scaler, step, RNG and
+per-worker data positions restored). Under cloob.run.launch every rank reports its progress and its
+error as data (cloob.run.reports) instead of printing them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -19,6 +22,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +34,15 @@ from torch.utils.data import DataLoader
 
 from cloob.config import Recipe, load_recipe
 from cloob.data.shards import list_shards
-from cloob.data.stream import SKIP_REASONS, NoUsableData, ShardStream, StreamState
+from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
 from cloob.data.workers import worker_init
 from cloob.errors import CloobError
 from cloob.losses import LossSpec
 from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
+from cloob.run import reports
 from cloob.train import distributed
 from cloob.train.checkpoint import CheckpointStore, is_local, remove_temp_files
+from cloob.train.failures import QuietStorageTasks, ReportErrors, as_cloob_error, checked
 from cloob.train.metrics import MetricsLogger
 from cloob.train.optim import build_optimizer, lr_factor, set_lr
 from cloob.version import code_version
@@ -128,14 +134,20 @@ def _autocast(device: torch.device, precision: str):
 
 
 def train(recipe: Recipe) -> dict:
-    """Run (or resume) one training run; returns a summary with the final checkpoint's URL."""
-    info = distributed.init(recipe.train.device)
+    """Run (or resume) one training run; returns a summary with the final checkpoint's URL.
+
+    Errors of the environment (a full disk, a lost object store, unusable data) are raised as
+    CloobError (cloob.train.failures)."""
+    reports.beat("start", 0)
+    info = distributed.init(recipe.train.device, recipe.train.process_group_timeout_s)
     try:
         with _run_lock(recipe, info):
             return _train(recipe, info)
-    except NoUsableData as e:  # raised in a data worker, re-raised here by the DataLoader
-        raise CloobError(f"no usable training samples in {recipe.data.train}: {e}",
-                         "check the shards (images, .txt captions) or prepare them again") from None
+    except Exception as e:
+        err = as_cloob_error(e, run_dir=recipe.run_dir(), data=recipe.data.train)
+        if err is None or err is e:
+            raise
+        raise err from None
     finally:
         distributed.shutdown()
 
@@ -154,9 +166,6 @@ def _run_lock(recipe: Recipe, info: distributed.DistInfo):
 def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     cfg = recipe.train
     plan = plan_run(recipe, info.world_size)
-    if info.is_main:
-        _check_writable(plan.run_dir)
-        remove_temp_files(plan.run_dir)  # left by a kill mid-write; before this run writes any of its own
     store = CheckpointStore(plan.run_dir)
     resume_from = store.latest() if cfg.resume else None
 
@@ -170,7 +179,14 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     progress = Progress()
 
     if resume_from is not None:
-        model_state, state, meta = CheckpointStore.load(resume_from, map_location=info.device)
+        try:
+            model_state, state, meta = CheckpointStore.load(resume_from, map_location=info.device)
+        except CloobError:
+            raise
+        except Exception as e:  # a damaged file: one message, not a traceback from torch.load
+            raise CloobError(f"cannot load checkpoint {resume_from.url}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}", "delete that checkpoint folder to resume from "
+                             "the one before it, or pass train.resume=false to start over") from None
         if meta.get("recipe_hash") != recipe.content_hash():
             raise CloobError(f"{plan.run_dir} holds a run of a different recipe",
                              "pass train.run_name=<new name>, or train.resume=false to start over elsewhere")
@@ -190,26 +206,20 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
                         "order restarts within the epoch (not the exact trajectory)", state["world_size"],
                         state.get("steps_per_epoch"), info.world_size, plan.steps_per_epoch)
             progress.stream = StreamState(batches=progress.step % plan.steps_per_epoch)
+    reports.beat("start", progress.step)
 
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.distributed else model
     forward = torch.compile(ddp) if recipe.model.compile else ddp
     loss_fn = LossSpec(recipe.loss.objective, recipe.loss.retrieval, recipe.loss.beta)
+
+    # -- the data: one DataLoader for the whole run; its workers go on from epoch to epoch by themselves
     dataset = ShardStream(plan.shard_urls, batch_size=cfg.batch_size, image_transform=train_tf,
                           tokenizer=tokenizer, seed=cfg.seed, resampled=recipe.data.resampled,
                           shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size,
                           expected_counts={u: c for u, c in zip(plan.shard_urls, plan.shard_counts) if c})
-
-    local_log_dir = plan.run_dir if is_local(store.fs) else str(Path(".cloob-logs") / plan.run_name)
-    logger = MetricsLogger(local_log_dir, resume_step=progress.step) if info.is_main else None
     if info.is_main:
         _announce(recipe, plan, info, resume_from)
-        _write_recipe(recipe, plan.run_dir)
-    bar = _progress_bar(plan.total_steps, progress.step, enabled=info.is_main and cfg.progress)
-
-    last_ckpt = resume_from
-    t_last, samples_last = time.perf_counter(), progress.samples_seen
-    metrics: dict = {}
     if progress.step % plan.steps_per_epoch == 0 and progress.stream.batches:
         # Resumed from a checkpoint saved on an epoch's last step: its stream positions are the
         # finished epoch's. Fold them away as the loop below does at every epoch start, or the
@@ -217,18 +227,40 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         for k, v in progress.stream.skip_totals().items():
             progress.skips_before_epoch[k] += v
         progress.stream = StreamState()
-    # One DataLoader for the whole run: its workers go on from epoch to epoch by themselves.
     dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
-    loader = DataLoader(dataset, batch_size=None, num_workers=recipe.data.workers, worker_init_fn=worker_init,
+    loader = DataLoader(ReportErrors(dataset, run_dir=plan.run_dir, data=recipe.data.train), batch_size=None,
+                        num_workers=recipe.data.workers, worker_init_fn=worker_init,
                         pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
-    batches = iter(loader)
+    batches = checked(iter(loader))
+    if progress.step < plan.total_steps:
+        # Shards can look right and hold nothing usable: the first batch, read on every rank, comes
+        # before the run folder is written.
+        batches = itertools.chain([next(batches)], batches)
+    distributed.barrier(info)
+
+    # -- the run folder: written from here on (by the main rank)
+    if info.is_main:
+        _check_writable(plan.run_dir)
+        remove_temp_files(plan.run_dir)  # left by a kill mid-write; before this run writes any of its own
+    local_log_dir = plan.run_dir if is_local(store.fs) else str(Path(".cloob-logs") / plan.run_name)
+    logger = MetricsLogger(local_log_dir, resume_step=progress.step) if info.is_main else None
+    if info.is_main:
+        _write_recipe(recipe, plan.run_dir)
+    bar = _progress_bar(plan.total_steps, progress.step, enabled=info.is_main and cfg.progress)
+
+    # -- the loop
+    last_ckpt = resume_from
+    t_last, samples_last = time.perf_counter(), progress.samples_seen
+    metrics: dict = {}
     while progress.step < plan.total_steps:
         epoch, in_epoch = divmod(progress.step, plan.steps_per_epoch)
         if in_epoch == 0 and progress.stream.batches:  # a new epoch: fold the last one's skip counts away
             for k, v in progress.stream.skip_totals().items():
                 progress.skips_before_epoch[k] += v
             progress.stream = StreamState()
+        reports.beat("data", progress.step)
         batch = next(batches)
+        reports.beat("step", progress.step)
         if batch["epoch"] != epoch:  # the workers' epoch bookkeeping must agree with the step count
             raise RuntimeError(f"data stream is in epoch {batch['epoch']} at step {progress.step} (epoch {epoch})")
         images = batch["image"].to(info.device, non_blocking=True)
@@ -263,7 +295,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
                        **{f"skipped_{k}": v for k, v in skips.items()}}
             t_last, samples_last = now, progress.samples_seen
             if logger:
-                logger.log(progress.step, metrics)
+                logger.log(progress.step, metrics, total_steps=plan.total_steps)
         if bar is not None:
             bar.update(1)
             if metrics:
@@ -273,6 +305,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         if progress.step % cfg.checkpoint_every == 0 or last:
             last_ckpt = _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger)
     del batches, loader  # stops the workers
+    reports.beat("done", progress.step)
 
     if bar is not None:
         bar.close()
@@ -295,6 +328,7 @@ def _global_skips(progress: Progress, info: distributed.DistInfo) -> dict[str, i
 
 
 def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger):
+    reports.beat("save", progress.step)
     rank_state = {"stream": progress.stream.to_dict(), "skips_before_epoch": dict(progress.skips_before_epoch),
                   "rng": _rng_state()}
     ranks = distributed.all_gather_object(rank_state, info)
@@ -308,7 +342,7 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
         meta = {"arch": recipe.model.arch, "method": recipe.loss.method, "recipe_name": recipe.name,
                 "recipe_hash": recipe.content_hash(), "run_name": plan.run_name, "epoch_size": plan.num_samples,
                 "samples_seen": progress.samples_seen, "world_size": info.world_size,
-                "code_version": code_version(), "metrics": metrics, "time": time.time()}
+                "total_steps": plan.total_steps, "code_version": code_version(), "metrics": metrics, "time": time.time()}
         ref = store.save(progress.step, model.state_dict(), cfg, state, meta, keep=recipe.train.keep_checkpoints)
         if logger:
             logger.flush()
@@ -362,10 +396,21 @@ def main(argv: list[str] | None = None) -> int:
 
         die_with_parent(signal.SIGKILL)
     logging.basicConfig(level=os.environ.get("CLOOB_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncio").addFilter(QuietStorageTasks())
+    # Under cloob.run.launch a failure is reported once, as data, for the launcher to tell the user;
+    # every rank printing it (and torchrun's report after it) is what a user would see otherwise.
     try:
         train(load_recipe(args.recipe, args.overrides))
     except CloobError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not reports.write_error("cloob", e.problem, e.fix, type_name=type(e).__name__):
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # A collective failing on this rank is mostly the end of another rank, which reports the cause.
+        kind = "peer" if isinstance(e, torch.distributed.DistError) else "internal"
+        if not reports.write_error(kind, f"{type(e).__name__}: {' '.join(str(e).split())[:500]}",
+                                   type_name=type(e).__name__, traceback=traceback.format_exc()):
+            raise
+        return 1
     return 0
 

@@ -45,8 +45,11 @@ class MetricsLogger:
         tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         os.replace(tmp, self.jsonl)
 
-    def log(self, step: int, metrics: dict) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+    def log(self, step: int, metrics: dict, total_steps: int | None = None) -> None:
+        """One line of metrics.jsonl; total_steps (the run's planned length) goes there only, for
+        whoever follows the file, not to TensorBoard."""
+        extra = {"total_steps": total_steps} if total_steps is not None else {}
+        self._file.write(json.dumps({"step": step, **extra, **metrics}) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in metrics.items():

@@ -1,0 +1,85 @@
+"""`cloob train` in a terminal: the run under cloob.run.launch, its output shown live, signals passed on.
+
+The trainer's lines are shown as they come. Its progress comes from metrics.jsonl (every
+train.log_every steps): a progress bar on a terminal when train.progress is true, else a line at
+most every LINE_EVERY_S seconds (and at the last step). SIGTERM and SIGINT stop the whole process
+tree (torchrun, the ranks, their DataLoader workers) and end with 143 or 130 and one line saying
+that a rerun resumes; an error ends with its one `error:`/`fix:` message (exit 2, by cloob.cli).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+from cloob.config import load_recipe
+from cloob.run.launch import launch
+from cloob.run.lifeline import die_with_wrapper
+
+LINE_EVERY_S = 10.0
+
+
+class _Display:
+    def __init__(self, bar: bool, lines: bool):
+        self.want_bar, self.lines = bar, lines
+        self.bar = None
+        self.last_line = 0.0
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def progress(self, p: dict) -> None:
+        step, total = p["step"], p.get("total_steps")
+        if self.want_bar:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{p['loss']:.4f}", lr=f"{p['lr']:.2e}", inv_tau=f"{p['inv_tau']:.1f}",
+                                 sps=f"{p['samples_per_s']:.0f}", skipped=p.get("skipped", 0))
+        elif self.lines and (time.monotonic() - self.last_line >= LINE_EVERY_S or step == total):
+            self.last_line = time.monotonic()
+            print(f"step {step}/{total or '?'}: loss {p['loss']:.4f}, lr {p['lr']:.2e}, inv_tau {p['inv_tau']:.1f}, "
+                  f"{p['samples_per_s']:.0f} samples/s, {p.get('skipped', 0)} skipped", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def train_command(recipe: str, overrides: list[str], nproc_per_node: int = 1) -> int:
+    """Run one training run from the command line; returns the exit code (errors raise CloobError)."""
+    r = load_recipe(recipe, overrides)  # a bad recipe is one message before anything starts
+    # `uv run` passes SIGINT and SIGTERM on, but a SIGKILL of uv would leave this process (and the
+    # run) going: a process started by uv ends with it.
+    die_with_wrapper(signal.SIGTERM)
+    stop, caught = threading.Event(), []
+
+    def on_signal(signum, _frame):
+        caught.append(signum)
+        stop.set()
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, on_signal) for s in handled}
+    display = _Display(bar=r.train.progress and sys.stderr.isatty(), lines=r.train.progress)
+    try:
+        result = launch(recipe, overrides, nproc_per_node=nproc_per_node, stop=stop, on_line=display.line,
+                        on_progress=display.progress)
+    finally:
+        display.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if result.cancelled and caught:
+        sig = caught[0]
+        print(f"stopped by {signal.Signals(sig).name}: finished checkpoints are kept; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 128 + sig
+    result.check()
+    return 0
