@@ -309,3 +309,15 @@ def test_orphaned_storage_tasks_are_not_logged_as_tracebacks():
     quiet = QuietStorageTasks()
     assert not quiet.filter(record(ClientConnectionResetError("Cannot write to closing transport")))
     assert quiet.filter(record(ValueError("a bug")))  # anything else is still logged
+
+
+def test_a_data_worker_that_never_answers_is_one_message():
+    """The training DataLoader waits at most LOADER_TIMEOUT_S for a batch; torch's timeout error then
+    reads as one CloobError naming the data."""
+    from cloob.train.failures import as_cloob_error
+    from cloob.train.loop import LOADER_TIMEOUT_S
+
+    assert 0 < LOADER_TIMEOUT_S <= 3600
+    err = as_cloob_error(RuntimeError(f"DataLoader timed out after {LOADER_TIMEOUT_S:.0f} seconds"),
+                         run_dir="/r", data="s3://b/shards")
+    assert err is not None and "s3://b/shards" in err.problem and "timed out" in err.problem and err.fix

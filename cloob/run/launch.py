@@ -41,14 +41,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
 import psutil
 
 from cloob.config import Recipe, load_recipe
 from cloob.errors import CloobError
 from cloob.run import reports
 from cloob.run.watchdog import Stall, Watchdog
-from cloob.storage import is_local
+from cloob.storage import Location
 from cloob.train.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -301,9 +300,9 @@ def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, Recipe]:
     """(run_dir, the local metrics.jsonl the trainer appends to, the recipe)."""
     r = load_recipe(recipe, overrides)  # raises the same CloobError the trainer would, before any start
     run_name, run_dir = r.run_id(), r.run_dir()
-    fs, path = fsspec.core.url_to_fs(run_dir)
-    if is_local(fs):
-        metrics = Path(path).absolute() / "metrics.jsonl"
+    where = Location(run_dir)
+    if where.is_local:
+        metrics = Path(where.root) / "metrics.jsonl"
     else:  # the trainer writes metrics to a local mirror under its working directory (ours)
         metrics = Path.cwd() / ".cloob-logs" / run_name / "metrics.jsonl"
     return run_dir, metrics, r

@@ -56,6 +56,10 @@ def as_cloob_error(exc: BaseException, *, run_dir: str, data: str) -> CloobError
             return CloobError(f"no usable training samples in {data}: {_one_line(e)}",
                               "check the shards (images, .txt captions) or prepare them again")
         what = f"{type(e).__name__}: {_one_line(e)}"
+        if isinstance(e, RuntimeError) and "DataLoader timed out" in str(e):
+            return CloobError(f"no batch came from the data workers of {data} in time ({what})",
+                              f"a worker is stuck or the storage stopped answering: check the data and the network, "
+                              f"{RESUME}")
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return CloobError(f"no space left on the device of the run {run_dir} ({what})",
                               "free space there or lower train.keep_checkpoints (a new checkpoint is written "

@@ -17,7 +17,6 @@ import itertools
 import logging
 import math
 import os
-import posixpath
 import random
 import signal
 import sys
@@ -40,14 +39,18 @@ from cloob.errors import CloobError
 from cloob.losses import LossSpec
 from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
 from cloob.run import reports
+from cloob.storage import Location, is_local
 from cloob.train import distributed
-from cloob.train.checkpoint import CheckpointStore, is_local, remove_temp_files
+from cloob.train.checkpoint import CheckpointStore, remove_temp_files
 from cloob.train.failures import QuietStorageTasks, ReportErrors, as_cloob_error, checked
 from cloob.train.metrics import MetricsLogger
 from cloob.train.optim import build_optimizer, lr_factor, set_lr
 from cloob.version import code_version
 
 log = logging.getLogger("cloob.train")
+# The longest wait for one batch from the data workers (their start and a shard's first bytes from a
+# bucket included): past it the run fails with one message instead of waiting on a stuck worker.
+LOADER_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -106,8 +109,7 @@ def _check_readable(url: str) -> None:
 
 def _check_writable(run_dir: str) -> None:
     try:
-        fs, path = fsspec.core.url_to_fs(run_dir)
-        fs.makedirs(path, exist_ok=True)
+        Location(run_dir).makedirs()
     except (OSError, ValueError) as e:
         raise CloobError(f"cannot create the run folder {run_dir}: {e}", "choose a writable train.output") from None
 
@@ -230,7 +232,8 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
     loader = DataLoader(ReportErrors(dataset, run_dir=plan.run_dir, data=recipe.data.train), batch_size=None,
                         num_workers=recipe.data.workers, worker_init_fn=worker_init,
-                        pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+                        pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+                        timeout=LOADER_TIMEOUT_S if recipe.data.workers else 0)
     batches = checked(iter(loader))
     if progress.step < plan.total_steps:
         # Shards can look right and hold nothing usable: the first batch, read on every rank, comes
@@ -353,18 +356,16 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
 
 
 def _upload_logs(local_dir: Path, run_dir: str) -> None:
-    fs, root = fsspec.core.url_to_fs(run_dir)
+    run = Location(run_dir)
     for p in local_dir.rglob("*"):
         if p.is_file():
-            fs.put_file(str(p), posixpath.join(root, p.relative_to(local_dir).as_posix()))
+            run.copy_in(str(p), p.relative_to(local_dir).as_posix())
 
 
 def _write_recipe(recipe: Recipe, run_dir: str) -> None:
     import yaml
 
-    from cloob.train.checkpoint import atomic_write_bytes
-    atomic_write_bytes(posixpath.join(run_dir, "recipe.yaml"),
-                       yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode())
+    Location(run_dir).write_bytes("recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode())
 
 
 def _announce(recipe, plan: Plan, info, resume_from) -> None:
