@@ -52,6 +52,7 @@ def test_meta_holds_every_files_digest(tmp_path):
     assert meta["model_sha256"] == meta["files"][MODEL_FILE]["sha256"]  # the checkpoint id stays
 
 
+@pytest.mark.slow
 def test_flipped_byte_in_train_state_refuses_resume_naming_the_file_and_the_fallback(tmp_path, shards_dir, capsys):
     run = tmp_path / "out" / "runs" / "r"
     _save(run, 10)
@@ -71,6 +72,7 @@ def test_flipped_byte_in_train_state_refuses_resume_naming_the_file_and_the_fall
         CheckpointStore.load(CheckpointStore(str(run)).latest())
 
 
+@pytest.mark.slow
 def test_missing_train_state_refuses_resume(tmp_path, shards_dir, capsys):
     run = tmp_path / "out" / "runs" / "r"
     (Path(_save(run, 10).url) / STATE_FILE).unlink()

@@ -533,6 +533,7 @@ def test_all_bad_shards_raise_instead_of_hanging(tmp_path, tfs, num_workers):
         next(batches(stream, num_workers=num_workers))
 
 
+@pytest.mark.slow
 def test_training_on_all_bad_shards_is_a_clear_error(tmp_path, capsys):
     from cloob.cli import main
 
