@@ -166,11 +166,13 @@ def _run_lock(recipe: Recipe, info: distributed.DistInfo):
 
 
 def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
+    # -- the plan: data, batch and steps, checked before anything is made or written
     cfg = recipe.train
     plan = plan_run(recipe, info.world_size)
     store = CheckpointStore(plan.run_dir)
     resume_from = store.latest() if cfg.resume else None
 
+    # -- the model, the optimizer and the grad scaler
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model, train_tf, _, tokenizer = create_model(recipe.model.arch, recipe.model.inv_tau,
                                                  recipe.model.learn_inv_tau, device=info.device)
@@ -180,6 +182,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     progress = Progress()
 
+    # -- resume: weights, optimizer, step, RNG and data positions from the latest complete checkpoint
     if resume_from is not None:
         try:
             model_state, state, meta = CheckpointStore.load(resume_from, map_location=info.device)
@@ -210,6 +213,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
             progress.stream = StreamState(batches=progress.step % plan.steps_per_epoch)
     reports.beat("start", progress.step)
 
+    # -- DDP, compile, the loss
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.distributed else model
     forward = torch.compile(ddp) if recipe.model.compile else ddp
@@ -256,6 +260,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     t_last, samples_last = time.perf_counter(), progress.samples_seen
     metrics: dict = {}
     while progress.step < plan.total_steps:
+        # -- one step: the batch, forward, loss over the global batch, backward, optimizer
         epoch, in_epoch = divmod(progress.step, plan.steps_per_epoch)
         if in_epoch == 0 and progress.stream.batches:  # a new epoch: fold the last one's skip counts away
             for k, v in progress.stream.skip_totals().items():
@@ -285,6 +290,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         progress.samples_seen += plan.global_batch
         progress.stream.update(batch)
 
+        # -- logging: metrics.jsonl, TensorBoard, the progress bar
         last = progress.step == plan.total_steps
         if progress.step % cfg.log_every == 0 or last or progress.step == 1:
             now = time.perf_counter()
@@ -305,8 +311,10 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                 inv_tau=f"{metrics['inv_tau']:.1f}", sps=f"{metrics['samples_per_s']:.0f}",
                                 skipped=metrics["skipped"], refresh=False)
+        # -- checkpoint
         if progress.step % cfg.checkpoint_every == 0 or last:
             last_ckpt = _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger)
+    # -- the end: workers stopped, logs closed, the summary
     del batches, loader  # stops the workers
     reports.beat("done", progress.step)
 
