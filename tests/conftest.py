@@ -225,7 +225,8 @@ def slow_marker_is_honest():
 
 
 # The longest files first: the two test processes take whole files in this order (pytest-xdist's
-# loadfile), and the demo alone takes several minutes; started last, it would run on after the rest.
+# loadfile, with --no-loadscope-reorder: its own order is by number of tests, which put the demo's
+# two tests last), and the demo alone takes minutes; started last, it ran on long after the rest.
 _LONGEST_FIRST = ["test_demo.py", "test_launch.py", "test_prepare.py", "test_lock.py", "test_train.py",
                   "test_checkpoint.py", "test_deploy.py"]
 
