@@ -223,14 +223,3 @@ def slow_marker_is_honest():
     if started := sorted(set(_running["started"])):
         pytest.fail(f"this test started {', '.join(started)}: mark it @pytest.mark.slow", pytrace=False)
 
-
-# The longest files first: the two test processes take whole files in this order (pytest-xdist's
-# loadfile, with --no-loadscope-reorder: its own order is by number of tests, which put the demo's
-# two tests last), and the demo alone takes minutes; started last, it ran on long after the rest.
-_LONGEST_FIRST = ["test_demo.py", "test_launch.py", "test_prepare.py", "test_lock.py", "test_train.py",
-                  "test_checkpoint.py", "test_deploy.py"]
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
