@@ -48,6 +48,25 @@ def shards_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture
+def garbage_shards(tmp_path):
+    """A valid tar of 200 random-byte .jpg/.txt members (and a stats file that promises 100 samples)."""
+    import json
+    import tarfile
+
+    d = tmp_path / "garbage"
+    d.mkdir()
+    with tarfile.open(d / "00000.tar", "w") as tar:
+        for i in range(100):
+            for ext in ("jpg", "txt"):
+                data = os.urandom(2000)
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (d / "00000_stats.json").write_text(json.dumps({"successes": 100}))
+    return d
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> str:
     """Endpoint URL of a moto S3 server on 127.0.0.1 (state lives as long as the session)."""

@@ -6,7 +6,6 @@ failure is one message.
 Runs are few and tiny: most of a launch is importing torch in torchrun and in each rank.
 """
 
-import io
 import json
 import os
 import resource
@@ -14,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -396,6 +394,12 @@ def test_a_killed_uv_run_takes_the_run_with_it(tmp_path, shards, env):
         _kill_all([uv, *tree.values()])
 
 
+def _rank(rec, rank: int):
+    """The process of `rank` among the children of the torchrun that `rec` has seen."""
+    torchrun = next(q for q in rec.procs.values() if "cloob.run.torchrun" in q.cmdline())
+    return next(q for q in torchrun.children() if q.environ().get("RANK") == str(rank))
+
+
 @pytest.mark.slow
 def test_a_frozen_rank_fails_the_run_and_is_named(tmp_path, shards, env):
     """SIGSTOP of rank 1 after its first step (a hung GPU or filesystem): the step watchdog stops the
@@ -407,8 +411,7 @@ def test_a_frozen_rank_fails_the_run_and_is_named(tmp_path, shards, env):
     def on_progress(p: dict) -> None:
         rec.on_progress(p)
         if not frozen:
-            torchrun = next(q for q in rec.procs.values() if "cloob.run.torchrun" in q.cmdline())
-            rank1 = next(q for q in torchrun.children() if q.environ().get("RANK") == "1")
+            rank1 = _rank(rec, 1)
             rank1.suspend()
             frozen.update(proc=rank1, at=time.monotonic())
 
@@ -438,8 +441,7 @@ def test_a_rank_killed_outright_is_named_from_torchruns_report(tmp_path, shards,
     def on_progress(p: dict) -> None:
         rec.on_progress(p)
         if not killed:
-            torchrun = next(q for q in rec.procs.values() if "cloob.run.torchrun" in q.cmdline())
-            rank1 = next(q for q in torchrun.children() if q.environ().get("RANK") == "1")
+            rank1 = _rank(rec, 1)
             rank1.kill()
             killed.append(rank1)
 
@@ -519,22 +521,6 @@ def _one_message(stderr: str) -> str:
     assert lines[errors[0] + 1].startswith("  fix: ") and sum("fix:" in line for line in lines) == 1, stderr
     assert "Traceback" not in stderr, stderr
     return lines[errors[0]]
-
-
-@pytest.fixture
-def garbage_shards(tmp_path):
-    """A valid tar of 200 random-byte .jpg/.txt members (and a stats file that promises 100 samples)."""
-    d = tmp_path / "garbage"
-    d.mkdir()
-    with tarfile.open(d / "00000.tar", "w") as tar:
-        for i in range(100):
-            for ext in ("jpg", "txt"):
-                data = os.urandom(2000)
-                info = tarfile.TarInfo(f"{i:05d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (d / "00000_stats.json").write_text(json.dumps({"successes": 100}))
-    return d
 
 
 @pytest.mark.slow

@@ -211,22 +211,10 @@ def test_resume_after_the_data_grew_continues_with_a_warning(tmp_path, small_sha
     assert "restarts within the epoch" in caplog.text
 
 
-def test_garbage_members_are_one_line_and_nothing_is_written(tmp_path):
+def test_garbage_members_are_one_line_and_nothing_is_written(tmp_path, garbage_shards):
     """A valid tar of random-byte .jpg/.txt members: the error comes out of the DataLoader worker as one
     line (not torch's re-raised worker traceback), and the run folder is not made before the first batch."""
-    import io
-    import tarfile
-
-    data = tmp_path / "garbage"
-    data.mkdir()
-    with tarfile.open(data / "00000.tar", "w") as tar:
-        for i in range(100):
-            for ext in ("jpg", "txt"):
-                blob = os.urandom(2000)
-                info = tarfile.TarInfo(f"{i:05d}.{ext}")
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
-    (data / "00000_stats.json").write_text(json.dumps({"successes": 100}))
+    data = garbage_shards
     out = tmp_path / "out"
     recipe = load_recipe("tiny", [f"data.train={data}", f"train.output={out}", "train.batch_size=8",
                                   "data.workers=1", "train.progress=false"])
