@@ -93,10 +93,20 @@ class TrainConfig(_Section):
                                      "for this long; default: automatic (cloob/run/watchdog.py); 0: off")
     process_group_timeout_s: float = Field(1800.0, gt=0.0, description="how long a collective waits "
                                            "for a rank before the run fails")
+    # Faults of long runs (cloob/train/preemption.py, cloob/train/nonfinite.py, cloob/run/launch.py).
+    stop_grace_s: float = Field(120.0, gt=0.0, description="after SIGTERM, how long the ranks have to finish "
+                                "their step and write its checkpoint before they are killed")
+    max_restarts: int = Field(0, ge=0, description="how often torchrun restarts the group after a rank dies; "
+                              "it resumes from the last checkpoint")
+    # 10: a healthy fp32/bf16 run never has a non-finite step; a few in a long run (a rare spike, one odd
+    # batch) are survivable when skipped, but ten mean it is diverging, and more skips only waste steps.
+    max_nonfinite_steps: int = Field(10, ge=0, description="steps with a NaN/inf loss or gradient that are "
+                                     "skipped (no optimizer step) before the run stops; 0: stop at the first")
 
 
-# train.* fields that do not change what is computed; left out of Recipe.content_hash.
-RUNTIME_FIELDS = ("output", "run_name", "progress", "resume", "watchdog_s", "process_group_timeout_s")
+# train.* fields that do not change what a healthy run computes; left out of Recipe.content_hash.
+RUNTIME_FIELDS = ("output", "run_name", "progress", "resume", "watchdog_s", "process_group_timeout_s",
+                  "stop_grace_s", "max_restarts", "max_nonfinite_steps")
 
 
 class Recipe(_Section):

@@ -250,12 +250,21 @@ def test_environment_errors_become_one_message():
     assert as_cloob_error(ValueError("a bug"), **where) is None  # keeps its traceback
 
 
+# Every shipped recipe's content hash (hence its run name) as on main before the fault fields existed.
+SHIPPED_HASHES = {"tiny": "fa244323c9", "cloob_rn50_cc3m": "f903c885ae", "clip_rn50_cc3m": "43f1db04ab"}
+
+
 def test_runtime_fields_leave_the_recipe_hash_alone():
     base = load_recipe("tiny")
     # The tiny recipe's hash before train.watchdog_s and train.process_group_timeout_s existed.
     assert base.content_hash() == "fa244323c967a36397bb622451271c7976555acccc47dee263e114eff79e5352"
     tuned = load_recipe("tiny", ["train.watchdog_s=60", "train.process_group_timeout_s=120"])
     assert tuned.content_hash() == base.content_hash() and tuned.run_dir() == base.run_dir()
+    # Nor the faults of long runs: how long a stopped rank may save, restarts, non-finite steps.
+    faults = load_recipe("tiny", ["train.stop_grace_s=600", "train.max_restarts=3", "train.max_nonfinite_steps=0"])
+    assert faults.content_hash() == base.content_hash() and faults.run_dir() == base.run_dir()
+    shipped = {name: load_recipe(name).content_hash()[:10] for name in ("tiny", "cloob_rn50_cc3m", "clip_rn50_cc3m")}
+    assert shipped == SHIPPED_HASHES
 
 
 def test_total_steps_is_recorded_and_done_is_known_without_the_data(tmp_path, small_shards):
