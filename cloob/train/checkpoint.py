@@ -211,7 +211,11 @@ class CheckpointStore:
                 "id": uuid.uuid4().hex}
         ck.write_json(META_FILE, meta, indent=2)  # last: its presence marks the checkpoint complete
         self._prune(keep)
-        return CheckpointRef(posixpath.join(self.root, name), step)
+        return self.ref(step)
+
+    def ref(self, step: int) -> CheckpointRef:
+        """Where the checkpoint of `step` is (the ranks that do not write it name it so)."""
+        return CheckpointRef(posixpath.join(self.root, f"step_{step:08d}"), step)
 
     def _prune(self, keep: int) -> None:
         for ref in self.complete()[:-keep]:

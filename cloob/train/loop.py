@@ -7,7 +7,9 @@ Everything the run needs is checked before anything is written, the first batch 
 Checkpoints are step-based and atomic; a rerun of the same command resumes from the latest one and
 follows the same trajectory as an uninterrupted run (model, optimizer, scaler, step, RNG and
 per-worker data positions restored). Under cloob.run.launch every rank reports its progress and its
-error as data (cloob.run.reports) instead of printing them.
+error as data (cloob.run.reports) instead of printing them. SIGTERM stops every rank after the same
+step with a checkpoint of it (cloob.train.preemption); a step with a non-finite loss or gradient is
+skipped and counted (cloob.train.nonfinite).
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ from torch.utils.data import DataLoader
 from cloob.config import Recipe, load_recipe
 from cloob.data.shards import list_shards
 from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
-from cloob.data.workers import worker_init
 from cloob.errors import CloobError
 from cloob.losses import LossSpec
 from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
 from cloob.run import reports
 from cloob.storage import Location, is_local
-from cloob.train import distributed
+from cloob.train import distributed, preemption
+from cloob.train.boundary import agree
 from cloob.train.checkpoint import CheckpointStore, remove_temp_files
 from cloob.train.failures import QuietStorageTasks, ReportErrors, as_cloob_error, checked
 from cloob.train.metrics import MetricsLogger
+from cloob.train.nonfinite import NonfiniteSteps
+from cloob.train.nonfinite import flag as nonfinite_flag
 from cloob.train.optim import build_optimizer, lr_factor, set_lr
 from cloob.version import code_version
 
@@ -73,6 +77,7 @@ class Progress:
     samples_seen: int = 0
     stream: StreamState = field(default_factory=StreamState)  # this rank, current epoch
     skips_before_epoch: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    nonfinite_skipped: int = 0  # steps skipped for a non-finite loss or gradient (cloob.train.nonfinite)
 
 
 def plan_run(recipe: Recipe, world_size: int) -> Plan:
@@ -143,7 +148,7 @@ def train(recipe: Recipe) -> dict:
     reports.beat("start", 0)
     info = distributed.init(recipe.train.device, recipe.train.process_group_timeout_s)
     try:
-        with _run_lock(recipe, info):
+        with _run_lock(recipe, info), preemption.stop_at_step_boundary():
             return _train(recipe, info)
     except Exception as e:
         err = as_cloob_error(e, run_dir=recipe.run_dir(), data=recipe.data.train)
@@ -199,6 +204,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         progress.step, progress.samples_seen = state["step"], state["samples_seen"]
+        progress.nonfinite_skipped = state.get("nonfinite_skipped", 0)  # absent before it was counted
         same_layout = (state["world_size"], state.get("steps_per_epoch")) == (info.world_size, plan.steps_per_epoch)
         if same_layout:
             rank_state = state["ranks"][info.rank]
@@ -235,7 +241,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         progress.stream = StreamState()
     dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
     loader = DataLoader(ReportErrors(dataset, run_dir=plan.run_dir, data=recipe.data.train), batch_size=None,
-                        num_workers=recipe.data.workers, worker_init_fn=worker_init,
+                        num_workers=recipe.data.workers, worker_init_fn=preemption.worker_init,
                         pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
                         timeout=LOADER_TIMEOUT_S if recipe.data.workers else 0)
     batches = checked(iter(loader))
@@ -259,6 +265,8 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     last_ckpt = resume_from
     t_last, samples_last = time.perf_counter(), progress.samples_seen
     metrics: dict = {}
+    nonfinite = NonfiniteSteps(cfg.max_nonfinite_steps, progress.nonfinite_skipped)
+    preemption.running()  # SIGTERM from now on: stop after the step, with its checkpoint
     while progress.step < plan.total_steps:
         # -- one step: the batch, forward, loss over the global batch, backward, optimizer
         epoch, in_epoch = divmod(progress.step, plan.steps_per_epoch)
@@ -279,13 +287,19 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
             loss = loss_fn(*distributed.loss_inputs(image_features, text_features, inv_tau, info))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # the true gradients, for the check below (scaler.step would unscale here)
         if recipe.optim.grad_clip:
-            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if recipe.model.learn_inv_tau:
-            clamp_inv_tau_(model)
+        # Every rank: stop after this step? skip it as non-finite? (cloob.train.boundary)
+        stop, skip = agree(info, preemption.requested(), nonfinite_flag(loss, model.parameters(), scaler))
+        if skip:
+            nonfinite.skip(progress.step + 1, scaler, last_ckpt.url if last_ckpt else None)
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            if recipe.model.learn_inv_tau:
+                clamp_inv_tau_(model)
+        progress.nonfinite_skipped = nonfinite.skipped
         progress.step += 1
         progress.samples_seen += plan.global_batch
         progress.stream.update(batch)
@@ -295,13 +309,10 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         if progress.step % cfg.log_every == 0 or last or progress.step == 1:
             now = time.perf_counter()
             skips = _global_skips(progress, info)
-            if not math.isfinite(loss_value := loss.item()):  # checked here: .item() syncs the GPU
-                raise CloobError(f"loss became {loss_value} at step {progress.step}",
-                                 "lower optim.lr, set optim.grad_clip, or use train.precision=bf16/fp32")
-            metrics = {"loss": loss_value, "lr": lr, "inv_tau": model.logit_scale.exp().item(),
+            metrics = {"loss": loss.item(), "lr": lr, "inv_tau": model.logit_scale.exp().item(),
                        "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
                        "epoch": epoch, "skipped": sum(skips.values()),
-                       **{f"skipped_{k}": v for k, v in skips.items()}}
+                       **{f"skipped_{k}": v for k, v in skips.items()}, "nonfinite_skipped": progress.nonfinite_skipped}
             t_last, samples_last = now, progress.samples_seen
             if logger:
                 logger.log(progress.step, metrics, total_steps=plan.total_steps)
@@ -311,10 +322,14 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                 inv_tau=f"{metrics['inv_tau']:.1f}", sps=f"{metrics['samples_per_s']:.0f}",
                                 skipped=metrics["skipped"], refresh=False)
-        # -- checkpoint
-        if progress.step % cfg.checkpoint_every == 0 or last:
+        # -- checkpoint; on SIGTERM also one of this step, then every rank leaves (cloob.train.preemption)
+        if progress.step % cfg.checkpoint_every == 0 or last or stop:
             last_ckpt = _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger)
+        if stop and not last:
+            reports.beat("done", progress.step)
+            raise preemption.Preempted(stop, progress.step, last_ckpt.url)
     # -- the end: workers stopped, logs closed, the summary
+    preemption.stopped()
     del batches, loader  # stops the workers
     reports.beat("done", progress.step)
 
@@ -346,8 +361,8 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
     ref = None
     if info.is_main:
         state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": progress.step,
-                 "samples_seen": progress.samples_seen, "world_size": info.world_size,
-                 "steps_per_epoch": plan.steps_per_epoch, "ranks": ranks}
+                 "samples_seen": progress.samples_seen, "nonfinite_skipped": progress.nonfinite_skipped,
+                 "world_size": info.world_size, "steps_per_epoch": plan.steps_per_epoch, "ranks": ranks}
         cfg = {"model_cfg": model_config(recipe.model.arch),
                "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {})}
         meta = {"arch": recipe.model.arch, "method": recipe.loss.method, "recipe_name": recipe.name,
@@ -360,7 +375,7 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
             if not is_local(store.fs):
                 _upload_logs(logger.dir, plan.run_dir)
     distributed.barrier(info)
-    return ref
+    return ref if info.is_main else store.ref(progress.step)
 
 
 def _upload_logs(local_dir: Path, run_dir: str) -> None:
@@ -410,13 +425,18 @@ def main(argv: list[str] | None = None) -> int:
     # every rank printing it (and torchrun's report after it) is what a user would see otherwise.
     try:
         train(load_recipe(args.recipe, args.overrides))
+    except preemption.Preempted as p:
+        if os.environ.get("RANK", "0") == "0" and not reports.write_preempted(p.signum, p.step, p.checkpoint):
+            print(p.message(), file=sys.stderr)  # no launcher to tell it
+        return 128 + p.signum
     except CloobError as e:
         if not reports.write_error("cloob", e.problem, e.fix, type_name=type(e).__name__):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        # A collective failing on this rank is mostly the end of another rank, which reports the cause.
-        kind = "peer" if isinstance(e, torch.distributed.DistError) else "internal"
+        # A collective failing on this rank is mostly the end of another rank, which reports the cause;
+        # so is any failure after SIGTERM: torchrun stops the others so when one rank has died.
+        kind = "peer" if isinstance(e, torch.distributed.DistError) or preemption.requested() else "internal"
         if not reports.write_error(kind, f"{type(e).__name__}: {' '.join(str(e).split())[:500]}",
                                    type_name=type(e).__name__, traceback=traceback.format_exc()):
             raise
