@@ -18,7 +18,8 @@ def _cmd_train(args) -> int:
     # cloob.run.launch (lifelines, signals passed on, step watchdog, one error message).
     from cloob.run.console import train_command
 
-    return train_command(args.recipe, args.overrides, nproc_per_node=args.nproc_per_node)
+    return train_command(args.recipe, args.overrides, nproc_per_node=args.nproc_per_node,
+                         max_restarts=args.max_restarts)
 
 
 def _human_bytes(n: float) -> str:
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=100")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node, via torchrun")
+    p.add_argument("--max-restarts", type=int, default=None, metavar="N",
+                   help="restart the group up to N times when a rank dies, resuming from the last checkpoint "
+                        "(default: the recipe's train.max_restarts, 0)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="download a pretraining dataset into webdataset shards (img2dataset)")

@@ -5,6 +5,13 @@ train.log_every steps): a progress bar on a terminal when train.progress is true
 most every LINE_EVERY_S seconds (and at the last step). SIGTERM and SIGINT stop the whole process
 tree (torchrun, the ranks, their DataLoader workers) and end with 143 or 130 and one line saying
 that a rerun resumes; an error ends with its one `error:`/`fix:` message (exit 2, by cloob.cli).
+
+Stopping waits for the ranks to finish their step and write its checkpoint (train.stop_grace_s;
+cloob.train.preemption), and the line names that checkpoint: `cloob train: preempted by SIGTERM at
+step 37; checkpoint step_00000037 written; rerun the same command to resume`. The same line, and
+143, when the SIGTERM went to torchrun or the ranks instead (a batch system, a node going away). A
+second SIGTERM or Ctrl-C does not wait: it kills the tree at once, keeping the checkpoints finished
+before.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import time
 from cloob.config import load_recipe
 from cloob.run.launch import launch
 from cloob.run.lifeline import die_with_wrapper
+from cloob.train.preemption import message
 
 LINE_EVERY_S = 10.0
 
@@ -54,8 +62,13 @@ class _Display:
             self.bar = None
 
 
-def train_command(recipe: str, overrides: list[str], nproc_per_node: int = 1) -> int:
-    """Run one training run from the command line; returns the exit code (errors raise CloobError)."""
+class _Again(Exception):
+    """A second stop signal: stop at once."""
+
+
+def train_command(recipe: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int | None = None) -> int:
+    """Run one training run from the command line; returns the exit code (errors raise CloobError).
+    max_restarts: torchrun's restarts of the group after a failure (default: train.max_restarts)."""
     r = load_recipe(recipe, overrides)  # a bad recipe is one message before anything starts
     # `uv run` passes SIGINT and SIGTERM on, but a SIGKILL of uv would leave this process (and the
     # run) going: a process started by uv ends with it.
@@ -64,6 +77,8 @@ def train_command(recipe: str, overrides: list[str], nproc_per_node: int = 1) ->
 
     def on_signal(signum, _frame):
         caught.append(signum)
+        if len(caught) > 1:
+            raise _Again  # out of the launcher's wait: it kills the tree on its way out
         stop.set()
 
     handled = (signal.SIGTERM, signal.SIGINT)
@@ -71,11 +86,23 @@ def train_command(recipe: str, overrides: list[str], nproc_per_node: int = 1) ->
     display = _Display(bar=r.train.progress and sys.stderr.isatty(), lines=r.train.progress)
     try:
         result = launch(recipe, overrides, nproc_per_node=nproc_per_node, stop=stop, on_line=display.line,
-                        on_progress=display.progress)
+                        on_progress=display.progress, max_restarts=max_restarts)
+    except _Again:
+        result = None
     finally:
         display.close()
         for s, h in previous.items():
             signal.signal(s, h)
+    if result is None:
+        print(f"stopped at once by a second {signal.Signals(caught[-1]).name}: finished checkpoints are kept; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 128 + caught[0]
+    if (p := result.preempted) is not None and not result.ok:
+        # The ranks stopped after one step and wrote its checkpoint (this process's own signal, passed on
+        # as SIGTERM, or one that came to torchrun or the ranks from elsewhere).
+        sig = caught[0] if caught else p["signal"]
+        print(message(sig, p["step"], p.get("checkpoint")), file=sys.stderr)
+        return 128 + sig
     if result.cancelled and caught:
         sig = caught[0]
         print(f"stopped by {signal.Signals(sig).name}: finished checkpoints are kept; rerun the same command "

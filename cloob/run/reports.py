@@ -6,11 +6,20 @@ CLOOB_REPORT_DIR (a local folder, whether the run itself writes to a disk or to 
     beat-<LOCAL_RANK>     the rank's heartbeat: {"rank", "pid", "step", "phase", "step_s"}, rewritten
                           in place at every phase of the loop; the launcher's step watchdog reads it
     error-<RANK>.json     written once by a rank that fails: {"rank", "kind", "problem", "fix", "type",
-                          "traceback", "time"}; kind is "cloob" (a CloobError: a message for the
-                          user), "peer" (a collective failed, mostly because another rank died first)
-                          or "internal" (anything else: a bug, with its traceback)
+                          "traceback", "time", "attempt"}; kind is "cloob" (a CloobError: a message for
+                          the user), "peer" (a collective failed, mostly because another rank died
+                          first) or "internal" (anything else: a bug, with its traceback)
+    preempted.json        written by the main rank when SIGTERM stopped the run at a step boundary:
+                          {"signal", "step", "checkpoint", "time", "attempt"} (cloob.train.preemption)
+    restart-<N>.json      written by cloob.run.torchrun each time torchrun restarts the group after a
+                          failure (train.max_restarts): {"restart": N, "max_restarts", "failures": {rank:
+                          how it ended}, "time"}
     torchrun.json         written by cloob.run.torchrun when torchrun reports failed ranks: how each
                           one ended (exit code or signal), also for a rank that could write nothing
+
+"attempt" is torchrun's TORCHELASTIC_RESTART_COUNT: the records of a group that torchrun has since
+restarted stay in the folder, and only those of the latest attempt say how the run ended. A
+restarted rank rewrites its heartbeat in place (with its new pid).
 
 The phases of a rank, in the order of its loop: "start" (until its first step in this process is
 done: imports, rendezvous, model, checkpoint loading, the first batch and its step), then per step
@@ -84,6 +93,11 @@ def beat(phase: str, step: int) -> None:
         _beat(phase, step)
 
 
+def attempt() -> int:
+    """Which start of the group this process belongs to: 0, then 1 after torchrun's first restart..."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def write_error(kind: str, problem: str, fix: str | None = None, *, type_name: str | None = None,
                 traceback: str | None = None) -> bool:
     """This rank's error record for its launcher; False when there is no launcher (print it then)."""
@@ -92,7 +106,30 @@ def write_error(kind: str, problem: str, fix: str | None = None, *, type_name: s
         return False
     rank = int(os.environ.get("RANK", "0"))
     _write_json(d / f"error-{rank}.json", {"rank": rank, "kind": kind, "problem": problem, "fix": fix,
-                                            "type": type_name, "traceback": traceback, "time": time.time()})
+                                            "type": type_name, "traceback": traceback, "time": time.time(),
+                                            "attempt": attempt()})
+    return True
+
+
+def write_preempted(signum: int, step: int, checkpoint: str | None) -> bool:
+    """The main rank's record that the run stopped after `step` with `checkpoint` written; False
+    when there is no launcher (print the line then)."""
+    d = report_dir()
+    if d is None:
+        return False
+    _write_json(d / "preempted.json", {"signal": signum, "step": step, "checkpoint": checkpoint,
+                                        "time": time.time(), "attempt": attempt()})
+    return True
+
+
+def write_restart(restart: int, max_restarts: int, failures: dict[int, dict]) -> bool:
+    """torchrun has restarted the group (restart `restart` of `max_restarts`) after `failures`."""
+    d = report_dir()
+    if d is None:
+        return False
+    _write_json(d / f"restart-{restart}.json", {"restart": restart, "max_restarts": max_restarts,
+                                                 "failures": {str(k): v for k, v in failures.items()},
+                                                 "time": time.time()})
     return True
 
 
@@ -135,6 +172,28 @@ def read_errors(d: Path) -> list[dict]:
     return out
 
 
+def read_restarts(d: Path) -> list[dict]:
+    """The group's restarts so far, in order."""
+    out = []
+    for p in d.glob("restart-*.json"):
+        try:
+            rec = json.loads(p.read_text())
+            rec["failures"] = {int(k): v for k, v in rec.get("failures", {}).items()}
+            out.append(rec)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return sorted(out, key=lambda r: r.get("restart", 0))
+
+
+def read_preempted(d: Path, latest_attempt: int) -> dict | None:
+    """The preemption record of the latest attempt, if its ranks stopped that way."""
+    try:
+        rec = json.loads((d / "preempted.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("attempt", 0) == latest_attempt else None
+
+
 def read_failures(d: Path) -> dict[int, dict]:
     try:
         return {int(k): v for k, v in json.loads((d / "torchrun.json").read_text()).items()}
@@ -142,9 +201,13 @@ def read_failures(d: Path) -> dict[int, dict]:
         return {}
 
 
-def root_cause(errors: list[dict]) -> dict | None:
-    """The error that ended the run: the first one that is not a rank's reaction to another's end
+def root_cause(errors: list[dict], attempt: int | None = None) -> dict | None:
+    """The error that ended the run: of those of `attempt` (default: the latest there is; the
+    groups before it were restarted), the first one that is not a rank's reaction to another's end
     (a collective failing because a peer died). Every rank raising the same CloobError gives one."""
+    if attempt is None and errors:
+        attempt = max(e.get("attempt", 0) for e in errors)
+    errors = [e for e in errors if e.get("attempt", 0) == attempt]
     if not errors:
         return None
     own = [e for e in errors if e.get("kind") != "peer"] or errors
