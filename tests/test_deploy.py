@@ -281,6 +281,19 @@ def test_k8s_template_renders_an_indexed_multi_node_gpu_job():
     assert "{{" not in json.dumps(config)
 
 
+def test_k8s_pods_have_time_to_save_a_checkpoint_when_deleted():
+    """A deleted pod gets SIGTERM, then SIGKILL after terminationGracePeriodSeconds: longer than the
+    ranks' save (train.stop_grace_s) plus the launcher's wait for torchrun, not Kubernetes' 30 s."""
+    from cloob.config import TrainConfig
+    from cloob.run import launch
+
+    pod = _render({"image": "x"})["job_manifest"]["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert isinstance(grace, int) and grace > TrainConfig().stop_grace_s + launch._TORCHRUN_EXIT_S
+    pod = _render({"image": "x", "termination_grace_period_seconds": 900})["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 900
+
+
 def test_k8s_template_pods_are_found_by_the_headless_rendezvous_service():
     config = _render({"image": "x", "nnodes": 2})
     pod = config["job_manifest"]["spec"]["template"]
