@@ -8,6 +8,7 @@ Runs are few and tiny: most of a launch is importing torch in torchrun and in ea
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -135,8 +136,9 @@ def test_deadline_kills_the_group_and_a_rerun_resumes(tmp_path, shards, env):
     # No process of the run survives: torchrun, the rank and its DataLoader worker.
     _assert_run_gone(result.pgid, rec.procs, at_least=3)
     stopped_at = CheckpointStore(result.run_dir).latest().step
-    assert 4 <= stopped_at < steps and stopped_at % 4 == 0
-    assert result.last_progress["step"] >= stopped_at
+    # The SIGTERM at the deadline stopped the rank after a step, with a checkpoint of that step.
+    assert result.preempted is not None and result.preempted["step"] == stopped_at
+    assert 1 <= stopped_at < steps and result.last_progress["step"] >= stopped_at
     with pytest.raises(CloobError, match="deadline") as e:
         result.check()
     assert "resume" in e.value.fix
@@ -276,6 +278,9 @@ def test_multi_node_command():
                        "train.steps=5", "train.progress=false"]
     with pytest.raises(CloobError, match="node_rank"):
         build_command("tiny", [], nnodes=2, node_rank=2, rdzv_endpoint="node0:29400")
+    cmd = build_command("tiny", [], max_restarts=2)
+    assert cmd[cmd.index("--max_restarts") + 1] == "2" and cmd.index("--max_restarts") < cmd.index("cloob.train")
+    assert "--max_restarts" not in build_command("tiny", [])
 
 
 def test_remote_output_is_followed_in_the_local_metrics_mirror(tmp_path, monkeypatch):
@@ -363,10 +368,10 @@ def test_a_signal_to_cloob_train_stops_its_whole_tree(tmp_path, shards, env, npr
         assert not any(d.exists() for d in launcher_dirs)
     else:
         assert not launcher_dirs
-    if sig == signal.SIGTERM:
+    if sig == signal.SIGTERM:  # the ranks stop after their step and write a checkpoint of it
         assert proc.returncode == 143, err
-        assert err.splitlines()[-1] == ("stopped by SIGTERM: finished checkpoints are kept; rerun the same "
-                                        "command to resume"), err
+        assert re.fullmatch(r"cloob train: preempted by SIGTERM at step \d+; checkpoint step_\d{8} written; "
+                            r"rerun the same command to resume", err.splitlines()[-1]), err
         assert "Traceback" not in err and "error" not in err.lower(), err
     else:
         assert proc.returncode == -signal.SIGKILL
@@ -443,14 +448,19 @@ def test_a_rank_killed_outright_is_named_from_torchruns_report(tmp_path, shards,
         if not killed:
             rank1 = _rank(rec, 1)
             rank1.kill()
-            killed.append(rank1)
+            killed.extend([rank1, time.monotonic()])
 
     result = launch("tiny", _overrides(shards, tmp_path, "train.steps=100000"), nproc_per_node=2, env=env,
                     grace_s=5.0, on_line=lines.append, on_progress=on_progress)
+    ended = time.monotonic()
     assert killed and not result.ok and result.failures[1]["signal"] == "SIGKILL", result.failures
+    # No restarts allowed: the run ends well within a minute (rank 0 ignores torchrun's SIGTERM only
+    # until its next collective fails), not after a process-group timeout.
+    assert ended - killed[1] < 60
     with pytest.raises(CloobError) as e:
         result.check()
     assert "rank 1 was killed by SIGKILL" in e.value.problem and "out-of-memory" in e.value.fix
+    assert "--max-restarts" in e.value.fix and "\n" not in e.value.problem
     assert not any("ChildFailedError" in line or "Traceback" in line for line in lines), lines
     _assert_run_gone(result.pgid, rec.procs, at_least=5)
 
