@@ -324,3 +324,23 @@ def test_the_reports_of_a_restarted_group_tell_its_latest_attempt(tmp_path, monk
                          failures=died, restarts=[restart, restart], max_restarts=2)
     with pytest.raises(CloobError, match=r"rank 1 was killed by SIGKILL .*after 2 restart\(s\) of the group"):
         ended.check()
+
+
+def test_sigterm_is_only_recorded_while_the_loop_runs():
+    """Outside the loop (start-up, the end) SIGTERM does what it did before; inside, it is recorded
+    for the step boundary; afterwards the previous handler is back."""
+    from cloob.train import preemption
+
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
+    try:
+        with preemption.stop_at_step_boundary():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == [signal.SIGTERM] and preemption.requested() == 0
+            preemption.running()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == [signal.SIGTERM] and preemption.requested() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert got == [signal.SIGTERM] * 2
+    finally:
+        signal.signal(signal.SIGTERM, before)

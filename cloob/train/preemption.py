@@ -67,8 +67,12 @@ def stop_at_step_boundary():
     """Within this block SIGTERM is recorded (see requested()) while the loop runs (between
     running() and stopped()); outside the loop it does what it did before. Main thread only;
     elsewhere signals cannot be handled and this does nothing."""
+    _state["signal"] = 0  # nothing asked of this run yet (requested() keeps a previous run's answer)
     if threading.current_thread() is not threading.main_thread():
-        yield
+        try:
+            yield
+        finally:
+            stopped()
         return
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -78,7 +82,6 @@ def stop_at_step_boundary():
         else:
             _pass_on(previous, signum, frame)
 
-    _state["signal"] = 0
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
