@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cloob.data import synthetic
-from cloob.data.demo_server import DemoHandler, DemoServer, render
+# Test processes side by side (pytest -n N): each, and every process it starts (torchrun's ranks, the
+# demo, Prefect workers), gets its share of the cores as torch's compute threads. Set before anything
+# imports torch, which reads it once. With 2 threads in each of 2 processes on 2 cores, OpenMP's
+# spin-waiting threads took turns on the cores, and the suite ran slower than with one each.
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+from cloob.data import synthetic  # noqa: E402
+from cloob.data.demo_server import DemoHandler, DemoServer, render  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
