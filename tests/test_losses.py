@@ -1,7 +1,7 @@
-"""Tests of cloob/losses.py against an independent transcription of DESIGN.md section 3.
+"""Tests of cloob/losses/full.py against an independent transcription of DESIGN.md section 3.
 
 The `_t_*` functions below are a deliberately naive, loop-based transcription of the formulas in
-DESIGN.md section 3 (and of the two off-corners defined in the docstring of cloob/losses.py). They
+DESIGN.md section 3 (and of the two off-corners defined in the docstring of cloob/losses/full.py). They
 use no code from the cloob package, so every comparison checks the fast implementation (shared
 Gram matrices, hand-written backward, in-place softmax, -inf diagonal) against the math.
 """
