@@ -48,6 +48,24 @@ def bytecode_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def make_random_checkpoint():
+    """make(folder, seed=, step=1, run_name=) -> the CheckpointRef of one checkpoint of a randomly
+    initialised (seeded) tiny model in the run folder `folder`, as the trainer writes one."""
+    def make(folder, *, seed: int, step: int = 1, run_name: str = "rand"):
+        import torch
+
+        from cloob.model import create_model, model_config
+        from cloob.train.checkpoint import CheckpointStore
+
+        arch = "cloob-tiny-vit"
+        torch.manual_seed(seed)
+        model, *_ = create_model(arch)
+        return CheckpointStore(str(folder)).save(step, model.state_dict(), {"model_cfg": model_config(arch)}, {},
+                                                 {"arch": arch, "method": "cloob", "run_name": run_name}, keep=1)
+    return make
+
+
+@pytest.fixture(scope="session")
 def shards_dir(tmp_path_factory) -> Path:
     """Four finished synthetic shards of 12 samples each (00000.tar .. 00003.tar + stats). Read-only."""
     d = tmp_path_factory.mktemp("shards")
