@@ -44,7 +44,8 @@ class GlobalLoss:
         self.cfg, self.info, self.n = cfg, info, global_batch
         self.plan: LossPlan = plan_loss(global_batch, info.world_size, distributed=cfg.distributed,
                                         blocked=cfg.blocked, block_rows=cfg.block_rows,
-                                        free_bytes=free_memory_bytes(info) if free_bytes is None else free_bytes)
+                                        free_bytes=free_memory_bytes(info) if free_bytes is None else free_bytes,
+                                        device_type=info.device.type)
 
     def _kw(self) -> dict:
         return dict(objective=self.cfg.objective, retrieval=self.cfg.retrieval, beta=self.cfg.beta)
