@@ -37,6 +37,18 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     method: Literal["clip", "cloob", "infoloob", "clip_hopfield"] = "cloob"
     beta: float = Field(8.0, gt=0.0, description="Hopfield inverse temperature (scale_hopfield), fixed")
+    # How the loss is computed, not what: every choice gives the same loss and gradients (to float32
+    # rounding), so these are left out of the content hash, as the number of ranks is (a run can
+    # resume on other hardware). cloob/losses/plan.py has the costs.
+    distributed: Literal["sharded", "replicated"] = Field(
+        "sharded", description="under DDP: each rank computes the loss rows of its own pairs against the "
+        "gathered batch (sharded, O(N^2/W) per rank), or every rank the whole global batch's loss "
+        "(replicated, the 2022 reference's scheme)")
+    blocked: bool | Literal["auto"] = Field(
+        "auto", description="compute the loss block_rows rows at a time, recomputing the scores in the "
+        "backward pass: O(N d) memory instead of O(N^2); auto: when the N x N buffers would not fit")
+    block_rows: int | None = Field(None, ge=1, description="rows per block of the blocked loss; default: "
+                                   "about 64 MiB of scores per block")
 
     @property
     def objective(self) -> str:
@@ -107,6 +119,8 @@ class TrainConfig(_Section):
 # train.* fields that do not change what a healthy run computes; left out of Recipe.content_hash.
 RUNTIME_FIELDS = ("output", "run_name", "progress", "resume", "watchdog_s", "process_group_timeout_s",
                   "stop_grace_s", "max_restarts", "max_nonfinite_steps")
+# loss.* fields that choose how the same loss is computed; likewise.
+LOSS_EXECUTION_FIELDS = ("distributed", "blocked", "block_rows")
 
 
 class Recipe(_Section):
@@ -131,6 +145,8 @@ class Recipe(_Section):
         d = self.model_dump(mode="json")
         for k in RUNTIME_FIELDS:
             d["train"].pop(k)
+        for k in LOSS_EXECUTION_FIELDS:
+            d["loss"].pop(k)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cloob.data import synthetic
-from cloob.data.demo_server import DemoHandler, DemoServer, render
+# Test processes side by side (pytest -n N): each, and every process it starts (torchrun's ranks, the
+# demo, Prefect workers), gets its share of the cores as torch's compute threads. Set before anything
+# imports torch, which reads it once. With 2 threads in each of 2 processes on 2 cores, OpenMP's
+# spin-waiting threads took turns on the cores, and the suite ran slower than with one each.
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+from cloob.data import synthetic  # noqa: E402
+from cloob.data.demo_server import DemoHandler, DemoServer, render  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +45,24 @@ def bytecode_cache(tmp_path_factory):
         mp.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def make_random_checkpoint():
+    """make(folder, seed=, step=1, run_name=) -> the CheckpointRef of one checkpoint of a randomly
+    initialised (seeded) tiny model in the run folder `folder`, as the trainer writes one."""
+    def make(folder, *, seed: int, step: int = 1, run_name: str = "rand"):
+        import torch
+
+        from cloob.model import create_model, model_config
+        from cloob.train.checkpoint import CheckpointStore
+
+        arch = "cloob-tiny-vit"
+        torch.manual_seed(seed)
+        model, *_ = create_model(arch)
+        return CheckpointStore(str(folder)).save(step, model.state_dict(), {"model_cfg": model_config(arch)}, {},
+                                                 {"arch": arch, "method": "cloob", "run_name": run_name}, keep=1)
+    return make
 
 
 @pytest.fixture(scope="session")

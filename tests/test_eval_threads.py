@@ -20,20 +20,15 @@ from cloob.errors import CloobError
 from cloob.evaluate.datasets import loader, open_classification_set
 from cloob.evaluate.models import load_model
 from cloob.evaluate.runner import EvalSettings, evaluate_zeroshot
-from cloob.model import create_model, model_config
-from cloob.train.checkpoint import CheckpointStore
 
 ARCH = "cloob-tiny-vit"
 PARALLEL = 8
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
+def checkpoint(tmp_path_factory, make_random_checkpoint) -> str:
     run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(3)
-    model, *_ = create_model(ARCH)
-    CheckpointStore(str(run)).save(1, model.state_dict(), {"model_cfg": model_config(ARCH)}, {},
-                                   {"arch": ARCH, "method": "cloob", "run_name": "threads"}, keep=1)
+    make_random_checkpoint(run, seed=3, run_name="threads")
     return str(run)
 
 

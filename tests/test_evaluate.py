@@ -20,7 +20,7 @@ from cloob.evaluate.datasets import open_classification_set, open_retrieval_set
 from cloob.evaluate.models import load_model
 from cloob.evaluate.runner import EvalSettings, evaluate_retrieval, evaluate_zeroshot
 from cloob.evaluate.zeroshot import ClassifierCache
-from cloob.model import MODEL_CONFIGS_DIR, create_model, model_config
+from cloob.model import MODEL_CONFIGS_DIR, create_model
 from cloob.results.table import read_rows
 from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 
@@ -29,13 +29,10 @@ SPEC = load_downstream_spec("shapes")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
+def checkpoint(tmp_path_factory, make_random_checkpoint) -> str:
     """A run folder with one checkpoint of a randomly initialised tiny model (seeded)."""
     run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(7)
-    model, *_ = create_model(ARCH)
-    CheckpointStore(str(run)).save(3, model.state_dict(), {"model_cfg": model_config(ARCH)}, {},
-                                   {"arch": ARCH, "method": "cloob", "run_name": "rand"}, keep=1)
+    make_random_checkpoint(run, seed=7, step=3)
     return str(run)
 
 

@@ -15,21 +15,14 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from cloob.data import synthetic  # noqa: E402
-from cloob.model import create_model, model_config  # noqa: E402
 from cloob.results.table import read_rows  # noqa: E402
-from cloob.train.checkpoint import CheckpointStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(3)
-    model, *_ = create_model("cloob-tiny-vit")
-    return CheckpointStore(str(run)).save(1, model.state_dict(), {"model_cfg": model_config("cloob-tiny-vit")}, {},
-                                          {"arch": "cloob-tiny-vit", "method": "cloob", "run_name": "f"}, keep=1).url
+def checkpoint(tmp_path_factory, make_random_checkpoint) -> str:
+    return make_random_checkpoint(tmp_path_factory.mktemp("run"), seed=3, run_name="f").url
 
 
 @pytest.mark.slow

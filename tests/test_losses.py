@@ -1,7 +1,7 @@
-"""Tests of cloob/losses.py against an independent transcription of DESIGN.md section 3.
+"""Tests of cloob/losses/full.py against an independent transcription of DESIGN.md section 3.
 
 The `_t_*` functions below are a deliberately naive, loop-based transcription of the formulas in
-DESIGN.md section 3 (and of the two off-corners defined in the docstring of cloob/losses.py). They
+DESIGN.md section 3 (and of the two off-corners defined in the docstring of cloob/losses/full.py). They
 use no code from the cloob package, so every comparison checks the fast implementation (shared
 Gram matrices, hand-written backward, in-place softmax, -inf diagonal) against the math.
 """
@@ -253,7 +253,7 @@ def test_gradcheck_unnormalised_retrieval_pair():
     Through the public API the softmax row-dot term <dR_i, R_i> of the backward is exactly zero
     (the gradient of normalize(R) is orthogonal to R), so only this test can catch an error there.
     """
-    from cloob.losses import _HopfieldRetrievalPair
+    from cloob.losses.full import _HopfieldRetrievalPair
 
     x, y, _, _ = _features(5, 4, torch.float64, seed=78)
     xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
@@ -386,7 +386,7 @@ def test_batch_smaller_than_two_raises(n, method):
 
 @pytest.mark.parametrize("n, tile", [(1, 4), (7, 3), (12, 4), (10, 16)])
 def test_symmetrise_in_place_by_tiles(n, tile):
-    from cloob.losses import _symmetrise_
+    from cloob.losses.full import _symmetrise_
 
     a = torch.randn(n, n, dtype=torch.float64)
     want = a + a.T

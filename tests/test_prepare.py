@@ -486,3 +486,13 @@ def test_two_preparations_of_one_folder_one_is_refused(tmp_path):
     assert first.returncode == 0, err
     assert "480 rows -> 480 images in 10 shards" in out
     assert not lock.exists()
+
+
+def test_img2dataset_processes_do_not_load_torch():
+    """The fetch program's module, as the program and as the copy a spawned img2dataset worker runs,
+    leaves torch unimportable: webdataset then uses stand-ins, and img2dataset needs none of torch."""
+    probe = ("import runpy, sys; runpy.run_module('cloob.data.fetch', run_name='__mp_main__'); "
+             "import img2dataset.writer, webdataset; print(sys.modules.get('torch'))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]

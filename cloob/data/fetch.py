@@ -22,6 +22,13 @@ import time
 import urllib.request
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
+# Nothing in this process or its workers uses torch, but webdataset (imported by img2dataset's writer)
+# imports it when it can: ~3 s of CPU and ~300 MB in the logger process and in every pool worker,
+# which img2dataset replaces after 5 shards. With torch unimportable, webdataset uses stand-ins. Only
+# when this module is the program (or, in a spawned worker, its copy): imported elsewhere, it must
+# not take torch away from its importer.
+if __name__ in ("__main__", "__mp_main__"):
+    sys.modules.setdefault("torch", None)
 
 import img2dataset.downloader as _downloader  # noqa: E402
 

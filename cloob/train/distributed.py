@@ -1,13 +1,6 @@
-"""Process-group setup under torchrun (or a single process) and the feature gather for the loss.
+"""Process-group setup under torchrun (or a single process) and the collectives the loss needs.
 
-Gradient convention: features are gathered WITHOUT autograd and the local block is put back in place,
-so every rank computes the loss over the global batch and gets the exact gradient with respect to its
-own features. DDP then averages parameter gradients, so each rank's gradient is the full-batch
-gradient divided by world_size (tested in tests/test_distributed.py).
-
-inv_tau (logit_scale) is different: it enters only through the loss, which every rank computes in
-full, so each rank would hold its FULL gradient and DDP's average would keep it full, W times the
-convention above. `scale_grad(inv_tau, 1/W)` puts it on the same footing as every other parameter.
+The gradient convention under DDP is written down once, in cloob/train/global_loss.py.
 """
 
 from __future__ import annotations
@@ -62,8 +55,39 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient on a block back to the block's owner."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor):
+        world = dist.get_world_size()
+        out = local.new_empty((world * local.shape[0], *local.shape[1:]))
+        dist.all_gather_into_tensor(out, local.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            mine = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad)
+            return mine
+        # gloo has no reduce-scatter: an all-reduce (twice the traffic; CPU runs are small) and our rows.
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad.chunk(world)[rank].clone()
+
+
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows in rank order, with autograd: the backward pass sums each rank's gradient on
+    a block back to the block's owner (a reduce-scatter), as the sharded loss needs."""
+    return _GatherWithGrad.apply(local)
+
+
 def gather_features(local: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Concatenate every rank's features in rank order; only the local block carries gradient."""
+    """Concatenate every rank's features in rank order without autograd; only the local block, put
+    back in place, carries gradient (the replicated loss, where every rank computes every row)."""
     if not info.distributed:
         return local
     blocks = [torch.empty_like(local) for _ in range(info.world_size)]
@@ -86,12 +110,6 @@ class _ScaleGrad(torch.autograd.Function):
 def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity in the forward pass (bit-exact); multiplies the gradient by factor."""
     return _ScaleGrad.apply(t, factor) if factor != 1.0 else t
-
-
-def loss_inputs(image_features, text_features, inv_tau, info: DistInfo):
-    """Global-batch features and an inv_tau whose gradient follows the 1/world_size convention."""
-    return (gather_features(image_features, info), gather_features(text_features, info),
-            scale_grad(inv_tau, 1.0 / info.world_size))
 
 
 def all_gather_object(obj, info: DistInfo) -> list:

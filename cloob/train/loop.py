@@ -37,7 +37,6 @@ from cloob.config import Recipe, load_recipe
 from cloob.data.shards import list_shards
 from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
 from cloob.errors import CloobError
-from cloob.losses import LossSpec
 from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
 from cloob.run import reports
 from cloob.storage import Location, is_local
@@ -45,6 +44,7 @@ from cloob.train import distributed, preemption
 from cloob.train.boundary import agree
 from cloob.train.checkpoint import CheckpointStore, remove_temp_files
 from cloob.train.failures import QuietStorageTasks, ReportErrors, as_cloob_error, checked
+from cloob.train.global_loss import GlobalLoss
 from cloob.train.metrics import MetricsLogger
 from cloob.train.nonfinite import NonfiniteSteps
 from cloob.train.nonfinite import flag as nonfinite_flag
@@ -223,7 +223,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.distributed else model
     forward = torch.compile(ddp) if recipe.model.compile else ddp
-    loss_fn = LossSpec(recipe.loss.objective, recipe.loss.retrieval, recipe.loss.beta)
+    loss_fn = GlobalLoss(recipe.loss, info, plan.global_batch)
 
     # -- the data: one DataLoader for the whole run; its workers go on from epoch to epoch by themselves
     dataset = ShardStream(plan.shard_urls, batch_size=cfg.batch_size, image_transform=train_tf,
@@ -231,7 +231,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
                           shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size,
                           expected_counts={u: c for u, c in zip(plan.shard_urls, plan.shard_counts) if c})
     if info.is_main:
-        _announce(recipe, plan, info, resume_from)
+        _announce(recipe, plan, info, resume_from, loss_fn)
     if progress.step % plan.steps_per_epoch == 0 and progress.stream.batches:
         # Resumed from a checkpoint saved on an epoch's last step: its stream positions are the
         # finished epoch's. Fold them away as the loop below does at every epoch start, or the
@@ -284,14 +284,15 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         lr = set_lr(optimizer, recipe.optim.lr, lr_factor(progress.step, plan.total_steps, recipe.schedule))
         with _autocast(info.device, cfg.precision):
             image_features, text_features, inv_tau = forward(images, texts)
-            loss = loss_fn(*distributed.loss_inputs(image_features, text_features, inv_tau, info))
+            # loss: what this rank back-propagates; loss_value: the global batch's loss (cloob/train/global_loss.py)
+            loss, loss_value = loss_fn(image_features, text_features, inv_tau)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # the true gradients, for the check below (scaler.step would unscale here)
         if recipe.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
         # Every rank: stop after this step? skip it as non-finite? (cloob.train.boundary)
-        stop, skip = agree(info, preemption.requested(), nonfinite_flag(loss, model.parameters(), scaler))
+        stop, skip = agree(info, preemption.requested(), nonfinite_flag(loss_value, model.parameters(), scaler))
         if skip:
             nonfinite.skip(progress.step + 1, scaler, last_ckpt.url if last_ckpt else None)
         else:
@@ -309,7 +310,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
         if progress.step % cfg.log_every == 0 or last or progress.step == 1:
             now = time.perf_counter()
             skips = _global_skips(progress, info)
-            metrics = {"loss": loss.item(), "lr": lr, "inv_tau": model.logit_scale.exp().item(),
+            metrics = {"loss": loss_value.item(), "lr": lr, "inv_tau": model.logit_scale.exp().item(),
                        "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
                        "epoch": epoch, "skipped": sum(skips.values()),
                        **{f"skipped_{k}": v for k, v in skips.items()}, "nonfinite_skipped": progress.nonfinite_skipped}
@@ -391,12 +392,13 @@ def _write_recipe(recipe: Recipe, run_dir: str) -> None:
     Location(run_dir).write_bytes("recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode())
 
 
-def _announce(recipe, plan: Plan, info, resume_from) -> None:
+def _announce(recipe, plan: Plan, info, resume_from, loss_fn: GlobalLoss) -> None:
     where = f"resuming from step {resume_from.step}" if resume_from else "starting"
     print(f"cloob train: {recipe.loss.method} / {recipe.model.arch} on {plan.num_samples} samples in "
           f"{len(plan.shard_urls)} shards; {info.world_size} x {recipe.train.batch_size} = global batch "
           f"{plan.global_batch}; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on "
-          f"{info.device.type}; {where}\n  run: {plan.run_dir}", file=sys.stderr)
+          f"{info.device.type}; {where}\n  loss: {loss_fn.plan.describe(info.world_size)}\n  run: {plan.run_dir}",
+          file=sys.stderr)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -8,9 +8,10 @@ metrics.jsonl (`nonfinite_skipped`) and kept in the checkpoint's train state, so
 on counting. It is a count over the whole run, not of consecutive steps: skipped steps are lost
 training whether they come together or not.
 
-Every rank makes the same decision: this rank's flag (its own loss, which under DDP may be its share
-of the global loss, and the gradients, which DDP has made equal on all ranks) goes into the
-all_reduce(MAX) that ends every step (cloob.train.boundary), so one rank's NaN is every rank's skip.
+Every rank makes the same decision: the flag is computed from the global batch's loss value (the
+same on every rank, cloob/train/global_loss.py) and the gradients, which DDP has made equal on all
+ranks; and it goes into the all_reduce(MAX) that ends every step (cloob.train.boundary), so even a
+rank that saw something the others did not makes every rank skip.
 
 fp16: the scaled gradients overflowing is the GradScaler's normal operation: it skips that step
 itself and halves its scale (from 65536), and that is not counted. A step counts only when the loss

@@ -31,7 +31,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    # foreach: torch's multi-tensor AdamW, its default on GPU only; on CPU its per-parameter loop took
+    # a quarter of a tiny-model step (43 ms of the tiny ViT's 62 tensors; foreach 9.5 ms), and gives
+    # the same bits (tests/test_optim.py). fused would be faster still, but rounds differently.
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             foreach=True)
 
 
 def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
