@@ -356,18 +356,21 @@ def test_a_signal_to_cloob_train_stops_its_whole_tree(tmp_path, shards, env, npr
         _wait_for_training(_resolve_run("tiny", overrides)[1], proc)
         tree.update((p.pid, p) for p in proc.children(recursive=True))
         assert len(tree) >= 1 + 2 * nproc, tree  # torchrun, the ranks, a DataLoader worker each
+        launcher_dirs = list(Path(tempfile.gettempdir()).glob(f"cloob-run-{proc.pid}-*"))
+        assert launcher_dirs
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
+        # Looked at as soon as the launcher is gone: any launch, in another test process too, sweeps it.
+        left = [d for d in launcher_dirs if d.exists()]
         _assert_all_gone(tree)
     finally:
         _kill_all([proc, *tree.values()])
-    launcher_dirs = list(Path(tempfile.gettempdir()).glob(f"cloob-run-{proc.pid}-*"))
     if sig == signal.SIGKILL:  # left behind by the killed launcher; the next launch removes it
-        assert launcher_dirs
+        assert left
         _sweep_report_dirs()  # what every launch does first
         assert not any(d.exists() for d in launcher_dirs)
     else:
-        assert not launcher_dirs
+        assert not left
     if sig == signal.SIGTERM:  # the ranks stop after their step and write a checkpoint of it
         assert proc.returncode == 143, err
         assert re.fullmatch(r"cloob train: preempted by SIGTERM at step \d+; checkpoint step_\d{8} written; "
