@@ -167,7 +167,7 @@ def _sizes_child(args) -> None:
     free()
     if not cuda:
         _cap_address_space(args.reserve_gib)
-    first = True
+    first = len(sizes) * len(precisions) * len(impls) == 1  # CPU: ru_maxrss tells one measurement's peak only
     for n in sizes:
         baseline = None  # (loss, x-grad) of fp32 full, else fp32 blocked, at this N
         for precision in precisions:
