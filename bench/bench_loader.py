@@ -85,6 +85,9 @@ def main() -> int:
         r = measure(shards, k, args.batch_size, transform, tokenizer, args.shuffle_buffer)
         r["load"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
         rows.append(r)
+        if args.json:  # after each k: a caller that stops this run keeps what was measured
+            Path(args.json).write_text(json.dumps({"arch": args.arch, "batch_size": args.batch_size,
+                                                   "image_size": args.image_size, "rows": rows, "partial": True}))
         print(f"  {k} workers: {r['samples_per_s']:.0f} samples/s, {r['per_worker']:.0f} per worker "
               f"({r['samples']} samples in {r['seconds']:.2f} s; start-up {r['startup_s']:.1f} s; load {r['load']})", flush=True)
     table = "\n".join(["| workers | samples/s | samples/s per worker | timed batches | start-up s (2k batches) |",

@@ -8,8 +8,8 @@ time budget (killed with its process group when over it, so one hang cannot eat 
   preflight  torch, CUDA, and every module the parts import (a missing wheel is named at once)
   tests      `pytest -m cuda` on the test files that hold CUDA-marked tests
   loss       bench/bench_loss_paths.py sizes, one process: forward + backward at N = 4,096 / 16,384 /
-             65,536 (dry: 256 / 512), d = 1024 (the width of the larger CLIP towers' embeddings, so
-             the N x N x d products dominate as they do in training), fp32 (TF32 off), TF32 and bf16
+             65,536 (dry: 256 / 512), d = 1024 (RN50's embedding width, the reference run's model:
+             the N x N x d products then weigh as they do in its training), fp32 (TF32 off), TF32 and bf16
              features, for today's full path, the blocked path and the reference formulation: time
              (CUDA events; median of 3 after a warm-up, 1 call at 65,536), peak memory
              (max_memory_allocated), OOM as OOM, agreement with the fp32 full path
@@ -58,13 +58,13 @@ SECTION = {"cuda": "## GPU check",
            "cpu": "## GPU check: CPU dry path (`--device cpu`: tiny sizes, the code paths only, not GPU figures)"}
 PARTS = ("preflight", "tests", "loss", "train", "eval", "loader")
 # Seconds per part on the GPU; the whole check stops starting parts at --budget.
-BUDGET = {"cuda": {"preflight": 60, "tests": 75, "loss": 120, "train": 170, "eval": 60, "loader": 45},
+BUDGET = {"cuda": {"preflight": 60, "tests": 75, "loss": 120, "train": 170, "eval": 60, "loader": 60},
           "cpu": {"preflight": 60, "tests": 90, "loss": 90, "train": 150, "eval": 90, "loader": 60}}
 SIZES = {
     "cuda": dict(loss_sizes="4096,16384,65536", dim=1024, train=dict(recipe="cloob_rn50_cc3m", arch="RN50", precision="bf16",
                  steps=60, warmup=20, batch=256, workers=8, log_every=10), image_size=256, samples=4096,
                  eval=dict(arch="RN50", spec="gtsrb", per_class=20, image_size=256, batch=128, workers=8, repeats=2),
-                 loader=dict(arch="RN50", batch=256, workers="1,4,8,14")),
+                 loader=dict(arch="RN50", batch=256, workers="1,4,12")),
     "cpu": dict(loss_sizes="256,512", dim=64, train=dict(recipe="tiny", arch="cloob-tiny-vit", precision="fp32", steps=10,
                 warmup=10, batch=16, workers=1, log_every=5), image_size=64, samples=1024,
                 eval=dict(arch="cloob-tiny-vit", spec="shapes", per_class=8, image_size=64, batch=32, workers=1, repeats=1),
@@ -321,6 +321,9 @@ def section(results: dict) -> str:
     if "loader" in parts:
         fig = parts["loader"].get("figures")
         lines += ["", "### DataLoader samples/s per core (bench/bench_loader.py)", ""]
+        if fig and not fig.get("table"):  # stopped part-way: the k measured so far
+            fig["table"] = "\n".join(["| workers | samples/s | samples/s per worker |", "|---:|---:|---:|"] + [
+                f"| {r['workers']} | {r['samples_per_s']:,.0f} | {r['per_worker']:,.0f} |" for r in fig.get("rows", [])])
         lines += [(f"{fig['arch']} train transform, {fig['image_size']} px JPEGs, batch {fig['batch_size']}.\n\n{fig['table']}")
                   if fig else f"no figures ({parts['loader']['status']})"]
     failed = {k: p for k, p in parts.items() if not p["status"].startswith("ok")}
