@@ -279,7 +279,8 @@ def section(results: dict) -> str:
                   "code paths, the wheels and the merging of figures work. These are not GPU figures and say little "
                   "about speed.", ""]
     lines += [f"- Machine: {results['cpu']}; GPU: {gpu}",
-              f"- Python {info.get('python', '?')}, torch {info.get('torch', '?')}",
+              f"- Python {info.get('python', '?')} (`{info.get('executable', '?')}`), torch {info.get('torch', '?')}; "
+              f"modules from: {', '.join(sorted({v for v in info.get('modules', {}).values() if v.startswith('/')})) or '?'}",
               f"- Date: {results['date']}",
               f"- Command: `{results['command']}` ({results['total_s']:.0f} s in all, budget {results['budget_s']} s)",
               f"- Load average (1/5/15 min) at start: {results['load_start']}; at end: {results['load_end']}", "",
