@@ -327,7 +327,7 @@ def section(results: dict) -> str:
                 f"| {r['workers']} | {r['samples_per_s']:,.0f} | {r['per_worker']:,.0f} |" for r in fig.get("rows", [])])
         lines += [(f"{fig['arch']} train transform, {fig['image_size']} px JPEGs, batch {fig['batch_size']}.\n\n{fig['table']}")
                   if fig else f"no figures ({parts['loader']['status']})"]
-    failed = {k: p for k, p in parts.items() if not p["status"].startswith("ok")}
+    failed = {k: p for k, p in parts.items() if not p["status"].startswith(("ok", "skipped"))}
     for name, p in failed.items():
         lines += ["", f"{name} {p['status']}; the end of its output:", "", "```", *p.get("tail", [])[-12:], "```"]
     return "\n".join(lines) + "\n"
