@@ -18,12 +18,14 @@ names and prompt templates of a real downstream spec (default gtsrb: 43 classes 
 
 Usage: python bench/bench_eval.py [--arch ViT-B-32] [--spec gtsrb] [--per-class 4] [--image-size 256]
                                   [--batch-size 32] [--workers N] [--threads N] [--repeats 3] [--device cpu] [--write]
+                                  [--json PATH]   (the figures as JSON too; bench/gpu_check reads them)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import random
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    ap.add_argument("--json", default="", help="write the figures here as JSON")
     args = ap.parse_args()
     device = torch.device(args.device)
     open_clip.add_model_config(MODEL_CONFIGS_DIR)
@@ -169,6 +172,11 @@ def main() -> None:
     print(text)
     if args.write:
         write_section(lines[0], text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "arch": args.arch, "spec": args.spec, "device": str(device), "device_name": dev, "n_images": len(ds),
+            "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
+            "repeats": args.repeats, "images_per_s": results, "table": "\n".join(lines[-len(results) - 2:])}, indent=1))
 
 
 if __name__ == "__main__":

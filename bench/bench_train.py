@@ -29,9 +29,16 @@ shuffle-buffer fill), from each trainer's own periodic logs:
   and the last one, so its measured window starts one step later than ours.
 Throughput = samples in the measured window / time of the window (not a mean of per-interval rates).
 
+Other models, precisions and devices (bench/gpu_check runs RN50 in bf16 on a GPU this way):
+--recipe cloob_rn50_cc3m --arch RN50 --precision bf16 --device cuda --image-size 256. ours gets
+train.precision=bf16 (autocast bf16, fp32 weights), open_clip --precision amp_bf16 (the same); for a
+recipe other than tiny, ours also gets open_clip's schedule (cosine, 20 warmup steps). --json writes
+every run's figures, after each run.
+
 Usage: python bench/bench_train.py [--steps 100] [--warmup 20] [--batch-size 64] [--workers 2]
                                    [--samples 4096] [--data DIR] [--repeats 2] [--log-every 10]
-                                   [--methods clip,cloob] [--write]
+                                   [--methods clip,cloob] [--recipe tiny] [--arch A] [--precision fp32]
+                                   [--device cpu] [--image-size 64] [--json PATH] [--write]
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from report import write_section
@@ -58,9 +65,10 @@ from report import write_section
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION = "## Training step throughput (tiny model, CPU)"
-ARCH = "cloob-tiny-vit"
+ARCH = "cloob-tiny-vit"  # the tiny recipe's
 SHARD_SIZE = 512
 IMAGE_SIZE = 64
+OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}  # ours: autocast, fp32 weights
 LR, WD, BETA1, BETA2, EPS = 1e-3, 0.1, 0.9, 0.999, 1e-8  # open_clip gets ours (tiny.yaml) explicitly
 
 # Runs open_clip's own training script after registering our model configs. The extra logging
@@ -164,20 +172,22 @@ def _child_env() -> dict:
 
 
 def ours_cmd(data: Path, out: Path, method: str, total_steps: int, args) -> list[str]:
-    return [sys.executable, "-m", "cloob.train", "tiny",
+    extra = [] if args.recipe == "tiny" else [f"model.arch={args.arch}", "schedule.name=cosine", "schedule.warmup_steps=20"]
+    return [sys.executable, "-m", "cloob.train", args.recipe,
             f"data.train={data}", f"data.num_samples={total_steps * args.batch_size}",
             f"data.workers={args.workers}", f"loss.method={method}",
             f"train.output={out}", f"train.steps={total_steps}", f"train.batch_size={args.batch_size}",
-            "train.device=cpu", "train.precision=fp32", f"train.log_every={args.log_every}",
-            f"train.checkpoint_every={10 * total_steps}", "train.progress=false", "train.resume=false"]
+            f"train.device={args.device}", f"train.precision={args.precision}", f"train.log_every={args.log_every}",
+            f"train.checkpoint_every={10 * total_steps}", "train.progress=false", "train.resume=false", *extra]
 
 
 def open_clip_args(shards: str, logs: Path, total_steps: int, args) -> list[str]:
     return ["--train-data", shards, "--dataset-type", "webdataset", "--dataset-resampled",
-            "--train-num-samples", str(total_steps * args.batch_size), "--model", ARCH,
+            "--train-num-samples", str(total_steps * args.batch_size), "--model", args.arch,
             "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--epochs", "1",
             "--lr", str(LR), "--wd", str(WD), "--beta1", str(BETA1), "--beta2", str(BETA2), "--eps", str(EPS),
-            "--warmup", "20", "--lr-scheduler", "cosine", "--precision", "fp32", "--device", "cpu",
+            "--warmup", "20", "--lr-scheduler", "cosine", "--precision", OPEN_CLIP_PRECISION[args.precision],
+            "--device", args.device,
             "--logs", str(logs), "--name", "run", "--save-frequency", "0", "--report-to", "",
             "--log-every-n-steps", str(args.log_every), "--seed", "0"]
 
@@ -256,7 +266,7 @@ def _x(ratio: float) -> str:
     return "-" if ratio != ratio else f"{ratio:.2f}x"
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     cpu = "unknown CPU"
     try:
         m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
@@ -271,7 +281,8 @@ def machine() -> str:
         except _md.PackageNotFoundError:
             return "?"
 
-    return (f"CPU: {cpu}, {os.cpu_count()} logical cores (torch threads: {torch.get_num_threads()}); "
+    gpu = f"; GPU: {torch.cuda.get_device_name(0)}" if device == "cuda" and torch.cuda.is_available() else ""
+    return (f"CPU: {cpu}, {os.cpu_count()} logical cores (torch threads: {torch.get_num_threads()}){gpu}; "
             f"torch {torch.__version__}, open_clip_torch {ver('open_clip_torch')}, "
             f"webdataset {ver('webdataset')}, Python {sys.version.split()[0]}")
 
@@ -294,6 +305,14 @@ def _display_cmd(cmd: list[str], work: Path, data: Path) -> str:
     return shlex.join(parts)
 
 
+def _write_json(args, runs: list[Run], work: Path, data: Path, tbl: str = "") -> None:
+    out = {"arch": args.arch, "recipe": args.recipe, "precision": args.precision, "device": args.device,
+           "batch_size": args.batch_size, "workers": args.workers, "warmup": args.warmup, "steps": args.steps,
+           "machine": machine(args.device), "command": command(), "table": tbl,
+           "runs": [{**asdict(r), "cmd": _display_cmd(r.cmd, work, data) if r.cmd else ""} for r in runs]}
+    Path(args.json).write_text(json.dumps(out, indent=1))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100, help="measured steps per run (after --warmup)")
@@ -305,6 +324,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2, help="runs per (implementation, method); median reported")
     p.add_argument("--log-every", type=int, default=10, help="log interval (steps) of both trainers")
     p.add_argument("--methods", default="clip,cloob", help="our loss.method values to run")
+    p.add_argument("--recipe", default="tiny", help="our recipe (cloob/recipes/<name>.yaml)")
+    p.add_argument("--arch", default=ARCH, help="model (both trainers); a recipe other than tiny gets model.arch=<arch>")
+    p.add_argument("--precision", default="fp32", choices=sorted(OPEN_CLIP_PRECISION))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="side of the generated JPEGs")
+    p.add_argument("--json", default="", help="write every run's figures here (JSON, rewritten after each run)")
     p.add_argument("--keep", action="store_true", help="keep the temporary run folders")
     p.add_argument("--write", action="store_true", help=f"update '{SECTION}' in BENCHMARKS.md")
     args = p.parse_args()
@@ -319,7 +344,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = Path(args.data).resolve() if args.data else work / "shards"
-    tars = write_shards(data, args.samples, shard_size=SHARD_SIZE, image_size=IMAGE_SIZE)
+    tars = write_shards(data, args.samples, shard_size=SHARD_SIZE, image_size=args.image_size)
     shards_pattern = str(data / f"{{00000..{len(tars) - 1:05d}}}.tar") if len(tars) > 1 else str(tars[0])
     print(f"{len(tars)} shards ({args.samples} samples) in {data}; {total_steps} steps per run, "
           f"first {args.warmup} discarded; runs in {work}", file=sys.stderr)
@@ -334,14 +359,20 @@ def main() -> int:
             status = r.error or f"{r.samples_per_s:.1f} samples/s over {r.steps_measured} steps"
             print(f"[{rep}] {r.label:16s} {status}  (wall {r.wall_s:.0f} s, load {r.load_before:.1f}"
                   f" -> {r.load_after:.1f})", file=sys.stderr, flush=True)
+            if args.json:
+                _write_json(args, runs, work, data)
 
     tbl = table(runs, args)
     print(tbl)
+    if args.json:
+        _write_json(args, runs, work, data, tbl)
     failed = [r for r in runs if r.error]
     for r in failed:
         print(f"FAILED {r.label} rep {r.rep}: {r.error}", file=sys.stderr)
 
     if args.write:
+        default = (args.recipe, args.arch, args.precision, args.device) == ("tiny", ARCH, "fp32", "cpu")
+        section = SECTION if default else f"## Training step throughput ({args.arch}, {args.precision}, {args.device})"
         loads = [x for r in runs for x in (r.load_before, r.load_after) if x == x]
         first = {}
         for r in runs:
@@ -352,17 +383,18 @@ def main() -> int:
         cmds = "\n".join(_display_cmd(first[k].cmd, work, data) for k in first)
         date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         text = (
-            f"{SECTION}\n\n"
-            f"Training throughput of `{ARCH}` (fp32, CPU) with our trainer (`python -m cloob.train tiny`) and "
+            f"{section}\n\n"
+            f"Training throughput of `{args.arch}` ({args.precision}, {args.device}) with our trainer "
+            f"(`python -m cloob.train {args.recipe}`) and "
             f"with open_clip's own training script (`open_clip_train.main`, from the open_clip_torch wheel) on "
-            f"the same synthetic webdataset shards ({len(tars)} x {SHARD_SIZE} samples, {IMAGE_SIZE} px JPEGs, "
+            f"the same synthetic webdataset shards ({len(tars)} x {SHARD_SIZE} samples, {args.image_size} px JPEGs, "
             f"sampled with replacement), same batch size, dataloader workers, default torch threads, AdamW "
             f"settings and warmup+cosine schedule. Each run is a fresh process of {total_steps} steps; the "
             f"first {args.warmup} are discarded and throughput is samples / wall time over the rest, from each "
             f"trainer's own logs. {args.repeats} runs per row, sequential and alternating "
             f"(ours-clip, open_clip, ours-cloob; reversed in the next round); the median is reported, and "
             f"the best run, which is the one least disturbed by other load on the machine.\n\n"
-            f"- Machine: {machine()}\n"
+            f"- Machine: {machine(args.device)}\n"
             f"- Date: {date}\n"
             f"- Command: `{command()}`\n"
             f"- Load average (1 min, counting the benchmark's own trainer and worker processes) seen at run "
@@ -388,8 +420,8 @@ def main() -> int:
             f"Per-run commands (`<shards>`: the shard folder, `<tmp>`: a fresh run folder):\n\n"
             f"```\n{cmds}\n```\n"
         )
-        write_section(SECTION, text)
-        print(f"\nwrote section '{SECTION}' in {BENCHMARKS}", file=sys.stderr)
+        write_section(section, text)
+        print(f"\nwrote section '{section}' in {BENCHMARKS}", file=sys.stderr)
 
     if not args.keep:
         import shutil
