@@ -72,7 +72,7 @@ def _cfg(method, path) -> LossConfig:
 
 def run(info: DistInfo) -> dict:
     """Every (dtype, method, path): the global loss and the parameter gradients after one DDP step;
-    every method on the default path: the weights after TRAIN_STEPS AdamW steps."""
+    every method on the default path: the weights after TRAIN_STEPS AdamW steps, in both dtypes."""
     per = GLOBAL_BATCH // info.world_size
     part = slice(info.rank * per, (info.rank + 1) * per)
     wrap = (lambda m: DistributedDataParallel(m)) if info.distributed else (lambda m: m)
@@ -89,19 +89,21 @@ def run(info: DistInfo) -> dict:
                 out["grads"][(str(dtype), method, path)] = {
                     "loss": value, **{n: p.grad.detach().clone() for n, p in model.named_parameters()
                                       if p.grad is not None}}
-    # Training: every method on the towers, CLOOB also on the real tiny ViT (its buffers and layers).
-    for method, arch in [*((m, None) for m in sorted(METHODS)), ("cloob", "cloob-tiny-vit")]:
-        model, tokenizer = build(torch.float64, arch)
+    # Training: every method on the towers in both dtypes, CLOOB also on the real tiny ViT (its buffers
+    # and layers).
+    runs = [*((m, None, dt) for dt in DTYPES for m in sorted(METHODS)), ("cloob", "cloob-tiny-vit", torch.float64)]
+    for method, arch, dtype in runs:
+        model, tokenizer = build(dtype, arch)
         ddp = wrap(model)
         loss_fn = GlobalLoss(_cfg(method, PATHS[0]), info, GLOBAL_BATCH, free_bytes=ROOM)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         for step in range(TRAIN_STEPS):
-            images, texts = batch(tokenizer, step, torch.float64)
+            images, texts = batch(tokenizer, step, dtype)
             loss, _ = loss_fn(*ddp(images[part], texts[part]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out["weights"][(method, arch)] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+        out["weights"][(method, arch, str(dtype))] = {n: p.detach().clone() for n, p in model.state_dict().items()}
     return out
 
 

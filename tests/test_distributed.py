@@ -85,13 +85,13 @@ def test_loss_and_gradients_equal_one_process_on_every_path(groups, one_process,
 @pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_weights_after_20_steps_equal_one_process(groups, one_process, world):
-    assert len(one_process["weights"]) == 5
-    for (method, arch), ref in one_process["weights"].items():
-        got = groups[world][0]["weights"][(method, arch)]
-        start = ddp_worker.build(torch.float64, arch)[0].state_dict()
+    assert len(one_process["weights"]) == 9
+    for (method, arch, dtype), ref in one_process["weights"].items():
+        got = groups[world][0]["weights"][(method, arch, dtype)]
+        start = ddp_worker.build(getattr(torch, dtype.split(".")[1]), arch)[0].state_dict()
         moved = 0
         for name, value in got.items():
-            _close(value, ref[name], TOL[str(torch.float64)], (world, method, arch, name))
+            _close(value, ref[name], TOL[dtype], (world, method, arch, dtype, name))
             moved += not torch.equal(value, start[name])
         assert moved >= 3, (method, arch)  # the steps changed the weights
 
