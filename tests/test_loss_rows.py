@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cloob.config import LossConfig
 from cloob.losses import METHODS, contrastive_loss, rows_loss
 from cloob.losses.plan import AUTO_MEMORY_FRACTION, plan_loss
-from cloob.losses.rows import _LogSumExpRows, _RetrieveRows
+from cloob.losses.rows import _LogSumExpRows, _RetrieveRows, retrieve_rows
 from cloob.train.distributed import DistInfo
 from cloob.train.global_loss import GlobalLoss
 
@@ -72,27 +72,24 @@ def test_a_partition_of_the_rows_sums_to_the_loss(method, parts, block):
 
 
 def _part_loss(xs, ys, t, r, objective, retrieval, block, per):
-    """rows_loss of part r, with a gather that concatenates every part's version of what is gathered
-    (the features themselves, and the retrievals of the candidates, which the other parts compute)."""
-    n = per * len(xs)
+    """rows_loss of part r, with a gather that returns every part's rows of what is gathered, in the
+    order rows_loss gathers: the features x and y, then (with retrieval) the candidates U_y and V_x,
+    which the other parts retrieve from the whole memories. Part r's own rows are the tensor given."""
+    big_x, big_y = torch.cat(xs), torch.cat(ys)
+    gathered = [xs, ys]
+    if retrieval == "hopfield":
+        gathered += [[retrieve_rows(q, big_x, 8.0, block) for q in ys], [retrieve_rows(q, big_y, 8.0, block) for q in xs]]
+    order = iter(gathered)
 
     def gather(local):
-        if local is xs[r] or local.data_ptr() == xs[r].data_ptr():
-            return torch.cat(xs)
-        if local is ys[r] or local.data_ptr() == ys[r].data_ptr():
-            return torch.cat(ys)
-        # a retrieval (U_y or V_x) of part r: every part's rows, each retrieved from the whole memory
-        from cloob.losses.rows import retrieve_rows
-        big_x, big_y = torch.cat(xs), torch.cat(ys)
-        for queries, memory in ((ys, big_x), (xs, big_y)):
-            mine = retrieve_rows(queries[r], memory, 8.0, block)
-            if torch.equal(mine, local):
-                return torch.cat([local if i == r else retrieve_rows(q, memory, 8.0, block)
-                                  for i, q in enumerate(queries)])
-        raise AssertionError("gather of an unexpected tensor")
+        parts = next(order)
+        assert torch.equal(local, parts[r]), "rows_loss gathered something else, or in another order"
+        return torch.cat([local if i == r else p for i, p in enumerate(parts)])
 
-    return rows_loss(xs[r], ys[r], t, objective=objective, retrieval=retrieval, beta=8.0, n_global=n,
+    loss = rows_loss(xs[r], ys[r], t, objective=objective, retrieval=retrieval, beta=8.0, n_global=per * len(xs),
                      offset=r * per, gather=gather, block=block)
+    assert next(order, None) is None  # everything rows_loss needed was gathered
+    return loss
 
 
 @pytest.mark.parametrize("block", [None, 3])

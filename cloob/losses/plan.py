@@ -40,10 +40,10 @@ class LossPlan:
         return f"{how}{mem}; about {size} of loss buffers per rank"
 
 
-def buffer_bytes(n: int, rows: int, sharded_or_rows: bool, block: int | None) -> int:
+def buffer_bytes(n: int, rows: int, sharded: bool, block: int | None) -> int:
     if block:
         return 3 * block * n * FLOAT32
-    if sharded_or_rows:
+    if sharded:
         return 8 * rows * n * FLOAT32
     return 7 * n * n * FLOAT32
 
