@@ -8,17 +8,15 @@ cloob.model.MODEL_CONFIGS_DIR)`. inv_tau = 1/tau is stored as log(inv_tau) in op
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
-from pathlib import Path
 
 import open_clip
 import torch
 
+from cloob.architectures import MODEL_CONFIGS_DIR, check_architecture
 from cloob.errors import CloobError
 
-MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 INV_TAU_MIN, INV_TAU_MAX = 1.0, 100.0
 
 open_clip.add_model_config(MODEL_CONFIGS_DIR)
@@ -35,13 +33,6 @@ logging.getLogger().addFilter(_QuietRandomInit())
 
 def list_architectures() -> list[str]:
     return open_clip.list_models()
-
-
-def check_architecture(arch: str) -> None:
-    if arch not in open_clip.list_models():
-        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "run `cloob models` to list them"
-        raise CloobError(f"unknown architecture {arch!r}", f"use an open_clip model name; {hint}")
 
 
 def model_config(arch: str) -> dict:

@@ -61,6 +61,7 @@ from cloob.errors import CloobError
 from cloob.run import reports
 from cloob.run.proctree import ProcessTree, still_running, stop_tree  # noqa: F401 (still_running: for callers)
 from cloob.run.watchdog import Stall, Watchdog
+from cloob.safetext import safe_text
 from cloob.storage import Location
 from cloob.train.checkpoint import CheckpointStore
 
@@ -248,6 +249,21 @@ def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, Recipe]:
     return run_dir, metrics, r
 
 
+def _preflight(r: Recipe, world_size: int) -> None:
+    """The ranks' own plan (cloob.train.plan: architecture, data, batch), made here before torchrun
+    starts them: a bad recipe fails in a fraction of a second instead of after every rank has
+    imported torch and open_clip (about 10 s), and nothing is written. Only the CloobErrors of the
+    plan are raised; anything else (a storage hiccup) is left for the ranks to meet and report."""
+    from cloob.train.plan import plan_run
+
+    try:
+        plan_run(r, world_size)
+    except CloobError:
+        raise
+    except Exception as e:
+        log.info("pre-start check of the data skipped: %s: %s", type(e).__name__, safe_text(e, 300))
+
+
 def _latest_checkpoint(run_dir: str) -> str | None:
     try:
         ref = CheckpointStore(run_dir).latest()
@@ -278,6 +294,7 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     once (CloobError), before anything starts.
     """
     run_dir, metrics_path, r = _resolve_run(recipe, [*overrides, "train.progress=false"])
+    _preflight(r, world_size=nproc_per_node * nnodes)
     max_restarts = r.train.max_restarts if max_restarts is None else max_restarts
     command = build_command(recipe, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,
                             node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)

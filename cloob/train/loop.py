@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import os
 import random
 import signal
@@ -27,17 +26,15 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cloob.config import Recipe, load_recipe
-from cloob.data.shards import list_shards
 from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
 from cloob.errors import CloobError
-from cloob.model import check_architecture, clamp_inv_tau_, create_model, model_config
+from cloob.model import clamp_inv_tau_, create_model, model_config
 from cloob.run import reports
 from cloob.storage import Location, is_local
 from cloob.train import distributed, preemption
@@ -49,6 +46,7 @@ from cloob.train.metrics import MetricsLogger
 from cloob.train.nonfinite import NonfiniteSteps
 from cloob.train.nonfinite import flag as nonfinite_flag
 from cloob.train.optim import build_optimizer, lr_factor, set_lr
+from cloob.train.plan import Plan, plan_run
 from cloob.version import code_version
 
 log = logging.getLogger("cloob.train")
@@ -58,58 +56,12 @@ LOADER_TIMEOUT_S = 600.0
 
 
 @dataclass
-class Plan:
-    """What the run will do, derived from the recipe and the data before anything is written."""
-
-    shard_urls: list[str]
-    shard_counts: list[int | None]  # samples per shard from its stats file
-    num_samples: int
-    global_batch: int
-    steps_per_epoch: int
-    total_steps: int
-    run_name: str
-    run_dir: str
-
-
-@dataclass
 class Progress:
     step: int = 0
     samples_seen: int = 0
     stream: StreamState = field(default_factory=StreamState)  # this rank, current epoch
     skips_before_epoch: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     nonfinite_skipped: int = 0  # steps skipped for a non-finite loss or gradient (cloob.train.nonfinite)
-
-
-def plan_run(recipe: Recipe, world_size: int) -> Plan:
-    check_architecture(recipe.model.arch)
-    shards = list_shards(recipe.data.train)
-    _check_readable(shards.urls[0])
-    num_samples = recipe.data.num_samples or shards.num_samples
-    if num_samples is None:
-        raise CloobError(f"no *_stats.json next to the shards of {recipe.data.train!r}, so the sample "
-                         "count is unknown", "set data.num_samples=<number of samples>")
-    global_batch = recipe.train.batch_size * world_size
-    if num_samples < global_batch:
-        raise CloobError(f"{num_samples} samples are fewer than one global batch ({global_batch})",
-                         "lower train.batch_size or add data")
-    if not recipe.data.resampled and len(shards.urls) < world_size * max(1, recipe.data.workers):
-        raise CloobError(f"{len(shards.urls)} shards cannot be split across {world_size} ranks x "
-                         f"{recipe.data.workers} workers", "set data.resampled=true or fewer data.workers")
-    steps_per_epoch = num_samples // global_batch
-    total = recipe.train.steps or max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
-    return Plan(shards.urls, shards.counts, num_samples, global_batch, steps_per_epoch, total, recipe.run_id(),
-                recipe.run_dir())
-
-
-def _check_readable(url: str) -> None:
-    try:
-        with fsspec.open(url, "rb") as f:
-            head = f.read(512)
-    except (OSError, ValueError) as e:
-        raise CloobError(f"cannot read shard {url}: {type(e).__name__}: {e}",
-                         "check the path, permissions and credentials") from None
-    if len(head) < 512 or head[257:262] != b"ustar":
-        raise CloobError(f"{url} is not a tar file", "point data.train at webdataset (.tar) shards")
 
 
 def _check_writable(run_dir: str) -> None:

@@ -1,0 +1,64 @@
+"""The plan of a training run: data, batch and steps, checked before anything starts or is written.
+
+Light (no torch, no open_clip): the launcher checks a recipe with it before torchrun starts any rank,
+so that a typo in the architecture, a missing data folder or a batch larger than the data fails in a
+fraction of a second; each rank plans again with the same function (cloob.train.loop).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import fsspec
+
+from cloob.architectures import check_architecture
+from cloob.config import Recipe
+from cloob.data.shards import list_shards
+from cloob.errors import CloobError
+
+
+@dataclass
+class Plan:
+    """What the run will do, derived from the recipe and the data before anything is written."""
+
+    shard_urls: list[str]
+    shard_counts: list[int | None]  # samples per shard from its stats file
+    num_samples: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    run_name: str
+    run_dir: str
+
+
+def plan_run(recipe: Recipe, world_size: int) -> Plan:
+    check_architecture(recipe.model.arch)
+    shards = list_shards(recipe.data.train)
+    _check_readable(shards.urls[0])
+    num_samples = recipe.data.num_samples or shards.num_samples
+    if num_samples is None:
+        raise CloobError(f"no *_stats.json next to the shards of {recipe.data.train!r}, so the sample "
+                         "count is unknown", "set data.num_samples=<number of samples>")
+    global_batch = recipe.train.batch_size * world_size
+    if num_samples < global_batch:
+        raise CloobError(f"{num_samples} samples are fewer than one global batch ({global_batch})",
+                         "lower train.batch_size or add data")
+    if not recipe.data.resampled and len(shards.urls) < world_size * max(1, recipe.data.workers):
+        raise CloobError(f"{len(shards.urls)} shards cannot be split across {world_size} ranks x "
+                         f"{recipe.data.workers} workers", "set data.resampled=true or fewer data.workers")
+    steps_per_epoch = num_samples // global_batch
+    total = recipe.train.steps or max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
+    return Plan(shards.urls, shards.counts, num_samples, global_batch, steps_per_epoch, total, recipe.run_id(),
+                recipe.run_dir())
+
+
+def _check_readable(url: str) -> None:
+    try:
+        with fsspec.open(url, "rb") as f:
+            head = f.read(512)
+    except (OSError, ValueError) as e:
+        raise CloobError(f"cannot read shard {url}: {type(e).__name__}: {e}",
+                         "check the path, permissions and credentials") from None
+    if len(head) < 512 or head[257:262] != b"ustar":
+        raise CloobError(f"{url} is not a tar file", "point data.train at webdataset (.tar) shards")
