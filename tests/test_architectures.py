@@ -7,8 +7,9 @@ from cloob.errors import CloobError
 
 
 def test_the_light_list_is_open_clips_list():
-    import cloob.model  # registers cloob/model_configs with open_clip
     import open_clip
+
+    import cloob.model  # registers cloob/model_configs with open_clip
 
     assert list(known_architectures()) == sorted(open_clip.list_models())
     assert {"cloob-tiny-vit", "cloob-tiny-rn", "RN50", "ViT-B-16"} <= set(known_architectures())

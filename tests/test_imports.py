@@ -20,7 +20,8 @@ HEAVY = ("torch", "open_clip", "prefect")
 
 LIGHT = [
     "cloob.config", "cloob.methods", "cloob.errors", "cloob.storage", "cloob.version", "cloob.cli",
-    "cloob.train", "cloob.train.checkpoint", "cloob.train.plan", "cloob.architectures", "cloob.run", "cloob.run.launch", "cloob.run.state",
+    "cloob.train", "cloob.train.checkpoint", "cloob.train.plan", "cloob.architectures",
+    "cloob.run", "cloob.run.launch", "cloob.run.state",
     "cloob.run.lifeline", "cloob.registry", "cloob.registry.lineage", "cloob.results.table",
     "cloob.results.report", "cloob.data.spec", "cloob.data.prepare", "cloob.data.manifest",
     "cloob.data.downstream", "flows.deploy",

@@ -244,20 +244,34 @@ def test_a_killed_launcher_takes_the_run_with_it(tmp_path, shards, env):
 
 
 @pytest.mark.slow
-def test_trainer_error_is_in_check(tmp_path, shards, env):
-    # Valid as a recipe, refused by the trainer: 1000 per rank is more than the 160 samples.
+def test_trainer_error_is_in_check(tmp_path, garbage_shards, env):
+    # Valid as a recipe and as a plan (a tar with a stats file), refused by the trainer at its first
+    # batch: no member decodes.
     lines = []
-    result = launch("tiny", _overrides(shards, tmp_path / "out", "train.batch_size=1000"), env=env,
+    result = launch("tiny", _overrides(garbage_shards, tmp_path / "out"), env=env,
                     on_line=lines.append)
     assert result.returncode != 0 and not result.timed_out and not result.cancelled
     assert result.checkpoint is None and result.last_progress is None
     assert result.error["kind"] == "cloob" and result.error["rank"] == 0  # read from the rank's error file
     with pytest.raises(CloobError) as e:
         result.check()
-    assert e.value.problem == "160 samples are fewer than one global batch (1000)"  # the trainer's, as is
-    assert e.value.fix == "lower train.batch_size or add data"
-    assert not any("error" in line.lower() or "Traceback" in line for line in lines), lines  # said once: by check
+    assert e.value.problem.startswith(f"no usable training samples in {garbage_shards}")  # the trainer's, as is
+    assert e.value.fix == "check the shards (images, .txt captions) or prepare them again"
+    assert not any("error:" in line.lower() or "Traceback" in line for line in lines), lines  # said once: by check
     _assert_group_gone(result.pgid)
+
+
+def test_a_bad_plan_is_refused_before_torchrun_starts(tmp_path, shards, monkeypatch):
+    # The ranks' own plan, made by the launcher: 1000 per rank is more than the 160 samples.
+    def no_start(*a, **kw):
+        raise AssertionError("torchrun was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_start)
+    with pytest.raises(CloobError) as e:
+        launch("tiny", _overrides(shards, tmp_path / "out", "train.batch_size=100"), nproc_per_node=2)
+    assert e.value.problem == "160 samples are fewer than one global batch (200)"
+    assert e.value.fix == "lower train.batch_size or add data"
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_recipe_is_refused_before_anything_starts(tmp_path, shards):

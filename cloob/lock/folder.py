@@ -75,6 +75,19 @@ class FolderLock:
         self._thread.start()
         return self
 
+    def check_free(self) -> None:
+        """Raise the CloobError that acquire() would raise if a live holder has the lock now; change
+        nothing. A look before starting work that would be refused later (the launcher, before
+        torchrun starts the rank that takes the lock). A failure to look is not an error here."""
+        if self._b is None:
+            return
+        try:
+            got = self._b.read()
+        except OSError:
+            return
+        if got is not None and _stale(got[0], got[1]) is None:
+            raise self._held(got[0], got[1])
+
     def _try(self, rec: dict) -> bool:
         """One attempt; True once the lock is ours. Raises the "held" CloobError."""
         with self._b.guard():

@@ -250,18 +250,20 @@ def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, Recipe]:
 
 
 def _preflight(r: Recipe, world_size: int) -> None:
-    """The ranks' own plan (cloob.train.plan: architecture, data, batch), made here before torchrun
-    starts them: a bad recipe fails in a fraction of a second instead of after every rank has
-    imported torch and open_clip (about 10 s), and nothing is written. Only the CloobErrors of the
-    plan are raised; anything else (a storage hiccup) is left for the ranks to meet and report."""
-    from cloob.train.plan import plan_run
+    """The ranks' own checks (cloob.train.plan: architecture, data, batch; the run folder's lock),
+    made here before torchrun starts them: a bad recipe, or a run folder in use, fails in a fraction
+    of a second instead of after every rank has imported torch and open_clip (about 10 s), and
+    nothing is written. Only their CloobErrors are raised; anything else (a storage hiccup) is left
+    for the ranks to meet and report."""
+    from cloob.train.plan import plan_run, run_lock
 
     try:
         plan_run(r, world_size)
+        run_lock(r).check_free()  # a second run on the folder: refused now, not after the imports
     except CloobError:
         raise
     except Exception as e:
-        log.info("pre-start check of the data skipped: %s: %s", type(e).__name__, safe_text(e, 300))
+        log.info("pre-start check skipped: %s: %s", type(e).__name__, safe_text(e, 300))
 
 
 def _latest_checkpoint(run_dir: str) -> str | None:
@@ -294,10 +296,10 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     once (CloobError), before anything starts.
     """
     run_dir, metrics_path, r = _resolve_run(recipe, [*overrides, "train.progress=false"])
-    _preflight(r, world_size=nproc_per_node * nnodes)
     max_restarts = r.train.max_restarts if max_restarts is None else max_restarts
     command = build_command(recipe, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,
                             node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+    _preflight(r, world_size=nproc_per_node * nnodes)
     # torchrun's agent gives its ranks this long after SIGTERM before SIGKILL (torch's default: 30 s).
     defaults = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(r.train.stop_grace_s))}
     if max_restarts:

@@ -46,7 +46,7 @@ from cloob.train.metrics import MetricsLogger
 from cloob.train.nonfinite import NonfiniteSteps
 from cloob.train.nonfinite import flag as nonfinite_flag
 from cloob.train.optim import build_optimizer, lr_factor, set_lr
-from cloob.train.plan import Plan, plan_run
+from cloob.train.plan import Plan, plan_run, run_lock
 from cloob.version import code_version
 
 log = logging.getLogger("cloob.train")
@@ -114,12 +114,7 @@ def train(recipe: Recipe) -> dict:
 def _run_lock(recipe: Recipe, info: distributed.DistInfo):
     """One run per run folder: the main rank holds the folder's lock for the whole run, taken before
     anything is written there; a second run on it is refused, naming the first (cloob.lock)."""
-    if not info.is_main:
-        return contextlib.nullcontext()
-    from cloob.lock import folder_lock
-
-    return folder_lock(recipe.run_dir(), purpose=f"cloob train {recipe.run_id()}",
-                       alternative="pass train.run_name=<another name> to train into another folder")
+    return run_lock(recipe) if info.is_main else contextlib.nullcontext()
 
 
 def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:

@@ -16,6 +16,7 @@ from cloob.architectures import check_architecture
 from cloob.config import Recipe
 from cloob.data.shards import list_shards
 from cloob.errors import CloobError
+from cloob.lock import FolderLock, folder_lock
 
 
 @dataclass
@@ -62,3 +63,10 @@ def _check_readable(url: str) -> None:
                          "check the path, permissions and credentials") from None
     if len(head) < 512 or head[257:262] != b"ustar":
         raise CloobError(f"{url} is not a tar file", "point data.train at webdataset (.tar) shards")
+
+
+def run_lock(recipe: Recipe) -> FolderLock:
+    """The run folder's lock, which the main rank holds for the whole run (cloob.lock); the launcher
+    only looks at it (check_free) before starting torchrun."""
+    return folder_lock(recipe.run_dir(), purpose=f"cloob train {recipe.run_id()}",
+                       alternative="pass train.run_name=<another name> to train into another folder")
