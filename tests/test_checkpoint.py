@@ -3,20 +3,15 @@ error naming the file and the older checkpoint to fall back to); checkpoints fro
 still load; temp files left by a kill are swept at the next start; where the default run folder is."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from cloob import cli
 from cloob.config import load_recipe
 from cloob.errors import CloobError
 from cloob.train.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, STATE_FILE, CheckpointStore
-
-ROOT = Path(__file__).parents[1]
 
 
 def _save(run_dir: Path, step: int, seed: int = 0):
@@ -52,20 +47,25 @@ def test_meta_holds_every_files_digest(tmp_path):
     assert meta["model_sha256"] == meta["files"][MODEL_FILE]["sha256"]  # the checkpoint id stays
 
 
+def _train(shards, out, *extra) -> dict:
+    """The trainer in this process (as each rank runs it); its CloobErrors are what `cloob train`
+    prints as one error and fix (the printing: tests/test_launch.py)."""
+    from cloob.train import train
+
+    return train(load_recipe("tiny", _train_argv(shards, out, *extra)[2:]))
+
+
 @pytest.mark.slow
-def test_flipped_byte_in_train_state_refuses_resume_naming_the_file_and_the_fallback(tmp_path, shards_dir, capsys):
+def test_flipped_byte_in_train_state_refuses_resume_naming_the_file_and_the_fallback(tmp_path, shards_dir):
     run = tmp_path / "out" / "runs" / "r"
     _save(run, 10)
     damaged = Path(_save(run, 20).url)
     _flip_byte(damaged / STATE_FILE)
-    rc = cli.main(_train_argv(shards_dir, tmp_path / "out"))
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("error:") == 1 and "Traceback" not in err
-    assert f"{damaged}/{STATE_FILE}" in err and "sha256" in err
+    with pytest.raises(CloobError) as e:
+        _train(shards_dir, tmp_path / "out")
+    assert f"{damaged}/{STATE_FILE}" in e.value.problem and "sha256" in e.value.problem
     # The fix names the damaged folder, how to move it aside, and the step a rerun then resumes from.
-    fix = err.split("fix:", 1)[1]
-    assert f"mv {damaged} " in fix and "step 10" in fix
+    assert f"mv {damaged} " in e.value.fix and "step 10" in e.value.fix
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # nothing written
 
     with pytest.raises(CloobError, match=STATE_FILE):
@@ -73,15 +73,13 @@ def test_flipped_byte_in_train_state_refuses_resume_naming_the_file_and_the_fall
 
 
 @pytest.mark.slow
-def test_missing_train_state_refuses_resume(tmp_path, shards_dir, capsys):
+def test_missing_train_state_refuses_resume(tmp_path, shards_dir):
     run = tmp_path / "out" / "runs" / "r"
     (Path(_save(run, 10).url) / STATE_FILE).unlink()
-    rc = cli.main(_train_argv(shards_dir, tmp_path / "out"))
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("error:") == 1 and "Traceback" not in err
-    assert STATE_FILE in err and "missing" in err
-    assert "no older complete checkpoint" in err
+    with pytest.raises(CloobError) as e:
+        _train(shards_dir, tmp_path / "out")
+    assert STATE_FILE in e.value.problem and "missing" in e.value.problem
+    assert "no older complete checkpoint" in str(e.value)
 
 
 def test_flipped_byte_in_the_model_file_refuses_load(tmp_path):
@@ -128,10 +126,6 @@ def test_default_run_folder_is_runs_slash_run_name():
         f"/store/runs/{r.run_id()}"
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.slow
 def test_temp_files_of_a_killed_write_are_swept_at_the_next_start(tmp_path, shards_dir):
     """A kill in the middle of an atomic write leaves '.tmp-<random>-<name>' files; the next start of
@@ -145,10 +139,7 @@ def test_temp_files_of_a_killed_write_are_swept_at_the_next_start(tmp_path, shar
     kept = [run / "notes.tmp", run / "tmp-notes.txt", tmp_path / "out" / ".tmp-y-other"]
     for p in kept:
         p.write_text("the user's")
-    argv = [sys.executable, "-m", "cloob.train", *_train_argv(shards_dir, tmp_path / "out", "train.steps=2",
-                                                              "train.checkpoint_every=1")[1:]]
-    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _train(shards_dir, tmp_path / "out", "train.steps=2", "train.checkpoint_every=1")
     assert not any(p.exists() for p in planted)
     assert all(p.exists() for p in kept)
     assert not list(run.rglob(".tmp-*"))
@@ -156,17 +147,14 @@ def test_temp_files_of_a_killed_write_are_swept_at_the_next_start(tmp_path, shar
 
 
 @pytest.mark.slow
-def test_damaged_train_state_of_a_real_run_is_refused_and_the_fix_works(tmp_path, shards_dir):
+def test_damaged_train_state_of_a_real_run_is_refused_and_the_fix_works(tmp_path, shards_dir, capsys):
     """The fault report's recipe (flip a byte in train_state.pt, rerun: rc was 0 and the final model
     drifted), then what the error says to do: move the damaged step aside and rerun. That resumes from
     the older checkpoint and ends with the same model as the undamaged run."""
     import shutil
 
-    argv = [sys.executable, "-m", "cloob.train",
-            *_train_argv(shards_dir, tmp_path / "out", "train.steps=4", "train.checkpoint_every=1",
-                         "train.keep_checkpoints=3")[1:]]
-    first = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
+    extra = ("train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    _train(shards_dir, tmp_path / "out", *extra)
     run = tmp_path / "out" / "runs" / "r"
     store = CheckpointStore(str(run))
     final_sha = store.latest().meta()["model_sha256"]
@@ -174,18 +162,17 @@ def test_damaged_train_state_of_a_real_run_is_refused_and_the_fix_works(tmp_path
     damaged = run / "checkpoints" / "step_00000003"
     _flip_byte(damaged / STATE_FILE)
 
-    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
-    assert f"{damaged}/{STATE_FILE}" in proc.stderr and "step 2" in proc.stderr
-    fix = proc.stderr.split("fix:", 1)[1]
+    with pytest.raises(CloobError) as e:
+        _train(shards_dir, tmp_path / "out", *extra)
+    assert f"{damaged}/{STATE_FILE}" in e.value.problem and "step 2" in e.value.fix
+    fix = e.value.fix
     mv = fix[fix.index("mv "):].split(";")[0].split(")")[0].split()
     assert mv[:2] == ["mv", str(damaged)] and len(mv) == 3
     subprocess.run(mv, check=True)
 
-    done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from step 2" in done.stderr
+    capsys.readouterr()
+    assert _train(shards_dir, tmp_path / "out", *extra)["step"] == 4
+    assert "resuming from step 2" in capsys.readouterr().err
     assert store.latest().step == 4 and store.latest().meta()["model_sha256"] == final_sha
 
 

@@ -356,11 +356,12 @@ def _kill_all(procs) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(("sig", "nproc"), [(signal.SIGTERM, 2), (signal.SIGKILL, 1)], ids=["SIGTERM-2", "SIGKILL-1"])
 def test_a_signal_to_cloob_train_stops_its_whole_tree(tmp_path, shards, env, nproc, sig):
     """A signal to the `cloob train` process alone (not its group, as a batch system or `kill PID`
-    sends it): torchrun, every rank and their DataLoader workers end; SIGTERM says so in one line."""
+    sends it): torchrun, every rank and their DataLoader workers end; SIGTERM says so in one line.
+    (SIGKILL under two ranks: test_a_killed_launcher_takes_the_run_with_it; SIGTERM to a one-rank
+    run: the demo's test.)"""
     overrides = _overrides(shards, tmp_path, "train.steps=100000")
     cmd = _cli(shards, tmp_path, "train.steps=100000", nproc=nproc)
     proc = psutil.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

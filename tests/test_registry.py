@@ -1,5 +1,9 @@
 """The checkpoint registry: lineage, aliases, best-per-dataset, and many writers at once on a folder
-and on S3 (moto)."""
+and on S3 (moto).
+
+Spawned writer processes import this module, so its top-level imports stay light (torch is imported
+where a checkpoint is made, in the test process only).
+"""
 
 import hashlib
 import json
@@ -9,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from cloob import cli
@@ -21,6 +24,8 @@ from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 
 def _checkpoint(run_dir: str, step: int, seed: int, data: str | None = None, method: str = "cloob") -> str:
     """A complete checkpoint as training writes it (a small state dict stands in for a model)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     ref = CheckpointStore(run_dir).save(step, {"w": torch.randn(4, generator=g)}, {"model_cfg": {}}, {"step": step},
                                         {"arch": "cloob-tiny-vit", "method": method, "run_name": run_dir.rsplit("/", 1)[-1],
@@ -103,14 +108,14 @@ def test_best_per_dataset_and_cli(tmp_path, capsys):
     assert "nothing in the registry" in capsys.readouterr().err
 
 
-def _register_one(registry: str, runs: str, i: int) -> None:
-    reg = Registry(registry)
-    reg.register(_checkpoint(f"{runs}/run-{i}", 5, seed=100 + i), aliases=["shared"])
+def _register_one(registry: str, checkpoint: str) -> None:
+    Registry(registry).register(checkpoint, aliases=["shared"])
 
 
 def _many_writers(registry: str, runs: str, n: int) -> None:
+    checkpoints = [_checkpoint(f"{runs}/run-{i}", 5, seed=100 + i) for i in range(n)]
     ctx = mp.get_context("spawn")  # children inherit os.environ: the S3 endpoint and keys
-    procs = [ctx.Process(target=_register_one, args=(registry, runs, i)) for i in range(n)]
+    procs = [ctx.Process(target=_register_one, args=(registry, c)) for c in checkpoints]
     for p in procs:
         p.start()
     for p in procs:
