@@ -267,3 +267,17 @@ def slow_marker_is_honest():
     if started := sorted(set(_running["started"])):
         pytest.fail(f"this test started {', '.join(started)}: mark it @pytest.mark.slow", pytrace=False)
 
+
+
+# The files that take longest, longest first (wall seconds under `pytest -n 2` on 2 cores, measured
+# 2026-12-01). pytest-xdist gives each worker whole files (--dist loadfile) in collection order
+# (--no-loadscope-reorder; its default order, most tests first, started the 220 s demo last and left
+# one worker idle for 200 s at the end). The rest keep their order, after these.
+LONGEST_FIRST = ["test_demo.py", "test_launch.py", "test_prepare.py", "test_faults.py", "test_lock.py",
+                 "test_deploy.py", "test_train.py", "test_distributed.py", "test_evaluate.py", "test_data.py",
+                 "test_imports.py", "test_flows.py", "test_eval_threads.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order

@@ -2,6 +2,10 @@
 ephemeral Prefect under the store): stopped with SIGTERM during training (it and every process it
 started are gone at once), run again to the end (training resumes from its checkpoint), both models
 clearly above chance; then run once more, doing nothing.
+
+It trains 300 steps per model (`--steps 300`) instead of the default 500: the demo is most of the
+suite's CPU time, and at 300 steps both models are still 2.7x chance or more on both sets
+(measured 2026-12-01: CLOOB 19.4% shapes, 45.0% colors; CLIP 53.6%, 100%).
 """
 
 import contextlib
@@ -21,8 +25,9 @@ from cloob.run.launch import still_running
 
 ROOT = Path(__file__).parents[1]
 CHANCE = {"shapes": 1 / 18, "colors": 1 / 6}
-# The demo takes about 3 min on an idle 2-core machine, and twice that on a busy one. The budgets
-# below are for one step each; the module's own limit covers the sum, so pytest's global 600 s
+STEPS = 300
+# The demo takes about 2 min (300 steps) on an idle 2-core machine, twice that on a busy one. The
+# budgets below are for one step each; the module's own limit covers the sum, so pytest's global 600 s
 # (which would end the fixture before its budgets) does not apply here.
 FIRST_CHECKPOINT_S, RERUN_S, NOOP_S = 600, 900, 300
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(FIRST_CHECKPOINT_S + RERUN_S + NOOP_S + 120)]
@@ -37,8 +42,8 @@ def env() -> dict:
 
 
 def _demo(store: Path, env: dict, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "--store", str(store)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "--store", str(store), "--steps", str(STEPS)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
 
@@ -103,7 +108,7 @@ def finished_demo(tmp_path_factory, env):
 
 def test_the_demo_killed_and_rerun_finishes_from_the_checkpoint_above_chance(finished_demo):
     store, out, killed_at = finished_demo
-    assert killed_at and all(name < "step_00000500" for name in killed_at), killed_at
+    assert killed_at and all(name < f"step_{STEPS:08d}" for name in killed_at), killed_at
     assert "resuming from step" in out, out[-5000:]
     assert "demo: already done" in out  # the shards were finished before the kill
 
@@ -111,9 +116,9 @@ def test_the_demo_killed_and_rerun_finishes_from_the_checkpoint_above_chance(fin
     acc = {(r["method"], r["dataset"]): r["main_value"] for r in rows}
     assert set(acc) == {(m, d) for m in ("cloob", "clip") for d in CHANCE}, acc
     for (method, dataset), value in acc.items():
-        # Clearly above chance: at least 1.6 x chance (the demo gives CLOOB 5.8x on shapes, 4.6x on colors).
+        # Clearly above chance: at least 1.6 x chance (at 300 steps CLOOB gives 3.5x on shapes, 2.7x on colors).
         assert value >= 1.6 * CHANCE[dataset], (method, dataset, value)  # main_value is a fraction
-    assert all(r["step"] == 500 and r["pretraining_data"] == "demo" for r in rows)
+    assert all(r["step"] == STEPS and r["pretraining_data"] == "demo" for r in rows)
 
     reg = Registry(str(store / "registry"))
     assert len(reg.entries()) == 2 and {"latest", "best-shapes", "best-colors"} <= set(reg.aliases())
