@@ -274,6 +274,28 @@ def test_a_bad_plan_is_refused_before_torchrun_starts(tmp_path, shards, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_folder_in_use_is_refused_before_torchrun_starts(tmp_path, shards, monkeypatch):
+    """On one node the launcher looks at the run folder's lock first; on several it cannot (another
+    node's rank 0 may hold it for this very run), so that node's torchrun starts."""
+    from cloob.config import load_recipe
+    from cloob.train.plan import run_lock
+
+    class Started(Exception):
+        pass
+
+    def started(*a, **kw):
+        raise Started
+
+    monkeypatch.setattr(subprocess, "Popen", started)
+    overrides = _overrides(shards, tmp_path / "out")
+    with run_lock(load_recipe("tiny", overrides)):  # held by this (live) process
+        with pytest.raises(CloobError, match="is in use") as e:
+            launch("tiny", overrides)
+        assert f"pid {os.getpid()}" in e.value.problem and "train.run_name" in e.value.fix
+        with pytest.raises(Started):
+            launch("tiny", overrides, nnodes=2, node_rank=1, rdzv_endpoint="127.0.0.1:29999")
+
+
 def test_bad_recipe_is_refused_before_anything_starts(tmp_path, shards):
     t0 = time.monotonic()
     with pytest.raises(CloobError, match="train.batch_size"):

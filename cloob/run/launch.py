@@ -249,17 +249,20 @@ def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, Recipe]:
     return run_dir, metrics, r
 
 
-def _preflight(r: Recipe, world_size: int) -> None:
+def _preflight(r: Recipe, world_size: int, lock: bool) -> None:
     """The ranks' own checks (cloob.train.plan: architecture, data, batch; the run folder's lock),
     made here before torchrun starts them: a bad recipe, or a run folder in use, fails in a fraction
     of a second instead of after every rank has imported torch and open_clip (about 10 s), and
     nothing is written. Only their CloobErrors are raised; anything else (a storage hiccup) is left
-    for the ranks to meet and report."""
+    for the ranks to meet and report. lock: whether to look at the lock that global rank 0 takes; not
+    for a multi-node run, where any node's launcher may start after another node's rank 0 took it
+    (c10d's rendezvous, not --node_rank, decides which node hosts rank 0)."""
     from cloob.train.plan import plan_run, run_lock
 
     try:
         plan_run(r, world_size)
-        run_lock(r).check_free()  # a second run on the folder: refused now, not after the imports
+        if lock:
+            run_lock(r).check_free()  # a second run on the folder: refused now, not after the imports
     except CloobError:
         raise
     except Exception as e:
@@ -299,7 +302,7 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     max_restarts = r.train.max_restarts if max_restarts is None else max_restarts
     command = build_command(recipe, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,
                             node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
-    _preflight(r, world_size=nproc_per_node * nnodes)
+    _preflight(r, world_size=nproc_per_node * nnodes, lock=nnodes == 1)
     # torchrun's agent gives its ranks this long after SIGTERM before SIGKILL (torch's default: 30 s).
     defaults = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(r.train.stop_grace_s))}
     if max_restarts:
