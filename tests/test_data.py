@@ -533,23 +533,6 @@ def test_all_bad_shards_raise_instead_of_hanging(tmp_path, tfs, num_workers):
         next(batches(stream, num_workers=num_workers))
 
 
-@pytest.mark.slow
-def test_training_on_all_bad_shards_is_a_clear_error(tmp_path, capsys):
-    from cloob.cli import main
-
-    d = tmp_path / "bad"
-    d.mkdir()
-    for i in range(2):
-        write_tar(d / f"{i:05d}.tar", [(f"{i}{k}.jpg", b"junk" * 50) for k in range(40)] +
-                  [(f"{i}{k}.txt", b"a caption") for k in range(40)])
-        (d / f"{i:05d}_stats.json").write_text(json.dumps({"successes": 40}))
-    rc = main(["train", "tiny", f"data.train={d}", f"train.output={tmp_path / 'out'}", "train.batch_size=8",
-               "data.workers=1", "train.progress=false"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "no usable training samples" in err and "fix:" in err
-    assert not list((tmp_path / "out").rglob("meta.json"))  # no checkpoint
-
-
 @pytest.mark.parametrize("resampled", [True, False])
 def test_one_loader_across_epochs_equals_a_loader_per_epoch(shards_dir, tfs, resampled):
     """Workers carry on into the next epoch by themselves. With 5 batches per epoch and 2 workers the

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import cloob
 
 ROOT = Path(__file__).parents[1]
@@ -59,8 +57,7 @@ def _all_cloob_modules() -> list[str]:
     return sorted(names)
 
 
-@pytest.mark.parametrize("chunk", [0, 1])
-def test_no_cloob_module_imports_prefect(chunk):
+def test_no_cloob_module_imports_prefect():
     modules = _all_cloob_modules()
     assert len(modules) > 30  # the walk found the package, not an empty folder
     code = (
@@ -73,8 +70,7 @@ def test_no_cloob_module_imports_prefect(chunk):
         "        break\n"
         "print(json.dumps(bad))\n"
     )
-    half = modules[chunk::2]  # two interpreters, so the test stays inside its timeout on a busy machine
-    proc = subprocess.run([sys.executable, "-c", code, *half], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, cwd=ROOT, timeout=500)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
 

@@ -168,14 +168,14 @@ def test_stop_event_cancels_and_kills_the_group(tmp_path, shards, env):
             setters.append(threading.Thread(target=stop.set))
             setters[-1].start()
 
-    result = launch("tiny", _overrides(shards, tmp_path, "train.steps=100000"), nproc_per_node=2,
-                    stop=stop, env=env, grace_s=5.0, on_progress=on_progress)
+    result = launch("tiny", _overrides(shards, tmp_path, "train.steps=100000"), stop=stop, env=env, grace_s=5.0,
+                    on_progress=on_progress)
     for t in setters:
         t.join()
     assert setters and stop.is_set()
     assert result.cancelled and not result.timed_out and result.returncode != 0
     assert result.last_progress is not None and 0 < result.last_progress["step"] < 100000
-    _assert_run_gone(result.pgid, rec.procs, at_least=5)  # torchrun, both ranks and their DataLoader workers
+    _assert_run_gone(result.pgid, rec.procs, at_least=3)  # torchrun, the rank and its DataLoader worker
     with pytest.raises(CloobError, match="cancelled"):
         result.check()
 
@@ -200,11 +200,11 @@ def test_an_interrupt_in_the_caller_kills_the_whole_run_and_is_raised(tmp_path, 
 
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        launch("tiny", _overrides(shards, tmp_path, "train.steps=100000"), nproc_per_node=2, env=env,
-               grace_s=5.0, on_progress=ctrl_c)
+        launch("tiny", _overrides(shards, tmp_path, "train.steps=100000"), env=env, grace_s=5.0,
+               on_progress=ctrl_c)
     assert time.monotonic() - t0 < 120
     assert len(started) == 1 and started[0].returncode is not None
-    _assert_run_gone(started[0].pid, rec.procs, at_least=5)
+    _assert_run_gone(started[0].pid, rec.procs, at_least=3)  # torchrun, the rank and its DataLoader worker
 
 
 _LAUNCHER = """
@@ -677,7 +677,8 @@ def test_a_damaged_checkpoint_on_resume_is_one_message(tmp_path, shards, env):
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "cloob.cli", "train", "tiny", *overrides, "--nproc-per-node=2"],
+    # One rank: an error under two ranks said once is test_bad_data_under_two_ranks_is_one_message...
+    proc = subprocess.run([sys.executable, "-m", "cloob.cli", "train", "tiny", *overrides],
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "checkpoint" in _one_message(proc.stderr)

@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A holder: waits for `go` (if given), takes the lock, says so, holds it until `release` exists.
 HOLDER = r"""
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C as a terminal delivers it, however pytest was started: a shell's background job (`cmd &`
+# without job control) starts with SIGINT ignored, and Python then installs no KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from cloob.errors import CloobError
 from cloob.lock import folder_lock
 folder, release, lease, go = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
