@@ -1,9 +1,14 @@
-"""The open_clip architecture names, read from the model config files without importing open_clip.
+"""The open_clip architecture names and configs, read from the model config files without importing
+open_clip.
 
 Importing open_clip takes seconds (torchvision, torch._dynamo and timm come with it), so the
 launcher checks a recipe's `model.arch` here before torchrun starts any rank: a typo fails in a
 fraction of a second. The names are open_clip's own rule applied to the same folders: every JSON
 file with embed_dim, vision_cfg and text_cfg in open_clip's model_configs/ and in ours.
+
+`skip_timm_unless_needed`: open_clip imports timm (a quarter of its 5 s import) for every
+architecture, but only those with a timm image tower use it. A training rank, which knows its
+architecture before it imports open_clip, leaves timm out when its tower is open_clip's own.
 """
 
 from __future__ import annotations
@@ -28,17 +33,39 @@ def _open_clip_configs_dir() -> Path:
 
 
 @functools.cache
-def known_architectures() -> tuple[str, ...]:
-    names = set()
-    for folder in (_open_clip_configs_dir(), MODEL_CONFIGS_DIR):
+def _configs() -> dict[str, dict]:
+    configs = {}
+    for folder in (_open_clip_configs_dir(), MODEL_CONFIGS_DIR):  # ours last: open_clip's order of adding
         for path in folder.glob("*.json"):
             try:
                 cfg = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
             if isinstance(cfg, dict) and all(k in cfg for k in _REQUIRED):
-                names.add(path.stem)
-    return tuple(sorted(names))
+                configs[path.stem] = cfg
+    return configs
+
+
+def known_architectures() -> tuple[str, ...]:
+    return tuple(sorted(_configs()))
+
+
+def uses_timm(arch: str) -> bool:
+    """Whether building `arch` needs timm (a timm image tower); True for a name not known here."""
+    cfg = _configs().get(arch)
+    return cfg is None or bool((cfg.get("vision_cfg") or {}).get("timm_model_name"))
+
+
+def skip_timm_unless_needed(arch: str) -> bool:
+    """Make timm unimportable in this process unless `arch` needs it or it is loaded already; open_clip
+    then imports without it (its timm adapter is optional). Call before anything imports open_clip.
+    Returns whether timm was left out."""
+    import sys
+
+    if "timm" in sys.modules or uses_timm(arch):
+        return False
+    sys.modules["timm"] = None  # `import timm` raises ImportError, which open_clip expects without timm
+    return True
 
 
 def check_architecture(arch: str) -> None:
