@@ -606,7 +606,8 @@ def test_forked_workers_exit_cleanly_under_a_parent_thread_exit_hook():
 
     threading._register_atexit(hook)
     try:
-        assert _worker_exit_codes(DataLoader(_Items(), batch_size=4, num_workers=2)) == [1, 1]  # the failure
+        # The failure (in at least one worker: under load one may be stopped before its exit hooks run).
+        assert 1 in _worker_exit_codes(DataLoader(_Items(), batch_size=4, num_workers=2))
         assert _worker_exit_codes(DataLoader(_Items(), batch_size=4, num_workers=2, worker_init_fn=worker_init)) == [0, 0]
         assert _worker_exit_codes(loader(_Items(), 4, 2).dl) == [0, 0]
     finally:

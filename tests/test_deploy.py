@@ -625,7 +625,9 @@ def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect
     out = tmp_path / "train-out"  # in every process of the run's command line: how we find them
     log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
-                              cwd=tmp_path, env=_clean_env(PREFECT_API_URL=url, OMP_NUM_THREADS="1"), stdout=log,
+                              # polls for work every second, not every 10 (Prefect's default)
+                              cwd=tmp_path, env=_clean_env(PREFECT_API_URL=url, OMP_NUM_THREADS="1",
+                                                           PREFECT_WORKER_QUERY_SECONDS="1"), stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with SyncPrefectClient(api=url) as client:
