@@ -54,11 +54,17 @@ def _overrides(shards, out, *extra):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shards, env):
-    """An uninterrupted 2-rank run: (final model state, logged losses)."""
+    """An uninterrupted 2-rank run: (final model state, logged losses). Started with bare torchrun, as
+    the trainer's docstring shows (`torchrun --nproc_per_node N -m cloob.train ...`), not through
+    cloob's launcher: that way of starting is checked here too (a run, a checkpoint, its world size)."""
     out = tmp_path_factory.mktemp("reference")
-    result = launch("tiny", _overrides(shards, out), nproc_per_node=2, env=env)
-    assert result.ok, "\n".join(result.log_tail)
-    return _final(result.run_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cloob.train",
+           "tiny", *_overrides(shards, out), "train.progress=false"]
+    proc = subprocess.run(cmd, env={**os.environ, **env}, cwd=out, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = out / "runs" / "r"
+    assert CheckpointStore(str(run_dir)).latest().meta()["world_size"] == 2
+    return _final(run_dir)
 
 
 def _final(run_dir) -> tuple[dict, list]:
