@@ -61,9 +61,9 @@ from cloob.errors import CloobError
 from cloob.run import reports
 from cloob.run.proctree import ProcessTree, still_running, stop_tree  # noqa: F401 (still_running: for callers)
 from cloob.run.watchdog import Stall, Watchdog
-from cloob.safetext import safe_text
 from cloob.storage import Location
 from cloob.train.checkpoint import CheckpointStore
+from cloob.train.plan import check_before_start
 
 log = logging.getLogger(__name__)
 
@@ -249,26 +249,6 @@ def _resolve_run(recipe: str, overrides: list[str]) -> tuple[str, Path, Recipe]:
     return run_dir, metrics, r
 
 
-def _preflight(r: Recipe, world_size: int, lock: bool) -> None:
-    """The ranks' own checks (cloob.train.plan: architecture, data, batch; the run folder's lock),
-    made here before torchrun starts them: a bad recipe, or a run folder in use, fails in a fraction
-    of a second instead of after every rank has imported torch and open_clip (about 10 s), and
-    nothing is written. Only their CloobErrors are raised; anything else (a storage hiccup) is left
-    for the ranks to meet and report. lock: whether to look at the lock that global rank 0 takes; not
-    for a multi-node run, where any node's launcher may start after another node's rank 0 took it
-    (c10d's rendezvous, not --node_rank, decides which node hosts rank 0)."""
-    from cloob.train.plan import plan_run, run_lock
-
-    try:
-        plan_run(r, world_size)
-        if lock:
-            run_lock(r).check_free()  # a second run on the folder: refused now, not after the imports
-    except CloobError:
-        raise
-    except Exception as e:
-        log.info("pre-start check skipped: %s: %s", type(e).__name__, safe_text(e, 300))
-
-
 def _latest_checkpoint(run_dir: str) -> str | None:
     try:
         ref = CheckpointStore(run_dir).latest()
@@ -302,7 +282,9 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     max_restarts = r.train.max_restarts if max_restarts is None else max_restarts
     command = build_command(recipe, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,
                             node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
-    _preflight(r, world_size=nproc_per_node * nnodes, lock=nnodes == 1)
+    # The ranks' own checks, before torchrun starts them. Not the lock on several nodes: there any
+    # launcher may start after another node's rank 0 (c10d's rendezvous picks that node) took it.
+    check_before_start(r, nproc_per_node * nnodes, lock=nnodes == 1)
     # torchrun's agent gives its ranks this long after SIGTERM before SIGKILL (torch's default: 30 s).
     defaults = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(r.train.stop_grace_s))}
     if max_restarts:

@@ -1,12 +1,14 @@
 """The plan of a training run: data, batch and steps, checked before anything starts or is written.
 
-Light (no torch, no open_clip): the launcher checks a recipe with it before torchrun starts any rank,
-so that a typo in the architecture, a missing data folder or a batch larger than the data fails in a
-fraction of a second; each rank plans again with the same function (cloob.train.loop).
+Light (no torch, no open_clip): the launcher checks a recipe with it before torchrun starts any rank
+(`check_before_start`), so that a typo in the architecture, a missing data folder or a batch larger
+than the data fails in a fraction of a second; each rank plans again with the same function
+(cloob.train.loop).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,6 +19,9 @@ from cloob.config import Recipe
 from cloob.data.shards import list_shards
 from cloob.errors import CloobError
 from cloob.lock import FolderLock, folder_lock
+from cloob.safetext import safe_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,3 +75,19 @@ def run_lock(recipe: Recipe) -> FolderLock:
     only looks at it (check_free) before starting torchrun."""
     return folder_lock(recipe.run_dir(), purpose=f"cloob train {recipe.run_id()}",
                        alternative="pass train.run_name=<another name> to train into another folder")
+
+
+def check_before_start(recipe: Recipe, world_size: int, *, lock: bool = True) -> None:
+    """The ranks' own checks (the plan; with `lock`, the run folder's lock, looked at, not taken),
+    for a launcher to make before it starts them: a bad recipe or a run folder in use fails in a
+    fraction of a second instead of after every rank has imported torch and open_clip (about 10 s),
+    and nothing is written. Only their CloobErrors are raised; anything else (a storage hiccup) is
+    left for the ranks to meet and report."""
+    try:
+        plan_run(recipe, world_size)
+        if lock:
+            run_lock(recipe).check_free()
+    except CloobError:
+        raise
+    except Exception as e:  # noqa: BLE001 (the ranks meet it again and report it properly)
+        log.info("pre-start check skipped: %s: %s", type(e).__name__, safe_text(e, 300))
