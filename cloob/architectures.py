@@ -17,6 +17,7 @@ import difflib
 import functools
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 from cloob.errors import CloobError
@@ -46,8 +47,14 @@ def _configs() -> dict[str, dict]:
     return configs
 
 
+def _natural(name: str) -> list:
+    # open_clip's order of list_models(): "RN50" < "RN101", case-insensitive
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name.lower())]
+
+
 def known_architectures() -> tuple[str, ...]:
-    return tuple(sorted(_configs()))
+    """open_clip.list_models() with cloob's configs added, in the same order (`cloob models`)."""
+    return tuple(sorted(_configs(), key=_natural))
 
 
 def uses_timm(arch: str) -> bool:

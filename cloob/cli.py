@@ -248,9 +248,9 @@ def _cmd_registry(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from cloob.model import list_architectures
+    from cloob.architectures import known_architectures
 
-    print("\n".join(list_architectures()))
+    print("\n".join(known_architectures()))
     return 0
 
 

@@ -31,10 +31,6 @@ class _QuietRandomInit(logging.Filter):
 logging.getLogger().addFilter(_QuietRandomInit())
 
 
-def list_architectures() -> list[str]:
-    return open_clip.list_models()
-
-
 def model_config(arch: str) -> dict:
     check_architecture(arch)
     return open_clip.get_model_config(arch)
