@@ -320,6 +320,26 @@ def previous_row(done: dict, identity: dict, dataset, settings_hash: str) -> dic
     return None
 
 
+def finished_row(model: str, dataset: ClassificationSet | RetrievalSet, settings: EvalSettings,
+                 results: str) -> dict | None:
+    """The row that makes evaluating this pair unnecessary (previous_row's rule), found without
+    loading the model and without choosing a device here: with device "auto" a row made on a GPU or
+    on a CPU counts (each under its own settings hash). So a planner on a CPU machine can tell which
+    pairs a GPU worker still has to evaluate, and find the row that worker wrote. None for weights
+    files (their id is known only once read) and for pairs not evaluated yet."""
+    identity = _identity(model)
+    if identity is None:
+        return None
+    task = "retrieval" if isinstance(dataset, RetrievalSet) else "zeroshot"
+    devices = ["cuda", "cpu"] if settings.device == "auto" else [settings.device]
+    done = read_done(results)
+    for device in devices:
+        _, settings_hash = settings_json(settings, torch.device(device), {"task": task})
+        if prev := previous_row(done, identity, dataset, settings_hash):
+            return prev
+    return None
+
+
 def _identity(model: str | EvalModel) -> dict | None:
     """checkpoint_id and run_id without loading the model, where that is cheap (our checkpoints: from
     meta.json); None for weights files, whose id is the file's hash."""
