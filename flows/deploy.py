@@ -7,10 +7,13 @@
 
 What it creates on the Prefect server named by PREFECT_API_URL:
 - work pool `cloob-cpu` (process) with deployments `cloob-pipeline/retrain` (a cron schedule,
-  training through `cloob-train/gpu`) and `evaluate-checkpoints/cpu`;
+  training through `cloob-train/gpu`; with --eval-on gpu, evaluation through
+  `evaluate-checkpoints/gpu`) and `evaluate-checkpoints/cpu`;
 - work pool `cloob-gpu` (process, a worker on a GPU machine) or, with --k8s, `cloob-gpu-k8s`
   (kubernetes, base job template deploy/k8s/gpu-job-template.json: an Indexed Job of `nnodes` pods
-  running torchrun together) with deployment `cloob-train/gpu`, at most one run at a time.
+  running torchrun together) with deployments `cloob-train/gpu`, at most one run at a time, and
+  `evaluate-checkpoints/gpu` (one checkpoint x set per run when the pipeline fans out; on
+  Kubernetes a one-pod Job with one GPU).
 
 The deployments use module entrypoints (flows.pipeline.pipeline, ...) and no pull steps: the code is
 the `cloob` package installed where the worker runs (docker/Dockerfile.cpu, docker/Dockerfile.gpu).
@@ -46,6 +49,8 @@ GPU_POOL_K8S = "cloob-gpu-k8s"
 # flows.pipeline's flow names; train_flow's deployment is what pipeline(train_deployment=...) runs.
 PIPELINE = ("cloob-pipeline", "retrain")
 EVALUATE = ("evaluate-checkpoints", "cpu")
+EVALUATE_GPU = ("evaluate-checkpoints", "gpu")
+EVAL_GPU_DEPLOYMENT = "/".join(EVALUATE_GPU)
 TRAIN = ("cloob-train", "gpu")
 TRAIN_DEPLOYMENT = "/".join(TRAIN)
 
@@ -134,22 +139,33 @@ def build_plan(args) -> dict[str, Any]:
         "overrides": list(args.override or []), "spec_overrides": list(args.spec_override or []),
         # One process per GPU of a node; with --k8s the pods have --gpus-per-node GPUs each.
         "nproc_per_node": args.gpus_per_node, "train_deployment": TRAIN_DEPLOYMENT,
+        "eval_deployment": EVAL_GPU_DEPLOYMENT if args.eval_on == "gpu" else None,
     }
     train_jobvars: dict[str, Any] = {}
+    eval_jobvars: dict[str, Any] = {}
     if args.k8s:
         train_jobvars = {"image": args.image, "namespace": args.namespace, "nnodes": args.nnodes,
                          "gpus_per_node": args.gpus_per_node, "s3_secret_name": args.s3_secret}
+        # An evaluation is one process on one GPU: a Job of one pod.
+        eval_jobvars = {**train_jobvars, "nnodes": 1, "gpus_per_node": 1}
     deployments = [
         pipeline.to_deployment(
             PIPELINE[1], work_pool_name=args.cpu_pool, parameters=pipeline_params, schedules=_schedules(args),
             # Two pipelines on one store would prepare and train the same things at once: queue them.
             concurrency_limit=1,
             description="Retraining: specs -> shards -> training on the GPU pool -> registry -> zero-shot "
-                        "evaluation -> results. Preparation and evaluation run on this (CPU) pool.",
+                        "evaluation -> results. Preparation runs on this (CPU) pool, and evaluation "
+                        + ("on the GPU pool, one run per checkpoint x set." if args.eval_on == "gpu" else "too."),
             **common),
         evaluate_flow.to_deployment(
             EVALUATE[1], work_pool_name=args.cpu_pool, parameters={"store": args.store},
             description="Evaluate checkpoints on downstream sets; rows go to <store>/results.", **common),
+        evaluate_flow.to_deployment(
+            EVALUATE_GPU[1], work_pool_name=gpu_pool, job_variables=eval_jobvars, parameters={"store": args.store},
+            # No limit of its own: runs spread over the GPU workers, each taking one run at a time
+            # (`prefect worker start --limit 1`), so an evaluation never shares a GPU with a training.
+            description="Evaluate checkpoints on downstream sets on a GPU; the pipeline (--eval-on gpu) starts "
+                        "one run per checkpoint x set. Rows go to <store>/results.", **common),
         train_flow.to_deployment(
             TRAIN[1], work_pool_name=gpu_pool, job_variables=train_jobvars,
             parameters={"nproc_per_node": args.gpus_per_node, "nnodes": args.nnodes},
@@ -216,7 +232,8 @@ def next_steps(plan: dict, args) -> list[str]:
             f"prefect worker start --pool {gpu['name']} --type kubernetes",
         ]
     else:
-        steps.append(f"GPU worker, on the GPU machine: prefect worker start --pool {gpu['name']} --type process")
+        steps.append(f"GPU worker, on each GPU machine: prefect worker start --pool {gpu['name']} --type process "
+                     "--limit 1 (one run at a time: a training and an evaluation never share the GPU)")
     steps.append(f"a run now: prefect deployment run {'/'.join(PIPELINE)}")
     return steps
 
@@ -338,6 +355,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --k8s: Kubernetes Secret holding AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY[/AWS_ENDPOINT_URL]")
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (training processes) per node (default 1)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes per training run; more than 1 needs --k8s")
+    p.add_argument("--eval-on", choices=["cpu", "gpu"], default="cpu",
+                   help="where the scheduled pipeline evaluates: in its own run on the CPU pool (default), or "
+                        f"one run of {EVAL_GPU_DEPLOYMENT} per checkpoint x set on the GPU pool")
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"retraining schedule (default '{DEFAULT_CRON}')")
     p.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
     p.add_argument("--no-schedule", action="store_true", help="no schedule (removes one set before)")

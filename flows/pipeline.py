@@ -1,5 +1,6 @@
-"""Prefect flows over cloob: prepare_data, prepare_downstream, train, register, evaluate; the flows
-pipeline (all of it), cloob-train (one run, for a GPU work pool) and evaluate-checkpoints.
+"""Prefect flows over cloob: prepare_data, prepare_downstream, train, register, evaluate (here, or as
+deployment runs on a GPU pool); the flows pipeline (all of it), cloob-train (one run, for a GPU work
+pool) and evaluate-checkpoints.
 
 Thin by design: every task calls one cloob function and passes URIs and hashes on, never data.
 Skipping is keyed on content through cloob.run.state: each task first asks whether its output is there
@@ -197,11 +198,58 @@ def publish_results(results: str) -> str:
     return write_report(report, posixpath.join(results, "report"))["markdown"]
 
 
+# How often a waiting task asks the server whether its deployment run has ended (run_deployment's
+# default is 5 s; an evaluation of a small set takes about that long).
+DEPLOYMENT_POLL_S = 2.0
+
+
+@task(name="evaluate-on-deployment", task_run_name="evaluate-{dataset}-on-{deployment}")
+def evaluate_remote(deployment: str, checkpoint: str, dataset: str, dataset_uri: str, store: str,
+                    settings: dict | None = None, run_name: str | None = None) -> dict:
+    """One checkpoint on one set as a run of the evaluate-checkpoints deployment (a GPU work pool),
+    waited for here. A pair already in the results table starts no run; the row is read back from
+    the table in the store, by content, not from Prefect's results (as train-on-deployment does)."""
+    from prefect.deployments import run_deployment
+
+    from cloob.errors import CloobError
+    from cloob.evaluate.datasets import open_classification_set
+    from cloob.evaluate.runner import EvalSettings, finished_row
+
+    results = posixpath.join(store, "results")
+    ds = open_classification_set(dataset, dataset_uri)
+    eval_settings = EvalSettings(**(settings or {}))
+    if row := finished_row(checkpoint, ds, eval_settings, results):
+        _skip(f"evaluate {ds.name}", row["row_uuid"])
+        return {k: row[k] for k in _SUMMARY}
+    run = run_deployment(deployment, parameters={
+        "checkpoints": [checkpoint], "datasets": {dataset: dataset_uri}, "store": store, "settings": settings,
+        "publish": False, "raise_on_failure": True}, flow_run_name=run_name, timeout=None,
+        poll_interval=DEPLOYMENT_POLL_S, as_subflow=True)
+    if not run.state or not run.state.is_completed():
+        raise CloobError(f"evaluation run {run.name} on deployment {deployment} ended "
+                         f"{run.state.name if run.state else 'unknown'}: {run.state.message if run.state else ''}",
+                         "see that flow run's log in the Prefect UI; rerunning the pipeline evaluates only the "
+                         "pairs that are missing")
+    if row := finished_row(checkpoint, ds, eval_settings, results):
+        get_run_logger().info("%s on %s: %s %.4f (%d images, %d skipped; run %s)", row["run_id"], ds.name,
+                              row["main_metric"], row["main_value"], row["n_images"], row["n_skipped"], run.name)
+        return {k: row[k] for k in _SUMMARY}
+    raise CloobError(f"evaluation run {run.name} on deployment {deployment} completed, but the results table "
+                     f"{results} has no row of {checkpoint} on {ds.name}",
+                     "the deployment's worker must see the same store as this flow: use a shared bucket, not a "
+                     "local folder")
+
+
 # ------------------------------------------------------------------------------------------- flows
 
 @flow(name="evaluate-checkpoints")
-def evaluate_flow(checkpoints: list[str], datasets: dict[str, str], store: str, settings: dict | None = None) -> dict:
-    """Every checkpoint on every set, one task each; a failing set fails only its own tasks."""
+def evaluate_flow(checkpoints: list[str], datasets: dict[str, str], store: str, settings: dict | None = None,
+                  publish: bool = True, raise_on_failure: bool = False) -> dict:
+    """Every checkpoint on every set, one task each; a failing set fails only its own tasks.
+
+    The pipeline's fan-out (one run of the evaluate-checkpoints/gpu deployment per checkpoint x set)
+    sets publish=False (it publishes once, when every pair is in) and raise_on_failure=True (a failed
+    pair is a failed flow run, which the pipeline and the UI see)."""
     results = posixpath.join(store, "results")
     cache_root = posixpath.join(store, "cache", "classifiers")
     futures = [evaluate.submit(c, name, uri, results, cache_root, settings)
@@ -210,7 +258,13 @@ def evaluate_flow(checkpoints: list[str], datasets: dict[str, str], store: str, 
     failed = [f for f in futures if f.state.is_failed()]
     for f in failed:
         get_run_logger().error("evaluation failed: %s", f.state.message)
-    report = publish_results(results)
+    if failed and raise_on_failure:
+        from cloob.errors import CloobError
+
+        raise CloobError(f"{len(failed)} of {len(futures)} evaluations failed: "
+                         + "; ".join(f.state.message or "?" for f in failed),
+                         "see this flow run's log; rerunning evaluates only the pairs that are missing")
+    report = publish_results(results) if publish else None
     return {"results": results, "report": report, "evaluated": len(futures) - len(failed), "failed": len(failed)}
 
 
@@ -227,34 +281,86 @@ def train_flow(recipe: str, overrides: list[str], nproc_per_node: int = 1, nnode
 def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[str],
              overrides: list[str] | None = None, spec_overrides: list[str] | None = None,
              nproc_per_node: int = 1, train_deadline_s: float | None = None,
-             eval_settings: dict | None = None, train_deployment: str | None = None) -> dict[str, Any]:
+             eval_settings: dict | None = None, train_deployment: str | None = None,
+             eval_deployment: str | None = None) -> dict[str, Any]:
     """specs -> shards -> one run per recipe on the first spec's data -> registry -> zero-shot
     evaluation of every run on every downstream set -> results table and report.
 
+    What does not depend on each other overlaps: the downstream sets are prepared while the data is
+    prepared and the first recipe trains; each checkpoint's evaluations start as soon as it is
+    registered, while the next recipe trains. The trainings themselves run one after the other.
+
     train_deployment: e.g. "cloob-train/gpu": train there (a GPU work pool) instead of in this
-    flow's process; everything else stays here (the CPU pool)."""
+    flow's process. eval_deployment: e.g. "evaluate-checkpoints/gpu": evaluate there, one run per
+    checkpoint x set, instead of in this flow's process. Everything else stays here (the CPU pool)."""
     from flows.signals import stop_on_signals
 
     with stop_on_signals("cloob-pipeline"):
+        # Submitted first: they need nothing else, and run in threads while this one trains.
+        set_futures = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
         data = [prepare_data(spec, posixpath.join(store, "datasets", posixpath.splitext(posixpath.basename(spec))[0]),
                              None, spec_overrides) for spec in specs]
         train_data = ",".join(d["uri"] for d in data[:1])
+        registry = posixpath.join(store, "registry")
+        results = posixpath.join(store, "results")
+        cache_root = posixpath.join(store, "cache", "classifiers")
+        datasets: dict[str, str] | None = None
+        runs, evals = [], []
         # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
-        runs = []
         for entry in recipes:
             name, *own = entry.split()
             run_overrides = [f"data.train={train_data}", f"train.output={store}", *(overrides or []), *own]
             if train_deployment:
-                runs.append(train_remote(train_deployment, name, run_overrides, nproc_per_node, train_deadline_s))
+                run = train_remote(train_deployment, name, run_overrides, nproc_per_node, train_deadline_s)
             else:
-                runs.append(train(name, run_overrides, nproc_per_node, train_deadline_s))
-        registry = posixpath.join(store, "registry")
-        for r in runs:
-            register(r["checkpoint"], registry)
-        sets = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
-        datasets = {s["name"]: s["uri"] for s in [f.result() for f in sets]}
-        out = evaluate_flow([r["checkpoint"] for r in runs], datasets, store, eval_settings)
+                run = train(name, run_overrides, nproc_per_node, train_deadline_s)
+            runs.append(run)
+            register(run["checkpoint"], registry)
+            if datasets is None:  # by now the sets have had the data preparation and a training to get ready
+                datasets = _prepared_sets(set_futures)
+            evals += _submit_evaluations(run, datasets, store, results, cache_root, eval_settings, eval_deployment)
+        if datasets is None:  # no recipes
+            datasets = _prepared_sets(set_futures)
+        wait(evals)
+        failed = [f for f in evals if not f.state.is_completed()]
+        for f in failed:
+            get_run_logger().error("evaluation failed: %s", f.state.message)
+        report = publish_results(results)
         from cloob.registry import Registry
 
-        Registry(registry).update_best(out["results"])
-        return {**out, "runs": runs, "datasets": datasets}
+        Registry(registry).update_best(results)
+        return {"results": results, "report": report, "evaluated": len(evals) - len(failed),
+                "failed": len(failed) + len(downstream) - len(datasets), "runs": runs, "datasets": datasets}
+
+
+def _prepared_sets(futures) -> dict[str, str]:
+    """{name: uri} of the downstream sets that were prepared; a set that failed is logged (its
+    evaluations are left out and the pipeline counts it failed), the others go on."""
+    wait(futures)
+    out = {}
+    for f in futures:
+        if f.state.is_completed():
+            s = f.result()
+            out[s["name"]] = s["uri"]
+        else:
+            get_run_logger().error("downstream set not prepared: %s", f.state.message)
+    return out
+
+
+def _submit_evaluations(run: dict, datasets: dict[str, str], store: str, results: str, cache_root: str,
+                        settings: dict | None, deployment: str | None) -> list:
+    """One task per set for this checkpoint, started now (threads) so they run while the next recipe
+    trains. With a deployment, each pair is a run of its own there.
+
+    Per checkpoint x set rather than per checkpoint: the text tower's pass is per set anyway (a
+    classifier per checkpoint, classes and templates, cached in the store), so one run per checkpoint
+    would save only a model load and a process start per set (seconds, against minutes for a real
+    set), while one per pair spreads a checkpoint's sets over every GPU worker, fails only the pair
+    that failed, and lets a rerun start runs for exactly the pairs that are missing."""
+    if deployment is None:
+        return [evaluate.submit(run["checkpoint"], name, uri, results, cache_root, settings)
+                for name, uri in datasets.items()]
+    run_id = posixpath.basename(run["run_dir"].rstrip("/"))
+    return [evaluate_remote.submit(deployment, run["checkpoint"], name, uri, store, settings,
+                                   f"evaluate-{run_id}-step{run['step']}-on-{name}")
+            for name, uri in datasets.items()]
