@@ -6,6 +6,7 @@ server and read back, and flows.k8s_node (with one real two-node torchrun on thi
 import copy
 import json
 import os
+import posixpath
 import re
 import shlex
 import socket
@@ -364,7 +365,7 @@ def _dry_run(capsys, monkeypatch, *argv) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-def test_dry_run_prints_the_three_deployments(capsys, monkeypatch):
+def test_dry_run_prints_the_four_deployments(capsys, monkeypatch):
     rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://bucket/cloob", "--spec", "cc3m",
                             "--spec-override", "source.path=s3://bucket/cc3m.tsv", "--recipe", "tiny loss.method=clip",
                             "--gpus-per-node", "2")
@@ -372,9 +373,13 @@ def test_dry_run_prints_the_three_deployments(capsys, monkeypatch):
     plan = yaml.safe_load(out)
     assert {p["name"]: p["type"] for p in plan["work_pools"]} == {"cloob-cpu": "process", "cloob-gpu": "process"}
     d = {x["name"]: x for x in plan["deployments"]}
-    assert set(d) == {"cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "cloob-train/gpu"}
+    assert set(d) == {"cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "evaluate-checkpoints/gpu", "cloob-train/gpu"}
     pipe, ev, train = d["cloob-pipeline/retrain"], d["evaluate-checkpoints/cpu"], d["cloob-train/gpu"]
-    assert pipe["work_pool"] == ev["work_pool"] == "cloob-cpu" and train["work_pool"] == "cloob-gpu"
+    ev_gpu = d["evaluate-checkpoints/gpu"]
+    assert pipe["work_pool"] == ev["work_pool"] == "cloob-cpu" and train["work_pool"] == ev_gpu["work_pool"] == "cloob-gpu"
+    # Evaluation stays on the CPU pool unless asked (--eval-on gpu); the GPU one has no limit of its own.
+    assert pipe["parameters"]["eval_deployment"] is None and ev_gpu["concurrency_limit"] is None
+    assert ev_gpu["parameters"] == {"store": "s3://bucket/cloob"} and ev_gpu["entrypoint"] == ev["entrypoint"]
     assert pipe["schedules"] == [{"cron": "0 3 * * 0", "timezone": "UTC", "active": True}]
     assert pipe["parameters"]["store"] == ev["parameters"]["store"] == "s3://bucket/cloob"
     assert pipe["parameters"]["train_deployment"] == train["name"]  # the pipeline trains on the GPU pool
@@ -384,13 +389,14 @@ def test_dry_run_prints_the_three_deployments(capsys, monkeypatch):
     assert train["concurrency_limit"] == 1 and train["schedules"] == [] and ev["schedules"] == []
     assert {x["entrypoint"] for x in d.values()} == {"flows.pipeline.pipeline", "flows.pipeline.evaluate_flow",
                                                      "flows.pipeline.train_flow"}
+    assert "--limit 1" in " ".join(plan["next_steps"])  # a GPU worker takes one run at a time
     assert FAKE_SECRET not in out + err and "fake-key-id" not in out + err
 
 
 def test_dry_run_k8s_json_has_job_variables_the_pool_accepts(capsys, monkeypatch):
     rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://bucket/cloob", "--spec", "demo", "--k8s",
                             "--image", "reg/cloob-gpu:7", "--nnodes", "2", "--gpus-per-node", "8",
-                            "--cron", "30 2 * * *", "--timezone", "Europe/Vienna", "--json")
+                            "--cron", "30 2 * * *", "--timezone", "Europe/Vienna", "--eval-on", "gpu", "--json")
     assert rc == 0, err
     plan = json.loads(out)
     pools = {p["name"]: p for p in plan["work_pools"]}
@@ -404,11 +410,16 @@ def test_dry_run_k8s_json_has_job_variables_the_pool_accepts(capsys, monkeypatch
     assert (jv["image"], jv["nnodes"], jv["gpus_per_node"]) == ("reg/cloob-gpu:7", 2, 8)
     assert d["cloob-pipeline/retrain"]["schedules"][0] == {"cron": "30 2 * * *", "timezone": "Europe/Vienna",
                                                            "active": True}
+    # --eval-on gpu: the pipeline fans evaluation out to the GPU pool, one pod with one GPU per run.
+    assert d["cloob-pipeline/retrain"]["parameters"]["eval_deployment"] == "evaluate-checkpoints/gpu"
+    ev_gpu = d["evaluate-checkpoints/gpu"]
+    assert ev_gpu["work_pool"] == "cloob-gpu-k8s" and ev_gpu["job_variables"] == {**jv, "nnodes": 1, "gpus_per_node": 1}
     # What the server checks when the deployment is created: job variables against the pool's schema.
     from prefect.utilities.schema_tools import validate
 
-    validate(jv, json.loads(TEMPLATE.read_text())["variables"], raise_on_error=True, preprocess=True,
-             ignore_required=True)
+    for variables in (jv, ev_gpu["job_variables"]):
+        validate(variables, json.loads(TEMPLATE.read_text())["variables"], raise_on_error=True, preprocess=True,
+                 ignore_required=True)
     # ... and the pods this makes train on 2 nodes of 8 GPUs.
     c = _render(jv)["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert _env(c)["CLOOB_K8S_SHAPE"]["value"] == "2x8" and c["resources"]["limits"]["nvidia.com/gpu"] == 8
@@ -441,14 +452,19 @@ def test_deploy_wants_a_store_every_worker_sees_and_a_source_file_for_cc3m(capsy
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free port of 127.0.0.1 (no UI, no background services), started
-    here and waited for by the test that needs it; its database lives in a temporary PREFECT_HOME."""
+    """`prefect server start` on a free port of 127.0.0.1 (no UI; of the background services only the
+    task-run recorder, which turns the clients' task-run events into the task runs that the API and
+    the UI's graph show), started here and waited for by the test that needs it; its database lives
+    in a temporary PREFECT_HOME."""
     port = _free_port()
     home = tmp_path_factory.mktemp("prefect-server-home")
-    env = _clean_env(PREFECT_HOME=str(home))
+    off = ("CANCELLATION_CLEANUP", "DB_VACUUM", "EVENT_PERSISTER", "EVENT_LOGGER", "FOREMAN", "LATE_RUNS",
+           "SCHEDULER", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CLEANUP_RECONCILER", "TRIGGERS")
+    env = _clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED="true",
+                     **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in off})
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-ui", "--no-services"], env=env, stdout=log,
+                             "--port", str(port), "--no-ui"], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
 
@@ -520,7 +536,9 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
         pipe = client.read_deployment_by_name("cloob-pipeline/retrain")
         ev = client.read_deployment_by_name("evaluate-checkpoints/cpu")
         train = client.read_deployment_by_name("cloob-train/gpu")
+        ev_gpu = client.read_deployment_by_name("evaluate-checkpoints/gpu")
         assert (pipe.work_pool_name, ev.work_pool_name, train.work_pool_name) == ("cloob-cpu", "cloob-cpu", "cloob-gpu")
+        assert ev_gpu.work_pool_name == "cloob-gpu" and ev_gpu.global_concurrency_limit is None
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in pipe.schedules] == [("0 3 * * 0", "UTC", True)]
         assert train.global_concurrency_limit.limit == 1  # deployment concurrency_limit=1, as the server keeps it
         assert pipe.global_concurrency_limit.limit == 1 and ev.global_concurrency_limit is None
@@ -590,7 +608,7 @@ def test_prefect_deployment_ls_lists_what_cloob_deploy_made(prefect_server):
     ls = subprocess.run([*prefect, "deployment", "ls"], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=180)
     assert ls.returncode == 0, ls.stdout[-3000:] + ls.stderr[-3000:]
-    for name in ("cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "cloob-train/gpu"):
+    for name in ("cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "evaluate-checkpoints/gpu", "cloob-train/gpu"):
         assert name in ls.stdout, ls.stdout
 
 
@@ -603,66 +621,199 @@ def _run_tree(marker: str) -> list:
     return still_running(p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or []))
 
 
+GPU_TEST_POOL = "test-gpu-pool"  # not cloob-*: test_deploy_creates_pools... counts those
+
+
+@pytest.fixture(scope="module")
+def gpu_workers(prefect_server, tmp_path_factory):
+    """Two process workers, gpu-a and gpu-b, on GPU_TEST_POOL, where `cloob deploy --gpu-pool` has put
+    cloob-train/gpu and evaluate-checkpoints/gpu (store: a temporary folder). Each takes one run at a
+    time (`--limit 1`, as `cloob deploy` tells GPU workers to) and polls every second, not every 10 s
+    (Prefect's default). Started once for the module: {"url", "store", "logs": {name: log file}}."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.deploy as deploy
+
+    url = prefect_server()
+    home = tmp_path_factory.mktemp("gpu-workers")
+    store = home / "store"
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        assert deploy.main(["--store", str(store), "--spec", "demo", "--recipe", "tiny", "--downstream", "shapes",
+                            "--gpu-pool", GPU_TEST_POOL]) == 0
+    env = _clean_env(PREFECT_API_URL=url, OMP_NUM_THREADS="1", PREFECT_WORKER_QUERY_SECONDS="1")
+    procs, logs = {}, {}
+    for name in ("gpu-a", "gpu-b"):
+        logs[name] = home / f"{name}.log"
+        with open(logs[name], "w") as log:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", GPU_TEST_POOL, "--type", "process",
+                 "--name", name, "--limit", "1"], cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        with SyncPrefectClient(api=url) as client:  # both polling before a test hands them work
+            while {w.name for w in client.read_workers_for_work_pool(GPU_TEST_POOL)} != set(procs):
+                for name, p in procs.items():
+                    assert p.poll() is None and time.monotonic() < deadline, logs[name].read_text()[-3000:]
+                time.sleep(0.5)
+        yield {"url": url, "store": store, "logs": logs}
+    finally:
+        for p in procs.values():
+            os.killpg(p.pid, 15)
+        for p in procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
+
+
+def _worker_logs(gpu_workers) -> str:
+    return "".join(f"--- {name}\n" + p.read_text()[-2000:] for name, p in gpu_workers["logs"].items())
+
+
 @pytest.mark.slow
-def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(prefect_server, tmp_path):
+def test_cancelling_a_deployed_training_run_stops_torchrun_and_its_ranks(gpu_workers, tmp_path):
     """What the UI's Cancel does to a cloob-train run on a process worker: the run ends Cancelled and
     torchrun, its rank and the rank's DataLoader worker are gone, not orphaned."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.objects import StateType
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
 
-    import flows.deploy as deploy
     from cloob.data import synthetic
     from cloob.run.launch import still_running
 
-    url = prefect_server()
-    pool = "cloob-gpu-cancel-test"
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        assert deploy.main(["--store", str(tmp_path / "store"), "--spec", "demo", "--recipe", "tiny",
-                            "--downstream", "shapes", "--gpu-pool", pool]) == 0
+    url = gpu_workers["url"]
     synthetic.write_shards(tmp_path / "shards", 80, shard_size=40, image_size=32, seed=5)
     out = tmp_path / "train-out"  # in every process of the run's command line: how we find them
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
-                              # polls for work every second, not every 10 (Prefect's default)
-                              cwd=tmp_path, env=_clean_env(PREFECT_API_URL=url, OMP_NUM_THREADS="1",
-                                                           PREFECT_WORKER_QUERY_SECONDS="1"), stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with SyncPrefectClient(api=url) as client:
-            train = client.read_deployment_by_name("cloob-train/gpu")
-            assert train.work_pool_name == pool
-            run = client.create_flow_run_from_deployment(train.id, parameters={
-                "recipe": "tiny", "overrides": [f"data.train={tmp_path / 'shards'}", f"train.output={out}",
-                                                "train.steps=1000000", "train.batch_size=8", "data.workers=1",
-                                                "data.shuffle_buffer=40"]})
-            deadline = time.monotonic() + 180
-            while not list(out.glob("runs/*/metrics.jsonl")):  # training is stepping
-                assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
-                time.sleep(0.5)
-            tree = _run_tree(str(out))
-            names = [" ".join(p.cmdline()) for p in tree]
-            assert any("cloob.run.torchrun" in n for n in names) and sum("-m cloob.train" in n for n in names) >= 2, names
+    with SyncPrefectClient(api=url) as client:
+        train = client.read_deployment_by_name("cloob-train/gpu")
+        assert train.work_pool_name == GPU_TEST_POOL
+        run = client.create_flow_run_from_deployment(train.id, parameters={
+            "recipe": "tiny", "overrides": [f"data.train={tmp_path / 'shards'}", f"train.output={out}",
+                                            "train.steps=1000000", "train.batch_size=8", "data.workers=1",
+                                            "data.shuffle_buffer=40"]})
+        deadline = time.monotonic() + 180
+        while not list(out.glob("runs/*/metrics.jsonl")):  # training is stepping
+            assert time.monotonic() < deadline, _worker_logs(gpu_workers)
+            time.sleep(0.5)
+        tree = _run_tree(str(out))
+        names = [" ".join(p.cmdline()) for p in tree]
+        assert any("cloob.run.torchrun" in n for n in names) and sum("-m cloob.train" in n for n in names) >= 2, names
 
-            client.set_flow_run_state(run.id, Cancelling())  # what the UI and `prefect flow-run cancel` do
-            deadline = time.monotonic() + 90
-            while client.read_flow_run(run.id).state.type != StateType.CANCELLED:
-                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
-                time.sleep(0.2)
-            # Gone by the time the run is Cancelled: the train task stopped them before it let the
-            # flow end. (Were they left to die of a broken stdout pipe, torchrun would outlive the
-            # run by half a minute, training on unsupervised.)
-            left = still_running(tree)
-            assert not left and not _run_tree(str(out)), [" ".join(p.cmdline()) for p in left]
-    finally:
-        os.killpg(worker.pid, 15)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, 9)
-            worker.wait()
-        log.close()
+        client.set_flow_run_state(run.id, Cancelling())  # what the UI and `prefect flow-run cancel` do
+        deadline = time.monotonic() + 90
+        while client.read_flow_run(run.id).state.type != StateType.CANCELLED:
+            assert time.monotonic() < deadline, _worker_logs(gpu_workers)
+            time.sleep(0.2)
+        # Gone by the time the run is Cancelled: the train task stopped them before it let the
+        # flow end. (Were they left to die of a broken stdout pipe, torchrun would outlive the
+        # run by half a minute, training on unsupervised.)
+        left = still_running(tree)
+        assert not left and not _run_tree(str(out)), [" ".join(p.cmdline()) for p in left]
+
+
+def _runs_of(client, deployment) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                                 limit=200)
+
+
+@pytest.fixture
+def drain_prefect_clients():
+    """After a test that ran flows in this process: their last logs and events go to the server while
+    it is up (at exit, with the module's server gone, Prefect would retry them for about a minute)."""
+    yield
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=15)
+    EventsWorker.drain_all(timeout=15)
+
+
+@pytest.mark.slow
+def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_path, drain_prefect_clients):
+    """pipeline(eval_deployment="evaluate-checkpoints/gpu") with two process workers on the GPU pool: a
+    deployment run per checkpoint x set, named for what it evaluates, spread over both workers; a set
+    that fails fails only its own runs; every row once in the results table. The stages overlap (the
+    sets are prepared while the first recipe trains; the first checkpoint's evaluations start while
+    the second trains). A rerun starts no run for a finished pair."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cloob.data import synthetic
+    from cloob.data.downstream.prepare import prepare_downstream
+    from cloob.results.table import read_rows
+    from flows.pipeline import pipeline
+
+    url = gpu_workers["url"]
+    synthetic.write_shards(tmp_path / "shards", 32, shard_size=16, image_size=32, seed=5)
+    store = tmp_path / "store"
+    # colors is prepared already (so the pipeline finds it done), with every picture damaged after:
+    # its evaluations fail on the GPU workers (no readable image), not where the pipeline runs.
+    colors = prepare_downstream("colors", str(store / "downstream"), progress=False)
+    for f in Path(colors["uri"]).rglob("*"):
+        if f.suffix in (".jpg", ".jpeg", ".png"):
+            f.write_bytes(b"not an image")
+    params = dict(store=str(store), specs=[], recipes=["tiny", "tiny loss.method=clip"], downstream=["shapes", "colors"],
+                  # No pretraining spec (no img2dataset): the recipes train 2 steps on generated shards.
+                  overrides=[f"data.train={tmp_path / 'shards'}", "train.steps=2", "train.checkpoint_every=2",
+                             "train.batch_size=8", "data.workers=0", "data.shuffle_buffer=16",
+                             "schedule.warmup_steps=1"],
+                  eval_settings={"batch_size": 64, "workers": 0, "limit": 64}, eval_deployment="evaluate-checkpoints/gpu")
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        state = pipeline(**params, return_state=True)
+    assert state.is_completed(), state.message  # a failed set does not fail the pipeline: it is reported
+    out = state.result()
+    assert (out["evaluated"], out["failed"]) == (2, 2), _worker_logs(gpu_workers)
+    run_ids = [posixpath.basename(r["run_dir"]) for r in out["runs"]]
+    results = str(store / "results")
+    rows = read_rows(results, latest=False).to_pylist()
+    assert sorted((r["run_id"], r["dataset"]) for r in rows) == sorted((run, "shapes") for run in run_ids)  # once each
+
+    with SyncPrefectClient(api=url) as client:
+        ev_gpu = client.read_deployment_by_name("evaluate-checkpoints/gpu")
+        assert ev_gpu.work_pool_name == GPU_TEST_POOL
+        runs = {r.name: r for r in _runs_of(client, ev_gpu)}
+        assert sorted(runs) == sorted(f"evaluate-{run}-step2-on-{ds}" for run in run_ids for ds in ("shapes", "colors"))
+        assert {n: r.state.type.value for n, r in runs.items()} == {
+            n: "COMPLETED" if n.endswith("-on-shapes") else "FAILED" for n in runs}
+        assert "no readable image" in runs[f"evaluate-{run_ids[0]}-step2-on-colors"].state.message
+        # Spread over both workers: each says in its log which runs it started (both may try to take
+        # one; the server gives it to one of them).
+        logs = {name: p.read_text() for name, p in gpu_workers["logs"].items()}
+        took = {name: {n for n in runs if f"Flow run '{n}' submitted to infrastructure" in text}
+                for name, text in logs.items()}
+        assert all(took.values()) and sum(map(len, took.values())) == 4, (took, _worker_logs(gpu_workers))
+
+        # What overlapped, from the pipeline's task runs (the server records them from the client's
+        # events, a moment later).
+        deadline = time.monotonic() + 30
+        while True:
+            tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            if sum(t.end_time is not None for t in tasks) >= 9 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        trains = sorted((t for t in tasks if t.task_key.startswith("train")), key=lambda t: t.start_time)
+        prepares = [t for t in tasks if t.name.startswith("prepare_downstream")]
+        assert len(trains) == 2 and len(prepares) == 2, [t.name for t in tasks]
+        assert trains[0].end_time <= trains[1].start_time  # training stays one run at a time
+        assert max(t.start_time for t in prepares) < trains[0].end_time  # the sets are prepared meanwhile
+        # The first checkpoint's evaluation runs were made as soon as it was registered, while the
+        # second recipe trained (on this machine they also start then: see the README).
+        first = [r for n, r in runs.items() if n.startswith(f"evaluate-{run_ids[0]}-")]
+        assert max(r.created for r in first) < trains[1].end_time
+
+        # A rerun of the finished part: nothing trains, and no evaluation run is started.
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            again = pipeline(**{**params, "downstream": ["shapes"]})
+        assert (again["evaluated"], again["failed"]) == (2, 0)
+        assert len(_runs_of(client, ev_gpu)) == 4
+        assert len(read_rows(results, latest=False)) == 2
 
 
 # ----------------------------------------------------------------------------------- flows.k8s_node
