@@ -149,6 +149,35 @@ def test_classifier_is_cached_per_checkpoint_and_dataset(checkpoint, folders, tm
     assert second["classifier_cached"] and second["top1"] == first["top1"] and second["n_images"] == 20
 
 
+def test_finished_row_counts_a_cpu_or_a_gpu_row_without_loading_the_model(checkpoint, folders, tmp_path, monkeypatch):
+    """What the pipeline asks on the CPU pool before it starts a GPU evaluation run: a row of this
+    pair made on a CPU or on a GPU (device auto) makes it finished; other settings or data do not."""
+    import cloob.evaluate.models
+    from cloob.evaluate import runner
+    from cloob.results.table import append_rows
+
+    ds = open_classification_set("shapes", str(folders))
+    cpu_results, gpu_results = str(tmp_path / "cpu"), str(tmp_path / "gpu")
+    assert runner.finished_row(checkpoint, ds, _settings(limit=10), cpu_results) is None
+    row = runner.evaluate_pair(checkpoint, ds, _settings(limit=10), results=cpu_results, progress=False).row
+    # The same pair as a GPU worker writes it: under the settings hash of device cuda (bf16 autocast).
+    _, cuda_hash = runner.settings_json(_settings(limit=10), torch.device("cuda"), {"task": "zeroshot"})
+    assert cuda_hash != row["eval_settings_hash"]
+    append_rows(gpu_results, [{**row, "eval_settings_hash": cuda_hash}])
+
+    def no_load(*a, **k):
+        raise AssertionError("finished_row loaded the model")
+
+    monkeypatch.setattr(cloob.evaluate.models, "load_model", no_load)
+    for results in (cpu_results, gpu_results):
+        assert runner.finished_row(checkpoint, ds, _settings(limit=10), results)["row_uuid"] == row["row_uuid"]
+        assert runner.finished_row(checkpoint, ds, _settings(limit=11), results) is None  # other numbers
+    assert runner.finished_row(checkpoint, ds, _settings(limit=10, device="cpu"), gpu_results) is None
+    other = open_classification_set("shapes", str(folders))
+    other.identity = "other data"
+    assert runner.finished_row(checkpoint, other, _settings(limit=10), cpu_results) is None
+
+
 def test_class_folder_mismatch_lists_the_differences(checkpoint, folders, tmp_path):
     import shutil
 
