@@ -544,19 +544,19 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
         assert pipe.global_concurrency_limit.limit == 1 and ev.global_concurrency_limit is None
         assert pipe.parameters["store"] == ev.parameters["store"] == "s3://bucket/cloob"
         assert pipe.parameters["recipes"] == ["tiny", "tiny loss.method=clip"]
-        assert pipe.parameters["train_deployment"] == "cloob-train/gpu"
+        assert pipe.parameters["train_deployment"] == "cloob-train/gpu" and pipe.parameters["eval_deployment"] is None
         assert not pipe.pull_steps and not train.pull_steps  # the worker runs its installed code
         # A worker loads each flow from its module entrypoint: the names must be the deployments' flows.
         for d, flow_name in ((pipe, "cloob-pipeline"), (ev, "evaluate-checkpoints"), (train, "cloob-train")):
             assert load_flow_from_entrypoint(d.entrypoint).name == flow_name
-        first_ids = {pipe.id, ev.id, train.id}
+        first_ids = {pipe.id, ev.id, train.id, ev_gpu.id}
 
     # Again, for Kubernetes with another schedule (in-process this time, against the same server):
     # the same deployments are updated, the schedule replaced, and the kubernetes pool created.
     with temporary_settings(updates={PREFECT_API_URL: url}):
         rc = deploy.main(["--store", "s3://bucket/cloob", "--spec", "demo", "--recipe", "tiny", "--downstream",
                           "shapes", "--k8s", "--image", "reg/cloob-gpu:7", "--nnodes", "2", "--gpus-per-node", "4",
-                          "--cron", "30 2 * * *", "--timezone", "Europe/Vienna"])
+                          "--cron", "30 2 * * *", "--timezone", "Europe/Vienna", "--eval-on", "gpu"])
     assert rc == 0
     with SyncPrefectClient(api=url) as client:
         pool = client.read_work_pool("cloob-gpu-k8s")
@@ -569,6 +569,10 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
         assert train.job_variables == {"image": "reg/cloob-gpu:7", "namespace": "default", "nnodes": 2,
                                        "gpus_per_node": 4, "s3_secret_name": "cloob-s3"}
         assert train.parameters == {"nproc_per_node": 4, "nnodes": 2}
+        # --eval-on gpu: the scheduled pipeline evaluates on the GPU pool, a one-pod Job per run.
+        ev_gpu = client.read_deployment_by_name("evaluate-checkpoints/gpu")
+        assert pipe.parameters["eval_deployment"] == "evaluate-checkpoints/gpu" and ev_gpu.id in first_ids
+        assert ev_gpu.work_pool_name == "cloob-gpu-k8s" and ev_gpu.job_variables["nnodes"] == 1
         # Nothing the server keeps holds the S3 secret of the deploying process.
         deployments = client.read_deployments(limit=200, sort=DeploymentSort.NAME_ASC)
         stored = json.dumps([d.model_dump(mode="json") for d in deployments] +
@@ -931,12 +935,13 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
         while True:
             tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
                 flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-            if sum(t.end_time is not None for t in tasks) >= 9 or time.monotonic() > deadline:
+            trains = sorted((t for t in tasks if t.task_key.startswith("train-") and t.end_time),
+                            key=lambda t: t.start_time)
+            prepares = [t for t in tasks if t.name.startswith("prepare_downstream") and t.end_time]
+            if len(trains) == len(prepares) == 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        trains = sorted((t for t in tasks if t.task_key.startswith("train")), key=lambda t: t.start_time)
-        prepares = [t for t in tasks if t.name.startswith("prepare_downstream")]
-        assert len(trains) == 2 and len(prepares) == 2, [t.name for t in tasks]
+        assert len(trains) == len(prepares) == 2, [(t.name, t.end_time) for t in tasks]
         assert trains[0].end_time <= trains[1].start_time  # training stays one run at a time
         assert max(t.start_time for t in prepares) < trains[0].end_time  # the sets are prepared meanwhile
         # The first checkpoint's evaluation runs were made as soon as it was registered, while the
