@@ -62,7 +62,7 @@ def _cmd_prepare(args) -> int:
     overrides = list(args.set or []) + ([f"limit={args.limit}"] if args.limit else [])
     spec = load_spec(args.spec, overrides)
     m = prepare(spec, args.out, input=args.input, retry_failed=args.retry_failed, force=args.force,
-                progress=not args.no_progress)
+                progress=not args.no_progress, spark_master=args.spark_master, ray_address=args.ray_address)
     print_prepare_summary(m, args.out)
     return 0
 
@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="download again the rows that failed")
     p.add_argument("--force", action="store_true", help="delete a different dataset at --out and start over")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
+    p.add_argument("--spark-master", metavar="URL",
+                   help="with download.distributor=pyspark: the Spark master (default local[download.processes])")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with download.distributor=ray: the Ray cluster (else RAY_ADDRESS; default a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_prepare)
 

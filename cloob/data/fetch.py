@@ -1,25 +1,22 @@
-"""img2dataset, run in its own process, with the download guards it lacks.
-
-img2dataset's `timeout` bounds connecting and each socket read, so a server that trickles one byte a
-second holds a download thread forever, and nothing bounds a response's size. Here its
-`download_image` is replaced by one that reads in chunks under a whole-download deadline and a byte
-limit, and refuses a JPEG cut short (no end-of-image marker), which OpenCV would otherwise decode
-into a half-grey picture without complaint.
+"""img2dataset, run in its own process, with the download guards it lacks (cloob.data.guards).
 
 Run as `python -m cloob.data.fetch ARGS.json` (cloob.data.prepare does): img2dataset installs a SIGINT
-handler and a process pool, so it must own its process. Its pool starts with "spawn", which imports
-this module again as `__mp_main__` in every worker, so the patch below applies there too.
-The guards' limits come from CLOOB_FETCH_DEADLINE and CLOOB_FETCH_MAX_BYTES.
+handler and a process pool, so it must own its process. ARGS.json holds img2dataset's keyword
+arguments (`img2dataset`), the engine's settings (`engine`) and where to leave a CloobError for the
+parent (`error_file`; the exit code is then 2).
+
+Under the multiprocessing distributor the pool starts with "spawn", which imports this module again
+as `__mp_main__` in every worker, so the guards are installed there too, with their limits from
+CLOOB_FETCH_DEADLINE and CLOOB_FETCH_MAX_BYTES. Under pyspark and ray, cloob.data.guards'
+GuardedDownloader takes the place of img2dataset's Downloader and carries the guards to every
+executor and worker (cloob.data.engines starts or joins the cluster).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
-import time
-import urllib.request
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
 # Nothing in this process or its workers uses torch, but webdataset (imported by img2dataset's writer)
@@ -30,57 +27,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones 
 if __name__ in ("__main__", "__mp_main__"):
     sys.modules.setdefault("torch", None)
 
-import img2dataset.downloader as _downloader  # noqa: E402
-
-DEADLINE = float(os.environ.get("CLOOB_FETCH_DEADLINE", "60"))
-MAX_BYTES = int(os.environ.get("CLOOB_FETCH_MAX_BYTES", str(50 * 2**20)))
-_UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
-_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
-
-
-def check_body(data: bytes | bytearray) -> str | None:
-    """An error message for a body that cannot be a whole image, else None."""
-    if data[:2] == _JPEG_SOI and _JPEG_EOI not in data[-4096:]:
-        return "truncated JPEG (no end-of-image marker)"
-    return None
-
-
-def download_image(row, timeout, user_agent_token, disallowed_header_directives):
-    """Drop-in for img2dataset.downloader.download_image: (key, BytesIO or None, error or None)."""
-    key, url = row
-    ua = _UA + (f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
-                if user_agent_token else "")
-    deadline = time.monotonic() + DEADLINE
-    try:
-        request = urllib.request.Request(url, data=None, headers={"User-Agent": ua})
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            if disallowed_header_directives and _downloader.is_disallowed(
-                    r.headers, user_agent_token, disallowed_header_directives):
-                return key, None, "Use of image disallowed by X-Robots-Tag directive"
-            length = r.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > MAX_BYTES:
-                return key, None, f"response larger than the {MAX_BYTES} byte limit"
-            buf = bytearray()
-            while True:
-                # read1 returns as soon as some bytes arrive, so the deadline is checked often
-                # even when a server sends one byte at a time.
-                chunk = r.read1(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > MAX_BYTES:
-                    return key, None, f"response larger than the {MAX_BYTES} byte limit"
-                if time.monotonic() > deadline:
-                    return key, None, f"download exceeded the {DEADLINE:g}s deadline"
-        problem = check_body(buf)
-        if problem:
-            return key, None, problem
-        return key, io.BytesIO(bytes(buf)), None
-    except Exception as err:  # noqa: BLE001 (img2dataset records every failure as a message)
-        return key, None, str(err)
-
-
-_downloader.download_image = download_image
+from cloob.data import guards  # noqa: E402  (importing it installs the download guards, here and in pool workers)
 
 
 def _die_with_parent() -> None:
@@ -103,13 +50,44 @@ def _die_with_parent() -> None:
             pass
 
 
+def _download_distributed(kwargs: dict, engine: dict) -> None:
+    """img2dataset on a Spark or Ray cluster, with GuardedDownloader in place of its Downloader."""
+    import functools
+
+    import img2dataset  # noqa: F401  (loads img2dataset.main)
+
+    from cloob.data.engines import session
+
+    # `import img2dataset.main` would give the CLI function that img2dataset/__init__ re-exports
+    # under that name, and setting an attribute on it would do nothing.
+    sys.modules["img2dataset.main"].Downloader = functools.partial(
+        guards.GuardedDownloader, deadline=engine["deadline"], max_bytes=engine["max_bytes"])
+    with session(kwargs["distributor"], processes=kwargs["processes_count"], spark_master=engine.get("spark_master"),
+                 ray_address=engine.get("ray_address"), worker_env=engine.get("worker_env") or {},
+                 out_url=kwargs["output_folder"], out_is_local=engine.get("out_is_local", True)):
+        img2dataset.download(**kwargs)
+
+
 def main(argv: list[str]) -> int:
     import img2dataset
 
+    from cloob.errors import CloobError
+
     _die_with_parent()
     with open(argv[1]) as f:
-        kwargs = json.load(f)
-    img2dataset.download(**kwargs)
+        args = json.load(f)
+    kwargs = args["img2dataset"]
+    try:
+        if kwargs.get("distributor", "multiprocessing") == "multiprocessing":
+            img2dataset.download(**kwargs)
+        else:
+            _download_distributed(kwargs, args.get("engine") or {})
+    except CloobError as e:
+        print(f"cloob: {e}", file=sys.stderr, flush=True)
+        if args.get("error_file"):
+            with open(args["error_file"], "w") as f:
+                json.dump({"problem": e.problem, "fix": e.fix}, f)
+        return 2
     return 0
 
 

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cloob.data import engines
 from cloob.data.manifest import build_manifest, finished_shards
 from cloob.data.sources import iter_rows
 from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
@@ -244,21 +245,34 @@ def _remove_unfinished(store: Location, done: dict[int, str], from_id: int) -> N
             store.remove(name)
 
 
+def _proxy_env(proxy: str | None) -> dict[str, str]:
+    """The variables that route downloads through `proxy` (none without one)."""
+    if not proxy:
+        return {}
+    # The demo host is reached through the local server as an HTTP proxy. Only plain http is
+    # proxied; local endpoints (an S3-compatible store on 127.0.0.1, ...) are kept direct.
+    direct = ["127.0.0.1", "localhost"]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        direct.append(urlsplit(endpoint).hostname or "")
+    existing = [h for h in os.environ.get("no_proxy", os.environ.get("NO_PROXY", "")).split(",") if h]
+    no_proxy = ",".join(existing + direct)
+    return {"http_proxy": proxy, "HTTP_PROXY": proxy, "no_proxy": no_proxy, "NO_PROXY": no_proxy}
+
+
 def _fetch_env(spec: PretrainSpec, proxy: str | None) -> dict[str, str]:
     d = spec.download
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", CLOOB_FETCH_DEADLINE=str(d.deadline),
-               CLOOB_FETCH_MAX_BYTES=str(d.max_bytes), PYTHONUNBUFFERED="1")
-    if proxy:
-        # The demo host is reached through the local server as an HTTP proxy. Only plain http is
-        # proxied; local endpoints (an S3-compatible store on 127.0.0.1, ...) are kept direct.
-        env["http_proxy"] = env["HTTP_PROXY"] = proxy
-        direct = ["127.0.0.1", "localhost"]
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            direct.append(urlsplit(endpoint).hostname or "")
-        existing = [h for h in os.environ.get("no_proxy", os.environ.get("NO_PROXY", "")).split(",") if h]
-        env["no_proxy"] = env["NO_PROXY"] = ",".join(existing + direct)
-    return env
+    return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", CLOOB_FETCH_DEADLINE=str(d.deadline),
+                CLOOB_FETCH_MAX_BYTES=str(d.max_bytes), PYTHONUNBUFFERED="1", **_proxy_env(proxy))
+
+
+def _engine_args(spec: PretrainSpec, store: Location, cluster: dict, proxy: str | None) -> dict:
+    """What the fetch process needs besides img2dataset's arguments to run on Spark or Ray: the
+    cluster, the guards' limits (remote workers do not see our environment) and the proxy."""
+    d = spec.download
+    return {"spark_master": cluster.get("spark_master"), "ray_address": cluster.get("ray_address"),
+            "deadline": d.deadline, "max_bytes": d.max_bytes, "worker_env": _proxy_env(proxy),
+            "out_is_local": store.is_local}
 
 
 def _img2dataset_args(spec: PretrainSpec, store: Location, url_list: str, mode: str) -> dict:
@@ -273,25 +287,30 @@ def _img2dataset_args(spec: PretrainSpec, store: Location, url_list: str, mode: 
         "number_sample_per_shard": d.shard_size, "processes_count": d.processes, "thread_count": d.threads,
         "timeout": d.timeout, "retries": d.retries, "min_image_size": d.min_image_size,
         "max_image_area": d.max_image_area, "max_aspect_ratio": d.max_aspect_ratio,
-        "incremental_mode": mode, "enable_wandb": False, "compute_hash": "sha256",
+        "incremental_mode": mode, "enable_wandb": False, "compute_hash": "sha256", "distributor": d.distributor,
         "user_agent_token": d.user_agent_token, "disallowed_header_directives": d.disallowed_header_directives,
         "oom_shard_count": 5,
     }
 
 
-def _run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, rows: int, shards: int,
-               proxy: str | None, progress: bool) -> dict:
+def _run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, rows: int, expect: list[int],
+               proxy: str | None, cluster: dict, progress: bool) -> dict:
     """One img2dataset run in its own process, with a progress bar fed by the stats files; the rows
-    come from `url_list`, a parquet file's path relative to `store`."""
+    come from `url_list`, a parquet file's path relative to `store`, and shards `expect` must be
+    finished afterwards (checked from their stats files: img2dataset's ray distributor drops a shard
+    that fails and still returns success, and each distributor gives up on a shard after a retry)."""
     from tqdm import tqdm
 
     started, t0 = _now(), time.monotonic()
+    shards = len(expect)
     before = finished_shards(store)
     args = _img2dataset_args(spec, store, store.url(url_list), mode)
     with tempfile.TemporaryDirectory(prefix="cloob-fetch-") as tmp:
         args_file, log_file = os.path.join(tmp, "args.json"), os.path.join(tmp, "img2dataset.log")
+        error_file = os.path.join(tmp, "error.json")
         with open(args_file, "w") as f:
-            json.dump(args, f)
+            json.dump({"img2dataset": args, "engine": _engine_args(spec, store, cluster, proxy),
+                       "error_file": error_file}, f)
         bar = tqdm(total=shards, desc=f"{spec.name}: {'retry' if mode == 'extend' else 'download'}",
                    unit="shard", disable=not progress)
         seen, ok, tried = set(before), 0, 0
@@ -335,13 +354,26 @@ def _run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, ro
         if hung:
             with contextlib.suppress(OSError):
                 store.remove("_tmp", recursive=True)  # img2dataset's own clean-up, skipped
+        elif failed and os.path.exists(error_file):  # the fetch process refused (cluster checks)
+            with open(error_file) as f:
+                err = json.load(f)
+            raise CloobError(err["problem"], err.get("fix"))
         elif failed:
             raise CloobError(f"img2dataset failed (exit {proc.returncode}); last lines of its log:\n{tail}",
                              f"see {store.url(log_target)}; rerun the same command to resume")
     store.refresh()
     after = finished_shards(store)
+    lost = [i for i in expect if i not in after]
+    if lost:
+        names = ", ".join(f"{i:05d}" for i in lost[:20]) + (f", ... ({len(lost)} in all)" if len(lost) > 20 else "")
+        again = "rerun with --retry-failed: their rows are given to img2dataset again" if mode == "extend" else \
+            "rerun the same command: only these shards are fetched again, finished ones are kept"
+        raise CloobError(f"img2dataset ({spec.download.distributor}) ended without finishing {len(lost)} of "
+                         f"{shards} shards: {names} (no stats file; see {store.url(log_target)} for why)", again)
+    d = spec.download.distributor
     return {"mode": "retry-failed" if mode == "extend" else "download", "started_at": started,
             "seconds": round(time.monotonic() - t0, 2), "rows": rows, "new_shards": len(after) - len(before),
+            **({"distributor": d} if d != "multiprocessing" else {}),
             **({"note": "img2dataset did not exit after its last shard; stopped it"} if hung else {})}
 
 
@@ -366,22 +398,42 @@ def _source_server(spec: PretrainSpec):
         yield server.url
 
 
+def _check_cluster(spec: PretrainSpec, store: Location, spark_master: str | None, ray_address: str | None) -> dict:
+    """The cluster settings for the spec's distributor, refused before anything is written when they
+    do not fit: a flag for another engine, an engine not installed, a local --out with a cluster
+    that reaches other machines."""
+    d = spec.download.distributor
+    for flag, value, engine in (("--spark-master", spark_master, "pyspark"), ("--ray-address", ray_address, "ray")):
+        if value and d != engine:
+            raise CloobError(f"{flag} is for download.distributor={engine}, and this spec's is {d}",
+                             f"add --set download.distributor={engine}, or leave out {flag}")
+    engines.check_installed(d)
+    cluster = engines.cluster_of(d, spark_master, ray_address)
+    if cluster and store.is_local:
+        raise engines.refuse_local_out(store.url(), cluster)
+    return {"spark_master": spark_master, "ray_address": ray_address}
+
+
 def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_failed: bool = False,
-            force: bool = False, progress: bool = True) -> dict:
-    """Prepare (or complete) the dataset at `out`; returns the manifest plus a `run` summary."""
+            force: bool = False, progress: bool = True, spark_master: str | None = None,
+            ray_address: str | None = None) -> dict:
+    """Prepare (or complete) the dataset at `out`; returns the manifest plus a `run` summary.
+    Under download.distributor pyspark or ray, `spark_master` / `ray_address` name the cluster
+    (see cloob.data.engines for the defaults)."""
     t0 = time.monotonic()
     spec = _with_input(spec, input)
     spec_hash = spec.content_hash()
     store = Location(out)
+    cluster = _check_cluster(spec, store, spark_master, ray_address)
     _check_folder(store)  # before the lock: the lock would write into a folder we may not touch
     with folder_lock(store.url(META), purpose=f"cloob prepare {spec.name}",
                      alternative="prepare into another --out", label=store.url()):
         _check_owner(store, spec_hash, force)
-        return _prepare_locked(store, spec, spec_hash, retry_failed, progress, t0)
+        return _prepare_locked(store, spec, spec_hash, retry_failed, progress, t0, cluster)
 
 
 def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_failed: bool, progress: bool,
-                    t0: float) -> dict:
+                    t0: float, cluster: dict) -> dict:
     rows = _ensure_rows(store, spec, spec_hash, progress)  # a bad source fails here, before any write
     _record_owner(store, spec, spec_hash)
     manifest_path = f"{META}/manifest.json"
@@ -398,15 +450,17 @@ def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_f
     with _source_server(spec) as proxy:
         if missing:
             rounds.append(_run_round(store, spec, f"{META}/rows.parquet", "incremental",
-                                     rows["kept"], len(missing), proxy, progress))
+                                     rows["kept"], missing, proxy, cluster, progress))
             done = finished_shards(store)
         if retry_failed:
             failed = _failed_rows(store, done)
             if failed:
                 _remove_unfinished(store, done, from_id=expected)
                 retry_list = _write_retry_rows(store, failed)
-                rounds.append(_run_round(store, spec, retry_list, "extend", len(failed),
-                                         math.ceil(len(failed) / spec.download.shard_size), proxy, progress))
+                first = max(done, default=-1) + 1  # img2dataset's "extend" numbers on from the last stats file
+                new = range(first, first + math.ceil(len(failed) / spec.download.shard_size))
+                rounds.append(_run_round(store, spec, retry_list, "extend", len(failed), list(new), proxy,
+                                         cluster, progress))
     history += rounds
     manifest = build_manifest(store, META, spec=spec, spec_hash=spec_hash, rows=rows,
                               history=history, progress=progress)

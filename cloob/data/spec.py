@@ -77,7 +77,8 @@ class DemoSource(_Strict):
 
 
 # Download fields that only change speed or robustness, not what a successful sample contains.
-_OPERATIONAL = {"processes", "threads", "timeout", "deadline", "retries", "max_bytes"}
+# Where the work runs is one of them: the same rows give the same shards under every distributor.
+_OPERATIONAL = {"processes", "threads", "timeout", "deadline", "retries", "max_bytes", "distributor"}
 
 Source = Annotated[TableSource | Cc3mSource | Yfcc15mSource | DemoSource, Field(discriminator="kind")]
 
@@ -95,7 +96,10 @@ class DownloadSettings(_Strict):
     min_image_size: int = Field(0, ge=0)
     max_image_area: float = Field(1.0e8, gt=0, description="width x height above which an image is refused")
     max_aspect_ratio: float = Field(math.inf, gt=0)
-    processes: int = Field(4, gt=0)
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = Field(
+        "multiprocessing", description="img2dataset's: this machine's processes, a Spark or a Ray cluster "
+        "(--spark-master, --ray-address; extras spark, ray)")
+    processes: int = Field(4, gt=0, description="worker processes; for pyspark/ray, the cores of a local cluster")
     threads: int = Field(64, gt=0)
     timeout: float = Field(10.0, gt=0, description="seconds to connect and between received bytes")
     deadline: float = Field(60.0, gt=0, description="seconds for one whole download (stops tricklers)")

@@ -1,0 +1,98 @@
+"""The download guards img2dataset lacks, installed in whatever process imports this module.
+
+img2dataset's `timeout` bounds connecting and each socket read, so a server that trickles one byte a
+second holds a download thread forever, and nothing bounds a response's size. Importing this module
+replaces `img2dataset.downloader.download_image` with one that reads in chunks under a
+whole-download deadline and a byte limit, and refuses a JPEG cut short (no end-of-image marker),
+which OpenCV would otherwise decode into a half-grey picture without complaint.
+
+Where the patch must run depends on the distributor:
+- multiprocessing: img2dataset's spawned pool imports `cloob.data.fetch` again as `__mp_main__`,
+  which imports this module; the limits come from CLOOB_FETCH_DEADLINE and CLOOB_FETCH_MAX_BYTES.
+- pyspark and ray: a patch made on the driver never reaches an executor or a Ray worker (the pickled
+  Downloader names the pristine img2dataset module). There `GuardedDownloader` takes the place of
+  img2dataset's Downloader on the driver: an executor or worker unpickling it imports this module,
+  which installs the patch there, and the limits travel on the instance, since the driver's
+  environment variables are not set on other machines.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import urllib.request
+
+import img2dataset.downloader as _downloader
+
+_UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+
+# The limits in force in this process: from the environment (the multiprocessing path), replaced by a
+# GuardedDownloader's own when it runs a shard (pyspark, ray).
+limits = {"deadline": float(os.environ.get("CLOOB_FETCH_DEADLINE", "60")),
+          "max_bytes": int(os.environ.get("CLOOB_FETCH_MAX_BYTES", str(50 * 2**20)))}
+
+
+def check_body(data: bytes | bytearray) -> str | None:
+    """An error message for a body that cannot be a whole image, else None."""
+    if data[:2] == _JPEG_SOI and _JPEG_EOI not in data[-4096:]:
+        return "truncated JPEG (no end-of-image marker)"
+    return None
+
+
+def download_image(row, timeout, user_agent_token, disallowed_header_directives):
+    """Drop-in for img2dataset.downloader.download_image: (key, BytesIO or None, error or None)."""
+    key, url = row
+    deadline_s, max_bytes = limits["deadline"], limits["max_bytes"]
+    ua = _UA + (f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+                if user_agent_token else "")
+    deadline = time.monotonic() + deadline_s
+    try:
+        request = urllib.request.Request(url, data=None, headers={"User-Agent": ua})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            if disallowed_header_directives and _downloader.is_disallowed(
+                    r.headers, user_agent_token, disallowed_header_directives):
+                return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            length = r.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                return key, None, f"response larger than the {max_bytes} byte limit"
+            buf = bytearray()
+            while True:
+                # read1 returns as soon as some bytes arrive, so the deadline is checked often
+                # even when a server sends one byte at a time.
+                chunk = r.read1(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > max_bytes:
+                    return key, None, f"response larger than the {max_bytes} byte limit"
+                if time.monotonic() > deadline:
+                    return key, None, f"download exceeded the {deadline_s:g}s deadline"
+        problem = check_body(buf)
+        if problem:
+            return key, None, problem
+        return key, io.BytesIO(bytes(buf)), None
+    except Exception as err:  # noqa: BLE001 (img2dataset records every failure as a message)
+        return key, None, str(err)
+
+
+_downloader.download_image = download_image
+
+
+class GuardedDownloader(_downloader.Downloader):
+    """img2dataset's Downloader with the guards and their limits carried along to remote workers.
+
+    Built by img2dataset itself (`Downloader(**its arguments)`), so the limits come in through
+    functools.partial: `partial(GuardedDownloader, deadline=..., max_bytes=...)`."""
+
+    def __init__(self, *args, deadline: float, max_bytes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard_limits = {"deadline": float(deadline), "max_bytes": int(max_bytes)}
+
+    def __call__(self, row):
+        # One shard at a time per worker process (a Spark task, a Ray task): setting the process's
+        # limits here is seen by every download thread of this shard.
+        limits.update(self.guard_limits)
+        _downloader.download_image = download_image  # in case something restored the original
+        return super().__call__(row)
