@@ -162,11 +162,29 @@ def _spark(processes: int, master: str | None, worker_env: dict[str, str]):
         spark.stop()
 
 
+def _keep_direct(worker_env: dict[str, str], address: str | None) -> dict[str, str]:
+    """Ray's gRPC honours http_proxy: with a download proxy set (the demo's), the cluster's own
+    addresses must bypass it, here and in the workers, or nothing connects."""
+    import ray
+
+    if not any(os.environ.get(k) or worker_env.get(k) for k in ("http_proxy", "HTTP_PROXY", "https_proxy")):
+        return worker_env
+    hosts = [ray.util.get_node_ip_address()]
+    if address and address not in ("local", "auto"):
+        hosts.append(urlsplit(address if "://" in address else f"ray://{address}").hostname or "")
+    out = dict(worker_env)
+    for key in ("no_proxy", "NO_PROXY"):
+        have = [h for h in (out.get(key) or os.environ.get(key, "")).split(",") if h]
+        os.environ[key] = out[key] = ",".join(have + [h for h in hosts if h and h not in have])
+    return out
+
+
 @contextlib.contextmanager
 def _ray(processes: int, address: str | None, worker_env: dict[str, str], out_url: str, out_is_local: bool):
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
+    worker_env = _keep_direct(worker_env, address)
     if address and address != "local":
         # Workers of a running cluster were started with its environment, not ours.
         ray.init(address=address, runtime_env={"env_vars": worker_env} if worker_env else None,

@@ -90,6 +90,15 @@ class GuardedDownloader(_downloader.Downloader):
         super().__init__(*args, **kwargs)
         self.guard_limits = {"deadline": float(deadline), "max_bytes": int(max_bytes)}
 
+    def __reduce__(self):
+        import pickle
+
+        from cloob.data.unpickle import guarded_downloader
+
+        # The state travels as bytes, so that unpickling it (which imports img2dataset's writer and
+        # with it webdataset) waits until guarded_downloader has run.
+        return guarded_downloader, (pickle.dumps(self.__dict__),)
+
     def __call__(self, row):
         # One shard at a time per worker process (a Spark task, a Ray task): setting the process's
         # limits here is seen by every download thread of this shard.

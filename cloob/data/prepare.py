@@ -271,7 +271,8 @@ def _engine_args(spec: PretrainSpec, store: Location, cluster: dict, proxy: str 
     cluster, the guards' limits (remote workers do not see our environment) and the proxy."""
     d = spec.download
     return {"spark_master": cluster.get("spark_master"), "ray_address": cluster.get("ray_address"),
-            "deadline": d.deadline, "max_bytes": d.max_bytes, "worker_env": _proxy_env(proxy),
+            "deadline": d.deadline, "max_bytes": d.max_bytes,
+            "worker_env": {"NO_ALBUMENTATIONS_UPDATE": "1", **_proxy_env(proxy)},
             "out_is_local": store.is_local}
 
 

@@ -1,0 +1,201 @@
+"""img2dataset's pyspark and ray distributors under `cloob prepare`: real local Spark (local[2]) and a
+real Ray head on this machine, the demo source and the bad-URL server of test_prepare.py.
+
+The engines are optional extras: without them these tests are skipped locally (the reason says how
+to install them) and fail in CI, which installs them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cloob.cli import main as cli_main
+from cloob.data import engines
+from cloob.data.prepare import prepare
+from cloob.data.spec import load_spec
+from cloob.errors import CloobError
+
+# 3 shards of 8 demo rows: enough for shards to go to both executors/workers, few enough to be quick.
+DEMO = ["source.samples=24", "download.shard_size=8", "download.processes=2", "download.threads=2",
+        "download.image_size=32", "download.retries=0"]
+# The guards' cases: a trickler (cut at the 2 s deadline), a truncated JPEG, a body over the byte cap.
+GUARDED = {"trickle.jpg": "download exceeded the 2s deadline", "truncated.jpg": "truncated JPEG",
+           "too-many-bytes.jpg": "response larger than the 200000 byte limit"}
+
+
+def _need(module: str, extra: str) -> None:
+    """Skip (locally) or fail (CI) when an engine is missing, with the command that installs it."""
+    problem = None
+    if importlib.util.find_spec(module) is None:
+        problem = f"{module} is not installed: uv sync --extra {extra}"
+    elif module == "pyspark":
+        try:
+            engines.check_java()
+        except CloobError as e:
+            problem = f"{e.problem}: {e.fix}"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must test the {module} distributor: {problem}", pytrace=False)
+        pytest.skip(problem)
+
+
+def demo_spec(distributor: str):
+    return load_spec("demo", DEMO + [f"download.distributor={distributor}"])
+
+
+def guard_spec(tmp_path, base: str, distributor: str, shard_size: int = 8):
+    from test_prepare import good_rows, table_spec, write_table
+
+    rows = good_rows(base, 4) + [(f"{base}/bad/{name}", f"bad case {name}") for name in GUARDED]
+    tsv = write_table(tmp_path / "rows.tsv", rows)
+    return load_spec(table_spec(tsv, processes=2, threads=4, timeout=3, deadline=2, shard_size=shard_size,
+                                distributor=distributor))
+
+
+def assert_guards_fired(m: dict, elapsed: float) -> None:
+    t = m["totals"]
+    assert (t["successes"], t["failures"]) == (4, len(GUARDED)), t
+    reasons = " | ".join(t["failures_by_reason"])
+    for name, words in GUARDED.items():
+        assert words in reasons, (name, t["failures_by_reason"])
+    assert elapsed < 90  # the trickler did not hold its shard for img2dataset's 60 s default deadline
+
+
+@pytest.fixture(scope="module")
+def demo_hash(tmp_path_factory) -> str:
+    """The content hash of the demo rows prepared by the default distributor, multiprocessing."""
+    return prepare(demo_spec("multiprocessing"), str(tmp_path_factory.mktemp("mp") / "ds"),
+                   progress=False)["content_hash"]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """The address of a Ray head with 2 CPUs and no dashboard, on this machine, for the whole module
+    (started by a small driver process, so its workers have this environment; gone when it exits)."""
+    _need("ray", "ray")
+    # Ray 2.5x+ heads require a token (saved in ~/.ray/auth_token); a driver joining one must say
+    # RAY_AUTH_MODE=token, as Ray's docs tell users. The fetch processes inherit it from here.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "token")
+    code = ("import ray, sys; ray.init(num_cpus=2, include_dashboard=False); "
+            "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    try:
+        address = proc.stdout.readline().strip()
+        assert address and proc.poll() is None, "the Ray head did not start"
+        yield address
+    finally:
+        mp.undo()
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_cluster_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(engines, "check_installed", lambda distributor: None)  # these need no engine
+    out = tmp_path / "ds"
+    far = "203.0.113.7"  # TEST-NET-3: never an address of this machine
+    cases = [
+        (["--set", "download.distributor=pyspark", "--spark-master", f"spark://{far}:7077"],
+         ["is on this machine's disk", f"Spark master spark://{far}:7077", "every node reaches"]),
+        (["--set", "download.distributor=ray", "--ray-address", f"ray://{far}:10001"],
+         ["is on this machine's disk", f"Ray cluster ray://{far}:10001", "s3://"]),
+        (["--ray-address", "127.0.0.1:6379"], ["--ray-address is for download.distributor=ray",
+                                               "--set download.distributor=ray"]),
+    ]
+    for args, words in cases:
+        assert cli_main(["prepare", "demo", "--out", str(out), *args]) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and "Traceback" not in err, err
+        assert not out.exists()
+    monkeypatch.setenv("RAY_ADDRESS", f"{far}:6379")  # the engine's own variable counts as the flag does
+    with pytest.raises(CloobError, match=f"Ray cluster {far}:6379"):
+        prepare(demo_spec("ray"), str(out), progress=False)
+    assert not out.exists()
+    # A master or head on this machine is local: a local --out is fine with it.
+    assert engines.spark_is_local("local[2]") and engines.spark_is_local("spark://127.0.0.1:7077")
+    assert engines.ray_is_local("localhost:6379") and engines.ray_is_local(None) and engines.ray_is_local("auto")
+    assert not engines.spark_is_local("yarn") and not engines.spark_is_local(f"spark://{far}:7077")
+
+
+def test_a_missing_engine_or_java_says_how_to_install_it(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(CloobError) as e:
+        prepare(demo_spec("ray"), str(tmp_path / "ds"), progress=False)
+    assert "needs ray, which is not installed" in e.value.problem and "uv sync --extra ray" in e.value.fix
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "pyspark" else real(name, *a))
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-java"))
+    with pytest.raises(CloobError) as e:
+        prepare(demo_spec("pyspark"), str(tmp_path / "ds"), progress=False)
+    assert "pyspark needs Java 17" in e.value.problem
+    assert "install Java 17 (apt install openjdk-17-jre-headless)" in e.value.fix
+    fake = tmp_path / "old-java" / "bin" / "java"  # a Java 11 on JAVA_HOME
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\necho \'openjdk version "11.0.2" 2019-01-15\' >&2\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("JAVA_HOME", str(fake.parent.parent))
+    with pytest.raises(CloobError, match="is Java 11"):
+        prepare(demo_spec("pyspark"), str(tmp_path / "ds"), progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.slow
+def test_pyspark_local_gives_the_multiprocessing_content_hash_and_keeps_the_guards(tmp_path, demo_hash, image_server):
+    _need("pyspark", "spark")
+    # The demo's pictures come through its local proxy: the Spark that the fetch process starts
+    # passes that environment on to its executors.
+    m = prepare(demo_spec("pyspark"), str(tmp_path / "demo"), progress=False)
+    assert m["content_hash"] == demo_hash and m["totals"]["successes"] == 24
+    assert [r.get("distributor") for r in m["history"]] == ["pyspark"]
+
+    t0 = time.monotonic()
+    m = prepare(guard_spec(tmp_path, image_server.url, "pyspark"), str(tmp_path / "guards"), progress=False)
+    assert_guards_fired(m, time.monotonic() - t0)
+
+
+@pytest.mark.slow
+def test_ray_gives_the_multiprocessing_content_hash(tmp_path, demo_hash, ray_head):
+    # A running cluster's workers do not have the fetch process's environment: the demo's proxy
+    # reaches them through the job's runtime environment.
+    m = prepare(demo_spec("ray"), str(tmp_path / "demo"), progress=False, ray_address=ray_head)
+    assert m["content_hash"] == demo_hash and m["totals"]["successes"] == 24
+    assert [r.get("distributor") for r in m["history"]] == ["ray"]
+
+
+@pytest.mark.slow
+def test_ray_workers_keep_the_guards_and_a_lost_shard_is_named_then_fetched(tmp_path, ray_head, image_server):
+    # The head's workers were started without CLOOB_FETCH_*: the 2 s deadline and 200 kB cap in the
+    # failure messages came with the downloader.
+    out = tmp_path / "guards"
+    spec = guard_spec(tmp_path, image_server.url, "ray", shard_size=4)  # 00000: 4 good rows, 00001: the bad ones
+    t0 = time.monotonic()
+    first = prepare(spec, str(out), progress=False, ray_address=ray_head)
+    assert_guards_fired(first, time.monotonic() - t0)
+    kept = (out / "00001.tar").read_bytes()
+
+    # Shard 0 cannot be written (its tar's path is a folder): img2dataset's ray distributor drops
+    # it and returns success; cloob names it.
+    (out / "00000_stats.json").unlink()
+    (out / "00000.tar").unlink()
+    (out / "00000.tar").mkdir()
+    with pytest.raises(CloobError) as e:
+        prepare(spec, str(out), progress=False, ray_address=ray_head)
+    assert "ended without finishing 1 of 1 shards: 00000" in e.value.problem, e.value
+    assert "only these shards are fetched again" in e.value.fix
+
+    (out / "00000.tar").rmdir()
+    image_server.httpd.requests.clear()
+    again = prepare(spec, str(out), progress=False, ray_address=ray_head)
+    assert again["content_hash"] == first["content_hash"] and again["totals"] == first["totals"]
+    assert sorted(image_server.httpd.requests) == [f"/3/48/3/{i}.jpg" for i in range(4)]  # shard 0's rows only
+    assert (out / "00001.tar").read_bytes() == kept and not (out / "_tmp").exists()
