@@ -148,11 +148,16 @@ def _spark(processes: int, master: str | None, worker_env: dict[str, str]):
         yield active
         return
     master = master or f"local[{processes}]"
+    builder = (SparkSession.builder.master(master).appName("cloob prepare")
+               .config("spark.ui.showConsoleProgress", "false"))
     if spark_is_local(master):
         # Executors here start `python3` from PATH, which need not have img2dataset (or cloob).
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = (SparkSession.builder.master(master).appName("cloob prepare")
-               .config("spark.ui.showConsoleProgress", "false"))
+        # A local driver only hands out one task per shard: without the web UI and with the quick
+        # JIT alone, its session starts in about half the time (measured 8-10 s instead of 15-19 s
+        # on a busy 2-core machine). cloob's progress bar follows the shards anyway.
+        builder = (builder.config("spark.ui.enabled", "false")
+                   .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1"))
     for k, v in worker_env.items():  # local executors inherit them anyway; remote ones need telling
         builder = builder.config(f"spark.executorEnv.{k}", v)
     spark = builder.getOrCreate()
