@@ -273,7 +273,7 @@ def slow_marker_is_honest():
 # 2026-12-01). pytest-xdist gives each worker whole files (--dist loadfile) in collection order
 # (--no-loadscope-reorder; its default order, most tests first, started the 220 s demo last and left
 # one worker idle for 200 s at the end). The rest keep their order, after these.
-LONGEST_FIRST = ["test_demo.py", "test_launch.py", "test_prepare.py", "test_faults.py", "test_lock.py",
+LONGEST_FIRST = ["test_demo.py", "test_launch.py", "test_prepare.py", "test_distributors.py", "test_faults.py", "test_lock.py",
                  "test_deploy.py", "test_train.py", "test_distributed.py", "test_evaluate.py", "test_data.py",
                  "test_imports.py", "test_flows.py", "test_eval_threads.py"]
 

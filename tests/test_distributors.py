@@ -199,3 +199,14 @@ def test_ray_workers_keep_the_guards_and_a_lost_shard_is_named_then_fetched(tmp_
     assert again["content_hash"] == first["content_hash"] and again["totals"] == first["totals"]
     assert sorted(image_server.httpd.requests) == [f"/3/48/3/{i}.jpg" for i in range(4)]  # shard 0's rows only
     assert (out / "00001.tar").read_bytes() == kept and not (out / "_tmp").exists()
+
+
+def test_the_worker_images_carry_the_engines_and_java():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (root / "docker" / name).read_text()
+        syncs = [line for line in text.splitlines() if "uv sync --frozen" in line]
+        assert syncs and all("--extra spark --extra ray" in line for line in syncs), name
+        assert "openjdk-17-jre-headless" in text, name
