@@ -144,7 +144,7 @@ def _spark(processes: int, master: str | None, worker_env: dict[str, str]):
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
-    if active is not None and not master:  # someone else's session (a spark-submit driver): theirs to stop
+    if active is not None:  # someone else's session (a spark-submit driver): theirs to configure and stop
         yield active
         return
     master = master or f"local[{processes}]"

@@ -23,6 +23,10 @@ is refused naming the first. Every step is resumable: rows are reused once rows.
 img2dataset's incremental mode skips finished shards, and a killed round leaves at most unfinished
 shards (no stats file), which the next run redoes. A retry-failed round gives the rows whose status
 is not success to img2dataset again, as new shards after the last one ("extend" mode).
+
+img2dataset runs on this machine's processes or, with download.distributor pyspark or ray, on a
+Spark or Ray cluster (cloob.data.engines); either way each round's shards are checked against
+their stats files afterwards, and a shard missing is an error naming it.
 """
 
 from __future__ import annotations
