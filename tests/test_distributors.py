@@ -74,6 +74,12 @@ def demo_hash(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def spark():
+    """pyspark and Java 17 are there (first among a test's fixtures: skip before any work)."""
+    _need("pyspark", "spark")
+
+
+@pytest.fixture(scope="module")
 def ray_head():
     """The address of a Ray head with 2 CPUs and no dashboard, on this machine, for the whole module
     (started by a small driver process, so its workers have this environment; gone when it exits)."""
@@ -150,8 +156,7 @@ def test_a_missing_engine_or_java_says_how_to_install_it(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_pyspark_local_gives_the_multiprocessing_content_hash_and_keeps_the_guards(tmp_path, demo_hash, image_server):
-    _need("pyspark", "spark")
+def test_pyspark_local_gives_the_multiprocessing_content_hash_and_keeps_the_guards(spark, tmp_path, demo_hash, image_server):
     # The demo's pictures come through its local proxy: the Spark that the fetch process starts
     # passes that environment on to its executors.
     m = prepare(demo_spec("pyspark"), str(tmp_path / "demo"), progress=False)
@@ -164,7 +169,7 @@ def test_pyspark_local_gives_the_multiprocessing_content_hash_and_keeps_the_guar
 
 
 @pytest.mark.slow
-def test_ray_gives_the_multiprocessing_content_hash(tmp_path, demo_hash, ray_head):
+def test_ray_gives_the_multiprocessing_content_hash(ray_head, tmp_path, demo_hash):
     # A running cluster's workers do not have the fetch process's environment: the demo's proxy
     # reaches them through the job's runtime environment.
     m = prepare(demo_spec("ray"), str(tmp_path / "demo"), progress=False, ray_address=ray_head)
@@ -173,7 +178,7 @@ def test_ray_gives_the_multiprocessing_content_hash(tmp_path, demo_hash, ray_hea
 
 
 @pytest.mark.slow
-def test_ray_workers_keep_the_guards_and_a_lost_shard_is_named_then_fetched(tmp_path, ray_head, image_server):
+def test_ray_workers_keep_the_guards_and_a_lost_shard_is_named_then_fetched(ray_head, tmp_path, image_server):
     # The head's workers were started without CLOOB_FETCH_*: the 2 s deadline and 200 kB cap in the
     # failure messages came with the downloader.
     out = tmp_path / "guards"
