@@ -155,6 +155,28 @@ def test_a_missing_engine_or_java_says_how_to_install_it(tmp_path, monkeypatch):
     assert not (tmp_path / "ds").exists()
 
 
+def test_workers_without_cloob_get_the_python_they_ran_and_the_fix(monkeypatch):
+    """What a Spark job whose executors lack cloob raises (seen with PYSPARK_PYTHON=/usr/bin/python3,
+    a Python without it: a Py4JJavaError whose text holds the worker's traceback), and Ray's kind,
+    become one CloobError."""
+    from cloob.data.fetch import _explain_missing_module
+
+    spark_error = RuntimeError("An error occurred while calling z:org.apache.spark.api.python.PythonRDD.collectAndServe."
+                               "\n  File \"<frozen importlib._bootstrap>\", line 1140\n"
+                               "ModuleNotFoundError: No module named 'img2dataset'\n\tat org.apache.spark...")
+    monkeypatch.delenv("PYSPARK_PYTHON", raising=False)
+    with pytest.raises(CloobError) as e:
+        _explain_missing_module("pyspark", spark_error)
+    assert "cannot import img2dataset: they run PYSPARK_PYTHON (unset, so python3 from their PATH)" in e.value.problem
+    assert "set PYSPARK_PYTHON to a Python that has cloob installed on every node" in e.value.fix
+    monkeypatch.setenv("PYSPARK_PYTHON", "/usr/bin/python3")
+    with pytest.raises(CloobError, match=r"PYSPARK_PYTHON \(/usr/bin/python3\)"):
+        _explain_missing_module("pyspark", spark_error)
+    with pytest.raises(CloobError, match="the Ray workers cannot import cloob"):
+        _explain_missing_module("ray", RuntimeError("RaySystemError: ModuleNotFoundError: No module named 'cloob'"))
+    assert _explain_missing_module("ray", RuntimeError("some other failure")) is None
+
+
 @pytest.mark.slow
 def test_pyspark_local_gives_the_multiprocessing_content_hash_and_keeps_the_guards(spark, tmp_path, demo_hash, image_server):
     # The demo's pictures come through its local proxy: the Spark that the fetch process starts

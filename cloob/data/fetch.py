@@ -65,7 +65,31 @@ def _download_distributed(kwargs: dict, engine: dict) -> None:
     with session(kwargs["distributor"], processes=kwargs["processes_count"], spark_master=engine.get("spark_master"),
                  ray_address=engine.get("ray_address"), worker_env=engine.get("worker_env") or {},
                  out_url=kwargs["output_folder"], out_is_local=engine.get("out_is_local", True)):
-        img2dataset.download(**kwargs)
+        try:
+            img2dataset.download(**kwargs)
+        except Exception as e:
+            _explain_missing_module(kwargs["distributor"], e)
+            raise
+
+
+def _explain_missing_module(distributor: str, error: Exception) -> None:
+    """A worker that cannot import cloob or img2dataset fails every shard with a long Java or Ray
+    traceback; say instead which Python it ran and how to give it one that works."""
+    import re
+
+    from cloob.errors import CloobError
+
+    m = re.search(r"No module named '([\w.]+)'", str(error))
+    if not m:
+        return
+    if distributor == "pyspark":
+        python = os.environ.get("PYSPARK_PYTHON") or "unset, so python3 from their PATH"
+        raise CloobError(f"Spark's executors cannot import {m.group(1)}: they run PYSPARK_PYTHON ({python})",
+                         "set PYSPARK_PYTHON to a Python that has cloob installed on every node (uv sync --extra "
+                         "spark; in the docker/ worker images, /app/.venv/bin/python)") from None
+    raise CloobError(f"the Ray workers cannot import {m.group(1)}",
+                     "install cloob on every node of the cluster (uv sync --extra ray; the docker/ worker images "
+                     "have it)") from None
 
 
 def main(argv: list[str]) -> int:
