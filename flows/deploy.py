@@ -94,7 +94,14 @@ def _check_names(args) -> None:
     from cloob.data.spec import load_spec
 
     for spec in args.spec:
-        source = load_spec(spec, list(args.spec_override or [])).source
+        loaded = load_spec(spec, list(args.spec_override or []))
+        for flag, value, engine in (("--spark-master", args.spark_master, "pyspark"),
+                                    ("--ray-address", args.ray_address, "ray")):
+            if value and loaded.download.distributor != engine:
+                raise CloobError(f"{flag} is for download.distributor={engine}, and spec {spec!r} has "
+                                 f"{loaded.download.distributor}",
+                                 f"add --spec-override download.distributor={engine}, or leave out {flag}")
+        source = loaded.source
         field = {"cc3m": "path", "table": "path", "yfcc15m": "metadata"}.get(source.kind)
         if field and getattr(source, field) is None:
             # `cloob prepare` takes it as --input; a scheduled run has only the spec and its overrides.
@@ -140,6 +147,8 @@ def build_plan(args) -> dict[str, Any]:
         # One process per GPU of a node; with --k8s the pods have --gpus-per-node GPUs each.
         "nproc_per_node": args.gpus_per_node, "train_deployment": TRAIN_DEPLOYMENT,
         "eval_deployment": EVAL_GPU_DEPLOYMENT if args.eval_on == "gpu" else None,
+        **({"spark_master": args.spark_master} if args.spark_master else {}),
+        **({"ray_address": args.ray_address} if args.ray_address else {}),
     }
     train_jobvars: dict[str, Any] = {}
     eval_jobvars: dict[str, Any] = {}
@@ -358,6 +367,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-on", choices=["cpu", "gpu"], default="cpu",
                    help="where the scheduled pipeline evaluates: in its own run on the CPU pool (default), or "
                         f"one run of {EVAL_GPU_DEPLOYMENT} per checkpoint x set on the GPU pool")
+    p.add_argument("--spark-master", metavar="URL",
+                   help="the Spark master that prepares the data (with --spec-override download.distributor=pyspark)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster that prepares the data (with --spec-override download.distributor=ray; "
+                        "else RAY_ADDRESS in the worker's environment)")
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"retraining schedule (default '{DEFAULT_CRON}')")
     p.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
     p.add_argument("--no-schedule", action="store_true", help="no schedule (removes one set before)")

@@ -33,8 +33,10 @@ def _skip(what: str, key: str) -> None:
 
 
 @task(name="prepare_data")
-def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[str] | None = None) -> dict:
-    """One pretraining dataset into webdataset shards (img2dataset runs in its own process)."""
+def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[str] | None = None,
+                 spark_master: str | None = None, ray_address: str | None = None) -> dict:
+    """One pretraining dataset into webdataset shards (img2dataset runs in its own process; under
+    download.distributor pyspark or ray, on the cluster `spark_master` / `ray_address` names)."""
     from cloob.data.prepare import prepare, read_manifest
     from cloob.data.spec import load_spec
     from cloob.run.state import prepared
@@ -44,7 +46,7 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
         _skip(f"prepare {s.name}", key)
         m = read_manifest(out)
     else:
-        m = prepare(s, out, input=input, progress=False)
+        m = prepare(s, out, input=input, progress=False, spark_master=spark_master, ray_address=ray_address)
         get_run_logger().info("%s: %d images in %d shards at %s", m["name"], m["totals"]["successes"],
                               m["totals"]["shards"], out)
     return {"uri": out, "content_hash": m["content_hash"], "images": m["totals"]["successes"]}
@@ -282,7 +284,8 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
              overrides: list[str] | None = None, spec_overrides: list[str] | None = None,
              nproc_per_node: int = 1, train_deadline_s: float | None = None,
              eval_settings: dict | None = None, train_deployment: str | None = None,
-             eval_deployment: str | None = None) -> dict[str, Any]:
+             eval_deployment: str | None = None, spark_master: str | None = None,
+             ray_address: str | None = None) -> dict[str, Any]:
     """specs -> shards -> one run per recipe on the first spec's data -> registry -> zero-shot
     evaluation of every run on every downstream set -> results table and report.
 
@@ -292,14 +295,17 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
 
     train_deployment: e.g. "cloob-train/gpu": train there (a GPU work pool) instead of in this
     flow's process. eval_deployment: e.g. "evaluate-checkpoints/gpu": evaluate there, one run per
-    checkpoint x set, instead of in this flow's process. Everything else stays here (the CPU pool)."""
+    checkpoint x set, instead of in this flow's process. Everything else stays here (the CPU pool).
+    spark_master / ray_address: the cluster that prepares the data, for specs whose
+    download.distributor is pyspark or ray (a spec override can set it: download.distributor=ray);
+    without them, cloob prepare's defaults (an active SparkSession or local[N]; RAY_ADDRESS or a local Ray)."""
     from flows.signals import stop_on_signals
 
     with stop_on_signals("cloob-pipeline"):
         # Submitted first: they need nothing else, and run in threads while this one trains.
         set_futures = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
         data = [prepare_data(spec, posixpath.join(store, "datasets", posixpath.splitext(posixpath.basename(spec))[0]),
-                             None, spec_overrides) for spec in specs]
+                             None, spec_overrides, spark_master, ray_address) for spec in specs]
         train_data = ",".join(d["uri"] for d in data[:1])
         registry = posixpath.join(store, "registry")
         results = posixpath.join(store, "results")

@@ -108,7 +108,9 @@ def test_compose_stack_services_health_and_order(compose):
         w = s[worker]
         assert w["depends_on"] == {"prefect-server": {"condition": "service_healthy"},
                                    "create-bucket": {"condition": "service_completed_successfully"}}
-        assert w["command"] == ["prefect", "worker", "start", "--pool", pool, "--type", "process"]
+        # The GPU worker takes one flow run at a time: a training and an evaluation never share its GPUs.
+        assert w["command"] == ["prefect", "worker", "start", "--pool", pool, "--type", "process",
+                                *(["--limit", "1"] if worker == "worker-gpu" else [])]
         assert w["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= set(w["environment"])
         assert (ROOT / w["build"]["dockerfile"]).is_file() and (DOCKER / w["build"]["context"]).resolve() == ROOT
@@ -434,11 +436,27 @@ def test_dry_run_k8s_json_has_job_variables_the_pool_accepts(capsys, monkeypatch
     (["--timezone", "Mars/Olympus"], "Mars/Olympus"),
     (["--recipe", "no-such-recipe"], "no-such-recipe"),
     (["--downstream", "no-such-set"], "no-such-set"),
+    (["--spark-master", "spark://head:7077"], "--spark-master is for download.distributor=pyspark"),
+    (["--ray-address", "head:6379", "--spec-override", "download.distributor=pyspark"],
+     "--ray-address is for download.distributor=ray"),
 ])
 def test_deploy_refuses_what_cannot_work_with_a_fix(capsys, monkeypatch, argv, problem):
     rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://b/x", "--spec", "demo", *argv)
     assert rc == 2 and out == ""
     assert err.startswith("error: ") and problem in err and "\n  fix: " in err
+
+
+def test_dry_run_names_the_cluster_that_prepares_the_data(capsys, monkeypatch):
+    rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://b/x", "--spec", "demo", "--spec-override",
+                            "download.distributor=ray", "--ray-address", "head:6379", "--json")
+    assert rc == 0, err
+    params = {d["name"]: d for d in json.loads(out)["deployments"]}["cloob-pipeline/retrain"]["parameters"]
+    assert params["ray_address"] == "head:6379" and "spark_master" not in params
+    assert params["spec_overrides"] == ["download.distributor=ray"]
+    from flows.pipeline import pipeline
+
+    # The pipeline takes what the deployment passes, and hands it to cloob prepare.
+    assert {"spark_master", "ray_address"} <= set(pipeline.parameters.properties)
 
 
 def test_deploy_wants_a_store_every_worker_sees_and_a_source_file_for_cc3m(capsys, monkeypatch):
