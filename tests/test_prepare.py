@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -154,6 +155,8 @@ def test_killed_preparation_resumes_to_the_same_manifest(tmp_path):
             "download.processes=1", "--set", "download.threads=2", "--set", "download.image_size=32",
             "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    import psutil
+
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*args, "--out", str(killed)), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,8 +165,18 @@ def test_killed_preparation_resumes_to_the_same_manifest(tmp_path):
         while len(list(killed.glob("*_stats.json"))) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, "preparation ended before it could be killed"
             time.sleep(0.05)
+        # Only `cloob prepare` itself, as the OOM killer would: img2dataset and its pool workers must
+        # stop on their own. A worker that went on would finish its shard with the demo's server gone
+        # (every image failed) and mark it done, and the resumed run would keep that shard.
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert tree, "img2dataset's processes were not found"
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done_at_kill = len(list(killed.glob("*_stats.json")))
     assert 2 <= done_at_kill < 10 and not (killed / "_cloob" / "manifest.json").exists()

@@ -29,6 +29,9 @@ if __name__ in ("__main__", "__mp_main__"):
 
 from cloob.data import guards  # noqa: E402  (importing it installs the download guards, here and in pool workers)
 
+if __name__ == "__mp_main__":  # one of img2dataset's spawned processes (pool workers, its logger)
+    guards.exit_with_parent()
+
 
 def _die_with_parent() -> None:
     """Ask Linux to kill this process when its parent dies: a killed `cloob prepare` must not leave

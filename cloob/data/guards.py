@@ -14,12 +14,16 @@ Where the patch must run depends on the distributor:
   img2dataset's Downloader on the driver: an executor or worker unpickling it imports this module,
   which installs the patch there, and the limits travel on the instance, since the driver's
   environment variables are not set on other machines.
+
+It also keeps a worker of a preparation that was killed from marking its shard finished (see
+`abandoned`), and lets the fetch process's pool workers exit with it (`exit_with_parent`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import socket
 import time
 import urllib.request
 
@@ -80,6 +84,69 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
 _downloader.download_image = download_image
 
 
+# ------------------------------------------------------------------ work for a preparation that ended
+
+# A stats file marks a shard finished. A worker whose preparation was killed (cloob prepare or the
+# fetch process gone) must not write one: with the demo's pictures served by the killed process, it
+# would mark a shard of failures finished, and the resumed run would keep it. The shard is then left
+# without its stats file, which the next run redoes.
+_parent = os.getppid()  # in a multiprocessing pool worker, the fetch process
+_driver: tuple[str, int] | None = None  # (host, pid) of the fetch process that handed out the shard
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def abandoned() -> str | None:
+    """Why this process's shard belongs to a preparation that ended, else None."""
+    if os.getppid() != _parent:
+        return "the process that started this worker has ended"
+    if _driver is not None:
+        host, pid = _driver
+        if host == socket.gethostname() and not _alive(pid):  # a worker on another machine cannot tell
+            return f"the preparation that handed out this shard (pid {pid}) has ended"
+    return None
+
+
+_write_stats = _downloader.write_stats
+
+
+def write_stats(*args, **kwargs):
+    """img2dataset's write_stats, refused for a shard of a preparation that ended."""
+    why = abandoned()
+    if why:
+        raise RuntimeError(f"not marking the shard finished: {why}")
+    return _write_stats(*args, **kwargs)
+
+
+_downloader.write_stats = write_stats
+
+
+def exit_with_parent(interval_s: float = 0.25) -> None:
+    """Exit this process soon after its parent ends (a pool worker of a killed fetch process).
+
+    Without it, img2dataset's pool workers (daemon processes) go on downloading their shard after a
+    kill, and may still be writing its tar when a resumed run writes the same one. Polling the
+    parent's pid, rather than PR_SET_PDEATHSIG: that signal fires when the parent *thread* that
+    started the worker ends, and multiprocessing starts replacement workers from a thread that ends
+    during Pool.terminate()."""
+    import threading
+
+    def watch():
+        while os.getppid() == _parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cloob-exit-with-parent", daemon=True).start()
+
+
 class GuardedDownloader(_downloader.Downloader):
     """img2dataset's Downloader with the guards and their limits carried along to remote workers.
 
@@ -89,6 +156,7 @@ class GuardedDownloader(_downloader.Downloader):
     def __init__(self, *args, deadline: float, max_bytes: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard_limits = {"deadline": float(deadline), "max_bytes": int(max_bytes)}
+        self.driver = (socket.gethostname(), os.getpid())  # built in the fetch process
 
     def __reduce__(self):
         import pickle
@@ -102,6 +170,9 @@ class GuardedDownloader(_downloader.Downloader):
     def __call__(self, row):
         # One shard at a time per worker process (a Spark task, a Ray task): setting the process's
         # limits here is seen by every download thread of this shard.
+        global _driver
         limits.update(self.guard_limits)
+        _driver = getattr(self, "driver", None)
         _downloader.download_image = download_image  # in case something restored the original
+        _downloader.write_stats = write_stats
         return super().__call__(row)
