@@ -117,6 +117,16 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
     return _checkpoint_summary(result.run_dir, result.checkpoint)
 
 
+def _ended(run) -> str:
+    """A deployment run's final state and the problem it reported, without the nested `fix:` lines of
+    its own error (the caller gives the fix that applies from here)."""
+    if not run.state:
+        return "in an unknown state"
+    problem = " ".join(line.strip() for line in (run.state.message or "").splitlines() if
+                       not line.strip().startswith("fix:"))
+    return f"{run.state.name}: {problem}" if problem else run.state.name
+
+
 @task(name="train-on-deployment", task_run_name="train-on-{deployment}")
 def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_node: int = 1,
                  deadline_s: float | None = None) -> dict:
@@ -135,8 +145,7 @@ def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_n
                                                  "nproc_per_node": nproc_per_node, "deadline_s": deadline_s},
                          timeout=None, as_subflow=True)
     if not run.state or not run.state.is_completed():
-        raise CloobError(f"training run {run.name} on deployment {deployment} ended {run.state.name if run.state else 'unknown'}"
-                         f": {run.state.message if run.state else ''}",
+        raise CloobError(f"training run {run.name} on deployment {deployment} ended {_ended(run)}",
                          "see that flow run's log in the Prefect UI; rerunning the pipeline resumes the training")
     if done := _trained_summary(r):
         return done
@@ -228,8 +237,7 @@ def evaluate_remote(deployment: str, checkpoint: str, dataset: str, dataset_uri:
         "publish": False, "raise_on_failure": True}, flow_run_name=run_name, timeout=None,
         poll_interval=DEPLOYMENT_POLL_S, as_subflow=True)
     if not run.state or not run.state.is_completed():
-        raise CloobError(f"evaluation run {run.name} on deployment {deployment} ended "
-                         f"{run.state.name if run.state else 'unknown'}: {run.state.message if run.state else ''}",
+        raise CloobError(f"evaluation run {run.name} on deployment {deployment} ended {_ended(run)}",
                          "see that flow run's log in the Prefect UI; rerunning the pipeline evaluates only the "
                          "pairs that are missing")
     if row := finished_row(checkpoint, ds, eval_settings, results):

@@ -966,6 +966,10 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
         # second recipe trained (on this machine they also start then: see the README).
         first = [r for n, r in runs.items() if n.startswith(f"evaluate-{run_ids[0]}-")]
         assert max(r.created for r in first) < trains[1].end_time
+        # A failed pair's task says what failed and one fix (not the deployment run's own nested one).
+        failed = [t for t in tasks if t.name.startswith("evaluate-colors") and t.state.is_failed()]
+        assert len(failed) == 2 and all(t.state.message.count("fix:") == 1 and "no readable image" in t.state.message
+                                        for t in failed), [t.state.message for t in failed]
 
         # A rerun of the finished part: nothing trains, and no evaluation run is started.
         with temporary_settings(updates={PREFECT_API_URL: url}):
