@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
 # Nothing in this process or its workers uses torch, but webdataset (imported by img2dataset's writer)
@@ -27,10 +28,36 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones 
 if __name__ in ("__main__", "__mp_main__"):
     sys.modules.setdefault("torch", None)
 
-from cloob.data import guards  # noqa: E402  (importing it installs the download guards, here and in pool workers)
+
+def _exit_with(parent: int, interval_s: float = 0.25) -> None:
+    """Exit this process soon after `parent` (the fetch process) is no longer its parent.
+
+    Without it, img2dataset's spawned processes (pool workers are daemons) go on downloading their
+    shard after a kill, and may still be writing its tar when a resumed run writes the same one.
+    Polling rather than PR_SET_PDEATHSIG: that signal fires when the parent *thread* that started
+    the worker ends, and multiprocessing starts replacement workers from a thread that ends during
+    Pool.terminate(). The pid comes from the fetch process itself (CLOOB_FETCH_PID), not from
+    getppid() here: a worker still starting when the fetch process was killed has been reparented
+    already, and must exit at once."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cloob-exit-with-parent", daemon=True).start()
+
 
 if __name__ == "__mp_main__":  # one of img2dataset's spawned processes (pool workers, its logger)
-    guards.exit_with_parent()
+    # Before the heavy imports below: they take seconds on a busy machine.
+    _FETCH_PID = int(os.environ.get("CLOOB_FETCH_PID") or os.getppid())
+    _exit_with(_FETCH_PID)
+
+from cloob.data import guards  # noqa: E402  (importing it installs the download guards, here and in pool workers)
+
+if __name__ == "__mp_main__":
+    guards.set_parent(_FETCH_PID)  # a worker of a killed preparation must not mark a shard finished
 
 
 def _die_with_parent() -> None:
@@ -101,6 +128,7 @@ def main(argv: list[str]) -> int:
     from cloob.errors import CloobError
 
     _die_with_parent()
+    os.environ["CLOOB_FETCH_PID"] = str(os.getpid())  # for img2dataset's spawned processes (_exit_with)
     with open(argv[1]) as f:
         args = json.load(f)
     kwargs = args["img2dataset"]

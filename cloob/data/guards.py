@@ -16,7 +16,7 @@ Where the patch must run depends on the distributor:
   environment variables are not set on other machines.
 
 It also keeps a worker of a preparation that was killed from marking its shard finished (see
-`abandoned`), and lets the fetch process's pool workers exit with it (`exit_with_parent`).
+`abandoned`; cloob.data.fetch makes its pool workers exit with it).
 """
 
 from __future__ import annotations
@@ -90,8 +90,14 @@ _downloader.download_image = download_image
 # fetch process gone) must not write one: with the demo's pictures served by the killed process, it
 # would mark a shard of failures finished, and the resumed run would keep it. The shard is then left
 # without its stats file, which the next run redoes.
-_parent = os.getppid()  # in a multiprocessing pool worker, the fetch process
+_parent = os.getppid()  # in a pool worker, the fetch process (cloob.data.fetch sets it from its own pid)
 _driver: tuple[str, int] | None = None  # (host, pid) of the fetch process that handed out the shard
+
+
+def set_parent(pid: int) -> None:
+    """The process whose end abandons this process's shards (in a pool worker: the fetch process)."""
+    global _parent
+    _parent = pid
 
 
 def _alive(pid: int) -> bool:
@@ -127,52 +133,3 @@ def write_stats(*args, **kwargs):
 
 
 _downloader.write_stats = write_stats
-
-
-def exit_with_parent(interval_s: float = 0.25) -> None:
-    """Exit this process soon after its parent ends (a pool worker of a killed fetch process).
-
-    Without it, img2dataset's pool workers (daemon processes) go on downloading their shard after a
-    kill, and may still be writing its tar when a resumed run writes the same one. Polling the
-    parent's pid, rather than PR_SET_PDEATHSIG: that signal fires when the parent *thread* that
-    started the worker ends, and multiprocessing starts replacement workers from a thread that ends
-    during Pool.terminate()."""
-    import threading
-
-    def watch():
-        while os.getppid() == _parent:
-            time.sleep(interval_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="cloob-exit-with-parent", daemon=True).start()
-
-
-class GuardedDownloader(_downloader.Downloader):
-    """img2dataset's Downloader with the guards and their limits carried along to remote workers.
-
-    Built by img2dataset itself (`Downloader(**its arguments)`), so the limits come in through
-    functools.partial: `partial(GuardedDownloader, deadline=..., max_bytes=...)`."""
-
-    def __init__(self, *args, deadline: float, max_bytes: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.guard_limits = {"deadline": float(deadline), "max_bytes": int(max_bytes)}
-        self.driver = (socket.gethostname(), os.getpid())  # built in the fetch process
-
-    def __reduce__(self):
-        import pickle
-
-        from cloob.data.unpickle import guarded_downloader
-
-        # The state travels as bytes, so that unpickling it (which imports img2dataset's writer and
-        # with it webdataset) waits until guarded_downloader has run.
-        return guarded_downloader, (pickle.dumps(self.__dict__),)
-
-    def __call__(self, row):
-        # One shard at a time per worker process (a Spark task, a Ray task): setting the process's
-        # limits here is seen by every download thread of this shard.
-        global _driver
-        limits.update(self.guard_limits)
-        _driver = getattr(self, "driver", None)
-        _downloader.download_image = download_image  # in case something restored the original
-        _downloader.write_stats = write_stats
-        return super().__call__(row)
