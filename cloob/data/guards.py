@@ -133,3 +133,34 @@ def write_stats(*args, **kwargs):
 
 
 _downloader.write_stats = write_stats
+
+
+class GuardedDownloader(_downloader.Downloader):
+    """img2dataset's Downloader with the guards and their limits carried along to remote workers.
+
+    Built by img2dataset itself (`Downloader(**its arguments)`), so the limits come in through
+    functools.partial: `partial(GuardedDownloader, deadline=..., max_bytes=...)`."""
+
+    def __init__(self, *args, deadline: float, max_bytes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard_limits = {"deadline": float(deadline), "max_bytes": int(max_bytes)}
+        self.driver = (socket.gethostname(), os.getpid())  # built in the fetch process
+
+    def __reduce__(self):
+        import pickle
+
+        from cloob.data.unpickle import guarded_downloader
+
+        # The state travels as bytes, so that unpickling it (which imports img2dataset's writer and
+        # with it webdataset) waits until guarded_downloader has run.
+        return guarded_downloader, (pickle.dumps(self.__dict__),)
+
+    def __call__(self, row):
+        # One shard at a time per worker process (a Spark task, a Ray task): setting the process's
+        # limits here is seen by every download thread of this shard.
+        global _driver
+        limits.update(self.guard_limits)
+        _driver = getattr(self, "driver", None)
+        _downloader.download_image = download_image  # in case something restored the original
+        _downloader.write_stats = write_stats
+        return super().__call__(row)
