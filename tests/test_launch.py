@@ -421,7 +421,7 @@ def test_a_signal_to_cloob_train_stops_its_whole_tree(tmp_path, shards, env, npr
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv")
 def test_a_killed_uv_run_takes_the_run_with_it(tmp_path, shards, env):
-    """`uv run cloob train ...` (the README's way) killed outright: the command it ran stops the run
+    """`uv run cloob train ...` (one of the two ways the README gives) killed outright: the command it ran stops the run
     instead of training on as an orphan."""
     overrides = _overrides(shards, tmp_path, "train.steps=100000", "train.progress=false")
     cmd = [shutil.which("uv"), "run", "--frozen", "--no-sync", "--project", str(ROOT), "cloob", "train", "tiny",
