@@ -191,6 +191,10 @@ def evaluate(checkpoint: str, dataset: str, dataset_uri: str, results: str, cach
     return {k: row[k] for k in _SUMMARY}
 
 
+def _percent(v: float | None) -> str | None:
+    return None if v is None or v != v else f"{100 * v:.1f}%"  # v != v: NaN
+
+
 @task(name="publish_results")
 def publish_results(results: str) -> str:
     """The results table as a table artifact and the side-by-side report as a markdown artifact."""
@@ -202,8 +206,9 @@ def publish_results(results: str) -> str:
     rows = read_rows(results, latest=True).to_pylist()
     cols = ("run_id", "step", "method", "arch", "dataset", "main_metric", "main_value", "top1", "top5",
             "n_images", "n_skipped")
-    create_table_artifact([{k: r.get(k) for k in cols} for r in rows], key="cloob-results",
-                          description=f"results table at {results}")
+    # Metrics are fractions in the table; people read percentages, rounded as the printed table is.
+    shown = [{k: _percent(r.get(k)) if k in ("main_value", "top1", "top5") else r.get(k) for k in cols} for r in rows]
+    create_table_artifact(shown, key="cloob-results", description=f"results table at {results} (accuracies in percent)")
     report = build_report(results)
     create_markdown_artifact(render_markdown(report), key="cloob-report", description="cloob results")
     return write_report(report, posixpath.join(results, "report"))["markdown"]

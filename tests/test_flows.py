@@ -44,6 +44,14 @@ def test_evaluate_flow_a_broken_set_fails_only_its_task_and_reruns_are_cached(tm
     rows = read_rows(str(store / "results")).to_pylist()
     assert [r["dataset"] for r in rows] == ["shapes"] and rows[0]["n_images"] == 54
     assert Path(out["report"]).exists()
+    # The table artifact shows percentages, rounded as the printed table is, not raw fractions.
+    import json
+
+    from prefect.artifacts import Artifact
+
+    shown = json.loads(Artifact.get("cloob-results").data)
+    assert [(a["dataset"], a["top1"], a["top5"]) for a in shown] == \
+        [("shapes", f"{100 * rows[0]['top1']:.1f}%", f"{100 * rows[0]['top5']:.1f}%")]
     # A second run finds the row: the task is cached (no new row), the broken set fails again.
     again = evaluate_flow([checkpoint], {"shapes": str(good)}, str(store), settings)
     assert again["evaluated"] == 1 and len(read_rows(str(store / "results"), latest=False)) == 1
