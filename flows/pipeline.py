@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import time
 from typing import Any
 
@@ -93,8 +94,11 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
     if done := _trained_summary(r):
         return done
     logger = get_run_logger()
-    artifact = create_progress_artifact(0.0, description=f"training {recipe} ({r.loss.method})")
-    last = {"artifact": 0.0, "log": time.monotonic()}
+    # Keyed by the run, so that the Artifacts page finds each run's progress (artifact keys are
+    # lowercase letters, digits and dashes).
+    key = "train-" + re.sub(r"[^a-z0-9-]+", "-", r.run_id().lower()).strip("-")
+    artifact = create_progress_artifact(0.0, key=key, description=f"training {recipe} ({r.loss.method})")
+    last = {"artifact": 0.0, "log": time.monotonic(), "text": ""}
 
     def on_progress(p: dict) -> None:
         total = p.get("total_steps") or 0
@@ -102,6 +106,7 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
         loss = p.get("loss")
         text = (f"step {p['step']}/{total or '?'}, loss {'-' if loss is None else f'{loss:.4f}'}, "
                 f"{p.get('samples_per_s') or 0:.0f} samples/s")
+        last["text"] = text
         if total and now - last["artifact"] > 2:
             last["artifact"] = now
             update_progress_artifact(artifact, 100.0 * p["step"] / total, description=text)
@@ -113,7 +118,8 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
                     rdzv_endpoint=rdzv_endpoint or os.environ.get("CLOOB_RDZV_ENDPOINT"), deadline_s=deadline_s,
                     on_line=lambda line: logger.info(line.rstrip()), on_progress=on_progress)
     result.check()
-    update_progress_artifact(artifact, 100.0, description=f"done: {result.checkpoint}")
+    update_progress_artifact(artifact, 100.0, description=f"done: {last['text'] or 'no step reported'}; "
+                                                          f"checkpoint {result.checkpoint}")
     return _checkpoint_summary(result.run_dir, result.checkpoint)
 
 

@@ -966,6 +966,13 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
         # second recipe trained (on this machine they also start then: see the README).
         first = [r for n, r in runs.items() if n.startswith(f"evaluate-{run_ids[0]}-")]
         assert max(r.created for r in first) < trains[1].end_time
+        # Each training's progress artifact is keyed by its run and ends with the final step and the checkpoint.
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        for run_id, r in zip(run_ids, out["runs"]):
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"train-{run_id}"])))
+            assert arts and arts[0].data == 100.0, arts
+            assert arts[0].description.startswith("done: step 2/2, loss ") and r["checkpoint"] in arts[0].description
         # A failed pair's task says what failed and one fix (not the deployment run's own nested one).
         failed = [t for t in tasks if t.name.startswith("evaluate-colors") and t.state.is_failed()]
         assert len(failed) == 2 and all(t.state.message.count("fix:") == 1 and "no readable image" in t.state.message
