@@ -86,7 +86,11 @@ def run_demo(store: str = "./cloob-demo", steps: int = 500, samples: int = 4096,
     print(f"registry:       {posixpath.join(store, 'registry')}   (cloob registry list --store {store})")
     for r in out["runs"]:
         print(f"checkpoint:     {r['checkpoint']}  ({r['method']}, step {r['step']})")
-    print(f"Prefect UI:     PREFECT_HOME={home} prefect server start   then open http://127.0.0.1:4200 "
-          "(flow runs, logs, the results table and report artifacts)")
+    # The UI asks the server's PREFECT_UI_API_URL where the API is, and that defaults to port 4200
+    # whatever port the server listens on: say both, so that another port works too.
+    port = 4200
+    print(f"Prefect UI:     PREFECT_HOME={home} PREFECT_UI_API_URL=http://127.0.0.1:{port}/api "
+          f"prefect server start --port {port}   then open http://127.0.0.1:{port} (flow runs, logs, the "
+          f"results table and report artifacts; for another port, change all three {port}s)")
     print(f"time:           {time.time() - t0:.0f} s")
     return 1 if out["failed"] else 0
