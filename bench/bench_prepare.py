@@ -98,23 +98,30 @@ def _images(folder: Path) -> int:
     return sum(json.loads(p.read_text())["successes"] for p in folder.glob("*_stats.json"))
 
 
+def _write_rows(args, server: DemoServer, work: Path) -> tuple[Path, Path, dict]:
+    """The benchmark's rows (served by `server`, its cache filled so that serving, not rendering, is
+    timed) as a parquet table in `work`, and a table spec reading them: (table, spec file, spec)."""
+    rows = [{"url": r["url"].replace("http://demo.cloob.invalid", server.url), "caption": r["caption"]}
+            for r in demo_rows(0, args.size, 3, args.samples)]
+    for i in range(args.samples):
+        render(0, args.size, 3, i)
+    table = work / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    spec = {"name": "bench", "source": {"kind": "table", "path": str(table)},
+            "download": {"image_size": args.image_size, "shard_size": args.shard_size, "processes": args.processes,
+                         "threads": args.threads, "timeout": 10, "retries": 0, "encode_quality": 90}}
+    spec_file = work / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    return table, spec_file, spec
+
+
 def compare_distributors(args, names: list[str], work: Path, env: dict, shards: int) -> None:
     """`cloob prepare` of the same rows under each distributor (see the module docstring)."""
     times: dict[str, list[float]] = {n: [] for n in names}
     steady: dict[str, list[float]] = {n: [] for n in names}
     images: dict[str, list[int]] = {n: [] for n in names}
     with DemoServer() as server:
-        rows = [{"url": r["url"].replace("http://demo.cloob.invalid", server.url), "caption": r["caption"]}
-                for r in demo_rows(0, args.size, 3, args.samples)]
-        for i in range(args.samples):  # fill the server's cache: serving, not rendering, is timed
-            render(0, args.size, 3, i)
-        table = work / "rows.parquet"
-        pq.write_table(pa.Table.from_pylist(rows), table)
-        spec_file = work / "spec.json"
-        spec_file.write_text(json.dumps({
-            "name": "bench", "source": {"kind": "table", "path": str(table)},
-            "download": {"image_size": args.image_size, "shard_size": args.shard_size, "processes": args.processes,
-                         "threads": args.threads, "timeout": 10, "retries": 0, "encode_quality": 90}}))
+        _, spec_file, _ = _write_rows(args, server, work)
         hashes: dict[int, set[str]] = {}  # images written -> content hashes of the runs that wrote as many
         for r in range(args.repeats):
             order = names[r % len(names):] + names[:r % len(names)]
@@ -225,18 +232,7 @@ def main() -> None:
     hangs = {"ours": 0, "img2dataset": 0}
     try:
         with DemoServer() as server:
-            rows = [{"url": r["url"].replace("http://demo.cloob.invalid", server.url), "caption": r["caption"]}
-                    for r in demo_rows(0, args.size, 3, args.samples)]
-            for i in range(args.samples):  # fill the server's cache: serving, not rendering, is timed
-                render(0, args.size, 3, i)
-            table = work / "rows.parquet"
-            pq.write_table(pa.Table.from_pylist(rows), table)
-            spec_data = {"name": "bench", "source": {"kind": "table", "path": str(table)},
-                         "download": {"image_size": args.image_size, "shard_size": args.shard_size,
-                                      "processes": args.processes, "threads": args.threads, "timeout": 10,
-                                      "retries": 0, "encode_quality": 90}}
-            spec_file = work / "spec.json"
-            spec_file.write_text(json.dumps(spec_data))
+            table, spec_file, spec_data = _write_rows(args, server, work)
             spec = load_spec(spec_data)
             for r in range(args.repeats):
                 order = ["ours", "img2dataset"] if r % 2 == 0 else ["img2dataset", "ours"]
