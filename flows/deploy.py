@@ -91,16 +91,13 @@ def _check_names(args) -> None:
     package), so a typo fails here rather than at 03:00 on Sunday."""
     from cloob.config import load_recipe
     from cloob.data.downstream.spec import load_downstream_spec
+    from cloob.data.engines import check_flags
     from cloob.data.spec import load_spec
 
     for spec in args.spec:
         loaded = load_spec(spec, list(args.spec_override or []))
-        for flag, value, engine in (("--spark-master", args.spark_master, "pyspark"),
-                                    ("--ray-address", args.ray_address, "ray")):
-            if value and loaded.download.distributor != engine:
-                raise CloobError(f"{flag} is for download.distributor={engine}, and spec {spec!r} has "
-                                 f"{loaded.download.distributor}",
-                                 f"add --spec-override download.distributor={engine}, or leave out {flag}")
+        check_flags(loaded.download.distributor, args.spark_master, args.ray_address,
+                    whose=f"the distributor of spec {spec!r}", set_with="--spec-override")
         source = loaded.source
         field = {"cc3m": "path", "table": "path", "yfcc15m": "metadata"}.get(source.kind)
         if field and getattr(source, field) is None:

@@ -29,6 +29,29 @@ _EXTRA = {"pyspark": "spark", "ray": "ray"}
 _JAVA_FIX = "install Java 17 (apt install openjdk-17-jre-headless), or set JAVA_HOME to a Java 17+ installation"
 
 
+def check_flags(distributor: str, spark_master: str | None, ray_address: str | None, *, whose: str,
+                set_with: str) -> None:
+    """A cluster flag is for its engine only: `whose` names where the distributor came from ("this
+    spec's"), `set_with` the option that sets it where the user is (`--set`, `--spec-override`)."""
+    for flag, value, engine in (("--spark-master", spark_master, "pyspark"), ("--ray-address", ray_address, "ray")):
+        if value and distributor != engine:
+            raise CloobError(f"{flag} is for download.distributor={engine}, and {whose} is {distributor}",
+                             f"add {set_with} download.distributor={engine}, or leave out {flag}")
+
+
+def check_cluster(distributor: str, out_url: str, out_is_local: bool, spark_master: str | None,
+                  ray_address: str | None) -> dict:
+    """The cluster settings of a `cloob prepare`, refused before anything is written when they do not
+    fit: a flag for another engine, an engine not installed, a local --out with a cluster that
+    reaches other machines."""
+    check_flags(distributor, spark_master, ray_address, whose="this spec's", set_with="--set")
+    check_installed(distributor)
+    cluster = cluster_of(distributor, spark_master, ray_address)
+    if cluster and out_is_local:
+        raise refuse_local_out(out_url, cluster)
+    return {"spark_master": spark_master, "ray_address": ray_address}
+
+
 def check_installed(distributor: str) -> None:
     """The engine (and for pyspark, Java 17) is there, else one CloobError saying how to get it."""
     if distributor == "multiprocessing":

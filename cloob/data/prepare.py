@@ -403,22 +403,6 @@ def _source_server(spec: PretrainSpec):
         yield server.url
 
 
-def _check_cluster(spec: PretrainSpec, store: Location, spark_master: str | None, ray_address: str | None) -> dict:
-    """The cluster settings for the spec's distributor, refused before anything is written when they
-    do not fit: a flag for another engine, an engine not installed, a local --out with a cluster
-    that reaches other machines."""
-    d = spec.download.distributor
-    for flag, value, engine in (("--spark-master", spark_master, "pyspark"), ("--ray-address", ray_address, "ray")):
-        if value and d != engine:
-            raise CloobError(f"{flag} is for download.distributor={engine}, and this spec's is {d}",
-                             f"add --set download.distributor={engine}, or leave out {flag}")
-    engines.check_installed(d)
-    cluster = engines.cluster_of(d, spark_master, ray_address)
-    if cluster and store.is_local:
-        raise engines.refuse_local_out(store.url(), cluster)
-    return {"spark_master": spark_master, "ray_address": ray_address}
-
-
 def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_failed: bool = False,
             force: bool = False, progress: bool = True, spark_master: str | None = None,
             ray_address: str | None = None) -> dict:
@@ -429,7 +413,8 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_fai
     spec = _with_input(spec, input)
     spec_hash = spec.content_hash()
     store = Location(out)
-    cluster = _check_cluster(spec, store, spark_master, ray_address)
+    cluster = engines.check_cluster(spec.download.distributor, store.url(), store.is_local, spark_master,
+                                    ray_address)
     _check_folder(store)  # before the lock: the lock would write into a folder we may not touch
     with folder_lock(store.url(META), purpose=f"cloob prepare {spec.name}",
                      alternative="prepare into another --out", label=store.url()):
