@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,7 +95,8 @@ class TrainConfig(_Section):
     # The store's root, as in the demo and the pipeline (train.output=<store>): not part of the
     # recipe hash, so changing this default (it was ./runs, which gave ./runs/runs/<run>) changes no run name.
     output: str = Field(".", description="folder or fsspec URL under which runs/<run_name> is written")
-    run_name: str | None = Field(None, description="default: <recipe name>-<recipe hash>, so a rerun resumes")
+    run_name: str | None = Field(None, description="default: <recipe>-<method>[-<what the command line changed>]-"
+                                 "<recipe hash>, so a rerun resumes")
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
@@ -150,11 +152,14 @@ class Recipe(_Section):
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def default_run_name(self) -> str:
-        return f"{self.name}-{self.content_hash()[:10]}"
+    def default_run_name(self, differs: str = "") -> str:
+        """<recipe>-<method>[-<differs>]-<hash>: the method in every name, so CLOOB and CLIP runs of one
+        recipe are told apart in folders, tables, TensorBoard and Prefect; the hash keeps it unique
+        and makes a rerun of the same content find (and resume) the same folder."""
+        return "-".join(p for p in (self.name, self.loss.method, differs, self.content_hash()[:10]) if p)
 
     def run_id(self) -> str:
-        """The run's name: train.run_name, or <recipe>-<content hash>."""
+        """The run's name: train.run_name, or the default_run_name load_recipe gave it."""
         return self.train.run_name or self.default_run_name()
 
     def run_dir(self) -> str:
@@ -210,7 +215,7 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | None = None) -
             value = raw
         _set_dotted(data, key.strip(), value)
     try:
-        return Recipe.model_validate(data)
+        r = Recipe.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -223,3 +228,29 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | None = None) -
             f"invalid recipe {source}: " + "; ".join(lines),
             "correct the field in the recipe or pass section.field=value",
         ) from None
+    if r.train.run_name is None:
+        # Fixed here, where the overrides are known, and carried in the recipe (train.run_name is not
+        # in the content hash), so that a recipe dumped and reloaded keeps its name.
+        r.train.run_name = r.default_run_name(_differs(overrides or []))
+    return r
+
+
+# What an override changes that is worth a word in the run's name: content fields only (the data's
+# place, the output folder and supervision settings are not what a run learns; the method is named
+# anyway), at most this many characters, so names stay short; the hash tells the rest apart.
+_DIFFERS_MAX = 32
+
+
+def _differs(overrides: list[str]) -> str:
+    parts, used = [], 0
+    for ov in overrides:
+        key, raw = (x.strip() for x in ov.split("=", 1))
+        leaf = key.rsplit(".", 1)[-1]
+        if key == "loss.method" or key.startswith("data.") or leaf in RUNTIME_FIELDS or (
+                key.startswith("loss.") and leaf in LOSS_EXECUTION_FIELDS):
+            continue
+        part = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{leaf}{raw}").strip("_")
+        if part and used + len(part) <= _DIFFERS_MAX:
+            parts.append(part)
+            used += len(part) + 1
+    return "-".join(parts)

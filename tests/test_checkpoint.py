@@ -126,6 +126,22 @@ def test_default_run_folder_is_runs_slash_run_name():
         f"/store/runs/{r.run_id()}"
 
 
+def test_run_names_say_the_method_and_what_the_command_line_changed():
+    """CLOOB and CLIP runs of one recipe are told apart by name; the name is the same on every load
+    (a rerun resumes the same folder) and survives a dump and reload of the recipe."""
+    base = ["data.train=./shards", "train.output=/store"]
+    cloob, clip = load_recipe("tiny", base), load_recipe("tiny", [*base, "loss.method=clip"])
+    assert cloob.run_id() == f"tiny-cloob-{cloob.content_hash()[:10]}"
+    assert clip.run_id() == f"tiny-clip-{clip.content_hash()[:10]}"
+    assert load_recipe("tiny", [*base, "loss.method=clip"]).run_id() == clip.run_id()
+    swept = load_recipe("tiny", [*base, "train.steps=500", "loss.beta=8", "train.progress=false"])
+    assert swept.run_id() == f"tiny-cloob-steps500-beta8-{swept.content_hash()[:10]}"
+    assert load_recipe(swept.model_dump(mode="json")).run_id() == swept.run_id()
+    assert load_recipe("tiny", [*base, "train.run_name=mine"]).run_id() == "mine"
+    long = load_recipe("tiny", [*base, *(f"optim.{k}=0.123456789" for k in ("lr", "weight_decay", "eps"))])
+    assert len(long.run_id()) <= len("tiny-cloob--") + 32 + 10
+
+
 @pytest.mark.slow
 def test_temp_files_of_a_killed_write_are_swept_at_the_next_start(tmp_path, shards_dir):
     """A kill in the middle of an atomic write leaves '.tmp-<random>-<name>' files; the next start of

@@ -103,7 +103,7 @@ def _label(c: Checkpoint) -> str:
 
 def _family(run_id: str) -> str:
     # "cloob-rn50-cc3m-seed1" and "clip-rn50-cc3m-seed1" are one family: sort them together. So are
-    # "tiny-a293b34db1" and "tiny-c6678aa8ef" (cloob train's <recipe>-<config hash> run ids), so that
+    # "tiny-cloob-a293b34db1" and "tiny-clip-c6678aa8ef" (cloob train's <recipe>-<method>-<hash> run ids), so that
     # the method, not the hash, orders them.
     tokens = [t for t in re.split(r"[-_.:/ ]+", run_id.lower())
               if t not in {"clip", "cloob", "infoloob", "hopfield"} and not re.fullmatch(r"[0-9a-f]{8,}", t)]
