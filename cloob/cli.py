@@ -112,22 +112,10 @@ def _split_pair(item: str, flag: str, example: str) -> tuple[str, str]:
 def _eval_sets(args) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     import posixpath
 
-    from cloob.data.downstream.manifest import read_manifest
-    from cloob.data.downstream.spec import list_downstream_specs
+    from cloob.evaluate.targets import prepared_sets
 
     downstream = args.downstream or posixpath.join(args.store, "downstream")
-    classification: list[tuple[str, str]] = []
-    names = list(args.datasets or [])
-    if names == ["all"]:
-        names = [n for n in list_downstream_specs(generated=True) if read_manifest(downstream, n) is not None]
-        if not names:
-            raise CloobError(f"no prepared downstream set in {downstream}",
-                             f"prepare some first: cloob prepare-downstream all --out {downstream}")
-    for name in names:
-        if read_manifest(downstream, name) is None:
-            raise CloobError(f"{name} is not prepared in {downstream}",
-                             f"cloob prepare-downstream {name} --out {downstream} (or --downstream <root>)")
-        classification.append((name, posixpath.join(downstream, name)))
+    classification = prepared_sets(downstream, args.datasets) if args.datasets else []
     classification += [_split_pair(d, "--data", "flowers102=/data/flowers102/test") for d in args.data or []]
     retrieval = []
     for item in args.retrieval or []:
@@ -154,13 +142,16 @@ def _cmd_evaluate(args) -> int:
     settings = EvalSettings(batch_size=args.batch_size, workers=args.workers, precision=args.precision,
                             device=args.device, limit=args.limit, diag_samples=args.diag_samples, seed=args.seed,
                             threads=args.threads)
+    from cloob.evaluate.targets import resolve_models
+
     classification, retrieval = _eval_sets(args)
+    models = resolve_models(args.models, args.registry or posixpath.join(args.store, "registry"))
     results = args.results or posixpath.join(args.store, "results")
     cache = None if args.no_cache else posixpath.join(args.store, "cache", "classifiers")
     failed = {"model": 0, "set": 0, "pair": 0}
     print(f"{'model':32s} {'dataset':14s} {'main':>22s} {'top1':>6s} {'top5':>6s} {'i2t@1':>6s} {'t2i@1':>6s} "
           f"{'images':>7s} {'skip':>5s} {'time':>7s}")
-    for o in evaluate_many(args.models, classification, retrieval, results=results, cache_root=cache,
+    for o in evaluate_many(models, classification, retrieval, results=results, cache_root=cache,
                            settings=settings, force=args.force, pretraining=args.pretraining,
                            progress=not args.no_progress):
         if o.error:
@@ -178,7 +169,7 @@ def _cmd_evaluate(args) -> int:
     if not any(failed.values()):
         return 0
     # Said last, and once more as the exit status: among many rows an error scrolls away.
-    parts = [f"{failed['model']} of {len(args.models)} models could not be evaluated" if failed["model"] else "",
+    parts = [f"{failed['model']} of {len(models)} models could not be evaluated" if failed["model"] else "",
              f"{failed['set']} eval sets could not be opened" if failed["set"] else "",
              f"{failed['pair']} (model, set) pairs failed" if failed["pair"] else ""]
     print(f"failed: {'; '.join(p for p in parts if p)} (errors above)", file=sys.stderr)
@@ -306,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="zero-shot classification and retrieval of checkpoints -> results table",
                        description="Evaluate models on eval sets; one results-table row per (model, set).")
     p.add_argument("models", nargs="+",
-                   help="a checkpoint folder, a run folder (its latest checkpoint), or ARCH=<weights file> "
-                        "for open_clip weights (e.g. RN50=~/weights/RN50.pt); local or fsspec URLs")
+                   help="a checkpoint folder, a run folder (its latest checkpoint), ARCH=<weights file> "
+                        "for open_clip weights (e.g. RN50=~/weights/RN50.pt), local or fsspec URLs; or a registry "
+                        "alias or entry id (latest, best-flowers102, ac5a68...)")
     p.add_argument("--datasets", nargs="+", metavar="NAME",
                    help="prepared downstream sets under --downstream (flowers102 ...), or all")
     p.add_argument("--data", action="append", metavar="SPEC=URI",
@@ -317,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=".", help="root of downstream/, results/ and cache/ (default: .)")
     p.add_argument("--downstream", help="prepared downstream root (default: <store>/downstream)")
     p.add_argument("--results", help="results table location (default: <store>/results)")
+    p.add_argument("--registry", help="registry that aliases are looked up in (default: <store>/registry)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, help="DataLoader workers decoding images (default: cores - 1, at most 8)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's); "

@@ -236,9 +236,10 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | None = None) -
 
 
 # What an override changes that is worth a word in the run's name: content fields only (the data's
-# place, the output folder and supervision settings are not what a run learns; the method is named
-# anyway), at most this many characters, so names stay short; the hash tells the rest apart.
+# place, the output folder, where and how often it saves, logs or runs are not what a run learns; the
+# method is named anyway), at most this many characters, so names stay short; the hash tells the rest apart.
 _DIFFERS_MAX = 32
+_UNNAMED = {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
 
 
 def _differs(overrides: list[str]) -> str:
@@ -246,7 +247,7 @@ def _differs(overrides: list[str]) -> str:
     for ov in overrides:
         key, raw = (x.strip() for x in ov.split("=", 1))
         leaf = key.rsplit(".", 1)[-1]
-        if key == "loss.method" or key.startswith("data.") or leaf in RUNTIME_FIELDS or (
+        if key == "loss.method" or key.startswith("data.") or leaf in RUNTIME_FIELDS or leaf in _UNNAMED or (
                 key.startswith("loss.") and leaf in LOSS_EXECUTION_FIELDS):
             continue
         part = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{leaf}{raw}").strip("_")

@@ -226,3 +226,10 @@ def test_checkpoints_written_by_another_process_are_seen_on_s3(s3):
         ["step_00000003"]
     model, state, meta = CheckpointStore.load(CheckpointStore(run).latest())
     assert meta["step"] == 3 and state == {"step": 3} and torch.equal(model["w"], torch.ones(2))
+
+
+def test_the_readmes_run_names_are_the_ones_cloob_train_gives():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for method in ("cloob", "clip"):
+        name = load_recipe("tiny", ["data.train=./shards", "train.steps=500", f"loss.method={method}"]).run_id()
+        assert f"runs/{name}" in readme or f"`{name}`" in readme, name

@@ -879,6 +879,14 @@ def _runs_of(client, deployment) -> list:
                                  limit=200)
 
 
+def _tasks_of(client, flow_run_id) -> list:
+    """A flow run's own task runs (not the placeholders Prefect makes for the deployment runs it starts)."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    return [t for t in client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(
+        any_=[flow_run_id]))) if ".run_deployment." not in t.task_key]
+
+
 @pytest.fixture
 def drain_prefect_clients():
     """After a test that ran flows in this process: their last logs and events go to the server while
@@ -899,16 +907,15 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
     sets are prepared while the first recipe trains; the first checkpoint's evaluations start while
     the second trains). A rerun starts no run for a finished pair."""
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cloob.data import synthetic
     from cloob.data.downstream.prepare import prepare_downstream
     from cloob.results.table import read_rows
+    from flows.names import progress_key
     from flows.pipeline import pipeline
 
     url = gpu_workers["url"]
-    synthetic.write_shards(tmp_path / "shards", 32, shard_size=16, image_size=32, seed=5)
     store = tmp_path / "store"
     # colors is prepared already (so the pipeline finds it done), with every picture damaged after:
     # its evaluations fail on the GPU workers (no readable image), not where the pipeline runs.
@@ -916,9 +923,10 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
     for f in Path(colors["uri"]).rglob("*"):
         if f.suffix in (".jpg", ".jpeg", ".png"):
             f.write_bytes(b"not an image")
-    params = dict(store=str(store), specs=[], recipes=["tiny", "tiny loss.method=clip"], downstream=["shapes", "colors"],
-                  # No pretraining spec (no img2dataset): the recipes train 2 steps on generated shards.
-                  overrides=[f"data.train={tmp_path / 'shards'}", "train.steps=2", "train.checkpoint_every=2",
+    params = dict(store=str(store), specs=["demo"], recipes=["tiny", "tiny loss.method=clip"], downstream=["shapes", "colors"],
+                  # The demo's data, 32 pictures (img2dataset against its local server): the recipes train 2 steps.
+                  spec_overrides=["source.samples=32", "download.shard_size=16"],
+                  overrides=["train.steps=2", "train.checkpoint_every=2",
                              "train.batch_size=8", "data.workers=0", "data.shuffle_buffer=16",
                              "schedule.warmup_steps=1"],
                   eval_settings={"batch_size": 64, "workers": 0, "limit": 32}, eval_deployment="evaluate-checkpoints/gpu")
@@ -951,11 +959,10 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
         # events, a moment later).
         deadline = time.monotonic() + 30
         while True:
-            tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
-                flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            tasks = _tasks_of(client, state.state_details.flow_run_id)
             trains = sorted((t for t in tasks if t.task_key.startswith("train-") and t.end_time),
                             key=lambda t: t.start_time)
-            prepares = [t for t in tasks if t.name.startswith("prepare_downstream") and t.end_time]
+            prepares = [t for t in tasks if t.name.startswith("prepare-downstream-") and t.end_time]
             if len(trains) == len(prepares) == 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -967,20 +974,83 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
         first = [r for n, r in runs.items() if n.startswith(f"evaluate-{run_ids[0]}-")]
         assert max(r.created for r in first) < trains[1].end_time
         # Each training's progress artifact is keyed by its run and ends with the final step and the checkpoint.
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
         for run_id, r in zip(run_ids, out["runs"]):
-            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"train-{run_id}"])))
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[progress_key(run_id)])))
             assert arts and arts[0].data == 100.0, arts
             assert arts[0].description.startswith("done: step 2/2, loss ") and r["checkpoint"] in arts[0].description
         # A failed pair's task says what failed and one fix (not the deployment run's own nested one).
-        failed = [t for t in tasks if t.name.startswith("evaluate-colors") and t.state.is_failed()]
+        failed = [t for t in tasks if t.name.endswith("-on-colors-via-evaluate-checkpoints/gpu") and t.state.is_failed()]
         assert len(failed) == 2 and all(t.state.message.count("fix:") == 1 and "no readable image" in t.state.message
                                         for t in failed), [t.state.message for t in failed]
+        # Every task run says what it does: the method (in the run's name), the set, the checkpoint step.
+        assert all("-cloob-" in r or "-clip-" in r for r in run_ids) and len(set(run_ids)) == 2
+        evals = {f"evaluate-{run}-step2-on-{ds}-via-evaluate-checkpoints/gpu" for run in run_ids for ds in ("shapes", "colors")}
+        assert sorted(t.name for t in tasks) == sorted({"prepare-demo", "prepare-downstream-shapes", "prepare-downstream-colors",
+                                                        *(f"train-{run}" for run in run_ids),
+                                                        *(f"register-{run}-step2" for run in run_ids), *evals, "publish-results"})
+        # The graph's edge prepare_data -> train: the data is passed as prepare_data's result.
+        by_name = {t.name: t for t in tasks}
+        for run in run_ids:
+            assert by_name["prepare-demo"].id in {i.id for i in by_name[f"train-{run}"].task_inputs["data"]}
+            assert by_name[f"train-{run}"].id in {i.id for i in by_name[f"register-{run}-step2"].task_inputs["run"]}
+        # The results are on the pipeline's run, keyed, in percent.
+        pipeline_run = state.state_details.flow_run_id
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cloob-results"])))
+        assert table[0].flow_run_id == pipeline_run
+        shown = json.loads(table[0].data)
+        assert sorted((a["run_id"], a["top1"]) for a in shown) == sorted(
+            (r["run_id"], f"{100 * r['top1']:.1f}%") for r in rows)
+        report = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cloob-report"])))
+        assert report[0].flow_run_id == pipeline_run and report[0].type == "markdown"
 
-        # A rerun of the finished part: nothing trains, and no evaluation run is started.
+        # A rerun of the finished part: nothing trains, and no evaluation run is started; the tasks
+        # that found their output end Skipped, saying which content key matched.
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            again = pipeline(**{**params, "downstream": ["shapes"]})
-        assert (again["evaluated"], again["failed"]) == (2, 0)
+            again = pipeline(**{**params, "downstream": ["shapes"]}, return_state=True)
+        assert (again.result()["evaluated"], again.result()["failed"]) == (2, 0)
         assert len(_runs_of(client, ev_gpu)) == 4
         assert len(read_rows(results, latest=False)) == 2
+        rerun = {t.name: t.state for t in _tasks_of(client, again.state_details.flow_run_id)}
+        skipped = ["prepare-demo", *(f"train-{run}" for run in run_ids),
+                   *(f"evaluate-{run}-step2-on-shapes-via-evaluate-checkpoints/gpu" for run in run_ids)]
+        assert {n: rerun[n].name for n in skipped} == dict.fromkeys(skipped, "Skipped"), rerun
+        assert all("already done (content key " in rerun[n].message for n in skipped)
+
+
+@pytest.mark.slow
+def test_a_deployment_run_no_worker_takes_is_logged_and_fails_after_worker_wait_s(gpu_workers, tmp_path,
+                                                                                  drain_prefect_clients):
+    """A pipeline training on a pool with no worker: it logs that it waits for a worker on that pool,
+    then cancels the run and fails, naming the pool and the fix, after worker_wait_s."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cloob.data import synthetic
+    from flows.pipeline import pipeline, train_flow
+
+    url = gpu_workers["url"]
+    synthetic.write_shards(tmp_path / "shards", 16, shard_size=16, image_size=32, seed=5)
+    with temporary_settings(updates={PREFECT_API_URL: url}), SyncPrefectClient(api=url) as client:
+        client.create_work_pool(WorkPoolCreate(name="test-empty-pool", type="process"), overwrite=True)
+        train_flow.to_deployment("nowhere", work_pool_name="test-empty-pool").apply()
+        state = pipeline(store=str(tmp_path / "store"), specs=[], recipes=["tiny"], downstream=[],
+                         overrides=[f"data.train={tmp_path / 'shards'}", "train.steps=2"],
+                         train_deployment="cloob-train/nowhere", worker_wait_s=4, return_state=True)
+        assert state.is_failed()
+        assert "no worker on work pool 'test-empty-pool' took it (no worker online)" in state.message, state.message
+        assert "prefect worker start --pool test-empty-pool" in state.message
+        (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        assert child.state.type.value == "CANCELLED" and child.name.startswith("train-tiny-cloob-steps2-")
+        deadline = time.monotonic() + 30  # logs reach the server a moment later
+        said = "waiting for a worker on work pool test-empty-pool (no worker online); gives up after 4 s"
+        while True:
+            logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))]
+            if any(said in m for m in logs):
+                break
+            assert time.monotonic() < deadline, [m for m in logs if "waiting" in m] or logs
+            time.sleep(0.5)

@@ -272,6 +272,7 @@ def test_a_folder_holding_another_dataset_is_refused(tmp_path, image_server):
     with pytest.raises(CloobError, match="different spec") as e:
         prepare(other, out, progress=False)
     assert "--force" in str(e.value)
+    assert "download.image_size 32 -> 40" in str(e.value) and e.value.differences == ["download.image_size 32 -> 40"]
     m = prepare(other, out, force=True, progress=False)
     assert m["totals"]["successes"] == 3 and m["spec_hash"] == other.content_hash()
     assert min(read_shards(Path(out))[0]["size"]) == 40

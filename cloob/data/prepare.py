@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from cloob.data import engines
 from cloob.data.manifest import build_manifest, finished_shards
 from cloob.data.sources import iter_rows
-from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
+from cloob.data.spec import DemoSource, PretrainSpec, SpecChanged, Yfcc15mSource
 from cloob.errors import CloobError
 from cloob.lock import LOCK_NAME, folder_lock
 from cloob.safetext import safe_lines, safe_text
@@ -121,7 +121,7 @@ def _check_folder(store: Location) -> None:
             "move them out of that folder, then rerun")
 
 
-def _check_owner(store: Location, spec_hash: str, force: bool) -> None:
+def _check_owner(store: Location, spec: PretrainSpec, spec_hash: str, force: bool) -> None:
     """Refuse a folder holding another dataset (or, with force, delete that dataset)."""
     try:
         current = store.read_json(f"{META}/spec.json")
@@ -129,10 +129,12 @@ def _check_owner(store: Location, spec_hash: str, force: bool) -> None:
         raise CloobError(f"cannot read {store.url(META)}: {type(e).__name__}: {safe_text(e)}",
                          "check the --out URL and its credentials (AWS_* environment or config)") from None
     if current and current.get("spec_hash") != spec_hash and not force:
-        raise CloobError(
+        changed = spec.differences(current.get("spec") or {})
+        raise SpecChanged(
             f"{store.url()} holds dataset {current.get('name')!r} prepared from a different spec "
-            f"(hash {current.get('spec_hash', '?')[:12]}, this spec {spec_hash[:12]})",
-            "prepare into a new --out, or pass --force to delete that dataset and start over")
+            f"(hash {current.get('spec_hash', '?')[:12]}, this spec {spec_hash[:12]}; "
+            f"{', '.join(changed) or 'fields unknown'})",
+            "prepare into a new --out, or pass --force to delete that dataset and start over", changed)
     if force and store.exists():
         _clear(store)
 
@@ -418,7 +420,7 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_fai
     _check_folder(store)  # before the lock: the lock would write into a folder we may not touch
     with folder_lock(store.url(META), purpose=f"cloob prepare {spec.name}",
                      alternative="prepare into another --out", label=store.url()):
-        _check_owner(store, spec_hash, force)
+        _check_owner(store, spec, spec_hash, force)
         return _prepare_locked(store, spec, spec_hash, retry_failed, progress, t0, cluster)
 
 

@@ -132,6 +132,29 @@ class PretrainSpec(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+    def differences(self, other: dict) -> list[str]:
+        """The content fields in which this spec differs from `other` (a spec as recorded by cloob
+        prepare), as `field old -> new`: what a user needs to see when a folder holds another spec."""
+        def flat(d: dict, prefix: str = "") -> dict:
+            out = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+            return out
+
+        mine = flat(self.model_dump(mode="json"))
+        theirs = flat(other or {})
+        skip = {"description", "licence", *(f"download.{k}" for k in _OPERATIONAL)}
+        return [f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                if k not in skip and mine.get(k) != theirs.get(k)]
+
+
+class SpecChanged(CloobError):
+    """The output folder holds a dataset prepared from another spec; `differences` says how."""
+
+    def __init__(self, problem: str, fix: str, differences: list[str]):
+        super().__init__(problem, fix)
+        self.differences = differences
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise CloobError(f"override {item!r} is not key=value", "write e.g. download.processes=16")

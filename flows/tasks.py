@@ -1,0 +1,273 @@
+"""The pipeline's tasks: prepare_data, prepare_downstream, train (here, or as a run of the GPU
+pool's deployment), register, evaluate (likewise), publish_results.
+
+Thin by design: every task calls one cloob function and passes URIs and hashes on, never data.
+Skipping is keyed on content through cloob.run.state: each task first asks whether its output is there
+and was made from these very inputs (spec, manifest, recipe and checkpoint hashes) and, if so, ends
+in the state Skipped (a Completed state, with the output as its result) after logging which content
+key matched. Prefect's own result cache is not used for this: its key is fixed before the task runs,
+so it cannot tell "not made yet" from "made, then deleted".
+
+Callers use `result_of(task, ...)`: a task that returns a state is returned as that state when called.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.states import Completed
+
+from flows import names
+from flows.names import with_data
+from flows.remote import WORKER_WAIT_S, ended, run_and_wait
+
+
+def result_of(t, *args, **kwargs):
+    """Run task `t` in this flow and return its result, a Skipped one included (raises as calling it would)."""
+    return t(*args, return_state=True, **kwargs).result()
+
+
+def _skipped(value, what: str, key: str):
+    message = f"{what}: already done (content key {key[:12]}), skipped"
+    get_run_logger().info(message)
+    return Completed(data=value, name="Skipped", message=message)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+@task(name="prepare_data", task_run_name=names.prepare_data_name)
+def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[str] | None = None,
+                 spark_master: str | None = None, ray_address: str | None = None, force: bool = False):
+    """One pretraining dataset into webdataset shards (img2dataset runs in its own process; under
+    download.distributor pyspark or ray, on the cluster `spark_master` / `ray_address` names).
+    force: delete a dataset that `out` holds from another spec, and prepare this one there."""
+    from cloob.data.prepare import prepare, read_manifest
+    from cloob.data.spec import SpecChanged, load_spec
+    from cloob.errors import CloobError
+    from cloob.run.state import prepared
+
+    s = load_spec(spec, list(overrides or []))
+    if key := prepared(s, out):
+        m = read_manifest(out)
+        return _skipped(_data_summary(out, m), f"prepare {s.name}", key)
+    try:
+        m = prepare(s, out, input=input, progress=False, spark_master=spark_master, ray_address=ray_address,
+                    force=force)
+    except SpecChanged as e:
+        # cloob prepare's advice (--force, a new --out) means nothing here: say what does.
+        raise CloobError(e.problem, f"rerun the pipeline with force_prepare=true ({_how_to_rerun()}) to delete that "
+                                    "dataset and prepare this spec there, or set spec_overrides back to what made it "
+                                    f"({', '.join(d.split(' ', 1)[0] + '=' + d.split(' ')[1] for d in e.differences)})"
+                         ) from None
+    get_run_logger().info("%s: %d images in %d shards at %s", m["name"], m["totals"]["successes"],
+                          m["totals"]["shards"], out)
+    return _data_summary(out, m)
+
+
+def _how_to_rerun() -> str:
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.name:
+        return f"prefect deployment run '{flow_run.flow_name}/{deployment.name}' -p force_prepare=true"
+    return "pipeline(..., force_prepare=True)"
+
+
+def _data_summary(out: str, m: dict) -> dict:
+    return {"uri": out, "content_hash": m["content_hash"], "images": m["totals"]["successes"]}
+
+
+@task(name="prepare_downstream", task_run_name=names.prepare_downstream_name)
+def prepare_downstream_set(name: str, out: str, source: str | None = None) -> dict:
+    from cloob.data.downstream.prepare import prepare_downstream
+
+    # prepare_downstream itself returns at once when the manifest matches the spec and the source.
+    return prepare_downstream(name, out, source=source, progress=False)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def _checkpoint_summary(run_dir: str, checkpoint: str) -> dict:
+    from cloob.registry.lineage import read_json
+
+    meta = read_json(posixpath.join(checkpoint, "meta.json")) or {}
+    return {"run_dir": run_dir, "checkpoint": checkpoint, "sha256": meta.get("model_sha256"),
+            "step": meta.get("step"), "method": meta.get("method")}
+
+
+def _trained(r) -> dict | None:
+    """The finished run of recipe `r` (content-keyed, see cloob.run.state) as (summary, key), or None."""
+    from cloob.run.state import trained
+    from cloob.train.checkpoint import CheckpointStore
+
+    if key := trained(r):
+        return _checkpoint_summary(r.run_dir(), CheckpointStore(r.run_dir()).latest().url), key
+    return None
+
+
+@task(name="train", task_run_name=names.train_name)
+def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s: float | None = None,
+          nnodes: int = 1, rdzv_endpoint: str | None = None, data: list[dict] | None = None):
+    """torchrun as a supervised subprocess tree; its output goes to this task's log, its progress to
+    an artifact; the deadline, a cancel or a crash here stop every process of it. data: prepare_data's
+    results to train on (data.train)."""
+    from cloob.config import load_recipe
+    from cloob.run.launch import launch
+
+    overrides = with_data(overrides, data)
+    r = load_recipe(recipe, overrides)
+    if done := _trained(r):
+        return _skipped(done[0], f"train {r.run_id()}", done[1])
+    logger = get_run_logger()
+    artifact = create_progress_artifact(0.0, key=names.progress_key(r.run_id()),
+                                        description=f"training {r.run_id()} ({r.loss.method})")
+    last = {"artifact": 0.0, "log": time.monotonic(), "text": ""}
+
+    def on_progress(p: dict) -> None:
+        total = p.get("total_steps") or 0
+        now = time.monotonic()
+        loss = p.get("loss")
+        text = (f"step {p['step']}/{total or '?'}, loss {'-' if loss is None else f'{loss:.4f}'}, "
+                f"{p.get('samples_per_s') or 0:.0f} samples/s")
+        last["text"] = text
+        if total and now - last["artifact"] > 2:
+            last["artifact"] = now
+            update_progress_artifact(artifact, 100.0 * p["step"] / total, description=f"{r.run_id()}: {text}")
+        if now - last["log"] > 15 or p["step"] == total:  # the trainer prints no per-step lines here
+            last["log"] = now
+            logger.info(text)
+
+    result = launch(recipe, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                    rdzv_endpoint=rdzv_endpoint or os.environ.get("CLOOB_RDZV_ENDPOINT"), deadline_s=deadline_s,
+                    on_line=lambda line: logger.info(line.rstrip()), on_progress=on_progress)
+    result.check()
+    update_progress_artifact(artifact, 100.0, description=f"done: {last['text'] or 'no step reported'}; "
+                                                          f"checkpoint {result.checkpoint}")
+    return _checkpoint_summary(result.run_dir, result.checkpoint)
+
+
+@task(name="train-on-deployment", task_run_name=names.train_remote_name)
+def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_node: int = 1,
+                 deadline_s: float | None = None, data: list[dict] | None = None,
+                 worker_wait_s: float | None = WORKER_WAIT_S):
+    """Training as a run of the `cloob-train` deployment (a GPU work pool), waited for here. Its
+    result is read back from the store by content, as for a finished local run, so the two flows
+    share no result storage, only the store."""
+    from cloob.config import load_recipe
+    from cloob.errors import CloobError
+
+    overrides = with_data(overrides, data)
+    r = load_recipe(recipe, overrides)
+    if done := _trained(r):
+        return _skipped(done[0], f"train {r.run_id()}", done[1])
+    run = run_and_wait(deployment, {"recipe": recipe, "overrides": overrides, "nproc_per_node": nproc_per_node,
+                                    "deadline_s": deadline_s}, f"train-{r.run_id()}", worker_wait_s)
+    if not run.state or not run.state.is_completed():
+        raise CloobError(f"training run {run.name} on deployment {deployment} ended {ended(run)}",
+                         "see that flow run's log in the Prefect UI; rerunning the pipeline resumes the training")
+    if done := _trained(r):
+        return done[0]
+    raise CloobError(f"training run {run.name} on deployment {deployment} completed, but the store has no "
+                     f"finished checkpoint of {recipe} {' '.join(overrides)}",
+                     "the deployment's worker must see the same store (train.output) as this flow: "
+                     "use a shared bucket, not a local folder")
+
+
+@task(name="register", task_run_name=names.register_name)
+def register(run: dict, registry: str) -> str:
+    """A train task's checkpoint into the registry (registering again changes nothing)."""
+    from cloob.registry import Registry
+
+    return Registry(registry).register(run["checkpoint"])["id"]
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+_SUMMARY = ("run_id", "checkpoint_id", "dataset", "main_metric", "main_value", "n_images", "n_skipped")
+
+
+@task(name="evaluate", task_run_name=names.evaluate_name)
+def evaluate(checkpoint: str, dataset: str, dataset_uri: str, results: str, cache_root: str | None = None,
+             settings: dict | None = None):
+    """One checkpoint on one zero-shot set -> one row appended to the results table (the runner's own
+    per-pair function: the same skip rule as `cloob evaluate`)."""
+    from cloob.errors import CloobError
+    from cloob.evaluate.datasets import open_classification_set
+    from cloob.evaluate.runner import EvalSettings, evaluate_pair
+    from cloob.evaluate.zeroshot import ClassifierCache
+
+    ds = open_classification_set(dataset, dataset_uri)
+    o = evaluate_pair(checkpoint, ds, EvalSettings(**(settings or {})), results=results,
+                      cache=ClassifierCache(cache_root), progress=False)
+    if o.error:
+        raise CloobError(o.error)
+    row = o.row
+    if o.reused:
+        return _skipped({k: row[k] for k in _SUMMARY}, f"evaluate {row['run_id']} on {ds.name}", row["row_uuid"])
+    get_run_logger().info("%s on %s: %s %.4f (%d images, %d skipped)", row["run_id"], ds.name,
+                          row["main_metric"], row["main_value"], row["n_images"], row["n_skipped"])
+    return {k: row[k] for k in _SUMMARY}
+
+
+@task(name="evaluate-on-deployment", task_run_name=names.evaluate_remote_name)
+def evaluate_remote(deployment: str, checkpoint: str, dataset: str, dataset_uri: str, store: str,
+                    settings: dict | None = None, run_name: str | None = None,
+                    worker_wait_s: float | None = WORKER_WAIT_S):
+    """One checkpoint on one set as a run of the evaluate-checkpoints deployment (a GPU work pool),
+    waited for here. A pair already in the results table starts no run; the row is read back from
+    the table in the store, by content, not from Prefect's results (as train-on-deployment does)."""
+    from cloob.errors import CloobError
+    from cloob.evaluate.datasets import open_classification_set
+    from cloob.evaluate.runner import EvalSettings, finished_row
+
+    results = posixpath.join(store, "results")
+    ds = open_classification_set(dataset, dataset_uri)
+    eval_settings = EvalSettings(**(settings or {}))
+    if row := finished_row(checkpoint, ds, eval_settings, results):
+        return _skipped({k: row[k] for k in _SUMMARY}, f"evaluate {row['run_id']} on {ds.name}", row["row_uuid"])
+    run = run_and_wait(deployment, {"checkpoints": [checkpoint], "datasets": {dataset: dataset_uri}, "store": store,
+                                    "settings": settings, "publish": False, "raise_on_failure": True},
+                       run_name, worker_wait_s)
+    if not run.state or not run.state.is_completed():
+        raise CloobError(f"evaluation run {run.name} on deployment {deployment} ended {ended(run)}",
+                         "see that flow run's log in the Prefect UI; rerunning the pipeline evaluates only the "
+                         "pairs that are missing")
+    if row := finished_row(checkpoint, ds, eval_settings, results):
+        get_run_logger().info("%s on %s: %s %.4f (%d images, %d skipped; run %s)", row["run_id"], ds.name,
+                              row["main_metric"], row["main_value"], row["n_images"], row["n_skipped"], run.name)
+        return {k: row[k] for k in _SUMMARY}
+    raise CloobError(f"evaluation run {run.name} on deployment {deployment} completed, but the results table "
+                     f"{results} has no row of {checkpoint} on {ds.name}",
+                     "the deployment's worker must see the same store as this flow: use a shared bucket, not a "
+                     "local folder")
+
+
+def _percent(v: float | None) -> str | None:
+    return None if v is None or v != v else f"{100 * v:.1f}%"  # v != v: NaN
+
+
+@task(name="publish_results", task_run_name="publish-results")
+def publish_results(results: str) -> str:
+    """The results table as a table artifact and the side-by-side report as a markdown artifact."""
+    from cloob.results.arrange import build_report
+    from cloob.results.render import render_markdown
+    from cloob.results.report import write_report
+    from cloob.results.table import read_rows
+
+    rows = read_rows(results, latest=True).to_pylist()
+    cols = ("run_id", "step", "method", "arch", "dataset", "main_metric", "main_value", "top1", "top5",
+            "n_images", "n_skipped")
+    # Metrics are fractions in the table; people read percentages, rounded as the printed table is.
+    shown = [{k: _percent(r.get(k)) if k in ("main_value", "top1", "top5") else r.get(k) for k in cols} for r in rows]
+    create_table_artifact(shown, key="cloob-results", description=f"results table at {results} (accuracies in percent)")
+    report = build_report(results)
+    create_markdown_artifact(render_markdown(report), key="cloob-report", description="cloob results")
+    return write_report(report, posixpath.join(results, "report"))["markdown"]
