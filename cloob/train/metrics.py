@@ -1,5 +1,9 @@
 """Per-step training metrics: a JSONL file and TensorBoard events in a local folder.
 
+metrics.jsonl keeps flat keys (loss, lr, skipped_decode, ...: the launcher, the flows, the report's
+training curves and the benchmarks read them); TensorBoard gets them grouped by a prefix
+(`tensorboard_tag`), so its Scalars page shows a train/ and a data/ section.
+
 When the run folder is remote (s3://...), metrics are written to a local mirror and uploaded with
 every checkpoint. On resume, lines after the resumed step are dropped and TensorBoard's events after
 it are purged, so the log shows one trajectory.
@@ -13,6 +17,12 @@ import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key: skipped samples under data/, the rest under train/."""
+    # nonfinite_skipped counts skipped optimizer steps, not samples: it belongs with the training.
+    return f"data/{key}" if key == "skipped" or key.startswith("skipped_") else f"train/{key}"
 
 
 class MetricsLogger:
@@ -54,7 +64,7 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+                    self._tb.add_scalar(tensorboard_tag(k), v, step)
 
     def flush(self) -> None:
         self._file.flush()
