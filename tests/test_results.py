@@ -339,6 +339,7 @@ def test_write_report_markdown_and_png(store, tmp_path):
     from cloob.results.figure import render_png
     from cloob.results.render import render_markdown
     from cloob.results.report import write_report
+    from cloob.results.training import gather
 
     rep = build_report(store)
     out = write_report(rep, str(tmp_path / "out"))
@@ -350,10 +351,12 @@ def test_write_report_markdown_and_png(store, tmp_path):
     with Image.open(tmp_path / "out" / "results.png") as im:
         assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 300
     md = (tmp_path / "out" / "results.md").read_text()
-    assert md == render_markdown(rep)
+    assert md == render_markdown(rep, training=gather(rep))
+    # the fixture's checkpoints have no run folder: no curves, a note each (external weights: none)
+    assert md.count("no training curves, no metrics.jsonl at") == 2 and "(rn50-yfcc15m.pt): no training" not in md
     assert "| imagenet | top1 |" in md and "| **mean** |" in md and "![" in md
     assert "paper CLOOB (cc3m RN50 128ep)" in md and "the paper reports top-1 for all datasets" in md
-    assert "flowers102: 3 unreadable image(s) skipped" in md and md.count("## ") == 3
+    assert "flowers102: 3 unreadable image(s) skipped" in md and md.count("## ") == 4
     # a report with retrieval rows only still gets a chart
     rt = build_report(store, datasets=["cc3m-val"])
     assert not rt.zeroshot.rows and render_png(rt)[:8] == PNG_MAGIC

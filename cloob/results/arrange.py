@@ -78,6 +78,7 @@ class Report:
     all_checkpoints: list[Checkpoint] = field(default_factory=list)  # zero-shot and retrieval
     paper_values: dict[str, dict[str, Ref]] = field(default_factory=dict)  # method -> dataset -> percent
     paper_source: str = ""
+    chance: dict[str, float] = field(default_factory=dict)  # zero-shot dataset -> percent (100 / classes)
 
 
 # ------------------------------------------------------------------------------------ arranging
@@ -250,5 +251,7 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
         if any(r.get(k) is not None for k, _ in _DIAGNOSTICS):
             dt.rows.append([ckpts[(r["run_id"], r["checkpoint_id"])].label, r["dataset"],
                             *[r.get(k) for k, _ in _DIAGNOSTICS], r.get("n_images"), r.get("n_skipped")])
+    classes = {ds: Counter(r["n_classes"] for r in zs if r["dataset"] == ds and r.get("n_classes")) for ds in zs_datasets}
+    chance = {ds: 100.0 / n.most_common(1)[0][0] for ds, n in classes.items() if n}
     return Report(results_uri, metric, zs_ckpts, zs_datasets, zt, rtt, dt, ref, notes, list(ckpts.values()),
-                  ref_values, ref_source)
+                  ref_values, ref_source, chance)

@@ -1,12 +1,20 @@
-"""A Report as text: plain-text tables for the terminal and markdown (results.md)."""
+"""A Report as text: plain-text tables for the terminal and markdown (results.md), and that markdown
+with its pictures embedded (`embed_images`, for the Prefect UI, which cannot follow a relative link)."""
 
 from __future__ import annotations
 
+import base64
 import math
+import re
 import textwrap
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from cloob.results.arrange import Report, Table
 from cloob.results.paper import Ref
+
+if TYPE_CHECKING:
+    from cloob.results.training import Training
 
 
 def _fmt(v, decimals: int) -> str:
@@ -97,8 +105,24 @@ def _md_table(t: Table) -> str:
     return "\n".join([head, align, *body])
 
 
-def render_markdown(report: Report, png_name: str | None = "results.png") -> str:
-    """The report as markdown; png_name: the chart's relative link (None: no image)."""
+def _training_md(training: Training) -> list[str]:
+    from cloob.results.training import COMPARISON_PNG, DATA_FILE
+
+    out = ["", "## Training", ""]
+    if training.runs:
+        out += [f"![training curves, all runs: loss, lr, inv_tau, samples/s over step]({COMPARISON_PNG})", ""]
+        if len(training.runs) > 1:  # with one run, training.png is that run's picture already
+            for r in training.runs:
+                out += [f"![training curves: {r.label}]({r.png})", ""]
+        out.append(f"The points drawn: `{DATA_FILE}`.")
+    if training.notes:
+        out += ([""] if training.runs else []) + [f"{i}. {n}" for i, n in enumerate(training.notes, 1)]
+    return out
+
+
+def render_markdown(report: Report, png_name: str | None = "results.png", training: Training | None = None) -> str:
+    """The report as markdown; png_name: the chart's relative link (None: no image); training: the
+    training curves' section (cloob.results.training.gather), linking training.png and training-<run>.png."""
     out = ["# Results", "", f"Results table: `{report.results_uri}` (the latest row per run, checkpoint and dataset)."]
     if report.zeroshot.rows:
         out += ["", f"## {report.zeroshot.title}", ""]
@@ -117,4 +141,25 @@ def render_markdown(report: Report, png_name: str | None = "results.png") -> str
         out.append("| " + " | ".join(_md_escape(_fmt(v, 0)) for v in (
             c.label, c.run_id, c.step, c.method, c.arch, c.pretraining_data, c.checkpoint_id[:12],
             c.checkpoint_uri)) + " |")
+    if training is not None and (training.runs or training.notes):
+        out += _training_md(training)
     return "\n".join(out) + "\n"
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def embed_images(markdown: str, images: Mapping[str, bytes]) -> str:
+    """The markdown with every image link whose target is a key of images (`![...](results.png)`)
+    replaced by a `data:image/png;base64,...` URI of those bytes, so that the pictures render where a
+    relative link cannot be resolved: a Prefect markdown artifact. Other links are left as they are.
+
+    images: link target -> PNG bytes; the files of cloob.results.report.render_report serve as they
+    are: `embed_images(files["results.md"].decode(), files)`."""
+    def embed(m: re.Match) -> str:
+        data = images.get(m.group(2))
+        if data is None:
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})"
+
+    return _IMAGE_LINK.sub(embed, markdown)
