@@ -200,6 +200,7 @@ def test_results_chart_names_the_metric_marks_chance_and_labels_the_paper(runs):
     assert render_png(rep)[:8] == PNG_MAGIC
     only_demo = chart_data(build_report(uri, paper="cc3m:RN50:128", datasets=["shapes", "colors"], runs=["tiny-c*"]))
     assert only_demo.panels == [[0, 1, 2]] and only_demo.chance[:2] == [pytest.approx(100 / 6), pytest.approx(100 / 18)]
+    assert only_demo.note == "the paper (cc3m RN50 128ep) has no published numbers for these datasets" and not chart.note
 
 
 def test_results_chart_with_mixed_main_metrics_says_so(runs):

@@ -41,6 +41,7 @@ class Chart:
     panels: list[list[int]] = field(default_factory=list)  # group indices per panel, each its own y range
     summary: int = 0  # trailing groups that summarise the others (the mean)
     ticks: list[str] = field(default_factory=list)  # the groups' labels on the x axis (default: groups)
+    note: str = ""  # said under the title: why the paper's markers are missing
 
 
 def _row_metrics(report: Report) -> list[list[str]]:
@@ -79,8 +80,10 @@ def chart_data(report: Report) -> Chart:
     if metric.startswith("main metric:"):  # mixed metrics: each set says which is its own
         ticks[:n_sets] = [f"{g}\n({'/'.join(_METRIC_NAMES.get(n, n) for n in ns)})"
                           for g, ns in zip(groups, _row_metrics(report))]
+    note = (f"the paper ({report.paper.label}) has no published numbers for these datasets"
+            if report.paper and not published else "")
     return Chart(f"Zero-shot classification: {metric} (%)", f"{metric} (%)", groups, series, papers, chance,
-                 panels, zt.summary_rows, ticks)
+                 panels, zt.summary_rows, ticks, note)
 
 
 def _retrieval_chart(report: Report) -> Chart:
@@ -188,6 +191,8 @@ def render_png(report: Report, path: str | None = None) -> bytes:
     if len(chart.panels) > 1:
         axes[0].set_title("the paper's datasets", fontsize=9)
         axes[1].set_title("other datasets", fontsize=9)
+    elif chart.note:
+        axes[0].set_title(chart.note, fontsize=8, style="italic")
     axes[0].set_ylabel(chart.ylabel)
     fig.suptitle(chart.title)
     if not chart.groups:
