@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
+from cloob.results.arrange import _METHOD_ORDER
 from cloob.results.figure import method_colors, png_bytes
 from cloob.results.training import COMPARISON_PNG, Training
 
-_METHOD_ORDER = ("clip", "cloob", "infoloob", "clip_hopfield")
 _TITLES = {"lr": "learning rate", "inv_tau": "inv_tau (logit scale)", "samples_per_s": "samples/s"}
 
 # A panel: (title, y label, [(label, colour, [(step, value)])]).
@@ -35,7 +35,7 @@ def _figure(panels: list[Panel], title: str, legend: list[tuple[str, object]] | 
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (name, ylabel, lines) in zip(axes, panels):
         for label, color, pts in lines:
-            few = len(pts) <= 20  # evaluated steps: a marker per point; logged steps: a line
+            few = len(pts) <= 20  # a marker per point while they are few (evaluated steps), else a plain line
             ax.plot([s for s, _ in pts], [v for _, v in pts], color=color, label=label, linewidth=1.2,
                     marker="o" if few else None, markersize=4)
         ax.set_title(name, fontsize=10)
@@ -63,8 +63,9 @@ def comparison_panels(training: Training) -> list[Panel]:
     colors = dict(zip((r.run_id for r in runs), method_colors([r.method for r in runs])))
     panels: list[Panel] = []
     # CLOOB's loss is ~0.1-0.2 and CLIP's ~1-5: on one axis CLOOB's curve is flat. A panel per method
-    # keeps a linear axis for each (a log axis would not do: the InfoLOOB loss can go below zero).
-    methods = sorted({r.method for r in runs}, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else 9, m or ""))
+    # keeps a linear axis for each (a log axis would not do: the InfoLOOB loss can go below zero, as
+    # the demo's CLOOB run does after ~400 steps).
+    methods = sorted({r.method for r in runs}, key=lambda m: (_METHOD_ORDER.get(m or "", 9), m or ""))
     for m in methods:
         panels.append((f"loss ({(m or '?').upper()})", "loss",
                        [(r.label, colors[r.run_id], r.series["loss"]) for r in runs if r.method == m]))

@@ -55,6 +55,8 @@ def metric_label(report: Report) -> str:
     if report.metric != "main":
         return _METRIC_NAMES[report.metric]
     names = list(dict.fromkeys(n for ns in _row_metrics(report) for n in ns))
+    if not names:  # retrieval only: no zero-shot metric to name
+        return _METRIC_NAMES["main"]
     text = " / ".join(_METRIC_NAMES.get(n, n) for n in names)
     return text if len(names) == 1 else f"main metric: {text}"
 
