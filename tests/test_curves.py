@@ -231,3 +231,22 @@ def test_embedded_markdown_carries_the_pictures_themselves(written):
     assert decoded == [files[n] for n in ("results.png", "training.png", "training-tiny-clip.png",
                                           "training-tiny-cloob.png")]
     assert embed_images(md, {}) == md  # only the images given are embedded
+
+
+def test_curves_of_runs_on_s3(s3, tmp_path):
+    from cloob.results.arrange import build_report
+    from cloob.results.training import gather, to_json
+
+    if not s3.exists("curves-bucket"):
+        s3.mkdir("curves-bucket")
+    root = f"s3://curves-bucket/{uuid.uuid4().hex[:8]}"
+    lines = _metrics(tmp_path, "clip")  # training uploads metrics.jsonl beside the checkpoints
+    s3.put_file(str(tmp_path / "metrics.jsonl"), f"{root}/runs/r1/metrics.jsonl")
+    append_rows(f"{root}/results", [_row("r1", "clip", s, "shapes", 0.1 * s / 50, f"{root}/runs/r1/checkpoints/step_{s:08d}")
+                                    for s in (50, 100)])
+    training = gather(build_report(f"{root}/results"))
+    [run] = training.runs
+    assert run.metrics_uri == f"{root}/runs/r1/metrics.jsonl" and not training.notes
+    assert run.series["loss"] == [(rec["step"], pytest.approx(rec["loss"])) for rec in lines]
+    assert json.loads(to_json(training))["runs"][0]["accuracy"] == {"shapes": [[50, pytest.approx(10.0)],
+                                                                               [100, pytest.approx(20.0)]]}
