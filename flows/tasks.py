@@ -256,10 +256,11 @@ def _percent(v: float | None) -> str | None:
 
 @task(name="publish_results", task_run_name="publish-results")
 def publish_results(results: str) -> str:
-    """The results table as a table artifact and the side-by-side report as a markdown artifact."""
+    """The results table as a table artifact, and the report (results.md with its pictures) as a
+    markdown artifact and as files under <results>/report."""
     from cloob.results.arrange import build_report
-    from cloob.results.render import render_markdown
-    from cloob.results.report import write_report
+    from cloob.results.render import embed_images
+    from cloob.results.report import render_report, write_report
     from cloob.results.table import read_rows
 
     rows = read_rows(results, latest=True).to_pylist()
@@ -269,5 +270,8 @@ def publish_results(results: str) -> str:
     shown = [{k: _percent(r.get(k)) if k in ("main_value", "top1", "top5") else r.get(k) for k in cols} for r in rows]
     create_table_artifact(shown, key="cloob-results", description=f"results table at {results} (accuracies in percent)")
     report = build_report(results)
-    create_markdown_artifact(render_markdown(report), key="cloob-report", description="cloob results")
-    return write_report(report, posixpath.join(results, "report"))["markdown"]
+    files = render_report(report)
+    # The pictures go into the artifact as data: URIs: the UI cannot follow results.md's relative links.
+    create_markdown_artifact(embed_images(files["results.md"].decode(), files), key="cloob-report",
+                             description="cloob results: tables, results.png and the training curves")
+    return write_report(report, posixpath.join(results, "report"), files)["markdown"]

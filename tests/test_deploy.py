@@ -1003,6 +1003,17 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
             (r["run_id"], f"{100 * r['top1']:.1f}%") for r in rows)
         report = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cloob-report"])))
         assert report[0].flow_run_id == pipeline_run and report[0].type == "markdown"
+        # Its pictures are embedded (the UI cannot follow a relative link): the same PNGs as the files.
+        import base64
+
+        embedded = [base64.b64decode(b) for b in re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report[0].data)]
+        files = store / "results" / "report"
+        assert embedded[0] == (files / "results.png").read_bytes() and (files / "training.png").read_bytes() in embedded
+        drawn = json.loads((files / "training.json").read_text())
+        assert sorted(r["run_id"] for r in drawn["runs"]) == sorted(run_ids)
+        for r in drawn["runs"]:  # the loss drawn is the run's own metrics.jsonl
+            logged = [json.loads(line) for line in (store / "runs" / r["run_id"] / "metrics.jsonl").read_text().splitlines()]
+            assert r["series"]["loss"] == [[m["step"], m["loss"]] for m in logged if "loss" in m]
 
         # A rerun of the finished part: nothing trains, and no evaluation run is started; the tasks
         # that found their output end Skipped, saying which content key matched.
