@@ -146,6 +146,7 @@ def build_plan(args) -> dict[str, Any]:
         "eval_deployment": EVAL_GPU_DEPLOYMENT if args.eval_on == "gpu" else None,
         **({"spark_master": args.spark_master} if args.spark_master else {}),
         **({"ray_address": args.ray_address} if args.ray_address else {}),
+        **({"worker_wait_s": args.worker_wait_s} if args.worker_wait_s is not None else {}),
     }
     train_jobvars: dict[str, Any] = {}
     eval_jobvars: dict[str, Any] = {}
@@ -369,6 +370,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", metavar="ADDR",
                    help="the Ray cluster that prepares the data (with --spec-override download.distributor=ray; "
                         "else RAY_ADDRESS in the worker's environment)")
+    p.add_argument("--worker-wait-s", type=float, metavar="S",
+                   help="how long a training or evaluation run may wait for a GPU worker to take it before the "
+                        "scheduled pipeline cancels it and fails, saying so (default 3600)")
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"retraining schedule (default '{DEFAULT_CRON}')")
     p.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
     p.add_argument("--no-schedule", action="store_true", help="no schedule (removes one set before)")

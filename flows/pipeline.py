@@ -75,8 +75,17 @@ def evaluate_flow(checkpoints: list[str], datasets: list[str] | dict[str, str], 
 def train_flow(recipe: str, overrides: list[str], nproc_per_node: int = 1, nnodes: int = 1,
                rdzv_endpoint: str | None = None, deadline_s: float | None = None) -> dict:
     """One training run, as its own flow: what the GPU work pool runs. With nnodes > 1 this is node 0;
-    the other nodes join at rdzv_endpoint (default: $CLOOB_RDZV_ENDPOINT, set by the Kubernetes job
-    template) with the same recipe and overrides."""
+    the other nodes join at rdzv_endpoint with the same recipe and overrides.
+
+    Args:
+        recipe: a shipped recipe's name or a YAML path.
+        overrides: section.field=value overrides (the pipeline sets data.train and train.output).
+        nproc_per_node: training processes (GPUs) on this node.
+        nnodes: nodes in the run.
+        rdzv_endpoint: torchrun's rendezvous host:port (default: $CLOOB_RDZV_ENDPOINT, set by the
+            Kubernetes job template).
+        deadline_s: stop after this long (a checkpoint is written first); none: no limit.
+    """
     return result_of(train, recipe, overrides, nproc_per_node, deadline_s, nnodes, rdzv_endpoint)
 
 
@@ -95,16 +104,32 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
     prepared and the first recipe trains; each checkpoint's evaluations start as soon as it is
     registered, while the next recipe trains. The trainings themselves run one after the other.
 
-    train_deployment: e.g. "cloob-train/gpu": train there (a GPU work pool) instead of in this
-    flow's process. eval_deployment: e.g. "evaluate-checkpoints/gpu": evaluate there, one run per
-    checkpoint x set, instead of in this flow's process. Everything else stays here (the CPU pool).
-    spark_master / ray_address: the cluster that prepares the data, for specs whose
-    download.distributor is pyspark or ray (a spec override can set it: download.distributor=ray);
-    without them, cloob prepare's defaults (an active SparkSession or local[N]; RAY_ADDRESS or a local Ray).
-    force_prepare: where a spec's folder holds a dataset prepared from another spec (a changed
-    spec_overrides), delete it and prepare this spec there (else the pipeline fails, saying how they differ).
-    worker_wait_s: how long a run on a deployment may wait for a worker on its pool to take it before
-    it is cancelled and the pipeline fails, saying so (None: no limit)."""
+    Args:
+        store: the store's root (datasets/, runs/, registry/, downstream/, results/ under it), a
+            bucket (s3://bucket/cloob) or a folder every worker sees.
+        specs: pretraining data specs (names in data_specs/ or paths); the first is trained on.
+        recipes: training recipes, each a name or path with its own overrides if any
+            ("tiny", "tiny loss.method=clip").
+        downstream: evaluation sets to prepare and evaluate on (flowers102, gtsrb, ...).
+        overrides: recipe overrides for every recipe (section.field=value, e.g. train.steps=500).
+        spec_overrides: data spec overrides for every spec (e.g. source.path=s3://bucket/cc3m.tsv).
+        nproc_per_node: training processes (GPUs) per node.
+        train_deadline_s: stop a training after this long (it checkpoints first); none: no limit.
+        eval_settings: evaluation settings (cloob.evaluate.runner.EvalSettings fields).
+        train_deployment: e.g. "cloob-train/gpu": train there (a GPU work pool) instead of in this
+            flow's process.
+        eval_deployment: e.g. "evaluate-checkpoints/gpu": evaluate there, one run per checkpoint x
+            set, instead of in this flow's process.
+        spark_master: the Spark cluster preparing the data, for specs whose download.distributor is
+            pyspark (else an active SparkSession or local[N]).
+        ray_address: the Ray cluster preparing the data, for specs whose download.distributor is ray
+            (else RAY_ADDRESS or a local Ray).
+        force_prepare: where a spec's folder holds a dataset prepared from another spec (a changed
+            spec_overrides), delete it and prepare this spec there; else the pipeline fails, saying
+            which fields differ.
+        worker_wait_s: how long a run on a deployment may wait for a worker on its pool to take it
+            before it is cancelled and the pipeline fails, saying so; none: no limit.
+    """
     from flows.signals import stop_on_signals
 
     with stop_on_signals("cloob-pipeline"):

@@ -542,7 +542,8 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
 
     url = prefect_server()
     proc = subprocess.run([sys.executable, "-m", "flows.deploy", "--store", "s3://bucket/cloob", "--spec", "demo",
-                           "--recipe", "tiny", "--recipe", "tiny loss.method=clip", "--downstream", "shapes"],
+                           "--recipe", "tiny", "--recipe", "tiny loss.method=clip", "--downstream", "shapes",
+                           "--worker-wait-s", "600"],
                           cwd=ROOT, env=_clean_env(PREFECT_API_URL=url), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "cloob-train/gpu" in proc.stdout and FAKE_SECRET not in proc.stdout + proc.stderr
@@ -563,6 +564,16 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
         assert pipe.parameters["store"] == ev.parameters["store"] == "s3://bucket/cloob"
         assert pipe.parameters["recipes"] == ["tiny", "tiny loss.method=clip"]
         assert pipe.parameters["train_deployment"] == "cloob-train/gpu" and pipe.parameters["eval_deployment"] is None
+        assert pipe.parameters["worker_wait_s"] == 600
+        # The UI's run form describes every parameter (from the flows' docstrings); evaluation takes
+        # set names and registry aliases.
+        for d in (pipe, ev, train):
+            props = d.parameter_openapi_schema["properties"]
+            assert all(p.get("description") for p in props.values()), {k: p.get("description") for k, p in props.items()}
+        ev_props = ev.parameter_openapi_schema["properties"]
+        assert "registry aliases" in ev_props["checkpoints"]["description"]
+        assert "set names prepared in the store" in ev_props["datasets"]["description"]
+        assert {"type": "array", "items": {"type": "string"}} in ev_props["datasets"]["anyOf"]
         assert not pipe.pull_steps and not train.pull_steps  # the worker runs its installed code
         # A worker loads each flow from its module entrypoint: the names must be the deployments' flows.
         for d, flow_name in ((pipe, "cloob-pipeline"), (ev, "evaluate-checkpoints"), (train, "cloob-train")):

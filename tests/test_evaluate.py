@@ -289,6 +289,16 @@ def test_cli_end_to_end_trained_run(tmp_path, capsys):
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.count("already in results") == 2
     assert len(read_rows(str(store / "results"), latest=False)) == 2
+    # By registry alias: the same checkpoint, so the same row.
+    from cloob.registry import Registry
+
+    Registry(str(store / "registry")).register(summary["run_dir"], aliases=["candidate"])
+    assert cli.main(["evaluate", "candidate", "--datasets", "shapes", "--store", str(store), "--no-progress",
+                     "--limit", "100"]) == 0
+    assert capsys.readouterr().out.count("already in results") == 1
+    assert cli.main(["evaluate", "nonesuch", "--datasets", "shapes", "--store", str(store), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'nonesuch' is neither a checkpoint folder nor known to the registry" in err and "candidate" in err
 
 
 def test_bad_model_reference_is_one_clear_error(tmp_path, folders, capsys):

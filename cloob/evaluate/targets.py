@@ -51,7 +51,6 @@ def resolve_models(models: list[str], registry: str) -> list[str]:
         try:
             out.append(Registry(registry).resolve(m)["checkpoint_uri"])
         except RegistryError as e:
-            raise CloobError(f"{m!r} is neither a checkpoint folder nor known to the registry {registry}: {e.problem}",
-                             "give a run or checkpoint folder (or URL), or a registry alias or id "
-                             "(`cloob registry list` shows them)") from None
+            raise CloobError(f"{m!r} is neither a checkpoint folder nor known to the registry {registry}",
+                             f"give a run or checkpoint folder (or URL), or {e.fix}") from None
     return out
