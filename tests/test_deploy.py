@@ -1039,6 +1039,18 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
         assert {n: rerun[n].name for n in skipped} == dict.fromkeys(skipped, "Skipped"), rerun
         assert all("already done (content key " in rerun[n].message for n in skipped)
 
+        # A changed spec: the pipeline says which field differs and how to go on from the flow.
+        changed = {**params, "recipes": [], "downstream": [], "spec_overrides": ["source.samples=24", "download.shard_size=16"]}
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            refused = pipeline(**changed, return_state=True)
+            assert refused.is_failed() and "source.samples 32 -> 24" in refused.message, refused.message
+            assert "force_prepare=true (pipeline(..., force_prepare=True))" in refused.message
+            assert "--force" not in refused.message and "spec_overrides back to what made it (source.samples=32)" \
+                in refused.message
+            forced = pipeline(**changed, force_prepare=True, return_state=True)
+        assert forced.is_completed(), forced.message
+        assert json.loads((store / "datasets" / "demo" / "_cloob" / "manifest.json").read_text())["totals"]["successes"] == 24
+
 
 @pytest.mark.slow
 def test_a_deployment_run_no_worker_takes_is_logged_and_fails_after_worker_wait_s(gpu_workers, tmp_path,
