@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -48,29 +47,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cloob.data import engines
+from cloob.data.folder import META, OURS, check_folder, check_owner, record_owner, write_json
 from cloob.data.manifest import build_manifest, finished_shards
 from cloob.data.sources import iter_rows
-from cloob.data.spec import DemoSource, PretrainSpec, SpecChanged, Yfcc15mSource
+from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
 from cloob.errors import CloobError
-from cloob.lock import LOCK_NAME, folder_lock
+from cloob.lock import folder_lock
 from cloob.safetext import safe_lines, safe_text
 from cloob.storage import Location
 
-META = "_cloob"  # our files in a dataset folder, relative to it
 ROW_SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
                         ("source_key", pa.string())])
 EXIT_GRACE_S = 10.0  # how long img2dataset may take to exit once every shard of a round is finished
-_OURS = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
-_SHOWN = 8  # entries of a refused folder named in the message
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _write_json(store: Location, rel: str, data: dict) -> None:
-    """Our JSON files' one byte form (the manifest's and spec.json's bytes must not change)."""
-    store.write_json(rel, data, indent=1, sort_keys=True)
 
 
 def _with_input(spec: PretrainSpec, input_uri: str | None) -> PretrainSpec:
@@ -81,78 +73,6 @@ def _with_input(spec: PretrainSpec, input_uri: str | None) -> PretrainSpec:
         raise CloobError("the demo spec generates its rows and takes no --input", "leave out --input")
     field = "metadata" if isinstance(src, Yfcc15mSource) else "path"
     return spec.model_copy(update={"source": src.model_copy(update={field: input_uri})})
-
-
-def _names(store: Location) -> list[str]:
-    """The top-level entries of `out`, hidden ones too ([] where there is nothing yet)."""
-    store.refresh()
-    try:
-        if store.isfile():
-            raise CloobError(f"--out {store.url()} is a file", "give a folder (new or empty) as --out")
-        return store.list(hidden=True)
-    except (OSError, ValueError) as e:
-        raise CloobError(f"cannot list {store.url()}: {type(e).__name__}: {safe_text(e)}",
-                         "check the --out URL and its credentials (AWS_* environment or config)") from None
-
-
-def _listed(names: list[str]) -> str:
-    shown = ", ".join(safe_text(n, 60) for n in names[:_SHOWN])
-    return f"{shown}, ... ({len(names)} entries)" if len(names) > _SHOWN else f"{shown} ({len(names)} entries)"
-
-
-def _check_folder(store: Location) -> None:
-    """Refuse, before anything is written, a folder that cloob prepare did not make, and in one it
-    made, top-level *.json files that are not a shard's stats (img2dataset would count them as
-    finished shards, or crash on their names)."""
-    names = _names(store)
-    if not names:
-        return
-    made_by_us = META in names and store.exists(f"{META}/spec.json")
-    if not made_by_us and names != [META]:  # [META] alone: a first run stopped before spec.json
-        raise CloobError(
-            f"{store.url()} is not empty and was not made by cloob prepare: it holds {_listed(names)}",
-            "give a new or empty folder as --out; cloob prepare never writes into a folder of other "
-            "files (--force included), so none of them is overwritten")
-    stray = [n for n in names if n.endswith(".json") and not _OURS.match(n)]
-    if stray:
-        raise CloobError(
-            f"{store.url()} holds top-level JSON files that are not shard stats: {_listed(stray)}; "
-            "img2dataset would read them as finished shards",
-            "move them out of that folder, then rerun")
-
-
-def _check_owner(store: Location, spec: PretrainSpec, spec_hash: str, force: bool) -> None:
-    """Refuse a folder holding another dataset (or, with force, delete that dataset)."""
-    try:
-        current = store.read_json(f"{META}/spec.json")
-    except (OSError, ValueError) as e:
-        raise CloobError(f"cannot read {store.url(META)}: {type(e).__name__}: {safe_text(e)}",
-                         "check the --out URL and its credentials (AWS_* environment or config)") from None
-    if current and current.get("spec_hash") != spec_hash and not force:
-        changed = spec.differences(current.get("spec") or {})
-        raise SpecChanged(
-            f"{store.url()} holds dataset {current.get('name')!r} prepared from a different spec "
-            f"(hash {current.get('spec_hash', '?')[:12]}, this spec {spec_hash[:12]}; "
-            f"{', '.join(changed) or 'fields unknown'})",
-            "prepare into a new --out, or pass --force to delete that dataset and start over", changed)
-    if force and store.exists():
-        _clear(store)
-
-
-def _record_owner(store: Location, spec: PretrainSpec, spec_hash: str) -> None:
-    _write_json(store, f"{META}/spec.json",
-                {"name": spec.name, "spec_hash": spec_hash, "spec": spec.model_dump(mode="json")})
-
-
-def _clear(store: Location) -> None:
-    """Delete what img2dataset and we wrote, and nothing else (and not the lock we hold)."""
-    store.refresh()
-    for name in store.list(hidden=True):
-        if _OURS.match(name) or name == "_tmp":
-            store.remove(name, recursive=True)
-    for name in store.list(META, hidden=True):
-        if name != LOCK_NAME:
-            store.remove(f"{META}/{name}", recursive=True)
 
 
 def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: bool) -> dict:
@@ -207,7 +127,7 @@ def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: 
     info = {"spec_hash": spec_hash, "sha256": digest.hexdigest(), "file": f"{META}/rows.parquet",
             "read": counts["read"], "kept": counts["kept"], "invalid_url": counts["invalid_url"],
             "empty_caption": counts["empty_caption"]}
-    _write_json(store, info_path, info)
+    write_json(store, info_path, info)
     return info
 
 
@@ -246,7 +166,7 @@ def _remove_unfinished(store: Location, done: dict[int, str], from_id: int) -> N
     next round's shard ids are free."""
     store.refresh()
     for name in store.list(hidden=True):
-        m = _OURS.match(name)
+        m = OURS.match(name)
         if m and int(m.group(1)) >= from_id and int(m.group(1)) not in done:
             store.remove(name)
 
@@ -417,17 +337,17 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_fai
     store = Location(out)
     cluster = engines.check_cluster(spec.download.distributor, store.url(), store.is_local, spark_master,
                                     ray_address)
-    _check_folder(store)  # before the lock: the lock would write into a folder we may not touch
+    check_folder(store)  # before the lock: the lock would write into a folder we may not touch
     with folder_lock(store.url(META), purpose=f"cloob prepare {spec.name}",
                      alternative="prepare into another --out", label=store.url()):
-        _check_owner(store, spec, spec_hash, force)
+        check_owner(store, spec, spec_hash, force)
         return _prepare_locked(store, spec, spec_hash, retry_failed, progress, t0, cluster)
 
 
 def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_failed: bool, progress: bool,
                     t0: float, cluster: dict) -> dict:
     rows = _ensure_rows(store, spec, spec_hash, progress)  # a bad source fails here, before any write
-    _record_owner(store, spec, spec_hash)
+    record_owner(store, spec, spec_hash)
     manifest_path = f"{META}/manifest.json"
     old = store.read_json(manifest_path)
     history = list(old["history"]) if old and old.get("spec_hash") == spec_hash else []
@@ -457,7 +377,7 @@ def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_f
     manifest = build_manifest(store, META, spec=spec, spec_hash=spec_hash, rows=rows,
                               history=history, progress=progress)
     manifest["updated_at"] = _now()
-    _write_json(store, manifest_path, manifest)
+    write_json(store, manifest_path, manifest)
     return {**manifest, "run": {"seconds": round(time.monotonic() - t0, 2), "rounds": rounds, "noop": False}}
 
 
