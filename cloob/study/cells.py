@@ -1,0 +1,69 @@
+"""A study's cells: one ordinary training run per method x architecture x swept point x seed, with
+the recipe overrides that make it, and the checkpoint steps at which it is evaluated.
+
+A cell's run is named and hashed like any other run (`<recipe>-<method>-...-<hash>`), so a study
+rerun finds, skips or resumes its runs exactly as `cloob train` and the pipeline do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloob.study.spec import StudySpec
+
+# A study evaluates earlier checkpoints, so its runs keep them all (the default keeps the last few).
+KEEP_ALL = 1_000_000
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    seed: int
+    arch: str | None = None
+    point: tuple[tuple[str, Any], ...] = ()  # the swept settings, (field, value) pairs
+    overrides: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def group(self) -> tuple:
+        """What the seeds are repeats of: method, architecture and swept point."""
+        return (self.method, self.arch, self.point)
+
+    @property
+    def label(self) -> str:
+        parts = [self.method, *([self.arch] if self.arch else []), *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.point)]
+        return " ".join(parts)
+
+
+def checkpoint_every(spec: StudySpec) -> int | None:
+    """The checkpoint cadence that lands on every step to evaluate (their greatest common divisor);
+    None: only the last step is evaluated, the recipe's cadence stays."""
+    wanted = [*([spec.evaluate.every] if spec.evaluate.every else []), *spec.evaluate.steps]
+    return math.gcd(*wanted) if wanted else None
+
+
+def cells(spec: StudySpec) -> list[Cell]:
+    """Every cell, grouped by method, architecture and swept point, seeds innermost."""
+    sweep_keys = list(spec.sweep)
+    points = [tuple(zip(sweep_keys, values)) for values in itertools.product(*(spec.sweep[k] for k in sweep_keys))]
+    cadence = checkpoint_every(spec)
+    out = []
+    for method, arch, point, seed in itertools.product(spec.methods, spec.archs or [None], points, spec.seed_list):
+        ov = [*spec.overrides, *spec.method_overrides.get(method, []), f"loss.method={method}",
+              *([f"model.arch={arch}"] if arch else []), *(f"{k}={v}" for k, v in point), f"train.seed={seed}"]
+        if cadence:
+            ov += [f"train.checkpoint_every={cadence}", f"train.keep_checkpoints={KEEP_ALL}"]
+        out.append(Cell(method, seed, arch, point, tuple(ov)))
+    return out
+
+
+def steps_to_evaluate(spec: StudySpec, available: list[int]) -> list[int]:
+    """Of a finished run's checkpoint steps, those the study evaluates: multiples of evaluate.every,
+    the listed steps, and always the last."""
+    if not available:
+        return []
+    every, listed = spec.evaluate.every, set(spec.evaluate.steps)
+    keep = {s for s in available if (every and s % every == 0) or s in listed}
+    return sorted(keep | {max(available)})

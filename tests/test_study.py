@@ -1,0 +1,112 @@
+"""The study's parts without training: the spec, its cells, the statistics over seeds (against scipy),
+and the summary of a results table (against a direct computation on the same rows)."""
+
+import math
+import random
+import statistics
+
+import pytest
+
+from cloob.errors import CloobError
+from cloob.study.cells import KEEP_ALL, cells, checkpoint_every, steps_to_evaluate
+from cloob.study.spec import load_study
+from cloob.study.stats import summarize, two_sided_p, welch
+from cloob.study.summary import relative_eigenvalue_change, summarize_study
+
+BASE = {"name": "t", "data": "demo", "recipe": "tiny", "downstream": ["shapes"]}
+
+
+def test_a_study_expands_into_one_ordinary_run_per_cell():
+    spec = load_study({**BASE, "methods": ["cloob", "clip"], "seeds": 2, "sweep": {"loss.beta": [8, 14.3]},
+                       "method_overrides": {"cloob": ["model.inv_tau=50"]}, "evaluate": {"every": 100, "steps": [50]}})
+    cs = cells(spec)
+    assert len(cs) == 2 * 2 * 2 and len({c.group for c in cs}) == 4
+    assert checkpoint_every(spec) == 50
+    first = cs[0]
+    assert (first.method, first.seed, first.point) == ("cloob", 0, (("loss.beta", 8),))
+    assert list(first.overrides) == ["model.inv_tau=50", "loss.method=cloob", "loss.beta=8", "train.seed=0",
+                                     "train.checkpoint_every=50", f"train.keep_checkpoints={KEEP_ALL}"]
+    assert all("model.inv_tau=50" not in c.overrides for c in cs if c.method == "clip")
+    from cloob.config import load_recipe
+
+    ids = {load_recipe("tiny", ["data.train=./d", *c.overrides]).run_id() for c in cs}
+    assert len(ids) == len(cs) and all(i.startswith(("tiny-cloob-", "tiny-clip-")) for i in ids)
+    assert steps_to_evaluate(spec, [50, 100, 150, 200, 230]) == [50, 100, 200, 230]
+    assert steps_to_evaluate(load_study(BASE), [100, 200, 300]) == [300]  # no steps asked: the last only
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"methods": ["cloob", "clop"]}, "unknown method(s) ['clop']"),
+    ({"seeds": 0}, "seeds must be at least 1"),
+    ({"sweep": {"train.seed": [1, 2]}}, "use methods, seeds or archs"),
+    ({"method_overrides": {"infoloob": ["loss.beta=8"]}}, "not among the methods"),
+    ({"seedz": 3}, "seedz: unknown field"),
+    ({"downstream": []}, "downstream"),
+])
+def test_a_bad_study_is_one_clear_error(change, said):
+    with pytest.raises(CloobError, match="invalid study") as e:
+        load_study({**BASE, **change})
+    assert said in str(e.value) and "fix:" in str(e.value)
+
+
+def test_welch_matches_scipy_and_says_when_there_is_no_test():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(3)
+    for _ in range(20):
+        a = [rng.gauss(0.3, 0.05) for _ in range(rng.randint(2, 7))]
+        b = [rng.gauss(0.32, rng.choice([0.01, 0.08])) for _ in range(rng.randint(2, 7))]
+        ours, ref = welch(a, b), stats.ttest_ind(a, b, equal_var=False)
+        assert ours.t == pytest.approx(ref.statistic, rel=1e-12) and ours.p == pytest.approx(ref.pvalue, rel=1e-9)
+        assert ours.significant == (ref.pvalue < 0.05)
+    for t, df in ((0.1, 1.5), (2.5, 4.0), (12.0, 30.0), (-3.0, 100.0)):
+        assert two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+    assert welch([0.3], [0.2, 0.25]).reason.startswith("too few seeds for a test (1 and 2")
+    assert welch([0.3, 0.3], [0.2, 0.2]).p is None
+    s = summarize([0.1, 0.2, 0.4])
+    assert (s.n, s.mean, s.std) == (3, pytest.approx(statistics.mean([0.1, 0.2, 0.4])),
+                                    pytest.approx(statistics.stdev([0.1, 0.2, 0.4])))
+
+
+def _rows(spec, steps=(1, 2)):
+    """A results table of the study's cells: main_value and diagnostics made up per run and step."""
+    rng = random.Random(0)
+    by_run, rows = {}, []
+    for c in cells(spec):
+        run = f"run-{c.method}-{c.seed}"
+        by_run[run] = c
+        for step in steps:
+            for ds in spec.downstream:
+                rows.append({"run_id": run, "step": step, "dataset": ds, "main_value": rng.random(),
+                             "image_effective_eigenvalues": rng.randint(5, 50), "text_effective_eigenvalues": 9,
+                             "image_ajne": rng.random(), "text_ajne": 0.25})
+    return by_run, rows
+
+
+def test_the_summary_equals_a_direct_computation_on_the_table():
+    spec = load_study({**BASE, "downstream": ["shapes", "colors"], "seeds": 2})
+    by_run, rows = _rows(spec)
+    rows.append({"run_id": "someone-else", "step": 2, "dataset": "shapes", "main_value": 1.0})  # not the study's
+    s = summarize_study(by_run, rows)
+    for ds in ("shapes", "colors"):
+        for method in ("cloob", "clip"):
+            values = [r["main_value"] for r in rows if r["dataset"] == ds and r["step"] == 2
+                      and r["run_id"].startswith(f"run-{method}-")]
+            got = s.final[(ds, (method, None, ()))]
+            assert (got.n, got.mean, got.std) == (2, pytest.approx(statistics.mean(values)),
+                                                  pytest.approx(statistics.stdev(values)))
+            curve = s.curves[(ds, (method, None, ()))]
+            assert [step for step, _ in curve] == [1, 2] and curve[-1][1].mean == pytest.approx(statistics.mean(values))
+        cmp = s.comparisons[(ds, (None, ()))]
+        cl = [r["main_value"] for r in rows if r["dataset"] == ds and r["step"] == 2 and "cloob" in r["run_id"]]
+        cp = [r["main_value"] for r in rows if r["dataset"] == ds and r["step"] == 2 and "clip" in r["run_id"]]
+        assert cmp.t == pytest.approx(welch(cl, cp).t)
+    # One diagnostics point per (run, step, set), and the eigenvalues' change against the first step.
+    assert len(s.diagnostics) == len(by_run) * 2 * 2
+    assert len({(d["run_id"], d["step"], d["dataset"]) for d in s.diagnostics}) == len(s.diagnostics)
+    change = relative_eigenvalue_change(s.diagnostics)
+    d1 = {(r["run_id"], r["dataset"], r["step"]): r["image_effective_eigenvalues"] for r in rows if "image_ajne" in r}
+    for c in change:
+        expect = d1[(c["run_id"], c["dataset"], c["step"])] / d1[(c["run_id"], c["dataset"], 1)] - 1
+        assert c["reference_step"] == 1 and math.isclose(c["relative_change"], expect)
+    assert not s.missing
+    assert summarize_study({**by_run, "never-trained": cells(spec)[0]}, rows).missing == ["never-trained"]
