@@ -1,6 +1,7 @@
 """The installed `cloob` command: cloob.cli's commands plus those that run Prefect flows.
 
     cloob demo      the whole pipeline on a laptop, under an ephemeral Prefect (nothing to set up)
+    cloob study     a study spec as one pipeline run (flows.study)
     cloob deploy    deployments and work pools for a Prefect server (flows.deploy)
 
 Prefect reads its settings once, at import: `demo` sets PREFECT_HOME before anything imports it,
@@ -22,6 +23,24 @@ def _cmd_demo(args) -> int:
     return run_demo(args.store, steps=args.steps, samples=args.samples, nproc_per_node=args.nproc_per_node)
 
 
+def _cmd_study(args) -> int:
+    import os
+
+    from cloob.storage import Location
+    from cloob.study.spec import load_study
+
+    load_study(args.study, args.set or [])  # a bad spec fails here, before Prefect starts
+    where = Location(args.store)
+    store = os.path.abspath(where.root) if where.is_local else args.store
+    if not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads its settings once
+        from flows.demo import _use_ephemeral_prefect
+
+        _use_ephemeral_prefect(os.path.join(store if where.is_local else os.path.abspath(".cloob-study"), "prefect"))
+    from flows.study import run_study
+
+    return run_study(args.study, store, args.set or [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -33,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4096, help="captioned images in the demo set")
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes per model (torchrun)")
     p.set_defaults(func=_cmd_demo, own_logging=True)
+    p = sub.add_parser("study", help="a study (methods x seeds x settings, evaluated over training) as one "
+                                     "pipeline run, with means over seeds, significance and diagnostics")
+    p.add_argument("study", help="a shipped study (demo, cloob_vs_clip_cc3m, ablation_cc3m) or a study YAML")
+    p.add_argument("--store", default="./cloob-study", help="storage root (folder or s3://...; default ./cloob-study)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="replace a study field (e.g. seeds=2)")
+    p.set_defaults(func=_cmd_study, own_logging=True)
     add_deploy_parser(sub)
     return parser
 

@@ -18,10 +18,15 @@ def with_data(overrides: list[str], data: list[dict] | None) -> list[str]:
     return [f"data.train={','.join(d['uri'] for d in data)}", *overrides] if data else list(overrides)
 
 
+def artifact_key(prefix: str, name: str) -> str:
+    """`<prefix>-<name>` as an artifact key (lowercase letters, digits and dashes only)."""
+    return f"{prefix}-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+
+
 def progress_key(run_id: str) -> str:
-    """The key of a training's progress artifact, by its run (artifact keys are lowercase letters,
-    digits and dashes), so that the Artifacts page finds each run's progress."""
-    return "train-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
+    """The key of a training's progress artifact, by its run, so that the Artifacts page finds each
+    run's progress."""
+    return artifact_key("train", run_id)
 
 
 def _params() -> dict:

@@ -96,3 +96,66 @@ def test_evaluate_flow_takes_set_names_and_registry_aliases_and_names_its_tasks(
     # A name that is neither a folder nor an alias is one clear error.
     with pytest.raises(Exception, match="neither a checkpoint folder nor known to the registry"):
         evaluate_flow(["nonesuch"], ["shapes"], str(store), settings, publish=False)
+
+
+STUDY = {"name": "tiny-study", "data": "demo", "data_overrides": ["source.samples=32", "download.shard_size=16"],
+         "recipe": "tiny", "overrides": ["train.steps=4", "train.batch_size=8", "data.workers=0", "data.shuffle_buffer=16",
+                                         "schedule.warmup_steps=1"],
+         "methods": ["cloob", "clip"], "seeds": 2, "downstream": ["shapes"], "evaluate": {"every": 2}}
+
+
+@pytest.mark.slow
+def test_a_study_killed_mid_way_resumes_and_its_report_is_the_tables_numbers(tmp_path):
+    """2 methods x 2 seeds x 2 evaluation steps on 32 demo pictures. `cloob study` is killed once its
+    first cell has trained; the rerun trains and evaluates nothing twice; the report's means, stds and
+    test are those of the results table; the diagnostics have one point per (run, step, set)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from cloob.study.stats import welch
+    from flows.study import study_flow
+
+    spec = tmp_path / "study.yaml"
+    spec.write_text(yaml.safe_dump(STUDY))
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "study", str(spec), "--store", str(store)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list(store.glob("runs/*/checkpoints/step_*4/meta.json"))) < 1:  # the first cell is done
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.poll() else ""
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in store.glob("runs/*/checkpoints/*/open_clip_pytorch_model.bin")}
+
+    out = study_flow(str(spec), str(store), eval_settings={"batch_size": 64, "workers": 0, "limit": 32})
+    assert len(out["runs"]) == 4 and out["failed"] == 0
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the killed run's finished work is kept
+    rows = read_rows(str(store / "results"), latest=False).to_pylist()
+    assert sorted((r["run_id"], r["step"]) for r in rows) == sorted((run, s) for run in out["runs"] for s in (2, 4))
+
+    again = study_flow(str(spec), str(store), eval_settings={"batch_size": 64, "workers": 0, "limit": 32})
+    assert again["runs"] == out["runs"] and len(read_rows(str(store / "results"), latest=False)) == len(rows)
+
+    data = json.loads((store / "studies" / "tiny-study" / "study.json").read_text())
+    for method in ("cloob", "clip"):
+        values = sorted(r["main_value"] for r in rows if r["step"] == 4 and r["method"] == method)
+        (final,) = [f for f in data["final"] if f["group"] == method]
+        assert sorted(final["values"]) == pytest.approx(values) and final["n"] == 2
+        assert final["mean"] == pytest.approx(sum(values) / 2)
+    cl, cp = ([r["main_value"] for r in rows if r["step"] == 4 and r["method"] == m] for m in ("cloob", "clip"))
+    (test,) = data["tests"]
+    expect = welch(cl, cp)
+    assert test["test"] == "Welch's two-sided t-test" and (test["p"] == pytest.approx(expect.p) if expect.p else
+                                                          test["reason"] == expect.reason)
+    assert sorted((d["run_id"], d["step"], d["dataset"]) for d in data["diagnostics"]) == \
+        sorted((r["run_id"], r["step"], r["dataset"]) for r in rows)
+    for name in ("study.md", "study.png", "diagnostics.png"):
+        assert (store / "studies" / "tiny-study" / name).stat().st_size > 0
+    assert "Welch's two-sided t-test" in (store / "studies" / "tiny-study" / "study.md").read_text()

@@ -52,7 +52,7 @@ def test_wheel_holds_the_specs_recipes_and_model_configs(unpacked):
     files = {p.relative_to(unpacked).as_posix() for p in unpacked.rglob("*") if p.is_file()}
     for src in [*REPO.glob("data_specs/**/*.yaml"), *REPO.glob("data_specs/*.md")]:
         assert f"cloob/_data_specs/{src.relative_to(REPO / 'data_specs').as_posix()}" in files, src
-    for src in [*REPO.glob("cloob/recipes/*.yaml"), *REPO.glob("cloob/model_configs/*.json"),
+    for src in [*REPO.glob("cloob/recipes/*.yaml"), *REPO.glob("cloob/studies/*.yaml"), *REPO.glob("cloob/model_configs/*.json"),
                 REPO / "cloob/results/paper_zero_shot.csv"]:
         assert src.relative_to(REPO).as_posix() in files, src
 

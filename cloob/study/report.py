@@ -1,0 +1,168 @@
+"""A study's report: study.md (per dataset, each group's mean +- std over seeds at the last step, the
+paper's numbers beside them, CLOOB against CLIP by Welch's t-test, p < 0.05 in bold as in the paper),
+study.png (zero-shot accuracy against step, mean with a +-std band), diagnostics.png (the blog's
+figures: the relative change of the number of effective eigenvalues against the first evaluated step,
+with and without Hopfield retrieval; the Ajne uniformity statistic over training, InfoLOOB against
+InfoNCE; image and text embeddings), and study.json with every number drawn or printed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+
+from cloob.methods import METHODS
+from cloob.study.stats import ALPHA, TEST_NAME
+from cloob.study.summary import StudySummary, relative_eigenvalue_change
+
+FILES = ("study.md", "study.png", "diagnostics.png", "study.json")
+
+
+def _group_label(group: tuple) -> str:
+    method, arch, point = group
+    return " ".join([method, *([arch] if arch else []), *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point)])
+
+
+def paper_numbers(data: str, arch: str | None, epochs: int | None) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """(dataset, method) -> (top-1 %, std %) the paper published for this pretraining data, encoder and
+    epochs; empty when it published none (the demo)."""
+    from cloob.results.paper import load_paper
+
+    encoder = re.sub(r"-quickgelu$", "", arch or "", flags=re.IGNORECASE)
+    out = {}
+    for r in load_paper():
+        if r["pretraining"] == data and r["encoder"] == encoder and r["epochs"] in ("", str(epochs or "")):
+            out[(r["dataset"], r["method"])] = (float(r["top1_percent"]), float(r["std_percent"]) if r["std_percent"] else None)
+    return out
+
+
+def _fmt(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def render_markdown(name: str, s: StudySummary, paper: dict, seeds: int) -> str:
+    out = [f"# Study {name}", "", f"Zero-shot accuracy (%, each set's main metric) at each run's last step: mean ± "
+           f"standard deviation over seeds. CLOOB against CLIP: {TEST_NAME}; **bold**: p < {ALPHA}."]
+    datasets = sorted({d for d, _ in s.final})
+    groups = sorted({g for _, g in s.final}, key=lambda g: (list(METHODS).index(g[0]), str(g[1:])))
+    methods = sorted({g[0] for g in groups}, key=list(METHODS).index)
+    paper_cols = [m for m in methods if any((d, m) in paper for d in datasets)]
+    head = ["dataset", *(_group_label(g) for g in groups), *(f"paper {m.upper()}" for m in paper_cols), "p (CLOOB vs CLIP)"]
+    out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = set()
+    for d in datasets:
+        cells = []
+        for g in groups:
+            summary = s.final.get((d, g))
+            cmp = s.comparisons.get((d, g[1:]))
+            text = _fmt(summary.mean, summary.std) if summary else "-"
+            if summary and cmp and cmp.significant and g[0] in ("cloob", "clip"):
+                better = (cmp.t > 0) == (g[0] == "cloob")
+                text = f"**{text}**" if better else text
+            cells.append(text)
+        for m in paper_cols:
+            ref = paper.get((d, m))
+            cells.append("-" if ref is None else f"{ref[0]:.2f}" + (f" ± {ref[1]:.2f}" if ref[1] is not None else ""))
+        ps = [c for (dd, _), c in s.comparisons.items() if dd == d]
+        if ps and all(c.p is not None for c in ps):
+            cells.append(", ".join(f"{c.p:.3g}" for c in ps))
+        else:
+            cells.append("-")
+            notes.update(c.reason for c in ps if c.reason)
+        out.append("| " + " | ".join([d, *cells]) + " |")
+    if not s.comparisons:
+        notes.add("no test: the study does not train both CLOOB and CLIP")
+    if seeds < 2:
+        notes.add(f"{seeds} seed: too few seeds for any test")
+    if notes:
+        out += [""] + [f"- {n}" for n in sorted(notes)]
+    if s.missing:
+        out += ["", f"Runs with no evaluation yet: {', '.join(s.missing)}."]
+    out += ["", "![zero-shot accuracy against step](study.png)", "",
+            "![effective eigenvalues and Ajne statistic over training](diagnostics.png)", "",
+            "The numbers drawn: `study.json`."]
+    return "\n".join(out) + "\n"
+
+
+def study_data(s: StudySummary) -> dict:
+    """Everything the report prints or draws, as JSON-ready data (study.json)."""
+    return {
+        "final": [{"dataset": d, "group": _group_label(g), "n": v.n, "mean": v.mean, "std": v.std,
+                   "values": s.final_values[(d, g)]} for (d, g), v in sorted(s.final.items(), key=str)],
+        "tests": [{"dataset": d, "arch": k[0], "point": list(map(list, k[1])), "test": TEST_NAME, "t": c.t, "df": c.df,
+                   "p": c.p, "significant": c.significant, "reason": c.reason} for (d, k), c in s.comparisons.items()],
+        "accuracy": [{"dataset": d, "group": _group_label(g), "points": [[st, v.mean, v.std] for st, v in pts]}
+                     for (d, g), pts in sorted(s.curves.items(), key=str)],
+        "diagnostics": [{k: v for k, v in d.items() if k != "group"} for d in s.diagnostics],
+        "eigenvalue_change": {w: relative_eigenvalue_change(s.diagnostics, w) for w in ("image", "text")},
+        "missing": s.missing,
+    }
+
+
+def _mean_by(points: list[dict], key: str, value: str) -> dict[str, list[tuple[int, float]]]:
+    """label -> [(step, mean of value over seeds and sets)]."""
+    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for p in points:
+        if p.get(value) is not None:
+            acc[p[key]][p["step"]].append(p[value])
+    return {k: [(st, sum(v) / len(v)) for st, v in sorted(steps.items())] for k, steps in acc.items()}
+
+
+def render_pngs(data: dict) -> dict[str, bytes]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from cloob.results.figure import method_colors, png_bytes
+
+    files = {}
+    datasets = sorted({a["dataset"] for a in data["accuracy"]}) or ["(none)"]
+    fig = Figure(figsize=(4.5 * len(datasets), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(datasets), squeeze=False).ravel()
+    for ax, d in zip(axes, datasets):
+        series = [a for a in data["accuracy"] if a["dataset"] == d]
+        for a, color in zip(series, method_colors([a["group"].split()[0] for a in series])):
+            st = [p[0] for p in a["points"]]
+            mean = [100 * p[1] for p in a["points"]]
+            std = [100 * (p[2] or 0.0) for p in a["points"]]
+            ax.plot(st, mean, marker="o", markersize=3, color=color, label=a["group"])
+            ax.fill_between(st, [m - e for m, e in zip(mean, std)], [m + e for m, e in zip(mean, std)], color=color, alpha=0.2)
+        ax.set_title(d)
+        ax.set_xlabel("step")
+        ax.set_ylabel("zero-shot accuracy (%)")
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=7)
+    fig.suptitle("Zero-shot accuracy over training (mean ± std over seeds)")
+    fig.subplots_adjust(top=0.82, bottom=0.15, wspace=0.3)
+    files["study.png"] = png_bytes(fig)
+
+    fig = Figure(figsize=(12, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2).ravel()
+    panels = [(data["eigenvalue_change"]["image"], "relative_change", "image: effective eigenvalues, change vs first step"),
+              (data["eigenvalue_change"]["text"], "relative_change", "text: effective eigenvalues, change vs first step"),
+              (data["diagnostics"], "image_ajne", "image: Ajne statistic (lower: more uniform)"),
+              (data["diagnostics"], "text_ajne", "text: Ajne statistic (lower: more uniform)")]
+    for ax, (points, value, title) in zip(axes, panels):
+        for method, pts in sorted(_mean_by(points, "method", value).items()):
+            objective, retrieval = METHODS.get(method, ("?", "?"))
+            label = f"{method} ({objective}, {'Hopfield' if retrieval == 'hopfield' else 'no retrieval'})"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+                    color=method_colors([method])[0], label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Diagnostics over training (mean over seeds and sets)")
+    fig.subplots_adjust(hspace=0.4, wspace=0.25)
+    files["diagnostics.png"] = png_bytes(fig)
+    return files
+
+
+def render_study(name: str, s: StudySummary, paper: dict, seeds: int) -> dict[str, bytes]:
+    """The report's files, name -> bytes (FILES)."""
+    data = study_data(s)
+    return {"study.md": render_markdown(name, s, paper, seeds).encode(), **render_pngs(data),
+            "study.json": (json.dumps(data, indent=1, default=str) + "\n").encode()}

@@ -1,0 +1,128 @@
+"""The `cloob-study` flow and `cloob study`: a study spec (cloob/study/spec.py) run as one pipeline run.
+
+The data and the sets are prepared once; every cell (method x arch x swept point x seed) is an
+ordinary training run (here, or through the cloob-train GPU deployment), registered, and evaluated at
+the study's steps, each (checkpoint, set) an ordinary row of the results table (here, or one run of
+evaluate-checkpoints/gpu). Everything is content-keyed as in the pipeline: a rerun skips what is done
+and a killed study resumes where it stopped. The report (cloob/study/report.py) is written to
+<store>/studies/<name>/ and published as the artifact `study-<name>`, its pictures embedded.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import sys
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.futures import wait
+
+from flows.pipeline import _prepared_sets, _submit_evaluations
+from flows.remote import WORKER_WAIT_S
+from flows.tasks import prepare_data, prepare_downstream_set, publish_results, register, result_of, train, train_remote
+
+
+@flow(name="cloob-study")
+def study_flow(study: str, store: str, overrides: list[str] | None = None, train_deployment: str | None = None,
+               eval_deployment: str | None = None, eval_settings: dict | None = None, nproc_per_node: int = 1,
+               worker_wait_s: float | None = WORKER_WAIT_S) -> dict:
+    """A study: every cell trained, registered and evaluated at the study's steps; then its report.
+
+    Args:
+        study: a shipped study's name (demo, cloob_vs_clip_cc3m, ablation_cc3m) or a study YAML path.
+        store: the store's root (a bucket, or a folder every worker sees).
+        overrides: top-level study fields to replace (key=value, YAML values: seeds=2).
+        train_deployment: e.g. "cloob-train/gpu": train every cell there.
+        eval_deployment: e.g. "evaluate-checkpoints/gpu": evaluate every checkpoint x set there.
+        eval_settings: evaluation settings (cloob.evaluate.runner.EvalSettings fields).
+        nproc_per_node: training processes (GPUs) per node.
+        worker_wait_s: how long a deployment run may wait for a worker before the study fails.
+    """
+    from cloob.config import load_recipe
+    from cloob.study.cells import cells, steps_to_evaluate
+    from cloob.study.spec import load_study
+    from cloob.train.checkpoint import CheckpointStore
+    from flows.signals import stop_on_signals
+
+    spec = load_study(study, list(overrides or []))
+    logger = get_run_logger()
+    with stop_on_signals("cloob-study"):
+        set_futures = prepare_downstream_set.map(spec.downstream, unmapped(posixpath.join(store, "downstream")))
+        name = posixpath.splitext(posixpath.basename(spec.data))[0]
+        data = result_of(prepare_data, spec.data, posixpath.join(store, "datasets", name), None, spec.data_overrides)
+        registry, results = posixpath.join(store, "registry"), posixpath.join(store, "results")
+        cache_root = posixpath.join(store, "cache", "classifiers")
+        datasets, evals, cells_by_run = None, [], {}
+        all_cells = cells(spec)
+        logger.info("study %s: %d cells (%s), %d sets", spec.name, len(all_cells),
+                    ", ".join(sorted({c.label for c in all_cells})), len(spec.downstream))
+        for cell in all_cells:
+            ov = [f"train.output={store}", *cell.overrides]
+            if train_deployment:
+                run = result_of(train_remote, train_deployment, spec.recipe, ov, nproc_per_node, None, [data],
+                                worker_wait_s)
+            else:
+                run = result_of(train, spec.recipe, ov, nproc_per_node, data=[data])
+            cells_by_run[posixpath.basename(run["run_dir"].rstrip("/"))] = cell
+            result_of(register, run, registry)
+            if datasets is None:
+                datasets = _prepared_sets(set_futures)
+            refs = {r.step: r for r in CheckpointStore(run["run_dir"]).complete()}
+            for step in steps_to_evaluate(spec, sorted(refs)):
+                at = {**run, "checkpoint": refs[step].url, "step": step}
+                evals += _submit_evaluations(at, datasets, store, results, cache_root, eval_settings,
+                                             eval_deployment, worker_wait_s)
+        wait(evals)
+        failed = [f for f in evals if not f.state.is_completed()]
+        for f in failed:
+            logger.error("evaluation failed: %s", f.state.message)
+        recipe = load_recipe(spec.recipe, list(spec.overrides))
+        report = result_of(publish_study, spec.name, {k: _cell_json(c) for k, c in cells_by_run.items()}, results,
+                           posixpath.join(store, "studies", spec.name), spec.data, spec.archs or [recipe.model.arch],
+                           recipe.train.epochs, len(spec.seed_list))
+        result_of(publish_results, results)
+        return {"study": spec.name, "report": report, "runs": sorted(cells_by_run), "evaluated": len(evals) - len(failed),
+                "failed": len(failed) + len(spec.downstream) - len(datasets or {})}
+
+
+def _cell_json(c) -> dict:
+    return {"method": c.method, "seed": c.seed, "arch": c.arch, "point": [list(p) for p in c.point]}
+
+
+@task(name="publish_study", task_run_name="publish-study-{name}")
+def publish_study(name: str, cells_by_run: dict, results: str, out: str, data: str, archs: list[str],
+                  epochs: int | None, seeds: int) -> str:
+    """The study's report from the results table: files under `out` and a markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from cloob.results.render import embed_images
+    from cloob.results.table import read_rows
+    from cloob.storage import atomic_write_bytes
+    from cloob.study.cells import Cell
+    from cloob.study.report import paper_numbers, render_study
+    from cloob.study.summary import summarize_study
+    from flows.names import artifact_key
+
+    cells = {run: Cell(c["method"], c["seed"], c["arch"], tuple(tuple(p) for p in c["point"]))
+             for run, c in cells_by_run.items()}
+    summary = summarize_study(cells, read_rows(results, latest=True).to_pylist())
+    paper = paper_numbers(posixpath.splitext(posixpath.basename(data))[0], archs[0] if len(archs) == 1 else None, epochs)
+    files = render_study(name, summary, paper, seeds)
+    for fname, blob in sorted(files.items(), key=lambda kv: kv[0] == "study.md"):
+        atomic_write_bytes(posixpath.join(out, fname), blob)
+    create_markdown_artifact(embed_images(files["study.md"].decode(), files),
+                             key=artifact_key("study", name),
+                             description=f"study {name}: means over seeds, significance, curves")
+    return posixpath.join(out, "study.md")
+
+
+def run_study(study: str, store: str, overrides: list[str] | None = None) -> int:
+    """`cloob study`, once Prefect is set up (flows.cli: the server at PREFECT_API_URL, else an
+    ephemeral one in <store>/prefect, as `cloob demo`). Prints the report."""
+    from cloob.storage import Location
+    from flows.signals import stop_on_signals
+
+    with stop_on_signals("cloob study", exit_process=True):
+        out = study_flow(study, store, list(overrides or []))
+    sys.stdout.write(Location(posixpath.dirname(out["report"])).read_bytes("study.md").decode())
+    print(f"report: {out['report']}  ({len(out['runs'])} runs, {out['evaluated']} evaluations, {out['failed']} failed)")
+    return 0 if not out["failed"] else 2
