@@ -510,3 +510,28 @@ def test_img2dataset_processes_do_not_load_torch():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
+
+
+def test_a_worker_whose_cloob_prepare_has_ended_marks_no_shard_finished(monkeypatch):
+    """The window the parent check left: cloob prepare is dead (here: exited, not yet reaped, as
+    right after a kill) while the fetch process between it and the worker still lives. The worker
+    must not write the shard's stats file then."""
+    import socket
+
+    from cloob.data import guards
+
+    monkeypatch.setattr(guards, "_parent", os.getppid())
+    monkeypatch.setattr(guards, "_preparer", (socket.gethostname(), os.getpid()))
+    assert guards.abandoned() is None  # alive: the shard may be marked finished
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while not guards._ended(child.pid):  # exited, a zombie until waited for
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monkeypatch.setattr(guards, "_preparer", (socket.gethostname(), child.pid))
+    assert f"the cloob prepare process (pid {child.pid}) has ended" == guards.abandoned()
+    with pytest.raises(RuntimeError, match="not marking the shard finished"):
+        guards.write_stats()
+    monkeypatch.setattr(guards, "_preparer", ("another-host", child.pid))  # a worker elsewhere cannot tell
+    assert guards.abandoned() is None
+    child.wait()

@@ -27,7 +27,8 @@ import socket
 import time
 import urllib.request
 
-import img2dataset.downloader as _downloader
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
+import img2dataset.downloader as _downloader  # noqa: E402
 
 _UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
@@ -110,10 +111,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# The process that ran `cloob prepare` (and serves the demo's pictures), where it runs on this host:
+# once it has ended the preparation has, even while the fetch process between it and this worker is
+# still dying. Checking the parent alone left a window: a killed preparation's server refused the
+# rest of a shard's downloads at once, and the worker marked that shard finished before the fetch
+# process was gone (seen in the suite: a resumed demo with 21 images short).
+_preparer = ((os.environ.get("CLOOB_PREPARE_HOST", ""), int(os.environ["CLOOB_PREPARE_PID"]))
+             if os.environ.get("CLOOB_PREPARE_PID", "").isdigit() else None)
+
+
+def _ended(pid: int) -> bool:
+    """The process is gone, or has exited and waits to be reaped (a zombie: os.kill still finds it)."""
+    if not os.path.exists("/proc/self/stat"):
+        return not _alive(pid)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return not _alive(pid)
+
+
 def abandoned() -> str | None:
     """Why this process's shard belongs to a preparation that ended, else None."""
     if os.getppid() != _parent:
         return "the process that started this worker has ended"
+    if _preparer is not None and _preparer[0] == socket.gethostname() and _ended(_preparer[1]):
+        return f"the cloob prepare process (pid {_preparer[1]}) has ended"
     if _driver is not None:
         host, pid = _driver
         if host == socket.gethostname() and not _alive(pid):  # a worker on another machine cannot tell

@@ -35,6 +35,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -188,8 +189,11 @@ def _proxy_env(proxy: str | None) -> dict[str, str]:
 
 def _fetch_env(spec: PretrainSpec, proxy: str | None) -> dict[str, str]:
     d = spec.download
+    # CLOOB_PREPARE_*: this process, which the workers check before they mark a shard finished
+    # (cloob.data.guards.abandoned).
     return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", CLOOB_FETCH_DEADLINE=str(d.deadline),
-                CLOOB_FETCH_MAX_BYTES=str(d.max_bytes), PYTHONUNBUFFERED="1", **_proxy_env(proxy))
+                CLOOB_FETCH_MAX_BYTES=str(d.max_bytes), PYTHONUNBUFFERED="1", CLOOB_PREPARE_PID=str(os.getpid()),
+                CLOOB_PREPARE_HOST=socket.gethostname(), **_proxy_env(proxy))
 
 
 def _engine_args(spec: PretrainSpec, store: Location, cluster: dict, proxy: str | None) -> dict:
