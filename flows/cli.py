@@ -26,16 +26,13 @@ def _cmd_demo(args) -> int:
 def _cmd_study(args) -> int:
     import os
 
-    from cloob.storage import Location
     from cloob.study.spec import load_study
+    from flows.demo import _use_ephemeral_prefect, store_and_prefect_home
 
     load_study(args.study, args.set or [])  # a bad spec fails here, before Prefect starts
-    where = Location(args.store)
-    store = os.path.abspath(where.root) if where.is_local else args.store
+    store, home = store_and_prefect_home(args.store, ".cloob-study")
     if not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads its settings once
-        from flows.demo import _use_ephemeral_prefect
-
-        _use_ephemeral_prefect(os.path.join(store if where.is_local else os.path.abspath(".cloob-study"), "prefect"))
+        _use_ephemeral_prefect(home)
     from flows.study import run_study
 
     return run_study(args.study, store, args.set or [])

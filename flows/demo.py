@@ -36,6 +36,17 @@ def _use_ephemeral_prefect(home: str) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
 
 
+def store_and_prefect_home(store: str, elsewhere: str) -> tuple[str, str]:
+    """(the store, absolute when it is a folder; the ephemeral Prefect's home: <store>/prefect, or
+    <elsewhere>/prefect in the working directory when the store is a bucket)."""
+    from cloob.storage import Location
+
+    where = Location(store)
+    if where.is_local:
+        store = os.path.abspath(where.root)
+    return store, os.path.join(store if where.is_local else os.path.abspath(elsewhere), "prefect")
+
+
 def demo_parameters(store: str, steps: int = 500, samples: int = 4096, nproc_per_node: int = 1) -> dict:
     """The pipeline parameters of the demo (the README's numbers come from these)."""
     # CLOOB at inv_tau 50: at the recipe's 30 the tiny model stayed below chance at 500 steps on one
@@ -52,14 +63,9 @@ def demo_parameters(store: str, steps: int = 500, samples: int = 4096, nproc_per
 
 
 def run_demo(store: str = "./cloob-demo", steps: int = 500, samples: int = 4096, nproc_per_node: int = 1) -> int:
-    from cloob.storage import Location
 
     t0 = time.time()
-    where = Location(store)
-    local = where.is_local
-    if local:
-        store = os.path.abspath(where.root)
-    home = os.path.join(store if local else os.path.abspath(".cloob-demo-prefect"), "prefect")
+    store, home = store_and_prefect_home(store, ".cloob-demo-prefect")
     _use_ephemeral_prefect(home)
     from cloob.errors import CloobError
     from cloob.results.arrange import build_report

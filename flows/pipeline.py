@@ -13,8 +13,10 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import wait
 
+from flows.names import summary_label
 from flows.remote import WORKER_WAIT_S
 from flows.tasks import (
+    dataset_folder,
     evaluate,
     evaluate_remote,
     prepare_data,
@@ -135,8 +137,8 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
     with stop_on_signals("cloob-pipeline"):
         # Submitted first: they need nothing else, and run in threads while this one trains.
         set_futures = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
-        data = [result_of(prepare_data, spec, posixpath.join(store, "datasets", posixpath.splitext(posixpath.basename(spec))[0]),
-                          None, spec_overrides, spark_master, ray_address, force_prepare) for spec in specs]
+        data = [result_of(prepare_data, spec, dataset_folder(store, spec), None, spec_overrides, spark_master, ray_address,
+                          force_prepare) for spec in specs]
         registry = posixpath.join(store, "registry")
         results = posixpath.join(store, "results")
         cache_root = posixpath.join(store, "cache", "classifiers")
@@ -200,7 +202,6 @@ def _submit_evaluations(run: dict, datasets: dict[str, str], store: str, results
     if deployment is None:
         return [evaluate.submit(run["checkpoint"], name, uri, results, cache_root, settings)
                 for name, uri in datasets.items()]
-    run_id = posixpath.basename(run["run_dir"].rstrip("/"))
     return [evaluate_remote.submit(deployment, run["checkpoint"], name, uri, store, settings,
-                                   f"evaluate-{run_id}-step{run['step']}-on-{name}", worker_wait_s)
+                                   f"evaluate-{summary_label(run)}-on-{name}", worker_wait_s)
             for name, uri in datasets.items()]

@@ -18,7 +18,17 @@ from prefect.futures import wait
 
 from flows.pipeline import _prepared_sets, _submit_evaluations
 from flows.remote import WORKER_WAIT_S
-from flows.tasks import prepare_data, prepare_downstream_set, publish_results, register, result_of, train, train_remote
+from flows.tasks import (
+    dataset_folder,
+    prepare_data,
+    prepare_downstream_set,
+    publish_results,
+    register,
+    result_of,
+    spec_name,
+    train,
+    train_remote,
+)
 
 
 @flow(name="cloob-study")
@@ -47,8 +57,7 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
     logger = get_run_logger()
     with stop_on_signals("cloob-study"):
         set_futures = prepare_downstream_set.map(spec.downstream, unmapped(posixpath.join(store, "downstream")))
-        name = posixpath.splitext(posixpath.basename(spec.data))[0]
-        data = result_of(prepare_data, spec.data, posixpath.join(store, "datasets", name), None, spec.data_overrides)
+        data = result_of(prepare_data, spec.data, dataset_folder(store, spec.data), None, spec.data_overrides)
         registry, results = posixpath.join(store, "registry"), posixpath.join(store, "results")
         cache_root = posixpath.join(store, "cache", "classifiers")
         datasets, evals, cells_by_run = None, [], {}
@@ -76,39 +85,25 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
         for f in failed:
             logger.error("evaluation failed: %s", f.state.message)
         recipe = load_recipe(spec.recipe, list(spec.overrides))
-        report = result_of(publish_study, spec.name, {k: _cell_json(c) for k, c in cells_by_run.items()}, results,
-                           posixpath.join(store, "studies", spec.name), spec.data, spec.archs or [recipe.model.arch],
-                           recipe.train.epochs, len(spec.seed_list))
+        archs = spec.archs or [recipe.model.arch]
+        report = result_of(publish_study, spec.name, cells_by_run, results, posixpath.join(store, "studies", spec.name),
+                           spec_name(spec.data), archs[0] if len(archs) == 1 else None, recipe.train.epochs, len(spec.seed_list))
         result_of(publish_results, results)
         return {"study": spec.name, "report": report, "runs": sorted(cells_by_run), "evaluated": len(evals) - len(failed),
                 "failed": len(failed) + len(spec.downstream) - len(datasets or {})}
 
 
-def _cell_json(c) -> dict:
-    return {"method": c.method, "seed": c.seed, "arch": c.arch, "point": [list(p) for p in c.point]}
-
-
 @task(name="publish_study", task_run_name="publish-study-{name}")
-def publish_study(name: str, cells_by_run: dict, results: str, out: str, data: str, archs: list[str],
+def publish_study(name: str, cells_by_run: dict, results: str, out: str, data: str, arch: str | None,
                   epochs: int | None, seeds: int) -> str:
-    """The study's report from the results table: files under `out` and a markdown artifact."""
+    """The study's report (cloob.study.report.write_study) under `out`, and as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
     from cloob.results.render import embed_images
-    from cloob.results.table import read_rows
-    from cloob.storage import atomic_write_bytes
-    from cloob.study.cells import Cell
-    from cloob.study.report import paper_numbers, render_study
-    from cloob.study.summary import summarize_study
+    from cloob.study.report import write_study
     from flows.names import artifact_key
 
-    cells = {run: Cell(c["method"], c["seed"], c["arch"], tuple(tuple(p) for p in c["point"]))
-             for run, c in cells_by_run.items()}
-    summary = summarize_study(cells, read_rows(results, latest=True).to_pylist())
-    paper = paper_numbers(posixpath.splitext(posixpath.basename(data))[0], archs[0] if len(archs) == 1 else None, epochs)
-    files = render_study(name, summary, paper, seeds)
-    for fname, blob in sorted(files.items(), key=lambda kv: kv[0] == "study.md"):
-        atomic_write_bytes(posixpath.join(out, fname), blob)
+    files = write_study(name, cells_by_run, results, out, data, arch, epochs, seeds)
     create_markdown_artifact(embed_images(files["study.md"].decode(), files),
                              key=artifact_key("study", name),
                              description=f"study {name}: means over seeds, significance, curves")

@@ -73,6 +73,16 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
     return _data_summary(out, m)
 
 
+def spec_name(spec: str) -> str:
+    """A data spec's name as given: `cc3m`, or a path's file stem."""
+    return posixpath.splitext(posixpath.basename(spec))[0]
+
+
+def dataset_folder(store: str, spec: str) -> str:
+    """Where the flows prepare a data spec: <store>/datasets/<spec name>."""
+    return posixpath.join(store, "datasets", spec_name(spec))
+
+
 def _how_to_rerun() -> str:
     from prefect.runtime import deployment, flow_run
 

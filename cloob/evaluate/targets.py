@@ -23,10 +23,11 @@ def prepared_sets(downstream: str, names: list[str]) -> list[tuple[str, str]]:
         if not names:
             raise CloobError(f"no prepared downstream set in {downstream}",
                              f"prepare some first: cloob prepare-downstream all --out {downstream}")
-    for name in names:
-        if read_manifest(downstream, name) is None:
-            raise CloobError(f"{name} is not prepared in {downstream}",
-                             f"cloob prepare-downstream {name} --out {downstream} (or --downstream <root>)")
+    else:
+        for name in names:
+            if read_manifest(downstream, name) is None:
+                raise CloobError(f"{name} is not prepared in {downstream}",
+                                 f"cloob prepare-downstream {name} --out {downstream} (or --downstream <root>)")
     return [(name, posixpath.join(downstream, name)) for name in names]
 
 

@@ -104,6 +104,15 @@ def choose_paper(paper: str | None, checkpoints: list[Checkpoint],
     return choice
 
 
+def setting_for(pretraining: str, arch: str | None, epochs: int | None,
+                paper_rows: list[dict] | None = None) -> PaperReference | None:
+    """The published setting of this pretraining data, encoder and epochs (a setting the paper gives
+    without epochs, as yfcc15m's, matches any), or None when the paper has none."""
+    choices = _paper_choices(load_paper() if paper_rows is None else paper_rows)
+    encoder = _encoder(arch) or ""
+    return _match(choices, pretraining, encoder, str(epochs or "")) or _match(choices, pretraining, encoder, "")
+
+
 def paper_values(choice: PaperReference, paper_rows: list[dict] | None = None) -> tuple[dict[str, dict[str, Ref]], str]:
     """(method -> dataset -> Ref in percent, the source text) for a chosen setting."""
     values: dict[str, dict[str, Ref]] = {}

@@ -33,8 +33,13 @@ class Cell:
 
     @property
     def label(self) -> str:
-        parts = [self.method, *([self.arch] if self.arch else []), *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.point)]
-        return " ".join(parts)
+        return group_label(self.group)
+
+
+def group_label(group: tuple) -> str:
+    """`cloob RN50 beta=8`: a group's method, architecture and swept settings, as reports show them."""
+    method, arch, point = group
+    return " ".join([method, *([arch] if arch else []), *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point)])
 
 
 def checkpoint_every(spec: StudySpec) -> int | None:

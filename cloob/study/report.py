@@ -9,32 +9,26 @@ InfoNCE; image and text embeddings), and study.json with every number drawn or p
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 
 from cloob.methods import METHODS
+from cloob.study.cells import group_label
 from cloob.study.stats import ALPHA, TEST_NAME
 from cloob.study.summary import StudySummary, relative_eigenvalue_change
 
 FILES = ("study.md", "study.png", "diagnostics.png", "study.json")
 
 
-def _group_label(group: tuple) -> str:
-    method, arch, point = group
-    return " ".join([method, *([arch] if arch else []), *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point)])
-
-
 def paper_numbers(data: str, arch: str | None, epochs: int | None) -> dict[tuple[str, str], tuple[float, float | None]]:
     """(dataset, method) -> (top-1 %, std %) the paper published for this pretraining data, encoder and
     epochs; empty when it published none (the demo)."""
-    from cloob.results.paper import load_paper
+    from cloob.results.paper import paper_values, setting_for
 
-    encoder = re.sub(r"-quickgelu$", "", arch or "", flags=re.IGNORECASE)
-    out = {}
-    for r in load_paper():
-        if r["pretraining"] == data and r["encoder"] == encoder and r["epochs"] in ("", str(epochs or "")):
-            out[(r["dataset"], r["method"])] = (float(r["top1_percent"]), float(r["std_percent"]) if r["std_percent"] else None)
-    return out
+    choice = setting_for(data, arch, epochs)
+    if choice is None:
+        return {}
+    values, _ = paper_values(choice)
+    return {(d, m): (ref.value, ref.std) for m, by_set in values.items() for d, ref in by_set.items()}
 
 
 def _fmt(mean: float, std: float | None) -> str:
@@ -48,7 +42,7 @@ def render_markdown(name: str, s: StudySummary, paper: dict, seeds: int) -> str:
     groups = sorted({g for _, g in s.final}, key=lambda g: (list(METHODS).index(g[0]), str(g[1:])))
     methods = sorted({g[0] for g in groups}, key=list(METHODS).index)
     paper_cols = [m for m in methods if any((d, m) in paper for d in datasets)]
-    head = ["dataset", *(_group_label(g) for g in groups), *(f"paper {m.upper()}" for m in paper_cols), "p (CLOOB vs CLIP)"]
+    head = ["dataset", *(group_label(g) for g in groups), *(f"paper {m.upper()}" for m in paper_cols), "p (CLOOB vs CLIP)"]
     out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = set()
     for d in datasets:
@@ -88,11 +82,11 @@ def render_markdown(name: str, s: StudySummary, paper: dict, seeds: int) -> str:
 def study_data(s: StudySummary) -> dict:
     """Everything the report prints or draws, as JSON-ready data (study.json)."""
     return {
-        "final": [{"dataset": d, "group": _group_label(g), "n": v.n, "mean": v.mean, "std": v.std,
+        "final": [{"dataset": d, "group": group_label(g), "n": v.n, "mean": v.mean, "std": v.std,
                    "values": s.final_values[(d, g)]} for (d, g), v in sorted(s.final.items(), key=str)],
         "tests": [{"dataset": d, "arch": k[0], "point": list(map(list, k[1])), "test": TEST_NAME, "t": c.t, "df": c.df,
                    "p": c.p, "significant": c.significant, "reason": c.reason} for (d, k), c in s.comparisons.items()],
-        "accuracy": [{"dataset": d, "group": _group_label(g), "points": [[st, v.mean, v.std] for st, v in pts]}
+        "accuracy": [{"dataset": d, "group": group_label(g), "points": [[st, v.mean, v.std] for st, v in pts]}
                      for (d, g), pts in sorted(s.curves.items(), key=str)],
         "diagnostics": [{k: v for k, v in d.items() if k != "group"} for d in s.diagnostics],
         "eigenvalue_change": {w: relative_eigenvalue_change(s.diagnostics, w) for w in ("image", "text")},
@@ -166,3 +160,22 @@ def render_study(name: str, s: StudySummary, paper: dict, seeds: int) -> dict[st
     data = study_data(s)
     return {"study.md": render_markdown(name, s, paper, seeds).encode(), **render_pngs(data),
             "study.json": (json.dumps(data, indent=1, default=str) + "\n").encode()}
+
+
+def write_study(name: str, cells_by_run: dict, results: str, out: str, data: str, arch: str | None,
+                epochs: int | None, seeds: int) -> dict[str, bytes]:
+    """The study's report from the results table at `results`: its files (FILES) written atomically
+    under `out` (study.md last, so that its links resolve once it is there), and returned.
+    cells_by_run: run id -> its cloob.study.cells.Cell; data, arch, epochs: for the paper's numbers."""
+    import posixpath
+
+    from cloob.results.table import read_rows
+    from cloob.storage import atomic_write_bytes
+    from cloob.study.summary import summarize_study
+
+    summary = summarize_study(cells_by_run, read_rows(results, latest=True).to_pylist())
+    files = render_study(name, summary, paper_numbers(data, arch, epochs), seeds)
+    for fname, blob in sorted(files.items(), key=lambda kv: kv[0] == "study.md"):
+        atomic_write_bytes(posixpath.join(out, fname), blob)
+    return files
+

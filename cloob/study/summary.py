@@ -32,8 +32,10 @@ def summarize_study(cells_by_run: dict[str, Cell], rows: list[dict], compare: tu
     """cells_by_run: run id -> its cell; rows: the results table's latest rows (other runs are ignored)."""
     out = StudySummary()
     mine = [r for r in rows if r.get("run_id") in cells_by_run and r.get("step") is not None and r.get(metric) is not None]
-    last_step = {run: max((r["step"] for r in mine if r["run_id"] == run), default=None) for run in cells_by_run}
-    out.missing = sorted(run for run, s in last_step.items() if s is None)
+    last_step: dict[str, int] = {}
+    for r in mine:
+        last_step[r["run_id"]] = max(last_step.get(r["run_id"], r["step"]), r["step"])
+    out.missing = sorted(set(cells_by_run) - set(last_step))
 
     by_step: dict[tuple[str, tuple, int], list[float]] = defaultdict(list)
     finals: dict[tuple[str, tuple], list[tuple[int, float]]] = defaultdict(list)
