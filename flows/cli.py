@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from cloob import cli
+from flows.demo import DEFAULT_STEPS  # imports no Prefect at module level
 from flows.deploy import add_deploy_parser  # imports no Prefect at module level
 
 
@@ -35,7 +36,13 @@ def _cmd_study(args) -> int:
         _use_ephemeral_prefect(home)
     from flows.study import run_study
 
-    return run_study(args.study, store, args.set or [])
+    if (args.train_deployment or args.eval_deployment) and not os.environ.get("PREFECT_API_URL"):
+        from cloob.errors import CloobError
+
+        raise CloobError("--train-deployment/--eval-deployment need the Prefect server those deployments are on",
+                         "export PREFECT_API_URL=http://<server>:4200/api (see cloob deploy), then run again")
+    return run_study(args.study, store, args.set or [], train_deployment=args.train_deployment,
+                     eval_deployment=args.eval_deployment, nproc_per_node=args.nproc_per_node)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "img2dataset shards -> CLOOB and CLIP under torchrun -> registry -> "
                                     "zero-shot evaluation -> results table (ephemeral Prefect)")
     p.add_argument("--store", default="./cloob-demo", help="storage root (folder or s3://...; default ./cloob-demo)")
-    p.add_argument("--steps", type=int, default=500, help="training steps per model")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per model")
     p.add_argument("--samples", type=int, default=4096, help="captioned images in the demo set")
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes per model (torchrun)")
     p.set_defaults(func=_cmd_demo, own_logging=True)
@@ -54,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="a shipped study (demo, cloob_vs_clip_cc3m, ablation_cc3m) or a study YAML")
     p.add_argument("--store", default="./cloob-study", help="storage root (folder or s3://...; default ./cloob-study)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="replace a study field (e.g. seeds=2)")
+    p.add_argument("--train-deployment", metavar="FLOW/NAME",
+                   help="train every cell through this deployment (cloob-train/gpu: see cloob deploy); default: here")
+    p.add_argument("--eval-deployment", metavar="FLOW/NAME",
+                   help="evaluate every checkpoint x set through this deployment (evaluate-checkpoints/gpu); "
+                        "default: here")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes (GPUs) per node")
     p.set_defaults(func=_cmd_study, own_logging=True)
     add_deploy_parser(sub)
     return parser

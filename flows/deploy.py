@@ -8,7 +8,9 @@
 What it creates on the Prefect server named by PREFECT_API_URL:
 - work pool `cloob-cpu` (process) with deployments `cloob-pipeline/retrain` (a cron schedule,
   training through `cloob-train/gpu`; with --eval-on gpu, evaluation through
-  `evaluate-checkpoints/gpu`) and `evaluate-checkpoints/cpu`;
+  `evaluate-checkpoints/gpu`), `evaluate-checkpoints/cpu`, and `cloob-study/cluster` (a study,
+  flows.study, run on demand: each cell trained through `cloob-train/gpu`, evaluated as the
+  pipeline evaluates; `--study NAME` makes that study the default of its run form);
 - work pool `cloob-gpu` (process, a worker on a GPU machine) or, with --k8s, `cloob-gpu-k8s`
   (kubernetes, base job template deploy/k8s/gpu-job-template.json: an Indexed Job of `nnodes` pods
   running torchrun together) with deployments `cloob-train/gpu`, at most one run at a time, and
@@ -52,6 +54,7 @@ EVALUATE = ("evaluate-checkpoints", "cpu")
 EVALUATE_GPU = ("evaluate-checkpoints", "gpu")
 EVAL_GPU_DEPLOYMENT = "/".join(EVALUATE_GPU)
 TRAIN = ("cloob-train", "gpu")
+STUDY = ("cloob-study", "cluster")
 TRAIN_DEPLOYMENT = "/".join(TRAIN)
 
 DEFAULT_SPECS = ["cc3m"]
@@ -110,6 +113,37 @@ def _check_names(args) -> None:
         load_recipe(name, [*overrides, *(args.override or [])])
     for name in args.downstream:
         load_downstream_spec(name)
+    if args.study:
+        _check_study(args)
+
+
+def _check_study(args) -> None:
+    """The --study default of cloob-study/cluster: it loads, its recipe and sets exist, and its data
+    spec, with the overrides a run will add, names its source file."""
+    from cloob.config import load_recipe
+    from cloob.data.downstream.spec import load_downstream_spec
+    from cloob.data.spec import load_spec
+    from cloob.study.spec import load_study
+    from flows.tasks import spec_name
+
+    study = load_study(args.study)
+    load_recipe(study.recipe, list(study.overrides))
+    for name in study.downstream:
+        load_downstream_spec(name)
+    extra = _study_data_overrides(args).get(spec_name(study.data), [])
+    source = load_spec(study.data, [*study.data_overrides, *extra]).source
+    field = {"cc3m": "path", "table": "path", "yfcc15m": "metadata"}.get(source.kind)
+    if field and getattr(source, field) is None:
+        raise CloobError(f"study {args.study!r} trains on data spec {study.data!r}, which has no source.{field}",
+                         f"add --spec {spec_name(study.data)} --spec-override source.{field}=s3://bucket/path/to/file "
+                         "(its overrides go to the study's data too)")
+
+
+def _study_data_overrides(args) -> dict[str, list[str]]:
+    """What cloob-study/cluster adds to a study's data spec: each --spec's --spec-override."""
+    from flows.tasks import spec_name
+
+    return {spec_name(spec): list(args.spec_override or []) for spec in args.spec if args.spec_override}
 
 
 def _schedules(args) -> list:
@@ -131,6 +165,7 @@ def build_plan(args) -> dict[str, Any]:
     from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import evaluate_flow, pipeline, train_flow
+    from flows.study import study_flow
 
     gpu_pool = args.gpu_pool or (GPU_POOL_K8S if args.k8s else GPU_POOL)
     gpu_type = "kubernetes" if args.k8s else "process"
@@ -146,6 +181,12 @@ def build_plan(args) -> dict[str, Any]:
         "eval_deployment": EVAL_GPU_DEPLOYMENT if args.eval_on == "gpu" else None,
         **({"spark_master": args.spark_master} if args.spark_master else {}),
         **({"ray_address": args.ray_address} if args.ray_address else {}),
+        **({"worker_wait_s": args.worker_wait_s} if args.worker_wait_s is not None else {}),
+    }
+    study_params = {
+        "store": args.store, "train_deployment": TRAIN_DEPLOYMENT, "nproc_per_node": args.gpus_per_node,
+        "eval_deployment": pipeline_params["eval_deployment"], "data_overrides": _study_data_overrides(args),
+        **({"study": args.study} if args.study else {}),
         **({"worker_wait_s": args.worker_wait_s} if args.worker_wait_s is not None else {}),
     }
     train_jobvars: dict[str, Any] = {}
@@ -173,6 +214,14 @@ def build_plan(args) -> dict[str, Any]:
             # (`prefect worker start --limit 1`), so an evaluation never shares a GPU with a training.
             description="Evaluate checkpoints on downstream sets on a GPU; the pipeline (--eval-on gpu) starts "
                         "one run per checkpoint x set. Rows go to <store>/results.", **common),
+        study_flow.to_deployment(
+            STUDY[1], work_pool_name=args.cpu_pool, parameters=study_params,
+            # Two runs of one study would train the same cells at once: queue them.
+            concurrency_limit=1,
+            description="A study (seeds, methods, sweeps; cloob/studies/*.yaml or a YAML path): every cell "
+                        "trained on the GPU pool, evaluated at the study's steps "
+                        + ("on the GPU pool" if args.eval_on == "gpu" else "on this (CPU) pool")
+                        + "; the report goes to <store>/studies/<name>/ and the artifact study-<name>.", **common),
         train_flow.to_deployment(
             TRAIN[1], work_pool_name=gpu_pool, job_variables=train_jobvars,
             parameters={"nproc_per_node": args.gpus_per_node, "nnodes": args.nnodes},
@@ -242,6 +291,8 @@ def next_steps(plan: dict, args) -> list[str]:
         steps.append(f"GPU worker, on each GPU machine: prefect worker start --pool {gpu['name']} --type process "
                      "--limit 1 (one run at a time: a training and an evaluation never share the GPU)")
     steps.append(f"a run now: prefect deployment run {'/'.join(PIPELINE)}")
+    study = "" if args.study else " -p study=cloob_vs_clip_cc3m"
+    steps.append(f"a study: prefect deployment run {'/'.join(STUDY)}{study} (report: <store>/studies/<name>/study.md)")
     return steps
 
 
@@ -373,6 +424,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-wait-s", type=float, metavar="S",
                    help="how long a training or evaluation run may wait for a GPU worker to take it before the "
                         "scheduled pipeline cancels it and fails, saying so (default 3600)")
+    p.add_argument("--study", metavar="NAME",
+                   help="the study cloob-study/cluster runs by default (cloob/studies: cloob_vs_clip_cc3m, "
+                        "ablation_cc3m, ...; or a YAML path the workers see); without it, each run names one")
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"retraining schedule (default '{DEFAULT_CRON}')")
     p.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
     p.add_argument("--no-schedule", action="store_true", help="no schedule (removes one set before)")

@@ -34,7 +34,7 @@ from flows.tasks import (
 @flow(name="cloob-study")
 def study_flow(study: str, store: str, overrides: list[str] | None = None, train_deployment: str | None = None,
                eval_deployment: str | None = None, eval_settings: dict | None = None, nproc_per_node: int = 1,
-               worker_wait_s: float | None = WORKER_WAIT_S) -> dict:
+               worker_wait_s: float | None = WORKER_WAIT_S, data_overrides: dict[str, list[str]] | None = None) -> dict:
     """A study: every cell trained, registered and evaluated at the study's steps; then its report.
 
     Args:
@@ -46,6 +46,9 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
         eval_settings: evaluation settings (cloob.evaluate.runner.EvalSettings fields).
         nproc_per_node: training processes (GPUs) per node.
         worker_wait_s: how long a deployment run may wait for a worker before the study fails.
+        data_overrides: data spec name -> overrides added to the study's own when the study trains on
+            that spec, e.g. {"cc3m": ["source.path=s3://bucket/Train_GCC-training.tsv"]} (`cloob deploy`
+            passes its --spec-override for each --spec).
     """
     from cloob.config import load_recipe
     from cloob.study.cells import cells, steps_to_evaluate
@@ -57,7 +60,8 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
     logger = get_run_logger()
     with stop_on_signals("cloob-study"):
         set_futures = prepare_downstream_set.map(spec.downstream, unmapped(posixpath.join(store, "downstream")))
-        data = result_of(prepare_data, spec.data, dataset_folder(store, spec.data), None, spec.data_overrides)
+        data_ov = [*spec.data_overrides, *(data_overrides or {}).get(spec_name(spec.data), [])]
+        data = result_of(prepare_data, spec.data, dataset_folder(store, spec.data), None, data_ov)
         registry, results = posixpath.join(store, "registry"), posixpath.join(store, "results")
         cache_root = posixpath.join(store, "cache", "classifiers")
         datasets, evals, cells_by_run = None, [], {}
@@ -110,14 +114,14 @@ def publish_study(name: str, cells_by_run: dict, results: str, out: str, data: s
     return posixpath.join(out, "study.md")
 
 
-def run_study(study: str, store: str, overrides: list[str] | None = None) -> int:
+def run_study(study: str, store: str, overrides: list[str] | None = None, **flow_kw) -> int:
     """`cloob study`, once Prefect is set up (flows.cli: the server at PREFECT_API_URL, else an
     ephemeral one in <store>/prefect, as `cloob demo`). Prints the report."""
     from cloob.storage import Location
     from flows.signals import stop_on_signals
 
     with stop_on_signals("cloob study", exit_process=True):
-        out = study_flow(study, store, list(overrides or []))
+        out = study_flow(study, store, list(overrides or []), **flow_kw)
     sys.stdout.write(Location(posixpath.dirname(out["report"])).read_bytes("study.md").decode())
     print(f"report: {out['report']}  ({len(out['runs'])} runs, {out['evaluated']} evaluations, {out['failed']} failed)")
     return 0 if not out["failed"] else 2

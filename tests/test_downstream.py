@@ -383,3 +383,20 @@ def test_cli_prepare_downstream_errors_and_summary(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 2 and "no-such-set" in captured.err
     assert "1 prepared, 1 failed" in captured.out and "imagenet" in captured.out and " 1000 " in captured.out
+
+
+def test_a_generated_sets_validation_split_draws_other_pictures_of_the_same_classes(tmp_path):
+    """shapes_val/colors_val (generator seed 1) are the tuning study's sets: the same classes and prompts
+    as shapes/colors, other pictures; the sets prepared before the seed field existed keep their hash."""
+    from cloob.data.downstream.prepare import prepare_downstream
+
+    for name in ("shapes", "colors"):
+        test, val = load_downstream_spec(name), load_downstream_spec(f"{name}_val")
+        assert (val.class_names, val.templates) == (test.class_names, test.templates)
+        assert (test.source.seed, val.source.seed) == (None, 1) and spec_hash(test) != spec_hash(val)
+    assert spec_hash(load_downstream_spec("shapes")) == "05e76f6faabede9dc8fa088c96e655302f6873b24a0f5bd078539389d51b4dfc"
+    roots = {n: Path(prepare_downstream(n, str(tmp_path), progress=False)["uri"]) for n in ("colors", "colors_val")}
+    files = {n: sorted(p.relative_to(r) for p in r.rglob("*.jpg")) for n, r in roots.items()}
+    assert files["colors"] == files["colors_val"] and len(files["colors"]) == 6 * 40
+    same = sum((roots["colors"] / f).read_bytes() == (roots["colors_val"] / f).read_bytes() for f in files["colors"])
+    assert same == 0

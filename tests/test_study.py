@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from cloob.errors import CloobError
-from cloob.study.cells import KEEP_ALL, cells, checkpoint_every, steps_to_evaluate
+from cloob.study.cells import KEEP_ALL, cells, checkpoint_every, group_label, steps_to_evaluate
 from cloob.study.spec import load_study
 from cloob.study.stats import summarize, two_sided_p, welch
 from cloob.study.summary import relative_eigenvalue_change, summarize_study
@@ -42,11 +42,50 @@ def test_a_study_expands_into_one_ordinary_run_per_cell():
     ({"method_overrides": {"infoloob": ["loss.beta=8"]}}, "not among the methods"),
     ({"seedz": 3}, "seedz: unknown field"),
     ({"downstream": []}, "downstream"),
+    ({"method_sweep": {"infoloob": {"loss.beta": [8]}}}, "method_sweep names ['infoloob']"),
+    ({"method_sweep": {"clip": {"model.inv_tau": []}}}, "method_sweep.clip 'model.inv_tau': give section.field"),
+    ({"sweep": {"loss.beta": [8]}, "method_sweep": {"cloob": {"loss.beta": [14.3]}}}, "sweep already sweeps"),
 ])
 def test_a_bad_study_is_one_clear_error(change, said):
     with pytest.raises(CloobError, match="invalid study") as e:
         load_study({**BASE, **change})
     assert said in str(e.value) and "fix:" in str(e.value)
+
+
+def test_each_method_can_have_its_own_sweep_and_the_report_ranks_its_settings():
+    """A tuning study: CLIP tries two inv_tau, CLOOB two (inv_tau, beta) points; the same budget each."""
+    from cloob.study.report import render_markdown, study_data
+    from cloob.study.summary import rank_settings
+
+    spec = load_study({**BASE, "downstream": ["shapes", "colors"], "seeds": 2,
+                       "method_sweep": {"clip": {"model.inv_tau": [10, 20]},
+                                        "cloob": {"model.inv_tau": [30], "loss.beta": [8, 14.3]}}})
+    cs = cells(spec)
+    assert sorted({c.label for c in cs}) == ["clip inv_tau=10", "clip inv_tau=20", "cloob inv_tau=30 beta=14.3",
+                                            "cloob inv_tau=30 beta=8"]
+    assert len(cs) == 8 and all(("model.inv_tau=10" in c.overrides) == (c.label == "clip inv_tau=10") for c in cs)
+    rng = random.Random(1)
+    by_run = {f"run{i}": c for i, c in enumerate(cs)}
+    rows = [{"run_id": run, "step": 300, "dataset": ds, "main_value": rng.random()}
+            for run in by_run for ds in spec.downstream]
+    s = summarize_study(by_run, rows)
+    ranking = rank_settings(s)
+    for method in ("clip", "cloob"):
+        direct = {}
+        for g in {c.group for c in cs if c.method == method}:
+            runs = [r for r, c in by_run.items() if c.group == g]
+            per_seed = {by_run[r].seed: statistics.mean(x["main_value"] for x in rows if x["run_id"] == r) for r in runs}
+            direct[g] = (statistics.mean(per_seed.values()), min(per_seed.items(), key=lambda kv: kv[1]))
+        assert [r["group"] for r in ranking[method]] == sorted(direct, key=lambda g: -direct[g][0])
+        for r in ranking[method]:
+            assert r["score"] == pytest.approx(direct[r["group"]][0])
+            assert r["worst_seed"][0] == direct[r["group"]][1][0]
+            assert r["worst_seed"][1] == pytest.approx(direct[r["group"]][1][1])
+    md = render_markdown("t", s, {}, 2)
+    best = ranking["cloob"][0]["group"]
+    assert "## Settings, best first" in md and f"**{group_label(best).removeprefix('cloob ')}**" in md
+    assert "CLOOB and CLIP share no setting" in md
+    assert study_data(s)["ranking"]["clip"][0]["score"] == pytest.approx(ranking["clip"][0]["score"])
 
 
 def test_welch_matches_scipy_and_says_when_there_is_no_test():

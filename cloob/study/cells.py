@@ -51,17 +51,22 @@ def checkpoint_every(spec: StudySpec) -> int | None:
 
 def cells(spec: StudySpec) -> list[Cell]:
     """Every cell, grouped by method, architecture and swept point, seeds innermost."""
-    sweep_keys = list(spec.sweep)
-    points = [tuple(zip(sweep_keys, values)) for values in itertools.product(*(spec.sweep[k] for k in sweep_keys))]
     cadence = checkpoint_every(spec)
     out = []
-    for method, arch, point, seed in itertools.product(spec.methods, spec.archs or [None], points, spec.seed_list):
+    for method, arch, point, seed in ((m, a, p, s) for m in spec.methods for a in spec.archs or [None]
+                                      for p in sweep_points(spec.sweep_of(m)) for s in spec.seed_list):
         ov = [*spec.overrides, *spec.method_overrides.get(method, []), f"loss.method={method}",
               *([f"model.arch={arch}"] if arch else []), *(f"{k}={v}" for k, v in point), f"train.seed={seed}"]
         if cadence:
             ov += [f"train.checkpoint_every={cadence}", f"train.keep_checkpoints={KEEP_ALL}"]
         out.append(Cell(method, seed, arch, point, tuple(ov)))
     return out
+
+
+def sweep_points(sweep: dict[str, list[Any]]) -> list[tuple[tuple[str, Any], ...]]:
+    """Every combination of a sweep's values, as (field, value) pairs; one empty point for no sweep."""
+    keys = list(sweep)
+    return [tuple(zip(keys, values)) for values in itertools.product(*(sweep[k] for k in keys))]
 
 
 def steps_to_evaluate(spec: StudySpec, available: list[int]) -> list[int]:

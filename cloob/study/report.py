@@ -14,7 +14,7 @@ from collections import defaultdict
 from cloob.methods import METHODS
 from cloob.study.cells import group_label
 from cloob.study.stats import ALPHA, TEST_NAME
-from cloob.study.summary import StudySummary, relative_eigenvalue_change
+from cloob.study.summary import StudySummary, rank_settings, relative_eigenvalue_change
 
 FILES = ("study.md", "study.png", "diagnostics.png", "study.json")
 
@@ -66,17 +66,39 @@ def render_markdown(name: str, s: StudySummary, paper: dict, seeds: int) -> str:
             notes.update(c.reason for c in ps if c.reason)
         out.append("| " + " | ".join([d, *cells]) + " |")
     if not s.comparisons:
-        notes.add("no test: the study does not train both CLOOB and CLIP")
+        both = {"cloob", "clip"} <= set(methods)
+        notes.add("no test: CLOOB and CLIP share no setting (each has its own sweep)" if both
+                  else "no test: the study does not train both CLOOB and CLIP")
     if seeds < 2:
         notes.add(f"{seeds} seed: too few seeds for any test")
     if notes:
         out += [""] + [f"- {n}" for n in sorted(notes)]
     if s.missing:
         out += ["", f"Runs with no evaluation yet: {', '.join(s.missing)}."]
+    out += _ranking_markdown(rank_settings(s), datasets)
     out += ["", "![zero-shot accuracy against step](study.png)", "",
             "![effective eigenvalues and Ajne statistic over training](diagnostics.png)", "",
             "The numbers drawn: `study.json`."]
     return "\n".join(out) + "\n"
+
+
+def _ranking_markdown(ranking: dict[str, list[dict]], datasets: list[str]) -> list[str]:
+    if not ranking:
+        return []
+    out = ["", "## Settings, best first", "",
+           "Per method, each setting's mean over the sets of its mean over seeds at the last step (%); "
+           "worst seed: that seed's mean over the sets. Each method's first row is its best setting.", ""]
+    head = ["method", "setting", "mean over sets", "worst seed", *datasets]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, rows in sorted(ranking.items(), key=lambda kv: list(METHODS).index(kv[0])):
+        for i, r in enumerate(rows):
+            setting = group_label(r["group"]).removeprefix(method).strip() or "(recipe)"
+            worst = f"{100 * r['worst_seed'][1]:.1f} (seed {r['worst_seed'][0]})" if r["worst_seed"] else "-"
+            score = f"{100 * r['score']:.1f}" + ("" if r["complete"] else " (sets missing)")
+            cells = [f"{100 * r['per_set'][d]:.1f}" if d in r["per_set"] else "-" for d in datasets]
+            out.append("| " + " | ".join([method if i == 0 else "", f"**{setting}**" if i == 0 else setting, score,
+                                          worst, *cells]) + " |")
+    return out
 
 
 def study_data(s: StudySummary) -> dict:
@@ -91,6 +113,10 @@ def study_data(s: StudySummary) -> dict:
         "diagnostics": [{k: v for k, v in d.items() if k != "group"} for d in s.diagnostics],
         "eigenvalue_change": {w: relative_eigenvalue_change(s.diagnostics, w) for w in ("image", "text")},
         "missing": s.missing,
+        "ranking": {m: [{"setting": group_label(r["group"]), "point": [list(p) for p in r["group"][2]],
+                         "arch": r["group"][1], "score": r["score"], "per_set": r["per_set"],
+                         "worst_seed": list(r["worst_seed"]) if r["worst_seed"] else None, "complete": r["complete"]}
+                        for r in rows] for m, rows in rank_settings(s).items()},
     }
 
 

@@ -10,6 +10,7 @@ specs: an unknown field, a method that does not exist or an empty grid is one Cl
     methods: [cloob, clip]
     seeds: 3                        # 0, 1, 2; or a list [0, 7, 11]
     sweep: {loss.beta: [8, 14.3]}   # optional: every combination is a cell of its own
+    method_sweep: {clip: {model.inv_tau: [20, 50]}}   # optional: one method's own swept settings
     downstream: [shapes, colors]
     evaluate: {every: 100}          # every 100 steps, and the last; or {steps: [50, 300]}
 """
@@ -57,6 +58,9 @@ class StudySpec(_Section):
     archs: list[str] | None = Field(None, description="model.arch of each cell; default: the recipe's")
     sweep: dict[str, list[Any]] = Field(default_factory=dict,
                                         description="recipe field -> values; every combination is a cell")
+    method_sweep: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict, description="method -> its own sweep (added to `sweep` for that method's cells): "
+                                          "a tuning study gives each method its own settings to try")
     downstream: list[str] = Field(min_length=1, description="evaluation sets")
     evaluate: EvaluateAt = EvaluateAt()
 
@@ -82,23 +86,43 @@ class StudySpec(_Section):
     @field_validator("sweep")
     @classmethod
     def _sweep(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key, values in v.items():
-            if "." not in key or not values:
-                raise ValueError(f"sweep {key!r}: give section.field: [value, ...] with at least one value")
-            if key in ("loss.method", "train.seed", "model.arch"):
-                raise ValueError(f"sweep {key!r}: use methods, seeds or archs for it")
+        return _check_sweep(v, "sweep")
+
+    @field_validator("method_sweep")
+    @classmethod
+    def _method_sweep(cls, v: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for method, sweep in v.items():
+            _check_sweep(sweep, f"method_sweep.{method}")
         return v
 
     @model_validator(mode="after")
-    def _method_overrides_of_listed_methods(self) -> StudySpec:
-        extra = sorted(set(self.method_overrides) - set(self.methods))
-        if extra:
-            raise ValueError(f"method_overrides names {extra}, which are not among the methods {self.methods}")
+    def _method_settings_of_listed_methods(self) -> StudySpec:
+        for name in ("method_overrides", "method_sweep"):
+            extra = sorted(set(getattr(self, name)) - set(self.methods))
+            if extra:
+                raise ValueError(f"{name} names {extra}, which are not among the methods {self.methods}")
+        for method, sweep in self.method_sweep.items():
+            both = sorted(set(sweep) & set(self.sweep))
+            if both:
+                raise ValueError(f"method_sweep.{method} sweeps {both}, which sweep already sweeps for every method")
         return self
+
+    def sweep_of(self, method: str) -> dict[str, list[Any]]:
+        """The settings swept for one method's cells: `sweep`, then its `method_sweep`."""
+        return {**self.sweep, **self.method_sweep.get(method, {})}
 
     @property
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+def _check_sweep(v: dict[str, list[Any]], where: str) -> dict[str, list[Any]]:
+    for key, values in v.items():
+        if "." not in key or not values:
+            raise ValueError(f"{where} {key!r}: give section.field: [value, ...] with at least one value")
+        if key in ("loss.method", "train.seed", "model.arch"):
+            raise ValueError(f"{where} {key!r}: use methods, seeds or archs for it")
+    return v
 
 
 def shipped_studies() -> list[str]:

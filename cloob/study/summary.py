@@ -20,7 +20,8 @@ DIAGNOSTICS = ("image_effective_eigenvalues", "text_effective_eigenvalues", "ima
 @dataclass
 class StudySummary:
     final: dict[tuple[str, tuple], Summary] = field(default_factory=dict)  # (dataset, group) -> at the last step
-    final_values: dict[tuple[str, tuple], list[float]] = field(default_factory=dict)
+    final_values: dict[tuple[str, tuple], list[float]] = field(default_factory=dict)  # in seed order
+    final_seeds: dict[tuple[str, tuple], list[int]] = field(default_factory=dict)  # the seeds of final_values
     comparisons: dict[tuple[str, tuple], Comparison] = field(default_factory=dict)  # (dataset, (arch, point))
     curves: dict[tuple[str, tuple], list[tuple[int, Summary]]] = field(default_factory=dict)  # accuracy over steps
     diagnostics: list[dict] = field(default_factory=list)  # one per (run, step, set)
@@ -49,6 +50,7 @@ def summarize_study(cells_by_run: dict[str, Cell], rows: list[dict], compare: tu
     for key, pairs in finals.items():
         values = [v for _, v in sorted(pairs)]
         out.final_values[key] = values
+        out.final_seeds[key] = sorted(seed for seed, _ in pairs)
         out.final[key] = summarize(values)
     curves: dict[tuple[str, tuple], list[tuple[int, Summary]]] = defaultdict(list)
     for (dataset, group, step), values in sorted(by_step.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
@@ -62,6 +64,33 @@ def summarize_study(cells_by_run: dict[str, Cell], rows: list[dict], compare: tu
         other = out.final_values.get((dataset, (b, arch, point)))
         if other is not None:
             out.comparisons[(dataset, (arch, point))] = welch(values, other)
+    return out
+
+
+def rank_settings(s: StudySummary) -> dict[str, list[dict]]:
+    """Per method with more than one setting (architecture x swept point): its settings, best first, by
+    the mean over the sets of the mean over seeds at the last step. Each also says its worst seed (that
+    seed's mean over the sets), since a setting that fails on one seed in three is no demo setting."""
+    datasets = sorted({d for d, _ in s.final})
+    by_method: dict[str, list[tuple]] = defaultdict(list)
+    for g in sorted({g for _, g in s.final}, key=str):
+        by_method[g[0]].append(g)
+    out = {}
+    for method, groups in by_method.items():
+        if len(groups) < 2:
+            continue
+        rows = []
+        for g in groups:
+            per_set = {d: s.final[(d, g)].mean for d in datasets if (d, g) in s.final}
+            per_seed: dict[int, list[float]] = defaultdict(list)
+            for d in per_set:
+                for seed, v in zip(s.final_seeds[(d, g)], s.final_values[(d, g)]):
+                    per_seed[seed].append(v)
+            complete = {seed: sum(v) / len(v) for seed, v in per_seed.items() if len(v) == len(per_set)}
+            rows.append({"group": g, "score": sum(per_set.values()) / len(per_set), "per_set": per_set,
+                         "worst_seed": min(complete.items(), key=lambda kv: kv[1]) if complete else None,
+                         "complete": len(per_set) == len(datasets)})
+        out[method] = sorted(rows, key=lambda r: (not r["complete"], -r["score"]))
     return out
 
 

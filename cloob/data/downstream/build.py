@@ -64,7 +64,8 @@ def build_generated(spec, out: Location, cache: Path, progress: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=parent))
     try:
         say(progress, f"{spec.name}: generating {spec.source.per_class} images for each of {len(spec.classes)} classes")
-        synthetic.write_class_folders(work, spec.source.per_class, classes=spec.class_names)
+        synthetic.write_class_folders(work, spec.source.per_class, seed=spec.source.seed or 0,
+                                      classes=spec.class_names)
         scan = Scan(work)
         manifest = class_table(spec, scan, ".", f"generated {spec.name}")
         manifest.update({"archive": None, "root": ".", "external_root": None})

@@ -44,6 +44,8 @@ class Source(_Strict):
     generator: Literal["shapes"] | None = Field(None, description="for kind: generated, what makes the images "
                                                                   "(shapes: cloob.data.synthetic.write_class_folders)")
     per_class: int = Field(20, ge=1, description="for kind: generated, images per class")
+    seed: int | None = Field(None, ge=0, description="for kind: generated, the generator's seed (null: 0); another "
+                                                     "seed draws other pictures of the same classes (a validation split)")
     size: int | None = Field(None, gt=0, description="archive size in bytes; null: recorded at download")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     instructions: str | None = None
@@ -176,7 +178,10 @@ def normalize(name: str, how: str) -> str:
 
 def spec_hash(spec: DownstreamSpec) -> str:
     """sha256 of the validated spec's canonical JSON (resolved class names and templates included)."""
-    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    data = spec.model_dump(mode="json")
+    if data["source"].get("seed") is None:  # the field is newer than the sets prepared without it
+        data["source"].pop("seed", None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
