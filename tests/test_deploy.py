@@ -367,16 +367,24 @@ def _dry_run(capsys, monkeypatch, *argv) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-def test_dry_run_prints_the_four_deployments(capsys, monkeypatch):
+def test_dry_run_prints_the_five_deployments(capsys, monkeypatch):
     rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://bucket/cloob", "--spec", "cc3m",
                             "--spec-override", "source.path=s3://bucket/cc3m.tsv", "--recipe", "tiny loss.method=clip",
-                            "--gpus-per-node", "2")
+                            "--gpus-per-node", "2", "--study", "cloob_vs_clip_cc3m")
     assert rc == 0, err
     plan = yaml.safe_load(out)
     assert {p["name"]: p["type"] for p in plan["work_pools"]} == {"cloob-cpu": "process", "cloob-gpu": "process"}
     d = {x["name"]: x for x in plan["deployments"]}
-    assert set(d) == {"cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "evaluate-checkpoints/gpu", "cloob-train/gpu"}
+    assert set(d) == {"cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "evaluate-checkpoints/gpu", "cloob-train/gpu",
+                      "cloob-study/cluster"}
     pipe, ev, train = d["cloob-pipeline/retrain"], d["evaluate-checkpoints/cpu"], d["cloob-train/gpu"]
+    # The study runs on the CPU pool, on demand, one at a time; its cells train on the GPU pool, and
+    # the data spec's source file reaches the study's data (cc3m) as it reaches the pipeline's.
+    study = d["cloob-study/cluster"]
+    assert (study["work_pool"], study["schedules"], study["concurrency_limit"]) == ("cloob-cpu", [], 1)
+    assert study["parameters"] == {"store": "s3://bucket/cloob", "study": "cloob_vs_clip_cc3m",
+                                   "train_deployment": "cloob-train/gpu", "eval_deployment": None, "nproc_per_node": 2,
+                                   "data_overrides": {"cc3m": ["source.path=s3://bucket/cc3m.tsv"]}}
     ev_gpu = d["evaluate-checkpoints/gpu"]
     assert pipe["work_pool"] == ev["work_pool"] == "cloob-cpu" and train["work_pool"] == ev_gpu["work_pool"] == "cloob-gpu"
     # Evaluation stays on the CPU pool unless asked (--eval-on gpu); the GPU one has no limit of its own.
@@ -390,7 +398,7 @@ def test_dry_run_prints_the_four_deployments(capsys, monkeypatch):
     assert pipe["parameters"]["nproc_per_node"] == train["parameters"]["nproc_per_node"] == 2
     assert train["concurrency_limit"] == 1 and train["schedules"] == [] and ev["schedules"] == []
     assert {x["entrypoint"] for x in d.values()} == {"flows.pipeline.pipeline", "flows.pipeline.evaluate_flow",
-                                                     "flows.pipeline.train_flow"}
+                                                     "flows.pipeline.train_flow", "flows.study.study_flow"}
     assert "--limit 1" in " ".join(plan["next_steps"])  # a GPU worker takes one run at a time
     assert FAKE_SECRET not in out + err and "fake-key-id" not in out + err
 
@@ -436,6 +444,8 @@ def test_dry_run_k8s_json_has_job_variables_the_pool_accepts(capsys, monkeypatch
     (["--timezone", "Mars/Olympus"], "Mars/Olympus"),
     (["--recipe", "no-such-recipe"], "no-such-recipe"),
     (["--downstream", "no-such-set"], "no-such-set"),
+    (["--study", "no-such-study"], "no-such-study"),
+    (["--study", "cloob_vs_clip_cc3m"], "trains on data spec 'cc3m', which has no source.path"),
     (["--spark-master", "spark://head:7077"], "--spark-master is for download.distributor=pyspark"),
     (["--ray-address", "head:6379", "--spec-override", "download.distributor=pyspark"],
      "--ray-address is for download.distributor=ray"),
@@ -567,7 +577,11 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
         assert pipe.parameters["worker_wait_s"] == 600
         # The UI's run form describes every parameter (from the flows' docstrings); evaluation takes
         # set names and registry aliases.
-        for d in (pipe, ev, train):
+        study = client.read_deployment_by_name("cloob-study/cluster")
+        assert (study.work_pool_name, study.global_concurrency_limit.limit) == ("cloob-cpu", 1)
+        assert study.parameters["train_deployment"] == "cloob-train/gpu" and "study" not in study.parameters
+        assert "study" in study.parameter_openapi_schema["required"]  # no --study: each run names one
+        for d in (pipe, ev, train, study):
             props = d.parameter_openapi_schema["properties"]
             assert all(p.get("description") for p in props.values()), {k: p.get("description") for k, p in props.items()}
         ev_props = ev.parameter_openapi_schema["properties"]
@@ -576,7 +590,8 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
         assert {"type": "array", "items": {"type": "string"}} in ev_props["datasets"]["anyOf"]
         assert not pipe.pull_steps and not train.pull_steps  # the worker runs its installed code
         # A worker loads each flow from its module entrypoint: the names must be the deployments' flows.
-        for d, flow_name in ((pipe, "cloob-pipeline"), (ev, "evaluate-checkpoints"), (train, "cloob-train")):
+        for d, flow_name in ((pipe, "cloob-pipeline"), (ev, "evaluate-checkpoints"), (train, "cloob-train"),
+                             (study, "cloob-study")):
             assert load_flow_from_entrypoint(d.entrypoint).name == flow_name
         first_ids = {pipe.id, ev.id, train.id, ev_gpu.id}
 
@@ -641,7 +656,8 @@ def test_prefect_deployment_ls_lists_what_cloob_deploy_made(prefect_server):
     ls = subprocess.run([*prefect, "deployment", "ls"], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=180)
     assert ls.returncode == 0, ls.stdout[-3000:] + ls.stderr[-3000:]
-    for name in ("cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "evaluate-checkpoints/gpu", "cloob-train/gpu"):
+    for name in ("cloob-pipeline/retrain", "evaluate-checkpoints/cpu", "evaluate-checkpoints/gpu", "cloob-train/gpu",
+                 "cloob-study/cluster"):
         assert name in ls.stdout, ls.stdout
 
 
@@ -1050,6 +1066,50 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
             forced = pipeline(**changed, force_prepare=True, return_state=True)
         assert forced.is_completed(), forced.message
         assert json.loads((store / "datasets" / "demo" / "_cloob" / "manifest.json").read_text())["totals"]["successes"] == 24
+
+
+@pytest.mark.slow
+def test_a_study_trains_and_evaluates_its_cells_on_the_gpu_workers(gpu_workers, tmp_path, drain_prefect_clients):
+    """The cloob-study flow as the cloob-study/cluster deployment runs it: every cell one run of
+    cloob-train/gpu, every (checkpoint, set) one run of evaluate-checkpoints/gpu, taken by the GPU
+    pool's workers; the data spec's overrides come as the deployment passes them (data_overrides);
+    the report is the table's numbers."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cloob.results.table import read_rows
+    from flows.study import study_flow
+
+    url = gpu_workers["url"]
+    store = tmp_path / "store"
+    spec = {"name": "gpu_pool_study", "data": "demo", "recipe": "tiny", "methods": ["cloob", "clip"], "seeds": 1,
+            "overrides": ["train.steps=2", "train.batch_size=8", "data.workers=0", "data.shuffle_buffer=16",
+                          "schedule.warmup_steps=1"],
+            "downstream": ["shapes"], "evaluate": {"every": 1}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        state = study_flow(str(tmp_path / "study.yaml"), str(store), train_deployment="cloob-train/gpu",
+                           eval_deployment="evaluate-checkpoints/gpu",
+                           data_overrides={"demo": ["source.samples=32", "download.shard_size=16"]},
+                           eval_settings={"batch_size": 64, "workers": 0, "limit": 32}, return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert (len(out["runs"]), out["evaluated"], out["failed"]) == (2, 4, 0), _worker_logs(gpu_workers)
+    manifest = json.loads((store / "datasets" / "demo" / "_cloob" / "manifest.json").read_text())
+    assert manifest["totals"]["successes"] == 32  # the deployment's data overrides reached the study's data
+    rows = read_rows(str(store / "results"), latest=False).to_pylist()
+    assert sorted((r["run_id"], r["step"]) for r in rows) == sorted((run, st) for run in out["runs"] for st in (1, 2))
+    with SyncPrefectClient(api=url) as client:
+        trained = {r.name: r for r in _runs_of(client, client.read_deployment_by_name("cloob-train/gpu"))}
+        evaluated = {r.name: r for r in _runs_of(client, client.read_deployment_by_name("evaluate-checkpoints/gpu"))}
+    for run in out["runs"]:
+        assert trained[f"train-{run}"].state.is_completed()
+        for st in (1, 2):
+            assert evaluated[f"evaluate-{run}-step{st}-on-shapes"].state.is_completed()
+    report = json.loads((store / "studies" / "gpu_pool_study" / "study.json").read_text())
+    finals = {f["group"]: f["values"] for f in report["final"]}
+    assert finals == {m: [r["main_value"] for r in rows if r["method"] == m and r["step"] == 2] for m in ("cloob", "clip")}
+    assert "too few seeds" in (store / "studies" / "gpu_pool_study" / "study.md").read_text()
 
 
 @pytest.mark.slow
