@@ -21,7 +21,8 @@ from flows.deploy import add_deploy_parser  # imports no Prefect at module level
 def _cmd_demo(args) -> int:
     from flows.demo import run_demo
 
-    return run_demo(args.store, steps=args.steps, samples=args.samples, nproc_per_node=args.nproc_per_node)
+    return run_demo(args.store, steps=args.steps, samples=args.samples, nproc_per_node=args.nproc_per_node,
+                    seeds=args.seeds)
 
 
 def _cmd_study(args) -> int:
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per model")
     p.add_argument("--samples", type=int, default=4096, help="captioned images in the demo set")
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes per model (torchrun)")
+    p.add_argument("--seeds", type=int, default=1, help="train each model with seeds 0..N-1 and print the mean "
+                                                        "± std over them (default 1)")
     p.set_defaults(func=_cmd_demo, own_logging=True)
     p = sub.add_parser("study", help="a study (methods x seeds x settings, evaluated over training) as one "
                                      "pipeline run, with means over seeds, significance and diagnostics")

@@ -18,7 +18,7 @@ import sys
 import time
 
 DOWNSTREAM = ["shapes", "colors"]
-DEFAULT_STEPS = 500
+DEFAULT_STEPS = 300  # the steps tune_demo chose the settings at
 EPHEMERAL_STARTUP_S = 300
 
 
@@ -48,14 +48,20 @@ def store_and_prefect_home(store: str, elsewhere: str) -> tuple[str, str]:
     return store, os.path.join(store if where.is_local else os.path.abspath(elsewhere), "prefect")
 
 
-def demo_parameters(store: str, steps: int = DEFAULT_STEPS, samples: int = 4096, nproc_per_node: int = 1) -> dict:
+def demo_recipes(seeds: list[int]) -> list[str]:
+    """Each seed's CLOOB and CLIP runs of the tiny recipe, each method at its own setting: the
+    method_overrides of cloob/studies/demo.yaml, which `cloob study tune_demo` chose (README, "Demo")."""
+    from cloob.study.spec import load_study
+
+    study = load_study("demo")
+    return [" ".join(["tiny", f"loss.method={m}", *study.method_overrides.get(m, []), *([f"train.seed={s}"] if s else [])])
+            for s in seeds for m in study.methods]
+
+
+def demo_parameters(store: str, steps: int = DEFAULT_STEPS, samples: int = 4096, nproc_per_node: int = 1,
+                    seeds: int = 1) -> dict:
     """The pipeline parameters of the demo (the README's numbers come from these)."""
-    # CLOOB at inv_tau 50: at the recipe's 30 the tiny model stayed below chance at 500 steps on one
-    # of five sample orders tried (before the demo's shards were written in a fixed order); at 50 it
-    # learned on all five. Another machine's arithmetic can move training as a new order did
-    # (README, "Evaluation").
-    return dict(store=store, specs=["demo"], recipes=["tiny model.inv_tau=50", "tiny loss.method=clip"],
-                downstream=DOWNSTREAM,
+    return dict(store=store, specs=["demo"], recipes=demo_recipes(list(range(seeds))), downstream=DOWNSTREAM,
                 overrides=[f"train.steps={steps}", f"train.checkpoint_every={max(1, steps // 3)}"],
                 spec_overrides=[f"source.samples={samples}"], nproc_per_node=nproc_per_node,
                 # The two sets are 600 images of 32 px: decoding them in this process beats starting a
@@ -63,8 +69,36 @@ def demo_parameters(store: str, steps: int = DEFAULT_STEPS, samples: int = 4096,
                 eval_settings={"batch_size": 64, "workers": 0})
 
 
-def run_demo(store: str = "./cloob-demo", steps: int = DEFAULT_STEPS, samples: int = 4096, nproc_per_node: int = 1) -> int:
+def over_seeds(results: str, runs: list[dict]) -> str:
+    """Each method's mean ± std over the demo's seeds per set, with every seed's value: the demo's
+    numbers as the README gives them."""
+    from cloob.results.table import read_rows
+    from cloob.study.stats import summarize
 
+    ids = {posixpath.basename(r["run_dir"].rstrip("/")): r for r in runs}
+    order = list(ids)  # the pipeline's order: seed 0's runs first
+    rows = sorted((r for r in read_rows(results, latest=True).to_pylist()
+                   if r["run_id"] in ids and r["step"] == ids[r["run_id"]]["step"]), key=lambda r: order.index(r["run_id"]))
+    lines = [f"Over {len(ids) // 2} seeds (mean ± std, then each seed):"]
+    for method in sorted({r["method"] for r in rows}):
+        parts = []
+        for ds in DOWNSTREAM:
+            values = [r["main_value"] for r in rows if r["method"] == method and r["dataset"] == ds]
+            if values:
+                v = summarize(values)
+                parts.append(f"{ds} {100 * v.mean:.1f} ± {100 * (v.std or 0):.1f} "
+                             f"({', '.join(f'{100 * x:.1f}' for x in values)})")
+        lines.append(f"  {method:6s} " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def run_demo(store: str = "./cloob-demo", steps: int = DEFAULT_STEPS, samples: int = 4096, nproc_per_node: int = 1,
+             seeds: int = 1) -> int:
+
+    if seeds < 1:
+        from cloob.errors import CloobError
+
+        raise CloobError(f"--seeds {seeds}: the demo needs at least one seed", "pass --seeds 1 or more")
     t0 = time.time()
     store, home = store_and_prefect_home(store, ".cloob-demo-prefect")
     _use_ephemeral_prefect(home)
@@ -76,7 +110,7 @@ def run_demo(store: str = "./cloob-demo", steps: int = DEFAULT_STEPS, samples: i
 
     with stop_on_signals("cloob demo", exit_process=True):
         try:
-            out = pipeline(**demo_parameters(store, steps, samples, nproc_per_node))
+            out = pipeline(**demo_parameters(store, steps, samples, nproc_per_node, seeds))
         except RuntimeError as e:
             if "ephemeral Prefect API server" not in str(e):
                 raise
@@ -88,6 +122,9 @@ def run_demo(store: str = "./cloob-demo", steps: int = DEFAULT_STEPS, samples: i
     print()
     print(render_text(report))
     print()
+    if seeds > 1:
+        print(over_seeds(out["results"], out["runs"]))
+        print()
     print(f"results table:  {out['results']}   (cloob results --store {store})")
     print(f"report:         {out['report']}")
     print(f"registry:       {posixpath.join(store, 'registry')}   (cloob registry list --store {store})")

@@ -1,11 +1,15 @@
 """`cloob demo`, the README's main command, end to end as a user runs it (a subprocess with its own
 ephemeral Prefect under the store): stopped with SIGTERM during training (it and every process it
-started are gone at once), run again to the end (training resumes from its checkpoint), both models
-clearly above chance; then run once more, doing nothing.
+started are gone at once), run again to the end (training resumes from its checkpoint), every seed's
+run of both models clearly above chance; then run once more, doing nothing.
 
-It trains 300 steps per model (`--steps 300`) instead of the default 500: the demo is most of the
-suite's CPU time, and at 300 steps both models are still 2.7x chance or more on both sets
-(measured 2026-12-01: CLOOB 19.4% shapes, 45.0% colors; CLIP 53.6%, 100%).
+It trains three seeds per model (`--seeds 3`), so that the margin holds on every seed tried, not on
+one lucky order, for 150 steps instead of the default 300: the demo is most of the suite's CPU
+time, and three seeds of 150 steps cost about what one seed of 300 did. Measured 2026-12-06 (`cloob
+demo --seeds 3 --steps 150`, 2 min 50 s): CLOOB 24.4 / 29.2 / 43.1% on shapes (4.4x chance or more)
+and 50.8 / 60.0 / 100% on colors (3.0x or more); CLIP 42.8-46.9% and 100%. The assertion is 2x
+chance on every run: a third below the lowest seed (colors: 33.3% against 50.8%), room for another
+CPU's arithmetic, which moves CLOOB within its spread over seeds (README, "The demo's settings").
 """
 
 import contextlib
@@ -26,8 +30,10 @@ from cloob.run.launch import still_running
 
 ROOT = Path(__file__).parents[1]
 CHANCE = {"shapes": 1 / 18, "colors": 1 / 6}
-STEPS = 300
-# The demo takes about 2 min (300 steps) on an idle 2-core machine, twice that on a busy one. The
+STEPS = 150
+SEEDS = 3
+MARGIN = 2.0  # x chance, on every run
+# The demo takes about 3 min (3 seeds x 150 steps) on an idle 2-core machine, twice that on a busy one. The
 # budgets below are for one step each; the module's own limit covers the sum, so pytest's global 600 s
 # (which would end the fixture before its budgets) does not apply here.
 FIRST_CHECKPOINT_S, RERUN_S, NOOP_S = 600, 900, 300
@@ -43,7 +49,8 @@ def env() -> dict:
 
 
 def _demo(store: Path, env: dict, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "--store", str(store), "--steps", str(STEPS)],
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "--store", str(store), "--steps", str(STEPS),
+                             "--seeds", str(SEEDS)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
@@ -114,15 +121,17 @@ def test_the_demo_killed_and_rerun_finishes_from_the_checkpoint_above_chance(fin
     assert "demo: already done" in out  # the shards were finished before the kill
 
     rows = read_rows(str(store / "results")).to_pylist()
-    acc = {(r["method"], r["dataset"]): r["main_value"] for r in rows}
-    assert set(acc) == {(m, d) for m in ("cloob", "clip") for d in CHANCE}, acc
-    for (method, dataset), value in acc.items():
-        # Clearly above chance: at least 1.6 x chance (at 300 steps CLOOB gives 3.5x on shapes, 2.7x on colors).
-        assert value >= 1.6 * CHANCE[dataset], (method, dataset, value)  # main_value is a fraction
+    acc = {(r["run_id"], r["dataset"]): r["main_value"] for r in rows}
+    methods = {r["run_id"]: r["method"] for r in rows}
+    assert sorted(methods.values()) == sorted(["cloob", "clip"] * SEEDS) and len(acc) == 2 * SEEDS * len(CHANCE), acc
+    for (run, dataset), value in acc.items():
+        # Every seed's run of each method clearly above chance, not one lucky order.
+        assert value >= MARGIN * CHANCE[dataset], (run, dataset, value)  # main_value is a fraction
     assert all(r["step"] == STEPS and r["pretraining_data"] == "demo" for r in rows)
+    assert f"Over {SEEDS} seeds (mean ± std, then each seed):" in out
 
     reg = Registry(str(store / "registry"))
-    assert len(reg.entries()) == 2 and {"latest", "best-shapes", "best-colors"} <= set(reg.aliases())
+    assert len(reg.entries()) == 2 * SEEDS and {"latest", "best-shapes", "best-colors"} <= set(reg.aliases())
     assert (store / "prefect" / "prefect.db").exists()  # the runs, for `prefect server start`
     # The UI command names the API URL with the port, so that it also works on another port.
     for what in ("Zero-shot classification", "results table:", "registry:", f"PREFECT_HOME={store}/prefect",

@@ -31,6 +31,14 @@ def paper_numbers(data: str, arch: str | None, epochs: int | None) -> dict[tuple
     return {(d, m): (ref.value, ref.std) for m, by_set in values.items() for d, ref in by_set.items()}
 
 
+def group_order(group: tuple) -> tuple:
+    """Methods in their usual order, then architecture, then swept values as numbers where they are
+    (inv_tau 10, 20, 100, not 10, 100, 20)."""
+    method, arch, point = group
+    return (list(METHODS).index(method), str(arch),
+            tuple((k, (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))) for k, v in point))
+
+
 def _fmt(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
@@ -39,7 +47,7 @@ def render_markdown(name: str, s: StudySummary, paper: dict, seeds: int) -> str:
     out = [f"# Study {name}", "", f"Zero-shot accuracy (%, each set's main metric) at each run's last step: mean ± "
            f"standard deviation over seeds. CLOOB against CLIP: {TEST_NAME}; **bold**: p < {ALPHA}."]
     datasets = sorted({d for d, _ in s.final})
-    groups = sorted({g for _, g in s.final}, key=lambda g: (list(METHODS).index(g[0]), str(g[1:])))
+    groups = sorted({g for _, g in s.final}, key=group_order)
     methods = sorted({g[0] for g in groups}, key=list(METHODS).index)
     paper_cols = [m for m in methods if any((d, m) in paper for d in datasets)]
     head = ["dataset", *(group_label(g) for g in groups), *(f"paper {m.upper()}" for m in paper_cols), "p (CLOOB vs CLIP)"]
@@ -109,7 +117,7 @@ def study_data(s: StudySummary) -> dict:
         "tests": [{"dataset": d, "arch": k[0], "point": list(map(list, k[1])), "test": TEST_NAME, "t": c.t, "df": c.df,
                    "p": c.p, "significant": c.significant, "reason": c.reason} for (d, k), c in s.comparisons.items()],
         "accuracy": [{"dataset": d, "group": group_label(g), "points": [[st, v.mean, v.std] for st, v in pts]}
-                     for (d, g), pts in sorted(s.curves.items(), key=str)],
+                     for (d, g), pts in sorted(s.curves.items(), key=lambda kv: (kv[0][0], group_order(kv[0][1])))],
         "diagnostics": [{k: v for k, v in d.items() if k != "group"} for d in s.diagnostics],
         "eigenvalue_change": {w: relative_eigenvalue_change(s.diagnostics, w) for w in ("image", "text")},
         "missing": s.missing,
@@ -137,25 +145,36 @@ def render_pngs(data: dict) -> dict[str, bytes]:
 
     files = {}
     datasets = sorted({a["dataset"] for a in data["accuracy"]}) or ["(none)"]
-    fig = Figure(figsize=(4.5 * len(datasets), 3.6))
+    groups = list(dict.fromkeys(a["group"] for a in data["accuracy"]))
+    outside = len(groups) > 4  # a tuning study's many settings: one legend beside the panels, not over them
+    fig = Figure(figsize=(4.5 * len(datasets) + (2.6 if outside else 0), 3.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(datasets), squeeze=False).ravel()
+    colors = dict(zip(groups, method_colors([g.split()[0] for g in groups])))
+    # Shades of one method's colour are close: a marker of its own for each of its settings too.
+    nth = {g: [x.split()[0] for x in groups[:i]].count(g.split()[0]) for i, g in enumerate(groups)}
     for ax, d in zip(axes, datasets):
         series = [a for a in data["accuracy"] if a["dataset"] == d]
-        for a, color in zip(series, method_colors([a["group"].split()[0] for a in series])):
+        for a in series:
             st = [p[0] for p in a["points"]]
             mean = [100 * p[1] for p in a["points"]]
             std = [100 * (p[2] or 0.0) for p in a["points"]]
-            ax.plot(st, mean, marker="o", markersize=3, color=color, label=a["group"])
-            ax.fill_between(st, [m - e for m, e in zip(mean, std)], [m + e for m, e in zip(mean, std)], color=color, alpha=0.2)
+            color = colors[a["group"]]
+            ax.plot(st, mean, marker="os^Dv<>P*X"[nth[a["group"]] % 10], markersize=3 if not outside else 4, color=color,
+                    label=a["group"])
+            ax.fill_between(st, [m - e for m, e in zip(mean, std)], [m + e for m, e in zip(mean, std)], color=color,
+                            alpha=0.2 if not outside else 0.08)
         ax.set_title(d)
         ax.set_xlabel("step")
         ax.set_ylabel("zero-shot accuracy (%)")
         ax.grid(alpha=0.3)
-        if series:
+        if series and not outside:
             ax.legend(fontsize=7)
+    if outside:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="center right")
     fig.suptitle("Zero-shot accuracy over training (mean ± std over seeds)")
-    fig.subplots_adjust(top=0.82, bottom=0.15, wspace=0.3)
+    fig.subplots_adjust(top=0.82, bottom=0.15, wspace=0.3, right=1 - 2.7 / fig.get_figwidth() if outside else 0.95)
     files["study.png"] = png_bytes(fig)
 
     fig = Figure(figsize=(12, 7))

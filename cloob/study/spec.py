@@ -6,7 +6,7 @@ specs: an unknown field, a method that does not exist or an empty grid is one Cl
     data: demo                      # a data spec (data_specs/<name>.yaml or a path)
     recipe: tiny                    # a recipe (cloob/recipes/<name>.yaml or a path)
     overrides: [train.steps=300]    # for every cell
-    method_overrides: {cloob: [model.inv_tau=50]}   # each method's own settings
+    method_overrides: {cloob: [model.inv_tau=30, loss.beta=25]}   # each method's own settings
     methods: [cloob, clip]
     seeds: 3                        # 0, 1, 2; or a list [0, 7, 11]
     sweep: {loss.beta: [8, 14.3]}   # optional: every combination is a cell of its own
