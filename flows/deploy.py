@@ -101,9 +101,8 @@ def _check_names(args) -> None:
         loaded = load_spec(spec, list(args.spec_override or []))
         check_flags(loaded.download.distributor, args.spark_master, args.ray_address,
                     whose=f"the distributor of spec {spec!r}", set_with="--spec-override")
-        source = loaded.source
-        field = {"cc3m": "path", "table": "path", "yfcc15m": "metadata"}.get(source.kind)
-        if field and getattr(source, field) is None:
+        field = _missing_source_file(loaded)
+        if field:
             # `cloob prepare` takes it as --input; a scheduled run has only the spec and its overrides.
             raise CloobError(f"data spec {spec!r} has no source.{field}, and a scheduled run has no --input",
                              f"add --spec-override source.{field}=s3://bucket/path/to/file (a file the CPU "
@@ -115,6 +114,13 @@ def _check_names(args) -> None:
         load_downstream_spec(name)
     if args.study:
         _check_study(args)
+
+
+def _missing_source_file(spec) -> str | None:
+    """The source field a deployed run needs and this data spec leaves empty (the file `cloob prepare`
+    would take as --input), or None."""
+    field = {"cc3m": "path", "table": "path", "yfcc15m": "metadata"}.get(spec.source.kind)
+    return field if field and getattr(spec.source, field) is None else None
 
 
 def _check_study(args) -> None:
@@ -131,9 +137,8 @@ def _check_study(args) -> None:
     for name in study.downstream:
         load_downstream_spec(name)
     extra = _study_data_overrides(args).get(spec_name(study.data), [])
-    source = load_spec(study.data, [*study.data_overrides, *extra]).source
-    field = {"cc3m": "path", "table": "path", "yfcc15m": "metadata"}.get(source.kind)
-    if field and getattr(source, field) is None:
+    field = _missing_source_file(load_spec(study.data, [*study.data_overrides, *extra]))
+    if field:
         raise CloobError(f"study {args.study!r} trains on data spec {study.data!r}, which has no source.{field}",
                          f"add --spec {spec_name(study.data)} --spec-override source.{field}=s3://bucket/path/to/file "
                          "(its overrides go to the study's data too)")
@@ -187,7 +192,7 @@ def build_plan(args) -> dict[str, Any]:
         "store": args.store, "train_deployment": TRAIN_DEPLOYMENT, "nproc_per_node": args.gpus_per_node,
         "eval_deployment": pipeline_params["eval_deployment"], "data_overrides": _study_data_overrides(args),
         **({"study": args.study} if args.study else {}),
-        **({"worker_wait_s": args.worker_wait_s} if args.worker_wait_s is not None else {}),
+        **{k: pipeline_params[k] for k in ("spark_master", "ray_address", "worker_wait_s") if k in pipeline_params},
     }
     train_jobvars: dict[str, Any] = {}
     eval_jobvars: dict[str, Any] = {}

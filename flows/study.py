@@ -34,7 +34,8 @@ from flows.tasks import (
 @flow(name="cloob-study")
 def study_flow(study: str, store: str, overrides: list[str] | None = None, train_deployment: str | None = None,
                eval_deployment: str | None = None, eval_settings: dict | None = None, nproc_per_node: int = 1,
-               worker_wait_s: float | None = WORKER_WAIT_S, data_overrides: dict[str, list[str]] | None = None) -> dict:
+               worker_wait_s: float | None = WORKER_WAIT_S, data_overrides: dict[str, list[str]] | None = None,
+               spark_master: str | None = None, ray_address: str | None = None) -> dict:
     """A study: every cell trained, registered and evaluated at the study's steps; then its report.
 
     Args:
@@ -49,6 +50,8 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
         data_overrides: data spec name -> overrides added to the study's own when the study trains on
             that spec, e.g. {"cc3m": ["source.path=s3://bucket/Train_GCC-training.tsv"]} (`cloob deploy`
             passes its --spec-override for each --spec).
+        spark_master: with download.distributor pyspark, the Spark master that prepares the data.
+        ray_address: with download.distributor ray, the Ray cluster that prepares the data.
     """
     from cloob.config import load_recipe
     from cloob.study.cells import cells, steps_to_evaluate
@@ -61,7 +64,8 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
     with stop_on_signals("cloob-study"):
         set_futures = prepare_downstream_set.map(spec.downstream, unmapped(posixpath.join(store, "downstream")))
         data_ov = [*spec.data_overrides, *(data_overrides or {}).get(spec_name(spec.data), [])]
-        data = result_of(prepare_data, spec.data, dataset_folder(store, spec.data), None, data_ov)
+        data = result_of(prepare_data, spec.data, dataset_folder(store, spec.data), None, data_ov, spark_master,
+                         ray_address)
         registry, results = posixpath.join(store, "registry"), posixpath.join(store, "results")
         cache_root = posixpath.join(store, "cache", "classifiers")
         datasets, evals, cells_by_run = None, [], {}

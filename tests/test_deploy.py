@@ -460,13 +460,18 @@ def test_dry_run_names_the_cluster_that_prepares_the_data(capsys, monkeypatch):
     rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://b/x", "--spec", "demo", "--spec-override",
                             "download.distributor=ray", "--ray-address", "head:6379", "--json")
     assert rc == 0, err
-    params = {d["name"]: d for d in json.loads(out)["deployments"]}["cloob-pipeline/retrain"]["parameters"]
+    deployments = {d["name"]: d for d in json.loads(out)["deployments"]}
+    params = deployments["cloob-pipeline/retrain"]["parameters"]
     assert params["ray_address"] == "head:6379" and "spark_master" not in params
+    study = deployments["cloob-study/cluster"]["parameters"]  # a study prepares its data there too
+    assert study["ray_address"] == "head:6379" and study["data_overrides"] == {"demo": ["download.distributor=ray"]}
     assert params["spec_overrides"] == ["download.distributor=ray"]
     from flows.pipeline import pipeline
+    from flows.study import study_flow
 
-    # The pipeline takes what the deployment passes, and hands it to cloob prepare.
+    # The pipeline and the study take what the deployment passes, and hand it to cloob prepare.
     assert {"spark_master", "ray_address"} <= set(pipeline.parameters.properties)
+    assert {"spark_master", "ray_address"} <= set(study_flow.parameters.properties)
 
 
 def test_deploy_wants_a_store_every_worker_sees_and_a_source_file_for_cc3m(capsys, monkeypatch):
