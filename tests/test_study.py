@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from cloob.errors import CloobError
-from cloob.study.cells import KEEP_ALL, cells, checkpoint_every, group_label, steps_to_evaluate
+from cloob.study.cells import KEEP_ALL, cells, checkpoint_every, group_label, method_settings, steps_to_evaluate
 from cloob.study.spec import load_study
 from cloob.study.stats import summarize, two_sided_p, welch
 from cloob.study.summary import relative_eigenvalue_change, summarize_study
@@ -27,6 +27,7 @@ def test_a_study_expands_into_one_ordinary_run_per_cell():
     assert list(first.overrides) == ["model.inv_tau=50", "loss.method=cloob", "loss.beta=8", "train.seed=0",
                                      "train.checkpoint_every=50", f"train.keep_checkpoints={KEEP_ALL}"]
     assert all("model.inv_tau=50" not in c.overrides for c in cs if c.method == "clip")
+    assert method_settings(cs) == {"cloob": ["model.inv_tau=50"]}  # what the report says under its title
     from cloob.config import load_recipe
 
     ids = {load_recipe("tiny", ["data.train=./d", *c.overrides]).run_id() for c in cs}
@@ -81,7 +82,9 @@ def test_each_method_can_have_its_own_sweep_and_the_report_ranks_its_settings():
             assert r["score"] == pytest.approx(direct[r["group"]][0])
             assert r["worst_seed"][0] == direct[r["group"]][1][0]
             assert r["worst_seed"][1] == pytest.approx(direct[r["group"]][1][1])
-    md = render_markdown("t", s, {}, 2)
+    assert method_settings(cs) == {"cloob": ["model.inv_tau=30"]}  # its one swept inv_tau; beta varies
+    md = render_markdown("t", s, {}, 2, {"cloob": ["model.inv_tau=50", "loss.beta=25"], "clip": ["model.inv_tau=10"]})
+    assert "Each method's own settings: clip: model.inv_tau=10; cloob: model.inv_tau=50 loss.beta=25." in md
     best = ranking["cloob"][0]["group"]
     assert "## Settings, best first" in md and f"**{group_label(best).removeprefix('cloob ')}**" in md
     assert "CLOOB and CLIP share no setting" in md

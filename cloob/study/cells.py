@@ -63,6 +63,18 @@ def cells(spec: StudySpec) -> list[Cell]:
     return out
 
 
+def method_settings(cells: list[Cell]) -> dict[str, list[str]]:
+    """Each method's own recipe overrides (a study's method_overrides, as its cells carry them): those
+    every cell of the method has and some other method's cells do not, the method itself left out."""
+    by_method: dict[str, set[str]] = {}
+    for c in cells:
+        own = {o for o in c.overrides if not o.startswith("loss.method=")}
+        by_method[c.method] = by_method[c.method] & own if c.method in by_method else own
+    everyone = set.intersection(*by_method.values()) if by_method else set()
+    order = {o: i for c in cells for i, o in enumerate(c.overrides)}
+    return {m: sorted(own - everyone, key=order.get) for m, own in by_method.items() if own - everyone}
+
+
 def sweep_points(sweep: dict[str, list[Any]]) -> list[tuple[tuple[str, Any], ...]]:
     """Every combination of a sweep's values, as (field, value) pairs; one empty point for no sweep."""
     keys = list(sweep)

@@ -43,9 +43,13 @@ def _fmt(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
-def render_markdown(name: str, s: StudySummary, paper: dict, seeds: int) -> str:
+def render_markdown(name: str, s: StudySummary, paper: dict, seeds: int, settings: dict[str, list[str]] | None = None) -> str:
+    """settings: each method's own recipe overrides (cloob.study.cells.method_settings), said under the title."""
     out = [f"# Study {name}", "", f"Zero-shot accuracy (%, each set's main metric) at each run's last step: mean ± "
            f"standard deviation over seeds. CLOOB against CLIP: {TEST_NAME}; **bold**: p < {ALPHA}."]
+    if settings:
+        out += ["", "Each method's own settings: " + "; ".join(
+            f"{m}: {' '.join(ov)}" for m, ov in sorted(settings.items(), key=lambda kv: list(METHODS).index(kv[0]))) + "."]
     datasets = sorted({d for d, _ in s.final})
     groups = sorted({g for _, g in s.final}, key=group_order)
     methods = sorted({g[0] for g in groups}, key=list(METHODS).index)
@@ -200,10 +204,11 @@ def render_pngs(data: dict) -> dict[str, bytes]:
     return files
 
 
-def render_study(name: str, s: StudySummary, paper: dict, seeds: int) -> dict[str, bytes]:
+def render_study(name: str, s: StudySummary, paper: dict, seeds: int,
+                 settings: dict[str, list[str]] | None = None) -> dict[str, bytes]:
     """The report's files, name -> bytes (FILES)."""
     data = study_data(s)
-    return {"study.md": render_markdown(name, s, paper, seeds).encode(), **render_pngs(data),
+    return {"study.md": render_markdown(name, s, paper, seeds, settings).encode(), **render_pngs(data),
             "study.json": (json.dumps(data, indent=1, default=str) + "\n").encode()}
 
 
@@ -219,7 +224,9 @@ def write_study(name: str, cells_by_run: dict, results: str, out: str, data: str
     from cloob.study.summary import summarize_study
 
     summary = summarize_study(cells_by_run, read_rows(results, latest=True).to_pylist())
-    files = render_study(name, summary, paper_numbers(data, arch, epochs), seeds)
+    from cloob.study.cells import method_settings
+
+    files = render_study(name, summary, paper_numbers(data, arch, epochs), seeds, method_settings(list(cells_by_run.values())))
     for fname, blob in sorted(files.items(), key=lambda kv: kv[0] == "study.md"):
         atomic_write_bytes(posixpath.join(out, fname), blob)
     return files
