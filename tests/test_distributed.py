@@ -6,7 +6,11 @@ logit_scale included), and so do the weights after 20 AdamW steps. (A real torch
 on two ranks: tests/test_faults.py, whose reference run is started with bare torchrun.)
 
 Tolerances are relative, per tensor in the Frobenius norm: |a - b| <= tol * |b|, with tol 1e-10 in
-float64 and 1e-5 in float32.
+float64 and 1e-5 in float32. One exception, in float32 only: logit_scale's gradient is one number
+summed over every pair with terms of both signs, so it is far smaller than its terms (1.7e-2 for
+CLOOB's here, against a loss of order 1), and a different order of summation moves it by more than
+1e-5 of itself (1.6e-5 seen on an AMD EPYC with AVX-512; below 1e-5 on the machines before). It is
+held to tol times the loss's size, the scale of its terms; float64 still checks it to 1e-10 of itself.
 """
 
 import multiprocessing
@@ -50,10 +54,12 @@ def one_process():
     return ddp_worker.run(distributed.DistInfo())
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what) -> None:
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what, floor: float = 0.0) -> None:
+    """|a - b| <= tol * max(|b|, floor): floor, the size of a sum's terms where they cancel."""
     err = (a - b).double().norm().item()
     scale = b.double().norm().item()
-    assert err <= tol * max(scale, 1e-300), f"{what}: |diff| {err:.3e} vs |ref| {scale:.3e} (tol {tol:g})"
+    assert err <= tol * max(scale, floor, 1e-300), \
+        f"{what}: |diff| {err:.3e} vs |ref| {scale:.3e} (floor {floor:.3e}, tol {tol:g})"
 
 
 @pytest.mark.slow
@@ -69,7 +75,8 @@ def test_loss_and_gradients_equal_one_process_on_every_path(groups, one_process,
             for name in got:
                 assert torch.equal(other["grads"][key][name], got[name]), (key, name)
         for name in got:
-            _close(got[name], ref[name], TOL[dtype], (world, *key, name))
+            floor = ref["loss"].abs().item() if (name == "logit_scale" and dtype == str(torch.float32)) else 0.0
+            _close(got[name], ref[name], TOL[dtype], (world, *key, name), floor)
             n_checked += 1
         assert any(got[n].abs().sum() > 0 for n in got if n != "loss"), key
     assert n_checked == 2 * 4 * len(ddp_worker.PATHS) * 6  # dtypes x methods x paths x (loss + 5 parameters)
