@@ -13,9 +13,9 @@ What it creates on the Prefect server named by PREFECT_API_URL:
   pipeline evaluates; `--study NAME` makes that study the default of its run form);
 - work pool `cloob-gpu` (process, a worker on a GPU machine) or, with --k8s, `cloob-gpu-k8s`
   (kubernetes, base job template deploy/k8s/gpu-job-template.json: an Indexed Job of `nnodes` pods
-  running torchrun together) with deployments `cloob-train/gpu`, at most one run at a time, and
-  `evaluate-checkpoints/gpu` (one checkpoint x set per run when the pipeline fans out; on
-  Kubernetes a one-pod Job with one GPU).
+  running torchrun together) with deployments `cloob-train/gpu`, at most --train-slots runs at
+  once (default 1), and `evaluate-checkpoints/gpu` (one checkpoint x set per run when the pipeline
+  fans out; on Kubernetes a one-pod Job with one GPU).
 
 The deployments use module entrypoints (flows.pipeline.pipeline, ...) and no pull steps: the code is
 the `cloob` package installed where the worker runs (docker/Dockerfile.cpu, docker/Dockerfile.gpu).
@@ -74,6 +74,9 @@ def _check_args(args) -> None:
     """The combinations that cannot work, before anything is imported or contacted."""
     if args.nnodes < 1 or args.gpus_per_node < 1:
         raise CloobError(f"--nnodes {args.nnodes} --gpus-per-node {args.gpus_per_node}", "both must be at least 1")
+    if args.train_slots < 1:
+        raise CloobError(f"--train-slots {args.train_slots}", "give the number of trainings the GPU pool runs at "
+                                                             "once (its machines, or its node groups), at least 1")
     if args.nnodes > 1 and not args.k8s:
         raise CloobError(f"--nnodes {args.nnodes} needs the Kubernetes pool: a process worker runs one machine",
                          "add --k8s --image <GPU image>, or train on one node (--nnodes 1)")
@@ -230,8 +233,10 @@ def build_plan(args) -> dict[str, Any]:
         train_flow.to_deployment(
             TRAIN[1], work_pool_name=gpu_pool, job_variables=train_jobvars,
             parameters={"nproc_per_node": args.gpus_per_node, "nnodes": args.nnodes},
-            # One training at a time on the GPU pool; more runs wait (Prefect's default ENQUEUE).
-            concurrency_limit=1,
+            # --train-slots trainings at a time on the GPU pool (default 1); more runs wait (Prefect's
+            # default ENQUEUE). The pipeline trains one recipe after another anyway; a study's cells
+            # spread over the slots.
+            concurrency_limit=args.train_slots,
             description="One training run under torchrun (node 0 of nnodes); checkpoints go to the "
                         "recipe's train.output (the pipeline sets it to the store).", **common),
     ]
@@ -418,6 +423,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --k8s: Kubernetes Secret holding AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY[/AWS_ENDPOINT_URL]")
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (training processes) per node (default 1)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes per training run; more than 1 needs --k8s")
+    p.add_argument("--train-slots", type=int, default=1, metavar="N",
+                   help="trainings the GPU pool runs at once (cloob-train/gpu's concurrency limit; default 1): "
+                        "a study's cells spread over them, e.g. one per GPU machine")
     p.add_argument("--eval-on", choices=["cpu", "gpu"], default="cpu",
                    help="where the scheduled pipeline evaluates: in its own run on the CPU pool (default), or "
                         f"one run of {EVAL_GPU_DEPLOYMENT} per checkpoint x set on the GPU pool")

@@ -1,7 +1,8 @@
 """The `cloob-study` flow and `cloob study`: a study spec (cloob/study/spec.py) run as one pipeline run.
 
 The data and the sets are prepared once; every cell (method x arch x swept point x seed) is an
-ordinary training run (here, or through the cloob-train GPU deployment), registered, and evaluated at
+ordinary training run (here, one after another; or through the cloob-train GPU deployment, all
+started at once and run as its concurrency limit allows), registered, and evaluated at
 the study's steps, each (checkpoint, set) an ordinary row of the results table (here, or one run of
 evaluate-checkpoints/gpu). Everything is content-keyed as in the pipeline: a rerun skips what is done
 and a killed study resumes where it stopped. The report (cloob/study/report.py) is written to
@@ -14,7 +15,7 @@ import posixpath
 import sys
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.futures import wait
+from prefect.futures import as_completed, wait
 
 from flows.pipeline import _prepared_sets, _submit_evaluations
 from flows.remote import WORKER_WAIT_S
@@ -72,13 +73,17 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
         all_cells = cells(spec)
         logger.info("study %s: %d cells (%s), %d sets", spec.name, len(all_cells),
                     ", ".join(sorted({c.label for c in all_cells})), len(spec.downstream))
-        for cell in all_cells:
-            ov = [f"train.output={store}", *cell.overrides]
-            if train_deployment:
-                run = result_of(train_remote, train_deployment, spec.recipe, ov, nproc_per_node, None, [data],
-                                worker_wait_s)
-            else:
-                run = result_of(train, spec.recipe, ov, nproc_per_node, data=[data])
+        if train_deployment:
+            # On a cluster every cell's training is started now: the GPU pool runs as many at once as
+            # cloob-train's concurrency limit lets it (cloob deploy --train-slots), the others queue,
+            # and each finished cell is registered and evaluated while the rest train.
+            pending = {train_remote.submit(train_deployment, spec.recipe, [f"train.output={store}", *cell.overrides],
+                                           nproc_per_node, None, [data], worker_wait_s): cell for cell in all_cells}
+            finished = ((pending[f], f.result()) for f in as_completed(list(pending)))
+        else:  # one machine: one cell at a time
+            finished = ((cell, result_of(train, spec.recipe, [f"train.output={store}", *cell.overrides], nproc_per_node,
+                                         data=[data])) for cell in all_cells)
+        for cell, run in finished:
             cells_by_run[posixpath.basename(run["run_dir"].rstrip("/"))] = cell
             result_of(register, run, registry)
             if datasets is None:

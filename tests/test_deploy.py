@@ -397,6 +397,8 @@ def test_dry_run_prints_the_five_deployments(capsys, monkeypatch):
     assert pipe["parameters"]["spec_overrides"] == ["source.path=s3://bucket/cc3m.tsv"]
     assert pipe["parameters"]["nproc_per_node"] == train["parameters"]["nproc_per_node"] == 2
     assert train["concurrency_limit"] == 1 and train["schedules"] == [] and ev["schedules"] == []
+    rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://bucket/cloob", "--spec", "demo", "--train-slots", "4")
+    assert {x["name"]: x for x in yaml.safe_load(out)["deployments"]}["cloob-train/gpu"]["concurrency_limit"] == 4
     assert {x["entrypoint"] for x in d.values()} == {"flows.pipeline.pipeline", "flows.pipeline.evaluate_flow",
                                                      "flows.pipeline.train_flow", "flows.study.study_flow"}
     assert "--limit 1" in " ".join(plan["next_steps"])  # a GPU worker takes one run at a time
@@ -445,6 +447,7 @@ def test_dry_run_k8s_json_has_job_variables_the_pool_accepts(capsys, monkeypatch
     (["--recipe", "no-such-recipe"], "no-such-recipe"),
     (["--downstream", "no-such-set"], "no-such-set"),
     (["--study", "no-such-study"], "no-such-study"),
+    (["--train-slots", "0"], "--train-slots 0"),
     (["--study", "cloob_vs_clip_cc3m"], "trains on data spec 'cc3m', which has no source.path"),
     (["--spark-master", "spark://head:7077"], "--spark-master is for download.distributor=pyspark"),
     (["--ray-address", "head:6379", "--spec-override", "download.distributor=pyspark"],
@@ -829,8 +832,9 @@ def gpu_workers(prefect_server, tmp_path_factory):
     home = tmp_path_factory.mktemp("gpu-workers")
     store = home / "store"
     with temporary_settings(updates={PREFECT_API_URL: url}):
+        # Two training slots, one per worker: a study's cells train side by side.
         assert deploy.main(["--store", str(store), "--spec", "demo", "--recipe", "tiny", "--downstream", "shapes",
-                            "--gpu-pool", GPU_TEST_POOL]) == 0
+                            "--gpu-pool", GPU_TEST_POOL, "--train-slots", "2"]) == 0
     env = _clean_env(PREFECT_API_URL=url, OMP_NUM_THREADS="1", PREFECT_WORKER_QUERY_SECONDS="1")
     procs, logs = {}, {}
     for name in ("gpu-a", "gpu-b"):
@@ -1111,6 +1115,9 @@ def test_a_study_trains_and_evaluates_its_cells_on_the_gpu_workers(gpu_workers, 
         assert trained[f"train-{run}"].state.is_completed()
         for st in (1, 2):
             assert evaluated[f"evaluate-{run}-step{st}-on-shapes"].state.is_completed()
+    # The cells trained side by side, one on each worker (cloob deploy --train-slots 2).
+    spans = [(trained[f"train-{run}"].start_time, trained[f"train-{run}"].end_time) for run in out["runs"]]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
     report = json.loads((store / "studies" / "gpu_pool_study" / "study.json").read_text())
     finals = {f["group"]: f["values"] for f in report["final"]}
     assert finals == {m: [r["main_value"] for r in rows if r["method"] == m and r["step"] == 2] for m in ("cloob", "clip")}
