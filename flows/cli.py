@@ -28,10 +28,11 @@ def _cmd_demo(args) -> int:
 def _cmd_study(args) -> int:
     import os
 
+    from cloob.study.cells import check_cells
     from cloob.study.spec import load_study
     from flows.demo import _use_ephemeral_prefect, store_and_prefect_home
 
-    load_study(args.study, args.set or [])  # a bad spec fails here, before Prefect starts
+    check_cells(load_study(args.study, args.set or []))  # a bad spec or cell fails here, before Prefect starts
     store, home = store_and_prefect_home(args.store, ".cloob-study")
     if not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads its settings once
         _use_ephemeral_prefect(home)

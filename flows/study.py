@@ -55,7 +55,7 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
         ray_address: with download.distributor ray, the Ray cluster that prepares the data.
     """
     from cloob.config import load_recipe
-    from cloob.study.cells import cells, steps_to_evaluate
+    from cloob.study.cells import check_cells, steps_to_evaluate
     from cloob.study.spec import load_study
     from cloob.train.checkpoint import CheckpointStore
     from flows.signals import stop_on_signals
@@ -70,7 +70,7 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
         registry, results = posixpath.join(store, "registry"), posixpath.join(store, "results")
         cache_root = posixpath.join(store, "cache", "classifiers")
         datasets, evals, cells_by_run = None, [], {}
-        all_cells = cells(spec)
+        all_cells = check_cells(spec)
         logger.info("study %s: %d cells (%s), %d sets", spec.name, len(all_cells),
                     ", ".join(sorted({c.label for c in all_cells})), len(spec.downstream))
         if train_deployment:

@@ -6,6 +6,7 @@ import random
 import statistics
 
 import pytest
+import yaml
 
 from cloob.errors import CloobError
 from cloob.study.cells import KEEP_ALL, cells, checkpoint_every, group_label, method_settings, steps_to_evaluate
@@ -89,6 +90,24 @@ def test_each_method_can_have_its_own_sweep_and_the_report_ranks_its_settings():
     assert "## Settings, best first" in md and f"**{group_label(best).removeprefix('cloob ')}**" in md
     assert "CLOOB and CLIP share no setting" in md
     assert study_data(s)["ranking"]["clip"][0]["score"] == pytest.approx(ranking["clip"][0]["score"])
+
+
+@pytest.mark.parametrize(("sweep", "said"), [
+    ({"sweep": {"loss.betaa": [8]}}, "loss.betaa: unknown field"),
+    ({"method_sweep": {"cloob": {"model.inv_tau": [30, 500]}}}, "model.inv_tau: Input should be less than or equal to 100"),
+])
+def test_a_cell_whose_recipe_is_invalid_is_refused_before_anything_runs(sweep, said, tmp_path, capsys):
+    from cloob.study.cells import check_cells
+    from flows.cli import main
+
+    with pytest.raises(CloobError) as e:
+        check_cells(load_study({**BASE, **sweep}))
+    assert said in str(e.value) and "study t, cell cloob" in str(e.value) and "fix:" in str(e.value)
+    study = tmp_path / "bad.yaml"
+    study.write_text(yaml.safe_dump({**BASE, **sweep}))
+    assert main(["study", str(study), "--store", str(tmp_path / "store")]) == 2  # the command, before Prefect
+    err = capsys.readouterr().err
+    assert said in err and not (tmp_path / "store" / "prefect").exists()
 
 
 def test_welch_matches_scipy_and_says_when_there_is_no_test():

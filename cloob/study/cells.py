@@ -63,6 +63,25 @@ def cells(spec: StudySpec) -> list[Cell]:
     return out
 
 
+def check_cells(spec: StudySpec) -> list[Cell]:
+    """Every cell, each one's recipe loaded with its overrides first: a misspelt or out-of-range swept
+    field is one error naming the cell now, not a failure when that cell's turn comes, hours into a
+    study on a cluster."""
+    from cloob.config import load_recipe
+    from cloob.errors import CloobError
+
+    out = cells(spec)
+    for cell in out:
+        try:
+            # data.* never changes a run's content; a placeholder lets the recipe validate without it.
+            load_recipe(spec.recipe, ["data.train=<the study's data>", *cell.overrides])
+        except CloobError as e:
+            raise CloobError(f"study {spec.name}, cell {cell.label} seed {cell.seed}: {e.problem}",
+                             "correct the study's overrides, method_overrides, sweep or method_sweep "
+                             f"(the cell's overrides: {' '.join(cell.overrides)})") from None
+    return out
+
+
 def method_settings(cells: list[Cell]) -> dict[str, list[str]]:
     """Each method's own recipe overrides (a study's method_overrides, as its cells carry them): those
     every cell of the method has and some other method's cells do not, the method itself left out."""
