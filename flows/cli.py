@@ -33,16 +33,16 @@ def _cmd_study(args) -> int:
     from flows.demo import _use_ephemeral_prefect, store_and_prefect_home
 
     check_cells(load_study(args.study, args.set or []))  # a bad spec or cell fails here, before Prefect starts
-    store, home = store_and_prefect_home(args.store, ".cloob-study")
-    if not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads its settings once
-        _use_ephemeral_prefect(home)
-    from flows.study import run_study
-
     if (args.train_deployment or args.eval_deployment) and not os.environ.get("PREFECT_API_URL"):
         from cloob.errors import CloobError
 
         raise CloobError("--train-deployment/--eval-deployment need the Prefect server those deployments are on",
                          "export PREFECT_API_URL=http://<server>:4200/api (see cloob deploy), then run again")
+    store, home = store_and_prefect_home(args.store, ".cloob-study")
+    if not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads its settings once
+        _use_ephemeral_prefect(home)
+    from flows.study import run_study
+
     return run_study(args.study, store, args.set or [], train_deployment=args.train_deployment,
                      eval_deployment=args.eval_deployment, nproc_per_node=args.nproc_per_node)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import zoneinfo
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import yaml
 
 from cloob.errors import CloobError
+from flows.deploy_checks import check_args, check_names, study_data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_TEMPLATE = ROOT / "deploy" / "k8s" / "gpu-job-template.json"
@@ -69,90 +69,6 @@ NO_SERVER_FIX = ("start one (`prefect server start`, or `docker compose -f docke
 
 
 # ------------------------------------------------------------------------------------------ plan
-
-def _check_args(args) -> None:
-    """The combinations that cannot work, before anything is imported or contacted."""
-    if args.nnodes < 1 or args.gpus_per_node < 1:
-        raise CloobError(f"--nnodes {args.nnodes} --gpus-per-node {args.gpus_per_node}", "both must be at least 1")
-    if args.train_slots < 1:
-        raise CloobError(f"--train-slots {args.train_slots}", "give the number of trainings the GPU pool runs at "
-                                                             "once (its machines, or its node groups), at least 1")
-    if args.nnodes > 1 and not args.k8s:
-        raise CloobError(f"--nnodes {args.nnodes} needs the Kubernetes pool: a process worker runs one machine",
-                         "add --k8s --image <GPU image>, or train on one node (--nnodes 1)")
-    if args.k8s and not args.image:
-        raise CloobError("the Kubernetes pool needs an image to run",
-                         "build docker/Dockerfile.gpu, push it, and pass --image REGISTRY/cloob-gpu:TAG")
-    if args.image and not args.k8s:
-        raise CloobError("--image is used by the Kubernetes pool only: process workers run the code installed "
-                         "where they run (docker/Dockerfile.gpu for the GPU worker)", "add --k8s, or drop --image")
-    if "://" not in args.store and not os.path.isabs(args.store):
-        # A worker runs each flow in a temporary folder of its own: a relative path would land there.
-        raise CloobError(f"--store {args.store!r} is a relative path",
-                         "pass a bucket (s3://bucket/prefix) or an absolute folder that every worker sees")
-
-
-def _check_names(args) -> None:
-    """Recipes, specs and evaluation sets must exist under these names where the workers run (the same
-    package), so a typo fails here rather than at 03:00 on Sunday."""
-    from cloob.config import load_recipe
-    from cloob.data.downstream.spec import load_downstream_spec
-    from cloob.data.engines import check_flags
-    from cloob.data.spec import load_spec
-
-    for spec in args.spec:
-        loaded = load_spec(spec, list(args.spec_override or []))
-        check_flags(loaded.download.distributor, args.spark_master, args.ray_address,
-                    whose=f"the distributor of spec {spec!r}", set_with="--spec-override")
-        field = _missing_source_file(loaded)
-        if field:
-            # `cloob prepare` takes it as --input; a scheduled run has only the spec and its overrides.
-            raise CloobError(f"data spec {spec!r} has no source.{field}, and a scheduled run has no --input",
-                             f"add --spec-override source.{field}=s3://bucket/path/to/file (a file the CPU "
-                             "workers can read)")
-    for entry in args.recipe:
-        name, *overrides = entry.split()
-        load_recipe(name, [*overrides, *(args.override or [])])
-    for name in args.downstream:
-        load_downstream_spec(name)
-    if args.study:
-        _check_study(args)
-
-
-def _missing_source_file(spec) -> str | None:
-    """The source field a deployed run needs and this data spec leaves empty (the file `cloob prepare`
-    would take as --input), or None."""
-    field = {"cc3m": "path", "table": "path", "yfcc15m": "metadata"}.get(spec.source.kind)
-    return field if field and getattr(spec.source, field) is None else None
-
-
-def _check_study(args) -> None:
-    """The --study default of cloob-study/cluster: it loads, its recipe and sets exist, and its data
-    spec, with the overrides a run will add, names its source file."""
-    from cloob.config import load_recipe
-    from cloob.data.downstream.spec import load_downstream_spec
-    from cloob.data.spec import load_spec
-    from cloob.study.spec import load_study
-    from flows.tasks import spec_name
-
-    study = load_study(args.study)
-    load_recipe(study.recipe, list(study.overrides))
-    for name in study.downstream:
-        load_downstream_spec(name)
-    extra = _study_data_overrides(args).get(spec_name(study.data), [])
-    field = _missing_source_file(load_spec(study.data, [*study.data_overrides, *extra]))
-    if field:
-        raise CloobError(f"study {args.study!r} trains on data spec {study.data!r}, which has no source.{field}",
-                         f"add --spec {spec_name(study.data)} --spec-override source.{field}=s3://bucket/path/to/file "
-                         "(its overrides go to the study's data too)")
-
-
-def _study_data_overrides(args) -> dict[str, list[str]]:
-    """What cloob-study/cluster adds to a study's data spec: each --spec's --spec-override."""
-    from flows.tasks import spec_name
-
-    return {spec_name(spec): list(args.spec_override or []) for spec in args.spec if args.spec_override}
-
 
 def _schedules(args) -> list:
     from prefect.schedules import Cron
@@ -193,7 +109,7 @@ def build_plan(args) -> dict[str, Any]:
     }
     study_params = {
         "store": args.store, "train_deployment": TRAIN_DEPLOYMENT, "nproc_per_node": args.gpus_per_node,
-        "eval_deployment": pipeline_params["eval_deployment"], "data_overrides": _study_data_overrides(args),
+        "eval_deployment": pipeline_params["eval_deployment"], "data_overrides": study_data_overrides(args),
         **({"study": args.study} if args.study else {}),
         **{k: pipeline_params[k] for k in ("spark_master", "ray_address", "worker_wait_s") if k in pipeline_params},
     }
@@ -378,8 +294,8 @@ def run(args) -> int:
     args.spec = args.spec or list(DEFAULT_SPECS)
     args.recipe = args.recipe or list(DEFAULT_RECIPES)
     args.downstream = args.downstream or list(DEFAULT_DOWNSTREAM)
-    _check_args(args)
-    _check_names(args)
+    check_args(args)
+    check_names(args)
     if not args.dry_run:
         url = check_server()  # before the plan: no server, no point
     plan = build_plan(args)

@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 
 from cloob.methods import METHODS
-from cloob.study.cells import group_label
+from cloob.study.cells import group_label, method_settings
 from cloob.study.stats import ALPHA, TEST_NAME
 from cloob.study.summary import StudySummary, rank_settings, relative_eigenvalue_change
 
@@ -224,8 +224,6 @@ def write_study(name: str, cells_by_run: dict, results: str, out: str, data: str
     from cloob.study.summary import summarize_study
 
     summary = summarize_study(cells_by_run, read_rows(results, latest=True).to_pylist())
-    from cloob.study.cells import method_settings
-
     files = render_study(name, summary, paper_numbers(data, arch, epochs), seeds, method_settings(list(cells_by_run.values())))
     for fname, blob in sorted(files.items(), key=lambda kv: kv[0] == "study.md"):
         atomic_write_bytes(posixpath.join(out, fname), blob)
