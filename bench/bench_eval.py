@@ -47,10 +47,10 @@ from PIL import Image  # noqa: E402
 from report import write_section  # noqa: E402
 
 from cloob.data import synthetic  # noqa: E402
-from cloob.data.downstream.spec import load_downstream_spec  # noqa: E402
 from cloob.evaluate.datasets import open_classification_set  # noqa: E402
 from cloob.evaluate.models import load_model  # noqa: E402
 from cloob.evaluate.runner import EvalSettings, evaluate_zeroshot  # noqa: E402
+from cloob.evaluate.sets.spec import load_downstream_spec  # noqa: E402
 from cloob.evaluate.zeroshot import ClassifierCache  # noqa: E402
 from cloob.model import MODEL_CONFIGS_DIR, model_config  # noqa: E402
 from cloob.train.checkpoint import CheckpointStore  # noqa: E402

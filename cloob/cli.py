@@ -68,8 +68,8 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_prepare_downstream(args) -> int:
-    from cloob.data.downstream.prepare import prepare_downstream
-    from cloob.data.downstream.spec import list_downstream_specs
+    from cloob.evaluate.sets.prepare import prepare_downstream
+    from cloob.evaluate.sets.spec import list_downstream_specs
 
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url

@@ -97,7 +97,7 @@ def _data_summary(out: str, m: dict) -> dict:
 
 @task(name="prepare_downstream", task_run_name=names.prepare_downstream_name)
 def prepare_downstream_set(name: str, out: str, source: str | None = None) -> dict:
-    from cloob.data.downstream.prepare import prepare_downstream
+    from cloob.evaluate.sets.prepare import prepare_downstream
 
     # prepare_downstream itself returns at once when the manifest matches the spec and the source.
     return prepare_downstream(name, out, source=source, progress=False)

@@ -946,7 +946,7 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cloob.data.downstream.prepare import prepare_downstream
+    from cloob.evaluate.sets.prepare import prepare_downstream
     from cloob.results.table import read_rows
     from flows.names import progress_key
     from flows.pipeline import pipeline

@@ -15,12 +15,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from cloob.data import archive
-from cloob.data.downstream.folders import match_classes
-from cloob.data.downstream.manifest import dataset_root, read_manifest
-from cloob.data.downstream.prepare import prepare_downstream
-from cloob.data.downstream.spec import list_downstream_specs, load_downstream_spec, spec_hash
 from cloob.errors import CloobError
+from cloob.evaluate.sets import archive
+from cloob.evaluate.sets.folders import match_classes
+from cloob.evaluate.sets.manifest import dataset_root, read_manifest
+from cloob.evaluate.sets.prepare import prepare_downstream
+from cloob.evaluate.sets.spec import list_downstream_specs, load_downstream_spec, spec_hash
 
 EXPECTED = {"birdsnap": 500, "country211": 211, "flowers102": 102, "gtsrb": 43, "stanford_cars": 196,
             "ucf101": 101, "imagenet": 1000, "imagenet_v2": 1000}
@@ -388,7 +388,7 @@ def test_cli_prepare_downstream_errors_and_summary(tmp_path, capsys):
 def test_a_generated_sets_validation_split_draws_other_pictures_of_the_same_classes(tmp_path):
     """shapes_val/colors_val (generator seed 1) are the tuning study's sets: the same classes and prompts
     as shapes/colors, other pictures; the sets prepared before the seed field existed keep their hash."""
-    from cloob.data.downstream.prepare import prepare_downstream
+    from cloob.evaluate.sets.prepare import prepare_downstream
 
     for name in ("shapes", "colors"):
         test, val = load_downstream_spec(name), load_downstream_spec(f"{name}_val")

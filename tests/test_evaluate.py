@@ -14,11 +14,11 @@ from PIL import Image
 
 from cloob import cli
 from cloob.data import synthetic
-from cloob.data.downstream.spec import load_downstream_spec
 from cloob.errors import CloobError
 from cloob.evaluate.datasets import open_classification_set, open_retrieval_set
 from cloob.evaluate.models import load_model
 from cloob.evaluate.runner import EvalSettings, evaluate_retrieval, evaluate_zeroshot
+from cloob.evaluate.sets.spec import load_downstream_spec
 from cloob.evaluate.zeroshot import ClassifierCache
 from cloob.model import MODEL_CONFIGS_DIR, create_model
 from cloob.results.table import read_rows

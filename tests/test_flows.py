@@ -70,7 +70,7 @@ def test_evaluate_flow_takes_set_names_and_registry_aliases_and_names_its_tasks(
     """What `prefect deployment run evaluate-checkpoints/cpu -p checkpoints='["candidate"]' -p
     datasets='["shapes"]'` does: the set by its name in the store, the checkpoint by its alias. The
     task runs say checkpoint, step and set; a rerun's task ends Skipped, saying the content key."""
-    from cloob.data.downstream.prepare import prepare_downstream
+    from cloob.evaluate.sets.prepare import prepare_downstream
     from cloob.registry import Registry
     from flows.names import checkpoint_label
     from flows.pipeline import evaluate_flow

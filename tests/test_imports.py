@@ -22,7 +22,7 @@ LIGHT = [
     "cloob.run", "cloob.run.launch", "cloob.run.state",
     "cloob.run.lifeline", "cloob.registry", "cloob.registry.lineage", "cloob.results.table",
     "cloob.results.report", "cloob.data.spec", "cloob.data.prepare", "cloob.data.manifest",
-    "cloob.data.downstream", "flows.deploy",
+    "cloob.evaluate.sets", "flows.deploy",
 ]
 
 

@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from cloob.data.downstream.folders import IMAGE_EXTENSIONS, match_classes
-from cloob.data.downstream.manifest import MANIFEST, dataset_root
-from cloob.data.downstream.spec import DownstreamSpec, load_downstream_spec, spec_hash
 from cloob.data.workers import loader_kwargs
 from cloob.errors import CloobError
+from cloob.evaluate.sets.folders import IMAGE_EXTENSIONS, match_classes
+from cloob.evaluate.sets.manifest import MANIFEST, dataset_root
+from cloob.evaluate.sets.spec import DownstreamSpec, load_downstream_spec, spec_hash
 from cloob.storage import Location
 
 Image.MAX_IMAGE_PIXELS = 89_478_485  # a decompression bomb is a corrupt image, not a crash

@@ -14,8 +14,8 @@ from cloob.errors import CloobError
 def prepared_sets(downstream: str, names: list[str]) -> list[tuple[str, str]]:
     """[(name, uri)] of prepared sets under `downstream`; `all` is every prepared one. CloobError
     naming the set and the command that prepares it, for one that is not there."""
-    from cloob.data.downstream.manifest import read_manifest
-    from cloob.data.downstream.spec import list_downstream_specs
+    from cloob.evaluate.sets.manifest import read_manifest
+    from cloob.evaluate.sets.spec import list_downstream_specs
 
     names = list(names)
     if names == ["all"]:

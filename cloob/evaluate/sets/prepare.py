@@ -8,11 +8,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cloob.data import archive
-from cloob.data.downstream.build import build_from_archive, build_generated, build_supplied, say
-from cloob.data.downstream.manifest import MANIFEST, MANIFEST_FORMAT, manifest_of
-from cloob.data.downstream.spec import DownstreamSpec, load_downstream_spec, spec_hash
 from cloob.errors import CloobError
+from cloob.evaluate.sets import archive
+from cloob.evaluate.sets.build import build_from_archive, build_generated, build_supplied, say
+from cloob.evaluate.sets.manifest import MANIFEST, MANIFEST_FORMAT, manifest_of
+from cloob.evaluate.sets.spec import DownstreamSpec, load_downstream_spec, spec_hash
 from cloob.storage import Location
 
 

@@ -9,8 +9,8 @@ import posixpath
 import re
 from pathlib import Path
 
-from cloob.data.downstream.spec import DownstreamSpec, normalize
 from cloob.errors import CloobError
+from cloob.evaluate.sets.spec import DownstreamSpec, normalize
 
 # What torchvision's ImageFolder loads (compared case-insensitively), so counts equal what it sees.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

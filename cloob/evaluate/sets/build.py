@@ -13,11 +13,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from cloob.data import archive
-from cloob.data.downstream.folders import Scan, class_table, find_root
+from cloob.evaluate.sets import archive
+from cloob.evaluate.sets.folders import Scan, class_table, find_root
 from cloob.storage import Location
 
-log = logging.getLogger("cloob.data.downstream")
+log = logging.getLogger("cloob.evaluate.sets")
 
 
 def say(progress: bool, msg: str) -> None:
