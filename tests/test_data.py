@@ -534,6 +534,47 @@ def test_all_bad_shards_raise_instead_of_hanging(tmp_path, tfs, num_workers):
 
 
 @pytest.mark.parametrize("resampled", [True, False])
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_set_smaller_than_the_shuffle_buffer_trains(tmp_path, tfs, resampled, num_workers):
+    """6 samples in 2 shards, a shuffle buffer of 1000 (the recipe's default): the buffer fills from
+    many passes over the shards before the first sample leaves it. That is intact data, not "corrupt or
+    unreadable", and every sample of the set comes out."""
+    _, val_tf, tok = tfs
+    synthetic.write_shards(tmp_path, 6, shard_size=3, image_size=32, seed=11)
+    urls = list_shards(str(tmp_path)).urls
+    want = set(index_shards([tmp_path / "00000.tar", tmp_path / "00001.tar"], val_tf, tok))
+    stream = make_stream(urls, val_tf, tok, batch_size=4, shuffle_buffer=1000, resampled=resampled)
+    got = take(stream, 5, num_workers=num_workers)
+    fps = [fp for b in got for fp in batch_fingerprints(b)]
+    assert set(fps) == want
+    assert got[-1]["skips"] == dict.fromkeys(SKIP_REASONS, 0)
+
+
+def test_corrupt_or_unreadable_data_is_still_named_with_a_large_shuffle_buffer(tmp_path, tfs):
+    """The fix above must not turn truly unusable data into a silent hang: corrupt images and shards
+    that cannot be read are still reported, each with its own reason, whatever the buffer's size."""
+    from cloob.data.stream import NoUsableData
+
+    _, val_tf, tok = tfs
+    corrupt = []
+    for i in range(2):
+        p = tmp_path / f"{i:05d}.tar"
+        write_tar(p, [(f"{i}{k}.jpg", b"not a jpeg" * 20) for k in range(3)] +
+                  [(f"{i}{k}.txt", b"a caption") for k in range(3)])
+        corrupt.append(str(p))
+    stream = make_stream(corrupt, val_tf, tok, batch_size=2, shuffle_buffer=1000, resampled=True)
+    with pytest.raises(NoUsableData, match=r"30 shards in a row gave no usable sample.*corrupt images") as e:
+        next(batches(stream))
+    assert "unreadable or empty" not in str(e.value)
+
+    missing = [str(tmp_path / "gone" / f"{i:05d}.tar") for i in range(2)]
+    stream = make_stream(missing, val_tf, tok, batch_size=2, shuffle_buffer=1000, resampled=True)
+    with pytest.raises(NoUsableData, match=r"30 shards in a row gave no sample at all.*unreadable or empty") as e:
+        next(batches(stream))
+    assert "corrupt images" not in str(e.value)
+
+
+@pytest.mark.parametrize("resampled", [True, False])
 def test_one_loader_across_epochs_equals_a_loader_per_epoch(shards_dir, tfs, resampled):
     """Workers carry on into the next epoch by themselves. With 5 batches per epoch and 2 workers the
     round-robin shifts at every boundary; batches must still equal fresh per-epoch loaders', and a

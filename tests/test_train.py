@@ -218,6 +218,20 @@ def test_resume_after_the_data_grew_continues_with_a_warning(tmp_path, small_sha
     assert "restarts within the epoch" in caplog.text
 
 
+def test_a_set_smaller_than_the_shuffle_buffer_trains(tmp_path):
+    """16 samples and the recipe's shuffle buffer (1000): the set is intact, so it trains (it was
+    refused as "corrupt or unreadable", the buffer never having filled)."""
+    data = tmp_path / "data"
+    synthetic.write_shards(data, 16, shard_size=8, image_size=32, seed=4)
+    recipe = load_recipe("tiny", [f"data.train={data}", f"train.output={tmp_path}", "train.batch_size=8",
+                                  "train.steps=3", "data.workers=0", "train.progress=false"])
+    assert recipe.data.shuffle_buffer > 16
+    summary = train(recipe)
+    assert summary["step"] == 3
+    skips = CheckpointStore.load(CheckpointStore(summary["run_dir"]).latest())[1]["ranks"][0]["stream"]["skips"]
+    assert all(v == 0 for s in skips.values() for v in s.values())
+
+
 def test_garbage_members_are_one_line_and_nothing_is_written(tmp_path, garbage_shards):
     """A valid tar of random-byte .jpg/.txt members: the error comes out of the DataLoader worker as one
     line (not torch's re-raised worker traceback), and the run folder is not made before the first batch."""

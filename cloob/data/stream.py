@@ -12,7 +12,10 @@ skips that many raw samples without decoding them, and the worker order is rotat
 DataLoader's round-robin continues where it stopped.
 
 Bad data never stops training: a corrupt image, a missing or undecodable caption, and a truncated or
-unreadable shard are skipped and counted; the counts travel with the batches.
+unreadable shard are skipped and counted; the counts travel with the batches. Data with nothing
+usable raises NoUsableData naming why (shards that give no sample at all, or samples all skipped),
+rather than hanging; a set smaller than the shuffle buffer is not such data: it fills the buffer
+from repeated passes over its shards, and trains.
 """
 
 from __future__ import annotations
@@ -192,16 +195,25 @@ class ShardStream(IterableDataset):
 
         # An endless stream over shards that are all bad would hang training without a word. Draws
         # with replacement can hit bad shards many times in a row by chance, hence the wide margin.
-        barren = [0]  # shards opened since the last usable sample
+        # Two counts, as a set smaller than the shuffle buffer is intact data: the buffer takes many
+        # passes over its shards before the first sample leaves it.
+        # - silent: shards opened since the last raw sample reached the buffer (unreadable, empty);
+        # - barren: shards opened, once the buffer is full, since the last usable sample (corrupt).
+        barren, silent, buffer_full = [0], [0], [False]
         barren_limit = 10 * len(self.shards) + 10
 
         def sources() -> Iterator[dict]:
             for source in self._open_shards(rng, epoch, logical, num_workers):
-                barren[0] += 1
+                silent[0] += 1
+                barren[0] += buffer_full[0]
+                if silent[0] > barren_limit:
+                    raise NoUsableData(
+                        f"{barren_limit} shards in a row gave no sample at all (skipped so far: "
+                        f"{counts.as_dict()}); the shards are unreadable or empty")
                 if barren[0] > barren_limit:
                     raise NoUsableData(
                         f"{barren_limit} shards in a row gave no usable sample (skipped so far: "
-                        f"{counts.as_dict()}); the data is corrupt or unreadable")
+                        f"{counts.as_dict()}); {_why_unusable(counts)}")
                 now[0] += 1
                 opened[now[0]] = source["url"]
                 yield {**source, "url": (now[0], source["url"])}
@@ -220,10 +232,11 @@ class ShardStream(IterableDataset):
                     opened.pop(current, None)
                     current, seen = current + 1, 0
                 seen += 1
+                silent[0] = 0
                 yield sample
 
         raw = group_by_keys(tar_file_expander(sources(), handler=handler), handler=handler)
-        stream = _buffer_shuffle(check_complete(raw), self.shuffle_buffer, rng)
+        stream = _buffer_shuffle(check_complete(raw), self.shuffle_buffer, rng, buffer_full)
         images, texts, produced = [], [], 0
         for index, sample in enumerate(stream, start=1):
             if index <= skip_raw:
@@ -323,14 +336,28 @@ class _RaisingStream(io.RawIOBase):
         raise self.exc
 
 
-def _buffer_shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+def _why_unusable(counts: SkipCounts) -> str:
+    """What the skip counts say about data that gives no usable sample."""
+    parts = [f"{n} {what}" for n, what in ((counts.corrupt_image, "corrupt images"),
+                                            (counts.missing_caption, "missing captions"),
+                                            (counts.bad_shard, "unreadable shards")) if n]
+    return f"the data is unusable: {', '.join(parts)}" if parts else "the data is unusable"
+
+
+def _buffer_shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random,
+                    full: list[bool] | None = None) -> Iterator[dict]:
+    """Samples shuffled in a buffer of `bufsize`; `full[0]` turns True once the buffer is full (from
+    then on every sample taken in lets one out)."""
+    full = full if full is not None else [False]
     if bufsize <= 1:
+        full[0] = True
         yield from samples
         return
     buf: list[dict] = []
     for s in samples:
         if len(buf) < bufsize:
             buf.append(s)
+            full[0] = len(buf) == bufsize
             continue
         i = rng.randrange(bufsize)
         buf[i], s = s, buf[i]
