@@ -535,3 +535,19 @@ def test_a_worker_whose_cloob_prepare_has_ended_marks_no_shard_finished(monkeypa
     monkeypatch.setattr(guards, "_preparer", ("another-host", child.pid))  # a worker elsewhere cannot tell
     assert guards.abandoned() is None
     child.wait()
+
+
+@pytest.mark.slow
+def test_prepare_from_a_folder_holding_a_ray_folder(tmp_path, monkeypatch):
+    """A `ray/` folder in the current directory (here a package, which shadows the installed ray as an
+    empty folder shadows a ray that is not installed) is not img2dataset's ray: the fetch process
+    does not import from the working directory. It failed with "module 'ray' has no attribute
+    'remote'" (img2dataset imports ray at start-up)."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec("demo", ["source.samples=12", "download.shard_size=12", "download.processes=1",
+                              "download.image_size=32"])
+    m = prepare(spec, "data/demo", progress=False)  # relative to the working directory, as in the README
+    assert m["totals"]["successes"] == 12
+    assert list_shards(str(tmp_path / "data" / "demo")).num_samples == 12

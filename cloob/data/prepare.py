@@ -187,13 +187,32 @@ def _proxy_env(proxy: str | None) -> dict[str, str]:
     return {"http_proxy": proxy, "HTTP_PROXY": proxy, "no_proxy": no_proxy, "NO_PROXY": no_proxy}
 
 
+def _fetch_command(args_file: str) -> list[str]:
+    """The fetch process's command: `python -P -m cloob.data.fetch ARGS.json`.
+
+    -P (Python 3.11+) keeps the working directory off its sys.path, which `-m` would put first: a
+    folder there named like a package that img2dataset imports (a `ray/` folder: img2dataset imports
+    ray at start-up) would be imported in its place. The flag reaches img2dataset's spawned workers
+    too (multiprocessing passes the interpreter's flags on, and they take their sys.path from it)."""
+    return [sys.executable, "-P", "-m", "cloob.data.fetch", args_file]
+
+
+def _fetch_pythonpath() -> dict[str, str]:
+    """PYTHONPATH for the fetch process when this cloob is importable only from the working
+    directory (a source tree run as `python -m cloob.cli` without installing it), which -P drops."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["cloob"].__file__ or "")))
+    if any(os.path.abspath(p) == root for p in sys.path[1:] if p):
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
 def _fetch_env(spec: PretrainSpec, proxy: str | None) -> dict[str, str]:
     d = spec.download
     # CLOOB_PREPARE_*: this process, which the workers check before they mark a shard finished
     # (cloob.data.guards.abandoned).
     return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", CLOOB_FETCH_DEADLINE=str(d.deadline),
                 CLOOB_FETCH_MAX_BYTES=str(d.max_bytes), PYTHONUNBUFFERED="1", CLOOB_PREPARE_PID=str(os.getpid()),
-                CLOOB_PREPARE_HOST=socket.gethostname(), **_proxy_env(proxy))
+                CLOOB_PREPARE_HOST=socket.gethostname(), **_proxy_env(proxy), **_fetch_pythonpath())
 
 
 def _engine_args(spec: PretrainSpec, store: Location, cluster: dict, proxy: str | None) -> dict:
@@ -246,8 +265,8 @@ def _run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, ro
                    unit="shard", disable=not progress)
         seen, ok, tried = set(before), 0, 0
         with open(log_file, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "cloob.data.fetch", args_file], stdout=log,
-                                    stderr=subprocess.STDOUT, env=_fetch_env(spec, proxy))
+            proc = subprocess.Popen(_fetch_command(args_file), stdout=log, stderr=subprocess.STDOUT,
+                                    env=_fetch_env(spec, proxy))
             all_done_at, hung = None, False
             try:
                 while proc.poll() is None:
