@@ -288,3 +288,46 @@ def test_a_junk_subset_line_is_not_echoed_raw(tmp_path, junk):
     msg = str(e.value)
     assert all(ch.isprintable() or ch == "\n" for ch in msg), [ch for ch in msg if not ch.isprintable()]
     assert "\\x1b" in msg and "\\x07" in msg  # escaped, still there to see
+
+
+# -- the same photos through `cloob prepare yfcc15m`: one content hash -------------------------------
+
+PREP = ["download.processes=1", "download.threads=4", "download.timeout=5", "download.deadline=6",
+        "download.retries=0", "download.image_size=32", "download.shard_size=5"]
+
+
+def tiny_yfcc(d: Path, base_url: str, n: int = 24) -> dict:
+    """n photos served by the test's image server, in the 25-column form (plain and .bz2), and a
+    subset list holding every other one (with their real line numbers)."""
+    from cloob.data.demo_server import render
+
+    d.mkdir(parents=True, exist_ok=True)
+    ids = [900_000 + 37 * i for i in range(n)]
+    lines = [meta_line(i, pid, render(3, 48, 3, i)[1].replace(" ", "+"), url=f"{base_url}/3/48/3/{i}.jpg")
+             for i, pid in enumerate(ids)]
+    (d / "yfcc100m_dataset").write_text("\n".join(lines) + "\n")
+    with bz2.open(d / "yfcc100m_dataset.bz2", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    (d / "subset.tsv").write_text("".join(f"{i}\t{ids[i]}\th{ids[i]:x}\n" for i in range(0, n, 2)))
+    return {"ids": ids, "lines": lines}
+
+
+@pytest.mark.slow
+def test_the_content_hash_is_the_same_for_the_same_rows_however_they_were_passed(tmp_path, image_server):
+    """The same YFCC rows as .bz2 and as plain text, under other names and folders: equal content
+    hashes (README: equal hashes for equal datasets). The input's path was part of it."""
+    from cloob.data.prepare import prepare
+    from cloob.data.spec import load_spec
+
+    tiny_yfcc(tmp_path / "a", image_server.url)
+    other = tmp_path / "elsewhere" / "copy.tsv"
+    other.parent.mkdir()
+    other.write_bytes((tmp_path / "a" / "yfcc100m_dataset").read_bytes())
+    spec = load_spec("yfcc15m", [f"source.subset={tmp_path / 'a' / 'subset.tsv'}", *PREP])
+    got = {}
+    for name, path in (("bz2", tmp_path / "a" / "yfcc100m_dataset.bz2"), ("plain", tmp_path / "a" / "yfcc100m_dataset"),
+                       ("renamed", other)):
+        m = prepare(spec, str(tmp_path / f"out-{name}"), input=str(path), progress=False)
+        assert m["totals"]["successes"] == 12, (name, m["totals"])
+        got[name] = m["content_hash"]
+    assert len(set(got.values())) == 1, got

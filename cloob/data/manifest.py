@@ -8,7 +8,10 @@ Each shard has two digests: `sha256` of the tar file (integrity: what a reader m
 `content_sha256`, a digest of its samples independent of member order and tar timestamps
 (img2dataset writes samples as their downloads finish, so two runs over the same rows give different
 files with the same samples). The manifest's `content_hash` covers the spec, the rows and every
-shard's content digest: equal hashes mean equal datasets, however they were downloaded.
+shard's content digest: equal hashes mean equal datasets, however they were downloaded. The spec
+enters it without its source's locations (PretrainSpec.content_hash(locations=False)): the rows'
+digest stands for what was read, so the same rows from another path, name, compression or YFCC
+metadata form give the same hash (manifest_version 2; version 1 hashed the spec with them).
 
 The dataset folder is a cloob.storage.Location (a local folder or an object-store prefix); paths
 are relative to it.
@@ -29,7 +32,7 @@ import pyarrow.parquet as pq
 
 from cloob.storage import Location
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 _STATS = re.compile(r"^(\d+)_stats\.json$")
 
 
@@ -229,8 +232,12 @@ def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: di
 
 
 def content_hash(manifest: dict) -> str:
-    """Hash of what the dataset holds: spec, rows, and each shard's name, count and content digest."""
-    key = {"spec_hash": manifest["spec_hash"], "rows_sha256": manifest["rows"]["sha256"],
+    """Hash of what the dataset holds: the spec without its source's locations, the rows, and each
+    shard's name, count and content digest."""
+    from cloob.data.spec import PretrainSpec
+
+    spec = PretrainSpec.model_validate(manifest["spec"]).content_hash(locations=False)
+    key = {"spec_hash": spec, "rows_sha256": manifest["rows"]["sha256"],
            "shards": [(e["shard"], e["successes"], e["content_sha256"]) for e in manifest["shards"]]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -76,6 +76,10 @@ class DemoSource(_Strict):
     max_items: int = Field(3, ge=1, le=3)
 
 
+# Where a source's files are (not what they hold): left out of the dataset's content hash, whose
+# rows digest covers what was read from them (see PretrainSpec.content_hash).
+_LOCATIONS = {"path", "metadata", "subset", "download_page"}
+
 # Download fields that only change speed or robustness, not what a successful sample contains.
 # Where the work runs is one of them: the same rows give the same shards under every distributor.
 _OPERATIONAL = {"processes", "threads", "timeout", "deadline", "retries", "max_bytes", "distributor"}
@@ -122,12 +126,21 @@ class PretrainSpec(_Strict):
     def _none_is_default(cls, v):
         return {} if v is None else v
 
-    def content_hash(self) -> str:
-        """sha256 of what decides the shards' contents (see the module docstring)."""
+    def content_hash(self, *, locations: bool = True) -> str:
+        """sha256 of what decides the shards' contents (see the module docstring).
+
+        With locations=False it leaves out where the source files are (source.path, .metadata,
+        .subset): the manifest's content hash takes that one with the rows' own digest, so the same
+        rows read from another path, under another name or compression (or, for YFCC, from another
+        of its metadata forms) give the same dataset hash. The folder's owner and the rows' reuse
+        keep the full hash: another input there means rows read again."""
         data = self.model_dump(mode="json")
         for k in _OPERATIONAL:
             data["download"].pop(k, None)
         data.pop("description"), data.pop("licence")
+        if not locations:
+            for k in _LOCATIONS:
+                data["source"].pop(k, None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
