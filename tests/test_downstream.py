@@ -17,7 +17,7 @@ from PIL import Image
 
 from cloob.errors import CloobError
 from cloob.evaluate.sets import archive
-from cloob.evaluate.sets.folders import match_classes
+from cloob.evaluate.sets.folders import Pairing
 from cloob.evaluate.sets.manifest import dataset_root, read_manifest
 from cloob.evaluate.sets.prepare import prepare_downstream
 from cloob.evaluate.sets.spec import list_downstream_specs, load_downstream_spec, spec_hash
@@ -141,11 +141,14 @@ def test_prepare_from_http(fmt, served, tmp_path, capsys):
     assert "s3cr3t" not in (out / "toy" / "manifest.json").read_text()
 
     m = read_manifest(str(out), "toy")
-    assert m["root"] == "toy/test" and m["spec_sha256"] == spec_hash(load_downstream_spec(spec))
+    assert m["root"] == "." and m["spec_sha256"] == spec_hash(load_downstream_spec(spec))
     assert m["archive"]["sha256"] == sha and m["images"] == 6 and m["main_metric"] == "top1"
-    assert [(c["name"], c["folder"], c["images"]) for c in m["classes"]] == \
-        [(c, f, TEST_COUNTS[f]) for c, f in CLASSES.items()]
-    assert dataset_root(m, s["uri"]) == str(out / "toy" / "toy" / "test")
+    assert [(c["name"], c["source"], c["images"], c["how"]) for c in m["classes"]] == \
+        [(c, f, TEST_COUNTS[f], "folder name") for c, f in CLASSES.items()]
+    assert m["split"] == {"name": "test", "by": "folder 'toy/test'", "left_out": 0}  # train/ left out
+    assert dataset_root(m, s["uri"]) == str(out / "toy")
+    items = (out / "toy" / "items.tsv").read_text().splitlines()
+    assert len(items) == 6 and all(i.startswith("toy/test/") for i in items)
     assert (out / "toy" / "toy" / "test" / "Green-Pear" / "img1.jpg").read_bytes() == JPEG
     assert sorted(os.listdir(out)) == ["toy"]  # no partial folders left behind
     assert not part.exists()
@@ -253,23 +256,34 @@ def test_class_folder_mismatch_lists_differences(tmp_path):
     with pytest.raises(CloobError) as e:
         prepare_downstream(spec, str(tmp_path / "out"), source=str(bad), cache_dir=tmp_path / "c", progress=False)
     msg = str(e.value)
-    assert "1 missing: blue plum" in msg and "2 unexpected: kiwi, purple_grape" in msg and e.value.fix
+    assert "1 classes without a folder: blue plum" in msg and "2 folders that name no class: kiwi, purple_grape" in msg
+    assert e.value.fix
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
-def test_index_and_sorted_mappings():
-    spec = load_downstream_spec("imagenet_v2")
-    folders = [str(i) for i in range(1000)][::-1]
-    got = match_classes(spec, folders, "x")
-    assert got[2] == "2" and got[10] == "10" and got[999] == "999"
-    with pytest.raises(CloobError, match=r"1 missing: 999.*1 unexpected: 1000"):
-        match_classes(spec, [str(i) for i in range(999)] + ["1000"], "x")
-    flowers = load_downstream_spec("flowers102")
-    assert match_classes(flowers, [f"{i:03d}" for i in range(1, 103)], "x")[9] == "010"
-    with pytest.raises(CloobError, match="layout.by: index"):  # 1, 10, 100, ... sorted as text
-        match_classes(flowers, [str(i) for i in range(1, 103)], "x")
-    with pytest.raises(CloobError, match="found 101.*1 too few"):
-        match_classes(flowers, [f"{i:03d}" for i in range(1, 102)], "x")
+def _pairs(spec, folders: list[str]) -> dict[str, int]:
+    p = Pairing(spec, folders)
+    return {f: i for f, (i, _) in p.matched.items()} | {f: None for f in p.unknown}
+
+
+def test_folders_pair_by_published_ids_never_by_position():
+    v2 = load_downstream_spec("imagenet_v2")
+    got = _pairs(v2, [str(i) for i in range(1000)][::-1])
+    assert got["2"] == 2 and got["10"] == 10 and got["999"] == 999  # not 0, 1, 10, 100, ... in text order
+    assert _pairs(v2, ["1000"]) == {"1000": None}
+    flowers = load_downstream_spec("flowers102")  # numbers: 1 (flower_data's folders 1..102)
+    assert _pairs(flowers, [f"{i:03d}" for i in range(1, 103)])["010"] == 9
+    assert _pairs(flowers, [str(i) for i in range(1, 103)])["10"] == 9
+    assert _pairs(flowers, ["0", "103"]) == {"0": None, "103": None}
+    gtsrb = load_downstream_spec("gtsrb")  # numbers: 0 (ClassId folders 00000..00042)
+    assert _pairs(gtsrb, ["00000", "00042", "00043"]) == {"00000": 0, "00042": 42, "00043": None}
+
+
+def test_positional_pairing_is_refused_in_a_spec(tmp_path):
+    good = yaml.safe_load(_spec(tmp_path, "https://example.org/x.zip").read_text())
+    (tmp_path / "sorted.yaml").write_text(yaml.safe_dump(dict(good, layout={"root": "auto", "by": "sorted"})))
+    with pytest.raises(CloobError, match="by: sorted.*not supported any more.*cannot be verified"):
+        load_downstream_spec(tmp_path / "sorted.yaml")
 
 
 def test_imagenet_v2_shipped_spec_from_local_archive(tmp_path):
@@ -283,10 +297,11 @@ def test_imagenet_v2_shipped_spec_from_local_archive(tmp_path):
     s = prepare_downstream("imagenet_v2", str(tmp_path / "out"), source=str(arc), progress=False)
     assert (s["images"], s["classes"]) == (1000, 1000)
     m = read_manifest(str(tmp_path / "out"), "imagenet_v2")
-    assert m["root"] == "imagenetv2-matched-frequency-format-val" and m["mapping"] == "index"
-    assert [c["folder"] for c in m["classes"][:11]] == [str(k) for k in range(11)]  # not 0, 1, 10, 100, ...
-    assert (m["classes"][10]["name"], m["classes"][10]["folder"]) == ("brambling", "10")
-    assert m["source"] == {"kind": "download", "url": str(arc)}
+    assert m["root"] == "." and m["classes"][0]["how"] == "class id 0 (counted from 0)"
+    assert [c["source"] for c in m["classes"][:11]] == [str(k) for k in range(11)]  # not 0, 1, 10, 100, ...
+    assert (m["classes"][10]["name"], m["classes"][10]["source"]) == ("brambling", "10")
+    assert m["source"] == {"kind": "archive", "url": str(arc)}
+    assert m["expected_images"] == 10000 and "1000 images where the published test split has 10000" in m["warnings"][0]
 
 
 # ------------------------------------------------------------------------------------------ imagenet
@@ -294,7 +309,7 @@ def test_imagenet_v2_shipped_spec_from_local_archive(tmp_path):
 def test_imagenet_needs_source(tmp_path):
     with pytest.raises(CloobError) as e:
         prepare_downstream("imagenet", str(tmp_path / "out"), progress=False)
-    assert "ILSVRC2012_img_val.tar" in str(e.value) and "n########" in str(e.value)
+    assert "ILSVRC2012_img_val.tar" in str(e.value) and "ILSVRC2012_devkit_t12.tar.gz" in str(e.value)
     assert "--source imagenet=" in e.value.fix
     with pytest.raises(CloobError, match="does not exist"):
         prepare_downstream("imagenet", str(tmp_path / "out"), source=str(tmp_path / "nope"), progress=False)
@@ -315,16 +330,17 @@ def test_imagenet_user_supplied(tmp_path):
     s = prepare_downstream("imagenet", str(out), source=str(src), progress=False)
     assert (s["images"], s["classes"], s["sha256"]) == (1000, 1000, None)
     m = read_manifest(str(out), "imagenet")
-    assert m["external_root"] == str((src / "val").resolve()) and m["root"] is None  # pointed at, not copied
+    assert m["external_root"] == str(src.resolve()) and m["root"] is None  # pointed at, not copied
     assert dataset_root(m, s["uri"]) == m["external_root"]
-    assert m["classes"][0]["folder"] == "n00000000" and m["classes"][0]["name"] == "tench"
-    assert os.listdir(out / "imagenet") == ["manifest.json"]
+    assert m["classes"][0]["source"] == "n00000000" and m["classes"][0]["name"] == "tench"
+    assert sorted(os.listdir(out / "imagenet")) == ["items.tsv", "manifest.json"]
     assert prepare_downstream("imagenet", str(out), source=str(src), progress=False)["reused"]
 
     broken = tmp_path / "broken"
     _fake_imagenet(broken, 999)
     (broken / "val" / "README").mkdir()
-    with pytest.raises(CloobError, match="found 1000.*1 too few.*1 unexpected: README"):
+    (broken / "val" / "README" / "notes.txt").write_text("not a class")
+    with pytest.raises(CloobError, match="999 folders named by wnid where imagenet has 1000.*name no class: README"):
         prepare_downstream("imagenet", str(out), source=str(broken / "val"), progress=False)
 
 
@@ -338,9 +354,9 @@ def test_prepare_to_s3(s3, served, tmp_path):
     s = prepare_downstream(spec, out, cache_dir=tmp_path / "cache", progress=False)
     assert s["uri"] == "s3://dstream/downstream/toy" and s["images"] == 6
     m = json.loads(s3.cat_file("dstream/downstream/toy/manifest.json"))
-    assert m["root"] == "toy/test" and [c["images"] for c in m["classes"]] == [3, 2, 1]
+    assert m["root"] == "." and [c["images"] for c in m["classes"]] == [3, 2, 1]
     assert s3.cat_file("dstream/downstream/toy/toy/test/blue_plum/img0.jpg") == JPEG
-    assert len(s3.glob("dstream/downstream/toy/toy/test/*/*.jpg")) == 6
+    assert len(s3.glob("dstream/downstream/toy/toy/*/*/*.jpg")) == 6  # the test split only
     assert not list((tmp_path / "cache").glob(".extract-*"))  # local scratch removed
     assert prepare_downstream(spec, out, cache_dir=tmp_path / "cache", progress=False)["reused"]
 
@@ -356,7 +372,7 @@ def test_user_supplied_to_s3_is_uploaded(s3, tmp_path):
     s = prepare_downstream(tmp_path / "supplied.yaml", "s3://supplied/ds", source=str(src), progress=False)
     assert s["images"] == 6 and s["sha256"] is None
     m = json.loads(s3.cat_file("supplied/ds/toy/manifest.json"))
-    assert m["root"] == "val" and m["external_root"] is None  # an object store gets a copy
+    assert m["root"] == "." and m["external_root"] is None  # an object store gets a copy
     assert s3.cat_file("supplied/ds/toy/val/Green-Pear/img1.jpg") == JPEG
     assert prepare_downstream(tmp_path / "supplied.yaml", "s3://supplied/ds", source=str(src),
                               progress=False)["reused"]
@@ -370,7 +386,7 @@ def test_cli_prepare_downstream_errors_and_summary(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "imagenet must be supplied by you" in err and "--source imagenet=" in err
     assert cli_main(["prepare-downstream", "imagenet", "--out", out, "--source", "imagenet"]) == 2
-    assert "is not name=path" in capsys.readouterr().err
+    assert "is not name=value" in capsys.readouterr().err
     assert cli_main(["prepare-downstream", "gtsrb", "--out", out, "--source", "imagenet=/x"]) == 2
     assert "not among the datasets" in capsys.readouterr().err
     # Two sets, one broken: the good one is still prepared and the summary says so.

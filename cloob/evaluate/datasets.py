@@ -1,9 +1,11 @@
 """Evaluation sets, read from a local folder or any fsspec URL.
 
-Zero-shot classification sets come in three shapes, all checked against a downstream spec (class
-names, templates, main metric, folder -> class mapping):
-    prepared    a folder made by `cloob prepare-downstream` (its manifest.json pairs classes and folders)
-    folders     a plain folder of class folders, matched to the spec's classes as preparation does
+Zero-shot classification sets come in four shapes, all checked against a downstream spec (class
+names, templates, main metric, how images are paired with classes):
+    prepared    a folder made by `cloob prepare-downstream` (its items.tsv lists each image's class)
+    folders     the set as the user has it, in any layout its spec knows (class folders, label files),
+                read by the same code as preparation (cloob.evaluate.sets.reading.read_set)
+    archive     a local archive of the set: unpacked and prepared once into the cache, then as prepared
     shards      webdataset shards (*.tar): an image (jpg/jpeg/png/webp) and its class index in `cls`
 Retrieval sets are webdataset shards of captioned images (`txt`), as `cloob prepare` writes them.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import random
 from collections.abc import Iterator
@@ -28,9 +31,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from cloob.data.workers import loader_kwargs
 from cloob.errors import CloobError
-from cloob.evaluate.sets.folders import IMAGE_EXTENSIONS, match_classes
-from cloob.evaluate.sets.manifest import MANIFEST, dataset_root
+from cloob.evaluate.sets.build import is_archive
+from cloob.evaluate.sets.manifest import MANIFEST, dataset_root, read_items
+from cloob.evaluate.sets.reading import read_set
 from cloob.evaluate.sets.spec import DownstreamSpec, load_downstream_spec, spec_hash
+from cloob.evaluate.sets.tree import Tree
 from cloob.storage import Location
 
 Image.MAX_IMAGE_PIXELS = 89_478_485  # a decompression bomb is a corrupt image, not a crash
@@ -47,6 +52,7 @@ class ClassificationSet:
     items: list[tuple[str, int]] = field(default_factory=list)  # (image URL, class index) for folders
     shards: list[str] = field(default_factory=list)
     identity: str = ""  # sha256 over the spec and the listed files (names and sizes)
+    warnings: list[str] = field(default_factory=list)  # what a result on it must carry (count, split)
 
     @property
     def main_metric(self) -> str:
@@ -71,19 +77,8 @@ def _location(uri: str) -> Location:
         raise CloobError(f"cannot open {uri!r}: {e}", "give a local folder or an fsspec URL (s3://bucket/path)") from None
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _list_images(loc: Location, folder: str) -> list[tuple[str, int]]:
-    """(path relative to loc, size) of the images under loc's folder, sorted."""
-    # Hidden files and folders are not images of the set (macOS ._ files, .ipynb_checkpoints, ...).
-    return [(p, size) for p, size in loc.files(folder)
-            if _is_image(p) and not any(part.startswith(".") for part in posixpath.relpath(p, folder).split("/"))]
 
 
 def _shards(loc: Location) -> tuple[list[str], list[tuple[str, int]]]:
@@ -114,41 +109,48 @@ def open_classification_set(spec: str | DownstreamSpec, uri: str) -> Classificat
     shards, sizes = _shards(loc)
     if shards:
         return ClassificationSet(spec.name, uri, spec, "shards", shards=shards, identity=_digest(digest, sizes))
+    if loc.is_local and os.path.isfile(loc.root) and is_archive(loc.root):
+        return _from_archive(spec, loc.root)
 
-    manifest = loc.read_json(MANIFEST)
+    manifest = loc.read_json(MANIFEST) if loc.isdir() else None
     if manifest is not None:
         names = [c["name"] for c in manifest["classes"]]
         if names != spec.class_names:
             raise CloobError(f"{spec.name}: {uri} was prepared with other class names than the spec has now",
                              f"prepare it again: cloob prepare-downstream {spec.name} --force --out <root>")
-        classes = _location(dataset_root(manifest, loc.url()))
-        folders = [c["folder"] for c in manifest["classes"]]
-        kind = "prepared"
-    else:
-        classes = loc
-        try:
-            subdirs = classes.list(kind="directory")
-        except NotADirectoryError:
-            raise CloobError(f"{spec.name}: {uri} is neither a folder of class folders nor webdataset shards",
-                             "point at the folder that holds one folder per class, or at *.tar shards") from None
-        subdirs = [d for d in subdirs if not d.startswith("_")]
-        if not subdirs:
-            raise CloobError(f"{spec.name}: {uri} holds no class folders and no *.tar shards (empty dataset)",
-                             f"point at the folder with one folder per class ({len(spec.classes)} for {spec.name})")
-        folders = match_classes(spec, subdirs, uri)  # lists missing and unexpected folders on mismatch
-        kind = "folders"
+        root = _location(dataset_root(manifest, loc.url()))
+        listed = read_items(loc, manifest)
+        items = [(root.url(p), c) for p, c in listed]
+        identity = _digest(digest, manifest["items_sha256"], manifest.get("image_bytes"))
+        return ClassificationSet(spec.name, uri, spec, "prepared", items=items, identity=identity,
+                                 warnings=list(manifest.get("warnings") or []))
+    if not loc.isdir():
+        raise CloobError(f"{spec.name}: {uri} is neither a folder of the set nor webdataset shards nor an archive",
+                         "point at the set's folder (class folders or its label files), its archive, or *.tar shards")
+    tree = Tree(loc)
+    if not tree.sizes:
+        raise CloobError(f"{spec.name}: {uri} holds no class folders and no *.tar shards (empty dataset)",
+                         f"point at the folder with one folder per class ({len(spec.classes)} for {spec.name})")
+    reading = read_set(spec, tree, uri)
+    items = [(loc.url(p), c) for p, c in reading.items]
+    listing = [(p, tree.sizes[p]) for p, _ in reading.items]
+    return ClassificationSet(spec.name, uri, spec, "folders", items=items,
+                             identity=_digest(digest, listing, reading.split), warnings=reading.warnings)
 
-    items: list[tuple[str, int]] = []
-    listing: list[tuple[str, int]] = []
-    for label, folder in enumerate(folders):
-        for p, size in _list_images(classes, folder):
-            items.append((classes.url(p), label))
-            listing.append((p, size))
-    if not items:
-        raise CloobError(f"{spec.name}: {uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
-                         f"{len(folders)} class folders (empty dataset)",
-                         "check that the download or copy finished; prepare it again with --force")
-    return ClassificationSet(spec.name, uri, spec, kind, items=items, identity=_digest(digest, listing))
+
+def _from_archive(spec: DownstreamSpec, path: str) -> ClassificationSet:
+    """A local archive of the set: prepared once into the cache (keyed by the archive's path, size and
+    time), through the same code as `cloob prepare-downstream --source`."""
+    from cloob.evaluate.sets.archive import default_cache_dir
+    from cloob.evaluate.sets.prepare import prepare_downstream
+
+    st = os.stat(path)
+    key = hashlib.sha256(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:16]
+    out = str(default_cache_dir().parent / "sets" / key)
+    summary = prepare_downstream(spec, out, source=path, progress=False)
+    ds = open_classification_set(spec, summary["uri"])
+    ds.uri = path
+    return ds
 
 
 def open_retrieval_set(uri: str, name: str | None = None) -> RetrievalSet:

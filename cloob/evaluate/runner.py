@@ -228,6 +228,7 @@ def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cach
     settings_blob, settings_hash = settings_json(settings, device, {"task": "zeroshot"})
     row = {**_base_row(em, ds.name, ds.uri, ds.identity, "zeroshot"), **result, **d,
            "n_images": metrics.n, "n_skipped": skipped, "n_classes": n_classes,
+           "dataset_warnings": "; ".join(ds.warnings) or None,
            "main_metric": spec.main_metric, "main_value": result[spec.main_metric],
            "eval_settings": settings_blob, "eval_settings_hash": settings_hash, "device": _device_name(device),
            "seconds": time.perf_counter() - t0, "started_at": started, "finished_at": _now()}

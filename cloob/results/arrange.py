@@ -170,6 +170,15 @@ def _skipped_notes(rows: list[dict], datasets: list[str], ckpts: dict) -> list[s
     return notes
 
 
+def _warning_notes(rows: list[dict], datasets: list[str]) -> list[str]:
+    """Why a flagged set's numbers may not compare with the paper's: each distinct warning once."""
+    notes = []
+    for ds in datasets:
+        for w in sorted({r["dataset_warnings"] for r in rows if r["dataset"] == ds and r.get("dataset_warnings")}):
+            notes.append(f"{ds} (!): {w}")
+    return notes
+
+
 def build_report(results_uri: str, *, metric: str = "main", paper: str | None = "auto",
                  datasets: list[str] | None = None, runs: list[str] | None = None) -> Report:
     """The latest row per (run, checkpoint, dataset) of the table, arranged for reading.
@@ -213,7 +222,8 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
         values[ds] = vals
         names = sorted({r["main_metric"] or "?" for r in rs if r}) if metric == "main" else [metric]
         shown_metrics.update(names)
-        zt.rows.append([ds, "/".join(names), *vals, *[ref_values[m].get(ds) for m in paper_methods],
+        flagged = any(r and r.get("dataset_warnings") for r in rs)
+        zt.rows.append([f"{ds} (!)" if flagged else ds, "/".join(names), *vals, *[ref_values[m].get(ds) for m in paper_methods],
                         _count_cell([r and r.get("n_images") for r in rs]),
                         _count_cell([r and r.get("n_skipped") for r in rs])])
     # The mean over the datasets every checkpoint has, so that the columns are comparable.
@@ -233,6 +243,7 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
         notes.append(f"paper columns: published zero-shot top-1 accuracy, {ref.label}, ± one standard deviation "
                      f"where given; the paper reports top-1 for all datasets{care}. Source: {ref_source}")
     notes += _skipped_notes(zs, zs_datasets, ckpts)
+    notes += _warning_notes(zs, zs_datasets)
 
     # retrieval: one row per (dataset, checkpoint)
     order = {k: i for i, k in enumerate(ckpts)}

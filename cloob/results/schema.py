@@ -34,6 +34,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("n_images", pa.int64(), "images scored"),
     ("n_skipped", pa.int64(), "images skipped as unreadable (corrupt, truncated, not an image)"),
     ("n_classes", pa.int64(), "zero-shot classes; null for retrieval"),
+    ("dataset_warnings", pa.string(), "why a number on this set may not compare with the paper's (a count far "
+                                      "from the published test size, another split); null when none"),
     # zero-shot metrics
     ("main_metric", pa.string(), "the spec's main metric name: top1 | mean_per_class_recall | i2t_r1"),
     ("main_value", pa.float64(), "value of main_metric"),

@@ -1,17 +1,24 @@
 """A zero-shot evaluation set's spec (data_specs/downstream/<name>.yaml): validation, loading by name
 or path, the shipped list, and its content hash.
 
-A spec names the source (an archive to download, or a folder the user supplies), where the class
-folders lie inside it, how folders map to classes, the class names, the prompt templates and the
-main metric. Folder -> class mappings (`layout.by`):
+A spec names the source (an archive to download, a folder the user supplies, or generated images),
+the layouts its distributions come in, the class names (in the dataset's own label order), the prompt
+templates, the main metric and the published size of the test split. How class folders are paired
+with classes (`layout.by`) is always verified, never positional:
 
-    name    folder == class name, or == folders[i] when `folders` is given (parallel to `classes`),
-            compared after `layout.normalize`: exact | casefold | alnum_casefold (letters and digits
-            only, case-folded: "Apply_Eye Makeup" == "ApplyEyeMakeup")
-    index   folders are the integers 0..N-1; folder k holds class k ("007" counts as 7)
-    wnid    N folders named n########; class i is the i-th in sorted order (ImageNet)
-    sorted  class i is the i-th folder in sorted order, as torchvision's ImageFolder numbers them;
-            for archives whose folder names are not documented: only their number is checked
+    name    a folder names its class: compared after `layout.normalize` (exact | casefold |
+            alnum_casefold: letters and digits only, case-folded, so "Coopers_Hawk" == "Cooper's Hawk")
+            with the class name, its entry in `folders` (a parallel list of the dataset's own folder
+            names) or one of its `aliases`. With `layout.numbers` set, folders named by an integer
+            are the dataset's published class ids too (GTSRB's 00000..00042: numbers 0; Flowers102's
+            1..102: numbers 1).
+    index   folders are the integers 0..N-1 (ImageNetV2): folder k holds class k
+    wnid    folders are WordNet ids n########; class i is the i-th in sorted order (ImageNet's index)
+
+Label files (`layouts`, see cloob/evaluate/sets/labels.py) pair images with classes through the
+dataset's published mapping (GTSRB's ClassId, Flowers102's 1-based labels, Stanford Cars' class ids
+checked by name against cars_meta.mat, ImageNet's devkit ids and wnids); split files (Birdsnap's
+test_images.txt, UCF101's testlist01.txt, CoOp's split JSON) pick the test images from class folders.
 """
 
 from __future__ import annotations
@@ -65,8 +72,23 @@ class Layout(_Strict):
     root: str = Field("auto", description="folder holding the class folders, relative to the archive "
                                           "(or supplied folder) root; 'auto' finds it")
     split: str | None = Field(None, description="with root: auto, prefer a path with this component")
-    by: Literal["name", "index", "wnid", "sorted"]
+    by: Literal["name", "index", "wnid"]
     normalize: Literal["exact", "casefold", "alnum_casefold"] = "exact"
+    numbers: Literal[0, 1] | None = Field(None, description="with by: name, class folders named by an integer are "
+                                                           "the dataset's class ids, counted from this number")
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _no_positional(cls, by):
+        if by == "sorted":
+            raise ValueError("`by: sorted` (class i = the i-th folder in sorted order) is not supported any more: "
+                             "a positional pairing cannot be verified and silently mislabels sets whose order "
+                             "differs. Pair by name (by: name, with `folders` or `aliases` for the dataset's own "
+                             "folder names), by published class ids (numbers: 0 | 1), or by wnid")
+        return by
+
+
+LayoutName = Literal["class_folders", "gtsrb_csv", "flowers_mat", "cars_mat", "imagenet_devkit", "imagenet_loc"]
 
 
 @functools.cache
@@ -99,6 +121,14 @@ class DownstreamSpec(_Strict):
     classes: list[str] = Field(min_length=2)
     classes_from: Literal["open_clip.imagenet"] | None = None
     folders: list[str] | None = None
+    aliases: list[list[str]] | None = Field(None, description="parallel to classes: other names of each class "
+                                                              "that verify a class folder (e.g. scientific names)")
+    layouts: list[LayoutName] = Field(default_factory=lambda: ["class_folders"], min_length=1,
+                                       description="the forms the set's distributions come in, tried in order")
+    split_files: list[str] = Field(default_factory=list, description="names of files that list the test split's "
+                                   "images (test_images.txt, testlist01.txt, split_*.json): applied when present")
+    test_size: int | None = Field(None, gt=0, description="images in the published test split; a prepared set far "
+                                  "from it is flagged")
     templates: list[str] = Field(min_length=1)
     templates_from: Literal["open_clip.openai_imagenet", "open_clip.simple_imagenet"] | None = None
 
@@ -151,11 +181,17 @@ class DownstreamSpec(_Strict):
             if len(self.folders) != len(self.classes):
                 raise ValueError(f"`folders` has {len(self.folders)} entries, `classes` {len(self.classes)}: "
                                  "they are parallel lists")
+        if self.aliases is not None and len(self.aliases) != len(self.classes):
+            raise ValueError(f"`aliases` has {len(self.aliases)} entries, `classes` {len(self.classes)}: "
+                             "they are parallel lists")
         if self.layout.by == "name":
-            keys = [normalize(f, self.layout.normalize) for f in self.expected_folders()]
-            dup = sorted({k for k in keys if keys.count(k) > 1})
-            if dup:
-                raise ValueError(f"folder names collide after normalize={self.layout.normalize}: {dup[:5]}")
+            owner: dict[str, int] = {}
+            for i, names in enumerate(self.names_of_classes()):
+                for n in names:
+                    k = normalize(n, self.layout.normalize)
+                    if owner.setdefault(k, i) != i:
+                        raise ValueError(f"names of two classes collide after normalize={self.layout.normalize}: "
+                                         f"{self.classes[owner[k]]!r} and {self.classes[i]!r} (both {k!r})")
         return self
 
     @property
@@ -165,6 +201,15 @@ class DownstreamSpec(_Strict):
     def expected_folders(self) -> list[str]:
         """For by: name, the folder name of each class (before normalisation)."""
         return list(self.folders) if self.folders is not None else list(self.classes)
+
+    def names_of_classes(self) -> list[list[str]]:
+        """Every name that verifies each class: the class name, its folder name, its aliases."""
+        out = []
+        for i, c in enumerate(self.classes):
+            names = [c] + ([self.folders[i]] if self.folders is not None else [])
+            names += list(self.aliases[i]) if self.aliases is not None else []
+            out.append(list(dict.fromkeys(names)))
+        return out
 
 
 def normalize(name: str, how: str) -> str:
@@ -181,6 +226,11 @@ def spec_hash(spec: DownstreamSpec) -> str:
     data = spec.model_dump(mode="json")
     if data["source"].get("seed") is None:  # the field is newer than the sets prepared without it
         data["source"].pop("seed", None)
+    for key, default in (("aliases", None), ("split_files", []), ("test_size", None), ("layouts", ["class_folders"])):
+        if data.get(key) == default:  # newer fields at their defaults leave the hash of older specs as it was
+            data.pop(key, None)
+    if data["layout"].get("numbers") is None:
+        data["layout"].pop("numbers", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
