@@ -416,3 +416,58 @@ def test_a_generated_sets_validation_split_draws_other_pictures_of_the_same_clas
     assert files["colors"] == files["colors_val"] and len(files["colors"]) == 6 * 40
     same = sum((roots["colors"] / f).read_bytes() == (roots["colors_val"] / f).read_bytes() for f in files["colors"])
     assert same == 0
+
+
+# ------------------------------------------------------------------------------------------ one path
+
+def test_a_folder_whose_names_name_no_class_is_refused_with_the_pairs_it_would_have_made(tmp_path):
+    # Folders named otherwise (numbered by some unknown order): a positional pairing is never made.
+    src = _tree(tmp_path / "src", {"c07": 1, "c02": 2, "c11": 1}, prefix="toy/test")
+    spec = _spec(tmp_path, "https://example.org/unused.zip")
+    with pytest.raises(CloobError) as e:
+        prepare_downstream(spec, str(tmp_path / "out"), source=str(src), progress=False)
+    msg = str(e.value)
+    assert "do not name toy's classes" in msg and "'c02' -> 'red apple'" in msg and "is refused" in msg
+    assert "`folders:`" in e.value.fix and "aliases" in e.value.fix
+    assert not (tmp_path / "out" / "toy" / "manifest.json").exists()
+
+
+def test_prepare_and_evaluate_read_archives_and_folders_through_one_path(tmp_path, monkeypatch):
+    from cloob.evaluate.datasets import open_classification_set
+
+    monkeypatch.setenv("CLOOB_CACHE", str(tmp_path / "cache"))  # evaluate --data unpacks an archive there
+
+    src = _tree(tmp_path / "src", TEST_COUNTS)
+    _tree(src, {f: 1 for f in TEST_COUNTS}, prefix="toy/train")
+    arc = _archive(src, tmp_path / "toy.zip")
+    spec = _spec(tmp_path, "https://example.org/unused.zip")
+    from_folder = prepare_downstream(spec, str(tmp_path / "a"), source=str(src), progress=False)
+    from_archive = prepare_downstream(spec, str(tmp_path / "b"), source=str(arc), progress=False,
+                                      cache_dir=tmp_path / "c")
+    assert from_folder["images"] == from_archive["images"] == 6  # the test split, by folder name
+    assert from_folder["pairs"] == from_archive["pairs"]
+    m = read_manifest(str(tmp_path / "a"), "toy")
+    assert m["source"] == {"kind": "folder", "path": str(src.resolve())} and m["external_root"] == str(src.resolve())
+    # evaluate --data: the folder, the archive and the prepared folders give the same (image, class) pairs
+    def pairs(ds):
+        return sorted((it.rsplit("/", 3)[-3] + "/" + it.rsplit("/", 2)[-2] + "/" + it.rsplit("/", 1)[-1], c)
+                      for it, c in ds.items)
+    sets = [open_classification_set(spec, str(p)) for p in (src, arc, tmp_path / "a" / "toy", tmp_path / "b" / "toy")]
+    assert [s.kind for s in sets] == ["folders", "prepared", "prepared", "prepared"]
+    assert all(pairs(s) == pairs(sets[0]) for s in sets) and len(sets[0].items) == 6
+    assert {c for _, c in sets[0].items} == {0, 1, 2}
+
+
+def test_a_set_prepared_by_the_old_unverified_version_is_prepared_again(tmp_path):
+    from cloob.evaluate.datasets import open_classification_set
+
+    out = tmp_path / "out"
+    prepare_downstream("colors", str(out), progress=False)
+    m = json.loads((out / "colors" / "manifest.json").read_text())
+    m["format"] = "cloob.downstream/1"  # what the versions that paired by sorted order wrote
+    (out / "colors" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CloobError, match="older version of cloob.*not verified") as e:
+        open_classification_set("colors", str(out / "colors"))
+    assert "--force" in e.value.fix
+    again = prepare_downstream("colors", str(out), progress=False)
+    assert not again["reused"] and len(open_classification_set("colors", str(out / "colors")).items) == 240

@@ -146,7 +146,7 @@ def _from_archive(spec: DownstreamSpec, path: str) -> ClassificationSet:
 
     st = os.stat(path)
     key = hashlib.sha256(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:16]
-    out = str(default_cache_dir().parent / "sets" / key)
+    out = str(default_cache_dir() / "sets" / key)
     summary = prepare_downstream(spec, out, source=path, progress=False)
     ds = open_classification_set(spec, summary["uri"])
     ds.uri = path
