@@ -1,4 +1,4 @@
-"""The `cloob` command line's computing commands: train, prepare, evaluate, results, registry, listings.
+"""The `cloob` command line's computing commands: train, prepare, evaluate, results, registry, import, listings.
 Errors print one message and exit 2. The installed `cloob` is flows.cli, which adds the commands
 that run Prefect flows (demo, deploy); this module never imports Prefect."""
 
@@ -238,6 +238,26 @@ def _cmd_registry(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    from cloob.registry.reference_import import import_reference
+
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
+    print(f"reading {args.file} ...", flush=True)
+    r = import_reference(args.file, store=args.store, out=args.out, registry=args.registry, arch=args.arch,
+                         name=args.name, aliases=args.alias or [], pretraining=args.pretraining, method=args.method)
+    m, src = r.meta, r.meta["source"]
+    print(f"{'imported' if r.new else 'already imported'} {src['file']} (sha256 {src['sha256'][:12]}, "
+          f"epoch {src.get('epoch', '?')}): {m['arch']}, method {m['method']}, pretraining {m['pretraining_data']}"
+          f"{'; dropped ' + ', '.join(src['dropped']) if src['dropped'] else ''}")
+    print(f"  checkpoint: {r.checkpoint}  (model sha256 {m['model_sha256'][:12]})")
+    e = r.entry
+    moved = f", moved {', '.join(r.moved)}" if r.moved else ""
+    print(f"  {'registered' if r.registered else 'already registered'} {e['id'][:12]} as {m['run_name']}{moved}")
+    print(f"  evaluate: cloob evaluate {m['run_name']} --datasets all --store {args.store} && cloob results --store {args.store}")
+    return 0
+
+
 def _cmd_models(args) -> int:
     from cloob.architectures import known_architectures
 
@@ -346,6 +366,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results table, for show and best (default: <store>/results)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
     p.set_defaults(func=_cmd_registry)
+
+    p = sub.add_parser("import", help="convert the paper's published checkpoints (ml-jku/cloob) into ours, registered",
+                       description="Convert an ml-jku/cloob checkpoint (cloob_rn50_yfcc_epoch_28.pt, "
+                                   "cloob_rn50x4_yfcc_epoch_28.pt) into a checkpoint folder (open_clip "
+                                   "RN50-quickgelu / RN50x4-quickgelu, loaded strictly), register it with the "
+                                   "file's name and sha256, and print how to evaluate it.")
+    p.add_argument("kind", choices=["ml-jku-cloob"], help="whose checkpoint: ml-jku-cloob (github.com/ml-jku/cloob)")
+    p.add_argument("file", help="the checkpoint file, local or an fsspec URL")
+    p.add_argument("--arch", help="RN50 or RN50x4 (default: what the file says, checked against its shapes)")
+    p.add_argument("--name", help="checkpoint folder, run id and registry alias (default: "
+                                  "ml-jku-<method>-<arch>-<pretraining>, e.g. ml-jku-cloob-rn50-yfcc15m)")
+    p.add_argument("--store", default=".", help="root of imports/ and registry/ (default: .)")
+    p.add_argument("--out", help="checkpoint folder to write (default: <store>/imports/<name>)")
+    p.add_argument("--registry", help="registry location (default: <store>/registry)")
+    p.add_argument("--alias", action="append", help="also move this registry alias to it (repeatable)")
+    p.add_argument("--pretraining", default="yfcc15m",
+                   help="the data it was trained on, for the results table's paper columns (default: yfcc15m)")
+    p.add_argument("--method", help="clip or cloob (default: what the file says, else cloob)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
+    p.set_defaults(func=_cmd_import)
 
     sub.add_parser("models", help="list model architectures").set_defaults(func=_cmd_models)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=_cmd_recipes)

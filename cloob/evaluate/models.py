@@ -68,9 +68,11 @@ def load_checkpoint(ref: str, device: str | torch.device = "cpu") -> EvalModel:
                          "the weights do not fit the architecture in meta.json; use a checkpoint written "
                          "by this version of `cloob train`") from None
     run_dir = posixpath.dirname(posixpath.dirname(url))
-    data, data_hash = pretraining_data(run_dir)
+    # An imported checkpoint (cloob import: meta.json has `source`) has no run folder and no step.
+    data, data_hash = (meta.get("pretraining_data"), None) if meta.get("source") else pretraining_data(run_dir)
+    step = None if meta.get("step") is None and meta.get("source") else int(meta["step"])
     info = {"run_id": meta.get("run_name") or posixpath.basename(run_dir), "checkpoint_id": sha,
-            "checkpoint_uri": redact(url), "step": int(meta["step"]), "method": meta.get("method"),
+            "checkpoint_uri": redact(url), "step": step, "method": meta.get("method"),
             "arch": arch, "pretraining_data": data, "pretraining_hash": data_hash,
             "samples_seen": meta.get("samples_seen")}
     return EvalModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(arch), info)

@@ -95,8 +95,9 @@ class Registry:
             return Registration(entry, new=False, moved=moved)
         verify_files(url, meta)  # every file, hashed: the entry vouches for the whole checkpoint
         run_dir = posixpath.dirname(posixpath.dirname(url.rstrip("/")))
-        recipe = read_recipe(run_dir)
-        data_name, data_hash = pretraining_data(run_dir)
+        source = meta.get("source")  # weights imported from another codebase (cloob import): no run folder
+        recipe = None if source else read_recipe(run_dir)
+        data_name, data_hash = (meta.get("pretraining_data"), None) if source else pretraining_data(run_dir)
         entry = {"id": entry_id, "checkpoint_uri": redact(url), "checkpoint_sha256": entry_id,
                  "model_bytes": meta.get("model_bytes"), "run_id": meta.get("run_name"),
                  "run_dir": redact(run_dir), "step": meta.get("step"), "method": meta.get("method"),
@@ -106,6 +107,8 @@ class Registry:
                  "data_name": data_name, "data_manifest_hash": data_hash,
                  "samples_seen": meta.get("samples_seen"), "code_version": meta.get("code_version"),
                  "training_metrics": meta.get("metrics") or {}, "note": note, "registered_at": _now()}
+        if source:
+            entry.update(source=source, run_dir=None)  # provenance: the file's name, sha256, ...
         self.loc.write_json(self._entry_path(entry_id), entry, indent=1, sort_keys=True)
         moved = list(dict.fromkeys(("latest", *aliases)))
         for a in moved:
