@@ -67,6 +67,19 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _name_values(items: list[str] | None, flag: str, names: list[str], example: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            raise CloobError(f"{flag} {item!r} is not name=value", f"write e.g. {flag} {example}")
+        if name not in names:
+            raise CloobError(f"{flag} names {name!r}, which is not among the datasets asked for",
+                             f"add {name} to the dataset list, or drop the {flag}")
+        out[name] = value
+    return out
+
+
 def _cmd_prepare_downstream(args) -> int:
     from cloob.evaluate.sets.prepare import prepare_downstream
     from cloob.evaluate.sets.spec import list_downstream_specs
@@ -74,30 +87,31 @@ def _cmd_prepare_downstream(args) -> int:
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
     names = list_downstream_specs() if args.names == ["all"] else args.names
-    sources: dict[str, str] = {}
-    for item in args.source or []:
-        name, sep, value = item.partition("=")
-        if not sep or not value:
-            raise CloobError(f"--source {item!r} is not name=path", "write e.g. --source imagenet=/data/imagenet/val")
-        if name not in names:
-            raise CloobError(f"--source names {name!r}, which is not among the datasets asked for",
-                             f"add {name} to the dataset list, or drop the --source")
-        sources[name] = value
+    sources = _name_values(args.source, "--source", names, "imagenet=/data/imagenet/val")
+    splits = _name_values(args.split, "--split", names, "flowers102=valid")
     t0, rows, failed = time.monotonic(), [], []
     for name in names:
         try:
-            rows.append(prepare_downstream(name, args.out, source=sources.get(name), force=args.force,
-                                           progress=not args.no_progress))
+            rows.append(prepare_downstream(name, args.out, source=sources.get(name), split=splits.get(name),
+                                           force=args.force, progress=not args.no_progress))
         except CloobError as e:
             if len(names) == 1:
                 raise
             failed.append((name, e))  # one bad set does not stop the others
             print(f"error: {name}: {e}", file=sys.stderr)
-    print(f"{'dataset':14s} {'images':>8s} {'classes':>8s} {'bytes':>10s} {'time':>8s}  location")
+    print(f"{'dataset':14s} {'images':>8s} {'expected':>8s} {'classes':>8s} {'bytes':>10s} {'time':>8s}  location")
     for r in rows:
         note = " (already prepared)" if r["reused"] else ""
-        print(f"{r['name']:14s} {r['images']:8d} {r['classes']:8d} {_human_bytes(r['bytes'] or 0):>10s} "
+        expected = r.get("expected_images") or "-"
+        print(f"{r['name']:14s} {r['images']:8d} {expected:>8} {r['classes']:8d} {_human_bytes(r['bytes'] or 0):>10s} "
               f"{r['seconds']:7.1f}s  {r['uri']}{note}")
+    for r in rows:
+        split = r.get("split") or {}
+        left = f", {split['left_out']} images of other splits left out" if split.get("left_out") else ""
+        print(f"{r['name']}: {r.get('layout')}; {split.get('name', 'test')} split by {split.get('by')}{left}")
+        print(f"  pairs: {'; '.join(r.get('pairs') or [])}{' ...' if r['classes'] > len(r.get('pairs') or []) else ''}")
+        for w in r.get("warnings") or []:
+            print(f"  warning: {w}")
     print(f"{len(rows)} prepared, {len(failed)} failed, {time.monotonic() - t0:.1f} s in all")
     return 2 if failed else 0
 
@@ -149,6 +163,7 @@ def _cmd_evaluate(args) -> int:
     results = args.results or posixpath.join(args.store, "results")
     cache = None if args.no_cache else posixpath.join(args.store, "cache", "classifiers")
     failed = {"model": 0, "set": 0, "pair": 0}
+    flagged: dict[str, str] = {}
     print(f"{'model':32s} {'dataset':14s} {'main':>22s} {'top1':>6s} {'top5':>6s} {'i2t@1':>6s} {'t2i@1':>6s} "
           f"{'images':>7s} {'skip':>5s} {'time':>7s}")
     for o in evaluate_many(models, classification, retrieval, results=results, cache_root=cache,
@@ -165,6 +180,10 @@ def _cmd_evaluate(args) -> int:
         print(f"{label[-32:]:32s} {r['dataset'][:14]:14s} {main:>22s} {_fmt(r.get('top1')):>6s} {_fmt(r.get('top5')):>6s} "
               f"{_fmt(r.get('i2t_r1')):>6s} {_fmt(r.get('t2i_r1')):>6s} {r['n_images']:7d} {r['n_skipped']:5d} "
               f"{r['seconds']:6.1f}s{note}")
+        if r.get("dataset_warnings"):
+            flagged.setdefault(r["dataset"], r["dataset_warnings"])
+    for ds, w in flagged.items():  # a number that may not compare with the paper's is never shown bare
+        print(f"warning: {ds}: {w}")
     print(f"results: {results}  (cloob results --results {results})")
     if not any(failed.values()):
         return 0
@@ -290,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="download a pretraining dataset into webdataset shards (img2dataset)")
     p.add_argument("spec", help="a data_specs name (demo, cc3m, yfcc15m) or a spec YAML path")
     p.add_argument("--out", required=True, help="dataset folder or URL (s3://bucket/prefix, ...)")
-    p.add_argument("--input", help="the source file: CC3M TSV, YFCC100M metadata, or your url/caption table")
+    p.add_argument("--input", action="append",
+                   help="the source file: CC3M TSV, YFCC100M metadata (yfcc100m_dataset.sql, the 25-column "
+                        "yfcc100m_dataset(.bz2), or the original ten parts: --input once per part), or your "
+                        "url/caption table")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set download.processes=16 (repeatable)")
     p.add_argument("--limit", type=int, help="take only the first N source rows")
@@ -308,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", help="datasets (see data_specs/downstream/), or all")
     p.add_argument("--out", required=True, help="downstream root folder or URL; each set goes to <out>/<name>/")
     p.add_argument("--source", action="append", metavar="NAME=PATH",
-                   help="your copy: imagenet=/data/imagenet/val (required for imagenet), or a mirror/archive")
+                   help="your copy, a folder (extracted, or the distribution's files side by side) or an archive: "
+                        "imagenet=/data/imagenet (required for imagenet), flowers102=/data/flowers")
+    p.add_argument("--split", action="append", metavar="NAME=SPLIT",
+                   help="another split than the published test split (e.g. flowers102=valid for a copy without "
+                        "the test split); every result on it is flagged as not comparable with the paper")
     p.add_argument("--force", action="store_true", help="prepare again even if already prepared")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
