@@ -261,3 +261,32 @@ def test_a_folder_holding_another_checkpoint_is_not_overwritten(rn50, tmp_path):
         import_reference(str(path), store=str(rn50["store"]))
     meta = json.loads((rn50["out"] / "meta.json").read_text())
     assert meta["source"]["sha256"] == _sha256(rn50["file"])  # untouched
+
+
+def test_imports_of_rn50_and_rn50x4_each_get_the_papers_columns(tmp_path):
+    """Both published imports in one table: the paper's yfcc15m RN50 and RN50x4 columns both, each
+    with its own numbers (rows as `cloob evaluate` writes them for the two imports)."""
+    from datetime import UTC, datetime
+
+    from cloob.results.arrange import build_report
+    from cloob.results.table import append_rows
+
+    def row(run, arch, top1, ckpt):
+        return {"run_id": run, "checkpoint_id": ckpt, "dataset": "imagenet", "task": "zeroshot", "method": "cloob",
+                "arch": arch, "pretraining_data": "yfcc15m", "step": None, "n_images": 50000, "n_skipped": 0,
+                "n_classes": 1000, "main_metric": "top1", "main_value": top1, "top1": top1,
+                "finished_at": datetime.now(UTC), "row_uuid": ckpt}
+
+    uri = str(tmp_path / "results")
+    append_rows(uri, [row("ml-jku-cloob-rn50-yfcc15m", "RN50-quickgelu", 0.357, "a" * 64),
+                      row("ml-jku-cloob-rn50x4-yfcc15m", "RN50x4-quickgelu", 0.39, "b" * 64)])
+    rep = build_report(uri)
+    cols = rep.zeroshot.columns
+    imagenet = rep.zeroshot.row("imagenet")
+    got = {c: imagenet[cols.index(c)].value for c in cols if c.startswith("paper ")}
+    assert got == {"paper CLIP (yfcc15m RN50)": 34.6, "paper CLOOB (yfcc15m RN50)": 35.7,
+                   "paper CLIP (yfcc15m RN50x4)": 37.7, "paper CLOOB (yfcc15m RN50x4)": 39.0}
+    assert any("yfcc15m RN50 and yfcc15m RN50x4" in n for n in rep.notes)
+    only = build_report(uri, paper="yfcc15m:RN50x4")  # a named setting: its columns alone, as before
+    assert [c for c in only.zeroshot.columns if c.startswith("paper ")] == [
+        "paper CLIP (yfcc15m RN50x4)", "paper CLOOB (yfcc15m RN50x4)"]

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from cloob.errors import CloobError
-from cloob.results.paper import PaperReference, Ref, choose_paper, load_paper, paper_values
+from cloob.results.paper import PaperReference, Ref, choose_paper, load_paper, matched_settings, paper_values
 
 METRICS = ("main", "top1", "top5", "mean_per_class_recall")
 # clip before cloob: each CLOOB column lands right after the CLIP column it is compared with.
@@ -207,11 +207,19 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
     zs_datasets = _dataset_order({r["dataset"] for r in zs}, paper_rows)
     ref = choose_paper(paper, zs_ckpts, paper_rows) if zs else None
     ref_values, ref_source = paper_values(ref, paper_rows) if ref else ({}, "")
+    # auto: every other published setting that a shown checkpoint matches gets its columns too (imports
+    # of the paper's YFCC RN50 and RN50x4 each beside their own numbers)
+    others = [s for s in matched_settings(zs_ckpts, paper_rows) if s != ref] if ref and paper.lower() == "auto" else []
+    paper_cols = [(ref.column(m), ref_values[m]) for m in ("clip", "cloob") if m in ref_values]
+    sources = [ref_source]
+    for other in others:
+        other_values, other_source = paper_values(other, paper_rows)
+        paper_cols += [(other.column(m), other_values[m]) for m in ("clip", "cloob") if m in other_values]
+        sources.append(other_source)
 
     # zero-shot: rows = datasets, columns = checkpoints (+ the paper)
     cell = {(r["dataset"], (r["run_id"], r["checkpoint_id"])): r for r in zs}
-    paper_methods = [m for m in ("clip", "cloob") if m in ref_values]
-    columns = ["dataset", "metric", *[c.label for c in zs_ckpts], *[ref.column(m) for m in paper_methods],
+    columns = ["dataset", "metric", *[c.label for c in zs_ckpts], *[name for name, _ in paper_cols],
                "images", "skipped"]
     zt = Table(f"Zero-shot classification: {_METRIC_NAMES[metric]} (%)", columns)
     values: dict[str, list[float | None]] = {}
@@ -223,7 +231,7 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
         names = sorted({r["main_metric"] or "?" for r in rs if r}) if metric == "main" else [metric]
         shown_metrics.update(names)
         flagged = any(r and r.get("dataset_warnings") for r in rs)
-        zt.rows.append([f"{ds} (!)" if flagged else ds, "/".join(names), *vals, *[ref_values[m].get(ds) for m in paper_methods],
+        zt.rows.append([f"{ds} (!)" if flagged else ds, "/".join(names), *vals, *[v.get(ds) for _, v in paper_cols],
                         _count_cell([r and r.get("n_images") for r in rs]),
                         _count_cell([r and r.get("n_skipped") for r in rs])])
     # The mean over the datasets every checkpoint has, so that the columns are comparable.
@@ -231,8 +239,8 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
     notes = []
     if len(common) >= 2:
         means = [sum(values[ds][i] for ds in common) / len(common) for i in range(len(zs_ckpts))]
-        paper_means = [Ref(sum(ref_values[m][ds].value for ds in common) / len(common))
-                       if all(ds in ref_values[m] for ds in common) else None for m in paper_methods]
+        paper_means = [Ref(sum(v[ds].value for ds in common) / len(common))
+                       if all(ds in v for ds in common) else None for _, v in paper_cols]
         zt.rows.append(["mean", "", *means, *paper_means, "", ""])
         zt.summary_rows = 1
         if len(common) < len(zs_datasets):
@@ -240,8 +248,10 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
     if ref:
         care = ("; where the metric column is not top1 the numbers are not directly comparable (--metric top1)"
                 if shown_metrics - {"top1"} else "")
-        notes.append(f"paper columns: published zero-shot top-1 accuracy, {ref.label}, ± one standard deviation "
-                     f"where given; the paper reports top-1 for all datasets{care}. Source: {ref_source}")
+        labels = " and ".join(s.label for s in (ref, *others))
+        notes.append(f"paper columns: published zero-shot top-1 accuracy, {labels}, ± one standard deviation "
+                     f"where given; the paper reports top-1 for all datasets{care}. "
+                     f"Source: {'; '.join(dict.fromkeys(sources))}")
     notes += _skipped_notes(zs, zs_datasets, ckpts)
     notes += _warning_notes(zs, zs_datasets)
 

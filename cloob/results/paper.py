@@ -104,6 +104,15 @@ def choose_paper(paper: str | None, checkpoints: list[Checkpoint],
     return choice
 
 
+def matched_settings(checkpoints: list[Checkpoint], paper_rows: list[dict] | None = None) -> list[PaperReference]:
+    """Every published setting that some checkpoint matches by pretraining data and encoder (the longest
+    training where the paper has several), in the checkpoints' order."""
+    choices = _paper_choices(load_paper() if paper_rows is None else paper_rows)
+    found = [_match(choices, c.pretraining_data, _encoder(c.arch)) for c in checkpoints
+             if c.pretraining_data and c.arch]
+    return list(dict.fromkeys(s for s in found if s))
+
+
 def setting_for(pretraining: str, arch: str | None, epochs: int | None,
                 paper_rows: list[dict] | None = None) -> PaperReference | None:
     """The published setting of this pretraining data, encoder and epochs (a setting the paper gives
