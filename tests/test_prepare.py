@@ -551,3 +551,27 @@ def test_prepare_from_a_folder_holding_a_ray_folder(tmp_path, monkeypatch):
     m = prepare(spec, "data/demo", progress=False)  # relative to the working directory, as in the README
     assert m["totals"]["successes"] == 12
     assert list_shards(str(tmp_path / "data" / "demo")).num_samples == 12
+
+
+def test_rows_are_sorted_by_row_id_in_bounded_runs(tmp_path):
+    """cloob.data.rowsort: rows out of order (as YFCC's SQLite table and parts give them) come out in
+    row-id order, equal ids in their first order, over many sorted runs merged; the digest is the
+    sorted rows' digest, which rows already in order get without sorting."""
+    import hashlib
+    import random
+
+    from cloob.data.prepare import ROW_SCHEMA
+    from cloob.data.rowsort import row_line, sort_rows
+
+    rows = [{"row_id": i % 40, "url": f"http://x/{i}.jpg", "caption": f"c{i}", "source_key": f"k{i}"}
+            for i in range(53)]
+    shuffled = rows[:]
+    random.Random(1).shuffle(shuffled)
+    src, dst = tmp_path / "src.parquet", tmp_path / "dst.parquet"
+    pq.write_table(pa.Table.from_pylist(shuffled, schema=ROW_SCHEMA), src)
+    digest = sort_rows(str(src), str(dst), ROW_SCHEMA, run_rows=7)  # 8 runs
+    got = pq.read_table(dst).to_pylist()
+    want = sorted(shuffled, key=lambda r: r["row_id"])  # stable, as sort_rows
+    assert got == want
+    assert digest == hashlib.sha256(b"".join(row_line(r["row_id"], r["url"], r["caption"]) for r in want)).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.parquet", "src.parquet"]  # runs removed

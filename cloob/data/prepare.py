@@ -5,7 +5,9 @@ Layout of a prepared dataset at `out` (a folder or any fsspec URL, e.g. s3://buc
     NNNNN.tar, NNNNN.parquet, NNNNN_stats.json   img2dataset's shards; the stats file, written
                                                   last, marks a shard finished
     _cloob/spec.json                              the spec and its content hash (who owns `out`)
-    _cloob/rows.parquet, rows.json                row_id/url/caption rows; rows.json marks them done
+    _cloob/rows.parquet, rows.json                row_id/url/caption rows, in row-id order (sorted
+                                                  when the source holds them otherwise: rowsort);
+                                                  rows.json marks them done
     _cloob/retry/NNN.parquet                      rows given to a retry-failed round
     _cloob/digests/NNNNN.json                     per-shard digests (so a re-run does not re-read)
     _cloob/logs/*.log                             img2dataset's output per round
@@ -50,6 +52,7 @@ import pyarrow.parquet as pq
 from cloob.data import engines
 from cloob.data.folder import META, OURS, check_folder, check_owner, record_owner, write_json
 from cloob.data.manifest import build_manifest, finished_shards
+from cloob.data.rowsort import row_line, sort_rows
 from cloob.data.sources import iter_rows
 from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
 from cloob.errors import CloobError
@@ -66,14 +69,21 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _with_input(spec: PretrainSpec, input_uri: str | None) -> PretrainSpec:
-    if not input_uri:
+def _with_input(spec: PretrainSpec, input_uri: str | list[str] | None) -> PretrainSpec:
+    """The spec with its source file(s) from --input: one file, or several for YFCC's original
+    release (a single one is kept as a string, as a spec written before lists were taken)."""
+    uris = [input_uri] if isinstance(input_uri, str) else list(input_uri or [])
+    if not uris:
         return spec
     src = spec.source
     if isinstance(src, DemoSource):
         raise CloobError("the demo spec generates its rows and takes no --input", "leave out --input")
+    if len(uris) > 1 and not isinstance(src, Yfcc15mSource):
+        raise CloobError(f"the {src.kind} source reads one file, and --input was given {len(uris)} times",
+                         "pass --input once (several are for YFCC100M's ten original parts)")
     field = "metadata" if isinstance(src, Yfcc15mSource) else "path"
-    return spec.model_copy(update={"source": src.model_copy(update={field: input_uri})})
+    value = uris[0] if len(uris) == 1 else uris
+    return spec.model_copy(update={"source": src.model_copy(update={field: value})})
 
 
 def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: bool) -> dict:
@@ -102,10 +112,13 @@ def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: 
                         v.clear()
 
             bar = tqdm(desc=f"{spec.name}: reading rows", unit=" rows", disable=not progress, leave=False)
+            last, in_order = None, True
             for row in iter_rows(spec, counts, progress):
                 for k in ROW_SCHEMA.names:
                     cols[k].append(row[k])
-                digest.update(f"{row['row_id']}\t{row['url']}\t{row['caption']}\n".encode())
+                digest.update(row_line(row["row_id"], row["url"], row["caption"]))
+                in_order = in_order and (last is None or row["row_id"] >= last)
+                last = row["row_id"]
                 bar.update()
                 if len(cols["row_id"]) >= 65536:
                     flush()
@@ -116,6 +129,16 @@ def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: 
                 f"the source of {spec.name!r} gave no usable rows (read {counts['read']}, invalid URL "
                 f"{counts['invalid_url']}, empty caption {counts['empty_caption']})",
                 "check the source file and its columns (url must be http(s), caption non-empty)")
+        rows_sha256 = digest.hexdigest()
+        if not in_order:  # the rows go in row-id order (cloob.data.rowsort): the shards follow the rows alone
+            fd, ordered = tempfile.mkstemp(dir=os.path.dirname(tmp), prefix=".tmp-rows-", suffix=".parquet")
+            os.close(fd)
+            try:
+                rows_sha256 = sort_rows(tmp, ordered, ROW_SCHEMA)
+                os.replace(ordered, tmp)
+            finally:
+                if os.path.exists(ordered):
+                    os.unlink(ordered)
         store.move_in(tmp, f"{META}/rows.parquet")
     except BaseException as e:
         if os.path.exists(tmp):
@@ -125,7 +148,7 @@ def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: 
                              "check that the source is readable and --out writable (for a bucket: that it "
                              "exists and the credentials)") from None
         raise
-    info = {"spec_hash": spec_hash, "sha256": digest.hexdigest(), "file": f"{META}/rows.parquet",
+    info = {"spec_hash": spec_hash, "sha256": rows_sha256, "file": f"{META}/rows.parquet",
             "read": counts["read"], "kept": counts["kept"], "invalid_url": counts["invalid_url"],
             "empty_caption": counts["empty_caption"]}
     write_json(store, info_path, info)
@@ -348,7 +371,7 @@ def _source_server(spec: PretrainSpec):
         yield server.url
 
 
-def prepare(spec: PretrainSpec, out: str, *, input: str | None = None, retry_failed: bool = False,
+def prepare(spec: PretrainSpec, out: str, *, input: str | list[str] | None = None, retry_failed: bool = False,
             force: bool = False, progress: bool = True, spark_master: str | None = None,
             ray_address: str | None = None) -> dict:
     """Prepare (or complete) the dataset at `out`; returns the manifest plus a `run` summary.

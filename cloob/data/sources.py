@@ -1,7 +1,8 @@
 """Source rows for a pretraining spec: an iterator of {row_id, url, caption, source_key}.
 
-`row_id` is the row's position in its source (the TSV line, the YFCC metadata line number, the
-table row, the demo index), so it stays the same however the validation rules below change.
+`row_id` is the row's position in its source (the TSV line, the YFCC photo's line number as OpenAI's
+subset list gives it, the table row, the demo index), so it stays the same however the validation
+rules below change.
 Rows with a URL that is not http(s) or an empty caption are dropped and counted, not fatal: real
 lists hold some of both. A source in the wrong layout is fatal, with a message saying what was
 expected. Text from the source (a column name, a parser's complaint quoting a line) goes into a
@@ -111,9 +112,11 @@ def _yfcc(src: Yfcc15mSource, progress: bool) -> Iterator[dict]:
     from cloob.data.yfcc import iter_yfcc_rows
 
     if not src.metadata:
-        raise CloobError("the yfcc15m spec needs the YFCC100M metadata file (yfcc100m_dataset, 25 columns)",
-                         "get it from the Multimedia Commons (https://multimediacommons.wordpress.com/"
-                         "yfcc100m-core-dataset/) and pass --input <path or s3:// URL, .bz2 is fine>")
+        raise CloobError("the yfcc15m spec needs the YFCC100M metadata",
+                         "pass --input with one of: the Multimedia Commons SQLite database yfcc100m_dataset.sql "
+                         "(a local file), the original release's ten files yfcc100m_dataset-0..9(.bz2) (--input "
+                         "once per file), or the single 25-column yfcc100m_dataset(.bz2) (a path or s3:// URL); see "
+                         "https://multimediacommons.wordpress.com/yfcc100m-core-dataset/")
     for r in iter_yfcc_rows(src.subset, src.metadata, src.caption_rule, progress=progress):
         yield {"row_id": int(r["line"]), "url": r["url"], "caption": r["caption"],
                "source_key": f"photo:{r['photo_id']}"}

@@ -58,11 +58,15 @@ class Cc3mSource(_Strict):
 
 
 class Yfcc15mSource(_Strict):
-    """OpenAI's YFCC15M subset list joined on photo id with the YFCC100M metadata file."""
+    """OpenAI's YFCC15M subset list joined on photo id with the YFCC100M metadata (cloob.data.yfcc):
+    the Multimedia Commons SQLite database, the original release's ten 23-column files, or the
+    single 25-column file."""
 
     kind: Literal["yfcc15m"]
     subset: str = "https://openaipublic.azureedge.net/clip/data/yfcc100m_subset_data.tsv.bz2"
-    metadata: str | None = Field(None, description="yfcc100m_dataset(.bz2); or pass --input")
+    metadata: str | list[str] | None = Field(
+        None, description="yfcc100m_dataset.sql, the ten yfcc100m_dataset-N(.bz2) (a list) or "
+        "yfcc100m_dataset(.bz2); or pass --input (once per file)")
     caption_rule: Literal["title", "description", "title_description", "longest"] = "title_description"
 
 

@@ -1,10 +1,50 @@
-"""YFCC15M: OpenAI's CLIP subset of YFCC100M, joined on photo id with the YFCC100M metadata file.
+"""YFCC15M: OpenAI's CLIP subset of YFCC100M, joined on photo id with the YFCC100M metadata.
 
 OpenAI publishes only (line number, photo id, photo hash) for the 14,829,396 photos of the subset
-(`yfcc100m_subset_data.tsv.bz2`). URLs and captions come from the YFCC100M metadata file
-(`yfcc100m_dataset(.bz2)`, 100M rows, 25 tab-separated columns, no header). Both are read through
-fsspec (local, s3://, http(s)://; bz2/gz/plain inferred from the name) as streams, so memory stays
-bounded: the sorted subset ids (an int64 array, ~120 MB for 15M ids) plus one batch of metadata lines.
+(`yfcc100m_subset_data.tsv.bz2`). URLs and captions come from the YFCC100M metadata, which exists in
+three forms; each is read as a stream, in bounded memory (the sorted subset ids and their line
+numbers, ~240 MB for 15M photos, plus one batch of records):
+
+1. The Multimedia Commons SQLite database `yfcc100m_dataset.sql` (s3://multimedia-commons/tools/etc/,
+   the copy the spec's description points to). One table, `yfcc100m_dataset`, with 23 columns:
+   photoid, uid, unickname, datetaken, dateuploaded, capturedevice, title, description, usertags,
+   machinetags, longitude, latitude, accuracy, pageurl, downloadurl, licensename, licenseurl,
+   serverid, farmid, secret, secretoriginal, ext, marker. No line number and no photo hash column;
+   title and description are URL-encoded as in the text forms. Read with Python's sqlite3, read-only,
+   rows streamed from a cursor (fetchmany). SQLite needs random access to a local file: a remote URL
+   (s3://, https://) or a compressed copy is refused with the fix (download it / decompress it first).
+2. The original Yahoo Webscope release: ten bzip2 files `yfcc100m_dataset-0.bz2` .. `-9.bz2`, each of
+   10M lines of 23 tab-separated fields, the same fields in the same order as the SQLite columns
+   (0 photo id, 6 title, 7 description, 14 download URL, 22 marker; no line number, no hash). Pass
+   them as several --input, in any order (plain or .bz2 alike): they are read in their numbered order.
+3. The single file `yfcc100m_dataset(.bz2)`: 25 tab-separated columns, the 23 above with a 0-based
+   line number in front and the photo hash after the photo id (0 line, 1 photo id, 2 hash, 8 title,
+   9 description, 16 download URL, 24 marker).
+
+Line numbers. OpenAI's subset list gives "(line number, photo identifier, photo hash) ... the first
+three columns in the dataset's metadata TSV file", i.e. columns 0-2 of form 3, whose line number
+starts at 0. Forms 1 and 2 carry no line number, and no source found here says how form 3's line
+numbers follow from the ten files (whether line = 10,000,000 x part + position, or in which order
+the SQLite table holds its rows). So cloob never derives a line number from a row's position: every
+form takes the photo's line number from the subset list itself (its own published number, joined on
+photo id). In form 3 the file's column 0 is compared with it; a difference is counted (line_mismatch)
+and the subset's number kept. A row's id is thus the same whichever form it came from, and since
+`cloob prepare` writes the rows in row-id order (cloob.data.rowsort), the same photos give the same
+dataset hash from every form. A subset given as a bare id array (no line numbers) works with form 3
+only; the other forms refuse it.
+
+Sources (read for facts, no code taken): openai/CLIP data/yfcc100m.md (the subset list's columns);
+github.com/abhimanyudubey/GeoYFCC/issues/1 (the line number "begins from 0");
+github.com/google-research/noisy-fewshot-learning/issues/1 (the 25 fields of yfcc100m_dataset);
+the Yahoo Webscope YFCC100M ReadMe, as copied into public repositories ("ten bzip2-compressed files
+(yfcc100m_dataset-0.bz2 to yfcc100m_dataset-9.bz2), each holding 10M lines" and its 23 fields);
+readers of the ten parts: ymt123/attalos (23 META_FIELDS), plsang/yfcc100m (parts 0..9, marker last);
+github.com/ml-jku/cloob/issues/14 (`.tables` -> yfcc100m_dataset in the Multimedia Commons file);
+Joachim Folz's `yfcc100m` package (gitlab.com/jfolz/yfcc100m, fork zc277584121/yfcc100m:
+AWS key tools/etc/yfcc100m_dataset.sql, table yfcc100m_dataset, columns downloadurl, longitude, ...);
+github.com/yukimasano/PASS/issues/4 (the table's header row, quoted above, and "no column which
+contains a 124 bit hash"); NVlabs/GroupViT convert_dataset/create_subset.py (joins the subset to that
+table on photoid).
 
 Caption rule. OpenAI built the subset by keeping photos whose title and/or description is natural
 English text, so the caption has to come from those two fields (user tags and machine tags were not
@@ -21,9 +61,9 @@ filtered out, but "Paris" was not); descriptions add context but can be long. Th
 
 Cleaning (`clean_text`): URL decoding ('+' is a space), HTML tags removed, HTML entities decoded,
 whitespace collapsed. Rows whose caption is empty after cleaning are skipped and counted, as are
-videos (marker != 0), rows without a download URL and malformed rows (not 25 columns, or a
-non-integer photo id). CLIP's tokenizer truncates long captions at 77 tokens, so long descriptions
-are kept whole here.
+videos (marker != 0), rows without a download URL, malformed rows (not the form's column count, or
+a non-integer photo id) and a photo id met again (only its first row counts). CLIP's tokenizer
+truncates long captions at 77 tokens, so long descriptions are kept whole here.
 
 Speed: Python's bz2 decompresses at a few tens of MB/s on one core; the metadata file is ~50 GB
 uncompressed, so decompressing it once with a parallel tool (lbzip2, pbzip2) and passing the plain
@@ -34,13 +74,17 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 import re
-from collections.abc import Iterator, MutableMapping
+import sqlite3
+from collections.abc import Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import IO, Literal, get_args
 from urllib.parse import unquote_plus
 
 import fsspec
 import numpy as np
+from fsspec.utils import infer_compression, infer_storage_options
 
 from cloob.errors import CloobError
 from cloob.safetext import safe_text
@@ -53,18 +97,49 @@ CAPTION_RULES: tuple[str, ...] = get_args(CaptionRule)
 N_COLUMNS = 25
 COL_LINE, COL_ID, COL_HASH, COL_TITLE, COL_DESC, COL_URL, COL_MARKER = 0, 1, 2, 8, 9, 16, 24
 
-# lines_read: all lines; matched: well-formed lines whose photo id is in the subset; yielded: rows
-# produced; skipped_*: matched rows dropped (video, no download URL, empty caption); malformed: lines
-# without 25 columns or with a non-integer photo id / line number; subset_ids: size of the subset.
+SQLITE_TABLE = "yfcc100m_dataset"
+SQLITE_COLUMNS = ("photoid", "title", "description", "downloadurl", "marker")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_PART = re.compile(r"^yfcc100m_dataset-(\d)(?:\.[A-Za-z0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the fields are in a tab-separated form."""
+
+    name: str
+    columns: int
+    id: int
+    title: int
+    desc: int
+    url: int
+    marker: int
+    line: int | None  # the line number column (form 3 only)
+    hash: int | None
+
+
+TSV25 = _Layout("the single 25-column file", 25, COL_ID, COL_TITLE, COL_DESC, COL_URL, COL_MARKER, COL_LINE,
+                COL_HASH)
+TSV23 = _Layout("the original 23-column release", 23, 0, 6, 7, 14, 22, None, None)
+SQLITE = "the Multimedia Commons SQLite database"
+
+# lines_read: records read (lines; rows of the SQLite table); matched: well-formed records whose
+# photo id is in the subset (first time met); yielded: rows produced; skipped_*: matched rows dropped
+# (video, no download URL, empty caption); malformed: records without the form's columns or with a
+# non-integer photo id / line number; duplicates: records of a photo id already met; line_mismatch:
+# form 3 rows whose column 0 differs from the subset's line number; subset_ids: size of the subset.
 STAT_KEYS = ("lines_read", "matched", "yielded", "skipped_video", "skipped_no_url",
-             "skipped_empty_caption", "malformed", "subset_ids")
+             "skipped_empty_caption", "malformed", "duplicates", "line_mismatch", "subset_ids")
 
 SUBSET_URL = "https://openaipublic.azureedge.net/clip/data/yfcc100m_subset_data.tsv.bz2"
-METADATA_FIX = ("pass yfcc100m_dataset(.bz2) from the YFCC100M core dataset "
-                "(https://multimediacommons.wordpress.com/yfcc100m-core-dataset/)")
+FORMS = ("the Multimedia Commons SQLite database yfcc100m_dataset.sql (a local file), the original release's "
+         "ten files yfcc100m_dataset-0..9(.bz2) with 23 tab-separated columns (pass each with --input), or "
+         "the single yfcc100m_dataset(.bz2) with 25 (line number, photo id, hash, ...)")
+METADATA_FIX = (f"pass one of: {FORMS}; see https://multimediacommons.wordpress.com/yfcc100m-core-dataset/")
 SUBSET_FIX = f"pass OpenAI's subset list yfcc100m_subset_data.tsv(.bz2) from {SUBSET_URL}"
 
 _CHUNK_BYTES = 4 << 20
+_SNIFF_BYTES = 1 << 20
 _MAX_LINE_BYTES = 64 << 20  # a "line" this long means the file is not a text TSV
 _LAYOUT_PROBE_LINES = 1000
 _MALFORMED, _BLANK = -1, -2  # sentinel photo ids; real ids are positive
@@ -113,9 +188,18 @@ def _open(uri: str, what: str, fix: str) -> IO[bytes]:
     try:
         return fsspec.open(uri, "rb", compression="infer").open()
     except FileNotFoundError:
-        raise CloobError(f"{what} {uri!r} not found", fix) from None
+        raise CloobError(f"{what} {safe_text(repr(uri))} not found", fix) from None
     except Exception as e:  # noqa: BLE001 (fsspec backends raise many types: OSError, ClientError, ...)
-        raise CloobError(f"cannot open {what} {uri!r}: {type(e).__name__}: {safe_text(e)}", fix) from None
+        raise CloobError(f"cannot open {what} {safe_text(repr(uri))}: {type(e).__name__}: {safe_text(e)}",
+                         fix) from None
+
+
+def _read(f: IO[bytes], n: int, uri: str, what: str) -> bytes:
+    try:
+        return f.read(n)
+    except (OSError, EOFError, ValueError) as e:  # truncated or corrupt compressed data, network
+        raise CloobError(f"cannot read {what} {safe_text(repr(uri))}: {type(e).__name__}: {safe_text(e)}",
+                         "check that the file is complete (re-download it) and readable") from None
 
 
 def _iter_line_batches(f: IO[bytes], batch_lines: int, uri: str, what: str) -> Iterator[list[bytes]]:
@@ -127,17 +211,13 @@ def _iter_line_batches(f: IO[bytes], batch_lines: int, uri: str, what: str) -> I
     rest = b""
     batch: list[bytes] = []
     while True:
-        try:
-            chunk = f.read(_CHUNK_BYTES)
-        except (OSError, EOFError, ValueError) as e:  # truncated or corrupt compressed data, network
-            raise CloobError(f"cannot read {what} {uri!r}: {type(e).__name__}: {safe_text(e)}",
-                             "check that the file is complete (re-download it) and readable") from None
+        chunk = _read(f, _CHUNK_BYTES, uri, what)
         if not chunk:
             break
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         if len(rest) > _MAX_LINE_BYTES:
-            raise CloobError(f"{what} {uri!r} has a line longer than {_MAX_LINE_BYTES >> 20} MB; "
+            raise CloobError(f"{what} {safe_text(repr(uri))} has a line longer than {_MAX_LINE_BYTES >> 20} MB; "
                              "it is not a text TSV",
                              "check the file (is it the right one, and fully decompressed?)")
         batch.extend(lines)
@@ -157,11 +237,23 @@ def _first_line(uri: str, what: str, fix: str) -> bytes:
     return b""
 
 
-def load_subset_ids(uri: str) -> np.ndarray:
-    """Sorted unique photo ids (int64) of the subset list (line, photo id, photo hash; tab-separated).
+# -- the subset list -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Subset:
+    """The subset's photo ids (sorted, unique, int64) and, aligned with them, their line numbers in
+    the 25-column metadata file (None when only ids are known)."""
+
+    ids: np.ndarray
+    lines: np.ndarray | None = None
+
+
+def load_subset(uri: str) -> Subset:
+    """The subset list (line, photo id, photo hash; tab-separated) as sorted unique ids with their
+    line numbers (a photo listed twice keeps its first line).
 
     A first line whose photo id is not an integer is taken as a header and skipped. The file is
-    parsed in blocks by pyarrow's streaming CSV reader, keeping only the photo id column.
+    parsed in blocks by pyarrow's streaming CSV reader, keeping only the line and photo id columns.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -169,48 +261,98 @@ def load_subset_ids(uri: str) -> np.ndarray:
     what = "YFCC15M subset list"
     first_line = _first_line(uri, what, SUBSET_FIX)
     if not first_line.strip():
-        raise CloobError(f"the YFCC15M subset list {uri!r} is empty (or starts with a blank line)",
+        raise CloobError(f"the YFCC15M subset list {safe_text(repr(uri))} is empty (or starts with a blank line)",
                          SUBSET_FIX)
     first = first_line.rstrip(b"\r").split(b"\t")
     if len(first) < 2:
-        raise CloobError(f"{uri!r} does not look like the YFCC15M subset list: expected 3 tab-separated "
-                         f"columns (line, photo id, photo hash), got {len(first)}", SUBSET_FIX)
-    if len(first) == N_COLUMNS:
-        raise CloobError(f"{uri!r} looks like the YFCC100M metadata file, not the YFCC15M subset list",
+        raise CloobError(f"{safe_text(repr(uri))} does not look like the YFCC15M subset list: expected 3 "
+                         f"tab-separated columns (line, photo id, photo hash), got {len(first)}", SUBSET_FIX)
+    if len(first) in (TSV25.columns, TSV23.columns):
+        raise CloobError(f"{safe_text(repr(uri))} looks like the YFCC100M metadata file, not the YFCC15M subset list",
                          f"{SUBSET_FIX} as the subset and the metadata file as the metadata")
     skip = 0 if first[1].strip().isdigit() else 1
 
     read = pacsv.ReadOptions(autogenerate_column_names=True, skip_rows=skip, block_size=8 << 20)
     parse = pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False)
-    convert = pacsv.ConvertOptions(include_columns=["f1"], column_types={"f1": pa.int64()})
-    chunks: list[np.ndarray] = []
+    convert = pacsv.ConvertOptions(include_columns=["f0", "f1"], column_types={"f0": pa.int64(), "f1": pa.int64()})
+    id_chunks: list[np.ndarray] = []
+    line_chunks: list[np.ndarray] = []
     with _open(uri, what, SUBSET_FIX) as f:
         try:
             for batch in pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert):
-                col = batch.column(0)
-                if col.null_count:
-                    raise CloobError(f"{uri!r}: {col.null_count} rows have an empty photo id", SUBSET_FIX)
-                chunks.append(np.array(col.to_numpy(zero_copy_only=False), dtype=np.int64, copy=True))
+                for col, name in ((batch.column(1), "photo id"), (batch.column(0), "line number")):
+                    if col.null_count:
+                        raise CloobError(f"{safe_text(repr(uri))}: {col.null_count} rows have an empty {name}",
+                                         SUBSET_FIX)
+                id_chunks.append(np.array(batch.column(1).to_numpy(zero_copy_only=False), dtype=np.int64, copy=True))
+                line_chunks.append(np.array(batch.column(0).to_numpy(zero_copy_only=False), dtype=np.int64, copy=True))
         except CloobError:
             raise
         except Exception as e:  # noqa: BLE001 (pyarrow: ArrowInvalid on bad rows, OSError on bad streams)
             # pyarrow quotes the offending line: the file's bytes, control characters and all.
-            raise CloobError(f"cannot parse the YFCC15M subset list {uri!r}: {type(e).__name__}: {safe_text(e)}",
-                             SUBSET_FIX) from None
-    ids = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
-    del chunks
+            raise CloobError(f"cannot parse the YFCC15M subset list {safe_text(repr(uri))}: {type(e).__name__}: "
+                             f"{safe_text(e)}", SUBSET_FIX) from None
+    ids = np.concatenate(id_chunks) if id_chunks else np.empty(0, np.int64)
+    lines = np.concatenate(line_chunks) if line_chunks else np.empty(0, np.int64)
+    del id_chunks, line_chunks
     if ids.size == 0:
-        raise CloobError(f"the YFCC15M subset list {uri!r} has no rows", SUBSET_FIX)
-    ids.sort()  # in place: no second 120 MB array, unlike np.unique
+        raise CloobError(f"the YFCC15M subset list {safe_text(repr(uri))} has no rows", SUBSET_FIX)
+    order = np.argsort(ids, kind="stable")  # stable: a photo listed twice keeps its first line
+    ids, lines = ids[order], lines[order]
+    del order
+    if lines.size and 0 <= lines.min() and lines.max() < 2**31:
+        lines = lines.astype(np.int32)  # line numbers < 100M: half the memory
     keep = np.empty(ids.size, dtype=bool)
     keep[0] = True
     np.not_equal(ids[1:], ids[:-1], out=keep[1:])
-    return ids if keep.all() else ids[keep]
+    return Subset(ids, lines) if keep.all() else Subset(ids[keep], lines[keep])
 
 
-def _photo_id(line: bytes) -> int:
-    """Photo id of a metadata line, _MALFORMED (not 25 columns / bad id) or _BLANK."""
-    if line.count(b"\t") != N_COLUMNS - 1:
+def load_subset_ids(uri: str) -> np.ndarray:
+    """Sorted unique photo ids (int64) of the subset list (see load_subset)."""
+    return load_subset(uri).ids
+
+
+def _as_subset(subset: str | np.ndarray | Subset) -> Subset:
+    if isinstance(subset, Subset):
+        return subset
+    if isinstance(subset, str):
+        return load_subset(subset)
+    ids = np.asarray(subset, dtype=np.int64)
+    if ids.size > 1 and not (ids[1:] > ids[:-1]).all():
+        ids = np.unique(ids)  # searchsorted needs sorted ids; unique: one row per photo
+    return Subset(ids)
+
+
+# -- which form the metadata is in ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Input:
+    uri: str
+    form: _Layout | str  # TSV25, TSV23 or SQLITE
+    path: str | None = None  # the local path (SQLite)
+
+
+def _part_number(uri: str) -> int | None:
+    m = _PART.match(os.path.basename(uri.split("?", 1)[0].rstrip("/")))
+    return int(m.group(1)) if m else None
+
+
+def _pid(line: bytes, layout: _Layout) -> int:
+    """Photo id of a metadata line, _MALFORMED (not the layout's columns / bad id) or _BLANK."""
+    if line.count(b"\t") != layout.columns - 1:
+        return _BLANK if not line.strip() else _MALFORMED
+    start = 0
+    for _ in range(layout.id):
+        start = line.find(b"\t", start) + 1
+    try:
+        return int(line[start:line.find(b"\t", start)])
+    except ValueError:
+        return _MALFORMED
+
+
+def _pid25(line: bytes) -> int:  # _pid for TSV25, inlined: it runs 100M times
+    if line.count(b"\t") != 24:
         return _BLANK if not line.strip() else _MALFORMED
     i = line.find(b"\t")
     try:
@@ -219,104 +361,272 @@ def _photo_id(line: bytes) -> int:
         return _MALFORMED
 
 
-def iter_yfcc_rows(subset_uri: str | np.ndarray, metadata_uri: str,
+def _pid23(line: bytes) -> int:  # _pid for TSV23
+    if line.count(b"\t") != 22:
+        return _BLANK if not line.strip() else _MALFORMED
+    try:
+        return int(line[:line.find(b"\t")])
+    except ValueError:
+        return _MALFORMED
+
+
+_PID = {TSV25.name: _pid25, TSV23.name: _pid23}
+
+
+def _sniff(uri: str) -> _Input:
+    """The form of one metadata input, from its first bytes; a CloobError naming the forms if none fits."""
+    what = "YFCC100M metadata"
+    with _open(uri, what, METADATA_FIX) as f:
+        head = _read(f, _SNIFF_BYTES, uri, what)
+    shown = safe_text(repr(uri))
+    if head.startswith(_SQLITE_MAGIC):
+        if infer_compression(uri):
+            raise CloobError(f"{shown} is a compressed SQLite database; SQLite reads only an uncompressed file",
+                             "decompress it first (e.g. bunzip2 -k, gunzip -k) and pass the .sql file")
+        opts = infer_storage_options(uri)
+        if opts.get("protocol") not in ("file", "local"):
+            raise CloobError(f"{shown} is a SQLite database on remote storage; SQLite reads only local files",
+                             f"download it first (e.g. aws s3 cp {uri} . , or curl -O for an https:// address) "
+                             "and pass the local file")
+        inp = _Input(uri, SQLITE, opts["path"])
+        _sqlite_connect(inp).close()  # its table and columns checked now, before any row is read
+        return inp
+    if not head:
+        raise CloobError(f"the YFCC100M metadata file {shown} is empty", METADATA_FIX)
+    lines = head.split(b"\n")
+    if len(lines) > 1:
+        lines.pop()  # cut mid-line
+    probe = [ln.rstrip(b"\r") for ln in lines if ln.strip()][:_LAYOUT_PROBE_LINES]
+    votes = {layout.name: sum(_pid(ln, layout) >= 0 for ln in probe) for layout in (TSV25, TSV23)}
+    best = max((TSV25, TSV23), key=lambda layout: votes[layout.name])
+    if votes[best.name] == 0:
+        got = probe[0].count(b"\t") + 1 if probe else 0
+        hint = " (that is the subset list's layout: the two files may be swapped)" if got == 3 else ""
+        raise CloobError(f"{shown} is none of the YFCC100M metadata forms: expected {TSV25.columns} or "
+                         f"{TSV23.columns} tab-separated columns with an integer photo id (or a SQLite "
+                         f"database), got {got} columns{hint}", METADATA_FIX)
+    return _Input(uri, best)
+
+
+def _resolve(metadata: str | Sequence[str]) -> list[_Input]:
+    """The inputs in reading order, all of one form, or a CloobError saying what is wrong and the fix."""
+    uris = [metadata] if isinstance(metadata, str) else list(metadata)
+    if not uris:
+        raise CloobError("no YFCC100M metadata given", METADATA_FIX)
+    if len(set(uris)) != len(uris):
+        raise CloobError("the same YFCC100M metadata file is given twice", "pass each file once")
+    inputs = [_sniff(u) for u in uris]
+    forms = {i.form if isinstance(i.form, str) else i.form.name for i in inputs}
+    if len(forms) > 1:
+        listing = "; ".join(f"{safe_text(repr(i.uri))}: {i.form if isinstance(i.form, str) else i.form.name}"
+                            for i in inputs)
+        raise CloobError(f"the YFCC100M metadata inputs are of different forms ({listing})",
+                         "pass one form only: the SQLite database alone, the ten 23-column parts, or the "
+                         "25-column file")
+    form = inputs[0].form
+    if form == SQLITE and len(inputs) > 1:
+        raise CloobError("several SQLite databases given; the Multimedia Commons database holds all of YFCC100M",
+                         "pass yfcc100m_dataset.sql alone")
+    if form is TSV23 and len(inputs) > 1:
+        numbers = [_part_number(i.uri) for i in inputs]
+        if all(n is not None for n in numbers):
+            doubles = sorted({n for n in numbers if numbers.count(n) > 1})
+            if doubles:
+                raise CloobError(f"part {', '.join(map(str, doubles))} of the original release is given more "
+                                 "than once (e.g. as .bz2 and as plain text)", "pass each of the ten parts once")
+            inputs = [i for _, i in sorted(zip(numbers, inputs), key=lambda t: t[0])]
+            missing = sorted(set(range(10)) - set(numbers))
+            if missing:
+                log.warning("YFCC100M original release: parts %s are not given; their photos are left out",
+                            ", ".join(map(str, missing)))
+    return inputs
+
+
+# -- reading each form in batches of (records, photo ids) ------------------------------------------------
+
+def _text_batches(inp: _Input, batch_lines: int) -> Iterator[tuple[list, np.ndarray]]:
+    pid = _PID[inp.form.name]
+    with _open(inp.uri, "YFCC100M metadata file", METADATA_FIX) as f:
+        for lines in _iter_line_batches(f, batch_lines, inp.uri, "YFCC100M metadata file"):
+            yield lines, np.fromiter(map(pid, lines), dtype=np.int64, count=len(lines))
+
+
+def _sql_int(v) -> int:
+    if isinstance(v, int):
+        return v if v > 0 else _MALFORMED
+    try:
+        n = int(v)  # TEXT comes as bytes (text_factory below); int() takes bytes of digits
+    except (TypeError, ValueError):
+        return _MALFORMED
+    return n if n > 0 else _MALFORMED
+
+
+def _sqlite_connect(inp: _Input) -> sqlite3.Connection:
+    shown = safe_text(repr(inp.uri))
+    fix = f"pass the Multimedia Commons yfcc100m_dataset.sql, complete and uncompressed; or {FORMS}"
+    try:
+        from pathlib import Path
+
+        con = sqlite3.connect(f"{Path(inp.path or inp.uri).resolve().as_uri()}?mode=ro", uri=True)
+        con.text_factory = bytes  # decoded only for the rows kept; a stray byte cannot stop the scan
+        tables = [r[0].decode() for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
+        if SQLITE_TABLE not in tables:
+            raise CloobError(f"the SQLite database {shown} has no table {SQLITE_TABLE!r} (it has: "
+                             f"{safe_text(', '.join(tables) or 'no tables')})", fix)
+        have = {r[1].decode() if isinstance(r[1], bytes) else r[1]
+                for r in con.execute(f"PRAGMA table_info({SQLITE_TABLE})")}
+        missing = [c for c in SQLITE_COLUMNS if c not in have]
+        if missing:
+            raise CloobError(f"the table {SQLITE_TABLE!r} of {shown} has no column(s) {', '.join(missing)} (it has: "
+                             f"{safe_text(', '.join(sorted(have)))})", fix)
+    except sqlite3.Error as e:
+        raise CloobError(f"cannot read the SQLite database {shown}: {type(e).__name__}: {safe_text(e)}", fix) from None
+    return con
+
+
+def _sqlite_batches(inp: _Input, batch_lines: int) -> Iterator[tuple[list, np.ndarray]]:
+    con = _sqlite_connect(inp)
+    try:
+        cur = con.execute(f"SELECT {', '.join(SQLITE_COLUMNS)} FROM {SQLITE_TABLE}")  # table order, streamed
+        while True:
+            try:
+                rows = cur.fetchmany(batch_lines)
+            except sqlite3.Error as e:
+                raise CloobError(f"cannot read the SQLite database {safe_text(repr(inp.uri))}: {type(e).__name__}: "
+                                 f"{safe_text(e)}", "check that the file is complete (download it again)") from None
+            if not rows:
+                return
+            yield rows, np.fromiter((_sql_int(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+    finally:
+        con.close()
+
+
+def _text(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return str(v)
+
+
+def _fields(record, form: _Layout | str) -> tuple[str, str, str, str, str | None, str | None]:
+    """(title, description, url, marker, line, hash) of one record (raw text, not cleaned)."""
+    if form == SQLITE:
+        _, title, desc, url, marker = record
+        return _text(title), _text(desc), _text(url), _text(marker), None, None
+    cols = record.rstrip(b"\r").decode("utf-8", "replace").split("\t")
+    return (cols[form.title], cols[form.desc], cols[form.url], cols[form.marker],
+            cols[form.line] if form.line is not None else None, cols[form.hash] if form.hash is not None else None)
+
+
+# -- the join --------------------------------------------------------------------------------------------
+
+def iter_yfcc_rows(subset_uri: str | np.ndarray | Subset, metadata_uri: str | Sequence[str],
                    caption_rule: CaptionRule = "title_description", *, batch_lines: int = 200_000,
                    progress: bool = False, stats: MutableMapping[str, int] | None = None) -> Iterator[dict]:
-    """Stream the subset's photos from the metadata file, in file order.
+    """Stream the subset's photos from the metadata (any of its three forms; several inputs for the
+    original release's parts), in the order the metadata holds them.
 
-    Yields {"url", "caption", "photo_id", "line", "photo_hash"} per usable photo. `subset_uri` is the
-    subset list's URI or an array from `load_subset_ids`. `stats`, if given, receives the counters in
-    STAT_KEYS, updated as the stream goes (also when it is not consumed to the end). Raises CloobError
-    at once for a bad caption rule or a missing file, and on the first batch for a wrong layout.
+    Yields {"url", "caption", "photo_id", "line", "photo_hash"} per usable photo ("line": the subset's
+    line number; "photo_hash": None where the form has none). `subset_uri` is the subset list's URI,
+    a Subset, or a bare id array (form 3 only: the line numbers then come from its column 0). `stats`,
+    if given, receives the counters in STAT_KEYS, updated as the stream goes (also when it is not
+    consumed to the end). Raises CloobError at once for a bad caption rule, a missing file or inputs
+    in no known form (or mixed forms).
     """
     if caption_rule not in CAPTION_RULES:
         raise CloobError(f"unknown caption rule {caption_rule!r}", f"use one of {', '.join(CAPTION_RULES)}")
     if batch_lines < 1:
         raise ValueError("batch_lines must be >= 1")
-    if isinstance(subset_uri, str):
-        ids = load_subset_ids(subset_uri)
-    else:
-        ids = np.asarray(subset_uri, dtype=np.int64)
-        if ids.size > 1 and not (ids[1:] >= ids[:-1]).all():
-            ids = np.sort(ids)  # searchsorted needs sorted ids
-    if ids.size == 0:
+    subset = _as_subset(subset_uri)
+    if subset.ids.size == 0:
         raise CloobError("the YFCC15M subset is empty", SUBSET_FIX)
-    f = _open(metadata_uri, "YFCC100M metadata file", METADATA_FIX)  # opened now: errors surface early
-    return _join(ids, f, metadata_uri, caption_rule, batch_lines, progress,
-                 stats if stats is not None else {})
+    inputs = _resolve(metadata_uri)  # every input opened now: errors surface early
+    if subset.lines is None and inputs[0].form is not TSV25:
+        form = inputs[0].form if isinstance(inputs[0].form, str) else inputs[0].form.name
+        raise CloobError(f"{form} has no line numbers, and the subset was given without them",
+                         f"{SUBSET_FIX} (it holds each photo's line number)")
+    return _join(subset, inputs, caption_rule, batch_lines, progress, stats if stats is not None else {})
 
 
-def _join(ids: np.ndarray, f: IO[bytes], uri: str, rule: CaptionRule, batch_lines: int, progress: bool,
+def _join(subset: Subset, inputs: list[_Input], rule: CaptionRule, batch_lines: int, progress: bool,
           st: MutableMapping[str, int]) -> Iterator[dict]:
     for k in STAT_KEYS:
         st[k] = 0
+    ids, sub_lines = subset.ids, subset.lines
     st["subset_ids"] = int(ids.size)
+    taken = np.zeros(ids.size, dtype=bool)  # photos met already: one row per photo
     want_title = rule != "description"
     want_desc = rule != "title"
+    form = inputs[0].form
+    label = form if isinstance(form, str) else form.name
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc="YFCC100M metadata", unit=" lines", unit_scale=True, mininterval=2.0)
-    first = True
+        bar = tqdm(desc="YFCC100M metadata", unit=" rows" if form == SQLITE else " lines", unit_scale=True,
+                   mininterval=2.0)
     try:
-        with f:
-            for lines in _iter_line_batches(f, batch_lines, uri, "YFCC100M metadata file"):
-                pids = np.fromiter(map(_photo_id, lines), dtype=np.int64, count=len(lines))
-                if first:
-                    _check_layout(lines, pids, uri)
-                    first = False
-                st["lines_read"] += len(lines)
+        for inp in inputs:
+            batches = _sqlite_batches(inp, batch_lines) if form == SQLITE else _text_batches(inp, batch_lines)
+            empty = True
+            for records, pids in batches:
+                empty = False
+                st["lines_read"] += len(records)
                 st["malformed"] += int((pids == _MALFORMED).sum())
                 # Vectorised membership: position of each id in the sorted subset, then equality.
                 pos = np.searchsorted(ids, pids)
                 np.minimum(pos, ids.size - 1, out=pos)
                 hits = np.flatnonzero((ids[pos] == pids) & (pids >= 0))
-                st["matched"] += int(hits.size)
                 for i in hits:
-                    cols = lines[i].rstrip(b"\r").decode("utf-8", "replace").split("\t")
-                    if cols[COL_MARKER].strip() != "0":
+                    p = pos[i]
+                    if taken[p]:
+                        st["duplicates"] += 1
+                        continue
+                    taken[p] = True
+                    st["matched"] += 1
+                    title, desc, url, marker, file_line, photo_hash = _fields(records[i], form)
+                    if marker.strip() != "0":
                         st["skipped_video"] += 1
                         continue
-                    url = cols[COL_URL].strip()
+                    url = url.strip()
                     if not url:
                         st["skipped_no_url"] += 1
                         continue
-                    caption = make_caption(clean_text(cols[COL_TITLE]) if want_title else "",
-                                           clean_text(cols[COL_DESC]) if want_desc else "", rule)
+                    caption = make_caption(clean_text(title) if want_title else "",
+                                           clean_text(desc) if want_desc else "", rule)
                     if not caption:
                         st["skipped_empty_caption"] += 1
                         continue
-                    line_no = _int_or_none(cols[COL_LINE])
-                    if line_no is None:
-                        st["malformed"] += 1
-                        continue
+                    line = int(sub_lines[p]) if sub_lines is not None else None
+                    if file_line is not None:
+                        from_file = _int_or_none(file_line)
+                        if from_file is None:
+                            st["malformed"] += 1
+                            continue
+                        if line is None:
+                            line = from_file
+                        elif from_file != line:
+                            st["line_mismatch"] += 1
                     st["yielded"] += 1
-                    yield {"url": url, "caption": caption, "photo_id": int(pids[i]),
-                           "line": line_no, "photo_hash": cols[COL_HASH].strip()}
+                    yield {"url": url, "caption": caption, "photo_id": int(pids[i]), "line": line,
+                           "photo_hash": photo_hash.strip() if photo_hash is not None else None}
                 if bar is not None:
-                    bar.update(len(lines))
+                    bar.update(len(records))
                     bar.set_postfix(kept=st["yielded"], refresh=False)
-        if first:
-            raise CloobError(f"the YFCC100M metadata file {uri!r} is empty", METADATA_FIX)
+            if empty:
+                raise CloobError(f"the YFCC100M metadata {safe_text(repr(inp.uri))} is empty", METADATA_FIX)
         if st["matched"] == 0:
-            log.warning("no photo of the YFCC15M subset (%d ids) was found in %s", ids.size, uri)
-        log.info("YFCC15M join: %s", dict(st))
+            log.warning("no photo of the YFCC15M subset (%d ids) was found in %s", ids.size,
+                        ", ".join(i.uri for i in inputs))
+        if st["line_mismatch"]:
+            log.warning("%d rows of %s have another line number in column 0 than the subset list gives them; "
+                        "the subset's is used (is the subset list from the same release?)", st["line_mismatch"],
+                        inputs[0].uri)
+        log.info("YFCC15M join (%s, %d input(s)): %s", label, len(inputs), dict(st))
     finally:
         if bar is not None:
             bar.close()
-
-
-def _check_layout(lines: list[bytes], pids: np.ndarray, uri: str) -> None:
-    """Raise a CloobError if none of the first lines has the metadata file's layout."""
-    probe = [i for i in range(min(len(lines), 10 * _LAYOUT_PROBE_LINES)) if pids[i] != _BLANK]
-    probe = probe[:_LAYOUT_PROBE_LINES]
-    if probe and not (pids[probe] >= 0).any():
-        got = lines[probe[0]].count(b"\t") + 1
-        hint = " (that is the subset list's layout: the two files may be swapped)" if got == 3 else ""
-        raise CloobError(f"{uri!r} does not look like the YFCC100M metadata file: expected {N_COLUMNS} "
-                         f"tab-separated columns with an integer photo id in the second, got {got}{hint}",
-                         METADATA_FIX)
 
 
 def _int_or_none(s: str) -> int | None:
