@@ -462,21 +462,21 @@ def test_sqlite_is_streamed_in_bounded_memory(tmp_path):
                             for i in range(n)])
 
     small, big = tmp_path / "small.sql", tmp_path / "big.sql"
-    write(small, 20_000)
-    write(big, 60_000)
-    ids = np.arange(1_000_000, 1_060_000, 7, dtype=np.int64)
+    write(small, 10_000)
+    write(big, 30_000)
+    ids = np.arange(1_000_000, 1_030_000, 7, dtype=np.int64)
     subset = Subset(ids, (ids - 1_000_000).astype(np.int32))
     peaks = []
     for path in (small, big):
         gc.collect()
         tracemalloc.start()
         try:
-            n = sum(1 for _ in iter_yfcc_rows(subset, str(path), batch_lines=2_000))
+            n = sum(1 for _ in iter_yfcc_rows(subset, str(path), batch_lines=1_000))
             peaks.append((n, tracemalloc.get_traced_memory()[1]))
         finally:
             tracemalloc.stop()
     (n_small, peak_small), (n_big, peak_big) = peaks
-    assert (n_small, n_big) == (len(range(0, 20_000, 7)), len(ids))
+    assert (n_small, n_big) == (len(range(0, 10_000, 7)), len(ids))
     assert peak_big <= 1.5 * peak_small + (1 << 20), peaks
 
 

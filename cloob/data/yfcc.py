@@ -376,7 +376,8 @@ _PID = {TSV25.name: _pid25, TSV23.name: _pid23}
 def _sniff(uri: str) -> _Input:
     """The form of one metadata input, from its first bytes; a CloobError naming the forms if none fits."""
     what = "YFCC100M metadata"
-    with _open(uri, what, METADATA_FIX) as f:
+    with _open(uri, what, "check the path or URL (for s3://: the bucket, the credentials, AWS_ENDPOINT_URL); "
+               f"the metadata is one of: {FORMS}") as f:
         head = _read(f, _SNIFF_BYTES, uri, what)
     shown = safe_text(repr(uri))
     if head.startswith(_SQLITE_MAGIC):
