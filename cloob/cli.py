@@ -262,18 +262,25 @@ def _cmd_import(args) -> int:
 
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
-    print(f"reading {args.file} ...", flush=True)
-    r = import_reference(args.file, store=args.store, out=args.out, registry=args.registry, arch=args.arch,
-                         name=args.name, aliases=args.alias or [], pretraining=args.pretraining, method=args.method)
-    m, src = r.meta, r.meta["source"]
-    print(f"{'imported' if r.new else 'already imported'} {src['file']} (sha256 {src['sha256'][:12]}, "
-          f"epoch {src.get('epoch', '?')}): {m['arch']}, method {m['method']}, pretraining {m['pretraining_data']}"
-          f"{'; dropped ' + ', '.join(src['dropped']) if src['dropped'] else ''}")
-    print(f"  checkpoint: {r.checkpoint}  (model sha256 {m['model_sha256'][:12]})")
-    e = r.entry
-    moved = f", moved {', '.join(r.moved)}" if r.moved else ""
-    print(f"  {'registered' if r.registered else 'already registered'} {e['id'][:12]} as {m['run_name']}{moved}")
-    print(f"  evaluate: cloob evaluate {m['run_name']} --datasets all --store {args.store} && cloob results --store {args.store}")
+    if len(args.files) > 1 and (args.name or args.out):
+        raise CloobError("--name and --out name one import, and several files were given",
+                         "import the files one at a time with their --name/--out, or leave both out")
+    names = []
+    for file in args.files:
+        print(f"reading {file} ...", flush=True)
+        r = import_reference(file, store=args.store, out=args.out, registry=args.registry, arch=args.arch,
+                             name=args.name, aliases=args.alias or [], pretraining=args.pretraining,
+                             method=args.method)
+        m, src = r.meta, r.meta["source"]
+        print(f"{'imported' if r.new else 'already imported'} {src['file']} (sha256 {src['sha256'][:12]}, "
+              f"epoch {src.get('epoch', '?')}): {m['arch']}, method {m['method']}, pretraining {m['pretraining_data']}"
+              f"{'; dropped ' + ', '.join(src['dropped']) if src['dropped'] else ''}")
+        print(f"  checkpoint: {r.checkpoint}  (model sha256 {m['model_sha256'][:12]})")
+        moved = f", moved {', '.join(r.moved)}" if r.moved else ""
+        print(f"  {'registered' if r.registered else 'already registered'} {r.entry['id'][:12]} as {m['run_name']}{moved}")
+        names.append(m["run_name"])
+    print(f"evaluate: cloob evaluate {' '.join(names)} --datasets all --store {args.store} && "
+          f"cloob results --store {args.store}")
     return 0
 
 
@@ -399,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RN50-quickgelu / RN50x4-quickgelu, loaded strictly), register it with the "
                                    "file's name and sha256, and print how to evaluate it.")
     p.add_argument("kind", choices=["ml-jku-cloob"], help="whose checkpoint: ml-jku-cloob (github.com/ml-jku/cloob)")
-    p.add_argument("file", help="the checkpoint file, local or an fsspec URL")
+    p.add_argument("files", nargs="+", metavar="FILE", help="checkpoint files, local or fsspec URLs")
     p.add_argument("--arch", help="RN50 or RN50x4 (default: what the file says, checked against its shapes)")
     p.add_argument("--name", help="checkpoint folder, run id and registry alias (default: "
                                   "ml-jku-<method>-<arch>-<pretraining>, e.g. ml-jku-cloob-rn50-yfcc15m)")

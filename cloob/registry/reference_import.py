@@ -247,7 +247,8 @@ def fit_strictly(arch: str, sd: dict[str, torch.Tensor], shown: str) -> tuple[di
 
     import cloob.model  # noqa: F401 (quiets open_clip's "No pretrained weights loaded" for pretrained=None)
 
-    model = open_clip.create_model(arch, pretrained=None, device="meta")
+    with torch.device("meta"):  # the initialisation, too: only the shapes are wanted
+        model = open_clip.create_model(arch, pretrained=None, device="meta")
     want = model.state_dict()
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
