@@ -171,12 +171,12 @@ def test_evaluate_the_import_beside_the_papers_yfcc_numbers(rn50, tmp_path, caps
 
 def test_first_commit_checkpoint_with_method_and_hopfield_scale(rn50, tmp_path, capsys):
     """d1312e3's model also holds logit_scale_hopfield (dropped, its value kept) and the file `method`;
-    one command imports it and the fixture's file side by side."""
+    one command imports it (here in the pre-zip format) and the fixture's file side by side."""
     obj = load_safely(str(rn50["file"]))
     obj["state_dict"]["module.logit_scale_hopfield"] = torch.tensor(math.log(8.0))
     obj.update(epoch=3, method="clip", model_config_file=Path("/home/u/RN50.json"))
     path = tmp_path / "epoch_3.pt"
-    torch.save(obj, path)
+    torch.save(obj, path, _use_new_zipfile_serialization=False)  # torch < 1.6's format: a pickle, not a zip
     store = rn50["store"]  # the fixture's import has the same weights: one registry entry, two names
     capsys.readouterr()
     assert cli.main(["import", "ml-jku-cloob", str(path), str(rn50["file"]), "--store", str(store),

@@ -97,8 +97,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
-def _check_container(path: str, shown: str) -> None:
-    """A PyTorch file is a zip archive holding data.pkl (torch >= 1.6) or a pickle (older torch)."""
+def _check_container(path: str, shown: str) -> bool:
+    """Whether the PyTorch file is a zip archive holding data.pkl (torch >= 1.6); else it is a pickle
+    (older torch). A CloobError for neither."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(b"PK\x03\x04"):
@@ -113,18 +114,22 @@ def _check_container(path: str, shown: str) -> None:
                              f"{_FIX_FILE}")
         if not any(posixpath.basename(n) == "data.pkl" for n in names):
             raise CloobError(f"{shown} is a zip archive but not a PyTorch checkpoint (no data.pkl in it)", _FIX_FILE)
-    elif not head.startswith(b"\x80"):  # every pickle since protocol 2 starts with PROTO
+        return True
+    if not head.startswith(b"\x80"):  # every pickle since protocol 2 starts with PROTO
         raise CloobError(f"{shown} is not a PyTorch checkpoint (neither a zip archive nor a pickle)", _FIX_FILE)
+    return False
 
 
 def load_safely(path: str, shown: str | None = None):
     """torch.load(weights_only=True) of a local file, onto the CPU; a CloobError for anything that is
     not plain data (nothing of it runs) or not a PyTorch file."""
     shown = shown or path
-    _check_container(path, shown)
+    zipped = _check_container(path, shown)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: the tensors stay in the file until used, so the optimizer state (twice the model)
+            # is never read into memory
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         wanted = re.search(r"GLOBAL (\S+?)(?: was not|\s|$)", text)
