@@ -145,7 +145,7 @@ def test_prepare_from_http(fmt, served, tmp_path, capsys):
     assert m["archive"]["sha256"] == sha and m["images"] == 6 and m["main_metric"] == "top1"
     assert [(c["name"], c["source"], c["images"], c["how"]) for c in m["classes"]] == \
         [(c, f, TEST_COUNTS[f], "folder name") for c, f in CLASSES.items()]
-    assert m["split"] == {"name": "test", "by": "folder 'toy/test'", "left_out": 0}  # train/ left out
+    assert m["split"] == {"name": "test", "by": "folder 'toy/test'", "left_out": 3}  # train/ left out
     assert dataset_root(m, s["uri"]) == str(out / "toy")
     items = (out / "toy" / "items.tsv").read_text().splitlines()
     assert len(items) == 6 and all(i.startswith("toy/test/") for i in items)

@@ -110,7 +110,7 @@ def open_classification_set(spec: str | DownstreamSpec, uri: str) -> Classificat
     if shards:
         return ClassificationSet(spec.name, uri, spec, "shards", shards=shards, identity=_digest(digest, sizes))
     if loc.is_local and os.path.isfile(loc.root) and is_archive(loc.root):
-        return _from_archive(spec, loc.root)
+        return _prepared_in_cache(spec, loc.root)
 
     manifest = loc.read_json(MANIFEST) if loc.isdir() else None
     if manifest is not None:
@@ -128,6 +128,8 @@ def open_classification_set(spec: str | DownstreamSpec, uri: str) -> Classificat
         raise CloobError(f"{spec.name}: {uri} is neither a folder of the set nor webdataset shards nor an archive",
                          "point at the set's folder (class folders or its label files), its archive, or *.tar shards")
     tree = Tree(loc)
+    if loc.is_local and not tree.images and any("/" not in p and is_archive(p) for p in tree.sizes):
+        return _prepared_in_cache(spec, loc.root)  # the distribution's archives beside their label files
     if not tree.sizes:
         raise CloobError(f"{spec.name}: {uri} holds no class folders and no *.tar shards (empty dataset)",
                          f"point at the folder with one folder per class ({len(spec.classes)} for {spec.name})")
@@ -138,9 +140,9 @@ def open_classification_set(spec: str | DownstreamSpec, uri: str) -> Classificat
                              identity=_digest(digest, listing, reading.split), warnings=reading.warnings)
 
 
-def _from_archive(spec: DownstreamSpec, path: str) -> ClassificationSet:
-    """A local archive of the set: prepared once into the cache (keyed by the archive's path, size and
-    time), through the same code as `cloob prepare-downstream --source`."""
+def _prepared_in_cache(spec: DownstreamSpec, path: str) -> ClassificationSet:
+    """A local archive of the set, or a folder holding its archives still packed: prepared once into the
+    cache (keyed by the path, size and time), through the same code as `cloob prepare-downstream --source`."""
     from cloob.evaluate.sets.archive import default_cache_dir
     from cloob.evaluate.sets.prepare import prepare_downstream
 

@@ -134,12 +134,12 @@ def _choose_root(spec: DownstreamSpec, tree: Tree, cands: dict[str, Pairing], wh
     top = {d: p for d, p in cands.items() if max(p.classes_found, 1) >= max(1, best - max(1, best // 20))}
     wanted = [d for d in top if want in _splits_of(d) or (want == "valid" and "val" in _splits_of(d))]
     neutral = [d for d in top if not _splits_of(d)]
-    others = sorted({s for d in top for s in _splits_of(d)} - {want})
+    others = sorted({s for d in top for s in _splits_of(d)} - {want}, key=lambda s: (s == "train", s))
     pick = wanted or neutral
     if not pick:
         hint = (f"to evaluate on the {others[0]!r} split anyway (the result is flagged as not comparable): "
                 f"--split {spec.name}={others[0]}") if others and others != ["train"] else ""
-        raise CloobError(f"{spec.name}: {where} holds the {', '.join(repr(o) for o in others)} split(s) of "
+        raise CloobError(f"{spec.name}: {where} holds the {', '.join(repr(o) for o in sorted(others))} split(s) of "
                          f"{spec.name} ({preview(sorted(top))}), not its {want!r} split",
                          f"point at a copy of the {want} split ({_official(spec)})" + (f"; {hint}" if hint else ""))
     pick = sorted(pick, key=lambda d: (-cands[d].classes_found, d.count("/"), d))
@@ -171,7 +171,8 @@ def read_class_folders(spec: DownstreamSpec, tree: Tree, where: str, split: str 
         classes[i] = {"index": i, "name": spec.classes[i], "source": folder, "how": how}
         items += [(p, i) for p in tree.images_under(tree.child(root, folder))]
     items.sort()
-    split_info = {"name": split_name, "by": f"folder {root!r}", "left_out": 0}
+    everything = sum(len(v) for v in tree.images.values())
+    split_info = {"name": split_name, "by": f"folder {root!r}", "left_out": everything - len(items)}
     listed = _split_file(spec, tree)
     layout = f"class folders in {root!r}"
     if listed is not None:
@@ -182,7 +183,7 @@ def read_class_folders(spec: DownstreamSpec, tree: Tree, where: str, split: str 
                              f"check that {rel} belongs to these images, or remove it from the folder")
         if labels:
             _check_listed_labels(spec, kept, labels, rel)
-        split_info = {"name": split_name, "by": rel, "left_out": len(items) - len(kept),
+        split_info = {"name": split_name, "by": rel, "left_out": everything - len(kept),
                       "listed": len(keys), "listed_missing": len(keys) - len(kept)}
         items = kept
         layout += f", test split from {posixpath.basename(rel)}"
