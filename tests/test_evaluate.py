@@ -420,3 +420,28 @@ def test_models_on_s3_load_as_their_local_copies(checkpoint, s3, tmp_path, monke
     with pytest.raises(CloobError, match="does not exist"):
         load_model(f"{ARCH}=s3://model-bucket/nothing/here.bin")
     assert list(downloads.iterdir()) == []
+
+
+def test_a_number_on_a_set_far_from_its_published_size_is_flagged_in_the_row_and_the_report(checkpoint, folders,
+                                                                                               tmp_path, capsys):
+    """A set whose count is far from its published test size (dead links, a partial copy) is evaluated, but
+    its numbers carry the warning: in `cloob evaluate`'s output, the results row and `cloob results`."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "data_specs/downstream/shapes.yaml").read_text())
+    data["test_size"] = 1000  # the set holds 18 x 5 = 90
+    spec = tmp_path / "shapes_published.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    code = cli.main(["evaluate", checkpoint, "--data", f"{spec}={folders}", "--store", str(tmp_path), "--no-progress",
+                     "--workers", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "warning: shapes: 90 images where the published test split has 1000: 910 (91.0%) missing" in out
+    row = read_rows(str(tmp_path / "results")).to_pylist()[0]
+    assert row["dataset_warnings"].startswith("90 images where the published test split has 1000")
+    assert cli.main(["results", "--results", str(tmp_path / "results")]) == 0
+    report = capsys.readouterr().out
+    assert "shapes (!)" in report and "shapes (!): 90 images where the published test split has 1000" in report
+    # the same set without the published size: no flag
+    assert cli.main(["evaluate", checkpoint, "--data", f"shapes={folders}", "--store", str(tmp_path / "b"),
+                     "--no-progress", "--workers", "0"]) == 0
+    assert read_rows(str(tmp_path / "b" / "results")).to_pylist()[0]["dataset_warnings"] is None
