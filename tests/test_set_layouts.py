@@ -156,3 +156,19 @@ def test_prepare_downstream_prints_the_pairs_and_the_warnings(tmp_path, capsys):
     m = read_manifest(str(tmp_path / "out"), "stanford_cars")
     ram = next(c for c in m["classes"] if c["name"] == "Ram C/V Cargo Van Minivan 2012")
     assert ram["source"] == "Ram C-V Cargo Van Minivan 2012" and ram["how"] == "folder name"
+
+
+def test_a_birdsnap_test_only_copy_made_from_test_images_txt(tmp_path):
+    """The copy users make from the download: test/<Common_Name>/ holding only the listed test images."""
+    import shutil
+
+    rep = BUILDERS["birdsnap_download"](tmp_path / "src")
+    copy = tmp_path / "birdsnap_test"
+    for rel in rep.truth:  # download/images/<Folder>/<file>
+        dest = copy / "test" / Path(rel).parent.name / Path(rel).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(rep.source / rel, dest)
+    s = prepare_downstream("birdsnap", str(tmp_path / "out"), source=str(copy), progress=False)
+    got = _prepared_pairs(tmp_path / "out", "birdsnap", "test")
+    assert got == {"/".join(Path(p).parts[-2:]): c for p, c in rep.truth.items()}
+    assert s["split"]["by"] == "folder 'test'" and s["classes"] == 500
