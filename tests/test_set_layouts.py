@@ -172,3 +172,18 @@ def test_a_birdsnap_test_only_copy_made_from_test_images_txt(tmp_path):
     got = _prepared_pairs(tmp_path / "out", "birdsnap", "test")
     assert got == {"/".join(Path(p).parts[-2:]): c for p, c in rep.truth.items()}
     assert s["split"]["by"] == "folder 'test'" and s["classes"] == 500
+
+
+def test_a_gif_in_birdsnaps_test_list_is_evaluated(tmp_path):
+    """test_images.txt names Great_Crested_Flycatcher/541314.gif among its 2,443 test images."""
+    from PIL import Image
+
+    rep = BUILDERS["birdsnap_download"](tmp_path / "src")
+    gif = rep.source / "download" / "images" / "Great_Crested_Flycatcher" / "541314.gif"
+    assert "Great_Crested_Flycatcher/541314.gif" in (rep.source / "test_images.txt").read_text()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(gif, "GIF")
+    prepare_downstream("birdsnap", str(tmp_path / "out"), source=str(rep.source), progress=False)
+    got = _prepared_pairs(tmp_path / "out", "birdsnap", ".")
+    spec = load_downstream_spec("birdsnap")
+    assert got["download/images/Great_Crested_Flycatcher/541314.gif"] == spec.classes.index("Great Crested Flycatcher")
+    assert len(got) == rep.test_images + 1

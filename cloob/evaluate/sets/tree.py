@@ -10,8 +10,9 @@ import posixpath
 
 from cloob.storage import Location
 
-# What torchvision's ImageFolder loads (compared case-insensitively), so counts equal what it sees.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# What torchvision's ImageFolder loads (compared case-insensitively), and GIF: Birdsnap's test list names
+# a few .gif images, which PIL decodes like the others.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def is_image(name: str) -> bool:
