@@ -22,6 +22,7 @@ from cloob.evaluate.sets.manifest import dataset_root, read_manifest
 from cloob.evaluate.sets.prepare import prepare_downstream
 from cloob.evaluate.sets.spec import list_downstream_specs, load_downstream_spec, spec_hash
 
+WNIDS = load_downstream_spec("imagenet").folders  # ImageNet-1k's wnids, sorted
 EXPECTED = {"birdsnap": 500, "country211": 211, "flowers102": 102, "gtsrb": 43, "stanford_cars": 196,
             "ucf101": 101, "imagenet": 1000, "imagenet_v2": 1000}
 # Class name -> folder name in the generated archives (normalize: alnum_casefold maps one to the other).
@@ -317,7 +318,7 @@ def test_imagenet_needs_source(tmp_path):
 
 def _fake_imagenet(root: Path, n: int = 1000) -> Path:
     for i in range(n):
-        d = root / "val" / f"n{i:08d}"
+        d = root / "val" / WNIDS[i]
         d.mkdir(parents=True)
         (d / "ILSVRC2012_val_0.JPEG").write_bytes(JPEG)
     (root / "ILSVRC2012_devkit_t12").mkdir()  # other things next to val/ are fine
@@ -332,7 +333,8 @@ def test_imagenet_user_supplied(tmp_path):
     m = read_manifest(str(out), "imagenet")
     assert m["external_root"] == str(src.resolve()) and m["root"] is None  # pointed at, not copied
     assert dataset_root(m, s["uri"]) == m["external_root"]
-    assert m["classes"][0]["source"] == "n00000000" and m["classes"][0]["name"] == "tench"
+    assert m["classes"][0]["source"] == "n01440764" and m["classes"][0]["name"] == "tench"
+    assert m["classes"][0]["how"] == "wnid"  # by its name in the spec's list, not its sorted position
     assert sorted(os.listdir(out / "imagenet")) == ["items.tsv", "manifest.json"]
     assert prepare_downstream("imagenet", str(out), source=str(src), progress=False)["reused"]
 
@@ -340,8 +342,15 @@ def test_imagenet_user_supplied(tmp_path):
     _fake_imagenet(broken, 999)
     (broken / "val" / "README").mkdir()
     (broken / "val" / "README" / "notes.txt").write_text("not a class")
-    with pytest.raises(CloobError, match="999 folders named by wnid where imagenet has 1000.*name no class: README"):
+    with pytest.raises(CloobError, match="1 classes without a folder: toilet paper.*name no class: README"):
         prepare_downstream("imagenet", str(out), source=str(broken / "val"), progress=False)
+    # 1000 wnid folders that are not ImageNet-1k's: refused by name, not paired by sorted position
+    other = tmp_path / "other" / "val"
+    for i in range(1000):
+        (other / f"n{i:08d}").mkdir(parents=True)
+        (other / f"n{i:08d}" / "a.JPEG").write_bytes(JPEG)
+    with pytest.raises(CloobError, match="do not name imagenet's classes.*'n00000000' -> 'tench'.*is refused"):
+        prepare_downstream("imagenet", str(out), source=str(other), progress=False)
 
 
 # ------------------------------------------------------------------------------------------ S3 output
@@ -392,8 +401,8 @@ def test_cli_prepare_downstream_errors_and_summary(tmp_path, capsys):
     # Two sets, one broken: the good one is still prepared and the summary says so.
     val = tmp_path / "val"
     for i in range(1000):
-        (val / f"n{i:08d}").mkdir(parents=True)
-        (val / f"n{i:08d}" / "a.jpg").write_bytes(b"x")
+        (val / WNIDS[i]).mkdir(parents=True)
+        (val / WNIDS[i] / "a.jpg").write_bytes(b"x")
     rc = cli_main(["prepare-downstream", "imagenet", "no-such-set", "--out", out, "--source", f"imagenet={val}",
                    "--no-progress"])
     captured = capsys.readouterr()

@@ -187,3 +187,22 @@ def test_a_gif_in_birdsnaps_test_list_is_evaluated(tmp_path):
     spec = load_downstream_spec("birdsnap")
     assert got["download/images/Great_Crested_Flycatcher/541314.gif"] == spec.classes.index("Great Crested Flycatcher")
     assert len(got) == rep.test_images + 1
+
+
+def test_a_replica_whose_folders_cannot_be_verified_is_refused_not_evaluated(tmp_path):
+    """Birdsnap's test-only copy with its folders renamed 000..499 (an undocumented naming): refused."""
+    import shutil
+
+    rep = BUILDERS["birdsnap_download"](tmp_path / "src")
+    folders = sorted({Path(p).parent.name for p in rep.truth})
+    copy = tmp_path / "numbered" / "test"
+    for p in rep.truth:
+        dest = copy / f"{folders.index(Path(p).parent.name):03d}" / Path(p).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(rep.source / p, dest)
+    with pytest.raises(CloobError) as e:
+        prepare_downstream("birdsnap", str(tmp_path / "out"), source=str(copy.parent), progress=False)
+    assert "do not name birdsnap's classes" in str(e.value) and "'000' -> 'Coopers Hawk'" in str(e.value)
+    assert read_manifest(str(tmp_path / "out"), "birdsnap") is None
+    with pytest.raises(CloobError, match="do not name birdsnap's classes"):
+        open_classification_set("birdsnap", str(copy.parent))  # cloob evaluate --data refuses it too

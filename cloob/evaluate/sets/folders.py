@@ -42,10 +42,13 @@ class Pairing:
                 for name in names:
                     keys[normalize(name, lay.normalize)] = i
         wnids = sorted(f for f in folders if _WNID.match(f)) if lay.by == "wnid" else []
-        if wnids and len(wnids) != n:  # which are missing or extra cannot be told from the names alone
+        known = {w: i for i, w in enumerate(spec.folders)} if lay.by == "wnid" and spec.folders else None
+        if wnids and known is None and len(wnids) != n:  # which are missing cannot be told from names alone
             self.problem = f"{len(wnids)} folders named by wnid where {spec.name} has {n} classes"
         for f in folders:
-            if lay.by == "wnid":
+            if lay.by == "wnid" and known is not None:
+                hit = (known[f], "wnid") if f in known else None
+            elif lay.by == "wnid":
                 hit = (wnids.index(f), "wnid, in sorted order") if _WNID.match(f) and len(wnids) == n else None
             elif lay.by == "index" or (f.isdigit() and lay.numbers is not None):
                 base = 0 if lay.by == "index" else lay.numbers

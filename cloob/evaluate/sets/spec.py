@@ -13,7 +13,8 @@ with classes (`layout.by`) is always verified, never positional:
             are the dataset's published class ids too (GTSRB's 00000..00042: numbers 0; Flowers102's
             1..102: numbers 1).
     index   folders are the integers 0..N-1 (ImageNetV2): folder k holds class k
-    wnid    folders are WordNet ids n########; class i is the i-th in sorted order (ImageNet's index)
+    wnid    folders are WordNet ids n########: class i is the one named `folders[i]` (ImageNet's 1000 wnids
+            in sorted order, the standard index), or without `folders` the i-th in sorted order
 
 Label files (`layouts`, see cloob/evaluate/sets/labels.py) pair images with classes through the
 dataset's published mapping (GTSRB's ClassId, Flowers102's 1-based labels, Stanford Cars' class ids
@@ -176,8 +177,8 @@ class DownstreamSpec(_Strict):
                 if getattr(self, key) != lists[src]:
                     raise ValueError(f"`{key}` differs from `{key}_from: {src}`: give one of them")
         if self.folders is not None:
-            if self.layout.by != "name":
-                raise ValueError("`folders` is only meaningful with layout.by: name")
+            if self.layout.by == "index":
+                raise ValueError("`folders` is only meaningful with layout.by: name or wnid")
             if len(self.folders) != len(self.classes):
                 raise ValueError(f"`folders` has {len(self.folders)} entries, `classes` {len(self.classes)}: "
                                  "they are parallel lists")
