@@ -8,7 +8,7 @@
            with the very kwargs our command passes (same image size, resize mode, quality, shard size,
            processes, threads, timeout, retries), reading the same url/caption parquet
 
-Both download the same N generated pictures from one local HTTP server (cloob.data.demo_server) that
+Both download the same N generated pictures from one local HTTP server (cloob.prepare.demo_server) that
 runs in this process on 127.0.0.1 for the whole benchmark, with every picture rendered into its cache
 before the first run, so the network and the server are not the bottleneck and what differs is only
 the tooling. Runs are fresh subprocesses, strictly sequential, alternating in
@@ -57,9 +57,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from report import write_section  # noqa: E402
 
-from cloob.data.demo_server import DemoServer, demo_rows, render  # noqa: E402
-from cloob.data.prepare import _img2dataset_args  # noqa: E402
-from cloob.data.spec import load_spec  # noqa: E402
+from cloob.prepare.demo_server import DemoServer, demo_rows, render  # noqa: E402
+from cloob.prepare.run import _img2dataset_args  # noqa: E402
+from cloob.prepare.spec import load_spec  # noqa: E402
 from cloob.storage import Location  # noqa: E402
 
 GRACE_S = 15.0

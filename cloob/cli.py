@@ -54,8 +54,8 @@ def print_prepare_summary(m: dict, out: str) -> None:
 
 
 def _cmd_prepare(args) -> int:
-    from cloob.data.prepare import prepare
-    from cloob.data.spec import load_spec
+    from cloob.prepare.run import prepare
+    from cloob.prepare.spec import load_spec
 
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url  # read by botocore, here and in img2dataset

@@ -37,9 +37,9 @@ def check_names(args) -> None:
     """Recipes, specs and evaluation sets must exist under these names where the workers run (the same
     package), so a typo fails here rather than at 03:00 on Sunday."""
     from cloob.config import load_recipe
-    from cloob.data.engines import check_flags
-    from cloob.data.spec import load_spec
     from cloob.evaluate.sets.spec import load_downstream_spec
+    from cloob.prepare.distributors import check_flags
+    from cloob.prepare.spec import load_spec
 
     for spec in args.spec:
         loaded = load_spec(spec, list(args.spec_override or []))
@@ -70,8 +70,8 @@ def missing_source_file(spec) -> str | None:
 def check_study(args) -> None:
     """The --study default of cloob-study/cluster: it loads, every cell's recipe loads (check_cells),
     its sets exist, and its data spec, with the overrides a run will add, names its source file."""
-    from cloob.data.spec import load_spec
     from cloob.evaluate.sets.spec import load_downstream_spec
+    from cloob.prepare.spec import load_spec
     from cloob.study.cells import check_cells
     from cloob.study.spec import load_study
     from flows.tasks import spec_name

@@ -50,9 +50,9 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
     """One pretraining dataset into webdataset shards (img2dataset runs in its own process; under
     download.distributor pyspark or ray, on the cluster `spark_master` / `ray_address` names).
     force: delete a dataset that `out` holds from another spec, and prepare this one there."""
-    from cloob.data.prepare import prepare, read_manifest
-    from cloob.data.spec import SpecChanged, load_spec
     from cloob.errors import CloobError
+    from cloob.prepare.run import prepare, read_manifest
+    from cloob.prepare.spec import SpecChanged, load_spec
     from cloob.run.state import prepared
 
     s = load_spec(spec, list(overrides or []))

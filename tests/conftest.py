@@ -21,7 +21,7 @@ if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 from cloob.data import synthetic  # noqa: E402
-from cloob.data.demo_server import DemoHandler, DemoServer, render  # noqa: E402
+from cloob.prepare.demo_server import DemoHandler, DemoServer, render  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -218,7 +218,7 @@ def image_server():
 # What makes a test slow: it starts one of these (the README's quick loop is `pytest -m "not slow"`).
 _SLOW_COMMANDS = {
     "torchrun": ("torch.distributed.run", "cloob.run.torchrun"),
-    "img2dataset": ("cloob.data.fetch", "img2dataset"),
+    "img2dataset": ("cloob.prepare.download.fetch", "img2dataset"),
     "the demo": ("flows.cli demo",),
     "a Prefect server": ("prefect server", "uvicorn", "prefect worker"),
 }

@@ -15,10 +15,10 @@ import time
 import pytest
 
 from cloob.cli import main as cli_main
-from cloob.data import engines
-from cloob.data.prepare import prepare
-from cloob.data.spec import load_spec
 from cloob.errors import CloobError
+from cloob.prepare import distributors
+from cloob.prepare.run import prepare
+from cloob.prepare.spec import load_spec
 
 # 3 shards of 8 demo rows: enough for shards to go to both executors/workers, few enough to be quick.
 DEMO = ["source.samples=24", "download.shard_size=8", "download.processes=2", "download.threads=2",
@@ -35,7 +35,7 @@ def _need(module: str, extra: str) -> None:
         problem = f"{module} is not installed: uv sync --extra {extra}"
     elif module == "pyspark":
         try:
-            engines.check_java()
+            distributors.check_java()
         except CloobError as e:
             problem = f"{e.problem}: {e.fix}"
     if problem:
@@ -108,7 +108,7 @@ def ray_head():
 
 
 def test_cluster_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(engines, "check_installed", lambda distributor: None)  # these need no engine
+    monkeypatch.setattr(distributors, "check_installed", lambda distributor: None)  # these need no engine
     out = tmp_path / "ds"
     far = "203.0.113.7"  # TEST-NET-3: never an address of this machine
     cases = [
@@ -129,9 +129,9 @@ def test_cluster_settings_that_cannot_work_are_refused_before_anything_is_writte
         prepare(demo_spec("ray"), str(out), progress=False)
     assert not out.exists()
     # A master or head on this machine is local: a local --out is fine with it.
-    assert engines.spark_is_local("local[2]") and engines.spark_is_local("spark://127.0.0.1:7077")
-    assert engines.ray_is_local("localhost:6379") and engines.ray_is_local(None) and engines.ray_is_local("auto")
-    assert not engines.spark_is_local("yarn") and not engines.spark_is_local(f"spark://{far}:7077")
+    assert distributors.spark_is_local("local[2]") and distributors.spark_is_local("spark://127.0.0.1:7077")
+    assert distributors.ray_is_local("localhost:6379") and distributors.ray_is_local(None) and distributors.ray_is_local("auto")
+    assert not distributors.spark_is_local("yarn") and not distributors.spark_is_local(f"spark://{far}:7077")
 
 
 def test_a_missing_engine_or_java_says_how_to_install_it(tmp_path, monkeypatch):
@@ -160,7 +160,7 @@ def test_workers_without_cloob_get_the_python_they_ran_and_the_fix(monkeypatch):
     """What a Spark job whose executors lack cloob raises (seen with PYSPARK_PYTHON=/usr/bin/python3,
     a Python without it: a Py4JJavaError whose text holds the worker's traceback), and Ray's kind,
     become one CloobError."""
-    from cloob.data.fetch import _explain_missing_module
+    from cloob.prepare.download.fetch import _explain_missing_module
 
     spark_error = RuntimeError("An error occurred while calling z:org.apache.spark.api.python.PythonRDD.collectAndServe."
                                "\n  File \"<frozen importlib._bootstrap>\", line 1140\n"

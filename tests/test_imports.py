@@ -21,7 +21,7 @@ LIGHT = [
     "cloob.train", "cloob.train.checkpoint", "cloob.train.plan", "cloob.architectures",
     "cloob.run", "cloob.run.launch", "cloob.run.state",
     "cloob.run.lifeline", "cloob.registry", "cloob.registry.lineage", "cloob.results.table",
-    "cloob.results.report", "cloob.data.spec", "cloob.data.prepare", "cloob.data.manifest",
+    "cloob.results.report", "cloob.prepare.spec", "cloob.prepare.run", "cloob.prepare.manifest",
     "cloob.evaluate.sets", "flows.deploy",
 ]
 

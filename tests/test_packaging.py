@@ -62,7 +62,7 @@ def test_installed_wheel_prepares_the_demo(unpacked, tmp_path):
     elsewhere = tmp_path / "elsewhere"  # not the checkout: nothing found relative to the cwd
     elsewhere.mkdir()
     code = ("import json, sys, cloob, cloob.config, cloob.model\n"
-            "from cloob.data.spec import SPECS_DIR, shipped_specs\n"
+            "from cloob.specfile import SPECS_DIR, shipped_specs\n"
             "from cloob.evaluate.sets.spec import SPECS_DIR as DS, list_downstream_specs\n"
             "print(json.dumps({'cloob': cloob.__file__, 'specs': str(SPECS_DIR), 'downstream': str(DS),\n"
             "  'recipes': str(cloob.config.RECIPES_DIR), 'shipped': shipped_specs(),\n"

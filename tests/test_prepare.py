@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from cloob.cli import main as cli_main
-from cloob.data.demo_server import render
-from cloob.data.prepare import prepare, read_manifest
 from cloob.data.shards import list_shards
-from cloob.data.spec import load_spec
 from cloob.errors import CloobError
+from cloob.prepare.demo_server import render
+from cloob.prepare.run import prepare, read_manifest
+from cloob.prepare.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"processes": 1, "threads": 8, "timeout": 5, "deadline": 6, "retries": 0, "image_size": 32,
@@ -281,7 +281,7 @@ def test_a_folder_holding_another_dataset_is_refused(tmp_path, image_server):
 def test_cc3m_rows_are_read_with_line_ids(tmp_path):
     from collections import Counter
 
-    from cloob.data.sources import iter_rows
+    from cloob.prepare.sources import iter_rows
 
     tsv = tmp_path / "cc.tsv"
     tsv.write_text("a dog  on\tgrass\thttp://x/1.jpg\n".replace("\tgrass", " grass")
@@ -294,7 +294,7 @@ def test_cc3m_rows_are_read_with_line_ids(tmp_path):
 
 
 def test_fast_shard_digest_equals_the_tarfile_one(tmp_path, shards_dir):
-    from cloob.data.manifest import _digest_tarfile, _digest_ustar, _NotPlainUstar, shard_digest
+    from cloob.prepare.manifest import _digest_tarfile, _digest_ustar, _NotPlainUstar, shard_digest
     from cloob.storage import Location
 
     long_name = tmp_path / "long.tar"
@@ -337,7 +337,7 @@ def _finished_folder(folder: Path, shards_dir: Path) -> None:
 def test_the_manifest_reads_a_location_the_same_locally_and_on_s3(tmp_path, shards_dir, s3):
     """manifest.py works on a cloob.storage.Location: one dataset folder, copied to S3, gives the same
     shards, digests, row outcomes and manifest (and content hash) in both places."""
-    from cloob.data.manifest import build_manifest, finished_shards, row_outcomes, shard_digest
+    from cloob.prepare.manifest import build_manifest, finished_shards, row_outcomes, shard_digest
     from cloob.storage import Location
 
     _finished_folder(tmp_path / "ds", shards_dir)
@@ -505,7 +505,7 @@ def test_two_preparations_of_one_folder_one_is_refused(tmp_path):
 def test_img2dataset_processes_do_not_load_torch():
     """The fetch program's module, as the program and as the copy a spawned img2dataset worker runs,
     leaves torch unimportable: webdataset then uses stand-ins, and img2dataset needs none of torch."""
-    probe = ("import runpy, sys; runpy.run_module('cloob.data.fetch', run_name='__mp_main__'); "
+    probe = ("import runpy, sys; runpy.run_module('cloob.prepare.download.fetch', run_name='__mp_main__'); "
              "import img2dataset.writer, webdataset; print(sys.modules.get('torch'))")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
@@ -518,7 +518,7 @@ def test_a_worker_whose_cloob_prepare_has_ended_marks_no_shard_finished(monkeypa
     must not write the shard's stats file then."""
     import socket
 
-    from cloob.data import guards
+    from cloob.prepare.download import guards
 
     monkeypatch.setattr(guards, "_parent", os.getppid())
     monkeypatch.setattr(guards, "_preparer", (socket.gethostname(), os.getpid()))
@@ -554,14 +554,14 @@ def test_prepare_from_a_folder_holding_a_ray_folder(tmp_path, monkeypatch):
 
 
 def test_rows_are_sorted_by_row_id_in_bounded_runs(tmp_path):
-    """cloob.data.rowsort: rows out of order (as YFCC's SQLite table and parts give them) come out in
+    """cloob.prepare.rowsort: rows out of order (as YFCC's SQLite table and parts give them) come out in
     row-id order, equal ids in their first order, over many sorted runs merged; the digest is the
     sorted rows' digest, which rows already in order get without sorting."""
     import hashlib
     import random
 
-    from cloob.data.prepare import ROW_SCHEMA
-    from cloob.data.rowsort import row_line, sort_rows
+    from cloob.prepare.rowsort import row_line, sort_rows
+    from cloob.prepare.run import ROW_SCHEMA
 
     rows = [{"row_id": i % 40, "url": f"http://x/{i}.jpg", "caption": f"c{i}", "source_key": f"k{i}"}
             for i in range(53)]

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cloob.data.yfcc import STAT_KEYS, Subset, clean_text, iter_yfcc_rows, load_subset_ids, make_caption
 from cloob.errors import CloobError
+from cloob.prepare.yfcc import STAT_KEYS, Subset, clean_text, iter_yfcc_rows, load_subset_ids, make_caption
 
 N_ROWS = 2000
 
@@ -268,9 +268,9 @@ def test_yfcc15m_spec_rows_as_prepare_reads_them(dataset):
     the metadata line number as the stable row id (what `cloob prepare yfcc15m` writes)."""
     from collections import Counter
 
-    from cloob.data.prepare import _with_input
-    from cloob.data.sources import iter_rows
-    from cloob.data.spec import load_spec
+    from cloob.prepare.run import _with_input
+    from cloob.prepare.sources import iter_rows
+    from cloob.prepare.spec import load_spec
 
     d = dataset["dir"]
     spec = _with_input(load_spec("yfcc15m", [f"source.subset={d / 'subset.tsv.bz2'}"]), str(d / "meta.tsv.bz2"))
@@ -485,8 +485,8 @@ def test_yfcc15m_spec_takes_each_form_and_several_inputs(dataset, forms, tmp_pat
     for the original release; the rows `cloob prepare` writes (sorted by row id, their digest) are
     the same from each. Another source takes one --input only."""
     from cloob.cli import build_parser
-    from cloob.data.prepare import _ensure_rows, _with_input
-    from cloob.data.spec import load_spec
+    from cloob.prepare.run import _ensure_rows, _with_input
+    from cloob.prepare.spec import load_spec
     from cloob.storage import Location
 
     spec = load_spec("yfcc15m", [f"source.subset={dataset['dir'] / 'subset.tsv.bz2'}"])
@@ -520,7 +520,7 @@ PREP = ["download.processes=1", "download.threads=4", "download.timeout=5", "dow
 def tiny_yfcc(d: Path, base_url: str, n: int = 24) -> dict:
     """n photos served by the test's image server, in the 25-column form (plain and .bz2), and a
     subset list holding every other one (with their real line numbers)."""
-    from cloob.data.demo_server import render
+    from cloob.prepare.demo_server import render
 
     d.mkdir(parents=True, exist_ok=True)
     ids = [900_000 + 37 * i for i in range(n)]
@@ -540,8 +540,8 @@ def test_the_content_hash_is_the_same_for_the_same_rows_however_they_were_passed
     """The same YFCC rows as .bz2 and as plain text under another name and folder, and from the SQLite
     database (whose rows come in another order): equal content hashes (README: equal hashes for equal
     datasets). The input's path was part of it."""
-    from cloob.data.prepare import prepare
-    from cloob.data.spec import load_spec
+    from cloob.prepare.run import prepare
+    from cloob.prepare.spec import load_spec
 
     a = tiny_yfcc(tmp_path / "a", image_server.url)
     other = tmp_path / "elsewhere" / "copy.tsv"

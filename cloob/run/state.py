@@ -18,7 +18,7 @@ def _key(*parts) -> str:
 
 def prepared(spec, out: str) -> str | None:
     """A pretraining dataset at `out` made from `spec` (a PretrainSpec) whose manifest is written."""
-    from cloob.data.prepare import read_manifest
+    from cloob.prepare.run import read_manifest
 
     m = read_manifest(out)
     if not m or m.get("spec_hash") != spec.content_hash():

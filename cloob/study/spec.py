@@ -134,7 +134,7 @@ def load_study(study: str | Path | dict, overrides: list[str] | None = None) -> 
     (`key=value`, YAML values: `seeds=2`, `methods=[cloob,clip]`) replace top-level fields."""
     import yaml
 
-    from cloob.data.spec import read_spec_file
+    from cloob.specfile import read_spec_file
 
     if isinstance(study, dict):
         data, origin = dict(study), "<dict>"

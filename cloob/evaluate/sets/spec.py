@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cloob.data.spec import SPECS_DIR as _PRETRAIN_SPECS_DIR
-from cloob.data.spec import read_spec_file, shipped_specs
 from cloob.errors import CloobError
+from cloob.specfile import SPECS_DIR as _PRETRAIN_SPECS_DIR
+from cloob.specfile import read_spec_file, shipped_specs
 
 SPECS_DIR = _PRETRAIN_SPECS_DIR / "downstream"
 

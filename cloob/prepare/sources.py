@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import fsspec
 
-from cloob.data.spec import Cc3mSource, DemoSource, PretrainSpec, TableSource, Yfcc15mSource
 from cloob.errors import CloobError
+from cloob.prepare.spec import Cc3mSource, DemoSource, PretrainSpec, TableSource, Yfcc15mSource
 from cloob.safetext import safe_text
 
 _WS = re.compile(r"\s+")
@@ -109,7 +109,7 @@ def _table(src: TableSource) -> Iterator[dict]:
 
 
 def _yfcc(src: Yfcc15mSource, progress: bool) -> Iterator[dict]:
-    from cloob.data.yfcc import iter_yfcc_rows
+    from cloob.prepare.yfcc import iter_yfcc_rows
 
     if not src.metadata:
         raise CloobError("the yfcc15m spec needs the YFCC100M metadata",
@@ -123,7 +123,7 @@ def _yfcc(src: Yfcc15mSource, progress: bool) -> Iterator[dict]:
 
 
 def _demo(src: DemoSource) -> Iterator[dict]:
-    from cloob.data.demo_server import demo_rows
+    from cloob.prepare.demo_server import demo_rows
 
     for i, r in enumerate(demo_rows(src.seed, src.image_size, src.max_items, src.samples)):
         yield {"row_id": i, **r, "source_key": f"demo:{src.seed}:{i}"}

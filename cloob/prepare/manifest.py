@@ -234,7 +234,7 @@ def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: di
 def content_hash(manifest: dict) -> str:
     """Hash of what the dataset holds: the spec without its source's locations, the rows, and each
     shard's name, count and content digest."""
-    from cloob.data.spec import PretrainSpec
+    from cloob.prepare.spec import PretrainSpec
 
     spec = PretrainSpec.model_validate(manifest["spec"]).content_hash(locations=False)
     key = {"spec_hash": spec, "rows_sha256": manifest["rows"]["sha256"],

@@ -29,7 +29,7 @@ the SQLite table holds its rows). So cloob never derives a line number from a ro
 form takes the photo's line number from the subset list itself (its own published number, joined on
 photo id). In form 3 the file's column 0 is compared with it; a difference is counted (line_mismatch)
 and the subset's number kept. A row's id is thus the same whichever form it came from, and since
-`cloob prepare` writes the rows in row-id order (cloob.data.rowsort), the same photos give the same
+`cloob prepare` writes the rows in row-id order (cloob.prepare.rowsort), the same photos give the same
 dataset hash from every form. A subset given as a bare id array (no line numbers) works with form 3
 only; the other forms refuse it.
 

@@ -7,7 +7,7 @@ whole-download deadline and a byte limit, and refuses a JPEG cut short (no end-o
 which OpenCV would otherwise decode into a half-grey picture without complaint.
 
 Where the patch must run depends on the distributor:
-- multiprocessing: img2dataset's spawned pool imports `cloob.data.fetch` again as `__mp_main__`,
+- multiprocessing: img2dataset's spawned pool imports `cloob.prepare.download.fetch` again as `__mp_main__`,
   which imports this module; the limits come from CLOOB_FETCH_DEADLINE and CLOOB_FETCH_MAX_BYTES.
 - pyspark and ray: a patch made on the driver never reaches an executor or a Ray worker (the pickled
   Downloader names the pristine img2dataset module). There `GuardedDownloader` takes the place of
@@ -16,7 +16,7 @@ Where the patch must run depends on the distributor:
   environment variables are not set on other machines.
 
 It also keeps a worker of a preparation that was killed from marking its shard finished (see
-`abandoned`; cloob.data.fetch makes its pool workers exit with it).
+`abandoned`; cloob.prepare.download.fetch makes its pool workers exit with it).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ _downloader.download_image = download_image
 # fetch process gone) must not write one: with the demo's pictures served by the killed process, it
 # would mark a shard of failures finished, and the resumed run would keep it. The shard is then left
 # without its stats file, which the next run redoes.
-_parent = os.getppid()  # in a pool worker, the fetch process (cloob.data.fetch sets it from its own pid)
+_parent = os.getppid()  # in a pool worker, the fetch process (cloob.prepare.download.fetch sets it from its own pid)
 _driver: tuple[str, int] | None = None  # (host, pid) of the fetch process that handed out the shard
 
 
@@ -174,7 +174,7 @@ class GuardedDownloader(_downloader.Downloader):
     def __reduce__(self):
         import pickle
 
-        from cloob.data.unpickle import guarded_downloader
+        from cloob.prepare.download.unpickle import guarded_downloader
 
         # The state travels as bytes, so that unpickling it (which imports img2dataset's writer and
         # with it webdataset) waits until guarded_downloader has run.

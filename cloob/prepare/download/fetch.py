@@ -1,15 +1,15 @@
-"""img2dataset, run in its own process, with the download guards it lacks (cloob.data.guards).
+"""img2dataset, run in its own process, with the download guards it lacks (cloob.prepare.download.guards).
 
-Run as `python -m cloob.data.fetch ARGS.json` (cloob.data.prepare does): img2dataset installs a SIGINT
+Run as `python -m cloob.prepare.download.fetch ARGS.json` (cloob.prepare.run does): img2dataset installs a SIGINT
 handler and a process pool, so it must own its process. ARGS.json holds img2dataset's keyword
 arguments (`img2dataset`), the engine's settings (`engine`) and where to leave a CloobError for the
 parent (`error_file`; the exit code is then 2).
 
 Under the multiprocessing distributor the pool starts with "spawn", which imports this module again
 as `__mp_main__` in every worker, so the guards are installed there too, with their limits from
-CLOOB_FETCH_DEADLINE and CLOOB_FETCH_MAX_BYTES. Under pyspark and ray, cloob.data.guards'
+CLOOB_FETCH_DEADLINE and CLOOB_FETCH_MAX_BYTES. Under pyspark and ray, cloob.prepare.download.guards'
 GuardedDownloader takes the place of img2dataset's Downloader and carries the guards to every
-executor and worker (cloob.data.engines starts or joins the cluster).
+executor and worker (cloob.prepare.distributors starts or joins the cluster).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ if __name__ == "__mp_main__":  # one of img2dataset's spawned processes (pool wo
     _FETCH_PID = int(os.environ.get("CLOOB_FETCH_PID") or os.getppid())
     _exit_with(_FETCH_PID)
 
-from cloob.data import guards  # noqa: E402  (importing it installs the download guards, here and in pool workers)
+from cloob.prepare.download import guards  # noqa: E402  (importing it installs the download guards, here and in pool workers)
 
 if __name__ == "__mp_main__":
     guards.set_parent(_FETCH_PID)  # a worker of a killed preparation must not mark a shard finished
@@ -86,7 +86,7 @@ def _download_distributed(kwargs: dict, engine: dict) -> None:
 
     import img2dataset  # noqa: F401  (loads img2dataset.main)
 
-    from cloob.data.engines import session
+    from cloob.prepare.distributors import session
 
     # `import img2dataset.main` would give the CLI function that img2dataset/__init__ re-exports
     # under that name, and setting an attribute on it would do nothing.

@@ -27,7 +27,7 @@ shards (no stats file), which the next run redoes. A retry-failed round gives th
 is not success to img2dataset again, as new shards after the last one ("extend" mode).
 
 img2dataset runs on this machine's processes or, with download.distributor pyspark or ray, on a
-Spark or Ray cluster (cloob.data.engines); either way each round's shards are checked against
+Spark or Ray cluster (cloob.prepare.distributors); either way each round's shards are checked against
 their stats files afterwards, and a shard missing is an error naming it.
 """
 
@@ -49,14 +49,14 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cloob.data import engines
-from cloob.data.folder import META, OURS, check_folder, check_owner, record_owner, write_json
-from cloob.data.manifest import build_manifest, finished_shards
-from cloob.data.rowsort import row_line, sort_rows
-from cloob.data.sources import iter_rows
-from cloob.data.spec import DemoSource, PretrainSpec, Yfcc15mSource
 from cloob.errors import CloobError
 from cloob.lock import folder_lock
+from cloob.prepare import distributors
+from cloob.prepare.folder import META, OURS, check_folder, check_owner, record_owner, write_json
+from cloob.prepare.manifest import build_manifest, finished_shards
+from cloob.prepare.rowsort import row_line, sort_rows
+from cloob.prepare.sources import iter_rows
+from cloob.prepare.spec import DemoSource, PretrainSpec, Yfcc15mSource
 from cloob.safetext import safe_lines, safe_text
 from cloob.storage import Location
 
@@ -130,7 +130,7 @@ def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: 
                 f"{counts['invalid_url']}, empty caption {counts['empty_caption']})",
                 "check the source file and its columns (url must be http(s), caption non-empty)")
         rows_sha256 = digest.hexdigest()
-        if not in_order:  # the rows go in row-id order (cloob.data.rowsort): the shards follow the rows alone
+        if not in_order:  # the rows go in row-id order (cloob.prepare.rowsort): the shards follow the rows alone
             fd, ordered = tempfile.mkstemp(dir=os.path.dirname(tmp), prefix=".tmp-rows-", suffix=".parquet")
             os.close(fd)
             try:
@@ -156,7 +156,7 @@ def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: 
 
 
 def _failed_rows(store: Location, shards: dict[int, str]) -> list[int]:
-    from cloob.data.manifest import row_outcomes
+    from cloob.prepare.manifest import row_outcomes
 
     _, fails = row_outcomes(store, shards)
     return sorted(fails)
@@ -211,13 +211,13 @@ def _proxy_env(proxy: str | None) -> dict[str, str]:
 
 
 def _fetch_command(args_file: str) -> list[str]:
-    """The fetch process's command: `python -P -m cloob.data.fetch ARGS.json`.
+    """The fetch process's command: `python -P -m cloob.prepare.download.fetch ARGS.json`.
 
     -P (Python 3.11+) keeps the working directory off its sys.path, which `-m` would put first: a
     folder there named like a package that img2dataset imports (a `ray/` folder: img2dataset imports
     ray at start-up) would be imported in its place. The flag reaches img2dataset's spawned workers
     too (multiprocessing passes the interpreter's flags on, and they take their sys.path from it)."""
-    return [sys.executable, "-P", "-m", "cloob.data.fetch", args_file]
+    return [sys.executable, "-P", "-m", "cloob.prepare.download.fetch", args_file]
 
 
 def _fetch_pythonpath() -> dict[str, str]:
@@ -232,7 +232,7 @@ def _fetch_pythonpath() -> dict[str, str]:
 def _fetch_env(spec: PretrainSpec, proxy: str | None) -> dict[str, str]:
     d = spec.download
     # CLOOB_PREPARE_*: this process, which the workers check before they mark a shard finished
-    # (cloob.data.guards.abandoned).
+    # (cloob.prepare.download.guards.abandoned).
     return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", CLOOB_FETCH_DEADLINE=str(d.deadline),
                 CLOOB_FETCH_MAX_BYTES=str(d.max_bytes), PYTHONUNBUFFERED="1", CLOOB_PREPARE_PID=str(os.getpid()),
                 CLOOB_PREPARE_HOST=socket.gethostname(), **_proxy_env(proxy), **_fetch_pythonpath())
@@ -365,7 +365,7 @@ def _source_server(spec: PretrainSpec):
     if not isinstance(spec.source, DemoSource):
         yield None
         return
-    from cloob.data.demo_server import DemoServer
+    from cloob.prepare.demo_server import DemoServer
 
     with DemoServer() as server:
         yield server.url
@@ -376,12 +376,12 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | list[str] | None = Non
             ray_address: str | None = None) -> dict:
     """Prepare (or complete) the dataset at `out`; returns the manifest plus a `run` summary.
     Under download.distributor pyspark or ray, `spark_master` / `ray_address` name the cluster
-    (see cloob.data.engines for the defaults)."""
+    (see cloob.prepare.distributors for the defaults)."""
     t0 = time.monotonic()
     spec = _with_input(spec, input)
     spec_hash = spec.content_hash()
     store = Location(out)
-    cluster = engines.check_cluster(spec.download.distributor, store.url(), store.is_local, spark_master,
+    cluster = distributors.check_cluster(spec.download.distributor, store.url(), store.is_local, spark_master,
                                     ray_address)
     check_folder(store)  # before the lock: the lock would write into a folder we may not touch
     with folder_lock(store.url(META), purpose=f"cloob prepare {spec.name}",

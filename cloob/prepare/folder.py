@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 
-from cloob.data.spec import PretrainSpec, SpecChanged
 from cloob.errors import CloobError
 from cloob.lock import LOCK_NAME
+from cloob.prepare.spec import PretrainSpec, SpecChanged
 from cloob.safetext import safe_text
 from cloob.storage import Location
 

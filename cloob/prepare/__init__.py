@@ -1,0 +1,17 @@
+"""Preparing pretraining data: a spec's (url, caption) rows -> img2dataset -> webdataset shards + manifest.
+
+    spec.py          pretraining dataset specs (sources, img2dataset settings), validated, their hash
+    sources.py       a spec's source rows: CC3M's TSV, a url/caption table, the demo's generated rows
+    yfcc.py          YFCC15M: OpenAI's subset joined with YFCC100M's metadata (25-column file, the
+                     original ten 23-column parts, the Multimedia Commons SQLite database)
+    rowsort.py       the rows in row-id order, and their digest
+    run.py           prepare(): the whole preparation, resumable (`cloob prepare`)
+    folder.py        what a dataset folder may hold before preparation writes into it
+    manifest.py      the dataset manifest: shards, counts, digests, content hash
+    distributors.py  img2dataset's pyspark and ray distributors: checks, sessions
+    demo_server.py   the demo's image server on 127.0.0.1
+    download/        img2dataset in its own process (fetch.py) with the download guards it lacks
+                     (guards.py), and how Spark/Ray workers rebuild them (unpickle.py)
+
+cloob.data keeps only what reads shards (training and evaluation).
+"""

@@ -1,0 +1,3 @@
+"""img2dataset run in its own process (fetch.py), with the download guards it lacks (guards.py), and
+the light module Spark executors and Ray workers unpickle them through (unpickle.py). The three belong
+together: fetch installs the guards, and a worker rebuilds them from unpickle without cloob's weight."""
