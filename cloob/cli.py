@@ -228,6 +228,10 @@ def _cmd_registry(args) -> int:
         reg.set_alias(args.refs[0], entry["id"], reason=args.note)
         print(f"{args.refs[0]} -> {entry['id'][:12]} ({entry['run_id']} step {entry['step']})")
         return 0
+    if args.action == "promote":
+        return _registry_promote(reg, results, args)
+    if args.action == "history":
+        return _registry_history(reg, args)
     if args.action == "best":
         moved = reg.update_best(results)
         print("\n".join(f"{a} -> {e[:12]}" for a, e in moved.items()) or "no alias moved")
@@ -254,6 +258,52 @@ def _cmd_registry(args) -> int:
         print(f"{e['id'][:12]}  {str(e['run_id'])[-24:]:24s} {str(e['step']):>7s}  {str(e['method']):6s} "
               f"{str(e['arch'])[:16]:16s} {str(e['data_name'])[:12]:12s}  {', '.join(by_entry.get(e['id'], []))}")
     print(f"{len(entries)} entries in {reg.uri}")
+    return 0
+
+
+def _registry_promote(reg, results: str, args) -> int:
+    from cloob.registry import promotion
+
+    rule = promotion.PromotionRule(promote_on=args.on or [], min_gain=args.min_gain,
+                                   require_significant=args.require_significant, confidence=args.confidence,
+                                   bootstrap=args.bootstrap)
+    for d in promotion.promote(reg, results, args.refs or ["latest"], rule):
+        if not d.get("recorded"):
+            print(f"{d['challenger']['run_id']}: nothing moved ({d['reason']})")
+            continue
+        print(promotion.report(d))
+        print()
+    champion = reg.aliases().get(promotion.CHAMPION)
+    print(f"champion -> {champion[:12] if champion else 'none'}")
+    return 0
+
+
+def _registry_history(reg, args) -> int:
+    if len(args.refs) != 1:
+        raise CloobError("`cloob registry history` takes one alias", "e.g. cloob registry history champion")
+    moves = reg.alias_history(args.refs[0])
+    if not moves:
+        raise CloobError(f"alias {args.refs[0]!r} has never moved in {reg.uri}",
+                         "`cloob registry list` shows the aliases")
+    for m in moves:
+        e = reg.get(m["entry"]) or {}
+        print(f"{m['at'][:19]}  {m['entry'][:12]}  {str(e.get('run_id'))} step {e.get('step')}"
+              + (f"  {m['reason']}" if m.get("reason") else ""))
+        d = m.get("decision")
+        if not d or not d.get("sets"):
+            continue
+        cp = d["champion"]
+        print(f"    against {cp['run_id']} ({cp['id'][:12]}); rule: {', '.join(d['rule']['promote_on']) or 'common sets'},"
+              f" min_gain {100 * d['rule']['min_gain']:.2f}" + (", significant" if d["rule"]["require_significant"] else ""))
+        for s in d["sets"]:
+            print(f"    {s['dataset']:16s} {s['main_metric']:22s} {100 * s['challenger']:6.2f} vs {100 * s['champion']:6.2f}"
+                  f"  ({100 * s['gain']:+.2f})")
+        interval = d.get("interval")
+        print(f"    mean {100 * d['challenger_score']:6.2f} vs {100 * d['champion_score']:6.2f}  gain {100 * d['gain']:+.2f}"
+              + (f", {d['rule']['confidence']:.0%} interval [{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]"
+                 if interval else f"; {d.get('interval_note')}"))
+        if d.get("approval"):
+            print(f"    approval: {d['approval'].get('outcome')} {d['approval'].get('comment') or ''}".rstrip())
     return 0
 
 
@@ -388,15 +438,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_results)
 
     p = sub.add_parser("registry", help="register checkpoints with their lineage; list, show, resolve; aliases",
-                       description="register REF... | list | show NAME | resolve NAME | alias ALIAS ENTRY | best")
-    p.add_argument("action", choices=["register", "list", "show", "resolve", "alias", "best"])
+                       description="register REF... | list | show NAME | resolve NAME | alias ALIAS ENTRY | best | "
+                                   "promote [NAME...] | history ALIAS")
+    p.add_argument("action", choices=["register", "list", "show", "resolve", "alias", "best", "promote", "history"])
     p.add_argument("refs", nargs="*", help="checkpoint/run folders (register), a name (show, resolve), "
-                                           "ALIAS ENTRY (alias)")
+                                           "ALIAS ENTRY (alias), challengers (promote, default latest), an alias (history)")
+    p.add_argument("--on", action="append", metavar="SET",
+                   help="promote: a set whose main metric decides (repeatable: their mean); default: every set both "
+                        "models were evaluated on")
+    p.add_argument("--min-gain", type=float, default=0.0,
+                   help="promote: the challenger must beat the champion by more than this fraction (0.01: one point)")
+    p.add_argument("--require-significant", action="store_true",
+                   help="promote: also require the paired bootstrap interval's lower end above --min-gain")
+    p.add_argument("--confidence", type=float, default=0.95, help="promote: the interval's level (default 0.95)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="promote: bootstrap replicates (default 2000)")
     p.add_argument("--alias", action="append", help="with register: also move this alias to it (repeatable)")
     p.add_argument("--note", help="a note kept with the entry or the alias move")
     p.add_argument("--store", default=".", help="root of registry/ and results/ (default: .)")
     p.add_argument("--registry", help="registry location (default: <store>/registry)")
-    p.add_argument("--results", help="results table, for show and best (default: <store>/results)")
+    p.add_argument("--results", help="results table, for show, best and promote (default: <store>/results)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
     p.set_defaults(func=_cmd_registry)
 

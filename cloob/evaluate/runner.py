@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import sys
 import time
 import uuid
@@ -29,6 +30,7 @@ from cloob.evaluate.datasets import ClassificationSet, RetrievalSet, classificat
 from cloob.evaluate.models import EvalModel
 from cloob.evaluate.retrieval import recall_at_k
 from cloob.evaluate.zeroshot import ClassificationMetrics, ClassifierCache, build_classifier, classifier_key
+from cloob.results.outcomes import image_ids
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +194,7 @@ def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cach
     data, total = classification_data(ds, em.preprocess, settings.limit, settings.seed)
     metrics = ClassificationMetrics(n_classes)
     sample = _DiagSample(settings.diag_samples, settings.seed)
+    per_image: dict[str, list] = {"index": [], "labels": [], "correct": []}
     skipped = seen = 0
     with _bar(total if total is not None else settings.limit, f"{em.info['run_id'][:24]} {ds.name}", progress) as bar:
         for batch in loader(data, settings.batch_size, settings.workers, settings.loader_timeout_s,
@@ -213,8 +216,15 @@ def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cach
                     with autocast():
                         emb = model.encode_image(batch["images"][keep].to(device, non_blocking=True))
                     emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-                    metrics.update(emb @ weights, labels[keep])
+                    logits = emb @ weights
+                    metrics.update(logits, labels[keep])
                     idx = [i for i, k in zip(batch["index"], keep.tolist()) if k]
+                    # Per image, for paired comparisons (cloob/results/outcomes.py): the same first
+                    # answer as ClassificationMetrics' top-1.
+                    first = logits.float().cpu().topk(metrics.k, dim=1).indices[:, 0]
+                    per_image["index"] += idx
+                    per_image["labels"] += labels[keep].tolist()
+                    per_image["correct"] += (first == labels[keep]).tolist()
                     sample.add(idx, emb, labels[keep].tolist())
             if settings.limit is not None and total is None and seen >= settings.limit:
                 break
@@ -232,7 +242,9 @@ def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cach
            "main_metric": spec.main_metric, "main_value": result[spec.main_metric],
            "eval_settings": settings_blob, "eval_settings_hash": settings_hash, "device": _device_name(device),
            "seconds": time.perf_counter() - t0, "started_at": started, "finished_at": _now()}
-    return {**row, "classifier_cached": cached}
+    outcomes = {"ids": image_ids(_image_names(data, ds.uri, ds.shards, per_image["index"])),
+                "labels": per_image["labels"], "correct": per_image["correct"]}
+    return {**row, "classifier_cached": cached, "outcomes": outcomes}
 
 
 def evaluate_retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress: bool = True) -> dict:
@@ -280,6 +292,7 @@ def _retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress
         txt.append(torch.nn.functional.normalize(t.float(), dim=-1).cpu())
     txt = torch.cat(txt)
     result = recall_at_k(img, txt, captions)
+    first_hit = _i2t_first_hits(img, txt, captions)
     sample = _DiagSample(settings.diag_samples, settings.seed)
     sample.add(index, torch.cat([img, txt], dim=1), list(range(len(index))))
     both = sample.tensor()
@@ -289,7 +302,30 @@ def _retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress
             "n_images": len(captions), "n_skipped": skipped, "n_classes": None,
             "main_metric": "i2t_r1", "main_value": result["i2t_r1"],
             "eval_settings": settings_blob, "eval_settings_hash": settings_hash, "device": _device_name(device),
-            "seconds": time.perf_counter() - t0, "started_at": started, "finished_at": _now()}
+            "seconds": time.perf_counter() - t0, "started_at": started, "finished_at": _now(),
+            "outcomes": {"ids": image_ids(_image_names(None, rs.uri, rs.shards, index)),
+                         "labels": [-1] * len(captions), "correct": first_hit}}
+
+
+def _image_names(data, uri: str, shards: list[str], index: list[int]) -> list[str]:
+    """Each scored image's name in its set (its identity for pairing two models' outcomes): its path
+    under the set's folder, or `<shard file>#<n>` for the n-th sample of a shard."""
+    items = getattr(data, "items", None)
+    if items is not None:
+        root = uri.rstrip("/") + "/"
+        return [u[len(root):] if u.startswith(root) else u for u, _ in (items[i] for i in index)]
+    return [f"{posixpath.basename(shards[i >> 32])}#{i & 0xFFFFFFFF}" for i in index]
+
+
+def _i2t_first_hits(images: torch.Tensor, texts: torch.Tensor, captions: list[str], chunk: int = 1024) -> list[bool]:
+    """Per image: is a text with its own caption ranked first (recall_at_k's i2t@1, image by image)."""
+    groups: dict[str, int] = {}
+    gid = torch.tensor([groups.setdefault(c, len(groups)) for c in captions])
+    hits: list[bool] = []
+    for s in range(0, len(captions), chunk):
+        top = (images[s:s + chunk].float() @ texts.float().T).topk(1, dim=1).indices[:, 0]
+        hits += (gid[top] == gid[s:s + chunk]).tolist()
+    return hits
 
 
 # ------------------------------------------------------------------------------------ many at once
@@ -350,7 +386,6 @@ def _identity(model: str | EvalModel) -> dict | None:
 
     if parse_external(model):
         return None
-    import posixpath
 
     from cloob.registry.lineage import resolve_checkpoint
     from cloob.train.checkpoint import CheckpointRef
@@ -368,6 +403,7 @@ def evaluate_pair(model: str | EvalModel, dataset: ClassificationSet | Retrieval
     table at once; or the row already there for the same inputs (reused, unless force). Errors of
     this pair come back in the Outcome; the caller decides whether the others go on."""
     from cloob.evaluate.models import load_model
+    from cloob.results.outcomes import write as write_outcomes
     from cloob.results.table import append_rows
 
     label = model if isinstance(model, str) else model.info.get("checkpoint_uri", "?")
@@ -395,6 +431,9 @@ def evaluate_pair(model: str | EvalModel, dataset: ClassificationSet | Retrieval
     except OSError as e:  # storage or network failed mid-read: the other pairs still run
         return Outcome(label, dataset.name, error=f"cannot read {dataset.uri}: {type(e).__name__}: {e}\n  fix: check "
                                                    "the path, network and credentials; rerun to evaluate what is missing")
+    # The per-image outcomes first, then the row: a row in the table has its outcomes.
+    per_image = row.pop("outcomes")
+    write_outcomes(results, row, per_image["ids"], per_image["labels"], per_image["correct"])
     append_rows(results, [row])
     return Outcome(label, dataset.name, row=row, extra=extra)
 

@@ -12,7 +12,8 @@ rename locally, one PUT on S3), and every listing is read afresh, so no writer c
 entry or move, and a reader sees an alias either before or after a move, never half of one. A
 checkpoint is registered only when every file matches its digest in meta.json. Aliases: `latest`
 follows the newest registration; `best-<dataset>` the entry with the best main metric on that
-dataset (`update_best`); any other name is the user's.
+dataset (`update_best`); `champion` and `challenger` move only by promotion (promotion.py), each
+move carrying its decision; any other name is the user's.
 
 An entry holds the lineage: checkpoint URI and sha256, run id, step, method, arch, the recipe and
 its hash, the training data and its manifest hash, code version and the training metrics. Its
@@ -130,13 +131,16 @@ class Registry:
                                 "use letters, digits, '.', '_' and '-', starting with a letter or digit, "
                                 "and not a hex string (those name entries)")
 
-    def set_alias(self, alias: str, entry_id: str, *, reason: str | None = None) -> dict:
-        """Move `alias` to the entry: one new, atomically written move event."""
+    def set_alias(self, alias: str, entry_id: str, *, reason: str | None = None, decision: dict | None = None) -> dict:
+        """Move `alias` to the entry: one new, atomically written move event. `decision`: a promotion's
+        record (cloob/registry/promotion.py), kept in the move."""
         self._check_alias(alias)
         if self.get(entry_id) is None:
             raise RegistryError(f"no registry entry {entry_id}", "register the checkpoint first: cloob registry register <ckpt>")
         t = datetime.now(UTC)
         move = {"alias": alias, "entry": entry_id, "at": t.isoformat(timespec="microseconds"), "reason": reason}
+        if decision is not None:
+            move["decision"] = decision
         name = f"{t:%Y%m%dT%H%M%S.%f}-{uuid.uuid4().hex}.json"
         self.loc.write_json(f"aliases/{alias}/{name}", move)
         return move
