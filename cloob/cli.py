@@ -203,6 +203,15 @@ def _cmd_results(args) -> int:
     return run_command(args)
 
 
+def _data_version(entry: dict) -> str:
+    """An entry's data as `cloob registry list` shows it: the version (mytable-v2), else the data's name
+    and the first digits of its manifest hash (entries made before versions), else its name."""
+    if entry.get("data_version"):
+        return entry["data_version"]
+    name, digest = entry.get("data_name") or "-", entry.get("data_manifest_hash")
+    return f"{name}@{digest[:8]}" if digest else name
+
+
 def _cmd_registry(args) -> int:
     import json
     import posixpath
@@ -253,10 +262,12 @@ def _cmd_registry(args) -> int:
     by_entry: dict[str, list[str]] = {}
     for a, e in sorted(reg.aliases().items()):
         by_entry.setdefault(e, []).append(a)
-    print(f"{'id':12s}  {'run':24s} {'step':>7s}  {'method':6s} {'arch':16s} {'data':12s}  aliases")
+    print(f"{'id':12s}  {'run':24s} {'step':>7s}  {'method':6s} {'arch':16s} {'data version':20s} "
+          f"{'parent':12s}  aliases")
     for e in entries:
         print(f"{e['id'][:12]}  {str(e['run_id'])[-24:]:24s} {str(e['step']):>7s}  {str(e['method']):6s} "
-              f"{str(e['arch'])[:16]:16s} {str(e['data_name'])[:12]:12s}  {', '.join(by_entry.get(e['id'], []))}")
+              f"{str(e['arch'])[:16]:16s} {_data_version(e)[:20]:20s} {((e.get('parent') or {}).get('id') or '-')[:12]:12s}"
+              f"  {', '.join(by_entry.get(e['id'], []))}")
     print(f"{len(entries)} entries in {reg.uri}")
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from cloob.errors import CloobError
 from cloob.methods import METHODS
@@ -69,6 +69,13 @@ class DataConfig(_Section):
     resampled: bool = True
     shuffle_buffer: int = Field(1000, ge=0)
     workers: int = Field(2, ge=0)
+    # Set by the launcher (cloob.run.state.identify), not by hand: what data.train resolves to. With a
+    # content hash the run is keyed by the data's content, not by data.train's place, so a new version
+    # of the data in the same folder is a new run and the same version in another place is the same.
+    content_hash: str | None = Field(None, description="the content hash of the data version trained on "
+                                     "(its manifest's), set by the launcher; none: data.train's place keys the run")
+    version: str | None = Field(None, description="the data version's name for the run's name (mytable-v2), set "
+                                "by the launcher with content_hash")
 
 
 class OptimConfig(_Section):
@@ -100,6 +107,14 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
+    init_from: str | None = Field(None, description="warm start: a registered model (an alias such as champion, "
+                                  "an entry id) or a checkpoint folder/URL; its weights only, a fresh optimizer "
+                                  "and schedule; the run records it as its parent")
+    # Set by the launcher from init_from (cloob.run.state.identify): the checkpoint's folder and model
+    # sha256. The sha256 keys the run (an alias moves, the weights it meant do not).
+    init_checkpoint: str | None = Field(None, description="set by the launcher: the checkpoint init_from resolved to")
+    init_sha256: str | None = Field(None, description="set by the launcher: that checkpoint's model sha256")
+    init_entry: str | None = Field(None, description="set by the launcher: the registry entry init_from named")
     resume: bool = True
     progress: bool = True
     # How the run is supervised, not what it computes (left out of the content hash, see below).
@@ -123,6 +138,14 @@ RUNTIME_FIELDS = ("output", "run_name", "progress", "resume", "watchdog_s", "pro
                   "stop_grace_s", "max_restarts", "max_nonfinite_steps")
 # loss.* fields that choose how the same loss is computed; likewise.
 LOSS_EXECUTION_FIELDS = ("distributed", "blocked", "block_rows")
+# train.* fields that keep or log and do not change the weights. They entered the hash before this was
+# seen, so to keep the byte form of every hash made then the hash takes the value the recipe itself
+# (its file, before any override) gives them: an override of these changes neither hash nor name.
+RETENTION_FIELDS = ("keep_checkpoints", "log_every")
+# Fields the launcher sets (data identity, warm start); absent from the hash while unset, so that a run
+# without them keeps its hash.
+_DATA_PLACE = ("train", "content_hash", "version")
+_INIT_FIELDS = ("init_from", "init_checkpoint", "init_sha256", "init_entry")
 
 
 class Recipe(_Section):
@@ -133,6 +156,8 @@ class Recipe(_Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    # RETENTION_FIELDS as the recipe gave them before overrides (load_recipe); None: as they are.
+    _hashed_retention: dict | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check_length(self) -> Recipe:
@@ -140,23 +165,56 @@ class Recipe(_Section):
             raise ValueError("set train.steps or train.epochs")
         return self
 
-    def content_hash(self) -> str:
+    def content_hash(self, legacy: bool = False) -> str:
         """sha256 of the fields that change the trajectory (not output location, console flags or
         supervision limits: a rerun with a longer watchdog must resume the same run, and the hash of
-        every recipe written before these fields existed stays what it was)."""
+        every recipe written before these fields existed stays what it was).
+
+        With data.content_hash set, the data enters by its content hash instead of data.train's place;
+        with train.init_sha256 set, the warm start's weights by their sha256. Unset, both are left out
+        and the hash is byte for byte what it was before they existed.
+        legacy: the form before data identity and retention were taken out (every field as it is, no
+        data content hash): the key of runs made before, which still resume (cloob.run.state)."""
         d = self.model_dump(mode="json")
         for k in RUNTIME_FIELDS:
             d["train"].pop(k)
         for k in LOSS_EXECUTION_FIELDS:
             d["loss"].pop(k)
+        data, train = d["data"], d["train"]
+        content = data.pop("content_hash")
+        data.pop("version")
+        init_sha = train.pop("init_sha256")
+        for k in ("init_from", "init_checkpoint", "init_entry"):
+            train.pop(k)
+        if init_sha:
+            train["init_sha256"] = init_sha
+        if not legacy:
+            train.update(self._hashed_retention or {})
+            if content:
+                data.pop("train")
+                data["content_hash"] = content
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def default_run_name(self, differs: str = "") -> str:
-        """<recipe>-<method>[-<differs>]-<hash>: the method in every name, so CLOOB and CLIP runs of one
-        recipe are told apart in folders, tables, TensorBoard and Prefect; the hash keeps it unique
-        and makes a rerun of the same content find (and resume) the same folder."""
-        return "-".join(p for p in (self.name, self.loss.method, differs, self.content_hash()[:10]) if p)
+    def run_keys(self) -> set[str]:
+        """The recipe hashes a run of this recipe may carry in its checkpoints: its content hash and, where
+        no data content hash is set, the legacy form (a run made before the data and retention fields
+        left the key, found by cloob.run.state.identify); with one set, the run is of that data only."""
+        return {self.content_hash()} if self.data.content_hash else {self.content_hash(),
+                                                                     self.content_hash(legacy=True)}
+
+    def data_label(self) -> str:
+        """What the run's name says of its data: the version (mytable-v2), when the launcher resolved one."""
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", self.data.version or "").strip("-") if self.data.content_hash else ""
+
+    def default_run_name(self, differs: str = "", legacy: bool = False) -> str:
+        """<recipe>-<method>[-<data version>][-<differs>]-<hash>: the method in every name, so CLOOB and CLIP
+        runs of one recipe are told apart in folders, tables, TensorBoard and Prefect; the data version, so
+        runs on two versions are; the hash keeps it unique and makes a rerun of the same content find
+        (and resume) the same folder. legacy: the name a run got before data versions (no version, the
+        legacy hash)."""
+        data = "" if legacy else self.data_label()
+        return "-".join(p for p in (self.name, self.loss.method, data, differs, self.content_hash(legacy)[:10]) if p)
 
     def run_id(self) -> str:
         """The run's name: train.run_name, or the default_run_name load_recipe gave it."""
@@ -205,6 +263,8 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | None = None) -
             raise CloobError(f"recipe {source} is not valid YAML: {e}", "fix the YAML syntax") from None
         if not isinstance(data, dict):
             raise CloobError(f"recipe {source} must be a mapping of sections", "see cloob/recipes/tiny.yaml")
+    own = data.get("train") if isinstance(data.get("train"), dict) else {}
+    retention = {k: own[k] for k in RETENTION_FIELDS if k in own}
     for ov in overrides or []:
         if "=" not in ov:
             raise CloobError(f"override {ov!r} has no '='", "write overrides as section.field=value")
@@ -228,6 +288,8 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | None = None) -
             f"invalid recipe {source}: " + "; ".join(lines),
             "correct the field in the recipe or pass section.field=value",
         ) from None
+    defaults = TrainConfig()
+    r._hashed_retention = {k: int(retention.get(k, getattr(defaults, k))) for k in RETENTION_FIELDS}
     if r.train.run_name is None:
         # Fixed here, where the overrides are known, and carried in the recipe (train.run_name is not
         # in the content hash), so that a recipe dumped and reloaded keeps its name.
@@ -239,13 +301,18 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | None = None) -
 # place, the output folder, where and how often it saves, logs or runs are not what a run learns; the
 # method is named anyway), at most this many characters, so names stay short; the hash tells the rest apart.
 _DIFFERS_MAX = 32
-_UNNAMED = {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
+_UNNAMED = {"checkpoint_every", "keep_checkpoints", "log_every", "device", *_INIT_FIELDS}
 
 
 def _differs(overrides: list[str]) -> str:
     parts, used = [], 0
+    # The value that runs: an override given twice is named once, with its last value (load_recipe's).
+    final = {}
     for ov in overrides:
         key, raw = (x.strip() for x in ov.split("=", 1))
+        final.pop(key, None)
+        final[key] = raw
+    for key, raw in final.items():
         leaf = key.rsplit(".", 1)[-1]
         if key == "loss.method" or key.startswith("data.") or leaf in RUNTIME_FIELDS or leaf in _UNNAMED or (
                 key.startswith("loss.") and leaf in LOSS_EXECUTION_FIELDS):

@@ -106,6 +106,7 @@ def build_plan(args) -> dict[str, Any]:
         **({"spark_master": args.spark_master} if args.spark_master else {}),
         **({"ray_address": args.ray_address} if args.ray_address else {}),
         **({"worker_wait_s": args.worker_wait_s} if args.worker_wait_s is not None else {}),
+        **({"init_from": args.init_from} if args.init_from else {}),
     }
     study_params = {
         "store": args.store, "train_deployment": TRAIN_DEPLOYMENT, "nproc_per_node": args.gpus_per_node,
@@ -356,6 +357,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", metavar="NAME",
                    help="the study cloob-study/cluster runs by default (cloob/studies: cloob_vs_clip_cc3m, "
                         "ablation_cc3m, ...; or a YAML path the workers see); without it, each run names one")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="warm start the scheduled retraining from this registered model (e.g. champion) or "
+                        "checkpoint URL (the pipeline's init_from); default: from scratch; a run can set "
+                        "-p init_from=champion")
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"retraining schedule (default '{DEFAULT_CRON}')")
     p.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
     p.add_argument("--no-schedule", action="store_true", help="no schedule (removes one set before)")

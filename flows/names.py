@@ -38,11 +38,12 @@ def _stem(uri: str) -> str:
 
 
 def run_of_recipe(recipe: str, overrides: list[str]) -> str:
-    """The run id cloob train gives (<recipe>-<method>-...-<hash>), or the recipe's name."""
+    """The run id cloob train gives (<recipe>-<method>[-<data version>]-...-<hash>), or the recipe's name."""
     try:
         from cloob.config import load_recipe
+        from cloob.run.state import identify
 
-        return load_recipe(recipe, list(overrides or [])).run_id()
+        return load_recipe(recipe, identify(recipe, list(overrides or []))).run_id()
     except Exception:
         return _stem(recipe)
 

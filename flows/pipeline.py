@@ -98,7 +98,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
              eval_settings: dict | None = None, train_deployment: str | None = None,
              eval_deployment: str | None = None, spark_master: str | None = None,
              ray_address: str | None = None, force_prepare: bool = False,
-             worker_wait_s: float | None = WORKER_WAIT_S) -> dict[str, Any]:
+             worker_wait_s: float | None = WORKER_WAIT_S, init_from: str | None = None) -> dict[str, Any]:
     """specs -> shards -> one run per recipe on the first spec's data -> registry -> zero-shot
     evaluation of every run on every downstream set -> results table and report.
 
@@ -113,7 +113,9 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         recipes: training recipes, each a name or path with its own overrides if any
             ("tiny", "tiny loss.method=clip").
         downstream: evaluation sets to prepare and evaluate on (flowers102, gtsrb, ...).
-        overrides: recipe overrides for every recipe (section.field=value, e.g. train.steps=500).
+        overrides: recipe overrides for every recipe (section.field=value, e.g. train.steps=500): they
+            win over what the recipe files say; a recipe entry's own override of the same field with
+            another value is a contradiction, and the pipeline fails before anything trains, naming both.
         spec_overrides: data spec overrides for every spec (e.g. source.path=s3://bucket/cc3m.tsv).
         nproc_per_node: training processes (GPUs) per node.
         train_deadline_s: stop a training after this long (it checkpoints first); none: no limit.
@@ -131,6 +133,9 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             which fields differ.
         worker_wait_s: how long a run on a deployment may wait for a worker on its pool to take it
             before it is cancelled and the pipeline fails, saying so; none: no limit.
+        init_from: warm start every recipe from a registered model (an alias such as champion, an entry
+            id) or a checkpoint URL: its weights only, a fresh optimizer and schedule; the registry
+            records it as the new entry's parent. None (the default): from scratch (README, "Warm starts").
     """
     from flows.signals import stop_on_signals
 
@@ -144,10 +149,13 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         cache_root = posixpath.join(store, "cache", "classifiers")
         datasets: dict[str, str] | None = None
         runs, evals = [], []
+        every = [*(overrides or []), *([f"train.init_from={init_from}"] if init_from else [])]
         # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
-        for entry in recipes:
-            name, *own = entry.split()
-            run_overrides = [f"train.output={store}", *(overrides or []), *own]
+        entries = [(entry, *entry.split()) for entry in recipes]
+        for entry, _name, *own in entries:  # every contradiction refused before the first training
+            check_overrides(entry, every, own)
+        for _entry, name, *own in entries:
+            run_overrides = [f"train.output={store}", *every, *own]
             # The data goes in as prepare_data's results, not inside an override string, so that
             # Prefect (and its graph) sees the edge prepare_data -> train.
             if train_deployment:
@@ -173,6 +181,27 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         Registry(registry).update_best(results)
         return {"results": results, "report": report, "evaluated": len(evals) - len(failed),
                 "failed": len(failed) + len(downstream) - len(datasets), "runs": runs, "datasets": datasets}
+
+
+def check_overrides(entry: str, every: list[str], own: list[str]) -> None:
+    """The pipeline's overrides (for every recipe) and a recipe entry's own must not set one field to two
+    values: which was meant cannot be known, and the run would be named after one and train the other."""
+    from cloob.errors import CloobError
+
+    given = {}
+    for ov in every:
+        if "=" in ov:
+            key, value = (x.strip() for x in ov.split("=", 1))
+            given[key] = value
+    for ov in own:
+        if "=" not in ov:
+            continue
+        key, value = (x.strip() for x in ov.split("=", 1))
+        if key in given and given[key] != value:
+            raise CloobError(f"{key} is {given[key]} in the pipeline's overrides (for every recipe) and {value} in "
+                             f"the recipe entry {entry!r}",
+                             f"drop {key} from one of them (overrides, or the deployment's --recipe), or set both to "
+                             "the same value")
 
 
 def _prepared_sets(futures) -> dict[str, str]:

@@ -131,12 +131,17 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
     results to train on (data.train)."""
     from cloob.config import load_recipe
     from cloob.run.launch import launch
+    from cloob.run.state import identify
 
-    overrides = with_data(overrides, data)
+    # Keyed by the data's content and the warm start's weights, resolved once here (cloob.run.state).
+    overrides = identify(recipe, with_data(overrides, data))
     r = load_recipe(recipe, overrides)
     if done := _trained(r):
         return _skipped(done[0], f"train {r.run_id()}", done[1])
     logger = get_run_logger()
+    logger.info("training %s: data %s%s", r.run_id(), r.data.version or r.data.train,
+                f", warm start from {r.train.init_from} ({r.train.init_entry[:12]})" if r.train.init_sha256 else
+                ", from scratch")
     artifact = create_progress_artifact(0.0, key=names.progress_key(r.run_id()),
                                         description=f"training {r.run_id()} ({r.loss.method})")
     last = {"artifact": 0.0, "log": time.monotonic(), "text": ""}
@@ -173,8 +178,10 @@ def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_n
     share no result storage, only the store."""
     from cloob.config import load_recipe
     from cloob.errors import CloobError
+    from cloob.run.state import identify
 
-    overrides = with_data(overrides, data)
+    # Resolved here, so that the deployment's run trains exactly this data version and parent.
+    overrides = identify(recipe, with_data(overrides, data))
     r = load_recipe(recipe, overrides)
     if done := _trained(r):
         return _skipped(done[0], f"train {r.run_id()}", done[1])

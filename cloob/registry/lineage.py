@@ -69,7 +69,14 @@ def pretraining_data(run_dir: str) -> tuple[str | None, str | None]:
     """(dataset name, content hash) of the data a run trained on, from its recipe and the dataset
     manifest when the data was made by `cloob prepare`; else the data folder's name."""
     recipe = read_recipe(run_dir) or {}
-    train = ((recipe.get("data") or {}).get("train") or "").rstrip("/")
+    data = recipe.get("data") or {}
+    train = (data.get("train") or "").rstrip("/")
+    if data.get("content_hash"):
+        # Keyed by its data (cloob.run.state.identify): the hash the run trained on, whatever the folder
+        # holds by now; the name from the manifest where it is still there.
+        manifest = read_json(posixpath.join(train, "_cloob", "manifest.json")) if train and "{" not in train else None
+        name = ((manifest or {}).get("spec") or {}).get("name") or (manifest or {}).get("name")
+        return name or posixpath.basename(train) or None, data["content_hash"]
     if not train:
         return None, None
     manifest = read_json(posixpath.join(train, "_cloob", "manifest.json")) if "{" not in train else None
@@ -79,3 +86,16 @@ def pretraining_data(run_dir: str) -> tuple[str | None, str | None]:
     return posixpath.basename(train) or train, None
 
 
+
+
+def run_lineage(meta: dict, recipe: dict | None) -> dict:
+    """A registry entry's data version and parent, from what the run recorded: `data_version` (the
+    version's name, e.g. mytable-v2, where the launcher resolved one) and `parent` (the model a warm
+    start began from, train.init_from: its entry id, checkpoint and what was asked for), else None."""
+    data = (recipe or {}).get("data") or {}
+    init = meta.get("init_from") or {}
+    parent = None
+    if init.get("sha256"):
+        parent = {"id": init.get("entry") or init["sha256"], "sha256": init["sha256"],
+                  "checkpoint_uri": redact(init.get("checkpoint") or "") or None, "ref": init.get("ref")}
+    return {"data_version": (meta.get("data") or {}).get("version") or data.get("version"), "parent": parent}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cloob.errors import CloobError
-from cloob.registry.lineage import pretraining_data, read_recipe, redact, resolve_checkpoint
+from cloob.registry.lineage import pretraining_data, read_recipe, redact, resolve_checkpoint, run_lineage
 from cloob.storage import Location
 
 ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -107,7 +107,8 @@ class Registry:
                  "data": redact(((recipe or {}).get("data") or {}).get("train") or "") or None,
                  "data_name": data_name, "data_manifest_hash": data_hash,
                  "samples_seen": meta.get("samples_seen"), "code_version": meta.get("code_version"),
-                 "training_metrics": meta.get("metrics") or {}, "note": note, "registered_at": _now()}
+                 "training_metrics": meta.get("metrics") or {}, "note": note, "registered_at": _now(),
+                 **run_lineage(meta, recipe)}
         if source:
             entry.update(source=source, run_dir=None)  # provenance: the file's name, sha256, ...
         self.loc.write_json(self._entry_path(entry_id), entry, indent=1, sort_keys=True)

@@ -60,6 +60,7 @@ from cloob.config import Recipe, load_recipe
 from cloob.errors import CloobError
 from cloob.run import reports
 from cloob.run.proctree import ProcessTree, still_running, stop_tree  # noqa: F401 (still_running: for callers)
+from cloob.run.state import identify
 from cloob.run.watchdog import Stall, Watchdog
 from cloob.storage import Location
 from cloob.train.checkpoint import CheckpointStore
@@ -278,6 +279,8 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     A failed run is not raised: call .check() on the result. A bad recipe or override is raised at
     once (CloobError), before anything starts.
     """
+    # The data version and the warm start, resolved here for every rank: the run's key and name.
+    overrides = identify(recipe, overrides)
     run_dir, metrics_path, r = _resolve_run(recipe, [*overrides, "train.progress=false"])
     max_restarts = r.train.max_restarts if max_restarts is None else max_restarts
     command = build_command(recipe, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,

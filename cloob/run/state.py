@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+from dataclasses import dataclass
+from datetime import datetime
 
 
 def _key(*parts) -> str:
@@ -26,6 +29,137 @@ def prepared(spec, out: str) -> str | None:
     return _key("prepared", m["spec_hash"], m["content_hash"])
 
 
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a run's data.train is, by content: the content hash of the data version (its manifest's),
+    the dataset's name and version for the run's name, and when that version was written."""
+    content_hash: str
+    name: str
+    version: str | None = None
+    updated_at: str | None = None
+
+    @property
+    def label(self) -> str:
+        """mytable-v2, or mytable where the data has no version number."""
+        return f"{self.name}-v{self.version}" if self.version else self.name
+
+
+def data_identity(data_train: str) -> DataIdentity | None:
+    """The identity of the data `data_train` names, or None where it is not known (shards written by
+    other tools, several folders, a brace pattern or a glob): those runs keep data.train's place in
+    their key, as before. The one place the launcher reads a dataset's identity (its manifest today)."""
+    from cloob.prepare.run import read_manifest
+
+    train = (data_train or "").strip().rstrip("/")
+    if not train or any(c in train for c in ",{*?["):
+        return None
+    try:
+        m = read_manifest(train)
+    except (OSError, ValueError):
+        return None
+    if not m or not m.get("content_hash"):
+        return None
+    name = (m.get("spec") or {}).get("name") or m.get("name") or posixpath.basename(train)
+    version = m.get("version")
+    return DataIdentity(m["content_hash"], str(name), None if version is None else str(version), m.get("updated_at"))
+
+
+def _q(value: str) -> str:
+    """A string as an override's value that YAML reads back as that string (a hash of digits alone
+    would be read as a number)."""
+    return json.dumps(str(value))
+
+
+def _keys(overrides: list[str]) -> set[str]:
+    return {ov.split("=", 1)[0].strip() for ov in overrides if "=" in ov}
+
+
+def identify(recipe, overrides: list[str]) -> list[str]:
+    """`overrides` plus what keys the run by content, resolved here on the launcher's side (the trainer
+    reads no manifest and no registry): data.content_hash and data.version of the data data.train
+    names, and train.init_checkpoint/init_sha256/init_entry of train.init_from. Calling it again on its
+    own result adds nothing.
+
+    Runs made before the data entered the key keep theirs: where the run folder of the old key (the
+    legacy hash and name, cloob.config.Recipe.content_hash) holds a checkpoint of that key saved after
+    the data's manifest was last written, the run is that one (train.run_name set to it, no content
+    hash), and it resumes or is skipped as before. Data written after it is a new run."""
+    from cloob.config import load_recipe
+
+    overrides = list(overrides)
+    keys = _keys(overrides)
+    r = load_recipe(recipe, overrides)
+    extra = _init_overrides(r, keys)
+    if "data.content_hash" in keys:
+        return [*overrides, *extra]
+    ident = data_identity(r.data.train) if r.data.train else None
+    if not extra:
+        legacy = _legacy_run(r, overrides, keys, ident)
+        if legacy is not None:
+            return overrides if legacy == r.run_id() else [*overrides, f"train.run_name={_q(legacy)}"]
+    if ident is not None:
+        extra += [f"data.content_hash={_q(ident.content_hash)}", f"data.version={_q(ident.label)}"]
+    return [*overrides, *extra]
+
+
+def _legacy_run(r, overrides: list[str], keys: set[str], ident: DataIdentity | None) -> str | None:
+    """The name of a run made under the old key that this recipe still means, or None."""
+    from cloob.config import _differs
+    from cloob.train.checkpoint import CheckpointStore
+
+    name = r.run_id() if "train.run_name" in keys else r.default_run_name(_differs(overrides), legacy=True)
+    if ident is None and r.content_hash(legacy=True) == r.content_hash():
+        return None  # nothing differs from the old key
+    latest = CheckpointStore(posixpath.join(r.train.output.rstrip("/"), "runs", name)).latest()
+    if latest is None:
+        return None
+    meta = latest.meta()
+    if meta.get("recipe_hash") != r.content_hash(legacy=True):
+        return None
+    if ident is not None and ident.updated_at and meta.get("time") is not None:
+        try:
+            written = datetime.fromisoformat(ident.updated_at).timestamp()
+        except ValueError:
+            written = None
+        if written is not None and float(meta["time"]) < written:
+            return None  # the data was written after that run saved: it trained on an older version
+    return name
+
+
+def _init_overrides(r, keys: set[str]) -> list[str]:
+    """train.init_from resolved: a registry alias or entry id (in <train.output>/registry), or a
+    checkpoint (a checkpoint folder or a run folder, local or a URL)."""
+    from cloob.errors import CloobError
+    from cloob.registry.lineage import resolve_checkpoint
+    from cloob.train.checkpoint import read_meta
+
+    ref = r.train.init_from
+    if not ref or "train.init_sha256" in keys:
+        return []
+    entry_id = None
+    if "/" in ref or "://" in ref:
+        checkpoint = resolve_checkpoint(ref)
+    else:
+        from cloob.registry import Registry
+
+        registry = posixpath.join(r.train.output.rstrip("/"), "registry")
+        try:
+            entry = Registry(registry).resolve(ref)
+        except CloobError as e:
+            raise CloobError(f"train.init_from={ref}: {e.problem}",
+                             f"{e.fix}; or give a checkpoint folder or URL; or leave train.init_from unset to "
+                             "train from scratch") from None
+        entry_id, checkpoint = entry["id"], entry["checkpoint_uri"]
+    meta = read_meta(checkpoint)
+    sha = meta.get("model_sha256")
+    if not sha or (entry_id and sha != entry_id):
+        raise CloobError(f"train.init_from={ref}: {checkpoint} is not the checkpoint registered as {entry_id}"
+                         if sha else f"train.init_from={ref}: {checkpoint}'s meta.json has no model_sha256",
+                         "register the checkpoint again, or name a complete checkpoint written by cloob train")
+    return [f"train.init_checkpoint={_q(checkpoint)}", f"train.init_sha256={_q(sha)}",
+            f"train.init_entry={_q(entry_id or sha)}"]
+
+
 def trained(recipe) -> str | None:
     """The run of `recipe` has a checkpoint at its last step, saved by this very recipe.
 
@@ -37,7 +171,7 @@ def trained(recipe) -> str | None:
     if latest is None:
         return None
     meta = latest.meta()
-    if meta.get("recipe_hash") != recipe.content_hash():
+    if meta.get("recipe_hash") not in recipe.run_keys():
         return None
     total = meta.get("total_steps") or _planned_steps(recipe, meta)
     if latest.step < total:

@@ -262,3 +262,24 @@ def _fallback_fix(ref: CheckpointRef) -> str:
                 f"step {older[-1].step} ({_redact(older[-1].url)}), the next older complete checkpoint")
     return (f"no older complete checkpoint is left: move the damaged one aside ({move}) and rerun to "
             "start the run over, or restore the file from a copy")
+
+
+def load_init_weights(url: str, sha256: str | None, arch: str, map_location="cpu") -> dict:
+    """A warm start's weights (train.init_from): the model file of the checkpoint at url, checked against
+    meta.json and against `sha256` (what the launcher resolved), read with weights_only=True; its
+    architecture must be the recipe's. Only the weights: no optimizer state, step or schedule."""
+    import torch
+
+    meta = read_meta(url)
+    fix = "point train.init_from at a checkpoint of this recipe's model.arch, or leave it unset to train from scratch"
+    if sha256 and meta.get("model_sha256") != sha256:
+        raise CloobError(f"train.init_from: {_redact(url)} is not the checkpoint it was resolved to (model sha256 "
+                         f"{str(meta.get('model_sha256'))[:12]}, expected {sha256[:12]})",
+                         "rerun: the launcher resolves train.init_from again")
+    if meta.get("arch") and meta["arch"] != arch:
+        raise CloobError(f"train.init_from: {_redact(url)} is a {meta['arch']} model, this recipe trains {arch}", fix)
+    data = read_verified(url, MODEL_FILE, meta)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise DamagedCheckpoint(url, MODEL_FILE, f"cannot be read: {type(e).__name__}: {str(e)[:200]}") from None

@@ -39,7 +39,7 @@ from cloob.run import reports
 from cloob.storage import Location, is_local
 from cloob.train import distributed, preemption
 from cloob.train.boundary import agree
-from cloob.train.checkpoint import CheckpointStore, remove_temp_files
+from cloob.train.checkpoint import CheckpointStore, load_init_weights, remove_temp_files
 from cloob.train.failures import QuietStorageTasks, ReportErrors, as_cloob_error, checked
 from cloob.train.global_loss import GlobalLoss
 from cloob.train.metrics import MetricsLogger
@@ -62,6 +62,7 @@ class Progress:
     stream: StreamState = field(default_factory=StreamState)  # this rank, current epoch
     skips_before_epoch: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     nonfinite_skipped: int = 0  # steps skipped for a non-finite loss or gradient (cloob.train.nonfinite)
+    recipe_hash: str | None = None  # the run's key, where it resumed a run saved under its legacy form
 
 
 def _check_writable(run_dir: str) -> None:
@@ -130,6 +131,11 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
                                                  recipe.model.learn_inv_tau, device=info.device)
     if recipe.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if resume_from is None and cfg.init_checkpoint:
+        # A warm start: the parent's weights only; the optimizer, schedule and step start afresh. Every
+        # rank reads the same file, checked against its sha256.
+        model.load_state_dict(load_init_weights(cfg.init_checkpoint, cfg.init_sha256, recipe.model.arch,
+                                                map_location=info.device))
     optimizer = build_optimizer(model, recipe.optim)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     progress = Progress()
@@ -144,9 +150,11 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
             raise CloobError(f"cannot load checkpoint {resume_from.url}: {type(e).__name__}: "
                              f"{' '.join(str(e).split())[:300]}", "delete that checkpoint folder to resume from "
                              "the one before it, or pass train.resume=false to start over") from None
-        if meta.get("recipe_hash") != recipe.content_hash():
-            raise CloobError(f"{plan.run_dir} holds a run of a different recipe",
+        if meta.get("recipe_hash") not in recipe.run_keys():
+            raise CloobError(f"{plan.run_dir} holds a run of a different recipe"
+                             + (" or data version" if recipe.data.content_hash else ""),
                              "pass train.run_name=<new name>, or train.resume=false to start over elsewhere")
+        progress.recipe_hash = meta["recipe_hash"]  # a run keeps the key it was started with
         model.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -302,6 +310,7 @@ def _global_skips(progress: Progress, info: distributed.DistInfo) -> dict[str, i
 
 
 def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger):
+    cfg_train = recipe.train
     reports.beat("save", progress.step)
     rank_state = {"stream": progress.stream.to_dict(), "skips_before_epoch": dict(progress.skips_before_epoch),
                   "rng": _rng_state()}
@@ -314,9 +323,15 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
         cfg = {"model_cfg": model_config(recipe.model.arch),
                "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {})}
         meta = {"arch": recipe.model.arch, "method": recipe.loss.method, "recipe_name": recipe.name,
-                "recipe_hash": recipe.content_hash(), "run_name": plan.run_name, "epoch_size": plan.num_samples,
+                "recipe_hash": progress.recipe_hash or recipe.content_hash(), "run_name": plan.run_name,
+                "epoch_size": plan.num_samples,
                 "samples_seen": progress.samples_seen, "world_size": info.world_size,
                 "total_steps": plan.total_steps, "code_version": code_version(), "metrics": metrics, "time": time.time()}
+        if recipe.data.content_hash:
+            meta["data"] = {"content_hash": recipe.data.content_hash, "version": recipe.data.version}
+        if cfg_train.init_sha256:
+            meta["init_from"] = {"ref": cfg_train.init_from, "entry": cfg_train.init_entry,
+                                 "checkpoint": cfg_train.init_checkpoint, "sha256": cfg_train.init_sha256}
         ref = store.save(progress.step, model.state_dict(), cfg, state, meta, keep=recipe.train.keep_checkpoints)
         if logger:
             logger.flush()
