@@ -37,11 +37,17 @@ def _dataset(root: Path, content_hash: str, *, updated_at: str | None = None, ve
     """A prepared dataset folder: shards and the manifest cloob prepare writes (the fields read here)."""
     if not any(root.glob("*.tar")):
         synthetic.write_shards(root, 96, shard_size=48, image_size=32, seed=1)
-    manifest = {"name": "mytable", "spec": {"name": "mytable"}, "content_hash": content_hash,
+    shards = [{"shard": p.name, "successes": 48} for p in sorted(root.glob("*.tar"))]
+    manifest = {"name": "mytable", "spec": {"name": "mytable"}, "content_hash": content_hash, "shards": shards,
                 "updated_at": updated_at or datetime.now(UTC).isoformat(timespec="seconds")}
-    if version is not None:
-        manifest["version"] = version
     (root / "_cloob").mkdir(exist_ok=True)
+    if version is not None:  # cloob.prepare.versions' layout: vN.json, v1.json the first manifest as it was
+        (root / "_cloob" / "versions").mkdir(exist_ok=True)
+        first = root / "_cloob" / "versions" / "v1.json"
+        if not first.exists():
+            first.write_text((root / "_cloob" / "manifest.json").read_text())
+        manifest.update(version=version, parent=version - 1, created_at=manifest["updated_at"])
+        (root / "_cloob" / "versions" / f"v{version}.json").write_text(json.dumps(manifest))
     (root / "_cloob" / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -50,6 +56,14 @@ def _fake_checkpoint(run_dir: str, recipe_hash: str, step: int = 30, saved_at: f
     """A finished run's checkpoint as the trainer writes its meta (no weights needed to judge the key)."""
     meta = {"recipe_hash": recipe_hash, "total_steps": step, "time": saved_at or time.time(), "run_name": "x"}
     return CheckpointStore(run_dir).save(step, {}, {}, {"step": step}, meta, keep=2)
+
+
+def _have_versions() -> bool:
+    try:
+        import cloob.prepare.versions  # noqa: F401 (the data-versions code, where it is there)
+    except ImportError:
+        return False
+    return True
 
 
 def test_existing_hashes_and_names_keep_their_byte_form():
@@ -94,7 +108,7 @@ def test_the_key_follows_the_data_content_not_its_place(tmp_path):
     a = _dataset(tmp_path / "a", "1" * 64)
     copy = _dataset(tmp_path / "copy", "1" * 64)
     ident = data_identity(str(a))
-    assert ident.content_hash == "1" * 64 and ident.label == "mytable"
+    assert ident.content_hash == "1" * 64 and ident.label == "mytable-v1"
     assert data_identity(str(tmp_path / "nowhere")) is None
     assert data_identity(f"{a},{copy}") is None  # several folders: keyed by their places, as before
 
@@ -103,12 +117,17 @@ def test_the_key_follows_the_data_content_not_its_place(tmp_path):
         return load_recipe("tiny", identify("tiny", ov))
 
     r1 = keyed(a)
-    assert r1.data.content_hash == "1" * 64 and r1.run_id().startswith("tiny-cloob-mytable-")
+    assert r1.data.content_hash == "1" * 64 and r1.run_id().startswith("tiny-cloob-mytable-v1-")
     assert keyed(copy).run_id() == r1.run_id()  # the same version elsewhere: the same run
     assert identify("tiny", identify("tiny", [f"data.train={a}"])) == identify("tiny", [f"data.train={a}"])
     _dataset(a, "2" * 64, version=2)  # a new version of the data in the same folder
     r2 = keyed(a)
     assert r2.run_id().startswith("tiny-cloob-mytable-v2-") and r2.content_hash() != r1.content_hash()
+    if _have_versions():  # an old version, named as such, is the run made when it was the newest
+        assert keyed(f"{a}@v1").run_id() == r1.run_id()
+        assert keyed(f"{a}@v2").run_id() == r2.run_id()
+        with pytest.raises(CloobError):
+            identify("tiny", [f"data.train={a}@v7", f"train.output={tmp_path}"])
     # Shards without a manifest (other tools): keyed by their place, as before.
     plain = tmp_path / "plain"
     synthetic.write_shards(plain, 48, shard_size=48, image_size=32, seed=1)
@@ -185,7 +204,7 @@ def test_a_warm_start_begins_at_its_parents_loss_and_names_it(parent):
 
     reg = Registry(str(store / "registry"))
     child_entry = reg.register(child["checkpoint"])
-    assert child_entry["parent"]["id"] == entry["id"] and child_entry["data_version"] == "mytable"
+    assert child_entry["parent"]["id"] == entry["id"] and child_entry["data_version"] == "mytable-v1"
     assert child_entry["data_manifest_hash"] == "1" * 64
     assert reg.get(entry["id"]).get("parent") is None
 

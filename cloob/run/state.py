@@ -47,21 +47,50 @@ class DataIdentity:
 def data_identity(data_train: str) -> DataIdentity | None:
     """The identity of the data `data_train` names, or None where it is not known (shards written by
     other tools, several folders, a brace pattern or a glob): those runs keep data.train's place in
-    their key, as before. The one place the launcher reads a dataset's identity (its manifest today)."""
+    their key, as before. The one place the launcher reads a dataset's identity: the folder's manifest
+    (a dataset with one version: version 1), or, for a version (`<folder>@vN`, a version's JSON) and a
+    dataset with several, the data-versions resolver (cloob.prepare.versions.resolve), which the
+    training reader follows too."""
     from cloob.prepare.run import read_manifest
 
     train = (data_train or "").strip().rstrip("/")
     if not train or any(c in train for c in ",{*?["):
         return None
+    folder, content, version = train, None, None
     try:
-        m = read_manifest(train)
+        named = "@v" in train or "/_cloob/" in train  # a version, by name or by its JSON
+        m = None if named else read_manifest(train)
+        if not named and m is None:
+            return None  # not made by cloob prepare
+        if m is not None and "version" not in m:  # one version: the manifest says it all
+            content, version = m.get("content_hash"), 1
+        else:
+            resolver = _version_resolver()
+            if resolver is None:
+                if m is None:
+                    return None  # a version named, but no code here that reads versions
+                content, version = m.get("content_hash"), m.get("version")
+            else:
+                v = resolver(train)
+                folder, content, version = v.get("folder") or train, v.get("content_hash"), v.get("version")
+                m = read_manifest(folder)
     except (OSError, ValueError):
         return None
-    if not m or not m.get("content_hash"):
+    if not content:
         return None
-    name = (m.get("spec") or {}).get("name") or m.get("name") or posixpath.basename(train)
-    version = m.get("version")
-    return DataIdentity(m["content_hash"], str(name), None if version is None else str(version), m.get("updated_at"))
+    m = m or {}
+    name = (m.get("spec") or {}).get("name") or m.get("name") or posixpath.basename(folder)
+    written = [t for t in (m.get("updated_at"), m.get("created_at")) if t]
+    return DataIdentity(content, str(name), None if version is None else str(version), max(written, default=None))
+
+
+def _version_resolver():
+    """cloob.prepare.versions.resolve where the data-versions code is there, else None."""
+    try:
+        from cloob.prepare.versions import resolve
+    except ImportError:
+        return None
+    return resolve
 
 
 def _q(value: str) -> str:
