@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from cloob.errors import CloobError
 from cloob.methods import METHODS
@@ -117,6 +117,12 @@ class TrainConfig(_Section):
     init_entry: str | None = Field(None, description="set by the launcher: the registry entry init_from named")
     resume: bool = True
     progress: bool = True
+
+    @field_validator("init_from")
+    @classmethod
+    def _no_init(cls, v: str | None) -> str | None:
+        # A study's sweep writes None as `train.init_from=None`: from scratch, as null and "" are.
+        return None if v is None or v.strip().lower() in ("", "none", "null") else v.strip()
     # How the run is supervised, not what it computes (left out of the content hash, see below).
     watchdog_s: float | None = Field(None, ge=0.0, description="fail the run when a rank finishes no step "
                                      "for this long; default: automatic (cloob/run/watchdog.py); 0: off")

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import wait
 
 from flows.names import summary_label
+from flows.promote import promote_models
 from flows.remote import WORKER_WAIT_S
 from flows.tasks import (
     dataset_folder,
@@ -98,7 +99,9 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
              eval_settings: dict | None = None, train_deployment: str | None = None,
              eval_deployment: str | None = None, spark_master: str | None = None,
              ray_address: str | None = None, force_prepare: bool = False,
-             worker_wait_s: float | None = WORKER_WAIT_S, init_from: str | None = None) -> dict[str, Any]:
+             worker_wait_s: float | None = WORKER_WAIT_S, init_from: str | None = None,
+             promote_on: list[str] | None = None, min_gain: float = 0.0, require_significant: bool = False,
+             confidence: float = 0.95, approval: bool = False, approval_timeout_s: int = 3600) -> dict[str, Any]:
     """specs -> shards -> one run per recipe on the first spec's data -> registry -> zero-shot
     evaluation of every run on every downstream set -> results table and report.
 
@@ -133,6 +136,18 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             which fields differ.
         worker_wait_s: how long a run on a deployment may wait for a worker on its pool to take it
             before it is cancelled and the pipeline fails, saying so; none: no limit.
+        promote_on: the sets whose main metric decides promotion (their mean); default: every
+            downstream set. After the evaluations, each new model is compared with the `champion`
+            on them (same sets, same eval settings) and moves `champion` only if it wins, else
+            `challenger` (README, "Promotion"; cloob/registry/promotion.py).
+        min_gain: how much a challenger must beat the champion by, as a fraction (0.01: one point).
+        require_significant: also require the paired bootstrap interval over the evaluation images
+            (at `confidence`) to lie above min_gain: no promotion on noise.
+        confidence: the bootstrap interval's level.
+        approval: pause the run for a reviewer in the UI before a challenger becomes champion
+            (approve or reject, a comment).
+        approval_timeout_s: how long the pause waits; with no answer nothing is promoted and the
+            run ends Failed (Prefect cannot resume a pause that timed out); the next run asks again.
         init_from: warm start every recipe from a registered model (an alias such as champion, an entry
             id) or a checkpoint URL: its weights only, a fresh optimizer and schedule; the registry
             records it as the new entry's parent. None (the default): from scratch (README, "Warm starts").
@@ -148,7 +163,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         results = posixpath.join(store, "results")
         cache_root = posixpath.join(store, "cache", "classifiers")
         datasets: dict[str, str] | None = None
-        runs, evals = [], []
+        runs, evals, registered = [], [], []
         every = [*(overrides or []), *([f"train.init_from={init_from}"] if init_from else [])]
         # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
         entries = [(entry, *entry.split()) for entry in recipes]
@@ -164,7 +179,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             else:
                 run = result_of(train, name, run_overrides, nproc_per_node, train_deadline_s, data=data[:1])
             runs.append(run)
-            result_of(register, run, registry)
+            registered.append(result_of(register, run, registry))
             if datasets is None:  # by now the sets have had the data preparation and a training to get ready
                 datasets = _prepared_sets(set_futures)
             evals += _submit_evaluations(run, datasets, store, results, cache_root, eval_settings, eval_deployment,
@@ -179,8 +194,18 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         from cloob.registry import Registry
 
         Registry(registry).update_best(results)
+        promoted = promote_models(
+            registry, results, registered,
+            {"promote_on": promote_on or sorted(datasets), "min_gain": min_gain,
+             "require_significant": require_significant, "confidence": confidence},
+            approval=approval, approval_timeout_s=approval_timeout_s,
+            evaluate_champion=lambda e: _submit_evaluations({"checkpoint": e["checkpoint_uri"], "run_dir": e["run_dir"],
+                                                             "step": e["step"]}, datasets, store, results, cache_root,
+                                                            eval_settings, eval_deployment, worker_wait_s))
         return {"results": results, "report": report, "evaluated": len(evals) - len(failed),
-                "failed": len(failed) + len(downstream) - len(datasets), "runs": runs, "datasets": datasets}
+                "failed": len(failed) + len(downstream) - len(datasets), "runs": runs, "datasets": datasets,
+                "promotion": [{"challenger": d["challenger"]["id"], "promoted": d["promoted"], "reason": d["reason"]}
+                              for d in promoted]}
 
 
 def check_overrides(entry: str, every: list[str], own: list[str]) -> None:

@@ -228,3 +228,11 @@ def test_a_wrong_init_from_is_one_error_with_the_fix(parent):
         identify("tiny", [*common, "train.steps=3", "train.init_from=chamption"])
     assert "train.init_from=chamption" in e.value.problem and "champion" in e.value.fix
     assert "from scratch" in e.value.fix
+
+
+def test_a_study_sweep_of_init_from_with_none_is_from_scratch():
+    """`sweep: {train.init_from: [null, champion]}` writes train.init_from=None for the first cell."""
+    for none in ("None", "null", ""):
+        r = load_recipe("tiny", [f"train.init_from={none}"])
+        assert r.train.init_from is None and r.run_id() == load_recipe("tiny").run_id()
+    assert identify("tiny", ["train.init_from=None"]) == ["train.init_from=None"]  # nothing to resolve
