@@ -136,6 +136,9 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             which fields differ.
         worker_wait_s: how long a run on a deployment may wait for a worker on its pool to take it
             before it is cancelled and the pipeline fails, saying so; none: no limit.
+        init_from: warm start every recipe from a registered model (an alias such as champion, an entry
+            id) or a checkpoint URL: its weights only, a fresh optimizer and schedule; the registry
+            records it as the new entry's parent. None (the default): from scratch (README, "Warm starts").
         promote_on: the sets whose main metric decides promotion (their mean); default: every
             downstream set. After the evaluations, each new model is compared with the `champion`
             on them (same sets, same eval settings) and moves `champion` only if it wins, else
@@ -148,9 +151,6 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             (approve or reject, a comment).
         approval_timeout_s: how long the pause waits; with no answer nothing is promoted and the
             run ends Failed (Prefect cannot resume a pause that timed out); the next run asks again.
-        init_from: warm start every recipe from a registered model (an alias such as champion, an entry
-            id) or a checkpoint URL: its weights only, a fresh optimizer and schedule; the registry
-            records it as the new entry's parent. None (the default): from scratch (README, "Warm starts").
     """
     from flows.signals import stop_on_signals
 

@@ -253,11 +253,13 @@ def record(registry: Registry, decision: dict) -> dict | None:
 
 
 def decided_before(registry: Registry, challenger_id: str, champion_id: str | None) -> dict | None:
-    """The decision already recorded on this challenger against this champion, if any."""
+    """The decision already recorded on this challenger against this champion, if any (an approval
+    that timed out decided nothing: the next run asks again)."""
     for alias in (CHAMPION, CHALLENGER):
         for move in registry.alias_history(alias):
             d = move.get("decision")
-            if d and d["challenger"]["id"] == challenger_id and (d["champion"] or {}).get("id") == champion_id:
+            if d and d["challenger"]["id"] == challenger_id and (d["champion"] or {}).get("id") == champion_id \
+                    and (d.get("approval") or {}).get("outcome") != "timed out":
                 return d
     return None
 

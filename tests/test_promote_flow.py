@@ -1,0 +1,132 @@
+"""The pipeline's promotion step (flows/promote.py) under a real ephemeral Prefect server in a
+temporary PREFECT_HOME: the decision logged and published as the `cloob-promotion` artifact, a rerun
+that decides nothing, and the reviewer's approval through Prefect's pause with an input form,
+resumed from here as the UI does (approve, reject) or left to time out."""
+
+import os
+import tempfile
+
+# Before Prefect is imported: its settings are read once.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from prefect import flow  # noqa: E402
+
+from cloob.registry import Registry  # noqa: E402
+from cloob.registry import promotion as P  # noqa: E402
+from flows.promote import PROMOTION_ARTIFACT, promote_models  # noqa: E402
+from tests.test_promotion import _checkpoint, _evaluated  # noqa: E402
+
+
+@flow(name="promote-test")
+def promote_flow(registry: str, results: str, candidates: list[str], approval: bool = False,
+                 approval_timeout_s: int = 3600) -> list[dict]:
+    return promote_models(registry, results, candidates, {"promote_on": ["shapes"]}, approval=approval,
+                          approval_timeout_s=approval_timeout_s)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A registry whose champion (old) is beaten by a newer model (new) on shapes, 80% against 40%."""
+    reg = Registry(str(tmp_path / "registry"))
+    results = str(tmp_path / "results")
+    old = reg.register(_checkpoint(tmp_path / "runs" / "old", 1))
+    new = reg.register(_checkpoint(tmp_path / "runs" / "new", 2))
+    rng = np.random.default_rng(0)
+    _evaluated(results, old, "shapes", rng.random(300) < 0.4)
+    _evaluated(results, new, "shapes", rng.random(300) < 0.8)
+    reg.set_alias("champion", old["id"])
+    return reg, results, old, new
+
+
+def _artifact() -> str:
+    from prefect.artifacts import Artifact
+
+    return Artifact.get(PROMOTION_ARTIFACT).data
+
+
+@pytest.mark.slow
+def test_a_winner_is_promoted_published_and_a_rerun_decides_nothing(store):
+    reg, results, old, new = store
+    [d] = promote_flow(reg.uri, results, [new["id"]])
+    assert d["promoted"] and reg.aliases()["champion"] == new["id"]
+    shown = _artifact()
+    assert "promoted to champion" in shown and "| shapes | top1 | 300 |" in shown and "interval [" in shown
+    assert promote_flow(reg.uri, results, [new["id"]]) == []
+    assert "No new challenger" in _artifact()
+    assert [m["entry"] for m in reg.alias_history("champion")] == [old["id"], new["id"]]
+
+
+def _paused_run(timeout: float = 120):
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            for r in client.read_flow_runs():
+                if r.state and r.state.is_paused():
+                    return r
+            time.sleep(0.5)
+    raise AssertionError("no flow run paused")
+
+
+def _run_in_thread(fn, *args, **kwargs) -> dict:
+    out = {}
+
+    def target():
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: B036 (the test reads it)
+            out["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    out["thread"] = t
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("approve", [True, False])
+def test_a_reviewer_approves_or_rejects_in_the_pause_form(store, approve):
+    from prefect import get_client
+
+    reg, results, old, new = store
+    run = _run_in_thread(promote_flow, reg.uri, results, [new["id"]], approval=True)
+    paused = _paused_run()
+    assert reg.aliases()["champion"] == old["id"]  # nothing moves while the reviewer thinks
+    with get_client(sync_client=True) as client:
+        client.resume_flow_run(paused.id, run_input={"approve": approve, "comment": "checked the numbers"})
+    run["thread"].join(120)
+    assert "error" not in run, run.get("error")
+    [d] = run["result"]
+    assert d["approval"] == {"outcome": "approved" if approve else "rejected", "comment": "checked the numbers"}
+    assert reg.aliases()["champion"] == (new["id"] if approve else old["id"])
+    if not approve:
+        assert reg.aliases()["challenger"] == new["id"]
+        move = reg.alias_history("challenger")[-1]
+        assert move["decision"]["reason"] == "rejected by the reviewer: checked the numbers"
+
+
+@pytest.mark.slow
+def test_no_answer_before_the_timeout_promotes_nothing_and_asks_again_next_time(store):
+    from prefect import get_client
+
+    reg, results, old, new = store
+    with pytest.raises(Exception, match="no reviewer answered within 3 s"):
+        promote_flow(reg.uri, results, [new["id"]], approval=True, approval_timeout_s=3)
+    with get_client(sync_client=True) as client:
+        [state] = {r.id: r.state for r in client.read_flow_runs() if r.state.is_failed()}.values()
+    print("the flow run ends", state.type.value, repr(state.message))
+    # Prefect's own outcome of a pause that timed out: the run cannot resume, and ends Failed.
+    assert state.message.endswith("never resumed.")
+    assert reg.aliases()["champion"] == old["id"] and reg.aliases()["challenger"] == new["id"]
+    assert reg.alias_history("challenger")[-1]["decision"]["approval"]["outcome"] == "timed out"
+    assert P.decided_before(reg, new["id"], old["id"]) is None  # the next run asks again
