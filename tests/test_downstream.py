@@ -480,3 +480,19 @@ def test_a_set_prepared_by_the_old_unverified_version_is_prepared_again(tmp_path
     assert "--force" in e.value.fix
     again = prepare_downstream("colors", str(out), progress=False)
     assert not again["reused"] and len(open_classification_set("colors", str(out / "colors")).items) == 240
+
+
+def test_more_images_than_the_published_test_split_is_refused_fewer_is_flagged(tmp_path):
+    """A copy holding train and test images in one folder per class (Birdsnap's download/images/ passed
+    without its test_images.txt, every UCF101 frame without a split list) is not a test set."""
+    src = _tree(tmp_path / "src", {"red_apple": 10, "Green-Pear": 10, "blue_plum": 10}, prefix="fruit")
+    data = yaml.safe_load(_spec(tmp_path, "https://example.org/unused.zip").read_text())
+    (tmp_path / "many.yaml").write_text(yaml.safe_dump(dict(data, test_size=12, split_files=["test_list.txt"])))
+    with pytest.raises(CloobError) as e:
+        prepare_downstream(tmp_path / "many.yaml", str(tmp_path / "out"), source=str(src), progress=False)
+    assert "holds 30 images where toy's test split has 12" in str(e.value)
+    assert "test_list.txt" in e.value.fix and read_manifest(str(tmp_path / "out"), "toy") is None
+    (tmp_path / "few.yaml").write_text(yaml.safe_dump(dict(data, test_size=40)))
+    s = prepare_downstream(tmp_path / "few.yaml", str(tmp_path / "out"), source=str(src), progress=False)
+    assert s["images"] == 30 and s["warnings"] == ["30 images where the published test split has 40: 10 (25.0%) "
+                                                   "missing (dead links upstream, a partial copy or another split)"]

@@ -19,6 +19,7 @@ from cloob.evaluate.sets.tree import Tree
 
 SHOWN = 8  # pairs, folders or files an error or a summary lists
 _FAR = 0.01  # a prepared count this far (relative) from the published test size is flagged
+_TOO_MANY = 1.1  # more than this times the published test size cannot be the test split: refused
 
 
 @dataclass
@@ -90,7 +91,14 @@ def _check(spec: DownstreamSpec, r: Reading, where: str) -> None:
     for c, n in zip(r.classes, counts):
         c["images"] = n
     n, expected = len(r.items), spec.test_size
-    if r.split["name"] != (spec.layout.split or "test"):
+    published = spec.layout.split or "test"
+    if expected and n > _TOO_MANY * expected and r.split["name"] == published:
+        lists = f": put {' or '.join(spec.split_files)} beside the images" if spec.split_files else ""
+        raise CloobError(f"{spec.name}: {where} ({r.layout}) holds {n} images where {spec.name}'s {published} split "
+                         f"has {expected}: images of other splits are in it, and a number on them would be wrong",
+                         f"point at a copy of the {published} split only, or at the distribution with its split "
+                         f"file{lists}")
+    if r.split["name"] != published:
         r.warnings.append(f"evaluated on the {r.split['name']!r} split, not the published "
                           f"{spec.layout.split or 'test'!r} split: not comparable with the paper")
     if expected and abs(n - expected) > _FAR * expected:
