@@ -102,8 +102,8 @@ class TrainConfig(_Section):
     # The store's root, as in the demo and the pipeline (train.output=<store>): not part of the
     # recipe hash, so changing this default (it was ./runs, which gave ./runs/runs/<run>) changes no run name.
     output: str = Field(".", description="folder or fsspec URL under which runs/<run_name> is written")
-    run_name: str | None = Field(None, description="default: <recipe>-<method>[-<what the command line changed>]-"
-                                 "<recipe hash>, so a rerun resumes")
+    run_name: str | None = Field(None, description="default: <recipe>-<method>[-<what the command line changed>]"
+                                 "[-<data version>]-<recipe hash>, so a rerun resumes")
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
@@ -214,13 +214,13 @@ class Recipe(_Section):
         return re.sub(r"[^A-Za-z0-9.+-]+", "-", self.data.version or "").strip("-") if self.data.content_hash else ""
 
     def default_run_name(self, differs: str = "", legacy: bool = False) -> str:
-        """<recipe>-<method>[-<data version>][-<differs>]-<hash>: the method in every name, so CLOOB and CLIP
+        """<recipe>-<method>[-<differs>][-<data version>]-<hash>: the method in every name, so CLOOB and CLIP
         runs of one recipe are told apart in folders, tables, TensorBoard and Prefect; the data version, so
         runs on two versions are; the hash keeps it unique and makes a rerun of the same content find
         (and resume) the same folder. legacy: the name a run got before data versions (no version, the
         legacy hash)."""
         data = "" if legacy else self.data_label()
-        return "-".join(p for p in (self.name, self.loss.method, data, differs, self.content_hash(legacy)[:10]) if p)
+        return "-".join(p for p in (self.name, self.loss.method, differs, data, self.content_hash(legacy)[:10]) if p)
 
     def run_id(self) -> str:
         """The run's name: train.run_name, or the default_run_name load_recipe gave it."""

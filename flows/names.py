@@ -38,7 +38,7 @@ def _stem(uri: str) -> str:
 
 
 def run_of_recipe(recipe: str, overrides: list[str]) -> str:
-    """The run id cloob train gives (<recipe>-<method>[-<data version>]-...-<hash>), or the recipe's name."""
+    """The run id cloob train gives (<recipe>-<method>-...[-<data version>]-<hash>), or the recipe's name."""
     try:
         from cloob.config import load_recipe
         from cloob.run.state import identify
