@@ -11,6 +11,9 @@ worker has drawn so far. The trainer stores these positions in the checkpoint; o
 skips that many raw samples without decoding them, and the worker order is rotated so that the
 DataLoader's round-robin continues where it stopped.
 
+Rows that a dataset version leaves out (removed from its source; cloob.data.shards) are skipped by
+their sample key before the shuffle buffer, as if the shards did not hold them.
+
 Bad data never stops training: a corrupt image, a missing or undecodable caption, and a truncated or
 unreadable shard are skipped and counted; the counts travel with the batches. Data with nothing
 usable raises NoUsableData naming why (shards that give no sample at all, or samples all skipped),
@@ -114,6 +117,7 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         expected_counts: dict[str, int] | None = None,
+        exclude_keys: frozenset[str] | set[str] | None = None,
     ):
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
@@ -129,6 +133,9 @@ class ShardStream(IterableDataset):
         # Samples per shard from its stats file: a shard that yields fewer was cut short, even where
         # tarfile mistakes a cut at a header for the end of the archive and raises nothing.
         self.expected_counts = dict(expected_counts or {})
+        # Samples of rows that a dataset version leaves out (removed from its source: ShardSet.exclude_keys):
+        # never read, as if not in the shards. They still count towards the shard's expected count.
+        self.exclude_keys = frozenset(exclude_keys or ())
         self.epoch = 0
         self.resume: StreamState = StreamState()
         self.steps_per_epoch: int | None = None
@@ -235,8 +242,10 @@ class ShardStream(IterableDataset):
                 silent[0] = 0
                 yield sample
 
-        raw = group_by_keys(tar_file_expander(sources(), handler=handler), handler=handler)
-        stream = _buffer_shuffle(check_complete(raw), self.shuffle_buffer, rng, buffer_full)
+        raw = check_complete(group_by_keys(tar_file_expander(sources(), handler=handler), handler=handler))
+        if self.exclude_keys:
+            raw = (s for s in raw if s.get("__key__") not in self.exclude_keys)
+        stream = _buffer_shuffle(raw, self.shuffle_buffer, rng, buffer_full)
         images, texts, produced = [], [], 0
         for index, sample in enumerate(stream, start=1):
             if index <= skip_raw:
