@@ -197,6 +197,8 @@ def test_a_warm_start_begins_at_its_parents_loss_and_names_it(parent):
     fresh = train(scratch)
     parent_loss = sum(_losses(summary["run_dir"])[-5:]) / 5
     child_first, fresh_first = _losses(child["run_dir"])[0], _losses(fresh["run_dir"])[0]
+    print(f"first-step loss: warm start {child_first:.4f}, parent's last 5 steps {parent_loss:.4f}, "
+          f"from scratch {fresh_first:.4f}")
     assert abs(child_first - parent_loss) < abs(fresh_first - parent_loss) / 2, (child_first, parent_loss, fresh_first)
     meta = CheckpointStore(child["run_dir"]).latest().meta()
     assert meta["init_from"]["sha256"] == entry["id"] and meta["init_from"]["ref"] == "champion"
@@ -236,3 +238,25 @@ def test_a_study_sweep_of_init_from_with_none_is_from_scratch():
         r = load_recipe("tiny", [f"train.init_from={none}"])
         assert r.train.init_from is None and r.run_id() == load_recipe("tiny").run_id()
     assert identify("tiny", ["train.init_from=None"]) == ["train.init_from=None"]  # nothing to resolve
+
+
+@pytest.mark.slow
+def test_a_warm_start_under_two_ranks(parent):
+    """cloob train's launcher resolves the alias once; both gloo ranks load the parent's weights (the
+    same file, sha256-checked) and the run starts at the parent's loss, not at a fresh model's."""
+    from cloob.run.launch import launch
+    from cloob.train import train
+
+    store, common, summary, entry = parent
+    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    ov = [o for o in common if not o.startswith("train.batch_size")]
+    result = launch("tiny", [*ov, "train.batch_size=16", "train.steps=2", "train.init_from=champion"],
+                    nproc_per_node=2, env=env)
+    assert result.returncode == 0, "\n".join(result.log_tail)
+    meta = CheckpointStore(result.run_dir).latest().meta()
+    assert meta["init_from"]["entry"] == entry["id"] and meta["world_size"] == 2
+    fresh = train(load_recipe("tiny", identify("tiny", [*common, "train.steps=1"])))
+    parent_loss = sum(_losses(summary["run_dir"])[-5:]) / 5
+    first, fresh_first = _losses(result.run_dir)[0], _losses(fresh["run_dir"])[0]
+    print(f"2 ranks, first-step loss: warm start {first:.4f}, parent {parent_loss:.4f}, from scratch {fresh_first:.4f}")
+    assert abs(first - parent_loss) < abs(fresh_first - parent_loss) / 2, (first, parent_loss, fresh_first)
