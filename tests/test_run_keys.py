@@ -58,14 +58,6 @@ def _fake_checkpoint(run_dir: str, recipe_hash: str, step: int = 30, saved_at: f
     return CheckpointStore(run_dir).save(step, {}, {}, {"step": step}, meta, keep=2)
 
 
-def _have_versions() -> bool:
-    try:
-        import cloob.prepare.versions  # noqa: F401 (the data-versions code, where it is there)
-    except ImportError:
-        return False
-    return True
-
-
 def test_existing_hashes_and_names_keep_their_byte_form():
     tiny = load_recipe("tiny")
     assert tiny.content_hash() == TINY_HASH == _old_hash(tiny) == tiny.content_hash(legacy=True)
@@ -123,16 +115,38 @@ def test_the_key_follows_the_data_content_not_its_place(tmp_path):
     _dataset(a, "2" * 64, version=2)  # a new version of the data in the same folder
     r2 = keyed(a)
     assert r2.run_id().startswith("tiny-cloob-mytable-v2-") and r2.content_hash() != r1.content_hash()
-    if _have_versions():  # an old version, named as such, is the run made when it was the newest
-        assert keyed(f"{a}@v1").run_id() == r1.run_id()
-        assert keyed(f"{a}@v2").run_id() == r2.run_id()
-        with pytest.raises(CloobError):
-            identify("tiny", [f"data.train={a}@v7", f"train.output={tmp_path}"])
+    # An old version, named as such, is the run made when it was the newest.
+    assert keyed(f"{a}@v1").run_id() == r1.run_id()
+    assert keyed(f"{a}@v2").run_id() == r2.run_id()
+    with pytest.raises(CloobError):
+        identify("tiny", [f"data.train={a}@v7", f"train.output={tmp_path}"])
     # Shards without a manifest (other tools): keyed by their place, as before.
     plain = tmp_path / "plain"
     synthetic.write_shards(plain, 48, shard_size=48, image_size=32, seed=1)
     r = keyed(plain)
     assert r.data.content_hash is None and r.content_hash() == _old_hash(r)
+
+
+def test_a_model_of_version_1_retrains_bit_exact_after_versions_2_and_3(tmp_path):
+    import shutil
+
+    from cloob.train import train
+
+    data = _dataset(tmp_path / "data", "1" * 64)
+    common = [f"train.output={tmp_path}", "train.steps=4", "train.batch_size=16", "data.workers=0",
+              "train.progress=false", "schedule.warmup_steps=1", "data.shuffle_buffer=16"]
+    first = train(load_recipe("tiny", identify("tiny", [f"data.train={data}", *common])))
+    sha = CheckpointStore(first["run_dir"]).latest().meta()["model_sha256"]
+    synthetic.write_shards(data, 192, shard_size=48, image_size=32, seed=1)  # new rows: version 2
+    _dataset(data, "2" * 64, version=2)
+    synthetic.write_shards(data, 288, shard_size=48, image_size=32, seed=1)  # and version 3
+    _dataset(data, "3" * 64, version=3)
+    newest = load_recipe("tiny", identify("tiny", [f"data.train={data}", *common]))
+    assert "mytable-v3" in newest.run_id() and newest.run_dir() != first["run_dir"]
+    shutil.rmtree(first["run_dir"])
+    again = train(load_recipe("tiny", identify("tiny", [f"data.train={data}@v1", *common])))
+    assert again["run_dir"] == first["run_dir"]  # the same key and name
+    assert CheckpointStore(again["run_dir"]).latest().meta()["model_sha256"] == sha
 
 
 def test_runs_made_before_keep_resuming_until_the_data_changes(tmp_path):

@@ -49,8 +49,8 @@ def data_identity(data_train: str) -> DataIdentity | None:
     other tools, several folders, a brace pattern or a glob): those runs keep data.train's place in
     their key, as before. The one place the launcher reads a dataset's identity: the folder's manifest
     (a dataset with one version: version 1), or, for a version (`<folder>@vN`, a version's JSON) and a
-    dataset with several, the data-versions resolver (cloob.prepare.versions.resolve), which the
-    training reader follows too."""
+    dataset with several, the training reader's own resolution (cloob.data.shards.list_shards, what
+    cloob.prepare.versions.resolve wraps), which reads that version's JSON."""
     from cloob.prepare.run import read_manifest
 
     train = (data_train or "").strip().rstrip("/")
@@ -65,15 +65,14 @@ def data_identity(data_train: str) -> DataIdentity | None:
         if m is not None and "version" not in m:  # one version: the manifest says it all
             content, version = m.get("content_hash"), 1
         else:
-            resolver = _version_resolver()
-            if resolver is None:
-                if m is None:
-                    return None  # a version named, but no code here that reads versions
-                content, version = m.get("content_hash"), m.get("version")
-            else:
-                v = resolver(train)
-                folder, content, version = v.get("folder") or train, v.get("content_hash"), v.get("version")
-                m = read_manifest(folder)
+            from cloob.data.shards import list_shards, read_version_ref
+
+            # A version: one JSON read, by the training reader's own function, so the key is the
+            # content hash of exactly what the ranks will read.
+            ref = read_version_ref(train)
+            v = list_shards(train)
+            folder, content, version = ref.folder if ref else train, v.content_hash, v.version
+            m = read_manifest(folder)
     except (OSError, ValueError):
         return None
     if not content:
@@ -82,15 +81,6 @@ def data_identity(data_train: str) -> DataIdentity | None:
     name = (m.get("spec") or {}).get("name") or m.get("name") or posixpath.basename(folder)
     written = [t for t in (m.get("updated_at"), m.get("created_at")) if t]
     return DataIdentity(content, str(name), None if version is None else str(version), max(written, default=None))
-
-
-def _version_resolver():
-    """cloob.prepare.versions.resolve where the data-versions code is there, else None."""
-    try:
-        from cloob.prepare.versions import resolve
-    except ImportError:
-        return None
-    return resolve
 
 
 def _q(value: str) -> str:
