@@ -274,3 +274,25 @@ def test_a_warm_start_under_two_ranks(parent):
     first, fresh_first = _losses(result.run_dir)[0], _losses(fresh["run_dir"])[0]
     print(f"2 ranks, first-step loss: warm start {first:.4f}, parent {parent_loss:.4f}, from scratch {fresh_first:.4f}")
     assert abs(first - parent_loss) < abs(fresh_first - parent_loss) / 2, (first, parent_loss, fresh_first)
+
+
+def test_the_retrain_deployment_takes_init_from(capsys, monkeypatch):
+    """`cloob deploy --init-from champion` makes the scheduled pipeline warm-start; without it the
+    deployment has no init_from and the pipeline's default (from scratch) holds."""
+    import flows.deploy as deploy
+    from flows.pipeline import pipeline
+
+    def no_server(*a, **k):
+        raise AssertionError("a dry run contacted the server")
+
+    monkeypatch.setattr(deploy, "check_server", no_server)
+    monkeypatch.setattr(deploy, "apply_plan", no_server)
+
+    def params(*argv):
+        assert deploy.main(["--dry-run", "--json", "--store", "s3://b/x", "--spec", "demo", *argv]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return {d["name"]: d for d in out["deployments"]}["cloob-pipeline/retrain"]["parameters"]
+
+    assert params("--init-from", "champion")["init_from"] == "champion"
+    assert "init_from" not in params()
+    assert pipeline.parameters.properties["init_from"]["default"] is None
