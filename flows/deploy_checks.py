@@ -51,9 +51,12 @@ def check_names(args) -> None:
             raise CloobError(f"data spec {spec!r} has no source.{field}, and a scheduled run has no --input",
                              f"add --spec-override source.{field}=s3://bucket/path/to/file (a file the CPU "
                              "workers can read)")
+    from flows.pipeline import check_overrides
+
     for entry in args.recipe:
         name, *overrides = entry.split()
-        load_recipe(name, [*overrides, *(args.override or [])])
+        check_overrides(entry, list(args.override or []), overrides)  # as the pipeline will refuse it
+        load_recipe(name, [*(args.override or []), *overrides])  # in the pipeline's order
     for name in args.downstream:
         load_downstream_spec(name)
     if args.study:

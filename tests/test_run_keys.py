@@ -296,3 +296,24 @@ def test_the_retrain_deployment_takes_init_from(capsys, monkeypatch):
     assert params("--init-from", "champion")["init_from"] == "champion"
     assert "init_from" not in params()
     assert pipeline.parameters.properties["init_from"]["default"] is None
+
+
+def test_deploy_refuses_a_recipe_override_that_contradicts_an_override(capsys, monkeypatch):
+    import flows.deploy as deploy
+
+    monkeypatch.setattr(deploy, "check_server", lambda *a, **k: None)
+    rc = deploy.main(["--dry-run", "--store", "s3://b/x", "--spec", "demo", "--recipe", "tiny train.steps=30",
+                      "--override", "train.steps=40"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.steps is 40" in err and "fix: drop train.steps" in err
+
+
+def test_bare_torchrun_refuses_an_unresolved_init_from(tmp_path):
+    from cloob.train import train
+
+    data = _dataset(tmp_path / "data", "1" * 64)
+    with pytest.raises(CloobError) as e:
+        train(load_recipe("tiny", [f"data.train={data}", f"train.output={tmp_path}", "train.steps=2",
+                                   "train.init_from=champion", "data.workers=0", "train.batch_size=16"]))
+    assert "not resolved" in e.value.problem and "cloob train" in e.value.fix
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("meta.json"))

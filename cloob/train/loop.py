@@ -131,6 +131,11 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
                                                  recipe.model.learn_inv_tau, device=info.device)
     if recipe.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.init_from and not cfg.init_checkpoint:
+        raise CloobError(f"train.init_from={cfg.init_from} is not resolved (the launcher resolves it to a checkpoint "
+                         "and its sha256)", "start the run with `cloob train` (or the flows), or pass "
+                         "train.init_checkpoint=<checkpoint folder> and train.init_sha256=<its model_sha256> "
+                         "with it")
     if resume_from is None and cfg.init_checkpoint:
         # A warm start: the parent's weights only; the optimizer, schedule and step start afresh. Every
         # rank reads the same file, checked against its sha256.
