@@ -8,8 +8,8 @@ Called in a flow's body (a pause belongs to the flow run, not to a task):
 
 - the champion is first evaluated on the same sets with the same settings (an `evaluate` task per
   set, Skipped when its row is already in the table), so both models' numbers are comparable;
-- each challenger's decision is a `decide-<run>` task; one already decided against this champion
-  (a rerun) is left alone, so a rerun on unchanged data promotes nothing;
+- each challenger's decision is a `decide-<run>` task; a model decided before (in an earlier run)
+  is left alone, so a rerun on unchanged data promotes nothing;
 - with approval, a winning challenger pauses the flow run for a reviewer: the UI shows the decision
   and a form (approve: yes/no, comment). Approved: champion moves. Rejected: challenger moves, with
   the reviewer's comment. No answer within approval_timeout_s: nothing is promoted, `challenger`
@@ -45,7 +45,7 @@ def _decide_name() -> str:
 @task(name="decide-promotion", task_run_name=_decide_name)
 def decide(registry: str, results: str, challenger: str, rule: dict, label: str | None = None) -> dict | None:
     """The decision on one challenger against the current champion; None when there is nothing to
-    decide (it is the champion, or was decided against this champion before)."""
+    decide (it is the champion, or was decided before)."""
     from cloob.registry import Registry
     from cloob.registry import promotion as P
 
@@ -54,9 +54,8 @@ def decide(registry: str, results: str, challenger: str, rule: dict, label: str 
     if champion == challenger:
         get_run_logger().info("%s is the champion: nothing to decide", label or challenger[:12])
         return None
-    if (before := P.decided_before(reg, challenger, champion)) is not None:
-        get_run_logger().info("%s was decided before against this champion: %s", label or challenger[:12],
-                              P.summary(before))
+    if (before := P.decided_before(reg, challenger)) is not None:
+        get_run_logger().info("%s was decided before: %s", label or challenger[:12], P.summary(before))
         return None
     return P.decide(reg, results, challenger, rule)
 

@@ -7,6 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -61,12 +62,13 @@ def _direct_zero_shot(model_file: str, root: Path) -> dict:
             m = e.mean(dim=0)
             weights.append(m / m.norm())
         weights = torch.stack(weights)  # [classes, dim]
-        images, labels = [], []
+        images, labels, names = [], [], []
         for label, name in enumerate(SPEC.classes):
             for p in sorted((root / name).iterdir()):
                 try:
                     images.append(preprocess(Image.open(p).convert("RGB")))
                     labels.append(label)
+                    names.append(f"{name}/{p.name}")
                 except OSError:
                     pass  # an unreadable image is left out
         x = model.encode_image(torch.stack(images))
@@ -78,7 +80,7 @@ def _direct_zero_shot(model_file: str, root: Path) -> dict:
     recalls = [int((pred[labels == c] == c).sum()) / int((labels == c).sum()) for c in range(len(SPEC.classes))]
     return {"top1": int((pred == labels).sum()) / n,
             "top5": int((top5 == labels[:, None]).any(dim=1).sum()) / n,
-            "mean_per_class_recall": sum(recalls) / len(recalls), "n": len(labels)}
+            "mean_per_class_recall": sum(recalls) / len(recalls), "n": len(labels), "names": names}
 
 
 def _model_file(checkpoint: str) -> str:
@@ -106,6 +108,15 @@ def test_accuracy_equals_direct_clip_zero_shot(checkpoint, folders, tmp_path):
         assert row[k] == pytest.approx(direct[k], abs=1e-9), k
     assert row["main_metric"] == "top1" and row["main_value"] == row["top1"]
     assert row["step"] == 3 and row["method"] == "cloob" and row["run_id"] == "rand"
+    # The per-image outcomes kept for paired comparisons (cloob/results/outcomes.py) give the row's
+    # numbers back, and name each image by its path under the set: the pairs, not just the means.
+    from cloob.results.outcomes import image_ids, metric
+
+    o = row["outcomes"]
+    labels, correct = np.asarray(o["labels"]), np.asarray(o["correct"])
+    assert len(correct) == 90 and sorted(o["ids"].tolist()) == sorted(image_ids(direct["names"]).tolist())
+    assert metric("top1", correct, labels) == pytest.approx(row["top1"], abs=1e-12)
+    assert metric("mean_per_class_recall", correct, labels) == pytest.approx(row["mean_per_class_recall"], abs=1e-12)
 
 
 def test_shards_and_open_clip_weights_file_give_the_same_numbers(checkpoint, folders, tmp_path):
@@ -238,6 +249,12 @@ def test_retrieval_recall_equals_direct_computation(checkpoint, tmp_path):
         assert row[f"t2i_r{k}"] == pytest.approx(t2i / len(caps)), k
     assert row["n_images"] == 60 and row["task"] == "retrieval"
     assert row["alignment"] == pytest.approx(((x - y) ** 2).sum(dim=1).mean().item(), rel=1e-5)
+    from cloob.results.outcomes import image_ids
+
+    hits = [caps[sims[i].argmax().item()] == caps[i] for i in range(len(caps))]  # i2t@1, image by image
+    assert sorted(zip(row["outcomes"]["ids"].tolist(), row["outcomes"]["correct"])) == \
+        sorted(zip(image_ids([f"{t.name}#{n}" for t in sorted((tmp_path / "ret").glob("*.tar"))
+                              for n in range(25)][:60]).tolist(), hits))
 
 
 def test_eval_set_and_results_on_s3(checkpoint, folders, s3, tmp_path):

@@ -22,6 +22,7 @@ from prefect import flow  # noqa: E402
 
 from cloob.registry import Registry  # noqa: E402
 from cloob.registry import promotion as P  # noqa: E402
+from cloob.results.table import read_rows  # noqa: E402
 from flows.promote import PROMOTION_ARTIFACT, promote_models  # noqa: E402
 from tests.test_promotion import _checkpoint, _evaluated  # noqa: E402
 
@@ -129,4 +130,41 @@ def test_no_answer_before_the_timeout_promotes_nothing_and_asks_again_next_time(
     assert state.message.endswith("never resumed.")
     assert reg.aliases()["champion"] == old["id"] and reg.aliases()["challenger"] == new["id"]
     assert reg.alias_history("challenger")[-1]["decision"]["approval"]["outcome"] == "timed out"
-    assert P.decided_before(reg, new["id"], old["id"]) is None  # the next run asks again
+    assert P.decided_before(reg, new["id"]) is None  # the next run asks again
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_pipeline_sets_the_champion_promotes_nothing_on_a_rerun_and_keeps_it_against_a_worse_model(tmp_path):
+    """Run 1 trains (the demo's CLOOB and CLIP, 60 steps), evaluates, and the first model becomes
+    champion, the second decided against it by the numbers; run 2 on unchanged data decides nothing;
+    run 3 trains a model made worse on purpose (2 steps) and it gets `challenger`, the champion stays."""
+    from flows.demo import demo_parameters
+    from flows.pipeline import pipeline
+
+    params = demo_parameters(str(tmp_path / "store"), steps=60, samples=1024)
+    reg = Registry(str(tmp_path / "store" / "registry"))
+    first = pipeline(**params, require_significant=False)
+    ids = [e["id"] for e in reg.entries()]
+    assert [p["challenger"] for p in first["promotion"]] == ids and first["promotion"][0]["reason"] == "no champion yet"
+    history = reg.alias_history("champion")
+    second = history[-1]["decision"] if len(history) == 2 else reg.alias_history("challenger")[-1]["decision"]
+    rows = {(r["checkpoint_id"], r["dataset"]): r["main_value"] for r in read_rows(params["store"] + "/results").to_pylist()}
+    for s in second["sets"]:  # both models' numbers per set are the table's
+        assert (s["challenger"], s["champion"]) == (rows[ids[1], s["dataset"]], rows[ids[0], s["dataset"]])
+    assert second["interval"] is not None and second["rule"]["promote_on"] == ["colors", "shapes"]
+    champion = reg.aliases()["champion"]
+    assert champion == (ids[1] if second["gain"] > 0 else ids[0])
+    print("run 1:", [(p["promoted"], p["reason"]) for p in first["promotion"]])
+
+    again = pipeline(**params)
+    assert again["promotion"] == [] and reg.aliases()["champion"] == champion
+    assert len(reg.alias_history("champion")) == len(history)
+    assert "No new challenger" in _artifact()
+
+    worse = pipeline(**{**params, "recipes": params["recipes"][:1], "overrides": ["train.steps=2"]},
+                     require_significant=True)
+    [d] = worse["promotion"]
+    print("run 3:", d)
+    assert not d["promoted"] and reg.aliases()["champion"] == champion
+    assert reg.aliases()["challenger"] == d["challenger"] == reg.aliases()["latest"]

@@ -11,8 +11,9 @@ dataset_hash must match; the newest such row of each model):
 
 With no champion yet the challenger becomes champion. A winner moves `champion`; a loser moves
 `challenger`; either move carries the decision (the rule, both models' numbers per set, the gain
-and the interval) in the alias's history (`cloob registry history champion`). A challenger already
-decided against the same champion is not decided again, so a rerun promotes nothing.
+and the interval) in the alias's history (`cloob registry history champion`). A model is decided
+once, when it is new: a rerun, or a later champion, does not decide it again, so a rerun promotes
+nothing.
 
 The paired bootstrap: both models scored the same images (checked by the images' ids kept in each
 row's outcomes file, cloob/results/outcomes.py). Each replicate draws every set's images with
@@ -252,14 +253,14 @@ def record(registry: Registry, decision: dict) -> dict | None:
     return registry.set_alias(alias, ch, reason=summary(decision), decision=decision)
 
 
-def decided_before(registry: Registry, challenger_id: str, champion_id: str | None) -> dict | None:
-    """The decision already recorded on this challenger against this champion, if any (an approval
-    that timed out decided nothing: the next run asks again)."""
+def decided_before(registry: Registry, challenger_id: str) -> dict | None:
+    """The decision already recorded on this model, if any: a model is a challenger once, when it is
+    new (a rerun, or a later champion, does not decide it again). An approval that timed out decided
+    nothing: the next run asks again."""
     for alias in (CHAMPION, CHALLENGER):
         for move in registry.alias_history(alias):
             d = move.get("decision")
-            if d and d["challenger"]["id"] == challenger_id and (d["champion"] or {}).get("id") == champion_id \
-                    and (d.get("approval") or {}).get("outcome") != "timed out":
+            if d and d["challenger"]["id"] == challenger_id and (d.get("approval") or {}).get("outcome") != "timed out":
                 return d
     return None
 
@@ -268,8 +269,8 @@ def promote(registry: Registry, results_uri: str, candidates: list[str], rule: P
             *, approve=None) -> list[dict]:
     """Decide and record each candidate in turn against the champion of the moment (a winner is the
     next one's champion). approve(decision) -> decision lets a person confirm a promotion. A candidate
-    that is the champion, or was decided against this champion before, is left as it is (its entry in
-    the list says so, with `recorded: False`)."""
+    that is the champion, or was decided before, is left as it is (its entry in the list says so,
+    with `recorded: False`); `cloob registry alias champion NAME` moves it by hand."""
     out = []
     for ref in candidates:
         entry = registry.resolve(ref)
@@ -278,7 +279,7 @@ def promote(registry: Registry, results_uri: str, candidates: list[str], rule: P
             out.append({"challenger": _describe(entry), "recorded": False, "reason": "already the champion",
                         "promoted": False})
             continue
-        if (before := decided_before(registry, entry["id"], champ)) is not None:
+        if (before := decided_before(registry, entry["id"])) is not None:
             out.append({**before, "recorded": False, "reason": f"decided before: {before['reason']}"})
             continue
         d = decide(registry, results_uri, entry["id"], rule)
