@@ -35,12 +35,14 @@ def print_prepare_summary(m: dict, out: str) -> None:
     print(f"{m['name']}: {t['rows']} rows -> {t['successes']} images in {t['shards']} shards "
           f"({_human_bytes(t['bytes'])}) at {out}  [{100 * t['success_rate']:.1f}% success]")
     if run["noop"]:
-        print(f"  nothing to do: every shard was already finished ({run['seconds']:.1f} s)")
+        print(f"  {run.get('message') or 'nothing to do: every shard was already finished'} ({run['seconds']:.1f} s)")
     else:
         rate = sum(r["rows"] for r in run["rounds"]) / max(sum(r["seconds"] for r in run["rounds"]), 1e-9)
         rounds = ", ".join(f"{r['mode']} {r['rows']} rows in {r['seconds']:.1f} s" for r in run["rounds"])
         print(f"  this run: {run['seconds']:.1f} s ({rounds or 'no download needed'}"
               f"{f'; {rate:.0f} rows/s' if run['rounds'] else ''})")
+        if run.get("message"):
+            print(f"  {run['message']}")
     skipped = {k: m["rows"][k] for k in ("invalid_url", "empty_caption") if m["rows"].get(k)}
     if skipped:
         print("  source rows left out: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items()))
@@ -50,6 +52,12 @@ def print_prepare_summary(m: dict, out: str) -> None:
             print(f"    {n:8d}  {reason}")
         print("  retry them with --retry-failed")
     print(f"  manifest: {out.rstrip('/')}/_cloob/manifest.json (content hash {m['content_hash'][:12]})")
+    if m.get("version"):
+        print(f"  version {m['version']}: {out.rstrip('/')}/_cloob/versions/v{m['version']}.json (the newest, "
+              f"the default); an earlier one: data.train={out.rstrip('/')}@v1")
+        if m.get("excluded_keys"):
+            print(f"  {len(m['excluded_keys'])} samples of rows removed from the source are skipped in training; "
+                  f"delete them from the shards with: cloob prepare <spec> --out {out} --purge-removed")
     print(f"  train on it: cloob train <recipe> data.train={out}")
 
 
@@ -61,6 +69,18 @@ def _cmd_prepare(args) -> int:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url  # read by botocore, here and in img2dataset
     overrides = list(args.set or []) + ([f"limit={args.limit}"] if args.limit else [])
     spec = load_spec(args.spec, overrides)
+    if args.purge_removed:
+        from cloob.prepare.versions import purge_removed
+
+        if args.retry_failed or args.force:
+            raise CloobError("--purge-removed goes alone", "run it without --retry-failed or --force")
+        done = purge_removed(args.out, progress=not args.no_progress)
+        if done["samples"]:
+            print(f"{spec.name}: deleted {done['samples']} samples of rows removed from the source from "
+                  f"{done['shards']} shards ({done['rows']} rows) at {args.out}")
+        else:
+            print(f"{spec.name}: no samples of removed rows are left in the shards at {args.out}")
+        return 0
     m = prepare(spec, args.out, input=args.input, retry_failed=args.retry_failed, force=args.force,
                 progress=not args.no_progress, spark_master=args.spark_master, ray_address=args.ray_address)
     print_prepare_summary(m, args.out)
@@ -386,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="take only the first N source rows")
     p.add_argument("--retry-failed", action="store_true", help="download again the rows that failed")
     p.add_argument("--force", action="store_true", help="delete a different dataset at --out and start over")
+    p.add_argument("--purge-removed", action="store_true",
+                   help="delete from the shards, for good, the samples of rows that the newest version no longer "
+                        "has (removed from the source); downloads nothing")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
     p.add_argument("--spark-master", metavar="URL",
                    help="with download.distributor=pyspark: the Spark master (default local[download.processes])")

@@ -8,6 +8,8 @@
     run.py           prepare(): the whole preparation, resumable (`cloob prepare`)
     folder.py        what a dataset folder may hold before preparation writes into it
     manifest.py      the dataset manifest: shards, counts, digests, content hash
+    versions.py      later versions: the source read again, only new rows fetched, removed rows left
+                     out (and purged); versions(), resolve() and source_unchanged() for the pipeline
     distributors.py  img2dataset's pyspark and ray distributors: checks, sessions
     demo_server.py   the demo's image server on 127.0.0.1
     download/        img2dataset in its own process (fetch.py) with the download guards it lacks

@@ -68,7 +68,8 @@ def check_owner(store: Location, spec: PretrainSpec, spec_hash: str, force: bool
     except (OSError, ValueError) as e:
         raise CloobError(f"cannot read {store.url(META)}: {type(e).__name__}: {safe_text(e)}",
                          "check the --out URL and its credentials (AWS_* environment or config)") from None
-    if current and current.get("spec_hash") != spec_hash and not force:
+    if current and current.get("spec_hash") != spec_hash and not force \
+            and not _moved_source(store, spec, current):
         changed = spec.differences(current.get("spec") or {})
         raise SpecChanged(
             f"{store.url()} holds dataset {current.get('name')!r} prepared from a different spec "
@@ -77,6 +78,19 @@ def check_owner(store: Location, spec: PretrainSpec, spec_hash: str, force: bool
             "prepare into a new --out, or pass --force to delete that dataset and start over", changed)
     if force and store.exists():
         _clear(store)
+
+
+def _moved_source(store: Location, spec: PretrainSpec, current: dict) -> bool:
+    """Whether `spec` is the folder's spec but for where its source is (a re-export of the table under
+    another name, another bucket), and a version of the dataset is complete: the next version is then
+    read from the new place (cloob.prepare.versions). Before that, the rows being fetched came from
+    the old place: another one is another dataset, as before."""
+    try:
+        theirs = PretrainSpec.model_validate(current.get("spec") or {})
+    except ValueError:
+        return False
+    return theirs.content_hash(locations=False) == spec.content_hash(locations=False) \
+        and store.exists(f"{META}/manifest.json")
 
 
 def record_owner(store: Location, spec: PretrainSpec, spec_hash: str) -> None:

@@ -13,6 +13,7 @@ Layout of a prepared dataset at `out` (a folder or any fsspec URL, e.g. s3://buc
     _cloob/logs/*.log                             img2dataset's output per round
     _cloob/manifest.json                          written last, atomically: what the shards hold
     _cloob/lock.json                              while a `cloob prepare` works on it (cloob.lock)
+    _cloob/versions/, keys/, source.json          later versions (cloob.prepare.versions)
 
 Nothing of ours sits at the top level as *.json: img2dataset reads every top-level *.json as a
 finished shard's stats.
@@ -25,6 +26,10 @@ is refused naming the first. Every step is resumable: rows are reused once rows.
 img2dataset's incremental mode skips finished shards, and a killed round leaves at most unfinished
 shards (no stats file), which the next run redoes. A retry-failed round gives the rows whose status
 is not success to img2dataset again, as new shards after the last one ("extend" mode).
+
+This is the first version's way. Once its manifest is written, a run reads the source again and
+makes the next version from the rows that are new (and, with --retry-failed, those that failed),
+again as new shards after the last one: cloob.prepare.versions.
 
 img2dataset runs on this machine's processes or, with download.distributor pyspark or ray, on a
 Spark or Ray cluster (cloob.prepare.distributors); either way each round's shards are checked against
@@ -392,18 +397,40 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | list[str] | None = Non
 
 def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_failed: bool, progress: bool,
                     t0: float, cluster: dict) -> dict:
-    rows = _ensure_rows(store, spec, spec_hash, progress)  # a bad source fails here, before any write
-    record_owner(store, spec, spec_hash)
     manifest_path = f"{META}/manifest.json"
     old = store.read_json(manifest_path)
+    store.refresh()
+    lost = [e["shard"] for e in (old or {}).get("shards", []) if int(e["shard"][:-4]) not in finished_shards(store)]
+    if lost and old and "version" in old:
+        raise CloobError(f"{store.url()}: {len(lost)} shards of version {old['version']} are missing "
+                         f"({', '.join(lost[:10])}); later versions' rows went into shards of their own",
+                         "copy them back from a backup, or prepare the dataset again into a new --out")
+    if old is not None and old.get("name") == spec.name and not lost:
+        # The first version is complete: read the source again for the next one (cloob.prepare.versions).
+        # A source at another location is a new version of the same dataset, not a new dataset.
+        # (A first version with shards lost since goes the first version's way: they are fetched again.)
+        from cloob.prepare.versions import next_version
+
+        record_owner(store, spec, spec_hash)
+        with _source_server(spec) as proxy:
+            def extend(url_list: str, n: int, expect: list[int]) -> dict:
+                return _run_round(store, spec, url_list, "extend", n, expect, proxy, cluster, progress)
+
+            out = next_version(store, spec, spec_hash, retry_failed=retry_failed, progress=progress,
+                               run_round=extend)
+        out["run"]["seconds"] = round(time.monotonic() - t0, 2)
+        return out
+    from cloob.prepare.versions import SOURCE_STATE, fingerprint
+
+    cached = (store.read_json(f"{META}/rows.json") or {}).get("spec_hash") == spec_hash
+    source_state = None if cached else fingerprint(spec)  # taken before the read: a later change is new
+    rows = _ensure_rows(store, spec, spec_hash, progress)  # a bad source fails here, before any write
+    record_owner(store, spec, spec_hash)
     history = list(old["history"]) if old and old.get("spec_hash") == spec_hash else []
     expected = math.ceil(rows["kept"] / spec.download.shard_size)
     store.refresh()
     done = finished_shards(store)
     missing = [i for i in range(expected) if i not in done]
-    if not missing and not retry_failed and old and old.get("spec_hash") == spec_hash \
-            and len(old["shards"]) == len(done):
-        return {**old, "run": {"seconds": round(time.monotonic() - t0, 2), "rounds": [], "noop": True}}
     rounds = []
     with _source_server(spec) as proxy:
         if missing:
@@ -424,7 +451,38 @@ def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_f
                               history=history, progress=progress)
     manifest["updated_at"] = _now()
     write_json(store, manifest_path, manifest)
+    if source_state is not None:
+        write_json(store, SOURCE_STATE, {"fingerprint": source_state, "version": 1})
     return {**manifest, "run": {"seconds": round(time.monotonic() - t0, 2), "rounds": rounds, "noop": False}}
+
+
+def _write_delta_rows(store: Location, source_file: str, positions, ids) -> str:
+    """The source rows at `positions` (of the temporary source file, in source order) with their row
+    ids `ids[position]`, as the next `_cloob/retry/NNN.parquet`: an extend round's url list."""
+    import numpy as np
+
+    n = len(store.glob(f"{META}/retry/*.parquet", hidden=True)) if store.exists(f"{META}/retry") else 0
+    target = f"{META}/retry/{n:03d}.parquet"
+    wanted = np.zeros(len(ids), dtype=bool)
+    wanted[positions] = True
+    fd, tmp = tempfile.mkstemp(dir=store.path(META) if store.is_local else None, prefix=".tmp-retry-",
+                               suffix=".parquet")
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
+            at = 0
+            for batch in pq.ParquetFile(source_file).iter_batches(batch_size=65536):
+                mask = wanted[at:at + batch.num_rows]
+                if mask.any():
+                    t = pa.Table.from_batches([batch]).filter(pa.array(mask))
+                    t = t.append_column("row_id", pa.array(ids[at:at + batch.num_rows][mask], pa.int64()))
+                    writer.write_table(t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
+                at += batch.num_rows
+        store.move_in(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
 
 
 def read_manifest(out: str) -> dict | None:

@@ -62,50 +62,83 @@ def _cc3m(src: Cc3mSource) -> Iterator[dict]:
             yield {"row_id": i, "url": url.strip(), "caption": caption, "source_key": f"line:{i + 1}"}
 
 
-def _table(src: TableSource) -> Iterator[dict]:
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
+def _table_files(src: TableSource, fix: str) -> list[str]:
+    """The table's file, or the files a glob in its path names, in name order (daily dumps)."""
+    if not any(ch in src.path for ch in "*?["):
+        return [src.path]
+    try:
+        fs, _ = fsspec.core.url_to_fs(src.path)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        fs.invalidate_cache()  # a listing cached earlier in this process would miss a new dump
+        paths = sorted(fs.glob(src.path))
+    except (OSError, ValueError) as e:
+        raise CloobError(f"cannot list tables {safe_text(repr(src.path))}: {type(e).__name__}: {safe_text(e)}",
+                         fix) from None
+    if not paths:
+        raise CloobError(f"no table matches {safe_text(repr(src.path))}", fix)
+    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in paths]
 
+
+def _table(src: TableSource) -> Iterator[dict]:
+    """The rows of a url/caption table, or of every table a glob names (in name order, numbered on
+    across them). With source.key the row's key column goes into its source_key (`key:<value>`),
+    which identifies it across re-exports (cloob.prepare.versions)."""
     fix = "pass --input <table with url and caption columns> (tsv, csv or parquet)"
     if not src.path:
         raise CloobError("the table spec names no file", fix)
-    fmt = src.format or next((f for f in ("parquet", "tsv", "csv") if src.path.split("?")[0]
+    i = 0
+    for path in _table_files(src, fix):
+        for url, cap, key in _table_file(src, path, fix):
+            yield {"row_id": i, "url": url.strip() if url else url, "caption": cap,
+                   "source_key": f"row:{i}" if src.key is None else f"key:{'' if key is None else key}"}
+            i += 1
+
+
+def _table_file(src: TableSource, path: str, fix: str) -> Iterator[tuple]:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    fmt = src.format or next((f for f in ("parquet", "tsv", "csv") if path.split("?")[0]
                               .removesuffix(".gz").removesuffix(".bz2").endswith("." + f)), None)
     if fmt is None:
-        raise CloobError(f"cannot tell the format of {safe_text(repr(src.path))} from its name", "set source.format")
+        raise CloobError(f"cannot tell the format of {safe_text(repr(path))} from its name", "set source.format")
+    wanted = [c for c in (src.url_col, src.caption_col, src.key) if c is not None]
     try:
-        f = fsspec.open(src.path, "rb", compression=None if fmt == "parquet" else "infer").open()
+        f = fsspec.open(path, "rb", compression=None if fmt == "parquet" else "infer").open()
     except FileNotFoundError:
-        raise CloobError(f"table {safe_text(repr(src.path))} does not exist", fix) from None
+        raise CloobError(f"table {safe_text(repr(path))} does not exist", fix) from None
     with f:
         try:
             if fmt == "parquet":
                 pf = pq.ParquetFile(f)
                 names = pf.schema_arrow.names
-                batches = pf.iter_batches(batch_size=65536, columns=[c for c in (src.url_col, src.caption_col)
-                                                                    if c in names])
+                batches = pf.iter_batches(batch_size=65536, columns=[c for c in wanted if c in names])
             else:
                 reader = pcsv.open_csv(f, parse_options=pcsv.ParseOptions(
                     delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=False),
-                    convert_options=pcsv.ConvertOptions(column_types={src.url_col: "string",
-                                                                      src.caption_col: "string"}))
+                    convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(wanted, pa_string())))
                 names = reader.schema.names
                 batches = reader
         except Exception as e:  # noqa: BLE001 (pyarrow raises several types for bad files)
             # pyarrow quotes the offending line, which in a junk file is raw bytes
-            raise CloobError(f"cannot read table {safe_text(repr(src.path))}: {safe_text(e)}", fix) from None
-        missing = [c for c in (src.url_col, src.caption_col) if c not in names]
+            raise CloobError(f"cannot read table {safe_text(repr(path))}: {safe_text(e)}", fix) from None
+        missing = [c for c in wanted if c not in names]
         if missing:
             has = safe_text(", ".join(repr(n) for n in names), 300)
-            raise CloobError(f"table {safe_text(repr(src.path))} has no column(s) {missing}; it has "
-                             f"{len(names)}: {has}", "set source.url_col / source.caption_col to the right names")
-        i = 0
+            raise CloobError(f"table {safe_text(repr(path))} has no column(s) {missing}; it has "
+                             f"{len(names)}: {has}",
+                             "set source.url_col / source.caption_col / source.key to the right names")
         for batch in batches:
             urls = batch.column(src.url_col).to_pylist()
             caps = batch.column(src.caption_col).to_pylist()
-            for url, cap in zip(urls, caps):
-                yield {"row_id": i, "url": url.strip() if url else url, "caption": cap, "source_key": f"row:{i}"}
-                i += 1
+            keys = batch.column(src.key).to_pylist() if src.key is not None else [None] * len(urls)
+            yield from zip(urls, caps, keys)
+
+
+def pa_string():
+    import pyarrow as pa
+
+    return pa.string()
 
 
 def _yfcc(src: Yfcc15mSource, progress: bool) -> Iterator[dict]:

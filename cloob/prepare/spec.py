@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from cloob.errors import CloobError
 from cloob.specfile import SPECS_DIR, read_spec_file
@@ -30,10 +30,22 @@ class TableSource(_Strict):
     """Your own url/caption list: a TSV, CSV or parquet file (local or any fsspec URL)."""
 
     kind: Literal["table"]
-    path: str | None = Field(None, description="the table; or pass --input on the command line")
+    path: str | None = Field(None, description="the table, or a glob of tables read in name order (daily "
+                             "dumps: /data/dumps/*.tsv); or pass --input on the command line")
     format: Literal["tsv", "csv", "parquet"] | None = Field(None, description="default: from the suffix")
     url_col: str = "url"
     caption_col: str = "caption"
+    key: str | None = Field(None, description="column that identifies a row across re-exports of the table "
+                            "(a later preparation matches rows on it); default: the row's url and caption")
+
+    @model_serializer(mode="wrap")
+    def _unset_key_left_out(self, handler):
+        # Unset, the field is left out of the dump: spec.json, the manifest's spec and every hash
+        # made from them keep the bytes they had before the field existed.
+        data = handler(self)
+        if data.get("key", "") is None:
+            data.pop("key")
+        return data
 
 
 class Cc3mSource(_Strict):

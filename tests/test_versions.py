@@ -1,0 +1,255 @@
+"""Dataset versions (cloob.prepare.versions): a re-run fetches only new rows into a new version, keeps
+the earlier ones readable, leaves removed rows out of training and can delete them for good.
+Real img2dataset against the image server on 127.0.0.1; the HTTP requests are counted."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from cloob.cli import main as cli_main
+from cloob.data.shards import list_shards
+from cloob.data.stream import ShardStream
+from cloob.errors import CloobError
+from cloob.prepare.demo_server import render
+from cloob.prepare.run import prepare, read_manifest
+from cloob.prepare.spec import load_spec
+from cloob.prepare.versions import resolve, source_unchanged, versions
+
+FAST = {"processes": 1, "threads": 8, "timeout": 5, "deadline": 6, "retries": 0, "image_size": 16,
+        "shard_size": 8, "max_image_area": 1.0e6, "max_bytes": 200_000}
+
+
+def rows(base: str, ids, prefix: str = "") -> list[tuple[str, str]]:
+    """Rows whose captions name them (`row 7: ...`), so a sample says which row it is."""
+    return [(f"{base}{prefix}/3/24/1/{i}.jpg", f"row {i}: {render(3, 24, 1, i)[1]}") for i in ids]
+
+
+def write(path: Path, items: list[tuple[str, str]], key: list[str] | None = None) -> Path:
+    head = "url\tcaption" + ("\tid" if key else "")
+    lines = [f"{u}\t{c}" + (f"\t{key[n]}" if key else "") for n, (u, c) in enumerate(items)]
+    path.write_text("\n".join([head, *lines]) + "\n")
+    return path
+
+
+def spec(path, **source) -> object:
+    return load_spec({"name": "t", "source": {"kind": "table", "path": str(path), **source}, "download": FAST})
+
+
+def fetched(server) -> list[int]:
+    """The row numbers the server was asked for, and forget them."""
+    out = sorted(int(p.rsplit("/", 1)[1].split(".")[0]) for p in server.httpd.requests)
+    server.httpd.requests.clear()
+    return out
+
+
+def captions_in_shards(folder: Path) -> set[int]:
+    out = set()
+    for tar in folder.glob("*.tar"):
+        with tarfile.open(tar) as t:
+            out |= {int(t.extractfile(m).read().decode().split(":")[0][4:]) for m in t.getmembers()
+                    if m.name.endswith(".txt")}
+    return out
+
+
+def stream_rows(data_train: str, n: int) -> list[int]:
+    """The first n samples that training reads from data_train, as row numbers, in order."""
+    s = list_shards(data_train)
+    stream = ShardStream(s.urls, batch_size=1, image_transform=lambda im: torch.zeros(1), tokenizer=lambda t: t,
+                         seed=3, resampled=False, shuffle_buffer=5, exclude_keys=s.exclude_keys,
+                         expected_counts=dict(zip(s.urls, s.counts)))
+    out = []
+    for batch in stream:
+        out.append(int(batch["text"][0].split(":")[0][4:]))
+        if len(out) == n:
+            return out
+    return out
+
+
+@pytest.mark.slow
+def test_a_grown_table_fetches_only_its_new_rows_into_a_new_version(tmp_path, image_server):
+    url = image_server.url
+    table = write(tmp_path / "rows.tsv", rows(url, range(20)))
+    out = tmp_path / "ds"
+    m1 = prepare(spec(table), str(out), progress=False)
+    assert fetched(image_server) == list(range(20)) and "version" not in m1
+    v1_bytes = (out / "_cloob" / "manifest.json").read_bytes()
+
+    # Unchanged: a no-op that says so; the files' sizes and times say it without reading them.
+    assert source_unchanged(spec(table), str(out))
+    again = prepare(spec(table), str(out), progress=False)
+    assert again["run"]["noop"] and "no new rows since version 1" in again["run"]["message"]
+    assert fetched(image_server) == [] and (out / "_cloob" / "manifest.json").read_bytes() == v1_bytes
+    table.write_text(table.read_text())  # touched: read again, and still nothing new
+    assert not source_unchanged(spec(table), str(out))
+    again = prepare(spec(table), str(out), progress=False)
+    assert again["run"]["message"] == "nothing to do: no new rows since version 1"
+    assert fetched(image_server) == [] and (out / "_cloob" / "manifest.json").read_bytes() == v1_bytes
+
+    # 6 rows appended: only they are fetched, into shards after the last.
+    write(table, rows(url, range(26)))
+    m2 = prepare(spec(table), str(out), progress=False)
+    assert fetched(image_server) == list(range(20, 26))
+    assert m2["version"] == 2 and m2["rows_added"] == 6 and m2["rows_removed"] == 0
+    assert m2["totals"]["samples"] == 26 and m2["totals"]["rows"] == 26
+    assert [e["shard"] for e in m2["shards"]] == [f"{i:05d}.tar" for i in range(4)]  # 20 rows: 3, then 1
+    assert m2["history"][-1]["mode"] == "new-rows" and m2["history"][-1]["rows"] == 6
+    assert m2["content_hash"] != m1["content_hash"]
+    # version 1 kept as it was; the folder's manifest is version 2's
+    v1 = json.loads((out / "_cloob" / "versions" / "v1.json").read_text())
+    assert v1["content_hash"] == m1["content_hash"] and v1["shards"] == m1["shards"]
+    assert read_manifest(str(out))["content_hash"] == m2["content_hash"]
+    assert list_shards(str(out)).num_samples == 26 and list_shards(f"{out}@v1").num_samples == 20
+    assert [v["version"] for v in versions(str(out))] == [1, 2]
+    assert resolve(f"{out}@v1")["content_hash"] == m1["content_hash"]
+    assert resolve(str(out))["content_hash"] == m2["content_hash"] and resolve(str(out))["version"] == 2
+
+    # The CLI says so on the next run.
+    assert cli_main(["prepare", _spec_file(tmp_path, table), "--out", str(out), "--no-progress"]) == 0
+    assert fetched(image_server) == []
+    with pytest.raises(CloobError, match="versions there: v1, v2"):
+        list_shards(f"{out}@v7")
+
+
+def _spec_file(tmp_path: Path, table: Path, **source) -> str:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"name": "t", "source": {"kind": "table", "path": str(table), **source},
+                                "download": FAST}))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_removed_rows_leave_training_and_old_versions_stay_as_they_were(tmp_path, image_server, capsys):
+    url = image_server.url
+    table = write(tmp_path / "rows.tsv", rows(url, range(24)))
+    out = tmp_path / "ds"
+    prepare(spec(table), str(out), progress=False)
+    fetched(image_server)
+    v1_stream = stream_rows(str(out), 40)
+    assert set(v1_stream) == set(range(24))
+
+    # Rows 3 and 17 taken down, two new ones: version 2 holds 24 rows, not those two.
+    write(table, rows(url, [i for i in range(26) if i not in (3, 17)]))
+    m2 = prepare(spec(table), str(out), progress=False)
+    assert fetched(image_server) == [24, 25]
+    assert (m2["rows_added"], m2["rows_removed"], m2["removed_row_ids"]) == (2, 2, [3, 17])
+    assert len(m2["excluded_keys"]) == 2 and m2["totals"]["samples"] == 24
+    seen = stream_rows(str(out), 60)
+    assert 3 not in seen and 17 not in seen and set(seen) == set(range(26)) - {3, 17}
+    assert list_shards(str(out)).num_samples == 24
+
+    # Version 3 (more rows); version 1 reads the same samples in the same order as before both.
+    write(table, rows(url, [i for i in range(30) if i not in (3, 17)]))
+    m3 = prepare(spec(table), str(out), progress=False)
+    assert m3["version"] == 3 and fetched(image_server) == [26, 27, 28, 29]
+    assert stream_rows(f"{out}@v1", 40) == v1_stream
+    assert stream_rows(str(out / "_cloob" / "versions" / "v1.json"), 40) == v1_stream
+    v2_stream = stream_rows(f"{out}@v2", 60)
+    assert v2_stream == seen
+
+    # Deleted for good: gone from the tars; every version reads what it read before, minus them.
+    assert {3, 17} <= captions_in_shards(out)
+    assert cli_main(["prepare", _spec_file(tmp_path, table), "--out", str(out), "--purge-removed",
+                     "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "deleted 2 samples of rows removed from the source from 2 shards" in said, said
+    assert not {3, 17} & captions_in_shards(out)
+    assert stream_rows(f"{out}@v2", 60) == v2_stream
+    assert list_shards(f"{out}@v2").num_samples == 24 and list_shards(str(out)).num_samples == 28
+    v1_after = stream_rows(f"{out}@v1", 40)
+    assert 3 not in v1_after and 17 not in v1_after
+    assert list_shards(f"{out}@v1").num_samples == 22
+    assert fetched(image_server) == []
+    # A purge again has nothing to do.
+    assert cli_main(["prepare", _spec_file(tmp_path, table), "--out", str(out), "--purge-removed",
+                     "--no-progress"]) == 0
+    assert "no samples of removed rows are left in the shards" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_row_identity_survives_a_reexport_reordered_and_renamed(tmp_path, image_server):
+    url = image_server.url
+    items = rows(url, range(16))
+    ids = [f"id-{i}" for i in range(16)]
+    out, keyed = tmp_path / "ds", tmp_path / "keyed"
+    prepare(spec(write(tmp_path / "a.tsv", items)), str(out), progress=False)
+    prepare(spec(write(tmp_path / "k.tsv", items, ids), key="id"), str(keyed), progress=False)
+    fetched(image_server)
+    order = list(reversed(range(16)))
+    # url + caption: the same rows in another order, in a file of another name
+    m = prepare(spec(write(tmp_path / "b.tsv", [items[i] for i in order])), str(out), progress=False)
+    assert m["run"]["message"] == "nothing to do: no new rows since version 1" and fetched(image_server) == []
+    # a key column: reordered, renamed, and the urls moved to another host path
+    moved = [(u.replace("/3/24/1/", "/flaky/3/24/1/"), c) for u, c in items]
+    m = prepare(spec(write(tmp_path / "k2.tsv", [moved[i] for i in order], [ids[i] for i in order]), key="id"),
+                str(keyed), progress=False)
+    assert m["run"]["message"] == "nothing to do: no new rows since version 1" and fetched(image_server) == []
+    # ... and a new key is a new row, wherever it stands
+    with_new = [*moved[:5], rows(url, [40])[0], *moved[5:]]
+    m = prepare(spec(write(tmp_path / "k3.tsv", with_new, [*ids[:5], "id-new", *ids[5:]]), key="id"),
+                str(keyed), progress=False)
+    assert m["version"] == 2 and m["rows_added"] == 1 and fetched(image_server) == [40]
+    # a changed spec is still another dataset
+    with pytest.raises(CloobError, match="different spec"):
+        prepare(load_spec({"name": "t", "source": {"kind": "table", "path": str(tmp_path / "b.tsv")},
+                           "download": {**FAST, "image_size": 20}}), str(out), progress=False)
+
+
+@pytest.mark.slow
+def test_a_glob_of_daily_dumps(tmp_path, image_server):
+    url = image_server.url
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    write(dumps / "2026-12-05.tsv", rows(url, range(10)))
+    write(dumps / "2026-12-06.tsv", rows(url, range(10, 14)))
+    out = tmp_path / "ds"
+    m1 = prepare(spec(dumps / "*.tsv"), str(out), progress=False)
+    assert m1["totals"]["successes"] == 14 and fetched(image_server) == list(range(14))
+    write(dumps / "2026-12-07.tsv", rows(url, range(14, 19)))
+    m2 = prepare(spec(dumps / "*.tsv"), str(out), progress=False)
+    assert m2["version"] == 2 and m2["rows_added"] == 5 and fetched(image_server) == list(range(14, 19))
+    assert list_shards(str(out)).num_samples == 19
+    # the oldest dump pruned from the folder: its rows leave the next version
+    (dumps / "2026-12-05.tsv").unlink()
+    m3 = prepare(spec(dumps / "*.tsv"), str(out), progress=False)
+    assert m3["rows_removed"] == 10 and m3["totals"]["samples"] == 9 and fetched(image_server) == []
+    assert set(stream_rows(str(out), 30)) == set(range(10, 19))
+
+
+def test_a_version_that_does_not_exist_is_named(tmp_path, shards_dir):
+    with pytest.raises(CloobError, match="no manifest.json"):
+        list_shards(f"{shards_dir}@v1")
+    # a folder of shards that cloob prepare did not make is read as before
+    assert list_shards(str(shards_dir)).version is None
+
+
+@pytest.mark.slow
+def test_versions_in_a_bucket_from_a_prefix_of_dumps(s3, image_server):
+    """The same on S3 (a moto server on 127.0.0.1): dumps under a bucket prefix, the dataset in the
+    bucket, the sizes and ETags telling an unchanged prefix without reading it."""
+    url = image_server.url
+    s3.mkdir("vbucket")
+
+    def dump(name: str, ids) -> None:
+        s3.pipe(f"vbucket/dumps/{name}", ("url\tcaption\n" + "".join(f"{u}\t{c}\n" for u, c in rows(url, ids)))
+                .encode())
+
+    dump("2026-12-06.tsv", range(9))
+    out = "s3://vbucket/datasets/t"
+    the_spec = spec("s3://vbucket/dumps/*.tsv")
+    m1 = prepare(the_spec, out, progress=False)
+    assert m1["totals"]["successes"] == 9 and fetched(image_server) == list(range(9))
+    assert source_unchanged(the_spec, out)
+    dump("2026-12-07.tsv", range(9, 12))
+    assert not source_unchanged(the_spec, out)
+    m2 = prepare(the_spec, out, progress=False)
+    assert m2["version"] == 2 and fetched(image_server) == [9, 10, 11]
+    again = prepare(the_spec, out, progress=False)
+    assert again["run"]["noop"] and "no new rows since version 2" in again["run"]["message"]
+    assert list_shards(f"{out}@v1").num_samples == 9 and list_shards(out).num_samples == 12
+    assert [v["version"] for v in versions(out)] == [1, 2]
+    assert set(stream_rows(f"{out}@v1", 20)) == set(range(9))
