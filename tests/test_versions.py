@@ -253,3 +253,49 @@ def test_versions_in_a_bucket_from_a_prefix_of_dumps(s3, image_server):
     assert list_shards(f"{out}@v1").num_samples == 9 and list_shards(out).num_samples == 12
     assert [v["version"] for v in versions(out)] == [1, 2]
     assert set(stream_rows(f"{out}@v1", 20)) == set(range(9))
+
+
+@pytest.mark.slow
+def test_a_version_killed_before_or_after_its_download_resumes(tmp_path, image_server, monkeypatch):
+    """Killed after the new rows got their ids but before img2dataset ran, then after the version's
+    JSON but before the folder's manifest: each rerun ends where an unbroken run ends, fetching every
+    new row once."""
+    import cloob.prepare.run as run
+    import cloob.prepare.versions as v
+
+    url = image_server.url
+    table = write(tmp_path / "rows.tsv", rows(url, range(10)))
+    out = tmp_path / "ds"
+    prepare(spec(table), str(out), progress=False)
+    fetched(image_server)
+    write(table, rows(url, range(14)))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(run, "_run_round", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(spec(table), str(out), progress=False)
+    assert (out / "_cloob" / "keys" / "001.parquet").exists() and not (out / "_cloob" / "versions").exists()
+    assert fetched(image_server) == []
+    write(table, rows(url, [*range(14), 20]))  # and one more row meanwhile
+    original = v.write_json
+
+    def dies_at_the_manifest(store, rel, data):
+        if rel.endswith("manifest.json") and data.get("version") == 2:
+            raise KeyboardInterrupt
+        original(store, rel, data)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(v, "write_json", dies_at_the_manifest)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(spec(table), str(out), progress=False)
+    assert fetched(image_server) == [10, 11, 12, 13, 20]
+    assert "version" not in read_manifest(str(out))  # still version 1's
+    again = prepare(spec(table), str(out), progress=False)
+    assert again["run"]["noop"] and fetched(image_server) == []
+    m = read_manifest(str(out))
+    assert m["version"] == 2 and m["rows_added"] == 5 and m["totals"]["samples"] == 15
+    assert json.loads((out / "_cloob" / "versions" / "v2.json").read_text()) == m
+    assert sorted(set(stream_rows(str(out), 30))) == [*range(14), 20]
