@@ -110,7 +110,15 @@ def promote_models(registry: str, results: str, candidates: list[str], rule: dic
     reg = Registry(registry)
     entries = {e["id"]: e for e in reg.entries()}
     decisions, notes = [], []
-    for cid in dict.fromkeys(candidates):
+    champion = reg.aliases().get(P.CHAMPION)
+    # A model is decided once: the champion and the models decided in an earlier run are left out here
+    # (the decide task says so too), so a rerun evaluates nothing for the champion either.
+    todo = [c for c in dict.fromkeys(candidates) if c != champion and P.decided_before(reg, c) is None]
+    for c in dict.fromkeys(candidates):
+        if c not in todo:
+            logger.info("%s: nothing to decide (%s)", entries.get(c, {}).get("run_id", c[:12]),
+                        "the champion" if c == champion else "decided before")
+    for cid in todo:
         label = f"{entries.get(cid, {}).get('run_id')}-step{entries.get(cid, {}).get('step')}"
         champion = reg.aliases().get(P.CHAMPION)
         if champion and champion not in candidates and evaluate_champion is not None and champion in entries:
