@@ -154,6 +154,11 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
     """
     from flows.signals import stop_on_signals
 
+    every = [*(overrides or []), *([f"train.init_from={init_from}"] if init_from else [])]
+    # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
+    entries = [(entry, *entry.split()) for entry in recipes]
+    for entry, _name, *own in entries:  # a contradiction is refused before anything is prepared or trained
+        check_overrides(entry, every, own)
     with stop_on_signals("cloob-pipeline"):
         # Submitted first: they need nothing else, and run in threads while this one trains.
         set_futures = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
@@ -164,11 +169,6 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         cache_root = posixpath.join(store, "cache", "classifiers")
         datasets: dict[str, str] | None = None
         runs, evals, registered = [], [], []
-        every = [*(overrides or []), *([f"train.init_from={init_from}"] if init_from else [])]
-        # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
-        entries = [(entry, *entry.split()) for entry in recipes]
-        for entry, _name, *own in entries:  # every contradiction refused before the first training
-            check_overrides(entry, every, own)
         for _entry, name, *own in entries:
             run_overrides = [f"train.output={store}", *every, *own]
             # The data goes in as prepare_data's results, not inside an override string, so that
