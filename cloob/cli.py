@@ -298,7 +298,7 @@ def _registry_promote(reg, results: str, args) -> int:
     rule = promotion.PromotionRule(promote_on=args.on or [], min_gain=args.min_gain,
                                    require_significant=args.require_significant, confidence=args.confidence,
                                    bootstrap=args.bootstrap)
-    for d in promotion.promote(reg, results, args.refs or ["latest"], rule):
+    for d in promotion.promote(reg, results, args.refs or ["latest"], rule, again=args.again):
         if not d.get("recorded"):
             print(f"{d['challenger']['run_id']}: nothing moved ({d['reason']})")
             continue
@@ -318,8 +318,11 @@ def _registry_history(reg, args) -> int:
                          "`cloob registry list` shows the aliases")
     for m in moves:
         e = reg.get(m["entry"]) or {}
+        reason = m.get("reason") or ""
+        if e.get("run_id") and reason.startswith(f"{e['run_id']} "):  # a promotion's reason starts with the run
+            reason = reason[len(e["run_id"]) + 1:]
         print(f"{m['at'][:19]}  {m['entry'][:12]}  {str(e.get('run_id'))} step {e.get('step')}"
-              + (f"  {m['reason']}" if m.get("reason") else ""))
+              + (f"  {reason}" if reason else ""))
         d = m.get("decision")
         if not d or not d.get("sets"):
             continue
@@ -486,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="promote: also require the paired bootstrap interval's lower end above --min-gain")
     p.add_argument("--confidence", type=float, default=0.95, help="promote: the interval's level (default 0.95)")
     p.add_argument("--bootstrap", type=int, default=2000, help="promote: bootstrap replicates (default 2000)")
+    p.add_argument("--again", action="store_true",
+                   help="promote: decide a model that was decided before again, against today's champion")
     p.add_argument("--alias", action="append", help="with register: also move this alias to it (repeatable)")
     p.add_argument("--note", help="a note kept with the entry or the alias move")
     p.add_argument("--store", default=".", help="root of registry/ and results/ (default: .)")

@@ -366,6 +366,13 @@ def _announce(recipe, plan: Plan, info, resume_from, loss_fn: GlobalLoss) -> Non
           f"{plan.global_batch}; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on "
           f"{info.device.type}; {where}\n  loss: {loss_fn.plan.describe(info.world_size)}\n  run: {plan.run_dir}",
           file=sys.stderr)
+    cfg = recipe.train
+    if recipe.data.content_hash:
+        print(f"  data: {recipe.data.version or recipe.data.train} (content hash {recipe.data.content_hash[:12]})",
+              file=sys.stderr)
+    if cfg.init_sha256 and not resume_from:
+        print(f"  warm start from {cfg.init_from} ({(cfg.init_entry or cfg.init_sha256)[:12]}): its weights, a fresh "
+              "optimizer and schedule", file=sys.stderr)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
