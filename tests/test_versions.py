@@ -123,7 +123,8 @@ def _spec_file(tmp_path: Path, table: Path, **source) -> str:
 
 
 @pytest.mark.slow
-def test_removed_rows_leave_training_and_old_versions_stay_as_they_were(tmp_path, image_server, capsys):
+def test_removed_rows_leave_training_and_old_versions_stay_as_they_were(tmp_path, image_server, capsys,
+                                                                        monkeypatch):
     url = image_server.url
     table = write(tmp_path / "rows.tsv", rows(url, range(24)))
     out = tmp_path / "ds"
@@ -153,6 +154,15 @@ def test_removed_rows_leave_training_and_old_versions_stay_as_they_were(tmp_path
 
     # Deleted for good: gone from the tars; every version reads what it read before, minus them.
     assert {3, 17} <= captions_in_shards(out)
+    import cloob.prepare.versions as v
+
+    def killed(*a, **k):  # the first shard's tar and parquet rewritten, its stats file not yet
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(v, "_level_stats", killed)
+        with pytest.raises(KeyboardInterrupt):
+            v.purge_removed(str(out))
     assert cli_main(["prepare", _spec_file(tmp_path, table), "--out", str(out), "--purge-removed",
                      "--no-progress"]) == 0
     said = capsys.readouterr().out

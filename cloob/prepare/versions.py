@@ -477,24 +477,32 @@ def purge_removed(out: str, progress: bool = False) -> dict:
             return {"samples": 0, "shards": 0, "rows": 0}
         removed = pa.array(newest.get("removed_row_ids") or [], pa.int64())
         shards = finished_shards(store)
-        _, good = _shard_rows(store, shards)
-        gone = good.filter(pc.is_in(good["row_id"], value_set=removed))
+        parts = []
+        for stem in shards.values():  # the rows' samples, purged already by a killed run or not
+            with store.open(f"{stem}.parquet", "rb") as f:
+                t = pq.read_table(f, columns=["row_id", "key", "status"])
+            parts.append(t.filter(pc.and_(pc.is_in(t["row_id"], value_set=removed),
+                                          pc.is_in(t["status"], value_set=pa.array(["success", "purged"])))))
+        gone = pa.concat_tables(parts) if parts else pa.table({"row_id": pa.array([], pa.int64()),
+                                                               "key": pa.array([], pa.string())})
         keys = set(gone["key"].to_pylist())
         touched: dict[str, int] = {}
         for stem in tqdm(shards.values(), desc="purging", unit="shard", disable=not progress, leave=False):
             n = _purge_shard(store, stem, keys)
             if n:
                 touched[f"{stem}.tar"] = n
-        if not keys:
+        # Every version's shard entries against the stats files (also those a killed purge left behind).
+        _purge_versions(store, keys, shards, sorted(set(gone["row_id"].to_pylist())))
+        if not touched:
             return {"samples": 0, "shards": 0, "rows": 0}
-        _purge_versions(store, keys, touched, sorted(set(gone["row_id"].to_pylist())))
-        return {"samples": len(keys), "shards": len(touched), "rows": len(set(gone["row_id"].to_pylist()))}
+        return {"samples": sum(touched.values()), "shards": len(touched),
+                "rows": len(set(gone["row_id"].to_pylist()))}
 
 
 def _purge_shard(store: Location, stem: str, keys: set[str]) -> int:
-    """Rewrite shard `stem` without the samples `keys`; the number of samples left out (0: untouched)."""
+    """Rewrite shard `stem` without the samples `keys` (tar, then parquet, then stats); how many samples
+    it lost (0: untouched). A shard that a killed purge left with a stale stats file is levelled."""
     import io
-    import json
     import tarfile
 
     with store.open(f"{stem}.parquet", "rb") as f:
@@ -502,42 +510,51 @@ def _purge_shard(store: Location, stem: str, keys: set[str]) -> int:
     hit = pc.and_(pc.is_in(table["key"], value_set=pa.array(sorted(keys), pa.string())),
                   pc.equal(table["status"], "success"))
     n = int(pc.sum(hit).as_py() or 0)
-    if not n:
-        return 0
-    folder = store.path(META) if store.is_local else None
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-purge-", suffix=".tar")
-    os.close(fd)
-    try:
-        with store.open(f"{stem}.tar", "rb") as src, tarfile.open(fileobj=src, mode="r|") as tin, \
-                tarfile.open(tmp, "w") as tout:
-            for member in tin:
-                if member.name.rsplit(".", 1)[0] in keys:
-                    continue
-                data = tin.extractfile(member).read() if member.isfile() else None
-                tout.addfile(member, io.BytesIO(data) if data is not None else None)
-        store.move_in(tmp, f"{stem}.tar")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    status = pc.if_else(hit, "purged", table["status"])
-    message = pc.if_else(hit, "removed from the source; purged", table["error_message"])
-    table = table.set_column(table.schema.get_field_index("status"), "status", status)
-    table = table.set_column(table.schema.get_field_index("error_message"), "error_message", message)
-    _write_parquet(store, f"{stem}.parquet", table)
+    if n:
+        folder = store.path(META) if store.is_local else None
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-purge-", suffix=".tar")
+        os.close(fd)
+        try:
+            with store.open(f"{stem}.tar", "rb") as src, tarfile.open(fileobj=src, mode="r|") as tin, \
+                    tarfile.open(tmp, "w") as tout:
+                for member in tin:
+                    if member.name.rsplit(".", 1)[0] in keys:
+                        continue
+                    data = tin.extractfile(member).read() if member.isfile() else None
+                    tout.addfile(member, io.BytesIO(data) if data is not None else None)
+            store.move_in(tmp, f"{stem}.tar")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        status = pc.if_else(hit, "purged", table["status"])
+        message = pc.if_else(hit, "removed from the source; purged", table["error_message"])
+        table = table.set_column(table.schema.get_field_index("status"), "status", status)
+        table = table.set_column(table.schema.get_field_index("error_message"), "error_message", message)
+        _write_parquet(store, f"{stem}.parquet", table)
+    return _level_stats(store, stem, int(pc.sum(pc.equal(table["status"], "success")).as_py() or 0))
+
+
+def _level_stats(store: Location, stem: str, successes: int) -> int:
+    """Set the shard's stats file to `successes` (written last, as img2dataset does); how many fewer."""
+    import json
+
     stats = json.loads(store.read_bytes(f"{stem}_stats.json"))
-    stats["successes"] = int(stats["successes"]) - n
-    store.write_bytes(f"{stem}_stats.json", json.dumps(stats, indent=4).encode())  # written last, as img2dataset
-    return n
+    fewer = int(stats["successes"]) - successes
+    if fewer:
+        stats["successes"] = successes
+        store.write_bytes(f"{stem}_stats.json", json.dumps(stats, indent=4).encode())
+    return fewer
 
 
-def _purge_versions(store: Location, keys: set[str], touched: dict[str, int], row_ids: list[int]) -> None:
+def _purge_versions(store: Location, keys: set[str], shards: dict[int, str], row_ids: list[int]) -> None:
+    """Bring every version's shard entries level with the shards' stats files after a purge."""
+    import json
+
     from cloob.prepare.manifest import _cached_digest
 
-    digests = {}
-    for shard in touched:
-        stem = shard[:-4]
-        stats = store.read_json(f"{stem}_stats.json")
-        digests[shard] = (int(stats["successes"]), _cached_digest(store, META, stem))
+    now = {f"{stem}.tar": int(json.loads(store.read_bytes(f"{stem}_stats.json"))["successes"])
+           for stem in shards.values()}
+    digests: dict[str, dict] = {}
     record = {"at": _now(), "row_ids": row_ids, "samples": len(keys)}
     names = sorted(store.glob(f"{VERSIONS}/v*.json"))
     targets = [f"{VERSIONS}/{posixpath.basename(n)}" for n in names] + [f"{META}/manifest.json"]
@@ -547,8 +564,11 @@ def _purge_versions(store: Location, keys: set[str], touched: dict[str, int], ro
             continue
         dropped = 0
         for e in v["shards"]:
-            if e["shard"] in digests:
-                ok, d = digests[e["shard"]]
+            ok = now.get(e["shard"])
+            if ok is not None and ok != int(e["successes"]):
+                if e["shard"] not in digests:
+                    digests[e["shard"]] = _cached_digest(store, META, e["shard"][:-4])
+                d = digests[e["shard"]]
                 dropped += int(e["successes"]) - ok
                 e.update({"successes": ok, "samples": d["samples"], "bytes": d["bytes"], "sha256": d["sha256"],
                           "content_sha256": d["content_sha256"]})
