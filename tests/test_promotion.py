@@ -94,9 +94,8 @@ def test_first_model_becomes_champion_a_winner_moves_it_a_loser_gets_challenger(
     # The old champion is not decided again against the new one (a model is a challenger once),
     # and decided directly it loses.
     assert P.promote(reg, results, [a["id"]])[0]["recorded"] is False
-    again = P.decide(reg, results, a["id"])
+    [again] = P.promote(reg, results, [a["id"]], again=True)
     assert not again["promoted"] and again["gain"] == pytest.approx(bad.mean() - good.mean())
-    P.record(reg, again)
     assert (reg.aliases()["champion"], reg.aliases()["challenger"]) == (b["id"], a["id"])
     # Asked once more, nothing is decided again and nothing moves.
     n_moves = len(reg.alias_history("challenger")) + len(reg.alias_history("champion"))

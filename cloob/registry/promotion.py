@@ -266,11 +266,12 @@ def decided_before(registry: Registry, challenger_id: str) -> dict | None:
 
 
 def promote(registry: Registry, results_uri: str, candidates: list[str], rule: PromotionRule | dict | None = None,
-            *, approve=None) -> list[dict]:
+            *, approve=None, again: bool = False) -> list[dict]:
     """Decide and record each candidate in turn against the champion of the moment (a winner is the
     next one's champion). approve(decision) -> decision lets a person confirm a promotion. A candidate
     that is the champion, or was decided before, is left as it is (its entry in the list says so,
-    with `recorded: False`); `cloob registry alias champion NAME` moves it by hand."""
+    with `recorded: False`), unless `again` (a changed rule, new evaluations): then it is decided
+    against today's champion."""
     out = []
     for ref in candidates:
         entry = registry.resolve(ref)
@@ -279,7 +280,7 @@ def promote(registry: Registry, results_uri: str, candidates: list[str], rule: P
             out.append({"challenger": _describe(entry), "recorded": False, "reason": "already the champion",
                         "promoted": False})
             continue
-        if (before := decided_before(registry, entry["id"])) is not None:
+        if not again and (before := decided_before(registry, entry["id"])) is not None:
             out.append({**before, "recorded": False, "reason": f"decided before: {before['reason']}"})
             continue
         d = decide(registry, results_uri, entry["id"], rule)
