@@ -44,9 +44,10 @@ digest taken over (row id, url, caption) of the version's rows in row-id order a
 sample keys added where there are any.
 
 Memory: the rows stream through a temporary parquet file; the matching keeps two 16-byte digests a
-source row in numpy arrays (identity and content, no Python object a row) and sorts them, about 100
-bytes a row at its peak: some 330 MB for CC3M, 1.5 GB for YFCC15M. (Partitioning the digests by
-their first byte would bound it further; not needed at these sizes.)
+source row in numpy arrays (identity and content, no Python object a row) and sorts them. Measured
+(bench/bench_versions.py --match-rows): see BENCHMARKS.md, "re-reading the source at scale"; it
+peaked at 0.9 GB for 3 million rows (interpreter included), about 290 bytes a row: about 1 GB for
+CC3M, 4 GB for YFCC15M. (Partitioning the digests by their first byte would bound it; not done.)
 
 For the rest of the pipeline:
 
@@ -137,12 +138,14 @@ def _keys_of_rows_file(store: Location) -> pa.Table:
     """The first version's identities, from _cloob/rows.parquet (its rows in row-id order)."""
     buf, ids = bytearray(), []
     with store.open(f"{META}/rows.parquet", "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH):
-            for row in batch.to_pylist():
-                buf += _digest16(identity(row))
-                ids.append(row["row_id"])
-    return pa.table({"key": _key_array(_with_occurrence(_as_u64(buf))), "row_id": pa.array(ids, pa.int64())},
-                    schema=KEY_SCHEMA)
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH, columns=["row_id", "url", "caption",
+                                                                                "source_key"]):
+            cols = [batch.column(c).to_pylist() for c in ("url", "caption", "source_key")]
+            for url, caption, sk in zip(*cols):
+                buf += _digest16(identity({"url": url, "caption": caption, "source_key": sk}))
+            ids.append(batch.column("row_id"))
+    row_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.int64())
+    return pa.table({"key": _key_array(_with_occurrence(_as_u64(buf))), "row_id": row_ids}, schema=KEY_SCHEMA)
 
 
 def _write_parquet(store: Location, rel: str, table: pa.Table) -> None:
