@@ -136,7 +136,7 @@ def promote_models(registry: str, results: str, candidates: list[str], rule: dic
             continue
         if d is None:
             continue
-        if d["promoted"] and approval and d["champion"] is not None:
+        if d["promoted"] and approval:  # the first champion too: every move of champion is reviewed
             d = _ask_reviewer(d, approval_timeout_s)
         record(registry, d)
         text = P.report(d)
