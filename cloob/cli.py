@@ -276,7 +276,11 @@ def _cmd_registry(args) -> int:
         rows = reg.eval_rows(entry["id"], results)
         evals = [{k: r[k] for k in ("dataset", "main_metric", "main_value", "n_images", "n_skipped",
                                     "eval_settings_hash") if k in r} for r in rows]
-        print(json.dumps({**entry, "aliases": aliases, "evaluations": evals}, indent=1, default=str))
+        decided = sorted(({"alias": m["alias"], "at": m["at"], "reason": m["reason"]}
+                          for a in ("champion", "challenger") for m in reg.alias_history(a)
+                          if m["entry"] == entry["id"] and m.get("decision")), key=lambda m: m["at"])
+        print(json.dumps({**entry, "aliases": aliases, "evaluations": evals, "promotion": decided}, indent=1,
+                         default=str))
         return 0
     entries = reg.entries()
     by_entry: dict[str, list[str]] = {}

@@ -187,6 +187,8 @@ def test_the_cycle_through_the_cloob_commands(tmp_path, make_random_checkpoint, 
     assert "no champion yet" in capsys.readouterr().out
     moves = json.loads(json.dumps(reg.alias_history("challenger")))
     assert moves[0]["decision"]["sets"][0]["n_images"] == 72
+    assert cli.main(["registry", "show", "challenger", "--store", str(store)]) == 0  # show names its decisions
+    assert [p["alias"] for p in json.loads(capsys.readouterr().out)["promotion"]] == ["challenger"]
 
 
 def _worse_checkpoint(folder: Path) -> str:
