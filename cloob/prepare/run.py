@@ -405,6 +405,11 @@ def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_f
         raise CloobError(f"{store.url()}: {len(lost)} shards of version {old['version']} are missing "
                          f"({', '.join(lost[:10])}); later versions' rows went into shards of their own",
                          "copy them back from a backup, or prepare the dataset again into a new --out")
+    if lost and (store.read_json(f"{META}/rows.json") or {}).get("spec_hash") != spec_hash:
+        raise CloobError(f"{store.url()}: {len(lost)} shards of the dataset are missing ({', '.join(lost[:10])}), "
+                         "and the source is not where its rows were read from",
+                         "rerun with the source of the first preparation (--input / source.path) to fetch them "
+                         "again, then with the new one")
     if old is not None and old.get("name") == spec.name and not lost:
         # The first version is complete: read the source again for the next one (cloob.prepare.versions).
         # A source at another location is a new version of the same dataset, not a new dataset.
