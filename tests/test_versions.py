@@ -309,3 +309,20 @@ def test_a_version_killed_before_or_after_its_download_resumes(tmp_path, image_s
     assert m["version"] == 2 and m["rows_added"] == 5 and m["totals"]["samples"] == 15
     assert json.loads((out / "_cloob" / "versions" / "v2.json").read_text()) == m
     assert sorted(set(stream_rows(str(out), 30))) == [*range(14), 20]
+
+
+@pytest.mark.slow
+def test_yfcc_is_matched_by_photo_id_across_its_forms(tmp_path, image_server):
+    """YFCC15M: a dataset made from the .bz2 file, read again from the SQLite database (another form,
+    another order, another path): the same photos, no new version, nothing fetched."""
+    from tests.test_yfcc import PREP, tiny_yfcc
+
+    a = tiny_yfcc(tmp_path / "a", image_server.url)
+    the_spec = load_spec("yfcc15m", [f"source.subset={tmp_path / 'a' / 'subset.tsv'}", *PREP])
+    out = str(tmp_path / "ds")
+    m1 = prepare(the_spec, out, input=str(tmp_path / "a" / "yfcc100m_dataset.bz2"), progress=False)
+    assert m1["totals"]["successes"] == 12
+    image_server.httpd.requests.clear()
+    again = prepare(the_spec, out, input=a["sqlite"], progress=False)
+    assert again["run"]["message"] == "nothing to do: no new rows since version 1"
+    assert image_server.httpd.requests == [] and read_manifest(out)["content_hash"] == m1["content_hash"]

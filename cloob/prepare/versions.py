@@ -177,8 +177,9 @@ def _known_keys(store: Location) -> pa.Table:
 # ----------------------------------------------------------------------------------- the source
 
 def fingerprint(spec: PretrainSpec) -> list | None:
-    """(file, size, modification time or ETag) of the source's files, or None where that cannot be
-    told (the demo's generated rows, an https:// list): then the source is read again."""
+    """(file, size, modification time or ETag) of the source's files (for https://, the server's ETag
+    or Last-Modified, one HEAD request), or None where that cannot be told (the demo's generated rows,
+    a server that sends neither): then the source is read again."""
     import fsspec
 
     src = spec.source
@@ -200,8 +201,9 @@ def fingerprint(spec: PretrainSpec) -> list | None:
                 matched = [path]
             for m in matched:
                 info = fs.info(m)
-                stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("last_modified")
-                if stamp is None or str(p).startswith(("http://", "https://")):
+                stamp = next((info[k] for k in ("ETag", "Last-Modified", "mtime", "LastModified", "last_modified")
+                              if info.get(k)), None)
+                if stamp is None:  # (an https:// file whose server sends neither ETag nor Last-Modified)
                     return None
                 out.append([m, int(info.get("size") or 0), str(stamp)])
     except (OSError, ValueError, ImportError):
@@ -426,8 +428,8 @@ def versions(dataset_uri: str) -> list[dict]:
 def source_unchanged(spec: PretrainSpec, dataset_uri: str) -> bool:
     """Whether the source's files are as they were when the newest version of the dataset at
     `dataset_uri` read them (size and modification time or ETag, without reading them): a re-run of
-    `cloob prepare` would be a no-op. False where that cannot be told (the demo's generated rows, an
-    https:// source, a dataset not prepared yet): then run it, it says whether anything is new."""
+    `cloob prepare` would be a no-op. False where that cannot be told (the demo's generated rows, a
+    dataset not prepared yet): then run it, it says whether anything is new."""
     store = Location(dataset_uri)
     newest = latest_version(store)
     fp = fingerprint(spec)
