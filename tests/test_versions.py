@@ -139,6 +139,8 @@ def test_removed_rows_leave_training_and_old_versions_stay_as_they_were(tmp_path
     assert fetched(image_server) == [24, 25]
     assert (m2["rows_added"], m2["rows_removed"], m2["removed_row_ids"]) == (2, 2, [3, 17])
     assert len(m2["excluded_keys"]) == 2 and m2["totals"]["samples"] == 24
+    t = m2["totals"]
+    assert (t["attempted"], t["successes"], t["failures"], t["success_rate"]) == (24, 24, 0, 1.0)
     seen = stream_rows(str(out), 60)
     assert 3 not in seen and 17 not in seen and set(seen) == set(range(26)) - {3, 17}
     assert list_shards(str(out)).num_samples == 24

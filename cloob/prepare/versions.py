@@ -355,8 +355,13 @@ def next_version(store: Location, spec: PretrainSpec, spec_hash: str, *, retry_f
         with store.open(f"{KEYS}/000.parquet", "rb") as f:
             prev_last = int(pc.max(pq.read_table(f, columns=["row_id"])["row_id"]).as_py())
     added = int((ids > prev_last).sum())
+    from cloob.prepare.manifest import row_outcomes
+
+    ok_ids, fails = row_outcomes(store, finished_shards(store))
+    left_out = set(removed.tolist())  # rows no longer in the source count neither way
+    fails = {rid: why for rid, why in fails.items() if rid not in left_out}
     m = _versioned(m, version=n_prev + 1, excluded=excluded, removed=removed, added=added, gone=gone, back=back,
-                   ok_in_version=int(len(good) - len(gone_ok)), last_row_id=int(max(ids.max(), prev_last)))
+                   ok_in_version=len(ok_ids - left_out), fails=fails, last_row_id=int(max(ids.max(), prev_last)))
     if n_prev == 1 and not store.exists(f"{VERSIONS}/v1.json"):
         write_json(store, f"{VERSIONS}/v1.json", {**_as_manifest(prev), "version": 1})
     write_json(store, f"{VERSIONS}/v{n_prev + 1}.json", m)
@@ -373,13 +378,15 @@ def _as_manifest(v: dict) -> dict:
 
 
 def _versioned(m: dict, *, version: int, excluded: list[str], removed: np.ndarray, added: int, gone: int,
-               back: int, ok_in_version: int, last_row_id: int) -> dict:
+               back: int, ok_in_version: int, fails: dict[int, str], last_row_id: int) -> dict:
+    """The manifest `m` (of every shard) as version `version`'s: its totals over the version's rows."""
     from cloob.prepare.manifest import content_hash
 
     t = m["totals"]
-    t["successes"] = ok_in_version
+    t["successes"], t["failures"] = ok_in_version, len(fails)
+    t["attempted"] = attempted = ok_in_version + len(fails)
+    t["failures_by_reason"] = dict(Counter(fails.values()).most_common())
     t["samples"] = t["samples"] - len(excluded)
-    attempted = t["attempted"]
     t["success_rate"] = round(ok_in_version / attempted, 6) if attempted else 0.0
     m.update({"version": version, "parent": version - 1, "created_at": _now(), "rows_added": added,
               "rows_removed": gone, "rows_restored": back, "last_row_id": last_row_id, "removed_row_ids": removed.tolist(),
