@@ -230,6 +230,15 @@ def test_a_glob_of_daily_dumps(tmp_path, image_server):
     m3 = prepare(spec(dumps / "*.tsv"), str(out), progress=False)
     assert m3["rows_removed"] == 10 and m3["totals"]["samples"] == 9 and fetched(image_server) == []
     assert set(stream_rows(str(out), 30)) == set(range(10, 19))
+    # an export that came out empty makes no version
+    for p in dumps.iterdir():
+        p.unlink()
+    with pytest.raises(CloobError, match="no table matches"):
+        prepare(spec(dumps / "*.tsv"), str(out), progress=False)
+    write(dumps / "2026-12-08.tsv", [])
+    with pytest.raises(CloobError, match="gave no usable rows this time"):
+        prepare(spec(dumps / "*.tsv"), str(out), progress=False)
+    assert read_manifest(str(out))["version"] == 3 and not list((out / "_cloob").glob(".tmp*"))
 
 
 def test_a_version_that_does_not_exist_is_named(tmp_path, shards_dir):

@@ -416,13 +416,13 @@ def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_f
         # (A first version with shards lost since goes the first version's way: they are fetched again.)
         from cloob.prepare.versions import next_version
 
-        record_owner(store, spec, spec_hash)
         with _source_server(spec) as proxy:
             def extend(url_list: str, n: int, expect: list[int]) -> dict:
                 return _run_round(store, spec, url_list, "extend", n, expect, proxy, cluster, progress)
 
             out = next_version(store, spec, spec_hash, retry_failed=retry_failed, progress=progress,
                                run_round=extend)
+        record_owner(store, spec, spec_hash)  # after: a source that fails to read leaves the owner as it was
         out["run"]["seconds"] = round(time.monotonic() - t0, 2)
         return out
     from cloob.prepare.versions import SOURCE_STATE, fingerprint

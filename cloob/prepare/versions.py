@@ -74,6 +74,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cloob.data.shards import VERSIONS_DIR, read_version_ref
+from cloob.errors import CloobError
 from cloob.prepare.folder import META, write_json
 from cloob.prepare.manifest import build_manifest, finished_shards
 from cloob.prepare.sources import iter_rows
@@ -223,20 +224,30 @@ def _read_source(spec: PretrainSpec, folder: str, progress: bool):
     schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
     cols: dict[str, list] = {k: [] for k in schema.names}
     bar = tqdm(desc=f"{spec.name}: reading the source again", unit=" rows", disable=not progress, leave=False)
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for row in iter_rows(spec, counts, progress):
-            kbuf += _digest16(identity(row))
-            cbuf += _digest16(f"{row['url']}\t{row['caption']}")
-            for k in schema.names:
-                cols[k].append(row[k])
-            if len(cols["url"]) >= _BATCH:
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for row in iter_rows(spec, counts, progress):
+                kbuf += _digest16(identity(row))
+                cbuf += _digest16(f"{row['url']}\t{row['caption']}")
+                for k in schema.names:
+                    cols[k].append(row[k])
+                if len(cols["url"]) >= _BATCH:
+                    writer.write_table(pa.table(cols, schema=schema))
+                    for v in cols.values():
+                        v.clear()
+                bar.update()
+            if cols["url"]:
                 writer.write_table(pa.table(cols, schema=schema))
-                for v in cols.values():
-                    v.clear()
-            bar.update()
-        if cols["url"]:
-            writer.write_table(pa.table(cols, schema=schema))
-    bar.close()
+        if counts["kept"] == 0:  # an empty export is a broken one far more often than a takedown of every row
+            raise CloobError(
+                f"the source of {spec.name!r} gave no usable rows this time (read {counts['read']}, invalid URL "
+                f"{counts['invalid_url']}, empty caption {counts['empty_caption']}); no version was made",
+                "check the source file and its columns (url must be http(s), caption non-empty)")
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        bar.close()
     return tmp, _with_occurrence(_as_u64(kbuf)), _as_u64(cbuf), counts
 
 
