@@ -115,6 +115,26 @@ def test_a_grown_table_fetches_only_its_new_rows_into_a_new_version(tmp_path, im
         list_shards(f"{out}@v7")
 
 
+def _train_two_steps_and_capture_excluded(tmp_path: Path, data: str, monkeypatch) -> set[str]:
+    """The exclude_keys the training loop gives its ShardStream for `data` (2 steps of the tiny recipe)."""
+    import cloob.train.loop as loop
+    from cloob.config import load_recipe
+
+    seen: list[frozenset] = []
+
+    class Recording(ShardStream):
+        def __init__(self, *a, **k):
+            seen.append(frozenset(k.get("exclude_keys") or ()))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(loop, "ShardStream", Recording)
+    loop.train(load_recipe("tiny", [f"data.train={data}", f"train.output={tmp_path / 'runs'}", "train.steps=2",
+                                    "train.batch_size=4", "data.workers=0", "train.progress=false",
+                                    "model.arch=cloob-tiny-rn"]))
+    assert len(seen) == 1
+    return set(seen[0])
+
+
 def _spec_file(tmp_path: Path, table: Path, **source) -> str:
     path = tmp_path / "spec.json"
     path.write_text(json.dumps({"name": "t", "source": {"kind": "table", "path": str(table), **source},
@@ -144,6 +164,8 @@ def test_removed_rows_leave_training_and_old_versions_stay_as_they_were(tmp_path
     seen = stream_rows(str(out), 60)
     assert 3 not in seen and 17 not in seen and set(seen) == set(range(26)) - {3, 17}
     assert list_shards(str(out)).num_samples == 24
+    # cloob train on version 2 hands the version's left-out samples to its stream
+    assert _train_two_steps_and_capture_excluded(tmp_path, str(out), monkeypatch) == set(m2["excluded_keys"])
 
     # Version 3 (more rows); version 1 reads the same samples in the same order as before both.
     write(table, rows(url, [i for i in range(30) if i not in (3, 17)]))

@@ -189,7 +189,8 @@ def _train(recipe: Recipe, info: distributed.DistInfo) -> dict:
     dataset = ShardStream(plan.shard_urls, batch_size=cfg.batch_size, image_transform=train_tf,
                           tokenizer=tokenizer, seed=cfg.seed, resampled=recipe.data.resampled,
                           shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size,
-                          expected_counts={u: c for u, c in zip(plan.shard_urls, plan.shard_counts) if c})
+                          expected_counts={u: c for u, c in zip(plan.shard_urls, plan.shard_counts) if c},
+                          exclude_keys=plan.exclude_keys)
     if info.is_main:
         _announce(recipe, plan, info, resume_from, loss_fn)
     if progress.step % plan.steps_per_epoch == 0 and progress.stream.batches:

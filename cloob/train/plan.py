@@ -36,6 +36,8 @@ class Plan:
     total_steps: int
     run_name: str
     run_dir: str
+    # sample keys of rows the data version leaves out (removed from its source): never trained on
+    exclude_keys: frozenset[str] = frozenset()
 
 
 def plan_run(recipe: Recipe, world_size: int) -> Plan:
@@ -56,7 +58,7 @@ def plan_run(recipe: Recipe, world_size: int) -> Plan:
     steps_per_epoch = num_samples // global_batch
     total = recipe.train.steps or max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
     return Plan(shards.urls, shards.counts, num_samples, global_batch, steps_per_epoch, total, recipe.run_id(),
-                recipe.run_dir())
+                recipe.run_dir(), frozenset(shards.exclude_keys or ()))
 
 
 def _check_readable(url: str) -> None:
