@@ -359,3 +359,21 @@ def test_yfcc_is_matched_by_photo_id_across_its_forms(tmp_path, image_server):
     again = prepare(the_spec, out, input=a["sqlite"], progress=False)
     assert again["run"]["message"] == "nothing to do: no new rows since version 1"
     assert image_server.httpd.requests == [] and read_manifest(out)["content_hash"] == m1["content_hash"]
+
+
+@pytest.mark.slow
+def test_the_pipelines_already_done_key_sees_a_grown_source(tmp_path, image_server):
+    """The flow's prepare task is Skipped only while the source is as its newest version read it: rows
+    appended to the table make it prepare again (a new version of only the new rows)."""
+    from cloob.run.state import prepared
+
+    table = write(tmp_path / "rows.tsv", rows(image_server.url, range(8)))
+    out = str(tmp_path / "ds")
+    assert prepared(spec(table), out) is None  # nothing prepared yet
+    prepare(spec(table), out, progress=False)
+    first = prepared(spec(table), out)
+    assert first is not None
+    write(table, rows(image_server.url, range(12)))
+    assert prepared(spec(table), out) is None  # grown: not "already done"
+    m = prepare(spec(table), out, progress=False)
+    assert m["version"] == 2 and prepared(spec(table), out) not in (None, first)

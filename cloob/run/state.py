@@ -20,11 +20,17 @@ def _key(*parts) -> str:
 
 
 def prepared(spec, out: str) -> str | None:
-    """A pretraining dataset at `out` made from `spec` (a PretrainSpec) whose manifest is written."""
+    """A pretraining dataset at `out` made from `spec` (a PretrainSpec) whose manifest is written and
+    whose source has not changed since its newest version read it. A source whose files changed (rows
+    appended to the table, a new daily dump) is not "already done": preparing reads it again and makes
+    a new version of only the new rows. The demo's generated rows are fixed by the spec."""
     from cloob.prepare.run import read_manifest
+    from cloob.prepare.versions import fingerprint, source_unchanged
 
     m = read_manifest(out)
     if not m or m.get("spec_hash") != spec.content_hash():
+        return None
+    if fingerprint(spec) is not None and not source_unchanged(spec, out):
         return None
     return _key("prepared", m["spec_hash"], m["content_hash"])
 
