@@ -16,6 +16,7 @@ from prefect.futures import wait
 from flows.names import summary_label
 from flows.promote import promote_models
 from flows.remote import WORKER_WAIT_S
+from flows.summary import name_run, publish_summary
 from flows.tasks import (
     dataset_folder,
     evaluate,
@@ -164,6 +165,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         set_futures = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
         data = [result_of(prepare_data, spec, dataset_folder(store, spec), None, spec_overrides, spark_master, ray_address,
                           force_prepare) for spec in specs]
+        name_run(data)  # the run list says which data (and version) each run trained on
         registry = posixpath.join(store, "registry")
         results = posixpath.join(store, "results")
         cache_root = posixpath.join(store, "cache", "classifiers")
@@ -202,10 +204,12 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             evaluate_champion=lambda e: _submit_evaluations({"checkpoint": e["checkpoint_uri"], "run_dir": e["run_dir"],
                                                              "step": e["step"]}, datasets, store, results, cache_root,
                                                             eval_settings, eval_deployment, worker_wait_s))
-        return {"results": results, "report": report, "evaluated": len(evals) - len(failed),
-                "failed": len(failed) + len(downstream) - len(datasets), "runs": runs, "datasets": datasets,
-                "promotion": [{"challenger": d["challenger"]["id"], "promoted": d["promoted"], "reason": d["reason"]}
-                              for d in promoted]}
+        promotion = [{"challenger": d["challenger"]["id"], "promoted": d["promoted"], "reason": d["reason"]}
+                     for d in promoted]
+        n_failed = len(failed) + len(downstream) - len(datasets)
+        summary = publish_summary(data, runs, len(evals) - len(failed), n_failed, promotion)
+        return {"results": results, "report": report, "evaluated": len(evals) - len(failed), "failed": n_failed,
+                "runs": runs, "datasets": datasets, "promotion": promotion, "data": data, "summary": summary}
 
 
 def check_overrides(entry: str, every: list[str], own: list[str]) -> None:

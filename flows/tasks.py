@@ -68,9 +68,9 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
                                     "dataset and prepare this spec there, or set spec_overrides back to what made it "
                                     f"({', '.join(d.split(' ', 1)[0] + '=' + d.split(' ')[1] for d in e.differences)})"
                          ) from None
-    get_run_logger().info("%s: %d images in %d shards at %s", m["name"], m["totals"]["successes"],
-                          m["totals"]["shards"], out)
-    return _data_summary(out, m)
+    get_run_logger().info("%s: %d images in %d shards at %s (version %s)", m["name"], m["totals"]["successes"],
+                          m["totals"]["shards"], out, m.get("version", 1))
+    return _data_summary(out, m, fresh=not m.get("run", {}).get("noop", False))
 
 
 def spec_name(spec: str) -> str:
@@ -91,8 +91,12 @@ def _how_to_rerun() -> str:
     return "pipeline(..., force_prepare=True)"
 
 
-def _data_summary(out: str, m: dict) -> dict:
-    return {"uri": out, "content_hash": m["content_hash"], "images": m["totals"]["successes"]}
+def _data_summary(out: str, m: dict, fresh: bool = False) -> dict:
+    """What the pipeline passes on and says of a dataset: where, its content hash and images, its
+    version and what the version changed, and whether this run prepared anything (fresh)."""
+    return {"uri": out, "content_hash": m["content_hash"], "images": m["totals"]["successes"],
+            "name": m.get("name"), "version": m.get("version", 1), "rows_added": m.get("rows_added"),
+            "rows_removed": m.get("rows_removed"), "fresh": fresh}
 
 
 @task(name="prepare_downstream", task_run_name=names.prepare_downstream_name)
@@ -110,7 +114,7 @@ def _checkpoint_summary(run_dir: str, checkpoint: str) -> dict:
 
     meta = read_json(posixpath.join(checkpoint, "meta.json")) or {}
     return {"run_dir": run_dir, "checkpoint": checkpoint, "sha256": meta.get("model_sha256"),
-            "step": meta.get("step"), "method": meta.get("method")}
+            "step": meta.get("step"), "method": meta.get("method"), "init_from": meta.get("init_from")}
 
 
 def _trained(r) -> dict | None:
@@ -137,7 +141,7 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
     overrides = identify(recipe, with_data(overrides, data))
     r = load_recipe(recipe, overrides)
     if done := _trained(r):
-        return _skipped(done[0], f"train {r.run_id()}", done[1])
+        return _skipped({**done[0], "skipped": True}, f"train {r.run_id()}", done[1])
     logger = get_run_logger()
     logger.info("training %s: data %s%s", r.run_id(), r.data.version or r.data.train,
                 f", warm start from {r.train.init_from} ({r.train.init_entry[:12]})" if r.train.init_sha256 else
@@ -184,7 +188,7 @@ def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_n
     overrides = identify(recipe, with_data(overrides, data))
     r = load_recipe(recipe, overrides)
     if done := _trained(r):
-        return _skipped(done[0], f"train {r.run_id()}", done[1])
+        return _skipped({**done[0], "skipped": True}, f"train {r.run_id()}", done[1])
     run = run_and_wait(deployment, {"recipe": recipe, "overrides": overrides, "nproc_per_node": nproc_per_node,
                                     "deadline_s": deadline_s}, f"train-{r.run_id()}", worker_wait_s)
     if not run.state or not run.state.is_completed():

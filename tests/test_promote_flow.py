@@ -24,6 +24,7 @@ from cloob.registry import Registry  # noqa: E402
 from cloob.registry import promotion as P  # noqa: E402
 from cloob.results.table import read_rows  # noqa: E402
 from flows.promote import PROMOTION_ARTIFACT, promote_models  # noqa: E402
+from flows.summary import SUMMARY_ARTIFACT  # noqa: E402
 from tests.test_promotion import _checkpoint, _evaluated  # noqa: E402
 
 
@@ -48,10 +49,20 @@ def store(tmp_path):
     return reg, results, old, new
 
 
-def _artifact() -> str:
+def _artifact(key: str = PROMOTION_ARTIFACT) -> str:
     from prefect.artifacts import Artifact
 
-    return Artifact.get(PROMOTION_ARTIFACT).data
+    return Artifact.get(key).data
+
+
+def _latest_pipeline_run():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["cloob-pipeline"])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
 
 
 @pytest.mark.slow
@@ -156,11 +167,20 @@ def test_the_pipeline_sets_the_champion_promotes_nothing_on_a_rerun_and_keeps_it
     champion = reg.aliases()["champion"]
     assert champion == (ids[1] if second["gain"] > 0 else ids[0])
     print("run 1:", [(p["promoted"], p["reason"]) for p in first["promotion"]])
+    # what an operator sees: the run named and tagged by its data version, and a summary artifact
+    run = _latest_pipeline_run()
+    assert run.name == "cloob-pipeline: demo-v1" and {"data:demo", "data-version:v1"} <= set(run.tags)
+    summary = _artifact(SUMMARY_ARTIFACT)
+    assert "| demo | v1 | 1024 |" in summary and summary.count("trained from scratch") == 2
+    assert "2 evaluated" not in summary and "4 evaluated, 0 failed" in summary and "promoted to champion" in summary
 
     again = pipeline(**params)
     assert again["promotion"] == [] and reg.aliases()["champion"] == champion
     assert len(reg.alias_history("champion")) == len(history)
     assert "No new challenger" in _artifact()
+    assert _artifact(SUMMARY_ARTIFACT).endswith("No change since version 1 of demo (1024 images, content hash "
+                                                 f"{first['data'][0]['content_hash'][:12]}): nothing to do.")
+    assert _latest_pipeline_run().name == "cloob-pipeline: demo-v1"
 
     worse = pipeline(**{**params, "recipes": params["recipes"][:1], "overrides": ["train.steps=2"]},
                      require_significant=True)
