@@ -133,8 +133,9 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         ray_address: the Ray cluster preparing the data, for specs whose download.distributor is ray
             (else RAY_ADDRESS or a local Ray).
         force_prepare: where a spec's folder holds a dataset prepared from another spec (a changed
-            spec_overrides), delete it and prepare this spec there; else the pipeline fails, saying
-            which fields differ.
+            spec_overrides), delete it and prepare this spec there; refused while a registered model
+            was trained on it. Without it a changed spec is a new dataset, prepared beside the old one
+            (<store>/datasets/<name>-<spec hash>), which stays as it was.
         worker_wait_s: how long a run on a deployment may wait for a worker on its pool to take it
             before it is cancelled and the pipeline fails, saying so; none: no limit.
         init_from: warm start every recipe from a registered model (an alias such as champion, an entry
@@ -164,7 +165,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         # Submitted first: they need nothing else, and run in threads while this one trains.
         set_futures = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
         data = [result_of(prepare_data, spec, dataset_folder(store, spec), None, spec_overrides, spark_master, ray_address,
-                          force_prepare) for spec in specs]
+                          force_prepare, posixpath.join(store, "registry")) for spec in specs]
         name_run(data)  # the run list says which data (and version) each run trained on
         registry = posixpath.join(store, "registry")
         results = posixpath.join(store, "results")

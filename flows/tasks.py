@@ -46,11 +46,16 @@ def _skipped(value, what: str, key: str):
 
 @task(name="prepare_data", task_run_name=names.prepare_data_name)
 def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[str] | None = None,
-                 spark_master: str | None = None, ray_address: str | None = None, force: bool = False):
+                 spark_master: str | None = None, ray_address: str | None = None, force: bool = False,
+                 registry: str | None = None):
     """One pretraining dataset into webdataset shards (img2dataset runs in its own process; under
     download.distributor pyspark or ray, on the cluster `spark_master` / `ray_address` names).
-    force: delete a dataset that `out` holds from another spec, and prepare this one there."""
-    from cloob.errors import CloobError
+    force: delete a dataset that `out` holds from another spec, and prepare this one there; refused
+        where a model in `registry` was trained on any of its versions.
+
+    A changed spec is a new dataset, not a rewrite of the old: where `out` holds a dataset prepared
+    from another spec, this one is prepared beside it, at `<out>-<spec hash>`, so that the models
+    trained on the old one stay reproducible and a schedule's own parameters keep working."""
     from cloob.prepare.run import prepare, read_manifest
     from cloob.prepare.spec import SpecChanged, load_spec
     from cloob.run.state import prepared
@@ -59,18 +64,50 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
     if key := prepared(s, out):
         m = read_manifest(out)
         return _skipped(_data_summary(out, m), f"prepare {s.name}", key)
+    if force and registry:
+        _refuse_deleting_trained_data(out, registry)
+    kwargs = {"input": input, "progress": False, "spark_master": spark_master, "ray_address": ray_address}
     try:
-        m = prepare(s, out, input=input, progress=False, spark_master=spark_master, ray_address=ray_address,
-                    force=force)
+        m = prepare(s, out, force=force, **kwargs)
     except SpecChanged as e:
-        # cloob prepare's advice (--force, a new --out) means nothing here: say what does.
-        raise CloobError(e.problem, f"rerun the pipeline with force_prepare=true ({_how_to_rerun()}) to delete that "
-                                    "dataset and prepare this spec there, or set spec_overrides back to what made it "
-                                    f"({', '.join(d.split(' ', 1)[0] + '=' + d.split(' ')[1] for d in e.differences)})"
-                         ) from None
+        beside = f"{out.rstrip('/')}-{s.content_hash()[:10]}"
+        get_run_logger().info("%s holds %s prepared from another spec (%s): this spec is a new dataset, prepared at %s",
+                              out, s.name, "; ".join(e.differences), beside)
+        out = beside
+        if key := prepared(s, out):
+            return _skipped(_data_summary(out, read_manifest(out)), f"prepare {s.name}", key)
+        m = prepare(s, out, **kwargs)
     get_run_logger().info("%s: %d images in %d shards at %s (version %s)", m["name"], m["totals"]["successes"],
                           m["totals"]["shards"], out, m.get("version", 1))
     return _data_summary(out, m, fresh=not m.get("run", {}).get("noop", False))
+
+
+def _data_summary(out: str, m: dict, fresh: bool = False) -> dict:
+    """What the pipeline passes on and says of a dataset: where, its content hash and images, its
+    version and what the version changed, and whether this run prepared anything (fresh)."""
+    return {"uri": out, "content_hash": m["content_hash"], "images": m["totals"]["successes"],
+            "name": m.get("name"), "version": m.get("version", 1), "rows_added": m.get("rows_added"),
+            "rows_removed": m.get("rows_removed"), "fresh": fresh}
+
+
+def _refuse_deleting_trained_data(out: str, registry: str) -> None:
+    """force_prepare never deletes a dataset version that a registered model was trained on."""
+    from cloob.errors import CloobError
+    from cloob.prepare.run import read_manifest
+    from cloob.prepare.versions import versions
+    from cloob.registry import Registry
+
+    m = read_manifest(out)
+    if not m:
+        return
+    hashes = {m.get("content_hash")} | {v.get("content_hash") for v in versions(out)}
+    trained = [e for e in Registry(registry).entries() if e.get("data_manifest_hash") in hashes - {None}]
+    if trained:
+        runs = ", ".join(sorted({e.get("run_id") or e["id"][:12] for e in trained})[:5])
+        raise CloobError(f"force_prepare would delete {out}, on whose data {len(trained)} registered model(s) were "
+                         f"trained ({runs}): they could no longer be retrained on exactly their data",
+                         "leave force_prepare off: a changed spec is prepared as a new dataset beside it "
+                         f"({out}-<spec hash>) and this one stays; to free the space, delete the folder by hand")
 
 
 def spec_name(spec: str) -> str:
@@ -81,22 +118,6 @@ def spec_name(spec: str) -> str:
 def dataset_folder(store: str, spec: str) -> str:
     """Where the flows prepare a data spec: <store>/datasets/<spec name>."""
     return posixpath.join(store, "datasets", spec_name(spec))
-
-
-def _how_to_rerun() -> str:
-    from prefect.runtime import deployment, flow_run
-
-    if deployment.name:
-        return f"prefect deployment run '{flow_run.flow_name}/{deployment.name}' -p force_prepare=true"
-    return "pipeline(..., force_prepare=True)"
-
-
-def _data_summary(out: str, m: dict, fresh: bool = False) -> dict:
-    """What the pipeline passes on and says of a dataset: where, its content hash and images, its
-    version and what the version changed, and whether this run prepared anything (fresh)."""
-    return {"uri": out, "content_hash": m["content_hash"], "images": m["totals"]["successes"],
-            "name": m.get("name"), "version": m.get("version", 1), "rows_added": m.get("rows_added"),
-            "rows_removed": m.get("rows_removed"), "fresh": fresh}
 
 
 @task(name="prepare_downstream", task_run_name=names.prepare_downstream_name)

@@ -1024,7 +1024,10 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
         evals = {f"evaluate-{run}-step2-on-{ds}-via-evaluate-checkpoints/gpu" for run in run_ids for ds in ("shapes", "colors")}
         assert sorted(t.name for t in tasks) == sorted({"prepare-demo", "prepare-downstream-shapes", "prepare-downstream-colors",
                                                         *(f"train-{run}" for run in run_ids),
-                                                        *(f"register-{run}-step2" for run in run_ids), *evals, "publish-results"})
+                                                        *(f"register-{run}-step2" for run in run_ids), *evals, "publish-results",
+                                                        # promotion: each new model decided (the first has no champion)
+                                                        *(f"decide-{run}-step2" for run in run_ids),
+                                                        *["record-promotion"] * len(run_ids)})
         # The graph's edge prepare_data -> train: the data is passed as prepare_data's result.
         by_name = {t.name: t for t in tasks}
         for run in run_ids:
@@ -1064,17 +1067,17 @@ def test_pipeline_evaluates_on_the_gpu_workers_while_it_trains(gpu_workers, tmp_
         assert {n: rerun[n].name for n in skipped} == dict.fromkeys(skipped, "Skipped"), rerun
         assert all("already done (content key " in rerun[n].message for n in skipped)
 
-        # A changed spec: the pipeline says which field differs and how to go on from the flow.
+        # A changed spec is a new dataset, prepared beside the old one, which stays as the registered
+        # models' data; force_prepare, which would delete it, is refused while models were trained on it.
         changed = {**params, "recipes": [], "downstream": [], "spec_overrides": ["source.samples=24", "download.shard_size=16"]}
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            refused = pipeline(**changed, return_state=True)
-            assert refused.is_failed() and "source.samples 32 -> 24" in refused.message, refused.message
-            assert "force_prepare=true (pipeline(..., force_prepare=True))" in refused.message
-            assert "--force" not in refused.message and "spec_overrides back to what made it (source.samples=32)" \
-                in refused.message
+            beside = pipeline(**changed, return_state=True)
+            assert beside.is_completed(), beside.message
             forced = pipeline(**changed, force_prepare=True, return_state=True)
-        assert forced.is_completed(), forced.message
-        assert json.loads((store / "datasets" / "demo" / "_cloob" / "manifest.json").read_text())["totals"]["successes"] == 24
+        assert forced.is_failed() and "registered model(s) were trained" in forced.message, forced.message
+        manifests = {p.name: json.loads((p / "_cloob" / "manifest.json").read_text())["totals"]["successes"]
+                     for p in (store / "datasets").iterdir() if p.name.startswith("demo")}
+        assert manifests.pop("demo") == 32 and list(manifests.values()) == [24], manifests
 
 
 @pytest.mark.slow
