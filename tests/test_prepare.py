@@ -575,3 +575,22 @@ def test_rows_are_sorted_by_row_id_in_bounded_runs(tmp_path):
     assert got == want
     assert digest == hashlib.sha256(b"".join(row_line(r["row_id"], r["url"], r["caption"]) for r in want)).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.parquet", "src.parquet"]  # runs removed
+
+
+def test_a_stats_file_caught_mid_write_is_read_again(tmp_path, image_server, monkeypatch):
+    """img2dataset writes a shard's NNNNN_stats.json in place, last: the progress poll can find it
+    empty (seen once in CI as a JSONDecodeError that failed the preparation). It is read again."""
+    from cloob.storage import Location
+
+    real, caught = Location.read_json, []
+
+    def half_written(self, rel, *a, **k):
+        if rel.endswith("_stats.json") and rel not in caught:
+            caught.append(rel)
+            raise json.JSONDecodeError("Expecting value", "", 0)  # what json.load says of an empty file
+        return real(self, rel, *a, **k)
+
+    monkeypatch.setattr(Location, "read_json", half_written)
+    tsv = write_table(tmp_path / "rows.tsv", good_rows(image_server.url, 20))
+    m = prepare(load_spec(table_spec(tsv, shard_size=10)), str(tmp_path / "ds"), progress=False)
+    assert caught and (m["totals"]["successes"], m["totals"]["shards"]) == (20, 2)

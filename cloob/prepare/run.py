@@ -302,8 +302,13 @@ def _run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, ro
                     store.refresh()
                     for sid, stem in finished_shards(store).items():
                         if sid not in seen:
+                            try:
+                                st = store.read_json(f"{stem}_stats.json") or {}
+                            except ValueError:
+                                # img2dataset writes the stats file in place: caught mid-write (seen
+                                # once, empty), it is read again at the next poll
+                                continue
                             seen.add(sid)
-                            st = store.read_json(f"{stem}_stats.json") or {}
                             ok, tried = ok + st.get("successes", 0), tried + st.get("count", 0)
                             bar.update()
                             bar.set_postfix_str(f"{ok}/{tried} ok")
