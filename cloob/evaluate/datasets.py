@@ -306,3 +306,14 @@ def classification_data(ds: ClassificationSet, transform, limit: int | None, see
 
 def retrieval_data(rs: RetrievalSet, transform):
     return _Shards(rs.shards, transform, "txt")
+
+
+def image_names(data, uri: str, shards: list[str], index: list[int]) -> list[str]:
+    """Each scored image's name in its set (its identity for pairing two models' outcomes): its path
+    under the set's folder, or `<shard file>#<n>` for the n-th sample of a shard (`index` as the
+    readers above number the images: a list position, or shard << 32 | sample)."""
+    items = getattr(data, "items", None)
+    if items is not None:
+        root = uri.rstrip("/") + "/"
+        return [u[len(root):] if u.startswith(root) else u for u, _ in (items[i] for i in index)]
+    return [f"{posixpath.basename(shards[i >> 32])}#{i & 0xFFFFFFFF}" for i in index]

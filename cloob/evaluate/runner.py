@@ -26,9 +26,9 @@ import torch
 
 from cloob.errors import CloobError
 from cloob.evaluate import diagnostics as diag
-from cloob.evaluate.datasets import ClassificationSet, RetrievalSet, classification_data, loader, retrieval_data
+from cloob.evaluate.datasets import ClassificationSet, RetrievalSet, classification_data, image_names, loader, retrieval_data
 from cloob.evaluate.models import EvalModel
-from cloob.evaluate.retrieval import recall_at_k
+from cloob.evaluate.retrieval import recall_and_first_hits
 from cloob.evaluate.zeroshot import ClassificationMetrics, ClassifierCache, build_classifier, classifier_key
 from cloob.results.outcomes import image_ids
 
@@ -216,15 +216,12 @@ def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cach
                     with autocast():
                         emb = model.encode_image(batch["images"][keep].to(device, non_blocking=True))
                     emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-                    logits = emb @ weights
-                    metrics.update(logits, labels[keep])
+                    # Per image, for paired comparisons (cloob/results/outcomes.py): the top-1 counted.
+                    correct = metrics.update(emb @ weights, labels[keep])
                     idx = [i for i, k in zip(batch["index"], keep.tolist()) if k]
-                    # Per image, for paired comparisons (cloob/results/outcomes.py): the same first
-                    # answer as ClassificationMetrics' top-1.
-                    first = logits.float().cpu().topk(metrics.k, dim=1).indices[:, 0]
                     per_image["index"] += idx
                     per_image["labels"] += labels[keep].tolist()
-                    per_image["correct"] += (first == labels[keep]).tolist()
+                    per_image["correct"] += correct.tolist()
                     sample.add(idx, emb, labels[keep].tolist())
             if settings.limit is not None and total is None and seen >= settings.limit:
                 break
@@ -242,7 +239,7 @@ def _zeroshot(em: EvalModel, ds: ClassificationSet, settings: EvalSettings, cach
            "main_metric": spec.main_metric, "main_value": result[spec.main_metric],
            "eval_settings": settings_blob, "eval_settings_hash": settings_hash, "device": _device_name(device),
            "seconds": time.perf_counter() - t0, "started_at": started, "finished_at": _now()}
-    outcomes = {"ids": image_ids(_image_names(data, ds.uri, ds.shards, per_image["index"])),
+    outcomes = {"ids": image_ids(image_names(data, ds.uri, ds.shards, per_image["index"])),
                 "labels": per_image["labels"], "correct": per_image["correct"]}
     return {**row, "classifier_cached": cached, "outcomes": outcomes}
 
@@ -291,8 +288,7 @@ def _retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress
             t = model.encode_text(tokens)
         txt.append(torch.nn.functional.normalize(t.float(), dim=-1).cpu())
     txt = torch.cat(txt)
-    result = recall_at_k(img, txt, captions)
-    first_hit = _i2t_first_hits(img, txt, captions)
+    result, first_hit = recall_and_first_hits(img, txt, captions)
     sample = _DiagSample(settings.diag_samples, settings.seed)
     sample.add(index, torch.cat([img, txt], dim=1), list(range(len(index))))
     both = sample.tensor()
@@ -303,29 +299,8 @@ def _retrieval(em: EvalModel, rs: RetrievalSet, settings: EvalSettings, progress
             "main_metric": "i2t_r1", "main_value": result["i2t_r1"],
             "eval_settings": settings_blob, "eval_settings_hash": settings_hash, "device": _device_name(device),
             "seconds": time.perf_counter() - t0, "started_at": started, "finished_at": _now(),
-            "outcomes": {"ids": image_ids(_image_names(None, rs.uri, rs.shards, index)),
+            "outcomes": {"ids": image_ids(image_names(None, rs.uri, rs.shards, index)),
                          "labels": [-1] * len(captions), "correct": first_hit}}
-
-
-def _image_names(data, uri: str, shards: list[str], index: list[int]) -> list[str]:
-    """Each scored image's name in its set (its identity for pairing two models' outcomes): its path
-    under the set's folder, or `<shard file>#<n>` for the n-th sample of a shard."""
-    items = getattr(data, "items", None)
-    if items is not None:
-        root = uri.rstrip("/") + "/"
-        return [u[len(root):] if u.startswith(root) else u for u, _ in (items[i] for i in index)]
-    return [f"{posixpath.basename(shards[i >> 32])}#{i & 0xFFFFFFFF}" for i in index]
-
-
-def _i2t_first_hits(images: torch.Tensor, texts: torch.Tensor, captions: list[str], chunk: int = 1024) -> list[bool]:
-    """Per image: is a text with its own caption ranked first (recall_at_k's i2t@1, image by image)."""
-    groups: dict[str, int] = {}
-    gid = torch.tensor([groups.setdefault(c, len(groups)) for c in captions])
-    hits: list[bool] = []
-    for s in range(0, len(captions), chunk):
-        top = (images[s:s + chunk].float() @ texts.float().T).topk(1, dim=1).indices[:, 0]
-        hits += (gid[top] == gid[s:s + chunk]).tolist()
-    return hits
 
 
 # ------------------------------------------------------------------------------------ many at once

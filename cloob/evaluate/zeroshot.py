@@ -86,7 +86,8 @@ class ClassificationMetrics:
         self.top5 = 0
         self.n = 0
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Add a batch; returns each image's top-1 correctness (bool), as counted here."""
         logits, labels = logits.float().cpu(), labels.cpu()
         topk = logits.topk(self.k, dim=1).indices
         correct = topk == labels[:, None]
@@ -94,6 +95,7 @@ class ClassificationMetrics:
         self.n += len(labels)
         self.counts += torch.bincount(labels, minlength=len(self.counts))
         self.hits += torch.bincount(labels[correct[:, 0]], minlength=len(self.counts))
+        return correct[:, 0]
 
     def result(self) -> dict:
         present = self.counts > 0
