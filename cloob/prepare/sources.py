@@ -143,13 +143,10 @@ def pa_string():
 
 def _yfcc(src: Yfcc15mSource, progress: bool) -> Iterator[dict]:
     from cloob.prepare.yfcc import iter_yfcc_rows
+    from cloob.prepare.yfcc_metadata import METADATA_FIX
 
     if not src.metadata:
-        raise CloobError("the yfcc15m spec needs the YFCC100M metadata",
-                         "pass --input with one of: the Multimedia Commons SQLite database yfcc100m_dataset.sql "
-                         "(a local file), the original release's ten files yfcc100m_dataset-0..9(.bz2) (--input "
-                         "once per file), or the single 25-column yfcc100m_dataset(.bz2) (a path or s3:// URL); see "
-                         "https://multimediacommons.wordpress.com/yfcc100m-core-dataset/")
+        raise CloobError("the yfcc15m spec needs the YFCC100M metadata", f"--input: {METADATA_FIX}")
     for r in iter_yfcc_rows(src.subset, src.metadata, src.caption_rule, progress=progress):
         yield {"row_id": int(r["line"]), "url": r["url"], "caption": r["caption"],
                "source_key": f"photo:{r['photo_id']}"}
