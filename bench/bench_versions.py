@@ -71,17 +71,18 @@ def _prepare(spec_file: Path, out: Path, env: dict) -> tuple[float, dict]:
 _MATCH = """
 import json, resource, sys, time
 import pyarrow.compute as pc
+from cloob.prepare import identity
 from cloob.prepare import versions as v
 from cloob.prepare.spec import load_spec
 from cloob.storage import Location
 work, table = sys.argv[1], sys.argv[2]
 spec = load_spec({"name": "t", "source": {"kind": "table", "path": table}})
 t0 = time.perf_counter()
-known = v._known_keys(Location(work))
+known = identity.known_keys(Location(work))
 t1 = time.perf_counter()
 tmp, keys, content, counts = v._read_source(spec, work + "/_cloob", False)
 t2 = time.perf_counter()
-new = pc.index_in(v._key_array(keys), value_set=known["key"]).null_count
+new = pc.index_in(identity.key_array(keys), value_set=known["key"]).null_count
 t3 = time.perf_counter()
 print(json.dumps({"keys": t1 - t0, "read": t2 - t1, "match": t3 - t2, "new": new,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

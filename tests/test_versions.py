@@ -178,7 +178,7 @@ def test_removed_rows_leave_training_and_old_versions_stay_as_they_were(tmp_path
 
     # Deleted for good: gone from the tars; every version reads what it read before, minus them.
     assert {3, 17} <= captions_in_shards(out)
-    import cloob.prepare.versions as v
+    import cloob.prepare.purge as v
 
     def killed(*a, **k):  # the first shard's tar and parquet rewritten, its stats file not yet
         raise KeyboardInterrupt

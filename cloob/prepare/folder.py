@@ -5,7 +5,11 @@ cloob wrote there), and the record of which spec made it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import tempfile
+from collections.abc import Iterator
 
 from cloob.errors import CloobError
 from cloob.lock import LOCK_NAME
@@ -21,6 +25,28 @@ _SHOWN = 8  # entries of a refused folder named in the message
 def write_json(store: Location, rel: str, data: dict) -> None:
     """Our JSON files' one byte form (the manifest's and spec.json's bytes must not change)."""
     store.write_json(rel, data, indent=1, sort_keys=True)
+
+
+@contextlib.contextmanager
+def staged(store: Location, rel: str, prefix: str = ".tmp-") -> Iterator[str]:
+    """A local temporary file to write `rel` of the dataset folder into (beside it in _cloob/ on a
+    local folder, so the move is a rename): moved to `rel` whole when the block ends without an
+    error, deleted in any case."""
+    fd, tmp = tempfile.mkstemp(dir=store.path(META) if store.is_local else None, prefix=prefix,
+                               suffix=os.path.splitext(rel)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        store.move_in(tmp, rel)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def next_retry_file(store: Location) -> str:
+    """The next free `_cloob/retry/NNN.parquet`: the url list of the next extend round."""
+    n = len(store.glob(f"{META}/retry/*.parquet", hidden=True)) if store.exists(f"{META}/retry") else 0
+    return f"{META}/retry/{n:03d}.parquet"
 
 
 def _names(store: Location) -> list[str]:

@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from cloob.errors import CloobError
 from cloob.lock import folder_lock
 from cloob.prepare import distributors
-from cloob.prepare.folder import META, OURS, check_folder, check_owner, record_owner, write_json
+from cloob.prepare.folder import META, OURS, check_folder, check_owner, next_retry_file, record_owner, staged, write_json
 from cloob.prepare.manifest import build_manifest, finished_shards
 from cloob.prepare.rowsort import row_line, sort_rows
 from cloob.prepare.sources import iter_rows
@@ -171,22 +171,13 @@ def _write_retry_rows(store: Location, row_ids: list[int]) -> str:
     """The rows to retry as `_cloob/retry/NNN.parquet` (the next free number); its relative path."""
     import pyarrow.compute as pc
 
-    n = len(store.glob(f"{META}/retry/*.parquet", hidden=True)) if store.exists(f"{META}/retry") else 0
-    target = f"{META}/retry/{n:03d}.parquet"
+    target = next_retry_file(store)
     wanted = pa.array(row_ids, pa.int64())
-    fd, tmp = tempfile.mkstemp(dir=store.path(META) if store.is_local else None, prefix=".tmp-retry-",
-                               suffix=".parquet")
-    os.close(fd)
-    try:
-        with store.open(f"{META}/rows.parquet", "rb") as f, \
-                pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
-                t = pa.Table.from_batches([batch])
-                writer.write_table(t.filter(pc.is_in(t["row_id"], value_set=wanted)))
-        store.move_in(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with staged(store, target, ".tmp-retry-") as tmp, store.open(f"{META}/rows.parquet", "rb") as f, \
+            pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
+            t = pa.Table.from_batches([batch])
+            writer.write_table(t.filter(pc.is_in(t["row_id"], value_set=wanted)))
     return target
 
 
@@ -471,27 +462,18 @@ def _write_delta_rows(store: Location, source_file: str, positions, ids) -> str:
     ids `ids[position]`, as the next `_cloob/retry/NNN.parquet`: an extend round's url list."""
     import numpy as np
 
-    n = len(store.glob(f"{META}/retry/*.parquet", hidden=True)) if store.exists(f"{META}/retry") else 0
-    target = f"{META}/retry/{n:03d}.parquet"
+    target = next_retry_file(store)
     wanted = np.zeros(len(ids), dtype=bool)
     wanted[positions] = True
-    fd, tmp = tempfile.mkstemp(dir=store.path(META) if store.is_local else None, prefix=".tmp-retry-",
-                               suffix=".parquet")
-    os.close(fd)
-    try:
-        with pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
-            at = 0
-            for batch in pq.ParquetFile(source_file).iter_batches(batch_size=65536):
-                mask = wanted[at:at + batch.num_rows]
-                if mask.any():
-                    t = pa.Table.from_batches([batch]).filter(pa.array(mask))
-                    t = t.append_column("row_id", pa.array(ids[at:at + batch.num_rows][mask], pa.int64()))
-                    writer.write_table(t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
-                at += batch.num_rows
-        store.move_in(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with staged(store, target, ".tmp-retry-") as tmp, pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
+        at = 0
+        for batch in pq.ParquetFile(source_file).iter_batches(batch_size=65536):
+            mask = wanted[at:at + batch.num_rows]
+            if mask.any():
+                t = pa.Table.from_batches([batch]).filter(pa.array(mask))
+                t = t.append_column("row_id", pa.array(ids[at:at + batch.num_rows][mask], pa.int64()))
+                writer.write_table(t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
+            at += batch.num_rows
     return target
 
 

@@ -4,17 +4,17 @@ Once a dataset's first preparation is complete (its manifest is written), every 
 `cloob prepare` on that folder reads the source again, matches its rows with the rows already known,
 and makes a new, immutable version when anything changed:
 
-- a row is known by its identity, which survives re-exports of the table: the spec's key column
-  (`source.key`, for a table), YFCC's photo id, else the row's url and caption (with an occurrence
-  number, so that a row listed twice is two rows). A known row keeps its row id wherever it now
+- a row is known by its identity (identity.py), which survives re-exports of the table: the spec's
+  key column (`source.key`, for a table), YFCC's photo id, else the row's url and caption (with an
+  occurrence number, so that a row listed twice is two rows). A known row keeps its row id wherever it now
   stands in the source; a new row gets the next free row id, in source order;
 - the rows never given to img2dataset (new rows, and rows of a killed run) go into new shards after
   the last one (img2dataset's extend mode, as --retry-failed), and with --retry-failed the rows that
   failed are given again too;
 - rows that are no longer in the source are not in the version: their samples stay in the shards
   (earlier versions hold them) and the version lists them (`excluded_keys`, the samples' keys), which
-  the training reader skips (cloob.data.shards); `cloob prepare ... --purge-removed` deletes them
-  from the shards for good.
+  the training reader skips (cloob.data.shards); `cloob prepare ... --purge-removed` (purge.py)
+  deletes them from the shards for good.
 
 An unchanged source (same identities, nothing left to fetch) is a no-op: "no new rows since version
 N". When the source's files keep their size and modification time (or ETag) since the last read, the
@@ -76,103 +76,29 @@ import pyarrow.parquet as pq
 from cloob.data.shards import VERSIONS_DIR, read_version_ref
 from cloob.errors import CloobError
 from cloob.prepare.folder import META, write_json
+from cloob.prepare.identity import (
+    BATCH,
+    KEY_SCHEMA,
+    KEYS,
+    as_u64,
+    digest16,
+    identity,
+    key_array,
+    known_keys,
+    with_occurrence,
+    write_parquet,
+)
 from cloob.prepare.manifest import build_manifest, finished_shards
 from cloob.prepare.sources import iter_rows
 from cloob.prepare.spec import Cc3mSource, PretrainSpec, TableSource, Yfcc15mSource
 from cloob.storage import Location
 
 VERSIONS = f"{META}/{VERSIONS_DIR}"
-KEYS = f"{META}/keys"
 SOURCE_STATE = f"{META}/source.json"
-KEY_SCHEMA = pa.schema([("key", pa.binary(16)), ("row_id", pa.int64())])
-_BATCH = 65536
 
 
-def _now() -> str:
+def timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# ------------------------------------------------------------------------------------- identities
-
-def identity(row: dict) -> str:
-    """What identifies a source row across re-exports: its declared key (a table's key column,
-    YFCC's photo id), else its url and caption."""
-    sk = row.get("source_key") or ""
-    if sk.startswith(("key:", "photo:")):
-        return sk
-    return f"{row['url']}\t{row['caption']}"
-
-
-def _digest16(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-def _as_u64(buf: bytes | bytearray) -> np.ndarray:
-    return np.frombuffer(buf, dtype=np.uint64).reshape(-1, 2)  # no copy (the buffer is not resized after)
-
-
-def _with_occurrence(keys: np.ndarray) -> np.ndarray:
-    """The keys with each one's occurrence number (0 for its first place in the given order, 1 for
-    the next, ...) mixed in: a row listed twice is two rows, matched in order."""
-    n = len(keys)
-    if n == 0:
-        return keys
-    order = np.lexsort((np.arange(n), keys[:, 1], keys[:, 0]))
-    s = keys[order]
-    new_run = np.ones(n, dtype=bool)
-    new_run[1:] = (s[1:] != s[:-1]).any(axis=1)
-    starts = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
-    occ = np.empty(n, dtype=np.uint64)
-    occ[order] = (np.arange(n) - starts).astype(np.uint64)
-    out = keys.copy()
-    with np.errstate(over="ignore"):
-        out[:, 1] ^= occ * np.uint64(0x9E3779B97F4A7C15)
-    return out
-
-
-def _key_array(keys: np.ndarray) -> pa.Array:
-    keys = np.ascontiguousarray(keys, dtype=np.uint64)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(keys), [None, pa.py_buffer(keys.tobytes())])
-
-
-def _keys_of_rows_file(store: Location) -> pa.Table:
-    """The first version's identities, from _cloob/rows.parquet (its rows in row-id order)."""
-    buf, ids = bytearray(), []
-    with store.open(f"{META}/rows.parquet", "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH, columns=["row_id", "url", "caption",
-                                                                                "source_key"]):
-            cols = [batch.column(c).to_pylist() for c in ("url", "caption", "source_key")]
-            for url, caption, sk in zip(*cols):
-                buf += _digest16(identity({"url": url, "caption": caption, "source_key": sk}))
-            ids.append(batch.column("row_id"))
-    row_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.int64())
-    return pa.table({"key": _key_array(_with_occurrence(_as_u64(buf))), "row_id": row_ids}, schema=KEY_SCHEMA)
-
-
-def _write_parquet(store: Location, rel: str, table: pa.Table) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=store.path(META) if store.is_local else None)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        store.move_in(tmp, rel)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _known_keys(store: Location) -> pa.Table:
-    """Every identity given a row id so far (writing keys/000.parquet first for a dataset made before
-    versions existed)."""
-    store.refresh()
-    names = sorted(store.glob(f"{KEYS}/*.parquet")) if store.exists(KEYS) else []
-    if not names:
-        _write_parquet(store, f"{KEYS}/000.parquet", _keys_of_rows_file(store))
-        names = [f"{KEYS}/000.parquet"]
-    tables = []
-    for name in names:
-        with store.open(name if name.startswith(META) else f"{KEYS}/{posixpath.basename(name)}", "rb") as f:
-            tables.append(pq.read_table(f, schema=KEY_SCHEMA))
-    return pa.concat_tables(tables)
 
 
 # ----------------------------------------------------------------------------------- the source
@@ -227,11 +153,11 @@ def _read_source(spec: PretrainSpec, folder: str, progress: bool):
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for row in iter_rows(spec, counts, progress):
-                kbuf += _digest16(identity(row))
-                cbuf += _digest16(f"{row['url']}\t{row['caption']}")
+                kbuf += digest16(identity(row))
+                cbuf += digest16(f"{row['url']}\t{row['caption']}")
                 for k in schema.names:
                     cols[k].append(row[k])
-                if len(cols["url"]) >= _BATCH:
+                if len(cols["url"]) >= BATCH:
                     writer.write_table(pa.table(cols, schema=schema))
                     for v in cols.values():
                         v.clear()
@@ -248,7 +174,7 @@ def _read_source(spec: PretrainSpec, folder: str, progress: bool):
         raise
     finally:
         bar.close()
-    return tmp, _with_occurrence(_as_u64(kbuf)), _as_u64(cbuf), counts
+    return tmp, with_occurrence(as_u64(kbuf)), as_u64(cbuf), counts
 
 
 def _shard_rows(store: Location, shards: dict[int, str]) -> tuple[np.ndarray, pa.Table]:
@@ -306,8 +232,8 @@ def next_version(store: Location, spec: PretrainSpec, spec_hash: str, *, retry_f
     folder = store.path(META) if store.is_local else None
     tmp, keys, content, counts = _read_source(spec, folder, progress)
     try:
-        known = _known_keys(store)
-        idx = pc.index_in(_key_array(keys), value_set=known["key"])
+        known = known_keys(store)
+        idx = pc.index_in(key_array(keys), value_set=known["key"])
         matched = idx.is_valid().to_numpy(zero_copy_only=False)
         ids = np.full(len(keys), -1, dtype=np.int64)
         if matched.any():
@@ -333,8 +259,8 @@ def next_version(store: Location, spec: PretrainSpec, spec_hash: str, *, retry_f
         if len(fresh):  # their ids, before any of them can reach a shard
             store.refresh()
             n_keys = len(store.glob(f"{KEYS}/*.parquet"))
-            _write_parquet(store, f"{KEYS}/{n_keys:03d}.parquet",
-                           pa.table({"key": _key_array(keys[fresh]), "row_id": pa.array(ids[fresh], pa.int64())},
+            write_parquet(store, f"{KEYS}/{n_keys:03d}.parquet",
+                           pa.table({"key": key_array(keys[fresh]), "row_id": pa.array(ids[fresh], pa.int64())},
                                     schema=KEY_SCHEMA))
         rounds = []
         todo = np.flatnonzero(pending)
@@ -399,7 +325,7 @@ def _versioned(m: dict, *, version: int, excluded: list[str], removed: np.ndarra
     t["failures_by_reason"] = dict(Counter(fails.values()).most_common())
     t["samples"] = t["samples"] - len(excluded)
     t["success_rate"] = round(ok_in_version / attempted, 6) if attempted else 0.0
-    m.update({"version": version, "parent": version - 1, "created_at": _now(), "rows_added": added,
+    m.update({"version": version, "parent": version - 1, "created_at": timestamp(), "rows_added": added,
               "rows_removed": gone, "rows_restored": back, "last_row_id": last_row_id, "removed_row_ids": removed.tolist(),
               "excluded_keys": excluded})
     m["content_hash"] = content_hash(m)
@@ -478,135 +404,3 @@ def resolve(data_train: str) -> dict:
             "num_samples": s.num_samples, "manifest_url": manifest_url}
 
 
-# ------------------------------------------------------------------------------ purging removed rows
-
-def purge_removed(out: str, progress: bool = False) -> dict:
-    """Delete from the shards, for good, the samples of rows that the newest version no longer has
-    (taken down at the source). Each shard that holds any is rewritten without them (tar, then its
-    parquet, where their status becomes "purged", then its stats file), and every version's JSON
-    has its shard entries, counts and excluded keys brought level and the purge recorded under
-    `purged`; a version's content_hash stays, naming the version as it was prepared. Versions that
-    left the rows out read exactly what they read before; earlier ones read the rest of their
-    samples. Safe to rerun after a kill: a shard holding none of them is left as it is."""
-    from tqdm import tqdm
-
-    from cloob.lock import folder_lock
-
-    store = Location(out)
-    with folder_lock(store.url(META), purpose="cloob prepare --purge-removed", alternative="wait for it to end",
-                     label=store.url()):
-        newest = latest_version(store)
-        if newest is None:
-            return {"samples": 0, "shards": 0, "rows": 0}
-        removed = pa.array(newest.get("removed_row_ids") or [], pa.int64())
-        shards = finished_shards(store)
-        parts = []
-        for stem in shards.values():  # the rows' samples, purged already by a killed run or not
-            with store.open(f"{stem}.parquet", "rb") as f:
-                t = pq.read_table(f, columns=["row_id", "key", "status"])
-            parts.append(t.filter(pc.and_(pc.is_in(t["row_id"], value_set=removed),
-                                          pc.is_in(t["status"], value_set=pa.array(["success", "purged"])))))
-        gone = pa.concat_tables(parts) if parts else pa.table({"row_id": pa.array([], pa.int64()),
-                                                               "key": pa.array([], pa.string())})
-        keys = set(gone["key"].to_pylist())
-        touched: dict[str, int] = {}
-        for stem in tqdm(shards.values(), desc="purging", unit="shard", disable=not progress, leave=False):
-            n = _purge_shard(store, stem, keys)
-            if n:
-                touched[f"{stem}.tar"] = n
-        # Every version's shard entries against the stats files (also those a killed purge left behind).
-        _purge_versions(store, keys, shards, sorted(set(gone["row_id"].to_pylist())))
-        if not touched:
-            return {"samples": 0, "shards": 0, "rows": 0}
-        return {"samples": sum(touched.values()), "shards": len(touched),
-                "rows": len(set(gone["row_id"].to_pylist()))}
-
-
-def _purge_shard(store: Location, stem: str, keys: set[str]) -> int:
-    """Rewrite shard `stem` without the samples `keys` (tar, then parquet, then stats); how many samples
-    it lost (0: untouched). A shard that a killed purge left with a stale stats file is levelled."""
-    import io
-    import tarfile
-
-    with store.open(f"{stem}.parquet", "rb") as f:
-        table = pq.read_table(f)
-    hit = pc.and_(pc.is_in(table["key"], value_set=pa.array(sorted(keys), pa.string())),
-                  pc.equal(table["status"], "success"))
-    n = int(pc.sum(hit).as_py() or 0)
-    if n:
-        folder = store.path(META) if store.is_local else None
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-purge-", suffix=".tar")
-        os.close(fd)
-        try:
-            with store.open(f"{stem}.tar", "rb") as src, tarfile.open(fileobj=src, mode="r|") as tin, \
-                    tarfile.open(tmp, "w") as tout:
-                for member in tin:
-                    if member.name.rsplit(".", 1)[0] in keys:
-                        continue
-                    data = tin.extractfile(member).read() if member.isfile() else None
-                    tout.addfile(member, io.BytesIO(data) if data is not None else None)
-            store.move_in(tmp, f"{stem}.tar")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        status = pc.if_else(hit, "purged", table["status"])
-        message = pc.if_else(hit, "removed from the source; purged", table["error_message"])
-        table = table.set_column(table.schema.get_field_index("status"), "status", status)
-        table = table.set_column(table.schema.get_field_index("error_message"), "error_message", message)
-        _write_parquet(store, f"{stem}.parquet", table)
-    return _level_stats(store, stem, int(pc.sum(pc.equal(table["status"], "success")).as_py() or 0))
-
-
-def _level_stats(store: Location, stem: str, successes: int) -> int:
-    """Set the shard's stats file to `successes` (written last, as img2dataset does); how many fewer."""
-    import json
-
-    stats = json.loads(store.read_bytes(f"{stem}_stats.json"))
-    fewer = int(stats["successes"]) - successes
-    if fewer:
-        stats["successes"] = successes
-        store.write_bytes(f"{stem}_stats.json", json.dumps(stats, indent=4).encode())
-    return fewer
-
-
-def _purge_versions(store: Location, keys: set[str], shards: dict[int, str], row_ids: list[int]) -> None:
-    """Bring every version's shard entries level with the shards' stats files after a purge."""
-    import json
-
-    from cloob.prepare.manifest import _cached_digest
-
-    now = {f"{stem}.tar": int(json.loads(store.read_bytes(f"{stem}_stats.json"))["successes"])
-           for stem in shards.values()}
-    digests: dict[str, dict] = {}
-    record = {"at": _now(), "row_ids": row_ids, "samples": len(keys)}
-    names = sorted(store.glob(f"{VERSIONS}/v*.json"))
-    targets = [f"{VERSIONS}/{posixpath.basename(n)}" for n in names] + [f"{META}/manifest.json"]
-    for rel in targets:
-        v = store.read_json(rel)
-        if v is None:
-            continue
-        dropped = 0
-        for e in v["shards"]:
-            ok = now.get(e["shard"])
-            if ok is not None and ok != int(e["successes"]):
-                if e["shard"] not in digests:
-                    digests[e["shard"]] = _cached_digest(store, META, e["shard"][:-4])
-                d = digests[e["shard"]]
-                dropped += int(e["successes"]) - ok
-                e.update({"successes": ok, "samples": d["samples"], "bytes": d["bytes"], "sha256": d["sha256"],
-                          "content_sha256": d["content_sha256"]})
-        if not dropped:
-            continue
-        excluded = v.get("excluded_keys")
-        if excluded is not None:
-            was = len(excluded)
-            v["excluded_keys"] = [k for k in excluded if k not in keys]
-            still_in = dropped - (was - len(v["excluded_keys"]))  # samples this version read until now
-        else:
-            still_in = dropped
-        t = v["totals"]
-        t["samples"] -= still_in
-        t["successes"] -= still_in
-        t["bytes"] = sum(e["bytes"] for e in v["shards"])
-        v["purged"] = [*v.get("purged", []), record]
-        write_json(store, rel, v)
