@@ -36,11 +36,7 @@ class Pairing:
         self.unknown: list[str] = []
         self.problem = ""
         n, lay = len(spec.classes), spec.layout
-        keys = {}
-        if lay.by == "name":
-            for i, names in enumerate(spec.names_of_classes()):
-                for name in names:
-                    keys[normalize(name, lay.normalize)] = i
+        keys = spec.class_by_name() if lay.by == "name" else {}
         wnids = sorted(f for f in folders if _WNID.match(f)) if lay.by == "wnid" else []
         known = {w: i for i, w in enumerate(spec.folders)} if lay.by == "wnid" and spec.folders else None
         if wnids and known is None and len(wnids) != n:  # which are missing cannot be told from names alone
@@ -257,7 +253,7 @@ def _split_file(spec: DownstreamSpec, tree: Tree) -> tuple[str, set, dict] | Non
 
 def _check_listed_labels(spec: DownstreamSpec, kept: list[tuple[str, int]], labels: dict, rel: str) -> None:
     """A split file that names each image's class must agree with the folder pairing."""
-    keys = {normalize(n, "alnum_casefold"): i for i, names in enumerate(spec.names_of_classes()) for n in names}
+    keys = spec.class_by_name("alnum_casefold")
     for p, c in kept:
         given = labels.get(_key(p))
         if given is None:

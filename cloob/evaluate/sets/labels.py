@@ -178,7 +178,7 @@ def read_cars_mat(spec: DownstreamSpec, tree: Tree, where: str, split: str | Non
         raise CloobError(f"{spec.name}: {meta[0]} has {len(names_meta)} class names, the spec {len(spec.classes)}",
                          "use Stanford Cars' own devkit")
     # The file's class k is the spec's class k only if their names agree: verify every one.
-    keys = {normalize(n, spec.layout.normalize): i for i, ns in enumerate(spec.names_of_classes()) for n in ns}
+    keys = spec.class_by_name()
     order = [keys.get(normalize(n, spec.layout.normalize)) for n in names_meta]
     bad = [f"{k + 1}: {n!r}" for k, (n, i) in enumerate(zip(names_meta, order)) if i is None]
     if bad:

@@ -10,7 +10,6 @@ reads a folder through the same function.
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass, field
 
 from cloob.errors import CloobError
@@ -36,17 +35,6 @@ class Reading:
         for _, c in self.items:
             counts[c] += 1
         return counts
-
-    @property
-    def root(self) -> str:
-        """The deepest folder that holds every item."""
-        parts = [posixpath.dirname(p).split("/") for p, _ in self.items]
-        common: list[str] = []
-        for level in zip(*parts):
-            if len(set(level)) != 1:
-                break
-            common.append(level[0])
-        return "/".join(common) or "."
 
 
 def preview(items: list[str], n: int = SHOWN) -> str:

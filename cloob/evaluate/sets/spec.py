@@ -203,6 +203,12 @@ class DownstreamSpec(_Strict):
         """For by: name, the folder name of each class (before normalisation)."""
         return list(self.folders) if self.folders is not None else list(self.classes)
 
+    def class_by_name(self, how: str | None = None) -> dict[str, int]:
+        """{a name of a class, normalised (`how`, default layout.normalize): its index} over every name
+        that verifies a class (names_of_classes)."""
+        how = how or self.layout.normalize
+        return {normalize(n, how): i for i, names in enumerate(self.names_of_classes()) for n in names}
+
     def names_of_classes(self) -> list[list[str]]:
         """Every name that verifies each class: the class name, its folder name, its aliases."""
         out = []

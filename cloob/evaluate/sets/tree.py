@@ -63,12 +63,6 @@ class Tree:
         for kids in self.subdirs.values():
             kids.sort()
 
-    def url(self, rel: str) -> str:
-        return self.loc.url(rel)
-
-    def local_path(self, rel: str) -> str | None:
-        return os.path.join(self.loc.root, rel) if self.loc.is_local else None
-
     def read_bytes(self, rel: str) -> bytes:
         return self.loc.read_bytes(rel)
 
