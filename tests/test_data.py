@@ -517,15 +517,21 @@ def test_tar_cut_at_a_header_is_caught_by_the_stats_count(tmp_path, shards_dir, 
     assert got[-1]["skips"]["corrupt_image"] == got[-1]["skips"]["missing_caption"] == 0
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_all_bad_shards_raise_instead_of_hanging(tmp_path, tfs, num_workers):
-    _, val_tf, tok = tfs
+def _corrupt_image_shards(folder) -> list[str]:
+    """Two shards of three samples each, every image not a JPEG (captions fine)."""
     urls = []
     for i in range(2):
-        p = tmp_path / f"{i:05d}.tar"
+        p = folder / f"{i:05d}.tar"
         write_tar(p, [(f"{i}{k}.jpg", b"not a jpeg" * 20) for k in range(3)] +
                   [(f"{i}{k}.txt", b"a caption") for k in range(3)])
         urls.append(str(p))
+    return urls
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_all_bad_shards_raise_instead_of_hanging(tmp_path, tfs, num_workers):
+    _, val_tf, tok = tfs
+    urls = _corrupt_image_shards(tmp_path)
     from cloob.data.stream import NoUsableData
 
     stream = make_stream(urls, val_tf, tok, batch_size=2, resampled=True)
@@ -556,12 +562,7 @@ def test_corrupt_or_unreadable_data_is_still_named_with_a_large_shuffle_buffer(t
     from cloob.data.stream import NoUsableData
 
     _, val_tf, tok = tfs
-    corrupt = []
-    for i in range(2):
-        p = tmp_path / f"{i:05d}.tar"
-        write_tar(p, [(f"{i}{k}.jpg", b"not a jpeg" * 20) for k in range(3)] +
-                  [(f"{i}{k}.txt", b"a caption") for k in range(3)])
-        corrupt.append(str(p))
+    corrupt = _corrupt_image_shards(tmp_path)
     stream = make_stream(corrupt, val_tf, tok, batch_size=2, shuffle_buffer=1000, resampled=True)
     with pytest.raises(NoUsableData, match=r"30 shards in a row gave no usable sample.*corrupt images") as e:
         next(batches(stream))
