@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from cloob.errors import CloobError
 from cloob.methods import METHODS
+from cloob.names import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -297,9 +298,11 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | None = None) -
     defaults = TrainConfig()
     r._hashed_retention = {k: int(retention.get(k, getattr(defaults, k))) for k in RETENTION_FIELDS}
     if r.train.run_name is None:
+        check_name(r.name, "recipe name")  # the default run name starts with it
         # Fixed here, where the overrides are known, and carried in the recipe (train.run_name is not
         # in the content hash), so that a recipe dumped and reloaded keeps its name.
         r.train.run_name = r.default_run_name(_differs(overrides or []))
+    check_name(r.train.run_name, "train.run_name")  # the run's folder: <train.output>/runs/<run name>/
     return r
 
 

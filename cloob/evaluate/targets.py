@@ -9,6 +9,7 @@ from __future__ import annotations
 import posixpath
 
 from cloob.errors import CloobError
+from cloob.names import check_name
 
 
 def prepared_sets(downstream: str, names: list[str]) -> list[tuple[str, str]]:
@@ -25,6 +26,7 @@ def prepared_sets(downstream: str, names: list[str]) -> list[tuple[str, str]]:
                              f"prepare some first: cloob prepare-downstream all --out {downstream}")
     else:
         for name in names:
+            check_name(name, "downstream set name")  # <downstream>/<name>/ is read
             if read_manifest(downstream, name) is None:
                 raise CloobError(f"{name} is not prepared in {downstream}",
                                  f"cloob prepare-downstream {name} --out {downstream} (or --downstream <root>)")

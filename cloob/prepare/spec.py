@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from cloob.errors import CloobError
+from cloob.names import check_name, pydantic_name
 from cloob.specfile import SPECS_DIR, read_spec_file
 
 
@@ -117,7 +118,7 @@ class DownloadSettings(_Strict):
 
 
 class PretrainSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Annotated[str, AfterValidator(pydantic_name)]
     description: str = ""
     licence: str = ""
     source: Source
@@ -193,6 +194,8 @@ def load_spec(spec: str | Path | dict, overrides: list[str] | None = None) -> Pr
             if not isinstance(node, dict):
                 raise CloobError(f"override {item!r}: {k} is not a section", "check the key path")
         node[keys[-1]] = value
+    if isinstance(data, dict) and "name" in data:  # datasets/<name>/ and more: checked before anything runs
+        check_name(data["name"], "dataset spec name")
     try:
         return PretrainSpec.model_validate(data)
     except ValidationError as e:

@@ -65,6 +65,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.action == "alias":
         if len(args.refs) != 2:
             raise CloobError("`cloob registry alias` takes ALIAS ENTRY", "e.g. cloob registry alias prod latest")
+        reg.check_alias(args.refs[0])  # the name first: a bad one is refused whatever the entry
         entry = reg.resolve(args.refs[1])
         reg.set_alias(args.refs[0], entry["id"], reason=args.note)
         print(f"{args.refs[0]} -> {entry['id'][:12]} ({entry['run_id']} step {entry['step']})")

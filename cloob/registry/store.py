@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cloob.errors import CloobError
+from cloob.names import PLAIN_NAME, check_name
 from cloob.registry.lineage import pretraining_data, read_recipe, redact, resolve_checkpoint, run_lineage
 from cloob.storage import Location
 
-ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ALIAS = PLAIN_NAME  # an alias is a folder: cloob.names
 _SHA = re.compile(r"^[0-9a-f]{6,64}$")
 
 
@@ -79,7 +80,7 @@ class Registry:
         from cloob.train.checkpoint import read_meta, verify_files
 
         for a in aliases:
-            self._check_alias(a)
+            self.check_alias(a)
         url = resolve_checkpoint(ref)
         meta = read_meta(url)
         if "model_sha256" not in meta:
@@ -126,16 +127,20 @@ class Registry:
 
     # ----------------------------------------------------------------------------- aliases
     @staticmethod
-    def _check_alias(alias: str) -> None:
-        if not ALIAS.match(alias) or _SHA.match(alias):
-            raise RegistryError(f"alias {alias!r} is not a valid name",
-                                "use letters, digits, '.', '_' and '-', starting with a letter or digit, "
-                                "and not a hex string (those name entries)")
+    def check_alias(alias: str) -> None:
+        """RegistryError unless `alias` can name an alias: a plain name (cloob.names), not an entry id."""
+        try:
+            check_name(alias, "alias")  # aliases/<alias>/ in the registry
+        except CloobError as e:
+            raise RegistryError(e.problem, e.fix) from None
+        if _SHA.match(alias):
+            raise RegistryError(f"alias {alias!r} is a hex string, as entry ids are",
+                                "use a name with a letter other than a-f in it")
 
     def set_alias(self, alias: str, entry_id: str, *, reason: str | None = None, decision: dict | None = None) -> dict:
         """Move `alias` to the entry: one new, atomically written move event. `decision`: a promotion's
         record (cloob/registry/promotion.py), kept in the move."""
-        self._check_alias(alias)
+        self.check_alias(alias)
         if self.get(entry_id) is None:
             raise RegistryError(f"no registry entry {entry_id}", "register the checkpoint first: cloob registry register <ckpt>")
         t = datetime.now(UTC)

@@ -18,12 +18,13 @@ specs: an unknown field, a method that does not exist or an empty grid is one Cl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloob.errors import CloobError
 from cloob.methods import METHODS
+from cloob.names import check_name, pydantic_name
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 
@@ -45,7 +46,7 @@ class EvaluateAt(_Section):
 
 
 class StudySpec(_Section):
-    name: str
+    name: Annotated[str, AfterValidator(pydantic_name)]
     description: str = ""
     data: str = Field(description="pretraining data spec: a name in data_specs/ or a path")
     data_overrides: list[str] = Field(default_factory=list, description="overrides of the data spec")
@@ -146,6 +147,8 @@ def load_study(study: str | Path | dict, overrides: list[str] | None = None) -> 
         if not sep or not key.strip():
             raise CloobError(f"study override {item!r} is not key=value", "write e.g. seeds=2")
         data[key.strip()] = yaml.safe_load(raw) if raw else None
+    if isinstance(data, dict) and "name" in data:  # <store>/studies/<name>/: checked before anything runs
+        check_name(data["name"], "study name")
     try:
         return StudySpec.model_validate(data)
     except ValidationError as e:

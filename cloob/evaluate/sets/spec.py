@@ -36,6 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloob.errors import CloobError
+from cloob.names import check_name
 from cloob.specfile import SPECS_DIR as _PRETRAIN_SPECS_DIR
 from cloob.specfile import read_spec_file, shipped_specs
 
@@ -255,6 +256,8 @@ def load_downstream_spec(name_or_path: str | Path | DownstreamSpec) -> Downstrea
     if isinstance(name_or_path, DownstreamSpec):
         return name_or_path
     data, path = read_spec_file(name_or_path, SPECS_DIR, "downstream spec", "data_specs/downstream/flowers102.yaml")
+    if isinstance(data, dict) and "name" in data:  # <out>/<name>/: checked before anything is fetched
+        check_name(data["name"], "downstream set name")
     try:
         return DownstreamSpec.model_validate(data)
     except ValidationError as e:
