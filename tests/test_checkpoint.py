@@ -233,3 +233,95 @@ def test_the_readmes_run_names_are_the_ones_cloob_train_gives():
     for method in ("cloob", "clip"):
         name = load_recipe("tiny", ["data.train=./shards", "train.steps=500", f"loss.method={method}"]).run_id()
         assert f"runs/{name}" in readme or f"`{name}`" in readme, name
+
+
+class _WritesMarker:
+    """What a hostile run folder's train_state.pt can hold: unpickling it calls exec (fault report B1)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'a').write('pwned')",)
+
+
+def _plant(ck: Path, name: str, payload) -> None:
+    """Adds payload to the checkpoint file `name` and rewrites meta.json's digests to match, as whoever
+    can write the run folder can."""
+    import hashlib
+
+    obj = torch.load(ck / name, weights_only=False)
+    obj["evil"] = payload
+    torch.save(obj, ck / name)
+    meta = json.loads((ck / META_FILE).read_text())
+    data = (ck / name).read_bytes()
+    meta["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    if name == MODEL_FILE:
+        meta["model_sha256"], meta["model_bytes"] = meta["files"][name]["sha256"], len(data)
+    (ck / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+@pytest.mark.slow
+def test_a_train_state_that_would_run_code_is_refused_on_resume_and_nothing_runs(tmp_path, shards_dir):
+    """Resume loads train_state.pt as plain data only (weights_only): a pickle that calls exec is one
+    error + fix from `cloob train`, and the marker it would write never appears."""
+    import os
+    import sys
+
+    extra = ("train.steps=3", "train.checkpoint_every=2")
+    _train(shards_dir, tmp_path / "out", *extra)  # a real run's checkpoint at step 2, then 3
+    run = tmp_path / "out" / "runs" / "r"
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_00000003")
+    ck = run / "checkpoints" / "step_00000002"
+    marker = tmp_path / "PWNED"
+    _plant(ck, STATE_FILE, _WritesMarker(marker))
+
+    proc = subprocess.run([sys.executable, "-m", "cloob.cli", *_train_argv(shards_dir, tmp_path / "out", *extra)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert not marker.exists()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in lines if "error:" in line or "fix:" in line] == ["error", "  fix"], lines
+    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr
+    error = next(line for line in lines if line.startswith("error:"))
+    assert f"{ck}/{STATE_FILE}" in error and "exec" in error and "nothing of it ran" in error
+    assert not (ck.parent / "step_00000003").exists()  # nothing trained
+
+
+def test_a_train_state_with_a_foreign_object_is_refused_by_load(tmp_path):
+    ref = _save(tmp_path / "run", 10)
+    marker = tmp_path / "PWNED"
+    _plant(Path(ref.url), STATE_FILE, _WritesMarker(marker))
+    with pytest.raises(CloobError) as e:
+        CheckpointStore.load(ref)
+    assert not marker.exists() and "\x1b" not in str(e.value)
+    assert "exec" in e.value.problem and "not plain data" in e.value.problem
+
+
+def test_the_training_state_the_trainer_saves_loads_as_plain_data(tmp_path):
+    """RNG states (Python's tuple, NumPy's array, torch's tensor) and an optimizer's state survive the
+    weights_only load exactly."""
+    import random
+
+    import numpy as np
+
+    from cloob.train.loop import _rng_state
+
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    random.random(), np.random.normal(), torch.rand(1)  # noqa: B018 -- a cached gaussian in the numpy state
+    state = {"optimizer": opt.state_dict(), "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+             "step": 10, "ranks": [{"rng": _rng_state(), "stream": {"raw_consumed": {0: 3}, "batches": 1, "skips": {}}}]}
+    ref = CheckpointStore(str(tmp_path / "run")).save(10, {"w": torch.zeros(2)}, {}, state, {"arch": "x"}, keep=1)
+    _, loaded, _ = CheckpointStore.load(ref)
+    rng = loaded["ranks"][0]["rng"]
+    assert rng["python"] == state["ranks"][0]["rng"]["python"]
+    saved_np = state["ranks"][0]["rng"]["numpy"]
+    assert rng["numpy"][0] == saved_np[0] and (rng["numpy"][1] == saved_np[1]).all() and rng["numpy"][2:] == saved_np[2:]
+    assert torch.equal(rng["torch"], state["ranks"][0]["rng"]["torch"])
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]

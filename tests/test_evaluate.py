@@ -392,6 +392,44 @@ def test_evaluate_refuses_a_damaged_model_file(tmp_path, checkpoint, folders, ca
         load_model(str(run))
 
 
+class _WritesMarker:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'a').write('pwned')",)
+
+
+def test_evaluate_refuses_a_model_file_that_would_run_code_saying_it_is_not_weights(tmp_path, checkpoint):
+    """Fault report B1b: a model file holding a pickle that calls exec, its digests rewritten to match.
+    Refused before anything of it runs, as one message without torch's terminal escape codes, saying
+    the file is not a weights file (not that the weights do not fit the architecture)."""
+    import hashlib
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    folder = Path(CheckpointStore(str(run)).latest().url)
+    model = folder / MODEL_FILE
+    marker = tmp_path / "PWNED"
+    state = torch.load(model, weights_only=True)
+    state["evil"] = _WritesMarker(marker)
+    torch.save(state, model)
+    data = model.read_bytes()
+    meta = json.loads((folder / "meta.json").read_text())
+    sha = hashlib.sha256(data).hexdigest()
+    meta["files"][MODEL_FILE] = {"sha256": sha, "bytes": len(data)}
+    meta["model_sha256"], meta["model_bytes"] = sha, len(data)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    with pytest.raises(CloobError) as e:
+        load_model(str(run))
+    assert not marker.exists()
+    assert "\x1b" not in str(e.value) and "\n" not in e.value.problem
+    assert f"{model} is not a weights file" in e.value.problem and "exec" in e.value.problem
+    assert "architecture" not in e.value.fix
+
+
 def test_a_failed_model_among_good_ones_exits_2(tmp_path, checkpoint, folders):
     """The README's `cloob evaluate ./runs/*` where ./runs also holds a folder that is no run (here
     ./runs/runs, left by an older default output): the good runs are evaluated, the bad one is one

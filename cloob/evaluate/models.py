@@ -11,7 +11,6 @@ A model reference is one of:
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import posixpath
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from cloob import plain_data
 from cloob.errors import CloobError
 from cloob.registry.lineage import pretraining_data, redact, resolve_checkpoint
 from cloob.storage import Location
@@ -60,11 +60,18 @@ def load_checkpoint(ref: str, device: str | torch.device = "cpu") -> EvalModel:
     open_clip.add_model_config(MODEL_CONFIGS_DIR)
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
     try:
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        state = plain_data.load(blob)
+    except Exception as e:  # noqa: BLE001 -- garbage bytes fail with any of many errors
+        what = "a weights file" if plain_data.refused_global(e) else "a readable weights file"
+        raise CloobError(f"{redact(posixpath.join(url, MODEL_FILE))} is not {what}: "
+                         f"{plain_data.why_not_loaded(e).removeprefix('is ')}",
+                         "use a checkpoint written by `cloob train` (its model file holds only tensors), and "
+                         "evaluate only checkpoints from a source you trust") from None
+    try:
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, ValueError, EOFError, __import__("pickle").UnpicklingError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise CloobError(f"cannot load checkpoint {redact(url)} as {arch}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300] if str(e) else ''}",
+                         f"{plain_data.text_of(e)}",
                          "the weights do not fit the architecture in meta.json; use a checkpoint written "
                          "by this version of `cloob train`") from None
     run_dir = posixpath.dirname(posixpath.dirname(url))

@@ -31,6 +31,7 @@ import shlex
 import uuid
 from dataclasses import dataclass
 
+from cloob import plain_data
 from cloob.errors import CloobError
 
 # atomic_write_bytes and is_local: cloob.train.loop imports them from here.
@@ -226,26 +227,31 @@ class CheckpointStore:
 
     @staticmethod
     def load(ref: CheckpointRef, map_location="cpu") -> tuple[dict, dict, dict]:
-        """(model state_dict, train state, meta) to resume from, every file checked against meta.json.
-        A damaged checkpoint is one DamagedCheckpoint whose fix names the checkpoint to fall back to."""
-        import torch
-
+        """(model state_dict, train state, meta) to resume from, every file checked against meta.json
+        and read as plain data (cloob.plain_data: nothing in a run folder can run code). A damaged
+        checkpoint is one DamagedCheckpoint whose fix names the checkpoint to fall back to."""
         try:
             meta = ref.meta()
             model_bytes = read_verified(ref.url, MODEL_FILE, meta)
             state_bytes = read_verified(ref.url, STATE_FILE, meta)
             verify_files(ref.url, meta, hashed={CONFIG_FILE})
             loaded = []
-            for name, data, weights_only in ((MODEL_FILE, model_bytes, True), (STATE_FILE, state_bytes, False)):
+            for name, data in ((MODEL_FILE, model_bytes), (STATE_FILE, state_bytes)):
                 # Unpickling garbage can raise anything; a damaged file gets here only without a digest.
                 try:
-                    loaded.append(torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only))
+                    loaded.append(plain_data.load(data, map_location, numpy_rng=name == STATE_FILE))
                 except Exception as e:  # noqa: BLE001
-                    first = str(e).splitlines()[0][:200] if str(e) else ""
-                    raise DamagedCheckpoint(ref.url, name, f"cannot be read: {type(e).__name__}: {first}") from None
+                    raise DamagedCheckpoint(ref.url, name, plain_data.why_not_loaded(e),
+                                            _HOSTILE if plain_data.refused_global(e) else None) from None
         except DamagedCheckpoint as e:
-            raise e.with_fix(_fallback_fix(ref)) from None
+            fix = _fallback_fix(ref)
+            raise e.with_fix(f"{e.fix}; {fix}" if e.fix == _HOSTILE else fix) from None
         return loaded[0], loaded[1], meta
+
+
+# A checkpoint that asks to run code was not written by `cloob train`, whose files are plain data.
+_HOSTILE = ("`cloob train` writes only plain data, so someone else wrote this file: check who can write "
+            "this run folder and resume only from run folders you trust")
 
 
 def _fallback_fix(ref: CheckpointRef) -> str:
@@ -268,8 +274,6 @@ def load_init_weights(url: str, sha256: str | None, arch: str, map_location="cpu
     """A warm start's weights (train.init_from): the model file of the checkpoint at url, checked against
     meta.json and against `sha256` (what the launcher resolved), read with weights_only=True; its
     architecture must be the recipe's. Only the weights: no optimizer state, step or schedule."""
-    import torch
-
     meta = read_meta(url)
     fix = "point train.init_from at a checkpoint of this recipe's model.arch, or leave it unset to train from scratch"
     if sha256 and meta.get("model_sha256") != sha256:
@@ -280,6 +284,7 @@ def load_init_weights(url: str, sha256: str | None, arch: str, map_location="cpu
         raise CloobError(f"train.init_from: {_redact(url)} is a {meta['arch']} model, this recipe trains {arch}", fix)
     data = read_verified(url, MODEL_FILE, meta)
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        return plain_data.load(data, map_location)
     except Exception as e:  # noqa: BLE001
-        raise DamagedCheckpoint(url, MODEL_FILE, f"cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
+        raise DamagedCheckpoint(url, MODEL_FILE, plain_data.why_not_loaded(e),
+                                _HOSTILE if plain_data.refused_global(e) else None) from None
