@@ -40,7 +40,12 @@ def read_spec_file(name_or_path: str | Path, specs_dir: Path, what: str, example
         raise CloobError(f"{what} {str(name_or_path)!r} not found",
                          f"pass a YAML path or one of: {', '.join(shipped_specs(specs_dir))}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        raise CloobError(f"{what} {path} is not a text file: byte {e.start} is not UTF-8",
+                         f"give a YAML {what} file (UTF-8 text); see {example} for the layout") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise CloobError(f"{what} {path} is not valid YAML: {e}", "fix the YAML syntax") from None
     if data is None and empty_ok:

@@ -37,6 +37,17 @@ def _use_ephemeral_prefect(home: str) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
 
 
+def local_server_command(home: str, port: int = 4200) -> str:
+    """The command the demo prints to browse its runs: a Prefect server on its database, with
+    Prefect's telemetry off as for the ephemeral one (else the server phones home, and offline logs
+    `Failed to send telemetry`)."""
+    # The UI asks the server's PREFECT_UI_API_URL where the API is, and that defaults to port 4200
+    # whatever port the server listens on: say both, so that another port works too.
+    return (f"PREFECT_HOME={home} PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL=http://127.0.0.1:{port}/api "
+            f"prefect server start --port {port}   then open http://127.0.0.1:{port} (flow runs, logs, the "
+            f"results table and report artifacts; for another port, change all three {port}s)")
+
+
 def store_and_prefect_home(store: str, elsewhere: str) -> tuple[str, str]:
     """(the store, absolute when it is a folder; the ephemeral Prefect's home: <store>/prefect, or
     <elsewhere>/prefect in the working directory when the store is a bucket)."""
@@ -130,11 +141,6 @@ def run_demo(store: str = "./cloob-demo", steps: int = DEFAULT_STEPS, samples: i
     print(f"registry:       {posixpath.join(store, 'registry')}   (cloob registry list --store {store})")
     for r in out["runs"]:
         print(f"checkpoint:     {r['checkpoint']}  ({r['method']}, step {r['step']})")
-    # The UI asks the server's PREFECT_UI_API_URL where the API is, and that defaults to port 4200
-    # whatever port the server listens on: say both, so that another port works too.
-    port = 4200
-    print(f"Prefect UI:     PREFECT_HOME={home} PREFECT_UI_API_URL=http://127.0.0.1:{port}/api "
-          f"prefect server start --port {port}   then open http://127.0.0.1:{port} (flow runs, logs, the "
-          f"results table and report artifacts; for another port, change all three {port}s)")
+    print(f"Prefect UI:     {local_server_command(home)}")
     print(f"time:           {time.time() - t0:.0f} s")
     return 1 if out["failed"] else 0

@@ -171,3 +171,16 @@ def test_the_summary_equals_a_direct_computation_on_the_table():
         assert c["reference_step"] == 1 and math.isclose(c["relative_change"], expect)
     assert not s.missing
     assert summarize_study({**by_run, "never-trained": cells(spec)[0]}, rows).missing == ["never-trained"]
+
+
+def test_a_binary_file_given_as_the_study_is_one_error_naming_it(tmp_path, capsys):
+    """Fault report B24: 3 KB of random bytes as the study YAML was a 24-line UnicodeDecodeError."""
+    from flows.cli import main
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(random.Random(5).randrange(256) for _ in range(3000)))
+    assert main(["study", str(junk), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: study {junk} is not a text file") and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 2 and "\n  fix: give a YAML study" in err
+    assert not (tmp_path / "store").exists()
