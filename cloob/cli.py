@@ -11,6 +11,7 @@ import sys
 import time
 
 from cloob.errors import CloobError
+from cloob.safetext import safe_text
 
 
 def _cmd_train(args) -> int:
@@ -49,7 +50,7 @@ def print_prepare_summary(m: dict, out: str) -> None:
     if t["failures_by_reason"]:
         print(f"  failures by reason ({t['failures']}):")
         for reason, n in list(t["failures_by_reason"].items())[:10]:
-            print(f"    {n:8d}  {reason}")
+            print(f"    {n:8d}  {safe_text(reason)}")  # escaped again: a manifest from before reason_of escaped
         print("  retry them with --retry-failed")
     print(f"  manifest: {out.rstrip('/')}/_cloob/manifest.json (content hash {m['content_hash'][:12]})")
     if m.get("version"):

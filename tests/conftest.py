@@ -151,6 +151,26 @@ def http_server():
         server.server_close()
 
 
+ESCAPE_REASON = "Oops \x1b]0;PWNED-TITLE\x07\x1b[2J\x1b[31mRED\x1b[0m"
+BOMB_SIDE = 30000
+
+
+@functools.cache
+def bomb_png() -> bytes:
+    """A 30000 x 30000 8-bit grayscale PNG of zeros, 875 KB: decoded, 900 MB (fault report B17).
+    Written row by row with zlib, as no image library would hold it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, rows = zlib.compressobj(9), b"\0" * ((BOMB_SIDE + 1) * 1000)  # each row: filter byte 0, then pixels
+    data = b"".join(z.compress(rows) for _ in range(BOMB_SIDE // 1000)) + z.flush()
+    header = struct.pack(">IIBBBBB", BOMB_SIDE, BOMB_SIDE, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
 class _BadCasesHandler(DemoHandler):
     """Demo pictures plus the failure modes of real image URLs (see `image_server`)."""
 
@@ -167,6 +187,8 @@ class _BadCasesHandler(DemoHandler):
             buf = io.BytesIO()
             Image.new("RGB", (2000, 2000), (200, 30, 30)).save(buf, format="JPEG", quality=50)
             return 200, buf.getvalue(), "image/jpeg"
+        if path == "/bad/bomb.png":
+            return 200, bomb_png(), "image/png"
         if path == "/bad/too-many-bytes.jpg":
             return 200, b"\xff\xd8" + os.urandom(300_000) + b"\xff\xd9", "image/jpeg"
         if path.startswith("/flaky/"):  # 503 on the first request for each path, then a picture
@@ -179,6 +201,13 @@ class _BadCasesHandler(DemoHandler):
         return super().route(path)
 
     def do_GET(self):  # noqa: N802
+        if self.path.endswith("/bad/escape-reason.jpg"):
+            # A reason phrase that retitles the window, clears the screen and turns the text red.
+            self.server.requests.append("/bad/escape-reason.jpg")
+            self.send_response(500, ESCAPE_REASON)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path.endswith("/bad/trickle.jpg"):
             self.server.requests.append("/bad/trickle.jpg")
             # Headers promise 100 kB, then one byte every 0.2 s for as long as the client stays.
@@ -201,7 +230,8 @@ class _BadCasesHandler(DemoHandler):
 @pytest.fixture
 def image_server():
     """A DemoServer on 127.0.0.1 serving demo pictures at /<seed>/<size>/<items>/<i>.jpg, plus
-    /bad/{404,not-an-image,truncated,huge-area,too-many-bytes,trickle}.jpg and /flaky/... (503 once).
+    /bad/{404,not-an-image,truncated,huge-area,too-many-bytes,trickle,escape-reason}.jpg (the last: 500
+    with ESCAPE_REASON as its reason phrase), /bad/bomb.png (bomb_png) and /flaky/... (503 once).
     `.requests` lists the paths asked for, in order."""
     server = DemoServer(_BadCasesHandler)
     server.httpd.requests = []

@@ -23,9 +23,11 @@ from cloob.prepare.spec import load_spec
 # 3 shards of 8 demo rows: enough for shards to go to both executors/workers, few enough to be quick.
 DEMO = ["source.samples=24", "download.shard_size=8", "download.processes=2", "download.threads=2",
         "download.image_size=32", "download.retries=0"]
-# The guards' cases: a trickler (cut at the 2 s deadline), a truncated JPEG, a body over the byte cap.
+# The guards' cases: a trickler (cut at the 2 s deadline), a truncated JPEG, a body over the byte cap,
+# a picture whose header declares more pixels than max_image_area (img2dataset's own check decodes first).
 GUARDED = {"trickle.jpg": "download exceeded the 2s deadline", "truncated.jpg": "truncated JPEG",
-           "too-many-bytes.jpg": "response larger than the 200000 byte limit"}
+           "too-many-bytes.jpg": "response larger than the 200000 byte limit",
+           "huge-area.jpg": "2000 x 2000 = 4000000 pixels, above max_image_area 1e+06; refused before decoding"}
 
 
 def _need(module: str, extra: str) -> None:

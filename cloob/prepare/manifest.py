@@ -30,6 +30,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow.parquet as pq
 
+from cloob.safetext import safe_text
 from cloob.storage import Location
 
 MANIFEST_VERSION = 2
@@ -59,11 +60,12 @@ def finished_shards(store: Location) -> dict[int, str]:
 
 
 def reason_of(message: str | None) -> str:
-    """A failure message with its URL left out, so that equal causes count together."""
+    """A failure message with its URL left out, so that equal causes count together, and its control
+    characters escaped: a server's HTTP reason phrase is in it as sent, escape sequences and all."""
     if not message:
         return "unknown"
-    msg = re.sub(r"https?://\S+", "<url>", str(message)).strip()
-    return msg[:160]
+    msg = re.sub(r"https?://\S+", "<url>", str(message)).strip()[:160]
+    return safe_text(msg, limit=len(msg))  # cut first: the same 160 characters as before, escaped
 
 
 class _HashingReader(io.RawIOBase):

@@ -39,10 +39,38 @@ limits = {"deadline": float(os.environ.get("CLOOB_FETCH_DEADLINE", "60")),
           "max_bytes": int(os.environ.get("CLOOB_FETCH_MAX_BYTES", str(50 * 2**20)))}
 
 
-def check_body(data: bytes | bytearray) -> str | None:
-    """An error message for a body that cannot be a whole image, else None."""
+def declared_size(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(width, height) as the image's header declares them, read without decoding a pixel; None when
+    no PIL format recognises the header (img2dataset's decoder then refuses the body itself).
+
+    The format plugins are asked directly, as Image.open does, but without Image.open's own bomb
+    check: it raises above 2 x PIL's MAX_IMAGE_PIXELS and warns above it, a process-wide setting
+    that max_image_area, not PIL's default, should decide here."""
+    from PIL import Image
+
+    Image.init()
+    head = bytes(data[:16])
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and not accept(head):
+            continue
+        try:
+            return factory(io.BytesIO(data), "").size
+        except Exception:  # noqa: BLE001 -- not this format (or a broken header): try the next
+            continue
+    return None
+
+
+def check_body(data: bytes | bytearray, max_image_area: float = float("inf")) -> str | None:
+    """An error message for a body that cannot be a whole image, or declares more pixels than
+    max_image_area, else None."""
     if data[:2] == _JPEG_SOI and _JPEG_EOI not in data[-4096:]:
         return "truncated JPEG (no end-of-image marker)"
+    size = declared_size(data)
+    if size is not None and size[0] * size[1] > max_image_area:
+        # img2dataset checks the area only after decoding: 875 KB of PNG decode to 900 MB.
+        return (f"image area too large: the header declares {size[0]} x {size[1]} = {size[0] * size[1]} "
+                f"pixels, above max_image_area {max_image_area:g}; refused before decoding")
     return None
 
 
@@ -74,7 +102,7 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
                     return key, None, f"response larger than the {max_bytes} byte limit"
                 if time.monotonic() > deadline:
                     return key, None, f"download exceeded the {deadline_s:g}s deadline"
-        problem = check_body(buf)
+        problem = check_body(buf, limits["max_image_area"])
         if problem:
             return key, None, problem
         return key, io.BytesIO(bytes(buf)), None
@@ -83,6 +111,20 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
 
 
 _downloader.download_image = download_image
+
+# The area limit is img2dataset's own max_image_area, which its Resizer applies only after decoding:
+# each shard's Downloader carries it to whichever process runs the shard (a pool worker, a Spark
+# executor, a Ray worker), where it becomes the limit download_image checks against the header.
+limits["max_image_area"] = float("inf")
+_call = _downloader.Downloader.__call__
+
+
+def _call_with_area_limit(self, row):
+    limits["max_image_area"] = float(getattr(getattr(self, "resizer", None), "max_image_area", float("inf")))
+    return _call(self, row)
+
+
+_downloader.Downloader.__call__ = _call_with_area_limit
 
 
 # ------------------------------------------------------------------ work for a preparation that ended
