@@ -377,3 +377,153 @@ def test_the_pipelines_already_done_key_sees_a_grown_source(tmp_path, image_serv
     assert prepared(spec(table), out) is None  # grown: not "already done"
     m = prepare(spec(table), out, progress=False)
     assert m["version"] == 2 and prepared(spec(table), out) not in (None, first)
+
+
+def _old_match(source_file: str, known, tried: set[int], ok: set[int], retry_failed: bool):
+    """The whole-table match the versions made before the matching was partitioned (every row's
+    digests in memory, one hash join, one sort): (ids, pending, removed, rows digest, new keys)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from cloob.prepare.identity import as_u64, key_array, with_occurrence
+
+    t = pq.read_table(source_file, columns=["key", "content"])
+    keys = with_occurrence(as_u64(t["key"].combine_chunks().buffers()[1].to_pybytes()[:16 * len(t)]))
+    content = as_u64(t["content"].combine_chunks().buffers()[1].to_pybytes()[:16 * len(t)])
+    idx = pc.index_in(key_array(keys), value_set=known["key"])
+    matched = idx.is_valid().to_numpy(zero_copy_only=False)
+    ids = np.full(len(keys), -1, dtype=np.int64)
+    ids[matched] = known["row_id"].take(pc.drop_null(idx)).to_numpy(zero_copy_only=False)
+    fresh = np.flatnonzero(~matched)
+    known_ids = known["row_id"].to_numpy(zero_copy_only=False)
+    ids[fresh] = np.arange(known_ids.max() + 1, known_ids.max() + 1 + len(fresh))
+    pending = ~np.isin(ids, list(tried))
+    if retry_failed:
+        pending |= np.isin(ids, list(tried)) & ~np.isin(ids, list(ok))
+    order = np.argsort(ids, kind="stable")
+    digest = hashlib.sha256(ids[order].astype("<i8").tobytes() + content[order].astype("<u8").tobytes())
+    return ids, pending, np.setdiff1d(known_ids, ids), digest.hexdigest(), (key_array(keys[fresh]), ids[fresh])
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_the_match_in_many_partitions_is_the_whole_tables(tmp_path, monkeypatch, retry_failed):
+    """The re-read source matched partition by partition (tiny partitions, source batches and
+    buckets, so every step runs over many of them) gives every row the row id, the rows to fetch,
+    the removed rows, the rows' digest and the files that the whole-table match gave: rows listed
+    twice or three times (matched in order, across partitions), keyed and unkeyed, known rows gone."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import cloob.prepare.matching as matching
+    import cloob.prepare.versions as v
+    from cloob.prepare.identity import KEY_SCHEMA, KEYS, digest16, identity, key_array, with_occurrence
+    from cloob.storage import Location
+
+    def table(ids):
+        return [(f"https://h.example/{i % 23}.jpg", f"caption {i % 23}" if i % 3 else f"c {i}") for i in ids]
+
+    v1 = table(range(60))  # rows 0..59; several of them the same url and caption
+    store = Location(str(tmp_path / "ds"))
+    (tmp_path / "ds" / "_cloob").mkdir(parents=True)
+    pq.write_table(pa.table({"row_id": pa.array(range(60), pa.int64()), "url": [u for u, _ in v1],
+                             "caption": [c for _, c in v1], "source_key": [f"line:{i + 1}" for i in range(60)]}),
+                   tmp_path / "ds" / "_cloob" / "rows.parquet")
+    grown = [*v1[5:40], *table(range(60, 90)), *v1[45:], *table([7, 7, 8])]  # 10 gone, duplicates, new rows
+    tsv = write(tmp_path / "rows.tsv", grown)
+    the_spec = spec(tsv)
+
+    def run(partition_rows: int, batch: int):
+        for mod in (matching, v):
+            monkeypatch.setattr(mod, "BATCH", batch)
+        monkeypatch.setattr(matching, "PARTITION_ROWS", partition_rows)
+        for f in (tmp_path / "ds" / "_cloob").glob("keys/*"):
+            f.unlink()
+        folder = str(tmp_path / "ds" / "_cloob")
+        src, n, _ = v._read_source(the_spec, folder, False)
+        names = matching.key_files(store, folder)
+        first = (tmp_path / "ds" / "_cloob" / "keys" / "000.parquet").read_bytes()
+        tried = set(range(0, 60, 2)) | {65}
+        ok = set(range(0, 60, 4))
+        flags = [np.isin(np.arange(70), list(s)) for s in (tried, ok)]
+        with matching.Match(store, src, n, folder) as m:
+            m.run(*flags, retry_failed)
+            digest, added, top = m.digest(59)
+            fresh = pq.read_table(m.fresh_file)
+            delta = pq.read_table(m.delta_file)
+            files = (first, open(m.fresh_file, "rb").read(), open(m.delta_file, "rb").read())
+            out = (m.removed.tolist(), m.n_fresh, m.n_pending, m.new_rows, digest, added, top)
+        assert names == [f"{KEYS}/000.parquet"] and not list((tmp_path / "ds" / "_cloob").glob(".tmp-match-*"))
+        return src, tried, ok, out, fresh, delta, files
+
+    src, tried, ok, small, fresh, delta, files = run(2, 4)
+    # version 1's keys: the rows file's identities, occurrences counted over the whole file
+    rows = pq.read_table(tmp_path / "ds" / "_cloob" / "rows.parquet").to_pylist()
+    keys = np.frombuffer(b"".join(digest16(identity(r)) for r in rows), dtype=np.uint64).reshape(-1, 2)
+    known = pa.table({"key": key_array(with_occurrence(keys)), "row_id": pa.array(range(60), pa.int64())},
+                     schema=KEY_SCHEMA)
+    assert pq.read_table(pa.BufferReader(files[0])).equals(known)
+    ids, pending, removed, digest, (fresh_keys, fresh_ids) = _old_match(src, known, tried, ok, retry_failed)
+    new_rows = bool((pending & ~np.isin(ids, list(tried))).any())
+    assert small == (removed.tolist(), len(fresh_ids), int(pending.sum()), new_rows, digest, int((ids > 59).sum()),
+                     int(ids.max()))
+    assert fresh.equals(pa.table({"key": fresh_keys, "row_id": pa.array(fresh_ids)}, schema=KEY_SCHEMA))
+    source = pq.read_table(src)
+    assert delta.column("row_id").to_pylist() == ids[pending].tolist()
+    assert delta.column("url").to_pylist() == source["url"].filter(pa.array(pending)).to_pylist()
+    assert len(set(grown)) < len(grown) and len(removed) and len(fresh_ids) and pending.any() and not pending.all()
+    # one partition: the same, and the files byte for byte as the whole-table code wrote them
+    src, *_, one, fresh1, delta1, files1 = run(1 << 18, 65536)
+    assert (one, fresh1, delta1, files1[:2]) == (small, fresh, delta, files[:2])
+    assert files1[2] == _old_delta_rows(tmp_path / "old-delta.parquet", src, np.flatnonzero(pending), ids)
+
+
+def _old_delta_rows(path, source_file, positions, ids) -> bytes:
+    """The url list of an extend round as the whole-table code wrote it (run.py's _write_delta_rows)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cloob.prepare.run import ROW_SCHEMA
+
+    wanted = np.zeros(len(ids), dtype=bool)
+    wanted[positions] = True
+    with pq.ParquetWriter(path, ROW_SCHEMA) as writer:
+        at = 0
+        for batch in pq.ParquetFile(source_file).iter_batches(batch_size=65536):
+            mask = wanted[at:at + batch.num_rows]
+            if mask.any():
+                t = pa.Table.from_batches([batch]).filter(pa.array(mask))
+                t = t.append_column("row_id", pa.array(ids[at:at + batch.num_rows][mask], pa.int64()))
+                writer.write_table(t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
+            at += batch.num_rows
+    return path.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_version_matched_in_many_partitions_is_the_same_version(tmp_path, image_server, monkeypatch):
+    """`cloob prepare` on a grown table (rows gone, rows listed twice, new rows) with the matching
+    forced through many tiny partitions makes the version that one partition makes: the same rows
+    fetched, row ids, removed rows, left-out samples and content hash."""
+    import cloob.prepare.matching as matching
+
+    url = image_server.url
+    v1 = rows(url, range(24))
+    grown = [*v1[:3], *v1[4:17], *v1[18:], *rows(url, range(24, 30)), v1[5], v1[5], v1[9]]
+    made = []
+    for partition_rows in (1 << 18, 2):
+        monkeypatch.setattr(matching, "PARTITION_ROWS", partition_rows)
+        table = write(tmp_path / f"rows-{partition_rows}.tsv", v1)
+        out = tmp_path / f"ds-{partition_rows}"
+        prepare(spec(table), str(out), progress=False)
+        fetched(image_server)
+        write(table, grown)
+        m = prepare(spec(table), str(out), progress=False)
+        made.append((fetched(image_server), m["content_hash"], m["rows"]["sha256"], m["removed_row_ids"],
+                     m["excluded_keys"], m["rows_added"], m["totals"]["samples"],
+                     [f.read_bytes() for d in ("keys", "retry") for f in sorted((out / "_cloob" / d).iterdir())]))
+    assert made[0][:7] == ([5, 5, 9, 24, 25, 26, 27, 28, 29], *made[0][1:3], [3, 17], *made[0][4:5], 9, 31)
+    assert made[1] == made[0]

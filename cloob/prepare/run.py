@@ -457,26 +457,6 @@ def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_f
     return {**manifest, "run": {"seconds": round(time.monotonic() - t0, 2), "rounds": rounds, "noop": False}}
 
 
-def _write_delta_rows(store: Location, source_file: str, positions, ids) -> str:
-    """The source rows at `positions` (of the temporary source file, in source order) with their row
-    ids `ids[position]`, as the next `_cloob/retry/NNN.parquet`: an extend round's url list."""
-    import numpy as np
-
-    target = next_retry_file(store)
-    wanted = np.zeros(len(ids), dtype=bool)
-    wanted[positions] = True
-    with staged(store, target, ".tmp-retry-") as tmp, pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
-        at = 0
-        for batch in pq.ParquetFile(source_file).iter_batches(batch_size=65536):
-            mask = wanted[at:at + batch.num_rows]
-            if mask.any():
-                t = pa.Table.from_batches([batch]).filter(pa.array(mask))
-                t = t.append_column("row_id", pa.array(ids[at:at + batch.num_rows][mask], pa.int64()))
-                writer.write_table(t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
-            at += batch.num_rows
-    return target
-
-
 def read_manifest(out: str) -> dict | None:
     """The manifest of the dataset prepared at `out`, or None if it is not (yet) complete."""
     return Location(out).read_json(f"{META}/manifest.json")

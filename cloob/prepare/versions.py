@@ -43,11 +43,12 @@ The version's content hash is the manifest's (cloob.prepare.manifest.content_has
 digest taken over (row id, url, caption) of the version's rows in row-id order and the excluded
 sample keys added where there are any.
 
-Memory: the rows stream through a temporary parquet file; the matching keeps two 16-byte digests a
-source row in numpy arrays (identity and content, no Python object a row) and sorts them. Measured
-(bench/bench_versions.py --match-rows): see BENCHMARKS.md, "re-reading the source at scale"; it
-peaked at 0.9 GB for 3 million rows (interpreter included), about 290 bytes a row: about 1 GB for
-CC3M, 4 GB for YFCC15M. (Partitioning the digests by their first byte would bound it; not done.)
+Memory: bounded, whatever the number of rows. The rows stream through a temporary parquet file, and
+the matching (cloob.prepare.matching) goes through partitions of the identities and buckets by
+position and by row id, temporary files on local disk, one at a time (PARTITION_ROWS rows each, plus
+a byte a row id for each of three flags). Measured: see BENCHMARKS.md, "re-reading the source at
+scale" (bench/bench_versions.py --match-rows). The row outcomes that build_manifest and the
+version's totals count (manifest.row_outcomes: Python sets of every shard's row ids) are not bounded.
 
 For the rest of the pipeline:
 
@@ -61,7 +62,6 @@ For the rest of the pipeline:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import tempfile
@@ -76,19 +76,9 @@ import pyarrow.parquet as pq
 from cloob.data.shards import VERSIONS_DIR, read_version_ref
 from cloob.errors import CloobError
 from cloob.prepare.folder import META, write_json
-from cloob.prepare.identity import (
-    BATCH,
-    KEY_SCHEMA,
-    KEYS,
-    as_u64,
-    digest16,
-    identity,
-    key_array,
-    known_keys,
-    with_occurrence,
-    write_parquet,
-)
+from cloob.prepare.identity import BATCH, KEYS, digest16, identity
 from cloob.prepare.manifest import build_manifest, finished_shards
+from cloob.prepare.matching import Match, fixed16, shard_flags
 from cloob.prepare.sources import iter_rows
 from cloob.prepare.spec import Cc3mSource, PretrainSpec, TableSource, Yfcc15mSource
 from cloob.storage import Location
@@ -139,31 +129,38 @@ def fingerprint(spec: PretrainSpec) -> list | None:
 
 
 def _read_source(spec: PretrainSpec, folder: str, progress: bool):
-    """Stream the source's rows into a temporary parquet file (source order); returns (its path,
-    identity keys (n, 2), content digests (n, 2), counts)."""
+    """Stream the source's rows into a temporary parquet file (source order, BATCH rows a row group),
+    each with its identity's and its content's 16-byte digests (`key`, `content`); returns (its path,
+    its number of rows, counts)."""
     from tqdm import tqdm
 
     counts: Counter = Counter()
-    kbuf, cbuf = bytearray(), bytearray()
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-source-", suffix=".parquet")
     os.close(fd)
-    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
-    cols: dict[str, list] = {k: [] for k in schema.names}
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string()),
+                        ("key", pa.binary(16)), ("content", pa.binary(16))])
+    cols: dict[str, list] = {k: [] for k in schema.names[:3]}
+    kbuf, cbuf, n = bytearray(), bytearray(), 0
     bar = tqdm(desc=f"{spec.name}: reading the source again", unit=" rows", disable=not progress, leave=False)
+
+    def flush(writer) -> None:
+        writer.write_table(pa.table({**cols, "key": fixed16(kbuf), "content": fixed16(cbuf)}, schema=schema))
+        for v in (*cols.values(), kbuf, cbuf):
+            v.clear()
+
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for row in iter_rows(spec, counts, progress):
                 kbuf += digest16(identity(row))
                 cbuf += digest16(f"{row['url']}\t{row['caption']}")
-                for k in schema.names:
+                for k in cols:
                     cols[k].append(row[k])
+                n += 1
                 if len(cols["url"]) >= BATCH:
-                    writer.write_table(pa.table(cols, schema=schema))
-                    for v in cols.values():
-                        v.clear()
+                    flush(writer)
                 bar.update()
             if cols["url"]:
-                writer.write_table(pa.table(cols, schema=schema))
+                flush(writer)
         if counts["kept"] == 0:  # an empty export is a broken one far more often than a takedown of every row
             raise CloobError(
                 f"the source of {spec.name!r} gave no usable rows this time (read {counts['read']}, invalid URL "
@@ -174,20 +171,7 @@ def _read_source(spec: PretrainSpec, folder: str, progress: bool):
         raise
     finally:
         bar.close()
-    return tmp, with_occurrence(as_u64(kbuf)), as_u64(cbuf), counts
-
-
-def _shard_rows(store: Location, shards: dict[int, str]) -> tuple[np.ndarray, pa.Table]:
-    """(every row id given to a finished shard, (row_id, key) of the samples that succeeded)."""
-    attempted, ok = [], []
-    for stem in shards.values():
-        with store.open(f"{stem}.parquet", "rb") as f:
-            t = pq.read_table(f, columns=["row_id", "key", "status"])
-        attempted.append(t["row_id"].to_numpy(zero_copy_only=False))
-        ok.append(t.filter(pc.equal(t["status"], "success")).select(["row_id", "key"]))
-    ids = np.concatenate(attempted) if attempted else np.zeros(0, dtype=np.int64)
-    good = pa.concat_tables(ok) if ok else pa.table({"row_id": pa.array([], pa.int64()), "key": pa.array([], pa.string())})
-    return ids, good
+    return tmp, n, counts
 
 
 # ------------------------------------------------------------------------------------ versions
@@ -230,75 +214,59 @@ def next_version(store: Location, spec: PretrainSpec, spec_hash: str, *, retry_f
         return _noop(prev, t0, f"no new rows since version {n_prev} (the source's files are unchanged)")
 
     folder = store.path(META) if store.is_local else None
-    tmp, keys, content, counts = _read_source(spec, folder, progress)
+    tmp, n, counts = _read_source(spec, folder, progress)
     try:
-        known = known_keys(store)
-        idx = pc.index_in(key_array(keys), value_set=known["key"])
-        matched = idx.is_valid().to_numpy(zero_copy_only=False)
-        ids = np.full(len(keys), -1, dtype=np.int64)
-        if matched.any():
-            ids[matched] = known["row_id"].take(pc.drop_null(idx)).to_numpy(zero_copy_only=False)
-        fresh = np.flatnonzero(~matched)
-        known_ids = known["row_id"].to_numpy(zero_copy_only=False)
-        first_new = int(known_ids.max()) + 1 if len(known_ids) else 0
-        ids[fresh] = np.arange(first_new, first_new + len(fresh), dtype=np.int64)
-
-        shards = finished_shards(store)
-        attempted, good = _shard_rows(store, shards)
-        pending = ~np.isin(ids, attempted)  # new rows, and rows of a killed run
-        if retry_failed:
-            ok_ids = good["row_id"].to_numpy(zero_copy_only=False)
-            pending |= np.isin(ids, attempted) & ~np.isin(ids, ok_ids)
-        removed = np.setdiff1d(known_ids, ids)
-        gone, back = _removed_counts(prev, removed)
-        if not pending.any() and not gone and not back:
-            if fp is not None:
-                write_json(store, SOURCE_STATE, {"fingerprint": fp, "version": n_prev})
-            return _noop(prev, t0, f"no new rows since version {n_prev}")
-
-        if len(fresh):  # their ids, before any of them can reach a shard
-            store.refresh()
-            n_keys = len(store.glob(f"{KEYS}/*.parquet"))
-            write_parquet(store, f"{KEYS}/{n_keys:03d}.parquet",
-                           pa.table({"key": key_array(keys[fresh]), "row_id": pa.array(ids[fresh], pa.int64())},
-                                    schema=KEY_SCHEMA))
-        rounds = []
-        todo = np.flatnonzero(pending)
-        if len(todo):
-            from cloob.prepare.run import _remove_unfinished, _write_delta_rows
-
-            _remove_unfinished(store, shards, from_id=max(shards, default=-1) + 1)
-            url_list = _write_delta_rows(store, tmp, todo, ids)
-            first = max(shards, default=-1) + 1
-            expect = list(range(first, first + -(-len(todo) // spec.download.shard_size)))
-            r = run_round(url_list, len(todo), expect)
-            r["mode"] = "new-rows" if (~np.isin(ids[todo], attempted)).any() else "retry-failed"
-            rounds.append(r)
+        with Match(store, tmp, n, folder) as match:
             shards = finished_shards(store)
-            attempted, good = _shard_rows(store, shards)
+            tried, ok = shard_flags(store, shards)
+            match.run(tried, ok, retry_failed)  # pending: new rows, rows of a killed run (and failed ones)
+            removed = match.removed
+            gone, back = _removed_counts(prev, removed)
+            if not match.n_pending and not gone and not back:
+                if fp is not None:
+                    write_json(store, SOURCE_STATE, {"fingerprint": fp, "version": n_prev})
+                return _noop(prev, t0, f"no new rows since version {n_prev}")
+
+            if match.n_fresh:  # their ids, before any of them can reach a shard
+                store.refresh()
+                n_keys = len(store.glob(f"{KEYS}/*.parquet"))
+                store.move_in(match.fresh_file, f"{KEYS}/{n_keys:03d}.parquet")
+            rounds = []
+            if match.n_pending:
+                from cloob.prepare.folder import next_retry_file
+                from cloob.prepare.run import _remove_unfinished
+
+                _remove_unfinished(store, shards, from_id=max(shards, default=-1) + 1)
+                url_list = next_retry_file(store)
+                store.move_in(match.delta_file, url_list)
+                first = max(shards, default=-1) + 1
+                expect = list(range(first, first + -(-match.n_pending // spec.download.shard_size)))
+                r = run_round(url_list, match.n_pending, expect)
+                r["mode"] = "new-rows" if match.new_rows else "retry-failed"
+                rounds.append(r)
+                shards = finished_shards(store)
+            prev_last = prev.get("last_row_id")
+            if prev_last is None:  # version 1: the first keys file holds its rows
+                with store.open(f"{KEYS}/000.parquet", "rb") as f:
+                    prev_last = max((int(pc.max(b.column(0)).as_py()) for b in
+                                     pq.ParquetFile(f).iter_batches(batch_size=BATCH, columns=["row_id"])
+                                     if b.num_rows), default=-1)
+            digest, added, top = match.digest(prev_last)
+            excluded = match.excluded(shards)
     finally:
         os.unlink(tmp)
 
-    order = np.argsort(ids, kind="stable")
-    digest = hashlib.sha256(ids[order].astype("<i8").tobytes() + content[order].astype("<u8").tobytes())
-    rows = {"spec_hash": spec_hash, "sha256": digest.hexdigest(), "read": counts["read"], "kept": counts["kept"],
+    rows = {"spec_hash": spec_hash, "sha256": digest, "read": counts["read"], "kept": counts["kept"],
             "invalid_url": counts["invalid_url"], "empty_caption": counts["empty_caption"]}
     history = list(prev.get("history") or []) + rounds
     m = build_manifest(store, META, spec=spec, spec_hash=spec_hash, rows=rows, history=history, progress=progress)
-    gone_ok = good.filter(pc.invert(pc.is_in(good["row_id"], value_set=pa.array(ids))))
-    excluded = sorted(gone_ok["key"].to_pylist())
-    prev_last = prev.get("last_row_id")
-    if prev_last is None:  # version 1: the first keys file holds its rows
-        with store.open(f"{KEYS}/000.parquet", "rb") as f:
-            prev_last = int(pc.max(pq.read_table(f, columns=["row_id"])["row_id"]).as_py())
-    added = int((ids > prev_last).sum())
     from cloob.prepare.manifest import row_outcomes
 
     ok_ids, fails = row_outcomes(store, finished_shards(store))
     left_out = set(removed.tolist())  # rows no longer in the source count neither way
     fails = {rid: why for rid, why in fails.items() if rid not in left_out}
     m = _versioned(m, version=n_prev + 1, excluded=excluded, removed=removed, added=added, gone=gone, back=back,
-                   ok_in_version=len(ok_ids - left_out), fails=fails, last_row_id=int(max(ids.max(), prev_last)))
+                   ok_in_version=len(ok_ids - left_out), fails=fails, last_row_id=int(max(top, prev_last)))
     if n_prev == 1 and not store.exists(f"{VERSIONS}/v1.json"):
         write_json(store, f"{VERSIONS}/v1.json", {**_as_manifest(prev), "version": 1})
     write_json(store, f"{VERSIONS}/v{n_prev + 1}.json", m)
