@@ -12,6 +12,7 @@ import time
 
 from cloob.errors import CloobError
 from cloob.safetext import safe_text
+from cloob.storage_errors import QuietStorageTasks, storage_failure
 
 
 def _cmd_train(args) -> int:
@@ -396,16 +397,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stores(args) -> list[str]:
+    """The locations a command was given, for naming the store in an error."""
+    found = [v for a in ("registry", "results", "store", "out", "downstream") if isinstance(v := getattr(args, a, None), str)]
+    for a in ("models", "refs", "files"):  # checkpoints given by URL
+        found += [v for v in getattr(args, a, None) or [] if isinstance(v, str) and "://" in v]
+    return found
+
+
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     """Run a command; `parser` lets flows.cli add the commands that orchestrate (demo, deploy)."""
     args = (parser or build_parser()).parse_args(argv)
     if not getattr(args, "own_logging", False):  # the flow commands keep Prefect's console format
         logging.basicConfig(level=os.environ.get("CLOOB_LOG_LEVEL", "WARNING"),
                             format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncio").addFilter(QuietStorageTasks())  # no stray tracebacks of a lost store's tasks
     try:
         return args.func(args)
     except CloobError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # A store that is down, slow, full or misaddressed is no bug: one message naming it and the fix.
+        err = storage_failure(e, _stores(args))
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `cloob results | head`: the reader left; say nothing more (and not on the closed pipe).

@@ -7,6 +7,9 @@ reads JSON, writes atomically, lists, globs and removes. Every write is atomic: 
 whole or not at all. Listings never come from a stale cache (other processes write here too), and
 leave out hidden names ('.tmp-*' files of writes in progress) unless asked.
 
+Every s3:// file system in the process has time limits and bounded retries (cloob.storage_s3,
+registered here); cloob.storage_errors turns a store's failures into one message.
+
 No torch here, so data preparation and its subprocesses start fast.
 """
 
@@ -19,6 +22,21 @@ import tempfile
 from typing import Any, Literal
 
 import fsspec
+from fsspec.registry import register_implementation, registry
+
+
+def _limit_s3() -> None:
+    """Every s3:// file system made in this process gets cloob's time limits (cloob.storage_s3)."""
+    impl = "cloob.storage_s3.LimitedS3FileSystem"
+    if "s3" in registry:  # s3fs already loaded: register the class itself
+        from cloob.storage_s3 import LimitedS3FileSystem
+
+        register_implementation("s3", LimitedS3FileSystem, clobber=True)
+    else:  # by name: s3fs (a third of a second) is imported only when an s3:// URL is opened
+        register_implementation("s3", impl, clobber=True, errtxt="install s3fs to use s3:// URLs")
+
+
+_limit_s3()
 
 
 def is_local(fs) -> bool:

@@ -13,37 +13,20 @@ error into a CloobError inside the worker and hands it over as an ordinary item 
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import logging
 
 from torch.utils.data import IterableDataset
 
 from cloob.data.stream import NoUsableData
 from cloob.errors import CloobError
+from cloob.storage_errors import QuietStorageTasks  # noqa: F401  (the training loop's filter, defined with the mapping)
+from cloob.storage_errors import chain as _chain
+from cloob.storage_errors import is_storage_error as _is_storage_error
+from cloob.storage_errors import one_line as _one_line
 
 RESUME = "then rerun the same command: it resumes from the last complete checkpoint"
 _ERROR_KEY = "__cloob_error__"
-
-# Exception types of the storage clients, by module, so that none of them must be installed here.
-_STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3", "requests", "gcsfs", "adlfs")
-
-
-def _one_line(text: object, limit: int = 400) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _is_storage_error(e: BaseException) -> bool:
-    return any(c.__module__.split(".")[0] in _STORAGE_MODULES for c in type(e).__mro__) or \
-        isinstance(e, (ConnectionError, TimeoutError))
 
 
 def as_cloob_error(exc: BaseException, *, run_dir: str, data: str) -> CloobError | None:
@@ -78,15 +61,26 @@ def as_cloob_error(exc: BaseException, *, run_dir: str, data: str) -> CloobError
     return None
 
 
-class QuietStorageTasks(logging.Filter):
-    """For the "asyncio" logger: drops "Task exception was never retrieved" records of storage-client
-    errors. When the store goes away in the middle of an upload, aiohttp leaves such a task behind
-    and asyncio logs its traceback at garbage collection, next to the error that the call itself
-    raised, and which is reported."""
+@contextlib.contextmanager
+def writing_checkpoint(step: int, last, *, run_dir: str, data: str):
+    """Around the write of step's checkpoint: a store that fails it (down, timed out, full) stops the
+    run with one error naming the last complete checkpoint (`last`, a CheckpointRef or None).
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or "never retrieved" not in str(record.msg) or not _is_storage_error(exc)
+    Stopping, not training on to retry at the next checkpoint: work that cannot be saved is lost
+    either way, and more of it the longer the run goes on; the other ranks would wait at the
+    checkpoint's barrier meanwhile; a store that is down usually serves the data shards too. A rerun
+    resumes from the named checkpoint exactly (every write is atomic: the failed one leaves no
+    half-checkpoint that a resume would take)."""
+    try:
+        yield
+    except Exception as e:
+        err = as_cloob_error(e, run_dir=run_dir, data=data)
+        if err is None or err is e:
+            raise
+        kept = f"its last complete checkpoint is {last.url} (step {last.step})" if last else \
+            "it has no complete checkpoint yet (a rerun starts over)"
+        raise CloobError(f"{err.problem}; the checkpoint of step {step} was not written and the run stopped: {kept}",
+                         err.fix) from None
 
 
 class ReportErrors(IterableDataset):

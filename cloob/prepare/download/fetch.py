@@ -54,6 +54,7 @@ if __name__ == "__mp_main__":  # one of img2dataset's spawned processes (pool wo
     _FETCH_PID = int(os.environ.get("CLOOB_FETCH_PID") or os.getppid())
     _exit_with(_FETCH_PID)
 
+from cloob import storage  # noqa: E402,F401  (registers the S3 time limits for img2dataset's shard writes, here and in pool workers)
 from cloob.prepare.download import guards  # noqa: E402  (importing it installs the download guards, here and in pool workers)
 
 if __name__ == "__mp_main__":
