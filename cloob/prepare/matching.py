@@ -82,6 +82,13 @@ def _pos_rows() -> int:
     return BATCH * max(1, PARTITION_ROWS // BATCH)
 
 
+def _batches(source, columns: list[str]):
+    """A parquet file's rows, BATCH at a time, read on this thread without pre-buffering: the
+    readers' threads and buffers leave the process's memory high after them otherwise."""
+    return pq.ParquetFile(source, pre_buffer=False).iter_batches(batch_size=BATCH, columns=columns,
+                                                                 use_threads=False)
+
+
 def _flag(flags: np.ndarray, ids: np.ndarray) -> np.ndarray:
     out = np.zeros(len(ids), dtype=bool)
     inside = ids < len(flags)
@@ -184,11 +191,10 @@ def _first_keys(store: Location, tmp: str) -> None:
     file's order, partitioned as `Match` does."""
     schema = pa.schema([("pos", pa.int64()), ("key", DIGEST), ("row_id", pa.int64())])
     with store.open(f"{META}/rows.parquet", "rb") as f:
-        pf = pq.ParquetFile(f)
-        n = pf.metadata.num_rows
-        bits = _bits(n)
+        bits = _bits(pq.ParquetFile(f).metadata.num_rows)
+        f.seek(0)
         parts, at = Spill(tmp, "rows", schema), 0
-        for batch in pf.iter_batches(batch_size=BATCH, columns=["row_id", "url", "caption", "source_key"]):
+        for batch in _batches(f, ["row_id", "url", "caption", "source_key"]):
             buf = bytearray()
             for url, caption, sk in zip(*(batch.column(c).to_pylist() for c in ("url", "caption", "source_key"))):
                 buf += digest16(identity({"url": url, "caption": caption, "source_key": sk}))
@@ -257,7 +263,7 @@ class Match:
         bits = _bits(max(self.n, n_known))
         known = self._known(names, bits)
         source, at = Spill(self.tmp, "source", BY_KEY), 0
-        for batch in pq.ParquetFile(self.source_file).iter_batches(batch_size=BATCH, columns=["key", "content"]):
+        for batch in _batches(self.source_file, ["key", "content"]):
             pos = pa.array(np.arange(at, at + batch.num_rows, dtype=np.int64))
             source.add(_partition(digests(batch.column("key")), bits),
                        pa.table([pos, batch.column("key"), batch.column("content")], schema=BY_KEY))
@@ -288,7 +294,7 @@ class Match:
         known, top = Spill(self.tmp, "known", KEY_SCHEMA), -1
         for name in names:
             with self.store.open(name, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH, columns=["key", "row_id"]):
+                for batch in _batches(f, ["key", "row_id"]):
                     t = pa.Table.from_batches([batch]).cast(KEY_SCHEMA)
                     if len(t):
                         top = max(top, int(pc.max(t["row_id"]).as_py()))
@@ -303,8 +309,7 @@ class Match:
 
         self.by_id = Spill(self.tmp, "by-id", BY_ID)
         fresh_out = delta = None
-        batches = pq.ParquetFile(self.source_file).iter_batches(batch_size=BATCH,
-                                                                columns=["url", "caption", "source_key"])
+        batches = _batches(self.source_file, ["url", "caption", "source_key"])
         try:
             for b in range(-(-self.n // step)):
                 t = _in_order(by_pos.read(b), b * step, min(step, self.n - b * step))
