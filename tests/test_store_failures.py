@@ -127,6 +127,13 @@ def test_a_full_disk_is_one_error(checkpoint, downstream, tmp_path, monkeypatch,
                 where = disk / ("reg" if name.startswith("registry") else "results")
                 assert f"no space left on the device of {where} " in error and "Errno 28" in error, error
                 assert "free space there" in fix
+            # cloob results writing its report (results.md, the figures) onto the full disk
+            fine = _commands(checkpoint, downstream, tmp_path, str(tmp_path / "reg"), str(tmp_path / "res"))["evaluate"]
+            proc = _cloob(*fine, env=dict(os.environ), cwd=tmp_path)
+            assert proc.communicate(timeout=300) and proc.returncode == 0
+            error, fix = _one_error(_cloob("results", "--results", tmp_path / "res", "--out", disk / "report",
+                                           env=dict(os.environ), cwd=tmp_path))
+            assert f"no space left on the device of {disk / 'report'} " in error and "free space there" in fix
         finally:
             subprocess.run(["umount", "-l", str(disk)], check=False)
         return
