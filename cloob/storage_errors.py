@@ -44,14 +44,18 @@ def chain(exc: BaseException | None) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
+def _of_storage_client(e: BaseException) -> bool:
+    return any(c.__module__.split(".")[0] in STORAGE_MODULES for c in type(e).__mro__)
+
+
 def is_storage_error(e: BaseException) -> bool:
-    """An error of a storage client, or a lost connection or a timeout."""
-    return any(c.__module__.split(".")[0] in STORAGE_MODULES for c in type(e).__mro__) or \
-        isinstance(e, (ConnectionError, TimeoutError))
+    """An error of a storage client, or a lost connection or a timeout (for training, whose only
+    connections are to its store and its peers)."""
+    return _of_storage_client(e) or isinstance(e, (ConnectionError, TimeoutError))
 
 
 def _is_timeout(e: BaseException) -> bool:
-    return isinstance(e, TimeoutError) or (is_storage_error(e) and "Timeout" in type(e).__name__)
+    return isinstance(e, TimeoutError) or (_of_storage_client(e) and "Timeout" in type(e).__name__)
 
 
 def _is_unreachable(e: BaseException) -> bool:
@@ -96,7 +100,9 @@ def storage_failure(exc: BaseException, stores: Iterable[str] = ()) -> CloobErro
     """The CloobError that `exc` (or an error it came from) stands for, or None if it is no storage
     failure (a bug: it keeps its traceback). `stores`: the locations the command was given."""
     errors = list(chain(exc))
-    remote = any(is_storage_error(e) for e in errors)
+    # A storage client in the chain: the failure is the object store's. A bare timeout or lost
+    # connection without one is some other service's (an HTTP download, Prefect's API): not mapped.
+    remote = any(_of_storage_client(e) for e in errors)
     stores = list(stores)
     for e in errors:
         if isinstance(e, CloobError):
@@ -115,14 +121,14 @@ def storage_failure(exc: BaseException, stores: Iterable[str] = ()) -> CloobErro
         if isinstance(e, OSError) and e.errno == errno.EFBIG:
             return CloobError(f"a file in {where} would exceed the largest file size allowed here ({what})",
                               f"raise the file-size limit (ulimit -f) or choose another location, {AGAIN}")
-        if _is_timeout(e):
+        if remote and _is_timeout(e):
             from cloob.storage_s3 import describe  # imports s3fs: only once an S3 call timed out
 
             return CloobError(f"the store {where} did not answer in time ({describe()}): {what}",
                               "check that the store is up and reachable (a stopped server or a network that drops "
                               f"packets looks like this), {AGAIN}; the limits are CLOOB_S3_CONNECT_TIMEOUT, "
                               "CLOOB_S3_READ_TIMEOUT and CLOOB_S3_MAX_ATTEMPTS")
-        if _is_unreachable(e):
+        if remote and _is_unreachable(e):
             return CloobError(f"cannot reach the store {where}: {what}",
                               "start the store, or correct its address (--endpoint-url or AWS_ENDPOINT_URL) and the "
                               f"network, {AGAIN}")
@@ -132,7 +138,7 @@ def storage_failure(exc: BaseException, stores: Iterable[str] = ()) -> CloobErro
                                   "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and "
                                   f"what they may do in the bucket, {AGAIN}")
             return CloobError(f"cannot write to {where} ({what})", f"make it writable or choose another location, {AGAIN}")
-        if is_storage_error(e):
+        if _of_storage_client(e):
             return CloobError(f"the store {where} failed: {what}",
                               "check that the store is reachable and the credentials are valid (network, "
                               f"AWS_ENDPOINT_URL, AWS_* variables), {AGAIN}")

@@ -247,3 +247,29 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_last_compl
     assert f"its last complete checkpoint is {last} (step 2)" in e.value.problem, e.value.problem
     assert "resumes from the last complete checkpoint" in e.value.fix
     assert (last / "meta.json").exists() and not (last.parent / "step_00000004" / "meta.json").exists()
+
+
+def test_what_is_a_storage_failure_and_how_it_is_named(monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    from cloob.storage_errors import redact, storage_failure
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:SECRET@127.0.0.1:9")
+    try:  # wrapped, as s3fs and fsspec raise it
+        try:
+            raise EndpointConnectionError(endpoint_url="http://user:SECRET@127.0.0.1:9/b/k")
+        except EndpointConnectionError as inner:
+            raise RuntimeError("listing failed") from inner
+    except RuntimeError as outer:
+        err = storage_failure(outer, ["s3://b/reg", "."])
+    assert err.problem.startswith("cannot reach the store s3://b/reg (endpoint http://127.0.0.1:9): ")
+    assert "SECRET" not in str(err) and "user" not in err.problem
+    assert redact("see s3://k:s@h/x and http://a@b:1/") == "see s3://h/x and http://b:1/"
+    # a bare timeout or refused connection, with no storage client behind it, is another service's
+    assert storage_failure(TimeoutError("timed out"), ["s3://b/reg"]) is None
+    assert storage_failure(ConnectionRefusedError(111, "refused"), ["/data"]) is None
+    assert storage_failure(ValueError("a bug"), ["/data"]) is None
+    mine = CloobError("p", "f")
+    assert storage_failure(mine) is mine
+    full = storage_failure(OSError(errno.ENOSPC, "No space left on device", "/data/reg/x.json"), ["/data/reg"])
+    assert full.problem.startswith("no space left on the device of /data/reg (writing /data/reg/x.json)")
