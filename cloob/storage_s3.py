@@ -21,6 +21,7 @@ about 2 x MAX_ATTEMPTS x READ_TIMEOUT seconds plus the back-off (about 95 s with
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 import s3fs
 
@@ -71,7 +72,19 @@ class LimitedS3FileSystem(s3fs.S3FileSystem):
     retries = S3FS_TRIES
 
     def __init__(self, *args, config_kwargs: dict | None = None, **kwargs):
+        _refuse_credentials_in(kwargs.get("endpoint_url") or (kwargs.get("client_kwargs") or {}).get("endpoint_url")
+                               or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
         super().__init__(*args, config_kwargs={**limits(), **(config_kwargs or {})}, **kwargs)
+
+
+def _refuse_credentials_in(endpoint: str | None) -> None:
+    """aiohttp refuses a request to an endpoint with user:password@ in it, after every retry, with a
+    traceback; say so at once, without the credentials."""
+    if endpoint and "@" in urlsplit(endpoint).netloc:
+        shown = urlunsplit(urlsplit(endpoint)._replace(netloc=urlsplit(endpoint).netloc.rsplit("@", 1)[1]))
+        raise CloobError(f"the S3 endpoint {shown} was given with a user name and password in it, which the S3 client "
+                         "cannot use", "give the endpoint without user:password@ (--endpoint-url or AWS_ENDPOINT_URL) "
+                         "and the credentials as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)")
 
 
 # One instance cache with s3fs's own (the class is part of each key): code that clears

@@ -96,7 +96,9 @@ def test_credentials_in_the_endpoint_url_are_one_error_and_never_shown(tmp_path)
     env = _aws(tmp_path, "http://127.0.0.1:9")
     url = f"http://epuser:EPSECRET@127.0.0.1:{_free_port()}"
     for argv in (["registry", "list", "--registry", "s3://rel/reg", "--endpoint-url", url],
-                 ["results", "--results", "s3://rel/results", "--endpoint-url", url]):
+                 ["results", "--results", "s3://rel/results", "--endpoint-url", url],
+                 ["prepare", "demo", "--out", "s3://rel/epdata", "--set", "source.samples=64", "--no-progress",
+                  "--endpoint-url", url]):  # refused before anything is downloaded or written
         proc = _cloob(*argv, env=env, cwd=tmp_path)
         error, fix = _one_error(proc)
         out = error + fix
