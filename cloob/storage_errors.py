@@ -137,7 +137,8 @@ def storage_failure(exc: BaseException, stores: Iterable[str] = ()) -> CloobErro
                 return CloobError(f"the store {where} refused access: {what}",
                                   "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and "
                                   f"what they may do in the bucket, {AGAIN}")
-            return CloobError(f"cannot write to {where} ({what})", f"make it writable or choose another location, {AGAIN}")
+            return CloobError(f"no permission for {where} ({what})",
+                              f"make it readable and writable for this user or choose another location, {AGAIN}")
         if _of_storage_client(e):
             return CloobError(f"the store {where} failed: {what}",
                               "check that the store is reachable and the credentials are valid (network, "
