@@ -19,10 +19,10 @@ to fetch, which known rows are gone, and the rows' digest, without holding the r
    taken over buckets by row id read back in order: the same bytes as one sort of every row.
 
 Memory: one partition or bucket at a time, PARTITION_ROWS rows on average (env
-CLOOB_MATCH_PARTITION_ROWS; about 100 bytes a row of it while it is matched), plus one byte a row id
-for each of three flags (given to a shard, succeeded there, matched now) and the ids of the removed
-rows (which the version lists anyway). A single identity listed more than PARTITION_ROWS times
-makes its partition that big. Measured: BENCHMARKS.md, "re-reading the source at scale".
+CLOOB_MATCH_PARTITION_ROWS), plus one byte a row id for each of three flags (given to a shard,
+succeeded there, matched now) and the ids of the removed rows (which the version lists anyway); the
+new keys file is written ROW_GROUP rows at a time. A single identity listed more than PARTITION_ROWS
+times makes its partition that big. Measured: BENCHMARKS.md, "re-reading the source at scale".
 """
 
 from __future__ import annotations

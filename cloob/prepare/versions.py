@@ -46,9 +46,14 @@ sample keys added where there are any.
 Memory: bounded, whatever the number of rows. The rows stream through a temporary parquet file, and
 the matching (cloob.prepare.matching) goes through partitions of the identities and buckets by
 position and by row id, temporary files on local disk, one at a time (PARTITION_ROWS rows each, plus
-a byte a row id for each of three flags). Measured: see BENCHMARKS.md, "re-reading the source at
-scale" (bench/bench_versions.py --match-rows). The row outcomes that build_manifest and the
-version's totals count (manifest.row_outcomes: Python sets of every shard's row ids) are not bounded.
+a byte a row id for each of three flags). Measured 2026-12-07 on a 2-core, 23.5 GiB machine
+(bench/bench_versions.py --match-rows 1000000,3000000,10000000; BENCHMARKS.md, "re-reading the
+source at scale"): a peak of 314, 333 and 347 MB for 1, 3 and 10 million rows (identities of version
+1, re-read, match and digest, the interpreter included), where the whole-table match, every row's
+digests in memory, peaked at 459 and 1047 MB for 1 and 3 million (about 290 bytes a row: 4 GB for
+YFCC15M), in about the same time (3 million rows: 63 s against 64-67 s). The row outcomes that
+build_manifest and the version's totals count (manifest.row_outcomes: Python sets of every shard's
+row ids) are not bounded yet.
 
 For the rest of the pipeline:
 
