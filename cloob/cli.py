@@ -32,6 +32,13 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _shards_of(r: dict) -> str:
+    """' (2 of 8 shards; 6 were already there)' for a resumed download round, else ''."""
+    if not r.get("shards_kept"):
+        return ""
+    return f" ({r['shards']} of {r['shards'] + r['shards_kept']} shards; {r['shards_kept']} were already there)"
+
+
 def print_prepare_summary(m: dict, out: str) -> None:
     t, run = m["totals"], m["run"]
     print(f"{m['name']}: {t['rows']} rows -> {t['successes']} images in {t['shards']} shards "
@@ -40,7 +47,8 @@ def print_prepare_summary(m: dict, out: str) -> None:
         print(f"  {run.get('message') or 'nothing to do: every shard was already finished'} ({run['seconds']:.1f} s)")
     else:
         rate = sum(r["rows"] for r in run["rounds"]) / max(sum(r["seconds"] for r in run["rounds"]), 1e-9)
-        rounds = ", ".join(f"{r['mode']} {r['rows']} rows in {r['seconds']:.1f} s" for r in run["rounds"])
+        rounds = ", ".join(f"{r['mode']} {r['rows']} rows{_shards_of(r)} in {r['seconds']:.1f} s"
+                           for r in run["rounds"])
         print(f"  this run: {run['seconds']:.1f} s ({rounds or 'no download needed'}"
               f"{f'; {rate:.0f} rows/s' if run['rounds'] else ''})")
         if run.get("message"):

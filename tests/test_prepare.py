@@ -594,3 +594,27 @@ def test_a_stats_file_caught_mid_write_is_read_again(tmp_path, image_server, mon
     tsv = write_table(tmp_path / "rows.tsv", good_rows(image_server.url, 20))
     m = prepare(load_spec(table_spec(tsv, shard_size=10)), str(tmp_path / "ds"), progress=False)
     assert caught and (m["totals"]["successes"], m["totals"]["shards"]) == (20, 2)
+
+
+@pytest.mark.slow
+def test_a_resumed_preparation_reports_what_this_run_fetched(tmp_path, image_server, capsys):
+    # 60 rows in shards of 16: 16, 16, 16 and 12 rows. With shards 1 and 3 gone, a rerun fetches
+    # 28 rows in 2 of 4 shards, and its summary says so, not the whole set's 60 (the 2026-12-07 report).
+    import yaml
+
+    tsv = write_table(tmp_path / "rows.tsv", good_rows(image_server.url, 60))
+    spec_file = tmp_path / "t.yaml"
+    spec_file.write_text(yaml.safe_dump(table_spec(tsv)))
+    out = tmp_path / "ds"
+    assert cli_main(["prepare", str(spec_file), "--out", str(out), "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    assert "this run:" in first and "download 60 rows in" in first and "already there" not in first
+    for stem in ("00001", "00003"):
+        for suffix in (".tar", ".parquet", "_stats.json"):
+            (out / f"{stem}{suffix}").unlink()
+    assert cli_main(["prepare", str(spec_file), "--out", str(out), "--no-progress"]) == 0
+    again = capsys.readouterr().out
+    assert "download 28 rows (2 of 4 shards; 2 were already there) in" in again, again
+    assert "60 rows -> 60 images in 4 shards" in again
+    last = read_manifest(str(out))["history"][-1]
+    assert (last["rows"], last["new_shards"], last["shards"], last["shards_kept"]) == (28, 2, 2, 2)

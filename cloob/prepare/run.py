@@ -435,8 +435,13 @@ def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_f
     rounds = []
     with _source_server(spec) as proxy:
         if missing:
-            rounds.append(_run_round(store, spec, f"{META}/rows.parquet", "incremental",
-                                     rows["kept"], missing, proxy, cluster, progress))
+            # This run's work, not the whole set's: a resumed run fetches only the missing shards
+            # (img2dataset's incremental mode cuts the rows into shards in order, shard_size each).
+            size = spec.download.shard_size
+            fetched = sum(min(size, rows["kept"] - i * size) for i in missing)
+            rounds.append({**_run_round(store, spec, f"{META}/rows.parquet", "incremental",
+                                        fetched, missing, proxy, cluster, progress),
+                           "shards": len(missing), "shards_kept": expected - len(missing)})
             done = finished_shards(store)
         if retry_failed:
             failed = _failed_rows(store, done)
