@@ -155,6 +155,21 @@ _DATA_PLACE = ("train", "content_hash", "version")
 _INIT_FIELDS = ("init_from", "init_checkpoint", "init_sha256", "init_entry")
 
 
+def trajectory_fields(recipe: Recipe) -> dict:
+    """What decides a run's weights, apart from where it starts (the warm start) and where its data
+    lies (data.train, when the data's content hash is known): for comparing two runs' recipes.
+    Retention and runtime fields are out, as in Recipe.content_hash."""
+    d = recipe.model_dump(mode="json")
+    for k in (*RUNTIME_FIELDS, *RETENTION_FIELDS, *_INIT_FIELDS):
+        d["train"].pop(k, None)
+    for k in LOSS_EXECUTION_FIELDS:
+        d["loss"].pop(k, None)
+    d["data"].pop("version", None)
+    if d["data"].get("content_hash"):
+        d["data"].pop("train", None)
+    return d
+
+
 class Recipe(_Section):
     name: str = "tiny"
     model: ModelConfig = ModelConfig()

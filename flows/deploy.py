@@ -107,6 +107,7 @@ def build_plan(args) -> dict[str, Any]:
         **({"ray_address": args.ray_address} if args.ray_address else {}),
         **({"worker_wait_s": args.worker_wait_s} if args.worker_wait_s is not None else {}),
         **({"init_from": args.init_from} if args.init_from else {}),
+        **promotion_params(args),
     }
     study_params = {
         "store": args.store, "train_deployment": TRAIN_DEPLOYMENT, "nproc_per_node": args.gpus_per_node,
@@ -175,6 +176,25 @@ def _describe_deployment(d) -> dict[str, Any]:
         "concurrency_limit": d.concurrency_limit,
         "tags": d.tags,
     }
+
+
+def promotion_params(args) -> dict:
+    """The pipeline's promotion parameters that were given (the others keep the flow's defaults), checked
+    here so that a rule that cannot work is refused at deploy time, not on Sunday."""
+    if args.promote_on and args.downstream and (missing := sorted(set(args.promote_on) - set(args.downstream))):
+        raise CloobError(f"--promote-on {' '.join(missing)}: not among the --downstream sets "
+                         f"({', '.join(args.downstream)}), so no run would evaluate it",
+                         "add it with --downstream, or promote on sets the pipeline evaluates")
+    if args.min_gain is not None and not 0 <= args.min_gain < 1:
+        raise CloobError(f"--min-gain {args.min_gain} is not a fraction in [0, 1)", "give e.g. 0.01 for one point")
+    if args.confidence is not None and not 0 < args.confidence < 1:
+        raise CloobError(f"--confidence {args.confidence} is not in (0, 1)", "give e.g. 0.95")
+    if args.approval_timeout_s is not None and args.approval_timeout_s <= 0:
+        raise CloobError(f"--approval-timeout-s {args.approval_timeout_s} is not positive", "give seconds, e.g. 86400")
+    given = {"promote_on": args.promote_on, "min_gain": args.min_gain, "confidence": args.confidence,
+             "approval_timeout_s": args.approval_timeout_s,
+             "require_significant": args.require_significant or None, "approval": args.approval or None}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _pool_command(pool: dict) -> str:
@@ -361,6 +381,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="warm start the scheduled retraining from this registered model (e.g. champion) or "
                         "checkpoint URL (the pipeline's init_from); default: from scratch; a run can set "
                         "-p init_from=champion")
+    g = p.add_argument_group("promotion (the scheduled retrain's rule; README, Registry, \"Promotion\")")
+    g.add_argument("--promote-on", action="append", metavar="SET",
+                   help="a set whose main metric decides promotion, repeatable (default: every --downstream set)")
+    g.add_argument("--min-gain", type=float, metavar="FRACTION",
+                   help="how much a challenger must beat the champion by (0.01: one point; default 0)")
+    g.add_argument("--require-significant", action="store_true",
+                   help="also require the paired bootstrap interval's lower end above --min-gain")
+    g.add_argument("--confidence", type=float, help="the interval's level (default 0.95)")
+    g.add_argument("--approval", action="store_true",
+                   help="pause each run for a reviewer in the UI before a challenger becomes champion")
+    g.add_argument("--approval-timeout-s", type=int, metavar="S",
+                   help="how long the pause waits (default 3600); no answer: nothing promoted, the run fails")
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"retraining schedule (default '{DEFAULT_CRON}')")
     p.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
     p.add_argument("--no-schedule", action="store_true", help="no schedule (removes one set before)")

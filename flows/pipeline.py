@@ -141,6 +141,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
         init_from: warm start every recipe from a registered model (an alias such as champion, an entry
             id) or a checkpoint URL: its weights only, a fresh optimizer and schedule; the registry
             records it as the new entry's parent. None (the default): from scratch (README, "Warm starts").
+            `champion` while the registry has none yet (the first run): from scratch, logged.
         promote_on: the sets whose main metric decides promotion (their mean); default: every
             downstream set. After the evaluations, each new model is compared with the `champion`
             on them (same sets, same eval settings) and moves `champion` only if it wins, else
@@ -156,6 +157,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
     """
     from flows.signals import stop_on_signals
 
+    init_from = _warm_start_source(init_from, posixpath.join(store, "registry"))
     every = [*(overrides or []), *([f"train.init_from={init_from}"] if init_from else [])]
     # A recipe entry is a name or path, optionally with its own overrides: "tiny loss.method=clip".
     entries = [(entry, *entry.split()) for entry in recipes]
@@ -232,6 +234,20 @@ def check_overrides(entry: str, every: list[str], own: list[str]) -> None:
                              f"the recipe entry {entry!r}",
                              f"drop {key} from one of them (overrides, or the deployment's --recipe), or set both to "
                              "the same value")
+
+
+def _warm_start_source(init_from: str | None, registry: str) -> str | None:
+    """init_from, except `champion` while the registry has none yet (the first scheduled run of a
+    deployment made with --init-from champion): that run trains from scratch and says so, and the
+    next one warm-starts from the champion it made. Any other name that is missing stays an error."""
+    if init_from != "champion":
+        return init_from
+    from cloob.registry import Registry
+
+    if "champion" in Registry(registry).aliases():
+        return init_from
+    get_run_logger().info("init_from=champion: no champion in %s yet, so this run trains from scratch", registry)
+    return None
 
 
 def _prepared_sets(futures) -> dict[str, str]:

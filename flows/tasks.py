@@ -139,12 +139,18 @@ def _checkpoint_summary(run_dir: str, checkpoint: str) -> dict:
 
 
 def _trained(r) -> dict | None:
-    """The finished run of recipe `r` (content-keyed, see cloob.run.state) as (summary, key), or None."""
-    from cloob.run.state import trained
+    """The finished run of recipe `r` (content-keyed, see cloob.run.state) as (summary, key), or None.
+    A warm start whose parent is this recipe's own run on this data version is that run: the data did
+    not change since (cloob.run.state.warm_start_of_itself)."""
+    from cloob.run.state import trained, warm_start_of_itself
     from cloob.train.checkpoint import CheckpointStore
 
     if key := trained(r):
         return _checkpoint_summary(r.run_dir(), CheckpointStore(r.run_dir()).latest().url), key
+    if parent := warm_start_of_itself(r):
+        get_run_logger().info("%s would warm-start from %s, this recipe's own run on %s: the data has not "
+                              "changed since, so nothing is trained", r.run_id(), r.train.init_from, r.data.version)
+        return _checkpoint_summary(*parent), f"parent {r.train.init_sha256}"
     return None
 
 

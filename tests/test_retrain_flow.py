@@ -3,6 +3,7 @@ named by its data version, a warm start (init_from) is a new run whose registry 
 and a recipe entry's override that contradicts the pipeline's overrides fails before anything trains."""
 
 import os
+import posixpath
 import tempfile
 
 # Before Prefect is imported: its settings are read once.
@@ -38,12 +39,21 @@ def test_the_pipeline_keys_runs_by_data_warm_starts_and_refuses_contradictions(t
     [parent] = reg.entries()
     assert parent["data_version"] == "demo-v1" and parent["parent"] is None
 
-    warm = pipeline(**params, init_from="latest")
+    # A warm start from this recipe's own model on the same data: the data has not changed, so nothing
+    # trains (a schedule deployed with init_from=champion would otherwise train again every week).
+    same = pipeline(**params, init_from="latest")
+    assert same["runs"][0]["run_dir"] == run["run_dir"] and same["runs"][0]["skipped"] and len(reg.entries()) == 1
+
+    # Other data (here a changed spec: a new dataset beside the old one): a warm start, a new run.
+    grown = {**params, "spec_overrides": ["source.samples=320"]}
+    warm = pipeline(**grown, init_from="latest")
     [child_run] = warm["runs"]
-    assert child_run["run_dir"] != run["run_dir"]  # the parent's weights are in the key
+    assert child_run["run_dir"] != run["run_dir"] and not child_run.get("skipped")
     child = next(e for e in reg.entries() if e["id"] != parent["id"])
     assert child["parent"]["id"] == parent["id"] and child["parent"]["ref"] == "latest"
-    assert child["data_version"] == "demo-v1"
+    beside = posixpath.basename(warm["data"][0]["uri"])  # demo-<spec hash>: named apart from demo-v1
+    assert beside.startswith("demo-") and child["data_version"] == f"{beside}-v1"
+    assert f"-{beside}-v1-" in child_run["run_dir"]
 
-    again = pipeline(**params, init_from=parent["id"])  # the same parent, by its id: the same run
+    again = pipeline(**grown, init_from=parent["id"])  # the same parent, by its id: the same run
     assert again["runs"][0]["run_dir"] == child_run["run_dir"] and len(reg.entries()) == 2

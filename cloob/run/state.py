@@ -85,6 +85,10 @@ def data_identity(data_train: str) -> DataIdentity | None:
         return None
     m = m or {}
     name = (m.get("spec") or {}).get("name") or m.get("name") or posixpath.basename(folder)
+    if posixpath.basename(folder) == f"{name}-{str(m.get('spec_hash'))[:10]}":
+        # A changed spec prepared beside the old dataset (flows/tasks.py prepare_data): its own name, so
+        # that the two are not both "<name>-v1" in run names and the registry.
+        name = posixpath.basename(folder)
     written = [t for t in (m.get("updated_at"), m.get("created_at")) if t]
     return DataIdentity(content, str(name), None if version is None else str(version), max(written, default=None))
 
@@ -202,6 +206,34 @@ def trained(recipe) -> str | None:
     if latest.step < total:
         return None
     return _key("trained", meta["recipe_hash"], meta["model_sha256"], latest.step)
+
+
+def warm_start_of_itself(recipe) -> tuple[str, str] | None:
+    """(run folder, checkpoint) of the warm start's parent when the parent is this recipe's own run on
+    this same data version (the same trajectory fields, data content hash included, whatever its own
+    warm start was), else None.
+
+    A scheduled retrain deployed with init_from=champion would otherwise train again every week on
+    unchanged data, each run starting from the last: the data did not change, so neither should the
+    model. The pipeline skips such a run (flows/tasks.py); `cloob train` with train.init_from given
+    by hand still trains, as asked."""
+    from cloob.config import Recipe, trajectory_fields
+    from cloob.storage import Location
+
+    t = recipe.train
+    if not (t.init_checkpoint and recipe.data.content_hash):
+        return None
+    checkpoint = t.init_checkpoint.rstrip("/")
+    run_dir = posixpath.dirname(posixpath.dirname(checkpoint))  # <run>/checkpoints/step_N
+    try:
+        import yaml
+
+        parent = Recipe.model_validate(yaml.safe_load(Location(run_dir).read_bytes("recipe.yaml")))
+    except (OSError, ValueError):
+        return None  # not a run of this product's trainer (an imported checkpoint): a warm start as asked
+    if trajectory_fields(parent) != trajectory_fields(recipe):
+        return None
+    return run_dir, checkpoint
 
 
 def _planned_steps(recipe, meta) -> int:
