@@ -500,3 +500,31 @@ def test_a_number_on_a_set_far_from_its_published_size_is_flagged_in_the_row_and
     assert cli.main(["evaluate", checkpoint, "--data", f"shapes={folders}", "--store", str(tmp_path / "b"),
                      "--no-progress", "--workers", "0"]) == 0
     assert read_rows(str(tmp_path / "b" / "results")).to_pylist()[0]["dataset_warnings"] is None
+
+
+@pytest.mark.slow
+def test_three_identical_evaluations_at_once_write_one_row(tmp_path, checkpoint):
+    """Three `cloob evaluate` of the same (checkpoint, set, settings) started together: one evaluates,
+    the others wait for it (the pair's lock, cloob.evaluate.claim) and reuse its row; the table holds
+    one row and no lock is left behind (the 2026-12-07 report: 3 rows per pair)."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "shapes"
+    synthetic.write_class_folders(data, per_class=40, image_size=48, seed=3)
+    store = tmp_path / "store"
+    root = Path(__file__).parents[1]
+    argv = [sys.executable, "-m", "cloob.cli", "evaluate", checkpoint, "--data", f"shapes={data}",
+            "--store", str(store), "--no-progress", "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, env=env)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out + err
+    rows = read_rows(str(store / "results"), latest=False)
+    assert len(rows) == 1, [o for o, _ in outs]
+    assert len(list((store / "results" / "parts").iterdir())) == 1
+    assert sum("(already in results)" in out for out, _ in outs) == 2
+    assert not (store / "results" / "locks").exists() or not list((store / "results" / "locks").iterdir())

@@ -377,6 +377,7 @@ def evaluate_pair(model: str | EvalModel, dataset: ClassificationSet | Retrieval
     """One model (a reference, or one already loaded) on one set -> its row, appended to the results
     table at once; or the row already there for the same inputs (reused, unless force). Errors of
     this pair come back in the Outcome; the caller decides whether the others go on."""
+    from cloob.evaluate.claim import claim_pair, pair_key
     from cloob.evaluate.models import load_model
     from cloob.results.outcomes import write as write_outcomes
     from cloob.results.table import append_rows
@@ -385,32 +386,47 @@ def evaluate_pair(model: str | EvalModel, dataset: ClassificationSet | Retrieval
     device = settings.torch_device()
     task = "retrieval" if isinstance(dataset, RetrievalSet) else "zeroshot"
     _, settings_hash = settings_json(settings, device, {"task": task})
+    em = model if isinstance(model, EvalModel) else None
     try:
         identity = _identity(model)
-        if identity is not None and not force:
+        if identity is None:  # a weights file: its id is known once it is read
+            em = load_model(model, device=device, pretraining=pretraining)
+            identity = em.info
+        if not force:
             done = read_done(results) if done is None else done
             if prev := previous_row(done, identity, dataset, settings_hash):
                 return Outcome(label, dataset.name, row=prev, reused=True)
-        em = model if isinstance(model, EvalModel) else load_model(model, device=device, pretraining=pretraining)
-        if identity is None and not force:  # a weights file: its id is known once it is read
-            done = read_done(results) if done is None else done
-            if prev := previous_row(done, em.info, dataset, settings_hash):
+    except (CloobError, OSError) as e:
+        return _failed(label, dataset, e)
+    # Claimed, and the results read again: another evaluation of the pair may have looked at the
+    # same time as this one, and written its row since (cloob.evaluate.claim).
+    with claim_pair(results, pair_key(identity, dataset.name, dataset.identity, settings_hash),
+                    f"{label} on {dataset.name}"):
+        try:
+            if not force and (prev := previous_row(read_done(results), identity, dataset, settings_hash)):
                 return Outcome(label, dataset.name, row=prev, reused=True)
-        if task == "retrieval":
-            row, extra = evaluate_retrieval(em, dataset, settings, progress), {}
-        else:
-            row = evaluate_zeroshot(em, dataset, settings, cache, progress)
-            extra = {"classifier_cached": row.pop("classifier_cached")}
-    except CloobError as e:
-        return Outcome(label, dataset.name, error=str(e))
-    except OSError as e:  # storage or network failed mid-read: the other pairs still run
-        return Outcome(label, dataset.name, error=f"cannot read {dataset.uri}: {type(e).__name__}: {e}\n  fix: check "
-                                                   "the path, network and credentials; rerun to evaluate what is missing")
-    # The per-image outcomes first, then the row: a row in the table has its outcomes.
-    per_image = row.pop("outcomes")
-    write_outcomes(results, row, per_image["ids"], per_image["labels"], per_image["correct"])
-    append_rows(results, [row])
+            if em is None:
+                em = load_model(model, device=device, pretraining=pretraining)
+            if task == "retrieval":
+                row, extra = evaluate_retrieval(em, dataset, settings, progress), {}
+            else:
+                row = evaluate_zeroshot(em, dataset, settings, cache, progress)
+                extra = {"classifier_cached": row.pop("classifier_cached")}
+        except (CloobError, OSError) as e:
+            return _failed(label, dataset, e)
+        # The per-image outcomes first, then the row: a row in the table has its outcomes.
+        per_image = row.pop("outcomes")
+        write_outcomes(results, row, per_image["ids"], per_image["labels"], per_image["correct"])
+        append_rows(results, [row])
     return Outcome(label, dataset.name, row=row, extra=extra)
+
+
+def _failed(label: str, dataset, e: Exception) -> Outcome:
+    if isinstance(e, CloobError):
+        return Outcome(label, dataset.name, error=str(e))
+    # storage or network failed mid-read: the other pairs still run
+    return Outcome(label, dataset.name, error=f"cannot read {dataset.uri}: {type(e).__name__}: {e}\n  fix: check "
+                                              "the path, network and credentials; rerun to evaluate what is missing")
 
 
 def evaluate_many(models: list[str], classification: list[tuple[str, str]], retrieval: list[tuple[str, str]],

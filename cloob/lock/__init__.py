@@ -31,5 +31,5 @@ Modules: holder.py (the record and when it is stale), local.py and s3.py (the tw
 folder.py (FolderLock and folder_lock, the API).
 """
 
-from cloob.lock.folder import FolderLock, folder_lock  # noqa: F401 (the API)
+from cloob.lock.folder import FolderLock, LockHeld, folder_lock  # noqa: F401 (the API)
 from cloob.lock.holder import DEFAULT_LEASE_S, LOCK_NAME, lease_s_default  # noqa: F401

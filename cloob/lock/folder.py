@@ -19,6 +19,15 @@ from cloob.storage import is_local
 log = logging.getLogger("cloob.lock")
 
 
+class LockHeld(CloobError):
+    """The lock is held by a live holder (`holder`: its record). A caller that would rather wait
+    than be refused catches this one (cloob.evaluate.claim)."""
+
+    def __init__(self, problem: str, fix: str | None = None, holder: dict | None = None):
+        super().__init__(problem, fix)
+        self.holder = holder or {}
+
+
 class FolderLock:
     """The exclusive lock on one folder (a local path or an s3:// URL); use as a context manager."""
 
@@ -111,17 +120,17 @@ class FolderLock:
                 return True
         return False  # another process changed it first: look again
 
-    def _held(self, held: dict, age_s: float) -> CloobError:
+    def _held(self, held: dict, age_s: float) -> LockHeld:
         here = held.get("host") == socket.gethostname()
         renewed = "" if here else f", last renewed {_ago(age_s)} ago"
         since = held.get("since", "?").replace("T", " ").replace("+00:00", " UTC")
         stop = f"stop it (kill {held.get('pid')}{'' if here else ' on ' + str(held.get('host'))})"
-        return CloobError(
+        return LockHeld(
             f"{self.label} is in use: {held.get('purpose', 'another cloob command')} (host {held.get('host')}, "
             f"pid {held.get('pid')}, since {since}{renewed}) holds its lock {self.url}",
             f"wait for it to finish or {stop}, then rerun{'; or ' + self.alternative if self.alternative else ''}. "
             f"Once that process is gone the lock is taken over by itself: at once by a run on {held.get('host')}, "
-            f"by one elsewhere {float(held.get('lease_s', DEFAULT_LEASE_S)):g} s after its last renewal")
+            f"by one elsewhere {float(held.get('lease_s', DEFAULT_LEASE_S)):g} s after its last renewal", held)
 
     def _heartbeat(self) -> None:
         every = max(self.lease_s / 4, 0.05)
