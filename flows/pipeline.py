@@ -240,11 +240,9 @@ def _warm_start_source(init_from: str | None, registry: str) -> str | None:
     """init_from, except `champion` while the registry has none yet (the first scheduled run of a
     deployment made with --init-from champion): that run trains from scratch and says so, and the
     next one warm-starts from the champion it made. Any other name that is missing stays an error."""
-    if init_from != "champion":
-        return init_from
-    from cloob.registry import Registry
+    from cloob.run.state import no_champion_yet
 
-    if "champion" in Registry(registry).aliases():
+    if not no_champion_yet(init_from, registry):
         return init_from
     get_run_logger().info("init_from=champion: no champion in %s yet, so this run trains from scratch", registry)
     return None

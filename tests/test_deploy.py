@@ -1326,10 +1326,10 @@ def test_the_weekly_retrain_on_both_pools_fetches_new_rows_warm_starts_and_promo
             assert sorted(read) == list(range(4, 128))
 
             # A person's run of a model made worse on purpose (1 step from scratch), with a rule that
-            # wants a real gain: not promoted, the champion stays.
+            # wants a real gain (the interval's lower end 2 points up): not promoted, the champion stays.
             worse = _run_deployment(client, "cloob-pipeline/retrain", logs, {
                 "overrides": ["train.steps=1", "train.batch_size=16", "data.workers=0", "data.shuffle_buffer=32",
-                              "schedule.warmup_steps=1"], "init_from": None, "require_significant": True})
+                              "schedule.warmup_steps=1"], "init_from": None, "require_significant": True, "min_gain": 0.02})
             assert worse.state.is_completed()
             third = reg.resolve("latest")
             assert third["id"] not in (first["id"], second["id"]) and third["parent"] is None

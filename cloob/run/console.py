@@ -62,6 +62,25 @@ class _Display:
             self.bar = None
 
 
+def _retrain(recipe: str, overrides: list[str], r) -> tuple[list[str], bool]:
+    """A retrain's two special cases, as the pipeline has them (cloob.run.state): init_from=champion
+    with no champion yet trains from scratch; a warm start from this recipe's own run on the same
+    data version trains nothing. Returns (overrides, nothing to do)."""
+    import posixpath
+
+    from cloob.run.state import identify, no_champion_yet, warm_start_of_itself
+
+    if no_champion_yet(r.train.init_from, posixpath.join(r.train.output.rstrip("/"), "registry")):
+        print("train.init_from=champion: the registry has no champion yet, so this run trains from scratch",
+              file=sys.stderr)
+        return [*overrides, "train.init_from=null"], False
+    if r.train.init_from and (parent := warm_start_of_itself(load_recipe(recipe, identify(recipe, overrides)))):
+        print(f"nothing to train: train.init_from={r.train.init_from} is this recipe's own run on the same data "
+              f"version ({parent[1]}); the data has not changed since", file=sys.stderr)
+        return overrides, True
+    return overrides, False
+
+
 class _Again(Exception):
     """A second stop signal: stop at once."""
 
@@ -70,6 +89,9 @@ def train_command(recipe: str, overrides: list[str], nproc_per_node: int = 1, ma
     """Run one training run from the command line; returns the exit code (errors raise CloobError).
     max_restarts: torchrun's restarts of the group after a failure (default: train.max_restarts)."""
     r = load_recipe(recipe, overrides)  # a bad recipe is one message before anything starts
+    overrides, done = _retrain(recipe, overrides, r)
+    if done:
+        return 0
     # `uv run` passes SIGINT and SIGTERM on, but a SIGKILL of uv would leave this process (and the
     # run) going: a process started by uv ends with it.
     die_with_wrapper(signal.SIGTERM)

@@ -208,6 +208,17 @@ def trained(recipe) -> str | None:
     return _key("trained", meta["recipe_hash"], meta["model_sha256"], latest.step)
 
 
+def no_champion_yet(init_from: str | None, registry: str) -> bool:
+    """init_from names `champion` and the registry has none yet: a retrain's first run, which trains
+    from scratch (its model becomes the first champion) instead of failing for want of one. Any other
+    name that is missing stays an error (a typo must not silently train from scratch)."""
+    if init_from != "champion":
+        return False
+    from cloob.registry import Registry
+
+    return "champion" not in Registry(registry).aliases()
+
+
 def warm_start_of_itself(recipe) -> tuple[str, str] | None:
     """(run folder, checkpoint) of the warm start's parent when the parent is this recipe's own run on
     this same data version (the same trajectory fields, data content hash included, whatever its own
