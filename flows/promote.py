@@ -65,10 +65,14 @@ def record(registry: str, decision: dict) -> dict | None:
     from cloob.registry import Registry
     from cloob.registry import promotion as P
 
-    return P.record(Registry(registry), decision)
+    try:
+        return P.record(Registry(registry), decision)
+    except P.StaleDecision as e:  # another promotion moved the champion since this decision
+        get_run_logger().warning("not recorded: %s; deciding again against it", e)
+        return {"stale": e.champion}
 
 
-def _ask_reviewer(decision: dict, timeout_s: int) -> dict:
+def _ask_reviewer(decision: dict, timeout_s: int, attempt: int = 0) -> dict:
     """Pause the flow run for a reviewer; the decision with the approval's outcome."""
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
@@ -82,7 +86,7 @@ def _ask_reviewer(decision: dict, timeout_s: int) -> dict:
                    P.summary(decision))
     try:
         answer = pause_flow_run(wait_for_input=form, timeout=timeout_s,
-                                key=f"approve-{decision['challenger']['id'][:12]}")
+                                key=f"approve-{decision['challenger']['id'][:12]}" + (f"-{attempt}" if attempt else ""))
     except FlowPauseTimeout:
         return {**decision, "promoted": False, "reason": f"approval timed out after {timeout_s} s",
                 "approval": {"outcome": "timed out", "comment": None}}
@@ -91,6 +95,32 @@ def _ask_reviewer(decision: dict, timeout_s: int) -> dict:
     return {**decision, "promoted": False, "reason": "rejected by the reviewer" + (f": {answer.comment}" if answer.comment
                                                                                  else ""),
             "approval": {"outcome": "rejected", "comment": answer.comment}}
+
+
+def _decide_and_record(registry: str, results: str, cid: str, rule: dict, label: str, approval: bool,
+                       approval_timeout_s: int, notes: list[str]) -> dict | None:
+    """One challenger decided, reviewed if asked, recorded; decided again when another promotion moved
+    the champion in between (cloob.registry.promotion.record). None: nothing recorded."""
+    from cloob.errors import CloobError
+    from cloob.registry import promotion as P
+
+    logger = get_run_logger()
+    for attempt in range(P.STALE_RETRIES):
+        try:
+            d = decide(registry, results, cid, rule, label)
+        except CloobError as e:
+            logger.error("%s not decided: %s", label, e)
+            notes.append(f"**{label} not decided**: {e}")
+            return None
+        if d is None:
+            return None
+        if d["promoted"] and approval:  # the first champion too: every move of champion is reviewed
+            d = _ask_reviewer(d, approval_timeout_s, attempt)
+        if not (record(registry, d) or {}).get("stale"):
+            return d
+    notes.append(f"**{label} not decided**: the champion kept moving ({P.STALE_RETRIES} tries); "
+                 "`cloob registry promote` decides it later")
+    return None
 
 
 def promote_models(registry: str, results: str, candidates: list[str], rule: dict | None = None, *,
@@ -128,17 +158,9 @@ def promote_models(registry: str, results: str, candidates: list[str], rule: dic
                 if not f.state.is_completed():
                     logger.error("the champion's evaluation failed: %s", f.state.message)
             evaluate_champion = None  # once: it stays champion until a challenger wins, and then it is evaluated
-        try:
-            d = decide(registry, results, cid, rule, label)
-        except CloobError as e:
-            logger.error("%s not decided: %s", label, e)
-            notes.append(f"**{label} not decided**: {e}")
-            continue
+        d = _decide_and_record(registry, results, cid, rule, label, approval, approval_timeout_s, notes)
         if d is None:
             continue
-        if d["promoted"] and approval:  # the first champion too: every move of champion is reviewed
-            d = _ask_reviewer(d, approval_timeout_s)
-        record(registry, d)
         text = P.report(d)
         (logger.info if d["promoted"] else logger.warning)("%s", text)
         decisions.append(d)

@@ -206,3 +206,67 @@ def _worse_checkpoint(folder: Path) -> str:
              for k, v in model.state_dict().items()}
     return CheckpointStore(str(folder)).save(2, state, {"model_cfg": model_config(arch)}, {},
                                              {"arch": arch, "method": "cloob", "run_name": "worse"}, keep=1).url
+
+
+def test_two_promotions_at_once_do_not_move_the_champion_on_a_stale_comparison(tmp_path, monkeypatch):
+    """Two retrains on one store promote at the same moment: both challengers beat the old champion,
+    A (60%) and B (80%). Each decided against the old one; B records first. A's decision is stale (the
+    champion moved meanwhile): it is decided again against B and loses, so the champion is B, the
+    best, not whichever wrote last."""
+    import threading
+
+    reg = Registry(str(tmp_path / "registry"))
+    results = str(tmp_path / "results")
+    old, a, b = (reg.register(_checkpoint(tmp_path / "runs" / n, s)) for n, s in (("old", 1), ("a", 2), ("b", 3)))
+    rng = np.random.default_rng(0)
+    for entry, p in ((old, 0.4), (a, 0.6), (b, 0.8)):
+        _evaluated(results, entry, "shapes", rng.random(400) < p)
+    reg.set_alias("champion", old["id"])
+    decided, b_recorded = threading.Barrier(2), threading.Event()
+    real_decide = P.decide
+
+    def decide(registry, results_uri, challenger, rule=None, **kw):
+        d = real_decide(registry, results_uri, challenger, rule, **kw)
+        if threading.current_thread().name in ("A", "B") and not getattr(threading.current_thread(), "again", False):
+            threading.current_thread().again = True
+            decided.wait(timeout=30)  # both decided against the old champion before either records
+            if threading.current_thread().name == "A":
+                b_recorded.wait(timeout=30)
+        return d
+
+    monkeypatch.setattr(P, "decide", decide)
+    out = {}
+
+    def run(name, entry):
+        out[name] = P.promote(Registry(str(tmp_path / "registry")), results, [entry["id"]])
+        if name == "B":
+            b_recorded.set()
+
+    threads = [threading.Thread(target=run, args=(n, e), name=n) for n, e in (("A", a), ("B", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert reg.aliases()["champion"] == b["id"]
+    [last_a] = [m for m in reg.alias_history("challenger") if m["entry"] == a["id"]]
+    assert last_a["decision"]["champion"]["id"] == b["id"]  # A was compared with B, the champion when it recorded
+    assert [m["entry"] for m in reg.alias_history("champion")] == [old["id"], b["id"]]
+
+
+def test_a_promotion_killed_between_its_decision_and_its_alias_write_is_decided_again(two, monkeypatch):
+    reg, results, old, new = two
+    rng = np.random.default_rng(1)
+    _evaluated(results, old, "shapes", rng.random(300) < 0.4)
+    _evaluated(results, new, "shapes", rng.random(300) < 0.8)
+    reg.set_alias("champion", old["id"])
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # what a kill does to the process between the two steps
+
+    monkeypatch.setattr(reg, "set_alias", killed)
+    with pytest.raises(KeyboardInterrupt):
+        P.promote(reg, results, [new["id"]])
+    monkeypatch.undo()
+    assert reg.aliases()["champion"] == old["id"] and P.decided_before(reg, new["id"]) is None  # nothing half-written
+    [d] = P.promote(reg, results, [new["id"]])
+    assert d["promoted"] and d["recorded"] and reg.aliases()["champion"] == new["id"]

@@ -26,6 +26,8 @@ significance does not promote on it.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -36,6 +38,7 @@ from cloob.registry.store import Registry, RegistryError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+STALE_RETRIES = 5  # decisions made again when another promotion moved the champion meanwhile
 
 
 @dataclass
@@ -243,14 +246,51 @@ def decide(registry: Registry, results_uri: str, challenger: str, rule: Promotio
             "promoted": wins, "reason": reason}
 
 
-def record(registry: Registry, decision: dict) -> dict | None:
+class StaleDecision(Exception):
+    """The champion moved between a decision and its record (another promotion at the same moment):
+    nothing was written; decide again against the champion of now."""
+
+    def __init__(self, champion: str | None):
+        super().__init__(f"the champion moved to {champion} meanwhile")
+        self.champion = champion
+
+
+@contextlib.contextmanager
+def _promotion_lock(registry: Registry, poll_s: float = 0.2):
+    """The registry's promotion lock (cloob.lock, local or S3), held for the few reads and the one
+    write of a record; a second promotion waits for it."""
+    from cloob.lock import LockHeld, folder_lock
+
+    while True:
+        try:
+            with folder_lock(registry.loc.url("locks"), name="promotion.json", purpose="cloob registry promote",
+                             label="the registry's promotion"):
+                yield
+                return
+        except LockHeld:
+            time.sleep(poll_s)
+
+
+def record(registry: Registry, decision: dict, *, again: bool = False) -> dict | None:
     """Write the decision: `champion` moves to a winner, `challenger` to a loser; the move carries the
-    decision. None when there is nothing to move (the challenger is the champion)."""
+    decision. None when there is nothing to move (the challenger is the champion, or another
+    promotion decided it meanwhile, unless `again`: a model decided once more on purpose).
+
+    Under the registry's promotion lock the champion is read again: two retrains promoting at once
+    each decide against the same champion, and the second to record would otherwise move `champion`
+    on a comparison with a model that is no longer the champion (the better of the two could lose
+    its place to the worse). Then StaleDecision is raised and nothing is written."""
     ch = decision["challenger"]["id"]
     if decision["champion"] and decision["champion"]["id"] == ch:
         return None
-    alias = CHAMPION if decision["promoted"] else CHALLENGER
-    return registry.set_alias(alias, ch, reason=summary(decision), decision=decision)
+    with _promotion_lock(registry):
+        if not again and decided_before(registry, ch) is not None:
+            return None
+        now = registry.aliases().get(CHAMPION)
+        if now != (decision["champion"] or {}).get("id"):
+            raise StaleDecision(now)
+        alias = CHAMPION if decision["promoted"] else CHALLENGER
+        return registry.set_alias(alias, ch, reason=summary(decision), decision=decision)
 
 
 def decided_before(registry: Registry, challenger_id: str) -> dict | None:
@@ -283,11 +323,19 @@ def promote(registry: Registry, results_uri: str, candidates: list[str], rule: P
         if not again and (before := decided_before(registry, entry["id"])) is not None:
             out.append({**before, "recorded": False, "reason": f"decided before: {before['reason']}"})
             continue
-        d = decide(registry, results_uri, entry["id"], rule)
-        if d["promoted"] and approve is not None:
-            d = approve(d)
-        record(registry, d)
-        out.append({**d, "recorded": True})
+        for _ in range(STALE_RETRIES):
+            d = decide(registry, results_uri, entry["id"], rule)
+            if d["promoted"] and approve is not None:
+                d = approve(d)
+            try:
+                moved = record(registry, d, again=again)
+                break
+            except StaleDecision:
+                continue  # against the champion of now
+        else:
+            raise CloobError(f"{ref}: the champion kept moving while it was decided ({STALE_RETRIES} tries)",
+                             "promote it again when the other promotions have ended")
+        out.append({**d, "recorded": moved is not None})
     return out
 
 
