@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -91,8 +92,17 @@ def _cmd_prepare(args) -> int:
         else:
             print(f"{spec.name}: no samples of removed rows are left in the shards at {args.out}")
         return 0
-    m = prepare(spec, args.out, input=args.input, retry_failed=args.retry_failed, force=args.force,
-                progress=not args.no_progress, spark_master=args.spark_master, ray_address=args.ray_address)
+    from cloob.prepare.stop import Stopped, stop_on_sigterm
+
+    try:
+        with stop_on_sigterm():  # the download and its processes stopped, the lock released (cloob.prepare.stop)
+            m = prepare(spec, args.out, input=args.input, retry_failed=args.retry_failed, force=args.force,
+                        progress=not args.no_progress, spark_master=args.spark_master,
+                        ray_address=args.ray_address)
+    except Stopped as e:
+        print(f"cloob prepare: stopped by {signal.Signals(e.signum).name}; the finished shards in {args.out} are "
+              "kept, rerun the same command to resume", file=sys.stderr, flush=True)
+        return 128 + e.signum
     print_prepare_summary(m, args.out)
     return 0
 

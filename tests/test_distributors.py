@@ -240,3 +240,17 @@ def test_the_worker_images_carry_the_engines_and_java():
         syncs = [line for line in text.splitlines() if "uv sync --frozen" in line]
         assert syncs and all("--extra spark --extra ray" in line for line in syncs), name
         assert "openjdk-17-jre-headless" in text, name
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_ray_preparation_shuts_its_local_ray_down(tmp_path):
+    # The local Ray that the fetch process starts is shut down, its agents (which outlived a
+    # SIGTERM by about a minute, the 2026-12-07 report) included; one line says how to resume.
+    from test_prepare import assert_stopped_in_one_line, sigterm_mid_download
+
+    _need("ray", "ray")
+    out = tmp_path / "d"
+    done, left, names = sigterm_mid_download(out, "--set", "download.distributor=ray", "--set",
+                                             "download.processes=2")
+    assert "raylet" in names and any("Agent" in n for n in names), names
+    assert_stopped_in_one_line(done, left, out)

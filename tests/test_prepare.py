@@ -618,3 +618,61 @@ def test_a_resumed_preparation_reports_what_this_run_fetched(tmp_path, image_ser
     assert "60 rows -> 60 images in 4 shards" in again
     last = read_manifest(str(out))["history"][-1]
     assert (last["rows"], last["new_shards"], last["shards"], last["shards_kept"]) == (28, 2, 2, 2)
+
+
+def sigterm_mid_download(out: Path, *more: str) -> tuple[subprocess.CompletedProcess, list, list]:
+    """`cloob prepare demo` (480 rows, 10 shards) in a new session, SIGTERM to it alone once a shard
+    is finished; returns its result, what of its process tree (as it was at the signal, and any
+    process of its session) is still alive 10 s after it ended, and the names in that tree."""
+    import psutil
+
+    args = ["demo", "--out", str(out), "--set", "source.samples=480", "--set", "download.shard_size=48",
+            "--set", "download.threads=2", "--set", "download.image_size=32", "--no-progress", *more]
+    proc = subprocess.Popen(_cli(*args), env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("*_stats.json")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        names = [p.name() for p in tree]
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        in_session = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(p.pid) == proc.pid:
+                    in_session.append(p)
+        left = [f"{p.pid} {p.name()}" for p in {*alive, *in_session} if p.is_running()]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), left, names
+
+
+def assert_stopped_in_one_line(done: subprocess.CompletedProcess, left: list, out: Path) -> None:
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert lines == [f"cloob prepare: stopped by SIGTERM; the finished shards in {out} are kept, rerun the "
+                     "same command to resume"], done.stderr
+    assert not left, left
+    assert not (out / "_cloob" / "lock.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_preparation_in_one_line_and_leaves_nothing_running(tmp_path):
+    out = tmp_path / "d"
+    done, left, _ = sigterm_mid_download(out, "--set", "download.processes=1")
+    assert_stopped_in_one_line(done, left, out)
+    kept = len(list(out.glob("*_stats.json")))
+    assert 1 <= kept < 10 and not (out / "_cloob" / "manifest.json").exists()
+    again = subprocess.run(_cli("demo", "--out", str(out), "--set", "source.samples=480", "--set",
+                                "download.shard_size=48", "--set", "download.threads=2", "--set",
+                                "download.image_size=32", "--set", "download.processes=1", "--no-progress"),
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "480 rows -> 480 images in 10 shards" in again.stdout
+    assert f"({10 - kept} of 10 shards; {kept} were already there)" in again.stdout, again.stdout

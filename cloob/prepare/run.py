@@ -62,6 +62,7 @@ from cloob.prepare.manifest import build_manifest, finished_shards
 from cloob.prepare.rowsort import row_line, sort_rows
 from cloob.prepare.sources import iter_rows
 from cloob.prepare.spec import DemoSource, PretrainSpec, Yfcc15mSource
+from cloob.prepare.stop import TOKEN_VAR, Stopped, new_token, stop_fetch
 from cloob.safetext import safe_lines, safe_text
 from cloob.storage import Location
 
@@ -225,11 +226,12 @@ def _fetch_pythonpath() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
 
 
-def _fetch_env(spec: PretrainSpec, proxy: str | None) -> dict[str, str]:
+def _fetch_env(spec: PretrainSpec, proxy: str | None, token: str) -> dict[str, str]:
     d = spec.download
     # CLOOB_PREPARE_*: this process, which the workers check before they mark a shard finished
-    # (cloob.prepare.download.guards.abandoned).
-    return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", CLOOB_FETCH_DEADLINE=str(d.deadline),
+    # (cloob.prepare.download.guards.abandoned). The token marks every process of the round, Ray's
+    # too, for the clean-up after a stop (cloob.prepare.stop).
+    return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", CLOOB_FETCH_DEADLINE=str(d.deadline), **{TOKEN_VAR: token},
                 CLOOB_FETCH_MAX_BYTES=str(d.max_bytes), PYTHONUNBUFFERED="1", CLOOB_PREPARE_PID=str(os.getpid()),
                 CLOOB_PREPARE_HOST=socket.gethostname(), **_proxy_env(proxy), **_fetch_pythonpath())
 
@@ -284,8 +286,9 @@ def _run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, ro
                    unit="shard", disable=not progress)
         seen, ok, tried = set(before), 0, 0
         with open(log_file, "wb") as log:
+            token = new_token()
             proc = subprocess.Popen(_fetch_command(args_file), stdout=log, stderr=subprocess.STDOUT,
-                                    env=_fetch_env(spec, proxy))
+                                    env=_fetch_env(spec, proxy, token))
             all_done_at, hung = None, False
             try:
                 while proc.poll() is None:
@@ -312,11 +315,10 @@ def _run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, ro
                             hung = True
                             proc.kill()
                             proc.wait()
-            except BaseException:
-                # Ctrl-C reaches img2dataset too (same process group); give it a moment, then stop it.
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
-                proc.kill()
+            except BaseException as e:
+                # SIGTERM (Stopped) is passed on to it; Ctrl-C reached it too (same process group).
+                # Either way it gets a moment to shut down, then its processes are killed.
+                stop_fetch(proc, token, stopped=isinstance(e, Stopped))
                 raise
         bar.close()
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
