@@ -26,8 +26,12 @@ import posixpath
 import re
 import tarfile
 from collections import Counter
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cloob.safetext import safe_text
@@ -35,6 +39,7 @@ from cloob.storage import Location
 
 MANIFEST_VERSION = 2
 _STATS = re.compile(r"^(\d+)_stats\.json$")
+_URL = re.compile(r"https?://\S+")
 
 
 def tool_versions() -> dict[str, str]:
@@ -62,10 +67,17 @@ def finished_shards(store: Location) -> dict[int, str]:
 def reason_of(message: str | None) -> str:
     """A failure message with its URL left out, so that equal causes count together, and its control
     characters escaped: a server's HTTP reason phrase is in it as sent, escape sequences and all."""
-    if not message:
+    msg = _unescaped_reason(message)
+    if msg is None:
         return "unknown"
-    msg = re.sub(r"https?://\S+", "<url>", str(message)).strip()[:160]
     return safe_text(msg, limit=len(msg))  # cut first: the same 160 characters as before, escaped
+
+
+def _unescaped_reason(message: str | None) -> str | None:
+    """reason_of(message) before its escaping; None where it is "unknown"."""
+    if not message:
+        return None
+    return _URL.sub("<url>", str(message)).strip()[:160]
 
 
 class _HashingReader(io.RawIOBase):
@@ -174,21 +186,107 @@ def _cached_digest(store: Location, meta: str, stem: str) -> dict:
     return d
 
 
-def row_outcomes(store: Location, shards: dict[int, str]):
-    """(ids that succeeded, {failed id: last reason}) over all finished shards, in shard order."""
-    ok: set[int] = set()
-    last_fail: dict[int, str] = {}
+@dataclass(frozen=True)
+class RowOutcomes:
+    """Every row id's outcome over the finished shards, as arrays (about 12 bytes a row id at most,
+    no Python object a row): a row retried into a later shard counts once, as a success if any
+    attempt succeeded, else with the reason of its last attempt."""
+
+    ok: np.ndarray  # int64, sorted, unique: the ids that succeeded in some shard
+    failed: np.ndarray  # int64, unique: the ids that never succeeded, in the order of their first failure
+    codes: np.ndarray  # int32, one a failed id: its last failure's reason, an index into `reasons`
+    reasons: list[str]  # reason_of() of the failure messages, in the order first met
+
+    def without(self, ids: np.ndarray) -> RowOutcomes:
+        """These outcomes less the row ids `ids` (rows no longer in the source count neither way)."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if not len(ids):
+            return self
+        keep = ~_member(self.failed, ids)
+        return RowOutcomes(self.ok[~_member(self.ok, ids)], self.failed[keep], self.codes[keep], self.reasons)
+
+    def by_reason(self) -> dict[str, int]:
+        """{reason: failed rows}, most first; ties in the order of the failed rows (what
+        Counter(reason of each failed row, in first-failure order).most_common() gives)."""
+        if not len(self.codes):
+            return {}
+        present, first = np.unique(self.codes, return_index=True)
+        counts = np.bincount(self.codes, minlength=len(self.reasons))
+        order = present[np.argsort(first)]
+        return dict(Counter({self.reasons[c]: int(counts[c]) for c in order}).most_common())
+
+
+def _member(a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
+    """a's elements that are in `sorted_b` (sorted, unique), as a mask."""
+    if not len(sorted_b) or not len(a):
+        return np.zeros(len(a), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_b, a), len(sorted_b) - 1)
+    return sorted_b[i] == a
+
+
+class _Reasons:
+    """reason_of() of failure messages as small integer codes: `codes` {reason: code}, in the order
+    first met; the escaping (a Python step a character) done once a distinct reason, not a message."""
+
+    def __init__(self):
+        self.codes: dict[str, int] = {}
+        self._by_message: dict[str | None, int] = {}  # reason_of before its escaping -> code
+
+    def code(self, message: str | None) -> int:
+        key = _unescaped_reason(message)
+        c = self._by_message.get(key)
+        if c is None:
+            c = self._by_message[key] = self.codes.setdefault(reason_of(message), len(self.codes))
+        return c
+
+    def of_column(self, messages: pa.ChunkedArray) -> np.ndarray:
+        """The code of each message (int32), the URL left out once a distinct message."""
+        if pa.types.is_null(messages.type) or not len(messages):
+            return np.full(len(messages), self.code(None), dtype=np.int32)
+        enc = pc.dictionary_encode(messages.combine_chunks())
+        lut = np.array([self.code(m) for m in enc.dictionary.to_pylist()] + [self.code(None)], dtype=np.int32)
+        return lut[pc.fill_null(enc.indices, len(enc.dictionary)).to_numpy(zero_copy_only=False)]
+
+
+def read_outcomes(store: Location, shards: dict[int, str]) -> RowOutcomes:
+    """The row outcomes of the finished shards `shards` ({id: stem}, in shard order), read column by
+    column from each shard's parquet file."""
+    reasons = _Reasons()
+    oks, fids, fcodes = [], [], []
     for stem in shards.values():
         with store.open(f"{stem}.parquet", "rb") as f:
             t = pq.read_table(f, columns=["row_id", "status", "error_message"])
-        for rid, status, err in zip(*(t.column(c).to_pylist() for c in ("row_id", "status", "error_message"))):
-            if status == "success":
-                ok.add(rid)
-            else:
-                last_fail[rid] = reason_of(err)
-    for rid in ok:
-        last_fail.pop(rid, None)
-    return ok, last_fail
+        ids = pc.cast(t["row_id"], pa.int64()).to_numpy()
+        good = pc.fill_null(pc.equal(t["status"], "success"), False)
+        mask = good.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+        oks.append(ids[mask])
+        fids.append(ids[~mask])
+        fcodes.append(reasons.of_column(t["error_message"].filter(pc.invert(good))))
+        del t
+    ok = np.unique(np.concatenate(oks)) if oks else np.zeros(0, dtype=np.int64)
+    fid = np.concatenate(fids) if fids else np.zeros(0, dtype=np.int64)
+    fcode = np.concatenate(fcodes) if fcodes else np.zeros(0, dtype=np.int32)
+    del oks, fids, fcodes
+    keep = ~_member(fid, ok)
+    fid, fcode = fid[keep], fcode[keep]
+    order = np.argsort(fid, kind="stable")  # by id, each id's failures in shard and row order
+    s = fid[order]
+    new = np.empty(len(s), dtype=bool)
+    new[:1] = True
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(s))[: len(starts)] - 1  # where each id last failed (in `order`)
+    first = order[starts]  # where each id first failed
+    by_first = np.argsort(first)
+    return RowOutcomes(ok, s[starts][by_first], fcode[order[ends]][by_first].astype(np.int32, copy=False),
+                       list(reasons.codes))
+
+
+def row_outcomes(store: Location, shards: dict[int, str]):
+    """(set of ids that succeeded, {failed id: last reason}) over all finished shards, in shard order:
+    read_outcomes as Python objects, for small folders (about 100 bytes a row)."""
+    r = read_outcomes(store, shards)
+    return set(r.ok.tolist()), {rid: r.reasons[c] for rid, c in zip(r.failed.tolist(), r.codes.tolist())}
 
 
 def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: dict, history: list[dict],
@@ -205,9 +303,9 @@ def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: di
         entries.append({"shard": f"{stem}.tar", "successes": int(stats["successes"]), "attempted":
                         int(stats["count"]), "samples": d["samples"], "bytes": d["bytes"],
                         "sha256": d["sha256"], "content_sha256": d["content_sha256"]})
-    ok, fails = row_outcomes(store, shards)
-    by_reason = Counter(fails.values())
-    attempted = len(ok) + len(fails)
+    out = read_outcomes(store, shards)
+    ok, fails = len(out.ok), len(out.failed)
+    attempted = ok + fails
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "name": spec.name,
@@ -218,10 +316,10 @@ def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: di
         "totals": {
             "rows": rows["kept"],
             "attempted": attempted,
-            "successes": len(ok),
-            "failures": len(fails),
-            "success_rate": round(len(ok) / attempted, 6) if attempted else 0.0,
-            "failures_by_reason": dict(by_reason.most_common()),
+            "successes": ok,
+            "failures": fails,
+            "success_rate": round(ok / attempted, 6) if attempted else 0.0,
+            "failures_by_reason": out.by_reason(),
             "shards": len(entries),
             "samples": sum(e["samples"] for e in entries),
             "bytes": sum(e["bytes"] for e in entries),

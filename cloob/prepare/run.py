@@ -51,6 +51,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -161,14 +162,14 @@ def _ensure_rows(store: Location, spec: PretrainSpec, spec_hash: str, progress: 
     return info
 
 
-def _failed_rows(store: Location, shards: dict[int, str]) -> list[int]:
-    from cloob.prepare.manifest import row_outcomes
+def _failed_rows(store: Location, shards: dict[int, str]) -> np.ndarray:
+    """The ids of the rows that failed in every shard they were given to, sorted (int64)."""
+    from cloob.prepare.manifest import read_outcomes
 
-    _, fails = row_outcomes(store, shards)
-    return sorted(fails)
+    return np.sort(read_outcomes(store, shards).failed)
 
 
-def _write_retry_rows(store: Location, row_ids: list[int]) -> str:
+def _write_retry_rows(store: Location, row_ids: np.ndarray) -> str:
     """The rows to retry as `_cloob/retry/NNN.parquet` (the next free number); its relative path."""
     import pyarrow.compute as pc
 
@@ -447,7 +448,7 @@ def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_f
             done = finished_shards(store)
         if retry_failed:
             failed = _failed_rows(store, done)
-            if failed:
+            if len(failed):
                 _remove_unfinished(store, done, from_id=expected)
                 retry_list = _write_retry_rows(store, failed)
                 first = max(done, default=-1) + 1  # img2dataset's "extend" numbers on from the last stats file

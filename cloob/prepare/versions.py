@@ -82,7 +82,7 @@ from cloob.data.shards import VERSIONS_DIR, read_version_ref
 from cloob.errors import CloobError
 from cloob.prepare.folder import META, write_json
 from cloob.prepare.identity import BATCH, KEYS, digest16, identity
-from cloob.prepare.manifest import build_manifest, finished_shards
+from cloob.prepare.manifest import RowOutcomes, build_manifest, finished_shards
 from cloob.prepare.matching import Match, fixed16, shard_flags
 from cloob.prepare.sources import iter_rows
 from cloob.prepare.spec import Cc3mSource, PretrainSpec, TableSource, Yfcc15mSource
@@ -265,13 +265,11 @@ def next_version(store: Location, spec: PretrainSpec, spec_hash: str, *, retry_f
             "invalid_url": counts["invalid_url"], "empty_caption": counts["empty_caption"]}
     history = list(prev.get("history") or []) + rounds
     m = build_manifest(store, META, spec=spec, spec_hash=spec_hash, rows=rows, history=history, progress=progress)
-    from cloob.prepare.manifest import row_outcomes
+    from cloob.prepare.manifest import read_outcomes
 
-    ok_ids, fails = row_outcomes(store, finished_shards(store))
-    left_out = set(removed.tolist())  # rows no longer in the source count neither way
-    fails = {rid: why for rid, why in fails.items() if rid not in left_out}
+    outcomes = read_outcomes(store, finished_shards(store)).without(removed)  # rows no longer in the source
     m = _versioned(m, version=n_prev + 1, excluded=excluded, removed=removed, added=added, gone=gone, back=back,
-                   ok_in_version=len(ok_ids - left_out), fails=fails, last_row_id=int(max(top, prev_last)))
+                   outcomes=outcomes, last_row_id=int(max(top, prev_last)))
     if n_prev == 1 and not store.exists(f"{VERSIONS}/v1.json"):
         write_json(store, f"{VERSIONS}/v1.json", {**_as_manifest(prev), "version": 1})
     write_json(store, f"{VERSIONS}/v{n_prev + 1}.json", m)
@@ -288,14 +286,16 @@ def _as_manifest(v: dict) -> dict:
 
 
 def _versioned(m: dict, *, version: int, excluded: list[str], removed: np.ndarray, added: int, gone: int,
-               back: int, ok_in_version: int, fails: dict[int, str], last_row_id: int) -> dict:
-    """The manifest `m` (of every shard) as version `version`'s: its totals over the version's rows."""
+               back: int, outcomes: RowOutcomes, last_row_id: int) -> dict:
+    """The manifest `m` (of every shard) as version `version`'s: its totals over the version's rows
+    (`outcomes`: the row outcomes less the removed rows)."""
     from cloob.prepare.manifest import content_hash
 
     t = m["totals"]
-    t["successes"], t["failures"] = ok_in_version, len(fails)
-    t["attempted"] = attempted = ok_in_version + len(fails)
-    t["failures_by_reason"] = dict(Counter(fails.values()).most_common())
+    ok_in_version = len(outcomes.ok)
+    t["successes"], t["failures"] = ok_in_version, len(outcomes.failed)
+    t["attempted"] = attempted = ok_in_version + len(outcomes.failed)
+    t["failures_by_reason"] = outcomes.by_reason()
     t["samples"] = t["samples"] - len(excluded)
     t["success_rate"] = round(ok_in_version / attempted, 6) if attempted else 0.0
     m.update({"version": version, "parent": version - 1, "created_at": timestamp(), "rows_added": added,
