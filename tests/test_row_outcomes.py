@@ -4,6 +4,7 @@ so the same failures_by_reason (counts and tie order) in the manifest and in a v
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
@@ -39,7 +40,7 @@ def _shards(folder, shards: list[list[tuple]]) -> Location:
         ids, status, errors = zip(*rows) if rows else ((), (), ())
         pq.write_table(pa.table({"row_id": pa.array(ids, pa.int64()), "status": pa.array(status, pa.string()),
                                  "error_message": pa.array(errors, pa.string())}), folder / f"{i:05d}.parquet")
-        (folder / f"{i:05d}_stats.json").write_text('{"count": %d, "successes": 0}' % len(rows))
+        (folder / f"{i:05d}_stats.json").write_text(json.dumps({"count": len(rows), "successes": 0}))
     return Location(str(folder))
 
 
