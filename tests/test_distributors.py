@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -246,11 +247,23 @@ def test_the_worker_images_carry_the_engines_and_java():
 def test_sigterm_to_a_ray_preparation_shuts_its_local_ray_down(tmp_path):
     # The local Ray that the fetch process starts is shut down, its agents (which outlived a
     # SIGTERM by about a minute, the 2026-12-07 report) included; one line says how to resume.
-    from test_prepare import assert_stopped_in_one_line, sigterm_mid_download
+    from test_prepare import assert_stopped_in_one_line, signal_mid_download
 
     _need("ray", "ray")
     out = tmp_path / "d"
-    done, left, names = sigterm_mid_download(out, "--set", "download.distributor=ray", "--set",
-                                             "download.processes=2")
+    done, left, names = signal_mid_download(out, "--set", "download.distributor=ray", "--set", "download.processes=2")
     assert "raylet" in names and any("Agent" in n for n in names), names
     assert_stopped_in_one_line(done, left, out)
+
+
+@pytest.mark.slow
+def test_a_killed_ray_preparation_leaves_nothing_running(tmp_path):
+    # kill -9 of `cloob prepare`: its fetch process gets SIGTERM as its parent-death signal under ray,
+    # and Ray's handler shuts the local cluster down (with SIGKILL its agents lived on for a minute).
+    from test_prepare import signal_mid_download
+
+    _need("ray", "ray")
+    done, left, names = signal_mid_download(tmp_path / "d", "--set", "download.distributor=ray", "--set",
+                                            "download.processes=2", sig=signal.SIGKILL)
+    assert done.returncode == -signal.SIGKILL and any("Agent" in n for n in names), names
+    assert not left, left

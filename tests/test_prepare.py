@@ -620,8 +620,9 @@ def test_a_resumed_preparation_reports_what_this_run_fetched(tmp_path, image_ser
     assert (last["rows"], last["new_shards"], last["shards"], last["shards_kept"]) == (28, 2, 2, 2)
 
 
-def sigterm_mid_download(out: Path, *more: str) -> tuple[subprocess.CompletedProcess, list, list]:
-    """`cloob prepare demo` (480 rows, 10 shards) in a new session, SIGTERM to it alone once a shard
+def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM) -> tuple[subprocess.CompletedProcess,
+                                                                                    list, list]:
+    """`cloob prepare demo` (480 rows, 10 shards) in a new session, `sig` to it alone once a shard
     is finished; returns its result, what of its process tree (as it was at the signal, and any
     process of its session) is still alive 10 s after it ended, and the names in that tree."""
     import psutil
@@ -637,7 +638,7 @@ def sigterm_mid_download(out: Path, *more: str) -> tuple[subprocess.CompletedPro
             time.sleep(0.05)
         tree = psutil.Process(proc.pid).children(recursive=True)
         names = [p.name() for p in tree]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
         _, alive = psutil.wait_procs(tree, timeout=10)
         in_session = []
@@ -665,7 +666,7 @@ def assert_stopped_in_one_line(done: subprocess.CompletedProcess, left: list, ou
 @pytest.mark.slow
 def test_sigterm_stops_a_preparation_in_one_line_and_leaves_nothing_running(tmp_path):
     out = tmp_path / "d"
-    done, left, _ = sigterm_mid_download(out, "--set", "download.processes=1")
+    done, left, _ = signal_mid_download(out, "--set", "download.processes=1")
     assert_stopped_in_one_line(done, left, out)
     kept = len(list(out.glob("*_stats.json")))
     assert 1 <= kept < 10 and not (out / "_cloob" / "manifest.json").exists()

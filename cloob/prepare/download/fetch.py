@@ -61,10 +61,11 @@ if __name__ == "__mp_main__":
     guards.set_parent(_FETCH_PID)  # a worker of a killed preparation must not mark a shard finished
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(sig: int | None = None) -> None:
     """Ask Linux to kill this process when its parent dies: a killed `cloob prepare` must not leave
     img2dataset downloading in the background (its pool workers then see their task pipe close and
-    exit).
+    exit). `sig`: SIGKILL by default; SIGTERM under ray, whose handler shuts its local cluster down
+    (SIGKILL left Ray's agents running for about a minute), with _kill_after_parent as the backstop.
 
     Only in img2dataset's main process, never in its pool workers: the signal fires when the parent
     *thread* ends, and replacement workers are started by the pool's worker-handler thread, which
@@ -76,9 +77,24 @@ def _die_with_parent() -> None:
             import ctypes
             import signal
 
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig or signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
+
+
+def _kill_after_parent(parent: int, grace_s: float = 30.0) -> None:
+    """SIGKILL this process `grace_s` after `parent` is no longer its parent: whatever its SIGTERM
+    handler does, it must not go on downloading for a preparation that is gone."""
+    import signal
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="cloob-kill-after-parent", daemon=True).start()
 
 
 def _download_distributed(kwargs: dict, engine: dict) -> None:
@@ -128,11 +144,18 @@ def main(argv: list[str]) -> int:
 
     from cloob.errors import CloobError
 
-    _die_with_parent()
-    os.environ["CLOOB_FETCH_PID"] = str(os.getpid())  # for img2dataset's spawned processes (_exit_with)
     with open(argv[1]) as f:
         args = json.load(f)
     kwargs = args["img2dataset"]
+    if kwargs.get("distributor") == "ray":
+        import signal
+
+        parent = int(os.environ.get("CLOOB_PREPARE_PID") or os.getppid())  # gone already: getppid() is not it
+        _die_with_parent(signal.SIGTERM)
+        _kill_after_parent(parent)
+    else:
+        _die_with_parent()
+    os.environ["CLOOB_FETCH_PID"] = str(os.getpid())  # for img2dataset's spawned processes (_exit_with)
     try:
         if kwargs.get("distributor", "multiprocessing") == "multiprocessing":
             img2dataset.download(**kwargs)
