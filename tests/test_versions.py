@@ -527,3 +527,43 @@ def test_a_version_matched_in_many_partitions_is_the_same_version(tmp_path, imag
                      [f.read_bytes() for d in ("keys", "retry") for f in sorted((out / "_cloob" / d).iterdir())]))
     assert made[0][:7] == ([5, 5, 9, 24, 25, 26, 27, 28, 29], *made[0][1:3], [3, 17], *made[0][4:5], 9, 31)
     assert made[1] == made[0]
+
+
+@pytest.mark.slow
+def test_a_damaged_version_file_is_named_restored_from_its_copy_or_refused(tmp_path, image_server, capsys):
+    """Fault round (issue 27): a version's JSON truncated or overwritten. The newest version's file has
+    a copy (_cloob/manifest.json): `cloob prepare` restores it and says so; a damaged manifest.json is
+    rebuilt from the newest version. An older version's file has none: training on it is refused,
+    naming the file, and the newest version still trains. Never a traceback, never a silent guess."""
+    url = image_server.url
+    table = write(tmp_path / "rows.tsv", rows(url, range(16)))
+    out = tmp_path / "ds"
+    prepare(spec(table), str(out), progress=False)
+    write(table, rows(url, range(24)))
+    prepare(spec(table), str(out), progress=False)
+    write(table, rows(url, range(32)))
+    prepare(spec(table), str(out), progress=False)
+    fetched(image_server)
+    vdir = out / "_cloob" / "versions"
+    v3, manifest = (vdir / "v3.json").read_bytes(), (out / "_cloob" / "manifest.json").read_bytes()
+    spec_file = tmp_path / "t.yaml"
+    spec_file.write_text(json.dumps({"name": "t", "source": {"kind": "table", "path": str(table)}, "download": FAST}))
+    argv = ["prepare", str(spec_file), "--out", str(out), "--no-progress"]
+
+    (vdir / "v3.json").write_bytes(v3[: len(v3) // 2])  # the newest, truncated
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    said = capsys.readouterr()
+    assert "v3.json was damaged" in said.out + said.err and (vdir / "v3.json").read_bytes() == v3
+    assert fetched(image_server) == []
+
+    (out / "_cloob" / "manifest.json").write_bytes(b"\x00junk")
+    assert cli_main(argv) == 0
+    assert (out / "_cloob" / "manifest.json").read_bytes() == manifest
+
+    (vdir / "v2.json").write_bytes(b"")  # an older one: no copy
+    with pytest.raises(CloobError) as e:
+        list_shards(f"{out}@v2")
+    assert "v2.json is damaged" in e.value.problem and "backup" in e.value.fix
+    assert list_shards(f"{out}@v3").content_hash == json.loads(v3)["content_hash"]
+    assert cli_main(["prepare", str(spec_file), "--out", str(out), "--no-progress"]) == 0  # the newest is whole

@@ -76,7 +76,13 @@ def read_version_ref(source: str) -> VersionRef | None:
 def _versioned(ref: VersionRef, source: str) -> ShardSet:
     try:
         m = Location(ref.manifest_url).read_json()
-    except (OSError, ValueError) as e:
+    except ValueError as e:
+        raise CloobError(f"{ref.manifest_url} is damaged (not valid JSON: {str(e)[:120]}); cloob writes it whole, so "
+                         "something else changed it",
+                         "`cloob prepare` on the folder restores the newest version's file from its copy "
+                         "(_cloob/manifest.json); an older version's file has no copy: restore it from a backup, "
+                         "or train on another version") from None
+    except OSError as e:
         raise CloobError(f"cannot read {ref.manifest_url}: {type(e).__name__}: {e}",
                          "check the URL, network and credentials (AWS_* environment or config)") from None
     if m is None or not m.get("shards"):

@@ -27,6 +27,20 @@ def write_json(store: Location, rel: str, data: dict) -> None:
     store.write_json(rel, data, indent=1, sort_keys=True)
 
 
+class Damaged(CloobError):
+    """One of the dataset's own JSON files does not parse (truncated, overwritten): every file is
+    written whole, so something outside cloob changed it."""
+
+
+def read_json(store: Location, rel: str, fix: str) -> dict | None:
+    """One of our JSON files, or None if absent; a damaged one is Damaged, naming it, with `fix`."""
+    try:
+        return store.read_json(rel)
+    except ValueError as e:
+        raise Damaged(f"{store.url(rel)} is damaged (not valid JSON: {safe_text(str(e))[:120]}); cloob writes it "
+                      "whole, so something else changed it", fix) from None
+
+
 @contextlib.contextmanager
 def staged(store: Location, rel: str, prefix: str = ".tmp-") -> Iterator[str]:
     """A local temporary file to write `rel` of the dataset folder into (beside it in _cloob/ on a

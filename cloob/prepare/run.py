@@ -396,8 +396,12 @@ def prepare(spec: PretrainSpec, out: str, *, input: str | list[str] | None = Non
 
 def _prepare_locked(store: Location, spec: PretrainSpec, spec_hash: str, retry_failed: bool, progress: bool,
                     t0: float, cluster: dict) -> dict:
+    from cloob.prepare.versions import latest_version, parsed_or_none
+
     manifest_path = f"{META}/manifest.json"
-    old = store.read_json(manifest_path)
+    newest = latest_version(store, repair=True)  # a damaged newest file restored from its copy, and said
+    # A damaged manifest beside intact versions: the newest version is what it held.
+    old = parsed_or_none(store, manifest_path) or (newest if newest and store.exists(f"{META}/versions") else None)
     store.refresh()
     lost = [e["shard"] for e in (old or {}).get("shards", []) if int(e["shard"][:-4]) not in finished_shards(store)]
     if lost and old and "version" in old:

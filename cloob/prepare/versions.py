@@ -80,7 +80,7 @@ import pyarrow.parquet as pq
 
 from cloob.data.shards import VERSIONS_DIR, read_version_ref
 from cloob.errors import CloobError
-from cloob.prepare.folder import META, write_json
+from cloob.prepare.folder import META, Damaged, read_json, write_json
 from cloob.prepare.identity import BATCH, KEYS, digest16, identity
 from cloob.prepare.manifest import RowOutcomes, build_manifest, finished_shards
 from cloob.prepare.matching import Match, fixed16, shard_flags
@@ -181,15 +181,53 @@ def _read_source(spec: PretrainSpec, folder: str, progress: bool):
 
 # ------------------------------------------------------------------------------------ versions
 
-def latest_version(store: Location) -> dict | None:
-    """The newest version's manifest: the highest vN.json, else the folder's manifest (version 1)."""
+RESTORE_NEWEST = ("`cloob prepare` on this folder restores the newest version's file from its copy "
+                  "(_cloob/manifest.json) and the manifest from the newest version's file; an older version's "
+                  "file has no copy: restore it from a backup")
+
+
+def latest_version(store: Location, *, repair: bool = False) -> dict | None:
+    """The newest version's manifest: the highest vN.json, else the folder's manifest (version 1).
+
+    A damaged file is an error naming it (folder.Damaged), unless `repair` (cloob prepare, which holds
+    the folder's lock): the newest vN.json and manifest.json are written with the same content, so
+    either restores the other, and the repair is said on stderr. Nothing is guessed beyond that."""
+    import sys
+
     store.refresh()
     names = store.glob(f"{VERSIONS}/v*.json") if store.exists(VERSIONS) else []
     numbers = sorted(int(posixpath.basename(n)[1:-5]) for n in names if posixpath.basename(n)[1:-5].isdigit())
+    manifest_rel = f"{META}/manifest.json"
     if numbers:
-        return store.read_json(f"{VERSIONS}/v{numbers[-1]}.json")
-    m = store.read_json(f"{META}/manifest.json")
+        newest = f"{VERSIONS}/v{numbers[-1]}.json"
+        try:
+            return read_json(store, newest, RESTORE_NEWEST)
+        except Damaged:
+            copy = parsed_or_none(store, manifest_rel)
+            if not repair or copy is None or int(copy.get("version", 1)) != numbers[-1]:
+                raise
+            write_json(store, newest, copy)
+            print(f"{store.url(newest)} was damaged: restored from its copy, {manifest_rel}", file=sys.stderr)
+            return copy
+    try:
+        m = read_json(store, manifest_rel, RESTORE_NEWEST)
+    except Damaged:
+        if not repair:
+            raise
+        # One version only: the manifest is derived from the shards and the rows file, and is made
+        # again as after a kill before it was written.
+        print(f"{store.url(manifest_rel)} was damaged: it is made again from the shards", file=sys.stderr)
+        store.remove(manifest_rel)
+        return None
     return None if m is None else {**m, "version": m.get("version", 1)}
+
+
+def parsed_or_none(store: Location, rel: str) -> dict | None:
+    """The file parsed, or None where it is absent or damaged."""
+    try:
+        return store.read_json(rel)
+    except ValueError:
+        return None
 
 
 def _removed_counts(prev: dict, removed: np.ndarray) -> tuple[int, int]:
@@ -206,10 +244,15 @@ def next_version(store: Location, spec: PretrainSpec, spec_hash: str, *, retry_f
     import time
 
     t0 = time.monotonic()
-    prev = latest_version(store)
+    prev = latest_version(store, repair=True)
     assert prev is not None
-    manifest = store.read_json(f"{META}/manifest.json")
+    manifest = parsed_or_none(store, f"{META}/manifest.json")
     if manifest is None or manifest.get("content_hash") != prev.get("content_hash"):
+        if store.exists(f"{META}/manifest.json"):
+            import sys
+
+            print(f"{store.url(META + '/manifest.json')} was behind or damaged: restored from version {prev.get('version', 1)}",
+                  file=sys.stderr)
         write_json(store, f"{META}/manifest.json", _as_manifest(prev))  # a kill between vN.json and it
     n_prev = int(prev.get("version", 1))
     fp = fingerprint(spec)
