@@ -528,3 +528,37 @@ def test_three_identical_evaluations_at_once_write_one_row(tmp_path, checkpoint)
     assert len(list((store / "results" / "parts").iterdir())) == 1
     assert sum("(already in results)" in out for out, _ in outs) == 2
     assert not (store / "results" / "locks").exists() or not list((store / "results" / "locks").iterdir())
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_claimed_pair_makes_a_second_claim_wait_locally_and_on_s3(where, tmp_path, request, capsys):
+    """The pair's lock (cloob.evaluate.claim) is the run folders' lock: on a folder and on S3 a second
+    claim of the same pair waits, saying so once, until the first is released; another pair does not."""
+    import threading
+    import time
+
+    from cloob.evaluate.claim import claim_pair
+
+    if where == "s3":
+        request.getfixturevalue("s3").mkdir("claims")
+        results = "s3://claims/results"
+    else:
+        results = str(tmp_path / "results")
+    got: list[float] = []
+
+    def second():
+        with claim_pair(results, "k1", "m on shapes", poll_s=0.1):
+            got.append(time.monotonic())
+
+    with claim_pair(results, "k1", "m on shapes"):
+        with claim_pair(results, "k2", "m on colors"):  # another pair: not held up
+            pass
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(1.0)
+        assert not got
+        released = time.monotonic()
+    t.join(timeout=30)
+    assert got and got[0] >= released
+    err = capsys.readouterr().err
+    assert err.count("m on shapes: waiting for another evaluation of it") == 1, err
