@@ -7,4 +7,5 @@
     retrieval   image<->text recall@k on captioned pairs
     diagnostics effective eigenvalues, alignment/uniformity, the Ajne/Prentice statistic
     runner      one (checkpoint, dataset) evaluation -> one results-table row
+    claim       one evaluation of a (checkpoint, dataset, settings) pair at a time: its lock
 """

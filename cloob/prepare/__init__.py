@@ -9,6 +9,7 @@
     identity.py      a row's identity across re-exports, and the identities given row ids so far
     purge.py         removed rows' samples deleted from the shards for good (--purge-removed)
     run.py           prepare(): the whole preparation, resumable (`cloob prepare`)
+    stop.py          SIGTERM to `cloob prepare`: the download and every process of it stopped, one line
     folder.py        what a dataset folder may hold before preparation writes into it; staged writes
     manifest.py      the dataset manifest: shards, counts, digests, content hash
     versions.py      later versions: the source read again, only new rows fetched, removed rows left
