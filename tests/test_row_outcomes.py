@@ -49,8 +49,8 @@ def _compare(store: Location, removed=()):
     ok, fails = reference_row_outcomes(store, shards)
     new = read_outcomes(store, shards)
     # the arrays, converted: the same ids, reasons and dict order (first failure first)
-    assert new.ok.dtype == np.int64 and new.failed.dtype == np.int64
-    assert new.ok.tolist() == sorted(ok)
+    assert new.ok_ids().dtype == np.int64 and new.failed.dtype == np.int64 and new.codes.dtype == np.int32
+    assert new.ok_ids().tolist() == sorted(ok) and new.n_ok == len(ok)
     got = {rid: new.reasons[c] for rid, c in zip(new.failed.tolist(), new.codes.tolist())}
     assert list(got.items()) == list(fails.items())
     assert row_outcomes(store, shards) == (ok, fails)
@@ -61,7 +61,7 @@ def _compare(store: Location, removed=()):
     left_out = set(removed)
     kept = {rid: why for rid, why in fails.items() if rid not in left_out}
     v = new.without(np.array(sorted(removed), dtype=np.int64))
-    assert len(v.ok) == len(ok - left_out) and v.ok.tolist() == sorted(ok - left_out)
+    assert v.n_ok == len(ok - left_out) and v.ok_ids().tolist() == sorted(ok - left_out)
     assert v.failed.tolist() == list(kept)
     assert list(v.by_reason().items()) == list(dict(Counter(kept.values()).most_common()).items())
     return new
@@ -78,15 +78,18 @@ def test_retries_repeats_and_ties_count_as_before(tmp_path):
         [(2, "failed_to_download", "HTTP Error 500 http://c/2"), (1, "success", None),
          (4, "failed_to_download", "timed out http://c/4"), (8, "failed_to_download", "HTTP Error 404 http://c/8")],
         [],
+        # twice in one shard: 10 fails then succeeds; 11 fails with two reasons, the last one counts
+        [(10, "failed_to_download", "HTTP Error 404 http://d/10"), (11, "failed_to_download", "x http://d/11"),
+         (10, "success", None), (11, "failed_to_download", "timed out http://d/11")],
     ])
     new = _compare(store, removed=[3, 7, 100])
     # 2: first failed in shard 0, last reason from the retry; 1 succeeded in the retry
-    assert new.ok.tolist() == [0, 1, 7]
-    assert new.failed.tolist() == [2, 3, 4, 5, 6, 8, 9]
+    assert new.ok_ids().tolist() == [0, 1, 7, 10]
+    assert new.failed.tolist() == [2, 3, 4, 5, 6, 8, 9, 11]
     by = new.by_reason()
-    # ties: 404 (3, and 8 by its retry) and timed out (4, 6) at 2 each, then 500 (2), unknown (5) and
+    # ties: 404 (3, and 8 by its retry) at 2, timed out (4, 6, 11) at 3; then 500 (2), unknown (5) and
     # the odd one (9) at 1 each: in the order of the reasons' first failed row
-    assert list(by.items()) == [("HTTP Error 404 <url>", 2), ("timed out <url>", 2),
+    assert list(by.items()) == [("timed out <url>", 3), ("HTTP Error 404 <url>", 2),
                                 ("HTTP Error 500 <url>", 1), ("unknown", 1), ("odd \\x1b[31m status", 1)]
 
 
@@ -94,7 +97,7 @@ def test_no_shards_and_only_successes(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     empty = _compare(Location(str(tmp_path / "a")))
-    assert len(empty.ok) == len(empty.failed) == 0 and empty.by_reason() == {}
+    assert empty.n_ok == len(empty.failed) == 0 and empty.by_reason() == {}
     store = _shards(tmp_path / "b", [[(i, "success", None) for i in range(5)], [(2, "success", None)]])
     assert _compare(store, removed=[1]).by_reason() == {}
 
@@ -106,7 +109,8 @@ def test_random_shards_with_retries_match_the_reference(tmp_path, seed):
                "broken image {}"[:13], "HTTP Error 403 https://z/{}"]
     shards, n = [], 3000
     for s in range(6):  # 4 shards of new rows, then 2 retry rounds over some of them, unordered
-        ids = list(range(s * 750, (s + 1) * 750)) if s < 4 else rnd.sample(range(n), 900)
+        # retry rounds with repeats: a row id twice in one shard too
+        ids = list(range(s * 750, (s + 1) * 750)) if s < 4 else rnd.choices(range(n), k=900)
         rows = []
         for rid in ids:
             if rnd.random() < 0.5 + 0.1 * s:

@@ -188,22 +188,32 @@ def _cached_digest(store: Location, meta: str, stem: str) -> dict:
 
 @dataclass(frozen=True)
 class RowOutcomes:
-    """Every row id's outcome over the finished shards, as arrays (about 12 bytes a row id at most,
-    no Python object a row): a row retried into a later shard counts once, as a success if any
-    attempt succeeded, else with the reason of its last attempt."""
+    """Every row id's outcome over the finished shards, as arrays (no Python object a row): a row
+    retried into a later shard counts once, as a success if any attempt succeeded, else with the
+    reason of its last attempt."""
 
-    ok: np.ndarray  # int64, sorted, unique: the ids that succeeded in some shard
+    succeeded: np.ndarray  # bool, one a row id (its index): succeeded in some shard
     failed: np.ndarray  # int64, unique: the ids that never succeeded, in the order of their first failure
     codes: np.ndarray  # int32, one a failed id: its last failure's reason, an index into `reasons`
     reasons: list[str]  # reason_of() of the failure messages, in the order first met
+
+    @property
+    def n_ok(self) -> int:
+        return int(np.count_nonzero(self.succeeded))
+
+    def ok_ids(self) -> np.ndarray:
+        """The ids that succeeded, sorted (int64)."""
+        return np.flatnonzero(self.succeeded).astype(np.int64, copy=False)
 
     def without(self, ids: np.ndarray) -> RowOutcomes:
         """These outcomes less the row ids `ids` (rows no longer in the source count neither way)."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         if not len(ids):
             return self
+        succeeded = self.succeeded.copy()
+        succeeded[ids[(ids >= 0) & (ids < len(succeeded))]] = False
         keep = ~_member(self.failed, ids)
-        return RowOutcomes(self.ok[~_member(self.ok, ids)], self.failed[keep], self.codes[keep], self.reasons)
+        return RowOutcomes(succeeded, self.failed[keep], self.codes[keep], self.reasons)
 
     def by_reason(self) -> dict[str, int]:
         """{reason: failed rows}, most first; ties in the order of the failed rows (what
@@ -250,43 +260,52 @@ class _Reasons:
 
 def read_outcomes(store: Location, shards: dict[int, str]) -> RowOutcomes:
     """The row outcomes of the finished shards `shards` ({id: stem}, in shard order), read column by
-    column from each shard's parquet file."""
+    column from each shard's parquet file into arrays indexed by row id (row ids are small
+    non-negative integers, as matching.shard_flags takes them): a flag, the last failure's reason
+    code and the first failure's rank, 9 bytes a row id whatever the number of shards."""
     reasons = _Reasons()
-    oks, fids, fcodes = [], [], []
+    ok = np.zeros(0, dtype=bool)
+    last = np.zeros(0, dtype=np.int32)  # the reason code of each id's last failure
+    rank = np.zeros(0, dtype=np.int32)  # the rank of each id's first failure among all failures; -1: none
+    ranked = 0
     for stem in shards.values():
         with store.open(f"{stem}.parquet", "rb") as f:
             t = pq.read_table(f, columns=["row_id", "status", "error_message"])
         ids = pc.cast(t["row_id"], pa.int64()).to_numpy()
+        if len(ids) and ids.min() < 0:
+            raise ValueError(f"{stem}.parquet has a negative row_id")
         good = pc.fill_null(pc.equal(t["status"], "success"), False)
+        codes = reasons.of_column(t["error_message"].filter(pc.invert(good)))
         mask = good.to_numpy(zero_copy_only=False).astype(bool, copy=False)
-        oks.append(ids[mask])
-        fids.append(ids[~mask])
-        fcodes.append(reasons.of_column(t["error_message"].filter(pc.invert(good))))
-        del t
-    ok = np.unique(np.concatenate(oks)) if oks else np.zeros(0, dtype=np.int64)
-    fid = np.concatenate(fids) if fids else np.zeros(0, dtype=np.int64)
-    fcode = np.concatenate(fcodes) if fcodes else np.zeros(0, dtype=np.int32)
-    del oks, fids, fcodes
-    keep = ~_member(fid, ok)
-    fid, fcode = fid[keep], fcode[keep]
-    order = np.argsort(fid, kind="stable")  # by id, each id's failures in shard and row order
-    s = fid[order]
-    new = np.empty(len(s), dtype=bool)
-    new[:1] = True
-    np.not_equal(s[1:], s[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    ends = np.append(starts[1:], len(s))[: len(starts)] - 1  # where each id last failed (in `order`)
-    first = order[starts]  # where each id first failed
-    by_first = np.argsort(first)
-    return RowOutcomes(ok, s[starts][by_first], fcode[order[ends]][by_first].astype(np.int32, copy=False),
-                       list(reasons.codes))
+        del t, good
+        if len(ids) and ids.max() >= len(ok):
+            size = max(int(ids.max()) + 1, len(ok) + len(ok) // 4)
+            ok = np.concatenate([ok, np.zeros(size - len(ok), dtype=bool)])
+            last = np.concatenate([last, np.zeros(size - len(last), dtype=np.int32)])
+            rank = np.concatenate([rank, np.full(size - len(rank), -1, dtype=rank.dtype)])
+        ok[ids[mask]] = True
+        fid = ids[~mask]
+        if not len(fid):
+            continue
+        if ranked + len(fid) > np.iinfo(rank.dtype).max:
+            rank = rank.astype(np.int64)
+        # a row id twice in one shard: its first failure ranks it, its last gives the reason
+        uid, first = np.unique(fid, return_index=True)
+        final = len(fid) - 1 - np.unique(fid[::-1], return_index=True)[1]
+        fresh = rank[uid] < 0
+        rank[uid[fresh]] = ranked + first[fresh]
+        last[uid] = codes[final]
+        ranked += len(fid)
+    failed = np.flatnonzero((rank >= 0) & ~ok)
+    failed = failed[np.argsort(rank[failed])].astype(np.int64, copy=False)
+    return RowOutcomes(ok, failed, last[failed], list(reasons.codes))
 
 
 def row_outcomes(store: Location, shards: dict[int, str]):
     """(set of ids that succeeded, {failed id: last reason}) over all finished shards, in shard order:
     read_outcomes as Python objects, for small folders (about 100 bytes a row)."""
     r = read_outcomes(store, shards)
-    return set(r.ok.tolist()), {rid: r.reasons[c] for rid, c in zip(r.failed.tolist(), r.codes.tolist())}
+    return set(r.ok_ids().tolist()), {rid: r.reasons[c] for rid, c in zip(r.failed.tolist(), r.codes.tolist())}
 
 
 def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: dict, history: list[dict],
@@ -304,7 +323,7 @@ def build_manifest(store: Location, meta: str, *, spec, spec_hash: str, rows: di
                         int(stats["count"]), "samples": d["samples"], "bytes": d["bytes"],
                         "sha256": d["sha256"], "content_sha256": d["content_sha256"]})
     out = read_outcomes(store, shards)
-    ok, fails = len(out.ok), len(out.failed)
+    ok, fails = out.n_ok, len(out.failed)
     attempted = ok + fails
     manifest = {
         "manifest_version": MANIFEST_VERSION,

@@ -335,7 +335,7 @@ def _versioned(m: dict, *, version: int, excluded: list[str], removed: np.ndarra
     from cloob.prepare.manifest import content_hash
 
     t = m["totals"]
-    ok_in_version = len(outcomes.ok)
+    ok_in_version = outcomes.n_ok
     t["successes"], t["failures"] = ok_in_version, len(outcomes.failed)
     t["attempted"] = attempted = ok_in_version + len(outcomes.failed)
     t["failures_by_reason"] = outcomes.by_reason()
