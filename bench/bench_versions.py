@@ -21,9 +21,16 @@ streamed re-read of the table, the match and the rows' digest, with the process'
 each size in turn. It writes the section
 "Incremental preparation: re-reading the source at scale".
 
+With --outcome-rows N[,N...] it measures the row outcomes that build_manifest, a version's totals and a
+retry round count (cloob.prepare.manifest.read_outcomes), against the per-row Python sets and dict they
+replaced, over img2dataset-like shard parquet files of N rows (10,000 a shard, 30% failed, every failed
+row retried in later shards, a third of them successfully): each in a fresh process, the peak memory and
+time. It writes the subsection "Row outcomes at scale" of the same section (and --match-rows keeps it).
+
 Usage: python bench/bench_versions.py [--samples 20000] [--delta 0.01] [--shard-size 500]
                                       [--processes 2] [--threads 32] [--repeats 2] [--write]
        python bench/bench_versions.py --match-rows 1000000,3000000,10000000 --write
+       python bench/bench_versions.py --outcome-rows 1000000,3000000 --write
 """
 
 from __future__ import annotations
@@ -135,7 +142,169 @@ def match_at_scale(sizes: list[int], write: bool) -> None:
     text = _match_section([_match_once(n) for n in sizes])
     print(text)
     if write:
-        write_section(text.splitlines()[0], text)
+        old = _section_text(text.splitlines()[0])
+        kept = old[old.index(OUTCOMES_HEADING):] if old and OUTCOMES_HEADING in old else ""
+        write_section(text.splitlines()[0], text.rstrip("\n") + ("\n\n" + kept if kept else ""))
+
+
+def _section_text(heading: str) -> str | None:
+    """The section of BENCHMARKS.md under `heading` as it is now (up to the next '## '), or None."""
+    from report import BENCHMARKS
+
+    lines = BENCHMARKS.read_text().splitlines(keepends=True) if BENCHMARKS.exists() else []
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == heading), None)
+    if start is None:
+        return None
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+    return "".join(lines[start:end]).rstrip("\n") + "\n"
+
+
+MATCH_HEADING = "## Incremental preparation: re-reading the source at scale"
+OUTCOMES_HEADING = "### Row outcomes at scale"
+
+_OUTCOMES = """
+import json, resource, sys, time
+from collections import Counter
+import pyarrow.parquet as pq
+from cloob.prepare.manifest import finished_shards, read_outcomes, reason_of
+from cloob.storage import Location
+store, which = Location(sys.argv[1]), sys.argv[2]
+shards = finished_shards(store)
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def old_row_outcomes(store, shards):  # manifest.row_outcomes before read_outcomes, as it was
+    ok, last_fail = set(), {}
+    for stem in shards.values():
+        with store.open(f"{stem}.parquet", "rb") as f:
+            t = pq.read_table(f, columns=["row_id", "status", "error_message"])
+        for rid, status, err in zip(*(t.column(c).to_pylist() for c in ("row_id", "status", "error_message"))):
+            if status == "success":
+                ok.add(rid)
+            else:
+                last_fail[rid] = reason_of(err)
+    for rid in ok:
+        last_fail.pop(rid, None)
+    return ok, last_fail
+
+
+first = dict(list(shards.items())[:1])  # the parquet reader's libraries and pools loaded before the peak
+old_row_outcomes(store, first) if which == "old" else read_outcomes(store, first).by_reason()
+p0, t0 = peak(), time.perf_counter()
+if which == "old":
+    ok, fails = old_row_outcomes(store, shards)
+    n_ok, n_failed, by = len(ok), len(fails), dict(Counter(fails.values()).most_common())
+else:
+    out = read_outcomes(store, shards)
+    n_ok, n_failed, by = out.n_ok, len(out.failed), out.by_reason()
+t1 = time.perf_counter()
+print(json.dumps({"seconds": t1 - t0, "peak_before_mb": p0, "peak_mb": peak(), "ok": n_ok, "failed": n_failed,
+                  "by_reason": list(by.items())}))
+"""
+
+
+def _outcome_shards(folder: Path, n: int, per_shard: int = 10_000) -> int:
+    """img2dataset-like NNNNN.parquet/_stats.json for n rows (30% failed, with a URL in most messages),
+    then every failed row retried, in order, in later shards (a third of them successfully); the rows."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    kinds = np.array(["HTTP Error 404: Not Found <url>", "<urlopen error timed out> <url>",
+                      "HTTP Error 403: Forbidden <url>", "image decoding error", ""], dtype=object)
+    schema = pa.schema([("row_id", pa.int64()), ("status", pa.string()), ("error_message", pa.string())])
+
+    def write(sid: int, ids: np.ndarray, fail: np.ndarray) -> None:
+        kind = rng.integers(0, len(kinds), len(ids))
+        msgs = [None if not f else (kinds[k].replace("<url>", f"http://img.example.com/{i}/photo.jpg")
+                                    if kinds[k] else None) for i, f, k in zip(ids.tolist(), fail, kind)]
+        pq.write_table(pa.table({"row_id": ids, "status": np.where(fail, "failed_to_download", "success"),
+                                 "error_message": msgs}, schema=schema), folder / f"{sid:05d}.parquet")
+        (folder / f"{sid:05d}_stats.json").write_text(json.dumps({"count": len(ids),
+                                                                  "successes": int((~fail).sum())}))
+
+    failed, sid = [], 0
+    for start in range(0, n, per_shard):
+        ids = np.arange(start, min(start + per_shard, n), dtype=np.int64)
+        fail = rng.random(len(ids)) < 0.3
+        write(sid, ids, fail)
+        failed.append(ids[fail])
+        sid += 1
+    retry = np.concatenate(failed)
+    for start in range(0, len(retry), per_shard):
+        ids = retry[start:start + per_shard]
+        write(sid, ids, rng.random(len(ids)) >= 1 / 3)
+        sid += 1
+    return n + len(retry)
+
+
+def _outcomes_once(n: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench-outcomes-"))
+    try:
+        rows = _outcome_shards(work, n)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        r = {"n": n, "rows": rows, "shards": len(list(work.glob("*_stats.json")))}
+        for which in ("old", "new"):
+            p = subprocess.run([sys.executable, "-c", _OUTCOMES, str(work), which], env=env, capture_output=True,
+                               text=True)
+            if p.returncode != 0:
+                raise SystemExit(p.stderr[-3000:])
+            r[which] = json.loads(p.stdout.strip().splitlines()[-1])
+            print(which, n, {k: v for k, v in r[which].items() if k != "by_reason"}, flush=True)
+        old, new = r["old"], r["new"]
+        assert (old["ok"], old["failed"], old["by_reason"]) == (new["ok"], new["failed"], new["by_reason"]), r
+        return r
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def outcomes_at_scale(sizes: list[int], write: bool) -> None:
+    runs = [_outcomes_once(n) for n in sizes]
+    text = _outcome_section(runs)
+    print(text)
+    if write:
+        old = _section_text(MATCH_HEADING)
+        if old is None:
+            raise SystemExit(f"BENCHMARKS.md has no section {MATCH_HEADING!r}: run --match-rows with --write first")
+        kept = old[:old.index(OUTCOMES_HEADING)] if OUTCOMES_HEADING in old else old
+        write_section(MATCH_HEADING, kept.rstrip("\n") + "\n\n" + text)
+
+
+def _outcome_section(runs: list[dict]) -> str:
+    table = "\n".join(
+        f"| {x['n']:,} | {x['rows']:,} ({x['shards']}) | {x['new']['ok']:,} / {x['new']['failed']:,} | "
+        f"{x['old']['seconds']:.2f} | {x['new']['seconds']:.2f} | "
+        f"{x['old']['peak_before_mb']:.0f} / {x['new']['peak_before_mb']:.0f} | "
+        f"**{x['old']['peak_mb']:.0f}** | **{x['new']['peak_mb']:.0f}** |" for x in runs)
+    per_row = [(x["old"]["peak_mb"] - x["old"]["peak_before_mb"]) * 1e6 / x["n"] for x in runs]
+    new_row = [(x["new"]["peak_mb"] - x["new"]["peak_before_mb"]) * 1e6 / x["n"] for x in runs]
+    sizes = ",".join(str(x["n"]) for x in runs)
+    return f"""{OUTCOMES_HEADING}
+
+{_dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.
+Command: `python bench/bench_versions.py --outcome-rows {sizes} --write`.
+
+The row outcomes that build_manifest, a version's totals and a retry round count: which row ids succeeded in
+some shard, and each other id's last failure reason. Old: manifest.row_outcomes before, a Python set of the
+succeeded ids and a dict {{failed id: reason}}, the shards' parquet files read a row at a time. New:
+cloob.prepare.manifest.read_outcomes, the files read column by column into numpy arrays indexed by row id
+(a success flag, the last failure's int32 reason code, the first failure's int32 rank: 9 bytes a row id),
+reason_of once a distinct message of a shard; then the failed ids in the order of their first failure.
+Shards of 10,000 rows in img2dataset's parquet form, 30% of the N rows failed (most messages with their
+URL), every failed row retried in later shards and a third of those successful. Each in a fresh process;
+the process's peak memory before the call (the interpreter, the imports and the same function over the
+first shard, so that the parquet reader is loaded) and after it, in MB; the same counts and
+failures_by_reason both ways.
+
+| N | rows read (shards) | succeeded / failed | old s | new s | before MB (old / new) | old peak MB | new peak MB |
+|---|---:|---:|---:|---:|---:|---:|---:|
+{table}
+
+The peak above the one before, a row of N: old {" and ".join(f"{b:.0f}" for b in per_row)} bytes, new
+{" and ".join(f"{b:.0f}" for b in new_row)} (for YFCC15M's 15 million rows, at the larger size's rate: about
+{per_row[-1] * 15e6 / 1e9:.1f} GB old, {new_row[-1] * 15e6 / 1e9:.2f} GB new). The new figure is the 9 bytes a row
+id, the arrays' growth as the shards come (a quarter at a time), and the Arrow allocator's retained pages
+from reading the shards, not a Python object a row.
+"""
 
 
 def _match_section(runs: list[dict]) -> str:
@@ -196,9 +365,14 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     ap.add_argument("--match-rows", help="measure the re-read and match of this many rows instead (a comma list: "
                                          "each size in turn)")
+    ap.add_argument("--outcome-rows", help="measure the row outcomes (manifest.read_outcomes against the per-row "
+                                           "sets it replaced) over shards of this many rows instead (a comma list)")
     args = ap.parse_args()
-    if args.match_rows:
-        match_at_scale([int(x) for x in args.match_rows.split(",")], args.write)
+    if args.match_rows or args.outcome_rows:
+        if args.match_rows:
+            match_at_scale([int(x) for x in args.match_rows.split(",")], args.write)
+        if args.outcome_rows:
+            outcomes_at_scale([int(x) for x in args.outcome_rows.split(",")], args.write)
         return
     n, d = args.samples, max(1, round(args.samples * args.delta))
     work = Path(tempfile.mkdtemp(prefix="bench-versions-"))
@@ -244,7 +418,8 @@ def main() -> None:
     ratio = med["incremental"] / med["full"]
     per_run = {k: ", ".join(f"{s:.2f}" for s in v) for k, v in times.items()}
     cmd = "python bench/bench_versions.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("write", "match_rows")) + " --write"
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k not in ("write", "match_rows", "outcome_rows")) + " --write"
     text = f"""## Incremental preparation: a {100 * args.delta:g}% delta against a full preparation
 
 {_dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.

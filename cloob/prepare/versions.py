@@ -52,8 +52,13 @@ source at scale"): a peak of 314, 333 and 347 MB for 1, 3 and 10 million rows (i
 1, re-read, match and digest, the interpreter included), where the whole-table match, every row's
 digests in memory, peaked at 459 and 1047 MB for 1 and 3 million (about 290 bytes a row: 4 GB for
 YFCC15M), in about the same time (3 million rows: 63 s against 64-67 s). The row outcomes that
-build_manifest and the version's totals count (manifest.row_outcomes: Python sets of every shard's
-row ids) are not bounded yet.
+build_manifest, the version's totals and a retry round count (manifest.read_outcomes) are numpy
+arrays indexed by row id, 9 bytes a row id (a success flag, the last failure's reason code, the first
+failure's rank), the shards' parquet files read column by column: measured the same day
+(bench/bench_versions.py --outcome-rows 1000000,3000000,10000000; BENCHMARKS.md, "Row outcomes at
+scale"), a peak 43, 65 and 128 MB above the process's before the call for 1, 3 and 10 million rows
+(13 bytes a row at 10 million: 0.2 GB for YFCC15M), where the Python set and dict a row they replaced
+took 103, 255 and 915 MB (about 90 bytes a row: 1.4 GB for YFCC15M), in a third of the time.
 
 For the rest of the pipeline:
 
