@@ -106,6 +106,7 @@ def build_plan(args) -> dict[str, Any]:
         **({"spark_master": args.spark_master} if args.spark_master else {}),
         **({"ray_address": args.ray_address} if args.ray_address else {}),
         **({"worker_wait_s": args.worker_wait_s} if args.worker_wait_s is not None else {}),
+        **({"train_retries": _retries(args.train_retries)} if args.train_retries is not None else {}),
         **({"init_from": args.init_from} if args.init_from else {}),
         **promotion_params(args),
     }
@@ -176,6 +177,12 @@ def _describe_deployment(d) -> dict[str, Any]:
         "concurrency_limit": d.concurrency_limit,
         "tags": d.tags,
     }
+
+
+def _retries(n: int) -> int:
+    if n < 0:
+        raise CloobError(f"--train-retries {n} is negative", "give 0 (no retry) or more, e.g. 2")
+    return n
 
 
 def promotion_params(args) -> dict:
@@ -374,6 +381,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-wait-s", type=float, metavar="S",
                    help="how long a training or evaluation run may wait for a GPU worker to take it before the "
                         "scheduled pipeline cancels it and fails, saying so (default 3600)")
+    p.add_argument("--train-retries", type=int, metavar="N",
+                   help="how many times the scheduled pipeline starts a training or evaluation run again when it "
+                        "ends Crashed (a lost node, an OOM-killed pod); it resumes from its last checkpoint "
+                        "(default 2; 0: fail at the first crash)")
     p.add_argument("--study", metavar="NAME",
                    help="the study cloob-study/cluster runs by default (cloob/studies: cloob_vs_clip_cc3m, "
                         "ablation_cc3m, ...; or a YAML path the workers see); without it, each run names one")

@@ -14,8 +14,9 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import wait
 
 from flows.names import summary_label
+from flows.outage import engine_retries
 from flows.promote import promote_models
-from flows.remote import WORKER_WAIT_S
+from flows.remote import RETRIES, WORKER_WAIT_S
 from flows.summary import name_run, publish_summary
 from flows.tasks import (
     dataset_folder,
@@ -60,8 +61,10 @@ def evaluate_flow(checkpoints: list[str], datasets: list[str] | dict[str, str], 
     sets = dict(datasets) if isinstance(datasets, dict) else dict(prepared_sets(posixpath.join(store, "downstream"),
                                                                                  list(datasets)))
     models = resolve_models(list(checkpoints), posixpath.join(store, "registry"))
-    futures = [evaluate.submit(c, name, uri, results, cache_root, settings) for c in models for name, uri in sets.items()]
-    wait(futures)
+    with engine_retries():  # the tasks' threads copy this context: their end states ride out a server restart
+        futures = [evaluate.submit(c, name, uri, results, cache_root, settings)
+                   for c in models for name, uri in sets.items()]
+        wait(futures)
     failed = [f for f in futures if f.state.is_failed()]
     for f in failed:
         get_run_logger().error("evaluation failed: %s", f.state.message)
@@ -90,7 +93,10 @@ def train_flow(recipe: str, overrides: list[str], nproc_per_node: int = 1, nnode
             Kubernetes job template).
         deadline_s: stop after this long (a checkpoint is written first); none: no limit.
     """
-    return result_of(train, recipe, overrides, nproc_per_node, deadline_s, nnodes, rdzv_endpoint)
+    # A server restart while it trains must not fail a training that finishes meanwhile: the task's
+    # end state is sent with retries that outlast the outage (flows/outage.py).
+    with engine_retries():
+        return result_of(train, recipe, overrides, nproc_per_node, deadline_s, nnodes, rdzv_endpoint)
 
 
 @flow(name="cloob-pipeline")
@@ -102,7 +108,8 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
              ray_address: str | None = None, force_prepare: bool = False,
              worker_wait_s: float | None = WORKER_WAIT_S, init_from: str | None = None,
              promote_on: list[str] | None = None, min_gain: float = 0.0, require_significant: bool = False,
-             confidence: float = 0.95, approval: bool = False, approval_timeout_s: int = 3600) -> dict[str, Any]:
+             confidence: float = 0.95, approval: bool = False, approval_timeout_s: int = 3600,
+             train_retries: int = RETRIES) -> dict[str, Any]:
     """specs -> shards -> one run per recipe on the first spec's data -> registry -> zero-shot
     evaluation of every run on every downstream set -> results table and report.
 
@@ -154,6 +161,13 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             (approve or reject, a comment).
         approval_timeout_s: how long the pause waits; with no answer nothing is promoted and the
             run ends Failed (Prefect cannot resume a pause that timed out); the next run asks again.
+        train_retries: how many times a run on train_deployment (or eval_deployment) that ends Crashed
+            (its process or node died: a spot reclaim, an OOM-killed pod, a worker that stopped sending
+            heartbeats for CLOOB_LOST_AFTER_S) is started again, logged with the reason; a training
+            resumes from its last checkpoint in the store. 0: fail at the first crash.
+
+    A Prefect server that is away (a restart, an upgrade) is waited for, for CLOOB_API_OUTAGE_S
+    seconds (default 600; flows/outage.py), while a run on a deployment is waited for.
     """
     from flows.signals import stop_on_signals
 
@@ -163,7 +177,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
     entries = [(entry, *entry.split()) for entry in recipes]
     for entry, _name, *own in entries:  # a contradiction is refused before anything is prepared or trained
         check_overrides(entry, every, own)
-    with stop_on_signals("cloob-pipeline"):
+    with stop_on_signals("cloob-pipeline"), engine_retries():
         # Submitted first: they need nothing else, and run in threads while this one trains.
         set_futures = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
         data = [result_of(prepare_data, spec, dataset_folder(store, spec), None, spec_overrides, spark_master, ray_address,
@@ -180,7 +194,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             # Prefect (and its graph) sees the edge prepare_data -> train.
             if train_deployment:
                 run = result_of(train_remote, train_deployment, name, run_overrides, nproc_per_node, train_deadline_s,
-                                data[:1], worker_wait_s)
+                                data[:1], worker_wait_s, train_retries)
             else:
                 run = result_of(train, name, run_overrides, nproc_per_node, train_deadline_s, data=data[:1])
             runs.append(run)
@@ -188,7 +202,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             if datasets is None:  # by now the sets have had the data preparation and a training to get ready
                 datasets = _prepared_sets(set_futures)
             evals += _submit_evaluations(run, datasets, store, results, cache_root, eval_settings, eval_deployment,
-                                         worker_wait_s)
+                                         worker_wait_s, train_retries)
         if datasets is None:  # no recipes
             datasets = _prepared_sets(set_futures)
         wait(evals)
@@ -206,7 +220,8 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             approval=approval, approval_timeout_s=approval_timeout_s,
             evaluate_champion=lambda e: _submit_evaluations({"checkpoint": e["checkpoint_uri"], "run_dir": e["run_dir"],
                                                              "step": e["step"]}, datasets, store, results, cache_root,
-                                                            eval_settings, eval_deployment, worker_wait_s))
+                                                            eval_settings, eval_deployment, worker_wait_s,
+                                                            train_retries))
         promotion = [{"challenger": d["challenger"]["id"], "promoted": d["promoted"], "reason": d["reason"]}
                      for d in promoted]
         n_failed = len(failed) + len(downstream) - len(datasets)
@@ -263,7 +278,8 @@ def _prepared_sets(futures) -> dict[str, str]:
 
 
 def _submit_evaluations(run: dict, datasets: dict[str, str], store: str, results: str, cache_root: str,
-                        settings: dict | None, deployment: str | None, worker_wait_s: float | None) -> list:
+                        settings: dict | None, deployment: str | None, worker_wait_s: float | None,
+                        retries: int = RETRIES) -> list:
     """One task per set for this checkpoint, started now (threads) so they run while the next recipe
     trains. With a deployment, each pair is a run of its own there.
 
@@ -276,5 +292,5 @@ def _submit_evaluations(run: dict, datasets: dict[str, str], store: str, results
         return [evaluate.submit(run["checkpoint"], name, uri, results, cache_root, settings)
                 for name, uri in datasets.items()]
     return [evaluate_remote.submit(deployment, run["checkpoint"], name, uri, store, settings,
-                                   f"evaluate-{summary_label(run)}-on-{name}", worker_wait_s)
+                                   f"evaluate-{summary_label(run)}-on-{name}", worker_wait_s, retries)
             for name, uri in datasets.items()]

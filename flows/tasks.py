@@ -28,7 +28,7 @@ from prefect.states import Completed
 
 from flows import names
 from flows.names import with_data
-from flows.remote import WORKER_WAIT_S, ended, run_and_wait
+from flows.remote import RETRIES, WORKER_WAIT_S, crashed, ended, run_resubmitting
 
 
 def result_of(t, *args, **kwargs):
@@ -175,6 +175,7 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
                 ", from scratch")
     artifact = create_progress_artifact(0.0, key=names.progress_key(r.run_id()),
                                         description=f"training {r.run_id()} ({r.loss.method})")
+    show = _BestEffort(logger)
     last = {"artifact": 0.0, "log": time.monotonic(), "text": ""}
 
     def on_progress(p: dict) -> None:
@@ -186,7 +187,7 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
         last["text"] = text
         if total and now - last["artifact"] > 2:
             last["artifact"] = now
-            update_progress_artifact(artifact, 100.0 * p["step"] / total, description=f"{r.run_id()}: {text}")
+            show(update_progress_artifact, artifact, 100.0 * p["step"] / total, description=f"{r.run_id()}: {text}")
         if now - last["log"] > 15 or p["step"] == total:  # the trainer prints no per-step lines here
             last["log"] = now
             logger.info(text)
@@ -195,18 +196,45 @@ def train(recipe: str, overrides: list[str], nproc_per_node: int = 1, deadline_s
                     rdzv_endpoint=rdzv_endpoint or os.environ.get("CLOOB_RDZV_ENDPOINT"), deadline_s=deadline_s,
                     on_line=lambda line: logger.info(line.rstrip()), on_progress=on_progress)
     result.check()
-    update_progress_artifact(artifact, 100.0, description=f"done: {last['text'] or 'no step reported'}; "
-                                                          f"checkpoint {result.checkpoint}")
+    show(update_progress_artifact, artifact, 100.0, description=f"done: {last['text'] or 'no step reported'}; "
+                                                                f"checkpoint {result.checkpoint}")
     return _checkpoint_summary(result.run_dir, result.checkpoint)
+
+
+class _BestEffort:
+    """Calls that only show progress (the progress artifact): one that fails while the Prefect server
+    is away is skipped, once, at once (no retries), and not tried again for a while; the training goes
+    on. Raised, the error would have ended the supervision of a training that was fine."""
+
+    PAUSE_S = 30.0
+
+    def __init__(self, logger):
+        self.logger, self.paused_until = logger, 0.0
+
+    def __call__(self, fn, *args, **kwargs) -> None:
+        from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+        if time.monotonic() < self.paused_until:
+            return
+        try:
+            with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
+                fn(*args, **kwargs)
+        except Exception as e:
+            self.paused_until = time.monotonic() + self.PAUSE_S
+            self.logger.warning("progress not shown (%s: %s); the training goes on", type(e).__name__, e)
 
 
 @task(name="train-on-deployment", task_run_name=names.train_remote_name)
 def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_node: int = 1,
                  deadline_s: float | None = None, data: list[dict] | None = None,
-                 worker_wait_s: float | None = WORKER_WAIT_S):
+                 worker_wait_s: float | None = WORKER_WAIT_S, retries: int = RETRIES):
     """Training as a run of the `cloob-train` deployment (a GPU work pool), waited for here. Its
     result is read back from the store by content, as for a finished local run, so the two flows
-    share no result storage, only the store."""
+    share no result storage, only the store.
+
+    A run that ends Crashed (its process or node died) is started again, up to `retries` times: it
+    resumes from the last checkpoint in the store. A run that ended otherwise but whose training is
+    in the store, finished (its end state lost to a server outage), counts as done."""
     from cloob.config import load_recipe
     from cloob.errors import CloobError
     from cloob.run.state import identify
@@ -216,13 +244,19 @@ def train_remote(deployment: str, recipe: str, overrides: list[str], nproc_per_n
     r = load_recipe(recipe, overrides)
     if done := _trained(r):
         return _skipped({**done[0], "skipped": True}, f"train {r.run_id()}", done[1])
-    run = run_and_wait(deployment, {"recipe": recipe, "overrides": overrides, "nproc_per_node": nproc_per_node,
-                                    "deadline_s": deadline_s}, f"train-{r.run_id()}", worker_wait_s)
-    if not run.state or not run.state.is_completed():
-        raise CloobError(f"training run {run.name} on deployment {deployment} ended {ended(run)}",
-                         "see that flow run's log in the Prefect UI; rerunning the pipeline resumes the training")
-    if done := _trained(r):
+    run = run_resubmitting(deployment, {"recipe": recipe, "overrides": overrides, "nproc_per_node": nproc_per_node,
+                                        "deadline_s": deadline_s}, f"train-{r.run_id()}", worker_wait_s, retries,
+                           "training run")
+    done = _trained(r)
+    if done and not (run.state and run.state.is_completed()):
+        get_run_logger().warning("training run %s on deployment %s ended %s, but its training is finished in the "
+                                 "store: taken as done", run.name, deployment, ended(run))
+    if done:
         return done[0]
+    if not run.state or not run.state.is_completed():
+        again = f"it crashed {retries + 1} times (retries={retries}); " if crashed(run) else ""
+        raise CloobError(f"training run {run.name} on deployment {deployment} ended {ended(run)}",
+                         f"{again}see that flow run's log in the Prefect UI; rerunning the pipeline resumes the training")
     raise CloobError(f"training run {run.name} on deployment {deployment} completed, but the store has no "
                      f"finished checkpoint of {recipe} {' '.join(overrides)}",
                      "the deployment's worker must see the same store (train.output) as this flow: "
@@ -268,10 +302,11 @@ def evaluate(checkpoint: str, dataset: str, dataset_uri: str, results: str, cach
 @task(name="evaluate-on-deployment", task_run_name=names.evaluate_remote_name)
 def evaluate_remote(deployment: str, checkpoint: str, dataset: str, dataset_uri: str, store: str,
                     settings: dict | None = None, run_name: str | None = None,
-                    worker_wait_s: float | None = WORKER_WAIT_S):
+                    worker_wait_s: float | None = WORKER_WAIT_S, retries: int = RETRIES):
     """One checkpoint on one set as a run of the evaluate-checkpoints deployment (a GPU work pool),
     waited for here. A pair already in the results table starts no run; the row is read back from
-    the table in the store, by content, not from Prefect's results (as train-on-deployment does)."""
+    the table in the store, by content, not from Prefect's results (as train-on-deployment does).
+    A run that ends Crashed is started again, up to `retries` times."""
     from cloob.errors import CloobError
     from cloob.evaluate.datasets import open_classification_set
     from cloob.evaluate.runner import EvalSettings, finished_row
@@ -281,14 +316,16 @@ def evaluate_remote(deployment: str, checkpoint: str, dataset: str, dataset_uri:
     eval_settings = EvalSettings(**(settings or {}))
     if row := finished_row(checkpoint, ds, eval_settings, results):
         return _skipped({k: row[k] for k in _SUMMARY}, f"evaluate {row['run_id']} on {ds.name}", row["row_uuid"])
-    run = run_and_wait(deployment, {"checkpoints": [checkpoint], "datasets": {dataset: dataset_uri}, "store": store,
-                                    "settings": settings, "publish": False, "raise_on_failure": True},
-                       run_name, worker_wait_s)
-    if not run.state or not run.state.is_completed():
+    run = run_resubmitting(deployment, {"checkpoints": [checkpoint], "datasets": {dataset: dataset_uri},
+                                        "store": store, "settings": settings, "publish": False,
+                                        "raise_on_failure": True}, run_name, worker_wait_s, retries, "evaluation run")
+    row = finished_row(checkpoint, ds, eval_settings, results)
+    if not row and (not run.state or not run.state.is_completed()):
+        again = f"it crashed {retries + 1} times (retries={retries}); " if crashed(run) else ""
         raise CloobError(f"evaluation run {run.name} on deployment {deployment} ended {ended(run)}",
-                         "see that flow run's log in the Prefect UI; rerunning the pipeline evaluates only the "
-                         "pairs that are missing")
-    if row := finished_row(checkpoint, ds, eval_settings, results):
+                         f"{again}see that flow run's log in the Prefect UI; rerunning the pipeline evaluates only "
+                         "the pairs that are missing")
+    if row:  # an end state lost to a server outage does not undo a row that is in the table
         get_run_logger().info("%s on %s: %s %.4f (%d images, %d skipped; run %s)", row["run_id"], ds.name,
                               row["main_metric"], row["main_value"], row["n_images"], row["n_skipped"], run.name)
         return {k: row[k] for k in _SUMMARY}

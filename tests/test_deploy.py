@@ -1346,3 +1346,17 @@ def test_the_weekly_retrain_on_both_pools_fetches_new_rows_warm_starts_and_promo
         except subprocess.TimeoutExpired:
             os.killpg(cpu.pid, 9)
             cpu.wait()
+
+
+def test_the_scheduled_retrain_restarts_crashed_runs_as_deployed(capsys, monkeypatch):
+    """--train-retries becomes the retrain's train_retries (without it, the flow's default applies);
+    a negative count is refused at deploy time."""
+    argv = ("--store", "s3://b/x", "--spec", "demo", "--json")
+    rc, out, err = _dry_run(capsys, monkeypatch, *argv, "--train-retries", "5")
+    assert rc == 0, err
+    params = {d["name"]: d for d in json.loads(out)["deployments"]}["cloob-pipeline/retrain"]["parameters"]
+    assert params["train_retries"] == 5
+    rc, out, err = _dry_run(capsys, monkeypatch, *argv)
+    assert "train_retries" not in {d["name"]: d for d in json.loads(out)["deployments"]}["cloob-pipeline/retrain"]["parameters"]
+    rc, out, err = _dry_run(capsys, monkeypatch, *argv, "--train-retries", "-1")
+    assert rc == 2 and "--train-retries -1 is negative" in err and "\n  fix: " in err
