@@ -91,12 +91,19 @@ class Outage:
             return out
 
     def _failed(self, e: Exception) -> None:
+        import httpx
+
         now = self.clock()
-        error = f"{type(e).__name__}: {e}".strip().rstrip(":")
+        # Prefect's text of a 503 runs to three lines with a link; the status says it.
+        response = getattr(e, "response", None)
+        error = (f"HTTP {response.status_code} {response.reason_phrase}" if response is not None and
+                 not isinstance(e, httpx.TransportError) else f"{type(e).__name__}: {e}".strip().rstrip(":"))
         if self.since is None:
             self.since = now
-            self.logger.warning("the Prefect server at %s does not answer (%s); retrying for up to %.0f s (%s) "
-                                "while waiting for %s", _api_url(), error, self.limit_s, ENV, self.what)
+            # A 503 is an answer, from a server busy starting or a proxy in front of one that is away.
+            away = "does not answer" if isinstance(e, httpx.TransportError) else "is unavailable"
+            self.logger.warning("the Prefect server at %s %s (%s); retrying for up to %.0f s (%s) while waiting "
+                                "for %s", _api_url(), away, error, self.limit_s, ENV, self.what)
         elif now - self.since >= self.limit_s:
             raise CloobError(f"lost the Prefect server at {_api_url()}: no answer for {now - self.since:.0f} s "
                              f"({ENV}={self.limit_s:.0f}) while waiting for {self.what} ({error})",

@@ -73,3 +73,22 @@ def test_other_errors_are_not_waited_for(monkeypatch):
     monkeypatch.setenv("CLOOB_API_OUTAGE_S", "soon")
     with pytest.raises(CloobError, match="CLOOB_API_OUTAGE_S='soon' is not a number"):
         outage_limit_s()
+
+
+def test_a_server_answering_503_is_waited_for_and_named_briefly(caplog):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    request = httpx.Request("GET", "http://127.0.0.1:1/api/flow_runs/x")
+    busy = PrefectHTTPStatusError("Server error '503 Service Unavailable' … For more information check: …",
+                                  request=request, response=httpx.Response(503, request=request))
+    clock, calls = _Clock(), {"n": 0}
+
+    def fn():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise busy
+        return "answer"
+
+    with caplog.at_level(logging.WARNING):
+        assert Outage("x", logging.getLogger("t"), limit_s=10, clock=clock, sleep=clock.sleep).call(fn) == "answer"
+    assert "is unavailable (HTTP 503 Service Unavailable)" in caplog.records[0].getMessage()
