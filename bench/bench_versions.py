@@ -165,28 +165,13 @@ OUTCOMES_HEADING = "### Row outcomes at scale"
 _OUTCOMES = """
 import json, resource, sys, time
 from collections import Counter
-import pyarrow.parquet as pq
-from cloob.prepare.manifest import finished_shards, read_outcomes, reason_of
+from cloob.prepare.manifest import finished_shards, read_outcomes
 from cloob.storage import Location
 store, which = Location(sys.argv[1]), sys.argv[2]
 shards = finished_shards(store)
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def old_row_outcomes(store, shards):  # manifest.row_outcomes before read_outcomes, as it was
-    ok, last_fail = set(), {}
-    for stem in shards.values():
-        with store.open(f"{stem}.parquet", "rb") as f:
-            t = pq.read_table(f, columns=["row_id", "status", "error_message"])
-        for rid, status, err in zip(*(t.column(c).to_pylist() for c in ("row_id", "status", "error_message"))):
-            if status == "success":
-                ok.add(rid)
-            else:
-                last_fail[rid] = reason_of(err)
-    for rid in ok:
-        last_fail.pop(rid, None)
-    return ok, last_fail
-
+# manifest.row_outcomes before read_outcomes, as it was: the tests' reference (one copy)
+from tests.test_row_outcomes import reference_row_outcomes as old_row_outcomes
 
 first = dict(list(shards.items())[:1])  # the parquet reader's libraries and pools loaded before the peak
 old_row_outcomes(store, first) if which == "old" else read_outcomes(store, first).by_reason()
