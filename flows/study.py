@@ -17,6 +17,7 @@ import sys
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.futures import as_completed, wait
 
+from flows.outage import engine_retries
 from flows.pipeline import _prepared_sets, _submit_evaluations
 from flows.remote import WORKER_WAIT_S
 from flows.tasks import (
@@ -62,7 +63,7 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
 
     spec = load_study(study, list(overrides or []))
     logger = get_run_logger()
-    with stop_on_signals("cloob-study"):
+    with stop_on_signals("cloob-study"), engine_retries():  # its tasks' end states ride out a server restart
         set_futures = prepare_downstream_set.map(spec.downstream, unmapped(posixpath.join(store, "downstream")))
         data_ov = [*spec.data_overrides, *(data_overrides or {}).get(spec_name(spec.data), [])]
         data = result_of(prepare_data, spec.data, dataset_folder(store, spec.data), None, data_ov, spark_master,
