@@ -63,8 +63,8 @@ DEFAULT_RECIPES = ["cloob_rn50_cc3m", "clip_rn50_cc3m"]
 DEFAULT_DOWNSTREAM = ["birdsnap", "country211", "flowers102", "gtsrb", "stanford_cars", "ucf101", "imagenet_v2"]
 DEFAULT_CRON = "0 3 * * 0"  # Sundays 03:00
 
-NO_SERVER_FIX = ("start one (`PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start`, telemetry off, or `docker compose -f docker/compose.yaml up -d`, see "
-                 "docker/README.md) and point PREFECT_API_URL at it, e.g. "
+NO_SERVER_FIX = ("start one (`PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start`, telemetry off, or "
+                 "`docker compose -f docker/compose.yaml up -d`, see docker/README.md) and point PREFECT_API_URL at it, e.g. "
                  "`export PREFECT_API_URL=http://127.0.0.1:4200/api`; or look first with --dry-run")
 
 
