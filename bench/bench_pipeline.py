@@ -18,13 +18,14 @@ The data: photo-like JPEGs (below) served from 127.0.0.1 and prepared with our `
 spec; img2dataset underneath) at image_size 256 and at 384, resize_mode keep_ratio (shorter side = the
 size), encode_quality 95, as data_specs/cc3m.yaml sets. Both pipelines read the same shards.
 
-Photo-like pictures: the demo's shapes on flat colour compress to ~5 KB; real photos do not. Each source
+Photo-like pictures: the demo's shapes on flat colour compress far better than photos do. Each source
 picture here (640x480, 800x533, 500x500, 480x640 or 1024x683) is 1/f^1.3 noise in luminance and two
 chroma fields (natural images' power spectrum falls about as 1/f^2 to 1/f^3), a few filled shapes for
 edges, lightly blurred, then a second 1/f texture field and Gaussian grain on top, saved at quality 90.
-After img2dataset's resize they are about 42 KB at 256 px and 84 KB at 384 px (JPEG entropy decoding
-and the IDCT scale with bytes and pixels, so these are what the decoder sees in CC3M at these sizes;
-data_specs/cc3m.yaml estimates ~25 KB a sample at 256). Captions: 8-16 random words.
+After img2dataset's resize they are about 38 KB at 256 px and 74 KB at 384 px (JPEG entropy decoding
+scales with the bytes and the IDCT with the pixels, so the decoder's work is about that of photos of these
+sizes; data_specs/cc3m.yaml estimates ~25 KB a sample for CC3M at 256, so these are on the heavy side).
+Captions: 8-16 random words.
 
 Timing: each (pipeline, image size, workers) run is a fresh process; runs alternate (ours first in odd
 rounds, open_clip first in even ones) and are strictly sequential. In a run the first 2k batches are
