@@ -15,10 +15,13 @@ Rows that a dataset version leaves out (removed from its source; cloob.data.shar
 their sample key before the shuffle buffer, as if the shards did not hold them.
 
 Bad data never stops training: a corrupt image, a missing or undecodable caption, and a truncated or
-unreadable shard are skipped and counted; the counts travel with the batches. Data with nothing
-usable raises NoUsableData naming why (shards that give no sample at all, or samples all skipped),
-rather than hanging; a set smaller than the shuffle buffer is not such data: it fills the buffer
-from repeated passes over its shards, and trains.
+unreadable shard are skipped and counted; the counts travel with the batches. A shard in a bucket is
+read through cloob.data.remote: a connection dropped mid-shard is reopened at the byte where it broke
+(the same bytes, so the same samples in the same order), and each reopen is counted (`read_retries`
+in the batches); a shard that stays unreadable after its retries is a bad shard, skipped and
+counted. Data with nothing usable raises NoUsableData naming why (shards that give no sample at
+all, or samples all skipped), rather than hanging; a set smaller than the shuffle buffer is not such
+data: it fills the buffer from repeated passes over its shards, and trains.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from cloob.data.remote import open_shard
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +73,17 @@ class StreamState:
     raw_consumed: dict[int, int] = field(default_factory=dict)
     batches: int = 0
     skips: dict[int, dict[str, int]] = field(default_factory=dict)
+    retries: dict[int, int] = field(default_factory=dict)  # shard reads reopened after a dropped connection
 
     def update(self, batch: dict) -> None:
         w = int(batch["worker"])
         self.raw_consumed[w] = int(batch["raw_consumed"])
         self.skips[w] = {k: int(v) for k, v in batch["skips"].items()}
+        self.retries[w] = int(batch.get("read_retries", 0))
         self.batches += 1
+
+    def retry_total(self) -> int:
+        return sum(self.retries.values())
 
     def skip_totals(self) -> dict[str, int]:
         out = dict.fromkeys(SKIP_REASONS, 0)
@@ -85,12 +94,13 @@ class StreamState:
 
     def to_dict(self) -> dict:
         return {"raw_consumed": dict(self.raw_consumed), "batches": self.batches,
-                "skips": {w: dict(s) for w, s in self.skips.items()}}
+                "skips": {w: dict(s) for w, s in self.skips.items()}, "retries": dict(self.retries)}
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamState:
         return cls({int(k): int(v) for k, v in d["raw_consumed"].items()}, int(d["batches"]),
-                   {int(k): dict(v) for k, v in d["skips"].items()})
+                   {int(k): dict(v) for k, v in d["skips"].items()},
+                   {int(k): int(v) for k, v in d.get("retries", {}).items()})  # absent before they were counted
 
 
 def _seed(*parts: int) -> int:
@@ -102,7 +112,7 @@ def _seed(*parts: int) -> int:
 
 
 class ShardStream(IterableDataset):
-    """Yields dict batches: image (B,3,H,W), text (B,L), worker, raw_consumed, skips."""
+    """Yields dict batches: image (B,3,H,W), text (B,L), worker, raw_consumed, skips, read_retries."""
 
     def __init__(
         self,
@@ -183,6 +193,12 @@ class ShardStream(IterableDataset):
         # Resume replays the raw stream up to the checkpoint, which meets its bad shards again and
         # counts them anew; restoring their saved count as well would count each one twice.
         counts.bad_shard = 0
+        # Reopens after a dropped connection are not replayed by a resume (the network differs): kept.
+        retries = [resume.retries.get(logical, 0)]
+
+        def count_retry(_n: int) -> None:
+            retries[0] += 1
+
         rng = random.Random(_seed(self.seed, epoch, self.rank, logical))
         # Shards are numbered as they are opened (the same shard can be drawn twice in a row).
         opened: dict[int, str] = {}  # ordinal -> url, until the shard has been checked
@@ -210,7 +226,7 @@ class ShardStream(IterableDataset):
         barren_limit = 10 * len(self.shards) + 10
 
         def sources() -> Iterator[dict]:
-            for source in self._open_shards(rng, epoch, logical, num_workers):
+            for source in self._open_shards(rng, epoch, logical, num_workers, count_retry):
                 silent[0] += 1
                 barren[0] += buffer_full[0]
                 if silent[0] > barren_limit:
@@ -265,16 +281,18 @@ class ShardStream(IterableDataset):
                     "worker": logical,
                     "raw_consumed": index,
                     "skips": counts.as_dict(),
+                    "read_retries": retries[0],
                 }
                 images, texts = [], []
                 produced += 1
                 if produced == limit:
                     return
 
-    def _open_shards(self, rng: random.Random, epoch: int, logical: int, num_workers: int) -> Iterator[dict]:
+    def _open_shards(self, rng: random.Random, epoch: int, logical: int, num_workers: int,
+                     on_retry: Callable[[int], None] | None = None) -> Iterator[dict]:
         for url in self._shard_sequence(rng, epoch, logical, num_workers):
             try:
-                stream = fsspec.open(url, "rb").open()
+                stream = open_shard(url, on_retry)
             except (OSError, ValueError) as e:
                 # Unreadable shard: counted by the expander's handler through the raised error.
                 yield {"url": url, "stream": _RaisingStream(e)}

@@ -62,6 +62,7 @@ class Progress:
     stream: StreamState = field(default_factory=StreamState)  # this rank, current epoch
     skips_before_epoch: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     nonfinite_skipped: int = 0  # steps skipped for a non-finite loss or gradient (cloob.train.nonfinite)
+    retries_before_epoch: int = 0  # shard reads reopened after a dropped connection (cloob.data.remote)
     recipe_hash: str | None = None  # the run's key, where it resumed a run saved under its legacy form
 
 
@@ -181,6 +182,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
             rank_state = state["ranks"][info.rank]
             progress.stream = StreamState.from_dict(rank_state["stream"])
             progress.skips_before_epoch = rank_state["skips_before_epoch"]
+            progress.retries_before_epoch = rank_state.get("retries_before_epoch", 0)  # absent before counted
             _set_rng_state(rank_state["rng"])
         else:
             # Positions are per rank and per epoch layout: keep the step, restart the epoch's order.
@@ -210,6 +212,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
         # workers would skip that many batches into the new epoch and land in the next one.
         for k, v in progress.stream.skip_totals().items():
             progress.skips_before_epoch[k] += v
+        progress.retries_before_epoch += progress.stream.retry_total()
         progress.stream = StreamState()
     dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
     loader = DataLoader(ReportErrors(dataset, run_dir=plan.run_dir, data=recipe.data.train), batch_size=None,
@@ -247,6 +250,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
         if in_epoch == 0 and progress.stream.batches:  # a new epoch: fold the last one's skip counts away
             for k, v in progress.stream.skip_totals().items():
                 progress.skips_before_epoch[k] += v
+            progress.retries_before_epoch += progress.stream.retry_total()
             progress.stream = StreamState()
         reports.beat("data", progress.step)
         batch = next(batches)
@@ -283,11 +287,12 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
         last = progress.step == plan.total_steps
         if progress.step % cfg.log_every == 0 or last or progress.step == 1:
             now = time.perf_counter()
-            skips = _global_skips(progress, info)
+            skips, read_retries = _global_skips(progress, info)
             metrics = {"loss": loss_value.item(), "lr": lr, "inv_tau": model.logit_scale.exp().item(),
                        "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
                        "epoch": epoch, "skipped": sum(skips.values()),
-                       **{f"skipped_{k}": v for k, v in skips.items()}, "nonfinite_skipped": progress.nonfinite_skipped}
+                       **{f"skipped_{k}": v for k, v in skips.items()}, "read_retries": read_retries,
+                       "nonfinite_skipped": progress.nonfinite_skipped}
             t_last, samples_last = now, progress.samples_seen
             if logger:
                 logger.log(progress.step, metrics, total_steps=plan.total_steps)
@@ -317,23 +322,41 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
     summary = {"run_dir": plan.run_dir, "checkpoint": last_ckpt.url if last_ckpt else None,
                "step": progress.step, "metrics": metrics}
     if info.is_main:
-        print(f"done: {progress.step} steps; checkpoint: {summary['checkpoint']}", file=sys.stderr)
+        print(f"done: {progress.step} steps; checkpoint: {summary['checkpoint']}{_data_note(metrics)}",
+              file=sys.stderr)
     return summary
 
 
-def _global_skips(progress: Progress, info: distributed.DistInfo) -> dict[str, int]:
+def _global_skips(progress: Progress, info: distributed.DistInfo) -> tuple[dict[str, int], int]:
+    """(skipped samples and shards by reason, shard reads reopened), over the run and all ranks."""
     local = progress.stream.skip_totals()
-    values = torch.tensor([local[k] + progress.skips_before_epoch[k] for k in SKIP_REASONS], dtype=torch.int64)
+    values = torch.tensor([local[k] + progress.skips_before_epoch[k] for k in SKIP_REASONS]
+                          + [progress.stream.retry_total() + progress.retries_before_epoch], dtype=torch.int64)
     if info.distributed:
         values = values.to(info.device)
         torch.distributed.all_reduce(values)
-    return dict(zip(SKIP_REASONS, values.tolist()))
+    *skips, retries = values.tolist()
+    return dict(zip(SKIP_REASONS, skips)), retries
+
+
+_SKIP_WORDS = {"bad_shard": "unreadable shard(s)", "corrupt_image": "corrupt image(s)",
+               "missing_caption": "sample(s) without caption"}
+
+
+def _data_note(metrics: dict) -> str:
+    """What the data cost the run, for the final line: skipped shards and samples, reopened reads."""
+    parts = [f"{metrics[f'skipped_{k}']} {_SKIP_WORDS[k]}" for k in SKIP_REASONS if metrics.get(f"skipped_{k}")]
+    note = f"; skipped {', '.join(parts)}" if parts else ""
+    if metrics.get("read_retries"):
+        note += f"; {metrics['read_retries']} shard read(s) reopened after a dropped connection"
+    return note
 
 
 def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger):
     cfg_train = recipe.train
     reports.beat("save", progress.step)
     rank_state = {"stream": progress.stream.to_dict(), "skips_before_epoch": dict(progress.skips_before_epoch),
+                  "retries_before_epoch": progress.retries_before_epoch,
                   "rng": _rng_state()}
     ranks = distributed.all_gather_object(rank_state, info)
     ref = None

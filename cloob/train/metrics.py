@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def tensorboard_tag(key: str) -> str:
-    """The TensorBoard tag of a metrics.jsonl key: skipped samples under data/, the rest under train/."""
+    """The TensorBoard tag of a metrics.jsonl key: skipped samples and reopened shard reads under data/,
+    the rest under train/."""
     # nonfinite_skipped counts skipped optimizer steps, not samples: it belongs with the training.
-    return f"data/{key}" if key == "skipped" or key.startswith("skipped_") else f"train/{key}"
+    data = key in ("skipped", "read_retries") or key.startswith("skipped_")
+    return f"data/{key}" if data else f"train/{key}"
 
 
 class MetricsLogger:

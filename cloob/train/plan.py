@@ -12,10 +12,9 @@ import logging
 import math
 from dataclasses import dataclass
 
-import fsspec
-
 from cloob.architectures import check_architecture
 from cloob.config import Recipe
+from cloob.data.remote import open_shard
 from cloob.data.shards import list_shards
 from cloob.errors import CloobError
 from cloob.lock import FolderLock, folder_lock
@@ -63,7 +62,7 @@ def plan_run(recipe: Recipe, world_size: int) -> Plan:
 
 def _check_readable(url: str) -> None:
     try:
-        with fsspec.open(url, "rb") as f:
+        with open_shard(url) as f:  # from a bucket: one streaming GET, reopened where a dropped connection broke
             head = f.read(512)
     except (OSError, ValueError) as e:
         raise CloobError(f"cannot read shard {url}: {type(e).__name__}: {e}",
