@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import posixpath
 import socket
@@ -73,6 +74,10 @@ class FolderLock:
                                  "rerun the command")
         except OSError as e:
             self._b.cleanup()
+            from cloob.storage_errors import is_storage_error
+
+            if is_storage_error(e) or e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a store down, or a full disk: the command names its store and the cause (cloob.cli)
             raise CloobError(f"cannot write the lock {self.url}: {type(e).__name__}: {e}",
                              "check that the folder is writable (for a bucket: that it exists, and the "
                              "credentials)") from None
