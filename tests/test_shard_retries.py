@@ -138,6 +138,10 @@ def bucket(s3, shards, monkeypatch):
     s3.mkdir(name)
     s3.put(str(shards) + "/", f"{name}/shards/", recursive=True)
     monkeypatch.setenv("CLOOB_SHARD_READ_BACKOFF_S", "0.01")
+    # A proxy's resets may all come before the reader takes a byte: aiohttp raises a broken connection
+    # before handing out what it had buffered, so on a busy machine (CI) the 6 resets of a test can be
+    # 6 failures in a row. Allowed here, above any test's count; the default (5) is for real stores.
+    monkeypatch.setenv("CLOOB_SHARD_READ_RETRIES", "8")
     return name
 
 
