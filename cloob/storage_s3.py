@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import s3fs
 
 from cloob.errors import CloobError
+from cloob.settings import env_number
 
 S3FS_TRIES = 2  # s3fs's own loop around botocore's attempts
 
@@ -33,29 +34,15 @@ _NUMBERS = {"CLOOB_S3_CONNECT_TIMEOUT": 5.0, "CLOOB_S3_READ_TIMEOUT": 15.0}
 _MODES = ("standard", "adaptive", "legacy")
 
 
-def _positive(name: str, default: float, integer: bool = False) -> float | int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise CloobError(f"{name}={raw!r} is not a positive {'whole ' if integer else ''}number",
-                         f"set {name} to e.g. {int(default) if integer else default:g}, or unset it for the default")
-    return value
-
-
 def limits() -> dict:
     """botocore Config settings (s3fs's config_kwargs) from the environment; CloobError for a bad value."""
-    attempts = _positive("CLOOB_S3_MAX_ATTEMPTS", int(os.environ.get("AWS_MAX_ATTEMPTS") or 3), integer=True)
+    attempts = env_number("CLOOB_S3_MAX_ATTEMPTS", int(os.environ.get("AWS_MAX_ATTEMPTS") or 3), integer=True, positive=True)
     mode = (os.environ.get("CLOOB_S3_RETRY_MODE") or os.environ.get("AWS_RETRY_MODE") or "standard").strip()
     if mode not in _MODES:
         raise CloobError(f"CLOOB_S3_RETRY_MODE={mode!r} is not a botocore retry mode",
                          f"use one of {', '.join(_MODES)}, or unset it (standard)")
-    return {"connect_timeout": _positive("CLOOB_S3_CONNECT_TIMEOUT", _NUMBERS["CLOOB_S3_CONNECT_TIMEOUT"]),
-            "read_timeout": _positive("CLOOB_S3_READ_TIMEOUT", _NUMBERS["CLOOB_S3_READ_TIMEOUT"]),
+    return {"connect_timeout": env_number("CLOOB_S3_CONNECT_TIMEOUT", _NUMBERS["CLOOB_S3_CONNECT_TIMEOUT"], positive=True),
+            "read_timeout": env_number("CLOOB_S3_READ_TIMEOUT", _NUMBERS["CLOOB_S3_READ_TIMEOUT"], positive=True),
             "retries": {"mode": mode, "total_max_attempts": attempts}}  # total: the first try included
 
 

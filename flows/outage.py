@@ -12,7 +12,6 @@ same outage through `engine_retries`.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from cloob.errors import CloobError
@@ -27,16 +26,9 @@ ENGINE_RETRIES = 8
 
 def outage_limit_s() -> float:
     """How long a lost Prefect server is waited for (CLOOB_API_OUTAGE_S, seconds)."""
-    raw = os.environ.get(ENV, "").strip()
-    if not raw:
-        return API_OUTAGE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise CloobError(f"{ENV}={raw!r} is not a number of seconds", f"set e.g. {ENV}=600, or unset it") from None
-    if value < 0:
-        raise CloobError(f"{ENV}={raw!r} is negative", f"set e.g. {ENV}=600, or unset it")
-    return value
+    from cloob.settings import env_number
+
+    return env_number(ENV, API_OUTAGE_S)
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -18,7 +18,6 @@ The server being away (a restart) is ridden out for CLOOB_API_OUTAGE_S (flows/ou
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 
@@ -57,11 +56,9 @@ def _workers_online(client, pool: str) -> int | None:
 
 
 def lost_after_s() -> float:
-    raw = os.environ.get(LOST_ENV, "").strip()
-    try:
-        return float(raw) if raw else LOST_AFTER_S
-    except ValueError:
-        raise CloobError(f"{LOST_ENV}={raw!r} is not a number of seconds", f"set e.g. {LOST_ENV}=600, or unset it") from None
+    from cloob.settings import env_number
+
+    return env_number(LOST_ENV, LOST_AFTER_S)
 
 
 def crashed(run) -> bool:

@@ -71,7 +71,7 @@ def test_other_errors_are_not_waited_for(monkeypatch):
     monkeypatch.setenv("CLOOB_API_OUTAGE_S", "90")
     assert outage_limit_s() == 90
     monkeypatch.setenv("CLOOB_API_OUTAGE_S", "soon")
-    with pytest.raises(CloobError, match="CLOOB_API_OUTAGE_S='soon' is not a number"):
+    with pytest.raises(CloobError, match="CLOOB_API_OUTAGE_S='soon' is not a non-negative number"):
         outage_limit_s()
 
 

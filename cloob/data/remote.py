@@ -30,7 +30,6 @@ from __future__ import annotations
 import http.client
 import io
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -48,26 +47,12 @@ class ShardChanged(OSError):
     """The object was replaced between two reads of one shard: its bytes cannot be spliced."""
 
 
-def _setting(name: str, default: float, integer: bool) -> float | int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        from cloob.errors import CloobError
-
-        raise CloobError(f"{name}={raw!r} is not a non-negative {'whole ' if integer else ''}number",
-                         f"set {name} to e.g. {default:g}, or unset it for the default")
-    return value
-
-
 def read_limits() -> tuple[int, float]:
     """(retries, first back-off in seconds) from the environment."""
-    return (int(_setting("CLOOB_SHARD_READ_RETRIES", DEFAULT_RETRIES, True)),
-            float(_setting("CLOOB_SHARD_READ_BACKOFF_S", DEFAULT_BACKOFF_S, False)))
+    from cloob.settings import env_number
+
+    return (int(env_number("CLOOB_SHARD_READ_RETRIES", DEFAULT_RETRIES, integer=True)),
+            float(env_number("CLOOB_SHARD_READ_BACKOFF_S", DEFAULT_BACKOFF_S)))
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
