@@ -1,5 +1,5 @@
-"""Deployments for real infrastructure, tested without a cluster or docker: the compose stack and the
-Dockerfiles as data, the Kubernetes job template rendered the way Prefect's worker renders it,
+"""Deployments for real infrastructure, tested without a cluster or docker: the compose stack as data
+(the Dockerfiles: test_docker_images.py), the Kubernetes job template rendered the way Prefect's worker renders it,
 `cloob deploy --dry-run`, the error without a server, deployments created on a real local Prefect
 server and read back, and flows.k8s_node (with one real two-node torchrun on this machine)."""
 
@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import urllib.request
 import uuid
 from pathlib import Path
@@ -165,66 +164,6 @@ def test_compose_bucket_job_creates_the_bucket_through_s3fs(compose, s3_server, 
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server, key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
     assert fs.exists("cloob-test-bucket")
-
-
-# ----------------------------------------------------------------------------------- Dockerfiles
-
-def _instructions(path: Path) -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", path.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def _locked_versions() -> dict:
-    return {p["name"]: p for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
-
-
-@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
-def test_dockerfile_installs_the_lock_frozen_and_runs_under_tini(name):
-    ins = _instructions(DOCKER / name)
-    froms = [rest for word, rest in ins if word == "FROM"]
-    assert len(froms) == 1 and ":" in froms[0] and not froms[0].endswith(":latest")
-    runs = [rest for word, rest in ins if word == "RUN"]
-    # Dependencies from the lock alone (no resolution in the build), without the dev group (pytest, moto):
-    assert any("uv sync --frozen --no-dev --no-install-project" in r for r in runs)
-    assert any(re.search(r"uv sync --frozen --no-dev(?! --no-install-project)", r) for r in runs)
-    assert "dev" in _locked_versions()["cloob"]["dev-dependencies"]  # there is a dev group to leave out
-    copies = [rest for word, rest in ins if word == "COPY" and not rest.startswith("--from")]
-    assert copies[0].split()[:-1] == ["pyproject.toml", "uv.lock", "README.md"]  # the dependency layer first
-    for c in copies:
-        for src in c.split()[:-1]:
-            assert (ROOT / src).exists(), src
-    assert {c.split()[0] for c in copies[1:]} >= {"cloob", "flows", "data_specs", "deploy"}
-    uv = [rest for word, rest in ins if word == "COPY" and rest.startswith("--from")]
-    assert re.match(r"--from=ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ ", uv[0])  # uv pinned too
-    assert any("tini" in r and "apt-get install" in r for r in runs)
-    assert ('ENTRYPOINT', '["tini", "--"]') in ins
-    # BuildKit reads <Dockerfile>.dockerignore: the context is the repository root, .venv alone ~6 GB.
-    ignored = (DOCKER / f"{name}.dockerignore").read_text().split()
-    assert {".venv/", ".git/", "docker/.env"} <= set(ignored)
-    cmd = json.loads(dict(ins)["CMD"])
-    assert cmd[:3] == ["prefect", "worker", "start"] and cmd[cmd.index("--type") + 1] == "process"
-
-
-def test_dockerfile_bases_match_the_locked_python_and_cuda():
-    locked = _locked_versions()
-    cpu = dict(_instructions(DOCKER / "Dockerfile.cpu"))["FROM"]
-    gpu = dict(_instructions(DOCKER / "Dockerfile.gpu"))["FROM"]
-    py = re.fullmatch(r"python:3\.(\d+)\.\d+-slim-\w+", cpu)
-    assert py, cpu
-    assert any(f"cp3{py.group(1)}-manylinux" in w["url"] for w in locked["torch"]["wheels"])
-    assert "UV_PYTHON=3.11" in (DOCKER / "Dockerfile.gpu").read_text() and py.group(1) == "11"
-    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-base-ubuntu\d+\.\d+", gpu)
-    assert cuda, gpu
-    # The locked torch brings its CUDA as nvidia-*-cuNN wheels: the base image's CUDA (what the driver
-    # must support) has to be that major version.
-    majors = {m for d in locked["torch"]["dependencies"] for m in re.findall(r"-cu(\d+)$", d["name"])}
-    assert majors == {cuda.group(1)}, (majors, gpu)
 
 
 # ----------------------------------------------------------------------------------- k8s template

@@ -1,0 +1,71 @@
+"""The worker images' Dockerfiles as data (no docker needed): the lock installed frozen without the
+dev group, tini as PID 1, uv pinned, the base images matching the locked Python and CUDA. Building and
+running the CPU image for real is docker/check (opt-in, not part of this suite)."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+DOCKER = ROOT / "docker"
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _locked_versions() -> dict:
+    return {p["name"]: p for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfile_installs_the_lock_frozen_and_runs_under_tini(name):
+    ins = _instructions(DOCKER / name)
+    froms = [rest for word, rest in ins if word == "FROM"]
+    assert len(froms) == 1 and ":" in froms[0] and not froms[0].endswith(":latest")
+    runs = [rest for word, rest in ins if word == "RUN"]
+    # Dependencies from the lock alone (no resolution in the build), without the dev group (pytest, moto):
+    assert any("uv sync --frozen --no-dev --no-install-project" in r for r in runs)
+    assert any(re.search(r"uv sync --frozen --no-dev(?! --no-install-project)", r) for r in runs)
+    assert "dev" in _locked_versions()["cloob"]["dev-dependencies"]  # there is a dev group to leave out
+    copies = [rest for word, rest in ins if word == "COPY" and not rest.startswith("--from")]
+    assert copies[0].split()[:-1] == ["pyproject.toml", "uv.lock", "README.md"]  # the dependency layer first
+    for c in copies:
+        for src in c.split()[:-1]:
+            assert (ROOT / src).exists(), src
+    assert {c.split()[0] for c in copies[1:]} >= {"cloob", "flows", "data_specs", "deploy"}
+    uv = [rest for word, rest in ins if word == "COPY" and rest.startswith("--from")]
+    assert re.match(r"--from=ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ ", uv[0])  # uv pinned too
+    assert any("tini" in r and "apt-get install" in r for r in runs)
+    assert ('ENTRYPOINT', '["tini", "--"]') in ins
+    # BuildKit reads <Dockerfile>.dockerignore: the context is the repository root, .venv alone ~6 GB.
+    ignored = (DOCKER / f"{name}.dockerignore").read_text().split()
+    assert {".venv/", ".git/", "docker/.env"} <= set(ignored)
+    cmd = json.loads(dict(ins)["CMD"])
+    assert cmd[:3] == ["prefect", "worker", "start"] and cmd[cmd.index("--type") + 1] == "process"
+
+
+def test_dockerfile_bases_match_the_locked_python_and_cuda():
+    locked = _locked_versions()
+    cpu = dict(_instructions(DOCKER / "Dockerfile.cpu"))["FROM"]
+    gpu = dict(_instructions(DOCKER / "Dockerfile.gpu"))["FROM"]
+    py = re.fullmatch(r"python:3\.(\d+)\.\d+-slim-\w+", cpu)
+    assert py, cpu
+    assert any(f"cp3{py.group(1)}-manylinux" in w["url"] for w in locked["torch"]["wheels"])
+    assert "UV_PYTHON=3.11" in (DOCKER / "Dockerfile.gpu").read_text() and py.group(1) == "11"
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-base-ubuntu\d+\.\d+", gpu)
+    assert cuda, gpu
+    # The locked torch brings its CUDA as nvidia-*-cuNN wheels: the base image's CUDA (what the driver
+    # must support) has to be that major version.
+    majors = {m for d in locked["torch"]["dependencies"] for m in re.findall(r"-cu(\d+)$", d["name"])}
+    assert majors == {cuda.group(1)}, (majors, gpu)
