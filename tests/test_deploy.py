@@ -1,5 +1,5 @@
-"""Deployments for real infrastructure, tested without a cluster or docker: the compose stack as data
-(the Dockerfiles: test_docker_images.py), the Kubernetes job template rendered the way Prefect's worker renders it,
+"""Deployments for real infrastructure, tested without a cluster or docker (the compose stack:
+test_compose.py; the Dockerfiles: test_docker_images.py; the Kubernetes job template: test_k8s_template.py):
 `cloob deploy --dry-run`, the error without a server, deployments created on a real local Prefect
 server and read back, and flows.k8s_node (with one real two-node torchrun on this machine)."""
 
@@ -29,9 +29,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-DOCKER = ROOT / "docker"
 TEMPLATE = ROOT / "deploy" / "k8s" / "gpu-job-template.json"
-SERVICE = ROOT / "deploy" / "k8s" / "rdzv-service.yaml"
 FAKE_SECRET = "fake-secret-d41d8cd98f00b204"  # must never leave the environment
 
 
@@ -52,121 +50,8 @@ def _clean_env(**extra) -> dict:
     return env
 
 
-# ----------------------------------------------------------------------------------- compose
-
-_VAR = re.compile(r"\$\{([A-Za-z0-9_]+)(?:(:?[-?])([^}]*))?\}")
-
-
-def _interpolate(value, env: dict):
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} over a parsed compose file."""
-    if isinstance(value, dict):
-        return {k: _interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, env) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def sub(m):
-        name, op, arg = m.group(1), m.group(2), m.group(3)
-        if env.get(name):
-            return env[name]
-        if op and op.endswith("?"):
-            raise KeyError(f"{name}: {arg}")
-        return arg if op else ""
-
-    return _VAR.sub(sub, value)
-
-
-def _dotenv(path: Path) -> dict:
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            k, _, v = line.partition("=")
-            out[k.strip()] = v.strip()
-    return out
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
-
-
-def test_compose_stack_services_health_and_order(compose):
-    s = compose["services"]
-    assert set(s) == {"postgres", "prefect-server", "minio", "create-bucket", "worker-cpu", "worker-gpu"}
-    assert "pg_isready" in " ".join(s["postgres"]["healthcheck"]["test"])
-    assert "postgres-data" in compose["volumes"] and any("postgres-data:" in v for v in s["postgres"]["volumes"])
-    assert "/api/health" in " ".join(s["prefect-server"]["healthcheck"]["test"])
-    assert s["prefect-server"]["command"][:3] == ["prefect", "server", "start"]
-    assert s["minio"]["healthcheck"]["test"] and "minio-data" in compose["volumes"]
-    # Start order by health, not by start: a worker that starts before the server's schema exists
-    # crashes, and one that starts before the bucket exists fails its first run.
-    assert s["prefect-server"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    assert s["create-bucket"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
-    for worker, pool in (("worker-cpu", "cloob-cpu"), ("worker-gpu", "cloob-gpu")):
-        w = s[worker]
-        assert w["depends_on"] == {"prefect-server": {"condition": "service_healthy"},
-                                   "create-bucket": {"condition": "service_completed_successfully"}}
-        # The GPU worker takes one flow run at a time: a training and an evaluation never share its GPUs.
-        assert w["command"] == ["prefect", "worker", "start", "--pool", pool, "--type", "process",
-                                *(["--limit", "1"] if worker == "worker-gpu" else [])]
-        assert w["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= set(w["environment"])
-        assert (ROOT / w["build"]["dockerfile"]).is_file() and (DOCKER / w["build"]["context"]).resolve() == ROOT
-    assert s["worker-cpu"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
-    assert s["worker-gpu"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
-
-
-def test_compose_gpu_worker_is_optional_and_reserves_nvidia_gpus(compose):
-    s = compose["services"]
-    assert s["worker-gpu"]["profiles"] == ["gpu"]
-    assert all("profiles" not in v for k, v in s.items() if k != "worker-gpu")  # the rest starts by default
-    devices = s["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
-    assert s["worker-gpu"]["shm_size"]  # DataLoader workers need more than Docker's 64 MB /dev/shm
-
-
-def test_compose_with_the_example_env_connects_the_pieces_and_holds_no_secret(compose):
-    example = _dotenv(DOCKER / ".env.example")
-    s = _interpolate(compose, example)["services"]
-    pg = s["postgres"]["environment"]
-    url = s["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
-    assert url == (f"postgresql+asyncpg://{pg['POSTGRES_USER']}:{example['POSTGRES_PASSWORD']}@postgres:5432/"
-                   f"{pg['POSTGRES_DB']}")
-    # The workers' S3 keys are MinIO's root user, and the endpoint is the minio service.
-    w = s["worker-cpu"]["environment"]
-    assert (w["AWS_ACCESS_KEY_ID"], w["AWS_SECRET_ACCESS_KEY"]) == (s["minio"]["environment"]["MINIO_ROOT_USER"],
-                                                                     s["minio"]["environment"]["MINIO_ROOT_PASSWORD"])
-    assert w["AWS_ENDPOINT_URL"] == "http://minio:9000" and len(w["AWS_SECRET_ACCESS_KEY"]) >= 8  # MinIO's minimum
-    # No secret is written into compose.yaml: each comes from .env and compose refuses to start without it.
-    raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    for svc in raw["services"].values():
-        for k, v in (svc.get("environment") or {}).items():
-            if re.search(r"SECRET|PASSWORD", k):
-                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", v), (k, v)
-    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        _interpolate(raw, {k: v for k, v in example.items() if k != "POSTGRES_PASSWORD"})
-    assert ".env" in (DOCKER / ".gitignore").read_text().split()
-
-
-def test_compose_bucket_job_creates_the_bucket_through_s3fs(compose, s3_server, tmp_path):
-    """The create-bucket service's own command, run against a local S3 server."""
-    svc = _interpolate(compose, _dotenv(DOCKER / ".env.example"))["services"]["create-bucket"]
-    env = {**os.environ, **svc["environment"], "AWS_ENDPOINT_URL": s3_server, "CLOOB_BUCKET": "cloob-test-bucket",
-           "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
-    assert svc["command"][0] == "python"
-    command = [sys.executable, *svc["command"][1:]]  # the image's `python` is its venv's (PATH)
-    for _ in range(2):  # and again: a restarted stack finds the bucket there
-        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        assert "bucket cloob-test-bucket ready" in out.stdout
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
-    assert fs.exists("cloob-test-bucket")
-
-
 # ----------------------------------------------------------------------------------- k8s template
+# (its tests: test_k8s_template.py; the dry-run test below renders its job variables through this)
 
 def _render(values: dict, flow_run_id: str = "1b5e2b2a-0000-4000-8000-000000000000") -> dict:
     """The job configuration the Kubernetes worker makes for a flow run: variable defaults, then the
@@ -192,101 +77,6 @@ def _render(values: dict, flow_run_id: str = "1b5e2b2a-0000-4000-8000-0000000000
 
 def _env(container: dict) -> dict:
     return {e["name"]: e for e in container["env"]}
-
-
-def test_k8s_template_renders_an_indexed_multi_node_gpu_job():
-    config = _render({"image": "reg/cloob-gpu:1", "nnodes": 3, "gpus_per_node": 4, "namespace": "ml",
-                      "env": {"NCCL_DEBUG": "INFO"}})
-    job = config["job_manifest"]
-    assert job["kind"] == "Job" and job["metadata"]["namespace"] == "ml" == config["namespace"]
-    spec = job["spec"]
-    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 3
-    assert spec["backoffLimit"] == 0  # one failing node fails the run; the Job stops the others
-    pod = spec["template"]["spec"]
-    (c,) = pod["containers"]
-    assert c["image"] == "reg/cloob-gpu:1" and c["resources"]["limits"] == {"nvidia.com/gpu": 4}
-    assert c["command"] == ["tini", "--", "python", "-m", "flows.k8s_node"]
-    assert c["args"] == ["prefect", "flow-run", "execute"]  # node 0 execs this: the flow run
-    env = _env(c)
-    assert env["CLOOB_RDZV_ENDPOINT"]["value"] == "$(JOB_NAME)-0.cloob-train:29400"
-    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
-    names = [e["name"] for e in c["env"]]
-    assert names.index("JOB_NAME") < names.index("CLOOB_RDZV_ENDPOINT")  # $(VAR) expands only earlier ones
-    assert env["CLOOB_K8S_SHAPE"]["value"] == "3x4"
-    assert env["NCCL_DEBUG"]["value"] == "INFO" and env["PREFECT__FLOW_RUN_ID"]["value"]
-    # Kubernetes wants strings in env values (a bare "{{ nnodes }}" would render as a number).
-    assert all(isinstance(e["value"], str) for e in c["env"] if "value" in e)
-    # /dev/shm in memory for the DataLoader workers.
-    (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
-    assert shm["emptyDir"]["medium"] == "Memory"
-    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
-    assert "{{" not in json.dumps(config)
-
-
-def test_k8s_pods_have_time_to_save_a_checkpoint_when_deleted():
-    """A deleted pod gets SIGTERM, then SIGKILL after terminationGracePeriodSeconds: longer than the
-    ranks' save (train.stop_grace_s) plus the launcher's wait for torchrun, not Kubernetes' 30 s."""
-    from cloob.config import TrainConfig
-    from cloob.run import launch
-
-    pod = _render({"image": "x"})["job_manifest"]["spec"]["template"]["spec"]
-    grace = pod["terminationGracePeriodSeconds"]
-    assert isinstance(grace, int) and grace > TrainConfig().stop_grace_s + launch._TORCHRUN_EXIT_S
-    pod = _render({"image": "x", "termination_grace_period_seconds": 900})["job_manifest"]["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == 900
-
-
-def test_k8s_template_pods_are_found_by_the_headless_rendezvous_service():
-    config = _render({"image": "x", "nnodes": 2})
-    pod = config["job_manifest"]["spec"]["template"]
-    svc = yaml.safe_load(SERVICE.read_text())
-    assert svc["kind"] == "Service" and svc["spec"]["clusterIP"] == "None"
-    assert pod["spec"]["subdomain"] == svc["metadata"]["name"]  # DNS records need subdomain == Service name
-    assert all(pod["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())
-    port = json.loads(TEMPLATE.read_text())["variables"]["properties"]["rdzv_port"]["default"]
-    assert svc["spec"]["ports"][0]["port"] == port == pod["spec"]["containers"][0]["ports"][0]["containerPort"]
-    endpoint = _env(pod["spec"]["containers"][0])["CLOOB_RDZV_ENDPOINT"]["value"]
-    assert endpoint.endswith(f".{svc['metadata']['name']}:{port}")
-
-
-def test_k8s_template_passes_the_kubernetes_workers_checks():
-    """prefect-kubernetes' KubernetesWorkerJobConfiguration validators compare the manifest with its
-    _get_base_job_manifest(): every path there must exist ("add" ops) with the same value ("replace" ops)."""
-    import jsonpatch
-
-    base = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"labels": {}},
-            "spec": {"template": {"spec": {"parallelism": 1, "completions": 1, "restartPolicy": "Never",
-                                           "containers": [{"name": "prefect-job"}]}}}}
-    manifest = _render({"image": "x", "nnodes": 4})["job_manifest"]
-    manifest["metadata"].setdefault("labels", {})  # the worker's own validator adds an empty one
-    ops = jsonpatch.JsonPatch.from_diff(manifest, base)
-    assert [op for op in ops if op["op"] in ("add", "replace")] == []
-    # And the server's check: every placeholder in job_configuration is a declared variable.
-    from prefect.utilities.templating import find_placeholders
-
-    template = json.loads(TEMPLATE.read_text())
-    used = {p.name for p in find_placeholders(json.dumps(template["job_configuration"]))}
-    assert used <= set(template["variables"]["properties"])
-    assert {"image", "namespace", "env", "command", "nnodes", "gpus_per_node"} <= used
-
-
-def test_k8s_template_takes_secrets_by_reference_only():
-    config = _render({"image": "x", "s3_secret_name": "my-s3"})
-    text = json.dumps(config)
-    assert FAKE_SECRET not in text
-    env = _env(config["job_manifest"]["spec"]["template"]["spec"]["containers"][0])
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
-        assert "value" not in env[name]
-        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "my-s3", "key": name, "optional": True}
-    template = json.loads(TEMPLATE.read_text())
-    for v in template["variables"]["properties"].values():  # no default that could hold a credential
-        assert not re.search(r"(?i)secret_access|password", json.dumps(v.get("default")))
-
-
-def test_k8s_entrypoint_and_tini_are_in_the_gpu_image():
-    c = _render({"image": "x"})["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"][0] == "tini" and "tini" in (DOCKER / "Dockerfile.gpu").read_text()
-    assert (ROOT / "flows" / "k8s_node.py").is_file() and "COPY flows" in (DOCKER / "Dockerfile.gpu").read_text()
 
 
 # ----------------------------------------------------------------------------------- cloob deploy --dry-run
