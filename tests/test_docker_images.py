@@ -24,6 +24,31 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _base_args(path: Path) -> dict[str, str]:
+    """The build arguments declared before the first FROM, with their defaults (what FROM may use)."""
+    args = {}
+    for word, rest in _instructions(path):
+        if word == "FROM":
+            break
+        if word == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default
+    return args
+
+
+def _stages(path: Path) -> tuple[dict[str, str], str]:
+    """The FROM lines with the default build arguments put in: ({stage name: image}, the final image)."""
+    args, named, last = _base_args(path), {}, ""
+    for word, rest in _instructions(path):
+        if word == "FROM":
+            image, *alias = rest.split()
+            last = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m.group(1) or m.group(2)], image)
+            if alias:
+                assert alias[0].upper() == "AS", rest
+                named[alias[1]] = last
+    return named, last
+
+
 def _locked_versions() -> dict:
     return {p["name"]: p for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
 
@@ -31,8 +56,14 @@ def _locked_versions() -> dict:
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_dockerfile_installs_the_lock_frozen_and_runs_under_tini(name):
     ins = _instructions(DOCKER / name)
+    # Both images from build arguments (local stand-ins where the registries cannot be reached), their
+    # defaults pinned by tag: the uv stage and the base, in that order.
+    assert list(_base_args(DOCKER / name)) == ["BASE_IMAGE", "UV_IMAGE"]
     froms = [rest for word, rest in ins if word == "FROM"]
-    assert len(froms) == 1 and ":" in froms[0] and not froms[0].endswith(":latest")
+    assert froms == ["${UV_IMAGE} AS uv", "${BASE_IMAGE}"]
+    stages, base = _stages(DOCKER / name)
+    for image in (base, *stages.values()):
+        assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), image
     runs = [rest for word, rest in ins if word == "RUN"]
     # Dependencies from the lock alone (no resolution in the build), without the dev group (pytest, moto):
     assert any("uv sync --frozen --no-dev --no-install-project" in r for r in runs)
@@ -45,7 +76,8 @@ def test_dockerfile_installs_the_lock_frozen_and_runs_under_tini(name):
             assert (ROOT / src).exists(), src
     assert {c.split()[0] for c in copies[1:]} >= {"cloob", "flows", "data_specs", "deploy"}
     uv = [rest for word, rest in ins if word == "COPY" and rest.startswith("--from")]
-    assert re.match(r"--from=ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ ", uv[0])  # uv pinned too
+    assert uv == ["--from=uv /uv /uvx /usr/local/bin/"]
+    assert re.fullmatch(r"ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+", stages["uv"])  # uv pinned too
     assert any("tini" in r and "apt-get install" in r for r in runs)
     assert ('ENTRYPOINT', '["tini", "--"]') in ins
     # BuildKit reads <Dockerfile>.dockerignore: the context is the repository root, .venv alone ~6 GB.
@@ -57,8 +89,8 @@ def test_dockerfile_installs_the_lock_frozen_and_runs_under_tini(name):
 
 def test_dockerfile_bases_match_the_locked_python_and_cuda():
     locked = _locked_versions()
-    cpu = dict(_instructions(DOCKER / "Dockerfile.cpu"))["FROM"]
-    gpu = dict(_instructions(DOCKER / "Dockerfile.gpu"))["FROM"]
+    cpu = _stages(DOCKER / "Dockerfile.cpu")[1]  # the default BASE_IMAGE
+    gpu = _stages(DOCKER / "Dockerfile.gpu")[1]
     py = re.fullmatch(r"python:3\.(\d+)\.\d+-slim-\w+", cpu)
     assert py, cpu
     assert any(f"cp3{py.group(1)}-manylinux" in w["url"] for w in locked["torch"]["wheels"])
@@ -69,3 +101,16 @@ def test_dockerfile_bases_match_the_locked_python_and_cuda():
     # must support) has to be that major version.
     majors = {m for d in locked["torch"]["dependencies"] for m in re.findall(r"-cu(\d+)$", d["name"])}
     assert majors == {cuda.group(1)}, (majors, gpu)
+    # A base given as --build-arg must have the Python the CPU image's uv is told to use.
+    assert "UV_PYTHON=/usr/local/bin/python3.11" in (DOCKER / "Dockerfile.cpu").read_text()
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfile_has_no_syntax_line(name):
+    # `# syntax=docker/dockerfile:1` makes BuildKit pull a frontend from Docker Hub at every build, and
+    # the build stops there when Docker Hub cannot be reached; the built-in frontend builds these files.
+    # Parser directives (`# syntax=`, `# escape=`, case and spaces free) count only at the very top.
+    lines = (DOCKER / name).read_text().splitlines()
+    directives = [x for x in lines[:5] if re.match(r"#\s*(syntax|escape)\s*=", x, re.I)]
+    assert not directives, directives
+    assert not any(re.match(r"#\s*syntax\s*=", x, re.I) for x in lines)
