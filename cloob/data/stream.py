@@ -188,89 +188,37 @@ class ShardStream(IterableDataset):
         if limit == 0:
             return
         resume = resume or StreamState()
-        skip_raw = resume.raw_consumed.get(logical, 0)
         counts = SkipCounts(**resume.skips.get(logical, {}))
         # Resume replays the raw stream up to the checkpoint, which meets its bad shards again and
         # counts them anew; restoring their saved count as well would count each one twice.
         counts.bad_shard = 0
         # Reopens after a dropped connection are not replayed by a resume (the network differs): kept.
-        retries = [resume.retries.get(logical, 0)]
-
-        def count_retry(_n: int) -> None:
-            retries[0] += 1
-
+        tracker = _ShardTracker(counts, resume.retries.get(logical, 0), self.expected_counts,
+                                barren_limit=10 * len(self.shards) + 10)
         rng = random.Random(_seed(self.seed, epoch, self.rank, logical))
-        # Shards are numbered as they are opened (the same shard can be drawn twice in a row).
-        opened: dict[int, str] = {}  # ordinal -> url, until the shard has been checked
-        bad: set[int] = set()  # ordinals already counted as bad
-        now = [-1]
 
-        def count_bad(ordinal: int, why: str) -> None:
-            # One bad shard can raise twice (a truncated member, then the next header): count it once.
-            if ordinal not in bad:
-                bad.add(ordinal)
-                counts.bad_shard += 1
-                log.warning("skipping the rest of a bad shard (%s): %s", opened.get(ordinal), why[:300])
+        # The stages: shards opened and numbered -> tar members -> samples (a shard cut short counted)
+        # -> rows the dataset version leaves out dropped -> the shuffle buffer -> decoded batches.
+        shards = tracker.numbered(self._open_shards(rng, epoch, logical, num_workers, tracker.count_retry))
+        members = tar_file_expander(shards, handler=tracker.handler)
+        samples = tracker.check_complete(group_by_keys(members, handler=tracker.handler))
+        kept = (s for s in samples if s.get("__key__") not in self.exclude_keys) if self.exclude_keys else samples
+        shuffled = _buffer_shuffle(kept, self.shuffle_buffer, rng, on_full=tracker.buffer_filled)
+        yield from self._batches(shuffled, epoch, logical, tracker, skip_raw=resume.raw_consumed.get(logical, 0),
+                                 limit=limit)
 
-        def handler(exn: Exception) -> bool:
-            count_bad(now[0], repr(exn))
-            return True
-
-        # An endless stream over shards that are all bad would hang training without a word. Draws
-        # with replacement can hit bad shards many times in a row by chance, hence the wide margin.
-        # Two counts, as a set smaller than the shuffle buffer is intact data: the buffer takes many
-        # passes over its shards before the first sample leaves it.
-        # - silent: shards opened since the last raw sample reached the buffer (unreadable, empty);
-        # - barren: shards opened, once the buffer is full, since the last usable sample (corrupt).
-        barren, silent, buffer_full = [0], [0], [False]
-        barren_limit = 10 * len(self.shards) + 10
-
-        def sources() -> Iterator[dict]:
-            for source in self._open_shards(rng, epoch, logical, num_workers, count_retry):
-                silent[0] += 1
-                barren[0] += buffer_full[0]
-                if silent[0] > barren_limit:
-                    raise NoUsableData(
-                        f"{barren_limit} shards in a row gave no sample at all (skipped so far: "
-                        f"{counts.as_dict()}); the shards are unreadable or empty")
-                if barren[0] > barren_limit:
-                    raise NoUsableData(
-                        f"{barren_limit} shards in a row gave no usable sample (skipped so far: "
-                        f"{counts.as_dict()}); {_why_unusable(counts)}")
-                now[0] += 1
-                opened[now[0]] = source["url"]
-                yield {**source, "url": (now[0], source["url"])}
-
-        def check_complete(samples: Iterator[dict]) -> Iterator[dict]:
-            # webdataset yields a shard's last sample once the next shard has started, so shard k is
-            # checked when a sample of a later shard arrives.
-            current, seen = 0, 0
-            for sample in samples:
-                ordinal = sample["__url__"][0]
-                while current < ordinal:
-                    expected = self.expected_counts.get(opened.get(current))
-                    if expected is not None and seen < expected:
-                        count_bad(current, f"{seen} of {expected} samples: the tar was cut short")
-                    bad.discard(current)
-                    opened.pop(current, None)
-                    current, seen = current + 1, 0
-                seen += 1
-                silent[0] = 0
-                yield sample
-
-        raw = check_complete(group_by_keys(tar_file_expander(sources(), handler=handler), handler=handler))
-        if self.exclude_keys:
-            raw = (s for s in raw if s.get("__key__") not in self.exclude_keys)
-        stream = _buffer_shuffle(raw, self.shuffle_buffer, rng, buffer_full)
+    def _batches(self, shuffled: Iterator[dict], epoch: int, logical: int, tracker: _ShardTracker,
+                 skip_raw: int, limit: int | None) -> Iterator[dict]:
+        """Decoded samples in batches, each carrying the worker's position and counts (at most limit)."""
         images, texts, produced = [], [], 0
-        for index, sample in enumerate(stream, start=1):
+        for index, sample in enumerate(shuffled, start=1):
             if index <= skip_raw:
-                barren[0] = 0
+                tracker.usable()
                 continue  # resume: already consumed before the checkpoint; not decoded
-            decoded = self._decode(sample, epoch, index, logical, counts)
+            decoded = self._decode(sample, epoch, index, logical, tracker.counts)
             if decoded is None:
                 continue
-            barren[0] = 0
+            tracker.usable()
             images.append(decoded[0])
             texts.append(decoded[1])
             if len(images) == self.batch_size:
@@ -280,8 +228,8 @@ class ShardStream(IterableDataset):
                     "epoch": epoch,
                     "worker": logical,
                     "raw_consumed": index,
-                    "skips": counts.as_dict(),
-                    "read_retries": retries[0],
+                    "skips": tracker.counts.as_dict(),
+                    "read_retries": tracker.retries,
                 }
                 images, texts = [], []
                 produced += 1
@@ -352,6 +300,89 @@ class ShardStream(IterableDataset):
         return tensor, caption
 
 
+class _ShardTracker:
+    """One logical worker's bookkeeping over the shards of one epoch, for the stages of
+    ShardStream._epoch: shards numbered as they are opened (the same shard can be drawn twice in a
+    row), a bad shard counted once, a shard cut short found, reopened reads counted, and the guard
+    that turns data with nothing usable into NoUsableData instead of an endless search.
+
+    An endless stream over shards that are all bad would hang training without a word. Draws with
+    replacement can hit bad shards many times in a row by chance, hence the wide margin. Two counts,
+    as a set smaller than the shuffle buffer is intact data: the buffer takes many passes over its
+    shards before the first sample leaves it.
+    - silent: shards opened since the last raw sample reached the buffer (unreadable, empty);
+    - barren: shards opened, once the buffer is full, since the last usable sample (corrupt).
+    """
+
+    def __init__(self, counts: SkipCounts, retries: int, expected_counts: dict[str, int], barren_limit: int):
+        self.counts = counts
+        self.retries = retries  # shard reads reopened after a dropped connection
+        self.expected_counts = expected_counts
+        self.barren_limit = barren_limit
+        self.opened: dict[int, str] = {}  # ordinal -> url, until the shard has been checked
+        self.bad: set[int] = set()  # ordinals already counted as bad
+        self.current = -1  # the ordinal of the shard being read
+        self.silent = self.barren = 0
+        self.buffer_full = False
+
+    def count_retry(self, _n: int) -> None:
+        self.retries += 1
+
+    def buffer_filled(self) -> None:
+        self.buffer_full = True
+
+    def usable(self) -> None:
+        """A usable sample left the buffer (or was skipped by a resume)."""
+        self.barren = 0
+
+    def count_bad(self, ordinal: int, why: str) -> None:
+        # One bad shard can raise twice (a truncated member, then the next header): count it once.
+        if ordinal not in self.bad:
+            self.bad.add(ordinal)
+            self.counts.bad_shard += 1
+            log.warning("skipping the rest of a bad shard (%s): %s", self.opened.get(ordinal), why[:300])
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset's handler: the shard being read is bad; go on with the next."""
+        self.count_bad(self.current, repr(exn))
+        return True
+
+    def numbered(self, sources: Iterator[dict]) -> Iterator[dict]:
+        """The opened shards, each url replaced by (ordinal, url); raises NoUsableData past the limit."""
+        for source in sources:
+            self.silent += 1
+            self.barren += self.buffer_full
+            if self.silent > self.barren_limit:
+                raise NoUsableData(
+                    f"{self.barren_limit} shards in a row gave no sample at all (skipped so far: "
+                    f"{self.counts.as_dict()}); the shards are unreadable or empty")
+            if self.barren > self.barren_limit:
+                raise NoUsableData(
+                    f"{self.barren_limit} shards in a row gave no usable sample (skipped so far: "
+                    f"{self.counts.as_dict()}); {_why_unusable(self.counts)}")
+            self.current += 1
+            self.opened[self.current] = source["url"]
+            yield {**source, "url": (self.current, source["url"])}
+
+    def check_complete(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """The samples, unchanged; a shard that gave fewer than its expected count is counted as bad.
+        webdataset yields a shard's last sample once the next shard has started, so shard k is checked
+        when a sample of a later shard arrives."""
+        checking, seen = 0, 0
+        for sample in samples:
+            ordinal = sample["__url__"][0]
+            while checking < ordinal:
+                expected = self.expected_counts.get(self.opened.get(checking))
+                if expected is not None and seen < expected:
+                    self.count_bad(checking, f"{seen} of {expected} samples: the tar was cut short")
+                self.bad.discard(checking)
+                self.opened.pop(checking, None)
+                checking, seen = checking + 1, 0
+            seen += 1
+            self.silent = 0
+            yield sample
+
+
 class _RaisingStream(io.RawIOBase):
     def __init__(self, exc: Exception):
         self.exc = exc
@@ -372,19 +403,20 @@ def _why_unusable(counts: SkipCounts) -> str:
 
 
 def _buffer_shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random,
-                    full: list[bool] | None = None) -> Iterator[dict]:
-    """Samples shuffled in a buffer of `bufsize`; `full[0]` turns True once the buffer is full (from
+                    on_full: Callable[[], None] | None = None) -> Iterator[dict]:
+    """Samples shuffled in a buffer of `bufsize`; on_full() is called once the buffer is full (from
     then on every sample taken in lets one out)."""
-    full = full if full is not None else [False]
+    on_full = on_full or (lambda: None)
     if bufsize <= 1:
-        full[0] = True
+        on_full()
         yield from samples
         return
     buf: list[dict] = []
     for s in samples:
         if len(buf) < bufsize:
             buf.append(s)
-            full[0] = len(buf) == bufsize
+            if len(buf) == bufsize:
+                on_full()
             continue
         i = rng.randrange(bufsize)
         buf[i], s = s, buf[i]
