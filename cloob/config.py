@@ -37,7 +37,8 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    method: Literal["clip", "cloob", "infoloob", "clip_hopfield"] = "cloob"
+    method: str = Field("cloob", description="a method of cloob/methods.py: clip, cloob, infoloob, ...",
+                        json_schema_extra={"enum": list(METHODS)})
     beta: float = Field(8.0, gt=0.0, description="Hopfield inverse temperature (scale_hopfield), fixed")
     # How the loss is computed, not what: every choice gives the same loss and gradients (to float32
     # rounding), so these are left out of the content hash, as the number of ranks is (a run can
@@ -52,13 +53,20 @@ class LossConfig(_Section):
     block_rows: int | None = Field(None, ge=1, description="rows per block of the blocked loss; default: "
                                    "about 64 MiB of scores per block")
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:  # the one list, read at validation time
+            raise ValueError(f"not a method: choose one of {', '.join(METHODS)} (cloob/methods.py)")
+        return v
+
     @property
     def objective(self) -> str:
-        return METHODS[self.method][0]
+        return METHODS[self.method].objective
 
     @property
     def retrieval(self) -> str:
-        return METHODS[self.method][1]
+        return METHODS[self.method].retrieval
 
 
 class DataConfig(_Section):

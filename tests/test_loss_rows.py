@@ -34,7 +34,7 @@ def _rel(a, b) -> float:
 
 
 def _reference(x, y, t, method):
-    objective, retrieval = METHODS[method]
+    objective, retrieval = METHODS[method].objective, METHODS[method].retrieval
     loss = contrastive_loss(x, y, t, objective=objective, retrieval=retrieval, beta=8.0)
     return loss, torch.autograd.grad(loss, (x, y, t))
 
@@ -45,7 +45,7 @@ def _reference(x, y, t, method):
 def test_rows_equal_the_full_path(method, block, dtype):
     x, y, t = _inputs(40, 12, dtype)
     ref, ref_grads = _reference(x, y, t, method)
-    objective, retrieval = METHODS[method]
+    objective, retrieval = METHODS[method].objective, METHODS[method].retrieval
     loss = rows_loss(x, y, t, objective=objective, retrieval=retrieval, beta=8.0, block=block)
     grads = torch.autograd.grad(loss, (x, y, t))
     assert _rel(loss, ref) <= TOL[dtype]
@@ -60,7 +60,7 @@ def test_a_partition_of_the_rows_sums_to_the_loss(method, parts, block):
     and their gradients, summed over parts through the gather, to its gradients."""
     x, y, t = _inputs(36, 10, torch.float64, seed=1)
     ref, ref_grads = _reference(x, y, t, method)
-    objective, retrieval = METHODS[method]
+    objective, retrieval = METHODS[method].objective, METHODS[method].retrieval
     per = 36 // parts
     xs, ys = x.split(per), y.split(per)
 

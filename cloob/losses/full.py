@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cloob import methods
 from cloob.methods import METHODS, Objective, Retrieval  # noqa: F401 (re-exported)
 
 
@@ -209,10 +210,10 @@ def contrastive_loss(
     beta: float = 8.0,
 ) -> torch.Tensor:
     """The loss of one corner of the ablation grid on already-normalised global-batch features."""
-    if objective not in ("infonce", "infoloob"):
-        raise ValueError(f"unknown objective {objective!r}: use 'infonce' or 'infoloob'")
-    if retrieval not in ("none", "hopfield"):
-        raise ValueError(f"unknown retrieval {retrieval!r}: use 'none' or 'hopfield'")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: use {' or '.join(map(repr, OBJECTIVES))}")
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"unknown retrieval {retrieval!r}: use {' or '.join(map(repr, RETRIEVALS))}")
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(
             f"image and text features must both be (N, d); got {tuple(image_features.shape)} "
@@ -226,13 +227,27 @@ def contrastive_loss(
         x = image_features.to(dtype)
         y = text_features.to(dtype)
         inv_tau = torch.as_tensor(inv_tau, dtype=dtype, device=x.device)
-        if retrieval == "hopfield":
-            u_x, u_y, v_y, v_x = hopfield_retrieve_all(x, y, beta)
-        else:
-            u_x, u_y, v_y, v_x = x, y, y, x
-        if objective == "infoloob":
-            return info_loob(u_x, u_y, inv_tau) + info_loob(v_y, v_x, inv_tau)
-        return (info_nce(u_x, u_y, inv_tau) + info_nce(v_y, v_x, inv_tau)) / 2
+        u_x, u_y, v_y, v_x = RETRIEVALS[retrieval](x, y, beta)
+        return OBJECTIVES[objective](u_x, u_y, v_y, v_x, inv_tau)
+
+
+def _no_retrieval(x: torch.Tensor, y: torch.Tensor, beta: float):
+    return x, y, y, x
+
+
+def _infoloob(u_x, u_y, v_y, v_x, inv_tau: torch.Tensor) -> torch.Tensor:
+    return info_loob(u_x, u_y, inv_tau) + info_loob(v_y, v_x, inv_tau)
+
+
+def _infonce(u_x, u_y, v_y, v_x, inv_tau: torch.Tensor) -> torch.Tensor:
+    return (info_nce(u_x, u_y, inv_tau) + info_nce(v_y, v_x, inv_tau)) / 2
+
+
+# The loss functions that cloob/methods.py's Method.retrieval and Method.objective name; rows.py has
+# the same two tables for the sharded and blocked path. retrieval(x, y, beta) -> (U_x, U_y, V_y, V_x);
+# objective(U_x, U_y, V_y, V_x, inv_tau) -> the loss.
+RETRIEVALS = {"none": _no_retrieval, "hopfield": hopfield_retrieve_all}
+OBJECTIVES = {"infonce": _infonce, "infoloob": _infoloob}
 
 
 @dataclass(frozen=True)
@@ -243,10 +258,8 @@ class LossSpec:
 
     @classmethod
     def from_method(cls, method: str, beta: float = 8.0) -> LossSpec:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
-        objective, retrieval = METHODS[method]
-        return cls(objective, retrieval, beta)
+        m = methods.get(method)
+        return cls(m.objective, m.retrieval, beta)
 
     def __call__(self, image_features, text_features, inv_tau) -> torch.Tensor:
         return contrastive_loss(

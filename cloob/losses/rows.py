@@ -159,23 +159,39 @@ def rows_loss(x: torch.Tensor, y: torch.Tensor, inv_tau: torch.Tensor, *, object
     gather(t) must return the rows of t from every part in order, with autograd (its backward summing
     each part's gradient back to its owner); the identity for one process. Arithmetic is float32
     (float64 if given) whatever the autocast dtype, as in the full path."""
+    if objective not in OBJECTIVES or retrieval not in RETRIEVALS:
+        raise ValueError(f"unknown objective {objective!r} or retrieval {retrieval!r}: use one of "
+                         f"{', '.join(OBJECTIVES)} and one of {', '.join(RETRIEVALS)}")
     n = n_global or x.shape[0]
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, y = x.to(dtype), y.to(dtype)
         inv_tau = torch.as_tensor(inv_tau, dtype=dtype, device=x.device)
         big_x, big_y = gather(x), gather(y)
-        if retrieval == "hopfield":
-            # U: image memory, V: text memory. Anchors U_x, V_y stay local; candidates U_y, V_x are gathered.
-            u_x, u_y = retrieve_rows(x, big_x, beta, block), retrieve_rows(y, big_x, beta, block)
-            v_y, v_x = retrieve_rows(y, big_y, beta, block), retrieve_rows(x, big_y, beta, block)
-            cand_u, cand_v = gather(u_y), gather(v_x)
-        else:
-            u_x, u_y, v_y, v_x = x, y, y, x
-            cand_u, cand_v = big_y, big_x
-        loo = objective == "infoloob"
+        u_x, u_y, v_y, v_x, cand_u, cand_v = RETRIEVALS[retrieval](x, y, big_x, big_y, beta, block, gather)
+        loo, mean = OBJECTIVES[objective]
         total = _term_sum(u_x, u_y, cand_u, inv_tau, loo, offset, block) + \
             _term_sum(v_y, v_x, cand_v, inv_tau, loo, offset, block)
-        if loo:
-            return total / (n * inv_tau)  # tau * mean over the N rows, per term
-        return total / (2 * n)
+        return mean(total, n, inv_tau)
+
+
+def _no_retrieval(x, y, big_x, big_y, beta, block, gather):
+    return x, y, y, x, big_y, big_x
+
+
+def _hopfield_rows(x, y, big_x, big_y, beta, block, gather):
+    # U: image memory, V: text memory. Anchors U_x, V_y stay local; candidates U_y, V_x are gathered.
+    u_x, u_y = retrieve_rows(x, big_x, beta, block), retrieve_rows(y, big_x, beta, block)
+    v_y, v_x = retrieve_rows(y, big_y, beta, block), retrieve_rows(x, big_y, beta, block)
+    return u_x, u_y, v_y, v_x, gather(u_y), gather(v_x)
+
+
+# The row-wise forms of cloob/losses/full.py's RETRIEVALS and OBJECTIVES (same keys, the names that
+# cloob/methods.py's Method.retrieval and Method.objective give). retrieval -> (U_x, U_y, V_y, V_x and
+# the gathered candidates of the two terms); objective -> (leave the positive out of the denominator,
+# the mean of the summed rows of both terms).
+RETRIEVALS = {"none": _no_retrieval, "hopfield": _hopfield_rows}
+OBJECTIVES = {
+    "infonce": (False, lambda total, n, inv_tau: total / (2 * n)),
+    "infoloob": (True, lambda total, n, inv_tau: total / (n * inv_tau)),  # tau * mean over the N rows, per term
+}

@@ -13,12 +13,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from cloob import methods
 from cloob.errors import CloobError
 from cloob.results.paper import PaperReference, Ref, choose_paper, load_paper, matched_settings, paper_values
 
 METRICS = ("main", "top1", "top5", "mean_per_class_recall")
-# clip before cloob: each CLOOB column lands right after the CLIP column it is compared with.
-_METHOD_ORDER = {"clip": 0, "cloob": 1, "infoloob": 2, "clip_hopfield": 3}
 _METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy",
                  "mean_per_class_recall": "mean per-class recall", "main": "main metric"}
 _RETRIEVAL = [("i2t_r1", "i2t R@1"), ("i2t_r5", "i2t R@5"), ("i2t_r10", "i2t R@10"),
@@ -106,14 +105,15 @@ def _family(run_id: str) -> str:
     # "cloob-rn50-cc3m-seed1" and "clip-rn50-cc3m-seed1" are one family: sort them together. So are
     # "tiny-cloob-a293b34db1" and "tiny-clip-c6678aa8ef" (cloob train's <recipe>-<method>-<hash> run ids), so that
     # the method, not the hash, orders them.
+    method_tokens = {t for name in methods.METHODS for t in re.split(r"[-_.:/ ]+", name)}
     tokens = [t for t in re.split(r"[-_.:/ ]+", run_id.lower())
-              if t not in {"clip", "cloob", "infoloob", "hopfield"} and not re.fullmatch(r"[0-9a-f]{8,}", t)]
+              if t not in method_tokens and not re.fullmatch(r"[0-9a-f]{8,}", t)]
     return "-".join(tokens)
 
 
 def _sort_key(c: Checkpoint):
     return ((c.pretraining_data or "~").lower(), (c.arch or "~").lower(), c.step is None, c.step or 0,
-            _family(c.run_id), _METHOD_ORDER.get(c.method or "", 9), c.method or "", c.run_id, c.checkpoint_id)
+            _family(c.run_id), methods.order(c.method), c.method or "", c.run_id, c.checkpoint_id)
 
 
 def _checkpoints(rows: list[dict]) -> dict[tuple[str, str], Checkpoint]:
@@ -210,11 +210,12 @@ def build_report(results_uri: str, *, metric: str = "main", paper: str | None = 
     # auto: every other published setting that a shown checkpoint matches gets its columns too (imports
     # of the paper's YFCC RN50 and RN50x4 each beside their own numbers)
     others = [s for s in matched_settings(zs_ckpts, paper_rows) if s != ref] if ref and paper.lower() == "auto" else []
-    paper_cols = [(ref.column(m), ref_values[m]) for m in ("clip", "cloob") if m in ref_values]
+    # the published methods in display order (the paper's table has CLIP and CLOOB)
+    paper_cols = [(ref.column(m), ref_values[m]) for m in methods.METHODS if m in ref_values]
     sources = [ref_source]
     for other in others:
         other_values, other_source = paper_values(other, paper_rows)
-        paper_cols += [(other.column(m), other_values[m]) for m in ("clip", "cloob") if m in other_values]
+        paper_cols += [(other.column(m), other_values[m]) for m in methods.METHODS if m in other_values]
         sources.append(other_source)
 
     # zero-shot: rows = datasets, columns = checkpoints (+ the paper)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from cloob.results.arrange import _METHOD_ORDER
+from cloob import methods as _methods
 from cloob.results.figure import method_colors, png_bytes
 from cloob.results.training import COMPARISON_PNG, Training
 
@@ -65,7 +65,7 @@ def comparison_panels(training: Training) -> list[Panel]:
     # CLOOB's loss is ~0.1-0.2 and CLIP's ~1-5: on one axis CLOOB's curve is flat. A panel per method
     # keeps a linear axis for each (a log axis would not do: the InfoLOOB loss can go below zero, as
     # the demo's CLOOB run does after ~400 steps).
-    methods = sorted({r.method for r in runs}, key=lambda m: (_METHOD_ORDER.get(m or "", 9), m or ""))
+    methods = sorted({r.method for r in runs}, key=lambda m: (_methods.order(m), m or ""))
     for m in methods:
         panels.append((f"loss ({(m or '?').upper()})", "loss",
                        [(r.label, colors[r.run_id], r.series["loss"]) for r in runs if r.method == m]))

@@ -10,12 +10,11 @@ import io
 from collections import Counter
 from dataclasses import dataclass, field
 
+from cloob.methods import METHODS
 from cloob.results.arrange import _METRIC_NAMES, Checkpoint, Report
 from cloob.results.paper import Ref
 from cloob.storage import atomic_write_bytes
 
-_CMAPS = {"clip": "Blues", "cloob": "Oranges", "infoloob": "Greens", "clip_hopfield": "Purples"}
-_PAPER_MARKERS = {"clip": ("D", "tab:blue"), "cloob": ("*", "tab:orange")}
 CHANCE_LABEL = "chance (100 / classes)"
 
 
@@ -121,7 +120,7 @@ def method_colors(methods: list[str | None]) -> list:
     used: Counter = Counter()
     out = []
     for m in methods:
-        cmap = matplotlib.colormaps[_CMAPS.get(m or "", "Greys")]
+        cmap = matplotlib.colormaps[METHODS[m].colormap if m in METHODS else "Greys"]
         k, total = used[m], shades[m]
         used[m] += 1
         out.append(cmap(0.75 - 0.4 * (k / max(total - 1, 1)) if total > 1 else 0.65))
@@ -150,7 +149,8 @@ def _draw_panel(ax, chart: Chart, idx: list[int], colors: list) -> None:
             ax.hlines(ch, x - group_w / 2, x + group_w / 2, colors="crimson", linestyles=":", linewidth=1.8,
                       label=CHANCE_LABEL)
     for k, p in enumerate(chart.papers):
-        marker, color = _PAPER_MARKERS.get(p.method, ("o", "black"))
+        known = METHODS.get(p.method)
+        marker, color = (known and known.paper_marker) or ("o", "black")
         dx = (k - (len(chart.papers) - 1) / 2) * 0.3
         for x, g in enumerate(idx):
             ref = p.values[g]

@@ -42,7 +42,10 @@ class PaperReference(NamedTuple):
         return f"{self.pretraining} {self.encoder}" + (f" {self.epochs}ep" if self.epochs else "")
 
     def column(self, method: str) -> str:
-        return f"paper {method.upper()} ({self.label})"
+        from cloob.methods import METHODS
+
+        name = METHODS[method].label if method in METHODS else method.upper()
+        return f"paper {name} ({self.label})"
 
 
 # ------------------------------------------------------------------------------------ the paper

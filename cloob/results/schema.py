@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from cloob.methods import METHODS
+
 KEY = ("run_id", "checkpoint_id", "dataset")
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -23,7 +25,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     # the model
     ("checkpoint_uri", pa.string(), "where the weights were read (credentials stripped)"),
     ("step", pa.int64(), "optimizer step of the checkpoint; null for external weights"),
-    ("method", pa.string(), "cloob | clip | infoloob | clip_hopfield"),
+    ("method", pa.string(), " | ".join(METHODS) + " (cloob/methods.py)"),
     ("arch", pa.string(), "open_clip architecture name"),
     ("pretraining_data", pa.string(), "pretraining dataset name (cc3m, yfcc15m, demo, openai, ...)"),
     ("pretraining_hash", pa.string(), "content hash of the pretraining dataset manifest, if known"),

@@ -190,7 +190,8 @@ def render_pngs(data: dict) -> dict[str, bytes]:
               (data["diagnostics"], "text_ajne", "text: Ajne statistic (lower: more uniform)")]
     for ax, (points, value, title) in zip(axes, panels):
         for method, pts in sorted(_mean_by(points, "method", value).items()):
-            objective, retrieval = METHODS.get(method, ("?", "?"))
+            known = METHODS.get(method)
+            objective, retrieval = (known.objective, known.retrieval) if known else ("?", "?")
             label = f"{method} ({objective}, {'Hopfield' if retrieval == 'hopfield' else 'no retrieval'})"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
                     color=method_colors([method])[0], label=label)
