@@ -190,7 +190,7 @@ difference between ours and boto3's. The client CPU per GiB is the figure that c
 reader runs the body through s3fs's event loop thread (aiohttp), about {med('cloob', 'cpu_s_per_gib'):.1f} CPU s
 per GiB against boto3's {med('boto3', 'cpu_s_per_gib'):.1f}; at a worker's decoding rate at 224 px (a few MB/s
 of JPEG) that is under 1% of its core. No retries happen in this measurement (no connection
-drops); a reopen costs one GET plus the back-off (0.5 s by default, see README "Data").
+drops); a reopen costs one GET plus the back-off (0.5 s by default, see docs/training.md, "Data").
 """)
     return 0
 

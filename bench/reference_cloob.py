@@ -1,7 +1,8 @@
 """The straightforward CLOOB formulation the loss benchmark compares against.
 
 Four independent Hopfield retrievals and InfoLOOB with the diagonal masked by -1000, as in the
-reference implementation (ml-jku/cloob, src/training/methods.py), re-typed from DESIGN.md section 3.
+reference implementation (ml-jku/cloob, src/training/methods.py), re-typed from the formulas in the
+docstring of cloob/losses/full.py.
 """
 
 import torch

@@ -61,7 +61,7 @@ def store_and_prefect_home(store: str, elsewhere: str) -> tuple[str, str]:
 
 def demo_recipes(seeds: list[int]) -> list[str]:
     """Each seed's CLOOB and CLIP runs of the tiny recipe, each method at its own setting: the
-    method_overrides of cloob/studies/demo.yaml, which `cloob study tune_demo` chose (README, "Demo")."""
+    method_overrides of cloob/studies/demo.yaml, which `cloob study tune_demo` chose (BENCHMARKS.md, "The demo")."""
     from cloob.study.spec import load_study
 
     study = load_study("demo")
@@ -82,7 +82,7 @@ def demo_parameters(store: str, steps: int = DEFAULT_STEPS, samples: int = 4096,
 
 def over_seeds(results: str, runs: list[dict]) -> str:
     """Each method's mean ± std over the demo's seeds per set, with every seed's value: the demo's
-    numbers as the README gives them."""
+    numbers as the README and BENCHMARKS.md give them."""
     from cloob.results.table import read_rows
     from cloob.study.stats import summarize
 

@@ -392,7 +392,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="warm start the scheduled retraining from this registered model (e.g. champion) or "
                         "checkpoint URL (the pipeline's init_from); default: from scratch; a run can set "
                         "-p init_from=champion")
-    g = p.add_argument_group("promotion (the scheduled retrain's rule; README, Registry, \"Promotion\")")
+    g = p.add_argument_group("promotion (the scheduled retrain's rule; docs/registry.md, \"Promotion\")")
     g.add_argument("--promote-on", action="append", metavar="SET",
                    help="a set whose main metric decides promotion, repeatable (default: every --downstream set)")
     g.add_argument("--min-gain", type=float, metavar="FRACTION",

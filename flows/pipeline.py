@@ -147,12 +147,12 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             before it is cancelled and the pipeline fails, saying so; none: no limit.
         init_from: warm start every recipe from a registered model (an alias such as champion, an entry
             id) or a checkpoint URL: its weights only, a fresh optimizer and schedule; the registry
-            records it as the new entry's parent. None (the default): from scratch (README, "Warm starts").
+            records it as the new entry's parent. None (the default): from scratch (docs/training.md, "Warm starts").
             `champion` while the registry has none yet (the first run): from scratch, logged.
         promote_on: the sets whose main metric decides promotion (their mean); default: every
             downstream set. After the evaluations, each new model is compared with the `champion`
             on them (same sets, same eval settings) and moves `champion` only if it wins, else
-            `challenger` (README, "Promotion"; cloob/registry/promotion.py).
+            `challenger` (docs/registry.md, "Promotion"; cloob/registry/promotion.py).
         min_gain: how much a challenger must beat the champion by, as a fraction (0.01: one point).
         require_significant: also require the paired bootstrap interval over the evaluation images
             (at `confidence`) to lie above min_gain: no promotion on noise.
