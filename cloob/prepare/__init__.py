@@ -7,6 +7,7 @@
                      Multimedia Commons SQLite database): which one an input is, reading it in batches
     rowsort.py       the rows in row-id order, and their digest
     identity.py      a row's identity across re-exports, and the identities given row ids so far
+    matching.py      the re-read source matched against the known rows in partitions on local disk
     purge.py         removed rows' samples deleted from the shards for good (--purge-removed)
     run.py           prepare(): the whole preparation, resumable (`cloob prepare`)
     stop.py          SIGTERM to `cloob prepare`: the download and every process of it stopped, one line

@@ -6,6 +6,13 @@
     optim.py        AdamW parameter groups and the learning-rate schedules
     distributed.py  process groups, the feature gather and its gradient convention
     metrics.py      metrics.jsonl and TensorBoard
+    global_loss.py  the global batch's loss under DDP, and its gradient convention (written down here)
+    boundary.py     what the ranks decide together at the end of every step (stop, skip), one all_reduce
+    preemption.py   SIGTERM: the run ends at the next step boundary, with a checkpoint of that step
+    nonfinite.py    a NaN or inf step skipped and counted, up to train.max_nonfinite_steps
+    failures.py     the environment's errors (full disk, lost store) as one message, out of DataLoader
+                    workers too; a checkpoint that cannot be written
+    __main__.py     `python -m cloob.train` (also torchrun's `-m cloob.train`): timm left out when unused
 
 `python -m cloob.train <recipe> [overrides]` (also under torchrun) runs the loop. Importing this
 package imports nothing heavy: `train` and `main` load the loop (torch, open_clip) on first use, so
