@@ -1,5 +1,5 @@
 """The row-wise loss (cloob/losses/rows.py) against the full path (cloob/losses/full.py, itself tested
-against a transcription of the design notes in tests/test_losses.py): the same value and gradients for
+against a transcription of its formulas in tests/test_losses.py): the same value and gradients for
 every method, whole or in blocks, and summed over a partition of the rows, as the ranks of the sharded
 loss compute it (here in one process, with a gather that concatenates the parts); and the choice of
 path (cloob/losses/plan.py).

@@ -1,7 +1,7 @@
-"""Tests of cloob/losses/full.py against an independent transcription of DESIGN.md section 3.
+"""Tests of cloob/losses/full.py against an independent transcription of the formulas in its docstring.
 
 The `_t_*` functions below are a deliberately naive, loop-based transcription of the formulas in
-DESIGN.md section 3 (and of the two off-corners defined in the docstring of cloob/losses/full.py). They
+the docstring of cloob/losses/full.py (CLOOB, CLIP and the two off-corners of the 2x2 grid). They
 use no code from the cloob package, so every comparison checks the fast implementation (shared
 Gram matrices, hand-written backward, in-place softmax, -inf diagonal) against the math.
 """
@@ -24,7 +24,7 @@ from cloob.losses import (
 )
 
 # --------------------------------------------------------------------------------------------------
-# Independent transcription of DESIGN.md section 3 (plain torch ops and explicit loops).
+# Independent transcription of cloob/losses/full.py's formulas (plain torch ops and explicit loops).
 # --------------------------------------------------------------------------------------------------
 
 

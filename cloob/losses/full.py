@@ -8,7 +8,7 @@ The paper's ablation grid is objective {InfoNCE, InfoLOOB} x retrieval {none, Ho
     infoloob        infoloob    none        CLOOB without Hopfield
     clip_hopfield   infonce     hopfield    CLIP with Hopfield retrieval
 
-Notation (the project's design notes, section 3): x, y are the L2-normalised image and text embeddings of the GLOBAL
+Notation (the paper's): x, y are the L2-normalised image and text embeddings of the GLOBAL
 batch (gathered over ranks). Hopfield retrieval with inverse temperature beta, memory M, query q:
 
     retrieve(q, M) = normalize(softmax(beta * q M^T) M)
