@@ -9,7 +9,7 @@ time, and three seeds of 150 steps cost about what one seed of 300 did. Measured
 demo --seeds 3 --steps 150`, 2 min 50 s): CLOOB 24.4 / 29.2 / 43.1% on shapes (4.4x chance or more)
 and 50.8 / 60.0 / 100% on colors (3.0x or more); CLIP 42.8-46.9% and 100%. The assertion is 2x
 chance on every run: a third below the lowest seed (colors: 33.3% against 50.8%), room for another
-CPU's arithmetic, which moves CLOOB within its spread over seeds (README, "The demo's settings").
+CPU's arithmetic, which moves CLOOB within its spread over seeds (BENCHMARKS.md, "The demo").
 """
 
 import contextlib
