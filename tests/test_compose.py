@@ -1,7 +1,9 @@
 """docker/compose.yaml as data: the stack's services, their health checks and start order, the optional
-GPU worker, the example .env wiring the pieces together without a secret in the file, and the
-create-bucket service's own command run against a local S3 server."""
+GPU worker, the example .env wiring the pieces together without a secret in the file, the
+create-bucket service's own command run against a local S3 server, and the file checked against the
+compose specification's JSON schema (check-jsonschema's bundled copy, offline)."""
 
+import copy
 import os
 import re
 import subprocess
@@ -125,3 +127,21 @@ def test_compose_bucket_job_creates_the_bucket_through_s3fs(compose, s3_server, 
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server, key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
     assert fs.exists("cloob-test-bucket")
+
+
+def _check_compose_spec(path: Path) -> subprocess.CompletedProcess:
+    """check-jsonschema with the compose specification's schema it bundles (offline)."""
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                           str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_compose_file_follows_the_compose_specification(compose, tmp_path):
+    out = _check_compose_spec(DOCKER / "compose.yaml")
+    assert out.returncode == 0 and "validation done" in out.stdout, out.stdout + out.stderr
+    # and the check can fail: a misspelt key, a wrong type.
+    broken = copy.deepcopy(compose)
+    broken["services"]["worker-cpu"]["depend_on"] = broken["services"]["worker-cpu"].pop("depends_on")
+    broken["services"]["postgres"]["healthcheck"]["test"] = 5
+    (tmp_path / "compose.yaml").write_text(yaml.safe_dump(broken))
+    out = _check_compose_spec(tmp_path / "compose.yaml")
+    assert out.returncode == 1 and "depend_on" in out.stdout and "healthcheck" in out.stdout, out.stdout + out.stderr
