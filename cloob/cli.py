@@ -97,8 +97,7 @@ def _cmd_prepare(args) -> int:
     try:
         with stop_on_sigterm():  # the download and its processes stopped, the lock released (cloob.prepare.stop)
             m = prepare(spec, args.out, input=args.input, retry_failed=args.retry_failed, force=args.force,
-                        progress=not args.no_progress, spark_master=args.spark_master,
-                        ray_address=args.ray_address)
+                        progress=not args.no_progress, cluster=args.cluster, cluster_flag=args.cluster_flag)
     except Stopped as e:
         print(f"cloob prepare: stopped by {signal.Signals(e.signum).name}; the finished shards in {args.out} are "
               "kept, rerun the same command to resume", file=sys.stderr, flush=True)
@@ -321,10 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete from the shards, for good, the samples of rows that the newest version no longer "
                         "has (removed from the source); downloads nothing")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)")
-    p.add_argument("--spark-master", metavar="URL",
-                   help="with download.distributor=pyspark: the Spark master (default local[download.processes])")
-    p.add_argument("--ray-address", metavar="ADDR",
-                   help="with download.distributor=ray: the Ray cluster (else RAY_ADDRESS; default a local Ray)")
+    from cloob.prepare.distributors import add_cluster_argument  # stdlib only: the table of distributors
+
+    add_cluster_argument(p, "downloads (default: a local one, local[download.processes] or a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_prepare)
 

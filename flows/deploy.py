@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from cloob.errors import CloobError
+from cloob.prepare.distributors import add_cluster_argument
 from flows.deploy_checks import check_args, check_names, study_data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +104,7 @@ def build_plan(args) -> dict[str, Any]:
         # One process per GPU of a node; with --k8s the pods have --gpus-per-node GPUs each.
         "nproc_per_node": args.gpus_per_node, "train_deployment": TRAIN_DEPLOYMENT,
         "eval_deployment": EVAL_GPU_DEPLOYMENT if args.eval_on == "gpu" else None,
-        **({"spark_master": args.spark_master} if args.spark_master else {}),
-        **({"ray_address": args.ray_address} if args.ray_address else {}),
+        **({"cluster": args.cluster} if args.cluster else {}),
         **({"worker_wait_s": args.worker_wait_s} if args.worker_wait_s is not None else {}),
         **({"train_retries": _retries(args.train_retries)} if args.train_retries is not None else {}),
         **({"init_from": args.init_from} if args.init_from else {}),
@@ -114,7 +114,7 @@ def build_plan(args) -> dict[str, Any]:
         "store": args.store, "train_deployment": TRAIN_DEPLOYMENT, "nproc_per_node": args.gpus_per_node,
         "eval_deployment": pipeline_params["eval_deployment"], "data_overrides": study_data_overrides(args),
         **({"study": args.study} if args.study else {}),
-        **{k: pipeline_params[k] for k in ("spark_master", "ray_address", "worker_wait_s") if k in pipeline_params},
+        **{k: pipeline_params[k] for k in ("cluster", "worker_wait_s") if k in pipeline_params},
     }
     train_jobvars: dict[str, Any] = {}
     eval_jobvars: dict[str, Any] = {}
@@ -373,11 +373,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-on", choices=["cpu", "gpu"], default="cpu",
                    help="where the scheduled pipeline evaluates: in its own run on the CPU pool (default), or "
                         f"one run of {EVAL_GPU_DEPLOYMENT} per checkpoint x set on the GPU pool")
-    p.add_argument("--spark-master", metavar="URL",
-                   help="the Spark master that prepares the data (with --spec-override download.distributor=pyspark)")
-    p.add_argument("--ray-address", metavar="ADDR",
-                   help="the Ray cluster that prepares the data (with --spec-override download.distributor=ray; "
-                        "else RAY_ADDRESS in the worker's environment)")
+    add_cluster_argument(p, "prepares the data (with --spec-override download.distributor=pyspark or ray; "
+                            "for ray, else RAY_ADDRESS in the worker's environment)")
     p.add_argument("--worker-wait-s", type=float, metavar="S",
                    help="how long a training or evaluation run may wait for a GPU worker to take it before the "
                         "scheduled pipeline cancels it and fails, saying so (default 3600)")

@@ -43,8 +43,8 @@ def check_names(args) -> None:
 
     for spec in args.spec:
         loaded = load_spec(spec, list(args.spec_override or []))
-        check_flags(loaded.download.distributor, args.spark_master, args.ray_address,
-                    whose=f"the distributor of spec {spec!r}", set_with="--spec-override")
+        check_flags(loaded.download.distributor, args.cluster, whose=f"the distributor of spec {spec!r}",
+                    set_with="--spec-override", flag=args.cluster_flag)
         field = missing_source_file(loaded)
         if field:
             # `cloob prepare` takes it as --input; a scheduled run has only the spec and its overrides.

@@ -104,8 +104,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
              overrides: list[str] | None = None, spec_overrides: list[str] | None = None,
              nproc_per_node: int = 1, train_deadline_s: float | None = None,
              eval_settings: dict | None = None, train_deployment: str | None = None,
-             eval_deployment: str | None = None, spark_master: str | None = None,
-             ray_address: str | None = None, force_prepare: bool = False,
+             eval_deployment: str | None = None, cluster: str | None = None, force_prepare: bool = False,
              worker_wait_s: float | None = WORKER_WAIT_S, init_from: str | None = None,
              promote_on: list[str] | None = None, min_gain: float = 0.0, require_significant: bool = False,
              confidence: float = 0.95, approval: bool = False, approval_timeout_s: int = 3600,
@@ -135,10 +134,9 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
             flow's process.
         eval_deployment: e.g. "evaluate-checkpoints/gpu": evaluate there, one run per checkpoint x
             set, instead of in this flow's process.
-        spark_master: the Spark cluster preparing the data, for specs whose download.distributor is
-            pyspark (else an active SparkSession or local[N]).
-        ray_address: the Ray cluster preparing the data, for specs whose download.distributor is ray
-            (else RAY_ADDRESS or a local Ray).
+        cluster: the cluster preparing the data, for specs whose download.distributor is pyspark (a
+            Spark master URL; else an active SparkSession or local[N]) or ray (a Ray address, ray://host:10001
+            or auto; else RAY_ADDRESS or a local Ray).
         force_prepare: where a spec's folder holds a dataset prepared from another spec (a changed
             spec_overrides), delete it and prepare this spec there; refused while a registered model
             was trained on it. Without it a changed spec is a new dataset, prepared beside the old one
@@ -180,7 +178,7 @@ def pipeline(store: str, specs: list[str], recipes: list[str], downstream: list[
     with stop_on_signals("cloob-pipeline"), engine_retries():
         # Submitted first: they need nothing else, and run in threads while this one trains.
         set_futures = prepare_downstream_set.map(downstream, unmapped(posixpath.join(store, "downstream")))
-        data = [result_of(prepare_data, spec, dataset_folder(store, spec), None, spec_overrides, spark_master, ray_address,
+        data = [result_of(prepare_data, spec, dataset_folder(store, spec), None, spec_overrides, cluster,
                           force_prepare, posixpath.join(store, "registry")) for spec in specs]
         name_run(data)  # the run list says which data (and version) each run trained on
         registry = posixpath.join(store, "registry")

@@ -37,7 +37,7 @@ from flows.tasks import (
 def study_flow(study: str, store: str, overrides: list[str] | None = None, train_deployment: str | None = None,
                eval_deployment: str | None = None, eval_settings: dict | None = None, nproc_per_node: int = 1,
                worker_wait_s: float | None = WORKER_WAIT_S, data_overrides: dict[str, list[str]] | None = None,
-               spark_master: str | None = None, ray_address: str | None = None) -> dict:
+               cluster: str | None = None) -> dict:
     """A study: every cell trained, registered and evaluated at the study's steps; then its report.
 
     Args:
@@ -52,8 +52,8 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
         data_overrides: data spec name -> overrides added to the study's own when the study trains on
             that spec, e.g. {"cc3m": ["source.path=s3://bucket/Train_GCC-training.tsv"]} (`cloob deploy`
             passes its --spec-override for each --spec).
-        spark_master: with download.distributor pyspark, the Spark master that prepares the data.
-        ray_address: with download.distributor ray, the Ray cluster that prepares the data.
+        cluster: the cluster that prepares the data: a Spark master URL with download.distributor
+            pyspark, a Ray address with ray.
     """
     from cloob.config import load_recipe
     from cloob.study.cells import check_cells, steps_to_evaluate
@@ -66,8 +66,7 @@ def study_flow(study: str, store: str, overrides: list[str] | None = None, train
     with stop_on_signals("cloob-study"), engine_retries():  # its tasks' end states ride out a server restart
         set_futures = prepare_downstream_set.map(spec.downstream, unmapped(posixpath.join(store, "downstream")))
         data_ov = [*spec.data_overrides, *(data_overrides or {}).get(spec_name(spec.data), [])]
-        data = result_of(prepare_data, spec.data, dataset_folder(store, spec.data), None, data_ov, spark_master,
-                         ray_address)
+        data = result_of(prepare_data, spec.data, dataset_folder(store, spec.data), None, data_ov, cluster)
         registry, results = posixpath.join(store, "registry"), posixpath.join(store, "results")
         cache_root = posixpath.join(store, "cache", "classifiers")
         datasets, evals, cells_by_run = None, [], {}

@@ -46,10 +46,10 @@ def _skipped(value, what: str, key: str):
 
 @task(name="prepare_data", task_run_name=names.prepare_data_name)
 def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[str] | None = None,
-                 spark_master: str | None = None, ray_address: str | None = None, force: bool = False,
+                 cluster: str | None = None, force: bool = False,
                  registry: str | None = None):
     """One pretraining dataset into webdataset shards (img2dataset runs in its own process; under
-    download.distributor pyspark or ray, on the cluster `spark_master` / `ray_address` names).
+    download.distributor pyspark or ray, on the cluster `cluster` names: a Spark master URL or a Ray address).
     force: delete a dataset that `out` holds from another spec, and prepare this one there; refused
         where a model in `registry` was trained on any of its versions.
 
@@ -66,7 +66,7 @@ def prepare_data(spec: str, out: str, input: str | None = None, overrides: list[
         return _skipped(_data_summary(out, m), f"prepare {s.name}", key)
     if force and registry:
         _refuse_deleting_trained_data(out, registry)
-    kwargs = {"input": input, "progress": False, "spark_master": spark_master, "ray_address": ray_address}
+    kwargs = {"input": input, "progress": False, "cluster": cluster}
     try:
         m = prepare(s, out, force=force, **kwargs)
     except SpecChanged as e:

@@ -121,6 +121,13 @@ def test_cluster_settings_that_cannot_work_are_refused_before_anything_is_writte
          ["is on this machine's disk", f"Ray cluster ray://{far}:10001", "s3://"]),
         (["--ray-address", "127.0.0.1:6379"], ["--ray-address is for download.distributor=ray",
                                                "--set download.distributor=ray"]),
+        (["--set", "download.distributor=pyspark", "--cluster", f"spark://{far}:7077"],
+         ["is on this machine's disk", f"Spark master spark://{far}:7077"]),
+        (["--set", "download.distributor=ray", "--cluster", f"{far}:6379"], [f"Ray cluster {far}:6379"]),
+        (["--cluster", "local[2]"], ["--cluster is for download.distributor=pyspark or ray, and this spec's is "
+                                     "multiprocessing", "--set download.distributor=<pyspark|ray>"]),
+        (["--set", "download.distributor=ray", "--cluster", "local[2]"],
+         ["--cluster local[2] is not a Ray address", "download.distributor=ray reads"]),
     ]
     for args, words in cases:
         assert cli_main(["prepare", "demo", "--out", str(out), *args]) == 2
@@ -135,6 +142,59 @@ def test_cluster_settings_that_cannot_work_are_refused_before_anything_is_writte
     assert distributors.spark_is_local("local[2]") and distributors.spark_is_local("spark://127.0.0.1:7077")
     assert distributors.ray_is_local("localhost:6379") and distributors.ray_is_local(None) and distributors.ray_is_local("auto")
     assert not distributors.spark_is_local("yarn") and not distributors.spark_is_local(f"spark://{far}:7077")
+
+
+def test_a_distributor_is_one_table_entry(tmp_path, monkeypatch):
+    """An entry added to DISTRIBUTORS alone is a distributor for the spec, the cluster checks, the
+    --cluster help and the session."""
+    import argparse
+    import contextlib
+
+    started = []
+
+    @contextlib.contextmanager
+    def session(processes, address, worker_env, out_url, out_is_local):
+        started.append((processes, address))
+        yield
+
+    dask = distributors.Distributor(
+        "dask", "dask", "a Dask scheduler address (tcp://host:8786)", accepts=lambda a: a.startswith("tcp://"),
+        remote=lambda a: a and f"Dask scheduler {a}", session=session)
+    with pytest.raises(CloobError, match=r"download.distributor: .*one of multiprocessing, pyspark, ray"):
+        demo_spec("dask")
+    monkeypatch.setitem(distributors.DISTRIBUTORS, "dask", dask)
+    assert demo_spec("dask").download.distributor == "dask"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dask" else real(name, *a))
+    with pytest.raises(CloobError) as e:
+        distributors.check_installed("dask")
+    assert "needs dask, which is not installed" in e.value.problem and "uv sync --extra dask" in e.value.fix
+    with pytest.raises(CloobError, match="--cluster spark://h:7077 is not a Dask scheduler address"):
+        distributors.check_flags("dask", "spark://h:7077", whose="this spec's", set_with="--set")
+    with pytest.raises(CloobError, match="--cluster is for download.distributor=pyspark or ray or dask"):
+        distributors.check_flags("multiprocessing", "tcp://h:8786", whose="this spec's", set_with="--set")
+    monkeypatch.setattr(distributors, "check_installed", lambda distributor: None)  # no dask here
+    with pytest.raises(CloobError, match="but the Dask scheduler tcp://h:8786 runs workers on other machines"):
+        distributors.check_cluster("dask", str(tmp_path / "ds"), True, "tcp://h:8786")
+    parser = argparse.ArgumentParser()
+    distributors.add_cluster_argument(parser, "downloads")
+    assert "dask: a Dask scheduler address" in " ".join(parser.format_help().split())
+    assert parser.parse_args(["--cluster", "tcp://h:8786"]).cluster == "tcp://h:8786"
+    with distributors.session("dask", processes=3, cluster="tcp://h:8786"):
+        assert started == [(3, "tcp://h:8786")]
+
+
+def test_the_engines_own_flags_are_aliases_of_cluster():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    distributors.add_cluster_argument(parser, "downloads")
+    for argv, flag in ((["--cluster", "ray://h:10001"], "--cluster"), (["--ray-address", "ray://h:10001"], "--ray-address")):
+        args = parser.parse_args(argv)
+        assert (args.cluster, args.cluster_flag) == ("ray://h:10001", flag)
+    assert "deprecated: --cluster with download.distributor=pyspark" in " ".join(parser.format_help().split())
+    args = parser.parse_args([])
+    assert (args.cluster, args.cluster_flag) == (None, "--cluster")
 
 
 def test_a_missing_engine_or_java_says_how_to_install_it(tmp_path, monkeypatch):
@@ -198,7 +258,7 @@ def test_pyspark_local_gives_the_multiprocessing_content_hash_and_keeps_the_guar
 def test_ray_gives_the_multiprocessing_content_hash(ray_head, tmp_path, demo_hash):
     # A running cluster's workers do not have the fetch process's environment: the demo's proxy
     # reaches them through the job's runtime environment.
-    m = prepare(demo_spec("ray"), str(tmp_path / "demo"), progress=False, ray_address=ray_head)
+    m = prepare(demo_spec("ray"), str(tmp_path / "demo"), progress=False, cluster=ray_head)
     assert m["content_hash"] == demo_hash and m["totals"]["successes"] == 24
     assert [r.get("distributor") for r in m["history"]] == ["ray"]
 
@@ -210,7 +270,7 @@ def test_ray_workers_keep_the_guards_and_a_lost_shard_is_named_then_fetched(ray_
     out = tmp_path / "guards"
     spec = guard_spec(tmp_path, image_server.url, "ray", shard_size=4)  # 00000: 4 good rows, 00001: the bad ones
     t0 = time.monotonic()
-    first = prepare(spec, str(out), progress=False, ray_address=ray_head)
+    first = prepare(spec, str(out), progress=False, cluster=ray_head)
     assert_guards_fired(first, time.monotonic() - t0)
     kept = (out / "00001.tar").read_bytes()
 
@@ -220,13 +280,13 @@ def test_ray_workers_keep_the_guards_and_a_lost_shard_is_named_then_fetched(ray_
     (out / "00000.tar").unlink()
     (out / "00000.tar").mkdir()
     with pytest.raises(CloobError) as e:
-        prepare(spec, str(out), progress=False, ray_address=ray_head)
+        prepare(spec, str(out), progress=False, cluster=ray_head)
     assert "ended without finishing 1 of 1 shards: 00000" in e.value.problem, e.value
     assert "only these shards are fetched again" in e.value.fix
 
     (out / "00000.tar").rmdir()
     image_server.httpd.requests.clear()
-    again = prepare(spec, str(out), progress=False, ray_address=ray_head)
+    again = prepare(spec, str(out), progress=False, cluster=ray_head)
     assert again["content_hash"] == first["content_hash"] and again["totals"] == first["totals"]
     assert sorted(image_server.httpd.requests) == [f"/3/48/3/{i}.jpg" for i in range(4)]  # shard 0's rows only
     assert (out / "00001.tar").read_bytes() == kept and not (out / "_tmp").exists()

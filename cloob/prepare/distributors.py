@@ -1,16 +1,23 @@
-"""img2dataset's pyspark and ray distributors: the checks before a run, and the Spark session or Ray
-connection for it.
+"""img2dataset's distributors, one entry each in DISTRIBUTORS: what each needs installed, the checks
+before a run, what its cluster address means, and the Spark session or Ray connection for the run.
 
-The cluster is named the way each engine's users expect: a Spark master URL (`--spark-master`,
-default `local[processes]`; an already active SparkSession is used as it is), a Ray address
-(`--ray-address`, else RAY_ADDRESS, default a local Ray started for the run). cloob stops only what
-it started. Executors and workers on other machines write the shards themselves, so with a cluster
-that reaches beyond this machine the output must be on storage every node sees. Nothing here
+One `--cluster` address names the cluster, read by the spec's download.distributor the way each
+engine's users expect: a Spark master URL (`spark://host:7077`, `local[N]`, `yarn`, ...; default
+`local[processes]`; an already active SparkSession is used as it is), a Ray address (`ray://host:10001`,
+`host:6379`, `auto`; else RAY_ADDRESS; default a local Ray started for the run). The old flags
+`--spark-master` and `--ray-address` are aliases that also say which engine they are for. cloob stops
+only what it started. Executors and workers on other machines write the shards themselves, so with a
+cluster that reaches beyond this machine the output must be on storage every node sees. Nothing here
 imports pyspark or ray until a run needs them: they are optional extras.
+
+A new distributor is one Distributor entry below (and its extra in pyproject.toml): the spec's
+download.distributor, `cloob prepare --cluster`, the flows' `cluster` parameter and `cloob deploy`
+all read this table.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import ipaddress
@@ -20,49 +27,140 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from cloob.errors import CloobError
 
-DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
-_EXTRA = {"pyspark": "spark", "ray": "ray"}
 _JAVA_FIX = "install Java 17 (apt install openjdk-17-jre-headless), or set JAVA_HOME to a Java 17+ installation"
+# The forms of a Spark master URL (local, local[4], local-cluster[...], spark://, yarn, k8s://, mesos://)
+_SPARK_MASTER = re.compile(r"^(local(\[.*\])?|local-cluster\[.*\]|spark://.+|yarn|k8s://.+|mesos://.+)$")
 
 
-def check_flags(distributor: str, spark_master: str | None, ray_address: str | None, *, whose: str,
-                set_with: str) -> None:
-    """A cluster flag is for its engine only: `whose` names where the distributor came from ("this
-    spec's"), `set_with` the option that sets it where the user is (`--set`, `--spec-override`)."""
-    for flag, value, engine in (("--spark-master", spark_master, "pyspark"), ("--ray-address", ray_address, "ray")):
-        if value and distributor != engine:
-            raise CloobError(f"{flag} is for download.distributor={engine}, and {whose} is {distributor}",
-                             f"add {set_with} download.distributor={engine}, or leave out {flag}")
+@dataclass(frozen=True)
+class Distributor:
+    """One of img2dataset's distributors, as cloob runs it."""
+
+    name: str  # download.distributor in a data spec, img2dataset's `distributor`
+    extra: str | None  # the optional extra that installs it (uv sync --extra X); None: always installed
+    cluster: str | None  # what --cluster names for it, in words; None: it runs here only, no address
+    alias: str | None = None  # the engine's own cluster flag, kept as an alias of --cluster
+    check: Callable[[], None] = lambda: None  # beyond its import (pyspark: Java 17)
+    accepts: Callable[[str], bool] = lambda address: False  # whether --cluster is this engine's kind of address
+    remote: Callable[[str | None], str | None] = lambda address: None  # the cluster in words, if it reaches beyond this machine
+    # session(processes, address, worker_env, out_url, out_is_local): the engine for one run
+    session: Callable[..., Any] | None = None
 
 
-def check_cluster(distributor: str, out_url: str, out_is_local: bool, spark_master: str | None,
-                  ray_address: str | None) -> dict:
+def _spark_accepts(address: str) -> bool:
+    return bool(_SPARK_MASTER.match(address))
+
+
+def _ray_accepts(address: str) -> bool:
+    return not _SPARK_MASTER.match(address)
+
+
+def _spark_remote(address: str | None) -> str | None:
+    return None if spark_is_local(address) else f"Spark master {address}"
+
+
+def _ray_remote(address: str | None) -> str | None:
+    address = address or os.environ.get("RAY_ADDRESS")
+    return None if ray_is_local(address) else f"Ray cluster {address}"
+
+
+def _spark_session(processes, address, worker_env, out_url, out_is_local):
+    return _spark(processes, address, worker_env)
+
+
+DISTRIBUTORS: dict[str, Distributor] = {d.name: d for d in (
+    Distributor("multiprocessing", None, None),
+    Distributor("pyspark", "spark", "a Spark master URL (spark://host:7077, local[N], yarn, k8s://...)",
+                alias="--spark-master", check=lambda: check_java(), accepts=_spark_accepts, remote=_spark_remote,
+                session=_spark_session),
+    Distributor("ray", "ray", "a Ray address (ray://host:10001, host:6379, auto; else RAY_ADDRESS)",
+                alias="--ray-address", accepts=_ray_accepts, remote=_ray_remote,
+                session=lambda *a: _ray(*a)),
+)}
+
+
+def names() -> list[str]:
+    return list(DISTRIBUTORS)
+
+
+def get(name: str) -> Distributor:
+    if name not in DISTRIBUTORS:
+        raise CloobError(f"download.distributor={name} is not one of {', '.join(DISTRIBUTORS)}",
+                         "set download.distributor to one of them (cloob/prepare/distributors.py)")
+    return DISTRIBUTORS[name]
+
+
+# ------------------------------------------------------------------------------ the cluster option
+
+class _ClusterFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.cluster, namespace.cluster_flag = values, option_string
+
+
+def add_cluster_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """--cluster ADDRESS, and each engine's own flag (--spark-master, --ray-address) as its alias."""
+    takers = [d for d in DISTRIBUTORS.values() if d.cluster]
+    parser.set_defaults(cluster=None, cluster_flag="--cluster")
+    parser.add_argument("--cluster", metavar="ADDRESS", action=_ClusterFlag,
+                        help=f"the cluster that {what}, read by download.distributor: "
+                             + "; ".join(f"{d.name}: {d.cluster}" for d in takers))
+    for d in takers:
+        if d.alias:
+            parser.add_argument(d.alias, metavar="ADDRESS", action=_ClusterFlag,
+                                help=f"deprecated: --cluster with download.distributor={d.name}")
+
+
+def check_flags(distributor: str, cluster: str | None, *, whose: str, set_with: str, flag: str = "--cluster") -> None:
+    """A cluster address fits the distributor: `flag` is the option it came in (an engine's alias says
+    which engine it is for), `whose` names where the distributor came from ("this spec's"), `set_with`
+    the option that sets it where the user is (`--set`, `--spec-override`)."""
+    if not cluster:
+        return
+    entry = get(distributor)
+    meant = next((d for d in DISTRIBUTORS.values() if d.alias and d.alias == flag), None)
+    if meant and meant.name != distributor:
+        raise CloobError(f"{flag} is for download.distributor={meant.name}, and {whose} is {distributor}",
+                         f"add {set_with} download.distributor={meant.name}, or leave out {flag}")
+    takers = [d.name for d in DISTRIBUTORS.values() if d.cluster]
+    if not entry.cluster:
+        raise CloobError(f"{flag} is for download.distributor={' or '.join(takers)}, and {whose} is {distributor}",
+                         f"add {set_with} download.distributor=<{'|'.join(takers)}>, or leave out {flag}")
+    if not entry.accepts(cluster):
+        raise CloobError(f"{flag} {cluster} is not {entry.cluster}, which download.distributor={distributor} reads",
+                         f"give {flag} the {distributor} cluster's address, or {set_with} download.distributor= the "
+                         f"engine that {cluster} belongs to")
+
+
+def check_cluster(distributor: str, out_url: str, out_is_local: bool, cluster: str | None,
+                  flag: str = "--cluster") -> dict:
     """The cluster settings of a `cloob prepare`, refused before anything is written when they do not
-    fit: a flag for another engine, an engine not installed, a local --out with a cluster that
+    fit: an address for another engine, an engine not installed, a local --out with a cluster that
     reaches other machines."""
-    check_flags(distributor, spark_master, ray_address, whose="this spec's", set_with="--set")
+    check_flags(distributor, cluster, whose="this spec's", set_with="--set", flag=flag)
     check_installed(distributor)
-    cluster = cluster_of(distributor, spark_master, ray_address)
-    if cluster and out_is_local:
-        raise refuse_local_out(out_url, cluster)
-    return {"spark_master": spark_master, "ray_address": ray_address}
+    remote = cluster_of(distributor, cluster)
+    if remote and out_is_local:
+        raise refuse_local_out(out_url, remote)
+    return {"cluster": cluster}
 
 
 def check_installed(distributor: str) -> None:
     """The engine (and for pyspark, Java 17) is there, else one CloobError saying how to get it."""
-    if distributor == "multiprocessing":
+    entry = get(distributor)
+    if entry.extra is None:
         return
     if importlib.util.find_spec(distributor) is None:
-        extra = _EXTRA[distributor]
         raise CloobError(f"download.distributor={distributor} needs {distributor}, which is not installed",
-                         f"uv sync --extra {extra} (or pip install 'cloob[{extra}]'), or set "
+                         f"uv sync --extra {entry.extra} (or pip install 'cloob[{entry.extra}]'), or set "
                          "download.distributor=multiprocessing")
-    if distributor == "pyspark":
-        check_java()
+    entry.check()
 
 
 def java_major(java: str) -> int | None:
@@ -129,15 +227,9 @@ def ray_is_local(address: str | None) -> bool:
     return _is_this_machine(host)
 
 
-def cluster_of(distributor: str, spark_master: str | None, ray_address: str | None) -> str | None:
+def cluster_of(distributor: str, cluster: str | None) -> str | None:
     """A description of the cluster when it reaches beyond this machine, else None."""
-    if distributor == "pyspark" and not spark_is_local(spark_master):
-        return f"Spark master {spark_master}"
-    if distributor == "ray":
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        if not ray_is_local(address):
-            return f"Ray cluster {address}"
-    return None
+    return get(distributor).remote(cluster)
 
 
 def refuse_local_out(url: str, cluster: str) -> CloobError:
@@ -145,20 +237,18 @@ def refuse_local_out(url: str, cluster: str) -> CloobError:
         f"--out {url} is on this machine's disk, but the {cluster} runs workers on other machines: they "
         "would write their shards, and read img2dataset's _tmp, on their own disks",
         "give an --out that every node reaches (s3://bucket/prefix, gs://..., hdfs://...), or use a local "
-        "cluster (--spark-master local[N]; no --ray-address)")
+        "cluster (--cluster local[N] for pyspark; no --cluster for ray)")
 
 
 @contextlib.contextmanager
-def session(distributor: str, *, processes: int, spark_master: str | None = None, ray_address: str | None = None,
+def session(distributor: str, *, processes: int, cluster: str | None = None,
             worker_env: dict[str, str] | None = None, out_url: str = "", out_is_local: bool = True):
     """The engine for one img2dataset run: started here (and stopped after) or joined as it is."""
-    if distributor == "pyspark":
-        with _spark(processes, spark_master, worker_env or {}):
-            yield
-    elif distributor == "ray":
-        with _ray(processes, ray_address, worker_env or {}, out_url, out_is_local):
-            yield
-    else:
+    entry = get(distributor)
+    if entry.session is None:
+        yield
+        return
+    with entry.session(processes, cluster, worker_env or {}, out_url, out_is_local):
         yield
 
 

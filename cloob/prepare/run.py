@@ -241,8 +241,7 @@ def _engine_args(spec: PretrainSpec, store: Location, cluster: dict, proxy: str 
     """What the fetch process needs besides img2dataset's arguments to run on Spark or Ray: the
     cluster, the guards' limits (remote workers do not see our environment) and the proxy."""
     d = spec.download
-    return {"spark_master": cluster.get("spark_master"), "ray_address": cluster.get("ray_address"),
-            "deadline": d.deadline, "max_bytes": d.max_bytes,
+    return {"cluster": cluster.get("cluster"), "deadline": d.deadline, "max_bytes": d.max_bytes,
             "worker_env": {"NO_ALBUMENTATIONS_UPDATE": "1", **_proxy_env(proxy)},
             "out_is_local": store.is_local}
 
@@ -376,17 +375,17 @@ def _source_server(spec: PretrainSpec):
 
 
 def prepare(spec: PretrainSpec, out: str, *, input: str | list[str] | None = None, retry_failed: bool = False,
-            force: bool = False, progress: bool = True, spark_master: str | None = None,
-            ray_address: str | None = None) -> dict:
+            force: bool = False, progress: bool = True, cluster: str | None = None,
+            cluster_flag: str = "--cluster") -> dict:
     """Prepare (or complete) the dataset at `out`; returns the manifest plus a `run` summary.
-    Under download.distributor pyspark or ray, `spark_master` / `ray_address` name the cluster
-    (see cloob.prepare.distributors for the defaults)."""
+    Under download.distributor pyspark or ray, `cluster` is the Spark master or Ray address
+    (see cloob.prepare.distributors for the defaults); cluster_flag: the option it came in, for errors."""
     t0 = time.monotonic()
     spec = _with_input(spec, input)
     spec_hash = spec.content_hash()
     store = Location(out)
-    cluster = distributors.check_cluster(spec.download.distributor, store.url(), store.is_local, spark_master,
-                                    ray_address)
+    cluster = distributors.check_cluster(spec.download.distributor, store.url(), store.is_local, cluster,
+                                         cluster_flag)
     check_folder(store)  # before the lock: the lock would write into a folder we may not touch
     with folder_lock(store.url(META), purpose=f"cloob prepare {spec.name}",
                      alternative="prepare into another --out", label=store.url()):

@@ -20,6 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from cloob.errors import CloobError
 from cloob.names import check_name, pydantic_name
+from cloob.prepare.distributors import DISTRIBUTORS
+from cloob.prepare.distributors import names as distributor_names
 from cloob.specfile import SPECS_DIR, read_spec_file
 
 
@@ -104,9 +106,10 @@ class DownloadSettings(_Strict):
     min_image_size: int = Field(0, ge=0)
     max_image_area: float = Field(1.0e8, gt=0, description="width x height above which an image is refused")
     max_aspect_ratio: float = Field(math.inf, gt=0)
-    distributor: Literal["multiprocessing", "pyspark", "ray"] = Field(
+    distributor: str = Field(
         "multiprocessing", description="img2dataset's: this machine's processes, a Spark or a Ray cluster "
-        "(--spark-master, --ray-address; extras spark, ray)")
+        "(--cluster; extras spark, ray): a name in cloob/prepare/distributors.py's DISTRIBUTORS",
+        json_schema_extra={"enum": distributor_names()})
     processes: int = Field(4, gt=0, description="worker processes; for pyspark/ray, the cores of a local cluster")
     threads: int = Field(64, gt=0)
     timeout: float = Field(10.0, gt=0, description="seconds to connect and between received bytes")
@@ -115,6 +118,13 @@ class DownloadSettings(_Strict):
     retries: int = Field(2, ge=0, description="extra attempts for a failed download")
     user_agent_token: str | None = None
     disallowed_header_directives: list[str] | None = None  # None: img2dataset's list (noai, ...)
+
+    @field_validator("distributor")
+    @classmethod
+    def _known_distributor(cls, v: str) -> str:
+        if v not in DISTRIBUTORS:  # the one table, read at validation time
+            raise ValueError(f"Input should be one of {', '.join(DISTRIBUTORS)} (cloob/prepare/distributors.py)")
+        return v
 
 
 class PretrainSpec(_Strict):

@@ -109,8 +109,8 @@ def _download_distributed(kwargs: dict, engine: dict) -> None:
     # under that name, and setting an attribute on it would do nothing.
     sys.modules["img2dataset.main"].Downloader = functools.partial(
         guards.GuardedDownloader, deadline=engine["deadline"], max_bytes=engine["max_bytes"])
-    with session(kwargs["distributor"], processes=kwargs["processes_count"], spark_master=engine.get("spark_master"),
-                 ray_address=engine.get("ray_address"), worker_env=engine.get("worker_env") or {},
+    with session(kwargs["distributor"], processes=kwargs["processes_count"], cluster=engine.get("cluster"),
+                 worker_env=engine.get("worker_env") or {},
                  out_url=kwargs["output_folder"], out_is_local=engine.get("out_is_local", True)):
         try:
             img2dataset.download(**kwargs)
