@@ -126,6 +126,20 @@ class TrainConfig(_Section):
     init_entry: str | None = Field(None, description="set by the launcher: the registry entry init_from named")
     resume: bool = True
     progress: bool = True
+    # Where the metrics go besides metrics.jsonl (always written): cloob/train/tracking.py's SINKS.
+    report_to: list[str] = Field(["tensorboard"], description="tracking backends, as open_clip's --report-to: "
+                                 "tensorboard, wandb, both (tensorboard,wandb) or none; wandb reads WANDB_MODE, "
+                                 "WANDB_PROJECT (docs/tracking.md)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v) -> list[str]:
+        from cloob.train.tracking import parse_report_to  # the one list of backends
+
+        try:
+            return parse_report_to(v if v is None or isinstance(v, (str, list, tuple)) else str(v))
+        except CloobError as e:
+            raise ValueError(f"{e.problem}; {e.fix}") from None
 
     @field_validator("init_from")
     @classmethod
@@ -150,7 +164,7 @@ class TrainConfig(_Section):
 
 # train.* fields that do not change what a healthy run computes; left out of Recipe.content_hash.
 RUNTIME_FIELDS = ("output", "run_name", "progress", "resume", "watchdog_s", "process_group_timeout_s",
-                  "stop_grace_s", "max_restarts", "max_nonfinite_steps")
+                  "stop_grace_s", "max_restarts", "max_nonfinite_steps", "report_to")
 # loss.* fields that choose how the same loss is computed; likewise.
 LOSS_EXECUTION_FIELDS = ("distributed", "blocked", "block_rows")
 # train.* fields that keep or log and do not change the weights. They entered the hash before this was

@@ -418,7 +418,20 @@ def evaluate_pair(model: str | EvalModel, dataset: ClassificationSet | Retrieval
         per_image = row.pop("outcomes")
         write_outcomes(results, row, per_image["ids"], per_image["labels"], per_image["correct"])
         append_rows(results, [row])
+    _track(row)
     return Outcome(label, dataset.name, row=row, extra=extra)
+
+
+def _track(row: dict) -> None:
+    """A new row's numbers into the tracking backends of the run whose checkpoint it evaluated, at the
+    checkpoint's step (cloob.train.tracking.log_evaluation: never raises). Weights files and imported
+    checkpoints have no step and no run folder to add to."""
+    if row.get("step") is None:
+        return
+    from cloob.train.tracking import eval_scalars, log_evaluation
+
+    run_dir = posixpath.dirname(posixpath.dirname(row["checkpoint_uri"]))  # <run>/checkpoints/<step>
+    log_evaluation(run_dir, int(row["step"]), row["run_id"], eval_scalars(row))
 
 
 def _failed(label: str, dataset, e: Exception) -> Outcome:

@@ -262,7 +262,9 @@ class LossSpec:
         return cls(m.objective, m.retrieval, beta)
 
     def __call__(self, image_features, text_features, inv_tau) -> torch.Tensor:
-        return contrastive_loss(
-            image_features, text_features, inv_tau,
-            objective=self.objective, retrieval=self.retrieval, beta=self.beta,
-        )
+        """The loss on the path training would take for this batch (cloob.losses.plan): the full path
+        here while its N x N buffers fit in the memory free now, else the blocked rows path."""
+        from cloob.losses.plan import planned_loss  # plan.py imports this module
+
+        return planned_loss(image_features, text_features, inv_tau,
+                            objective=self.objective, retrieval=self.retrieval, beta=self.beta)

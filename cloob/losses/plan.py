@@ -10,11 +10,22 @@ per rank. For a global batch of N pairs on W ranks (B = N / W rows each), float3
 
 `loss.blocked: auto` blocks when the unblocked buffers would take more than a quarter of the memory
 free at the start (the model's activations, the optimizer and the allocator need the rest).
+
+The trainer (cloob.train.global_loss) and the library's entry point (cloob.losses.LossSpec, through
+planned_loss below) take their path from the same plan_loss and run it with the same loss_on_plan: at
+N = 32768 a LossSpec call no longer asks for the N x N buffers that training would not either.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+import psutil
+import torch
+
+from cloob.losses.full import contrastive_loss
+from cloob.losses.rows import rows_loss
 
 FLOAT32 = 4
 AUTO_MEMORY_FRACTION = 0.25  # of the free memory at the start, for the loss's N x N buffers
@@ -66,3 +77,40 @@ def plan_loss(n_global: int, world_size: int, *, distributed: str = "sharded", b
         return LossPlan(sharded, rows, None, unblocked)
     block = min(rows, block_rows) if block_rows else auto_block_rows(n_global, rows, device_type)
     return LossPlan(sharded, rows, block, buffer_bytes(n_global, rows, sharded, block))
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What this process may use: the GPU's free memory, or the host's available memory shared by the
+    ranks on this host (LOCAL_WORLD_SIZE under torchrun)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return psutil.virtual_memory().available // max(1, local_ranks)
+
+
+def loss_on_plan(plan: LossPlan, image_features: torch.Tensor, text_features: torch.Tensor,
+                 inv_tau: torch.Tensor | float, *, objective: str, retrieval: str, beta: float) -> torch.Tensor:
+    """The loss of a whole batch in one process on the plan's path: the blocked rows path (memory
+    O(N d + block N)) or the full path (N x N buffers); the same value and gradients to float rounding."""
+    if plan.block:
+        return rows_loss(image_features, text_features, inv_tau, objective=objective, retrieval=retrieval,
+                         beta=beta, block=plan.block)
+    return contrastive_loss(image_features, text_features, inv_tau, objective=objective, retrieval=retrieval,
+                            beta=beta)
+
+
+def planned_loss(image_features: torch.Tensor, text_features: torch.Tensor, inv_tau: torch.Tensor | float, *,
+                 objective: str, retrieval: str, beta: float, blocked: bool | str = "auto",
+                 block_rows: int | None = None, free_bytes: int | None = None) -> torch.Tensor:
+    """The loss of one process's batch on the path training would take for it (cloob.losses.LossSpec):
+    blocked when the full path's buffers would take more than AUTO_MEMORY_FRACTION of the memory free
+    now on the features' device (or of free_bytes)."""
+    x = image_features
+    if x.ndim != 2 or x.shape != text_features.shape:
+        blocked = False  # the full path names what is wrong with the features
+    elif blocked == "auto" and free_bytes is None:
+        free_bytes = free_memory_bytes(x.device)
+    plan = plan_loss(x.shape[0] if x.ndim else 0, 1, blocked=blocked, block_rows=block_rows, free_bytes=free_bytes,
+                     device_type=x.device.type)
+    return loss_on_plan(plan, image_features, text_features, inv_tau, objective=objective, retrieval=retrieval,
+                        beta=beta)

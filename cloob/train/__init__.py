@@ -5,7 +5,8 @@
     checkpoint.py   atomic step checkpoints on any fsspec URL (no torch needed to list or read meta)
     optim.py        AdamW parameter groups and the learning-rate schedules
     distributed.py  process groups, the feature gather and its gradient convention
-    metrics.py      metrics.jsonl and TensorBoard
+    metrics.py      metrics.jsonl (always) and the tracking backends the run asked for
+    tracking.py     the tracking backends (train.report_to: tensorboard, wandb), one list; evaluations to them
     global_loss.py  the global batch's loss under DDP, and its gradient convention (written down here)
     boundary.py     what the ranks decide together at the end of every step (stop, skip), one all_reduce
     preemption.py   SIGTERM: the run ends at the next step boundary, with a checkpoint of that step

@@ -19,24 +19,13 @@ W times its part:
 
 from __future__ import annotations
 
-import os
-
-import psutil
 import torch
 
 from cloob.config import LossConfig
-from cloob.losses import contrastive_loss, rows_loss
-from cloob.losses.plan import LossPlan, plan_loss
+from cloob.losses import rows_loss
+from cloob.losses.plan import LossPlan, free_memory_bytes, loss_on_plan, plan_loss
 from cloob.train import distributed
 from cloob.train.distributed import DistInfo
-
-
-def free_memory_bytes(info: DistInfo) -> int:
-    """What one rank may use: the GPU's free memory, or the host's available memory shared by its ranks."""
-    if info.device.type == "cuda":
-        return torch.cuda.mem_get_info(info.device)[0]
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return psutil.virtual_memory().available // max(1, local_ranks)
 
 
 class GlobalLoss:
@@ -44,7 +33,7 @@ class GlobalLoss:
         self.cfg, self.info, self.n = cfg, info, global_batch
         self.plan: LossPlan = plan_loss(global_batch, info.world_size, distributed=cfg.distributed,
                                         blocked=cfg.blocked, block_rows=cfg.block_rows,
-                                        free_bytes=free_memory_bytes(info) if free_bytes is None else free_bytes,
+                                        free_bytes=free_memory_bytes(info.device) if free_bytes is None else free_bytes,
                                         device_type=info.device.type)
 
     def _kw(self) -> dict:
@@ -63,8 +52,5 @@ class GlobalLoss:
         x = distributed.gather_features(image_features, info)
         y = distributed.gather_features(text_features, info)
         t = distributed.scale_grad(inv_tau, 1.0 / w)
-        if plan.block:
-            loss = rows_loss(x, y, t, **self._kw(), block=plan.block)
-        else:
-            loss = contrastive_loss(x, y, t, **self._kw())
+        loss = loss_on_plan(plan, x, y, t, **self._kw())  # as cloob.losses.LossSpec runs it
         return (loss * w if w > 1 else loss), loss.detach()

@@ -233,7 +233,9 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
         _check_writable(plan.run_dir)
         remove_temp_files(plan.run_dir)  # left by a kill mid-write; before this run writes any of its own
     local_log_dir = plan.run_dir if is_local(store.fs) else str(Path(".cloob-logs") / plan.run_name)
-    logger = MetricsLogger(local_log_dir, resume_step=progress.step) if info.is_main else None
+    # metrics.jsonl and the tracking backends of train.report_to (cloob.train.tracking), main rank only
+    logger = MetricsLogger(local_log_dir, resume_step=progress.step, report_to=recipe.train.report_to,
+                           run_name=plan.run_name, config=recipe.model_dump(mode="json")) if info.is_main else None
     if info.is_main:
         _write_recipe(recipe, plan.run_dir)
     bar = _progress_bar(plan.total_steps, progress.step, enabled=info.is_main and cfg.progress)
