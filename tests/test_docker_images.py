@@ -3,7 +3,9 @@ dev group, tini as PID 1, uv pinned, the base images matching the locked Python 
 running the CPU image for real is docker/check (opt-in, not part of this suite)."""
 
 import json
+import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -114,3 +116,20 @@ def test_dockerfile_has_no_syntax_line(name):
     directives = [x for x in lines[:5] if re.match(r"#\s*(syntax|escape)\s*=", x, re.I)]
     assert not directives, directives
     assert not any(re.match(r"#\s*syntax\s*=", x, re.I) for x in lines)
+
+
+def test_docker_check_is_an_executable_bash_script_that_explains_itself():
+    # docker/check builds and runs the image (opt-in: 10-20 min, ~25 GB): here only what costs nothing,
+    # its syntax and its arguments, which are read before anything is installed or built.
+    check = DOCKER / "check"
+    assert os.access(check, os.X_OK)
+    subprocess.run(["bash", "-n", str(check)], check=True)
+    help_ = subprocess.run([str(check), "--help"], capture_output=True, text=True, timeout=30)
+    assert help_.returncode == 0, help_.stderr
+    for option in ("--workdir", "--keep-image", "--head", "--steps"):
+        assert option in help_.stdout
+    wrong = subprocess.run([str(check), "--no-such-option"], capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 2 and "unknown option --no-such-option" in wrong.stderr
+    # It reads the stand-ins' versions from the Dockerfile's build arguments, as `ARG NAME=default` lines.
+    text = (DOCKER / "Dockerfile.cpu").read_text()
+    assert re.search(r"(?m)^ARG BASE_IMAGE=\S+$", text) and re.search(r"(?m)^ARG UV_IMAGE=\S+:\d+\.\d+\.\d+$", text)
