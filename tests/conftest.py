@@ -1,10 +1,15 @@
-"""Shared fixtures: generated shards, a local S3-protocol server (moto) and a local HTTP server."""
+"""Shared set-up: the environment of the processes tests start (`child_env`), Prefect's settings for
+the session (`pytest_configure`), generated shards (`make_shards`, `shards_dir`), a local
+S3-protocol server (moto), local HTTP and image servers, a real Prefect server and GPU-pool process
+workers (`prefect_server`, `gpu_workers`, from tests/prefect_stack.py), and the check that slow
+tests are marked slow."""
 
 from __future__ import annotations
 
 import functools
 import io
 import os
+import tempfile
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +27,31 @@ if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
 
 from cloob.data import synthetic  # noqa: E402
 from cloob.prepare.demo_server import DemoHandler, DemoServer, render  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+
+
+def child_env(base: dict | None = None, *, path: str | Path = ROOT, **extra) -> dict:
+    """The environment of a process a test starts (`python -m cloob...`, torchrun, a Prefect server or
+    worker): `base` (this process's environment when None; `{}` for just the variables to add, as
+    cloob.run.launch's env= takes them) with PYTHONPATH set to `path` (the checkout, so that cloob,
+    flows and tests import from it), and `extra` on top."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = str(path)
+    env.update(extra)
+    return env
+
+
+def pytest_configure(config):
+    """Prefect's settings for this test process, before anything imports Prefect (it reads them once):
+    a Prefect home of its own (each pytest-xdist worker has one: its ephemeral servers keep their
+    database there), no telemetry, and warnings only."""
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["DO_NOT_TRACK"] = "1"
+    # Prefect's 20 s for its temporary server to start is too little on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,11 +96,27 @@ def make_random_checkpoint():
 
 
 @pytest.fixture(scope="session")
-def shards_dir(tmp_path_factory) -> Path:
+def make_shards(tmp_path_factory):
+    """make_shards(n, shard_size, seed, image_size=32) -> a folder of n synthetic samples in shards of
+    shard_size (synthetic.write_shards), made once per session for each set of arguments. Read-only:
+    a test that writes into its data folder makes its own."""
+    made: dict[tuple, Path] = {}
+
+    def make(n: int, shard_size: int, seed: int, image_size: int = 32) -> Path:
+        key = (n, shard_size, seed, image_size)
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"shards-{n}-{shard_size}-{seed}-{image_size}px")
+            synthetic.write_shards(d, n, shard_size=shard_size, image_size=image_size, seed=seed)
+            made[key] = d
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shards_dir(make_shards) -> Path:
     """Four finished synthetic shards of 12 samples each (00000.tar .. 00003.tar + stats). Read-only."""
-    d = tmp_path_factory.mktemp("shards")
-    synthetic.write_shards(d, 48, shard_size=12, image_size=32, seed=1)
-    return d
+    return make_shards(48, 12, seed=1)
 
 
 @pytest.fixture
@@ -126,6 +172,69 @@ def s3(s3_server, monkeypatch, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()  # a cached instance would keep its old endpoint
     yield s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free port of 127.0.0.1 for the module (tests/prefect_stack.py's
+    Server; no UI; of the background services only the task-run recorder, which turns the clients'
+    task-run events into the task runs that the API and the UI's graph show); its database lives in
+    a temporary PREFECT_HOME. `.url` is its API."""
+    from tests.prefect_stack import FAKE_SECRET, Server
+
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    server = Server(home, off=(*Server.OFF, "EVENT_PERSISTER"), PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED="true",
+                    AWS_ACCESS_KEY_ID="fake-key-id", AWS_SECRET_ACCESS_KEY=FAKE_SECRET)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gpu_workers(prefect_server, tmp_path_factory):
+    """Two process workers, gpu-a and gpu-b, on prefect_stack.GPU_TEST_POOL, where `cloob deploy
+    --gpu-pool` has put cloob-train/gpu and evaluate-checkpoints/gpu (store: a temporary folder). Each
+    takes one run at a time (`--limit 1`, as `cloob deploy` tells GPU workers to) and polls every
+    second, not every 10 s (Prefect's default). Started once for the module, stopped at its end:
+    {"url", "store", "logs": {name: log file}}."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.deploy as deploy
+    from tests.prefect_stack import FAKE_SECRET, GPU_TEST_POOL, Worker
+
+    url = prefect_server.url
+    home = tmp_path_factory.mktemp("gpu-workers")
+    store = home / "store"
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        # Two training slots, one per worker: a study's cells train side by side.
+        assert deploy.main(["--store", str(store), "--spec", "demo", "--recipe", "tiny", "--downstream", "shapes",
+                            "--gpu-pool", GPU_TEST_POOL, "--train-slots", "2"]) == 0
+    workers = []
+    try:
+        workers += [Worker(url, GPU_TEST_POOL, name, home, AWS_ACCESS_KEY_ID="fake-key-id",
+                           AWS_SECRET_ACCESS_KEY=FAKE_SECRET) for name in ("gpu-a", "gpu-b")]
+        with SyncPrefectClient(api=url) as client:  # both polling before a test hands them work
+            for w in workers:
+                w.wait_online(client, GPU_TEST_POOL)
+        yield {"url": url, "store": store, "logs": {w.name: w.log_path for w in workers}}
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.stop()
+
+
+@pytest.fixture
+def drain_prefect_clients():
+    """After a test that ran flows in this process: their last logs and events go to the server while
+    it is up (at exit, with the module's server gone, Prefect would retry them for about a minute)."""
+    yield
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=15)
+    EventsWorker.drain_all(timeout=15)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -299,13 +408,18 @@ def slow_marker_is_honest():
 
 
 
-# The files that take longest, longest first (wall seconds under `pytest -n 2` on 2 cores, measured
-# 2026-12-01). pytest-xdist gives each worker whole files (--dist loadfile) in collection order
-# (--no-loadscope-reorder; its default order, most tests first, started the 220 s demo last and left
-# one worker idle for 200 s at the end). The rest keep their order, after these.
-LONGEST_FIRST = ["test_demo.py", "test_launch.py", "test_prepare.py", "test_distributors.py", "test_faults.py", "test_lock.py",
-                 "test_deploy.py", "test_train.py", "test_distributed.py", "test_evaluate.py", "test_data.py",
-                 "test_imports.py", "test_flows.py", "test_eval_threads.py"]
+# The files that take longest, longest first. pytest-xdist gives each worker whole files (--dist
+# loadfile) in collection order (--no-loadscope-reorder; its default order, most tests first, started
+# the demo last and left one worker idle for minutes at the end), and a worker takes its next file as
+# soon as 2 or fewer of its tests are left (at once, for a file of 1 or 2 tests: the demo, the weekly
+# retrain): the long files go first, so that what is left at the end is short. Measured: the
+# 2026-12-07 clean-clone run (the demo 477 s, the deployment faults about 300 s, the weekly retrain
+# 231 s, the Ray tests of test_distributors about 200 s) and the 2026-12-01 order of the rest. The
+# rest keep their order, after these.
+LONGEST_FIRST = ["test_demo.py", "test_deployment_faults.py", "test_launch.py", "test_weekly_retrain.py", "test_prepare.py",
+                 "test_distributors.py", "test_gpu_pool.py", "test_faults.py", "test_lock.py", "test_train.py",
+                 "test_retrain_cli.py", "test_deploy_server.py", "test_distributed.py", "test_evaluate.py", "test_data.py",
+                 "test_k8s_node.py", "test_imports.py", "test_flows.py", "test_eval_threads.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """A real Prefect server that a test can kill and start again (same port, same database), and process
 workers that a test can kill: the parts of a deployment that fail in production (a server restart,
-a lost node), as processes of this machine. Used by tests/test_deployment_faults.py."""
+a lost node), as processes of this machine. Used by tests/test_deployment_faults.py, and by
+conftest.py's `prefect_server` and `gpu_workers` fixtures."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+FAKE_SECRET = "fake-secret-d41d8cd98f00b204"  # deploy_env's S3 secret: must never leave the environment
+GPU_TEST_POOL = "test-gpu-pool"  # conftest's gpu_workers; not cloob-*: test_deploy_server counts those
 
 
 def free_port() -> int:
@@ -25,11 +27,19 @@ def free_port() -> int:
 
 def clean_env(**extra) -> dict:
     """This process's environment without its Prefect settings, offline, and `flows` importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    from conftest import child_env
+
+    env = child_env({k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")})
     env.update(PREFECT_HOME=tempfile.mkdtemp(prefix="prefect-home-"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", PYTHONPATH=str(ROOT))
+               DO_NOT_TRACK="1")
     env.update(extra)
     return env
+
+
+def deploy_env(**extra) -> dict:
+    """clean_env for what `cloob deploy` and the deployments' workers run: with a fake S3 secret
+    (FAKE_SECRET) that must not show up anywhere."""
+    return clean_env(AWS_ACCESS_KEY_ID="fake-key-id", AWS_SECRET_ACCESS_KEY=FAKE_SECRET, **extra)
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
@@ -47,15 +57,16 @@ class Server:
     OFF = ("CANCELLATION_CLEANUP", "DB_VACUUM", "EVENT_LOGGER", "FOREMAN", "LATE_RUNS", "SCHEDULER",
            "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CLEANUP_RECONCILER", "TRIGGERS")
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, off: tuple[str, ...] = OFF, **env):
         self.home, self.port = Path(home), free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.off, self.env = off, env
 
     def start(self, timeout: float = 120.0) -> str:
         env = clean_env(PREFECT_HOME=str(self.home),
-                        **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in self.OFF})
+                        **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in self.off}, **self.env)
         self.starts += 1
         log = open(self.home / f"server-{self.starts}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
@@ -97,12 +108,13 @@ class Worker:
     """`prefect worker start --type process --limit 1` on `pool`, polling every second, in a session
     of its own (so that a test can kill it and what it started, as a lost node loses both)."""
 
-    def __init__(self, url: str, pool: str, name: str, folder: Path, **env):
+    def __init__(self, url: str, pool: str, name: str, folder: Path, limit: int | None = 1, **env):
         self.name, self.log_path = name, Path(folder) / f"{name}.log"
         wenv = clean_env(PREFECT_API_URL=url, OMP_NUM_THREADS="1", PREFECT_WORKER_QUERY_SECONDS="1", **env)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
-                                          "--type", "process", "--name", name, "--limit", "1"], cwd=folder, env=wenv,
+                                          "--type", "process", "--name", name,
+                                          *(["--limit", str(limit)] if limit else [])], cwd=folder, env=wenv,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_online(self, client, pool: str, timeout: float = 120.0) -> None:
@@ -123,6 +135,11 @@ class Worker:
     def kill(self) -> None:
         _kill_group(self.proc, signal.SIGKILL)
         self.proc.wait()
+
+    def terminate(self) -> None:
+        """SIGTERM, not waited for (stop() waits): stops several workers at once."""
+        if self.proc.poll() is None:
+            _kill_group(self.proc, signal.SIGTERM)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
