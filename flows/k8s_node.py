@@ -3,11 +3,15 @@
     tini -- python -m flows.k8s_node <the command Prefect's worker gives, e.g. prefect flow-run execute>
 
 The Job is an Indexed Job of `nnodes` pods. Pod 0 (JOB_COMPLETION_INDEX 0, or unset outside an
-Indexed Job) is the flow run: it execs the given command, so the `cloob-train` flow runs as Prefect
-meant it and starts torchrun as node 0 (at $CLOOB_RDZV_ENDPOINT, node 0's own DNS name). Every other
-pod is a worker node with no flow run of its own: it reads the flow run's parameters from the Prefect
-API (the worker puts PREFECT__FLOW_RUN_ID and PREFECT_API_URL in every pod's environment), runs
-`cloob.run.launch.launch` with the same recipe and overrides as node `index`, and exits with its status.
+Indexed Job) is the flow run: it runs the given command, so the `cloob-train` flow runs as Prefect
+meant it and starts torchrun as node 0 (at $CLOOB_RDZV_ENDPOINT, node 0's own DNS name). In a Job
+(PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR set, as prefect-kubernetes always does) it runs it as a
+child and outlives it: after SIGTERM, Prefect's `flow-run execute` reschedules the run and exits
+within about 30 s, while the ranks may still be writing their checkpoint (`_supervise`); elsewhere it
+execs the command. Every other pod is a worker node with no flow run of its own: it reads the flow
+run's parameters from the Prefect API (the worker puts PREFECT__FLOW_RUN_ID and PREFECT_API_URL in
+every pod's environment), runs `cloob.run.launch.launch` with the same recipe and overrides as node
+`index`, and exits with its status.
 
 A worker node also watches the flow run: if it ends while this node still waits or trains (node 0
 found the run already trained and skipped it, failed before the rendezvous, or was cancelled), this
@@ -30,6 +34,11 @@ import time
 from cloob.errors import CloobError
 
 WATCH_S = 10.0  # how often a worker node looks at the flow run's state
+# Node 0, after the flow run's command ended: how long it waits for what that command left running (a
+# training's ranks still writing the checkpoint of their last step). Above train.stop_grace_s (120 s)
+# plus the launcher's 15 s, below the template's terminationGracePeriodSeconds (180 s).
+DRAIN_S = 160.0
+_PR_SET_CHILD_SUBREAPER = 36
 DNS_WAIT_S = 600.0  # how long a pod waits for node 0's DNS name (node 0 may still be pulling its image)
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}  # Prefect state types after which nothing runs
 
@@ -124,8 +133,78 @@ def run_node0(command: list[str]) -> int:
         _wait_for_dns(endpoint, DNS_WAIT_S)
     sys.stdout.flush()
     sys.stderr.flush()
+    if os.environ.get("PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR") and _become_subreaper():
+        return _supervise(command)
     os.execvp(command[0], command)
     return 127  # only reached when execvp is replaced (tests)
+
+
+def _become_subreaper() -> bool:
+    """Processes orphaned below this one are re-parented to it (not to PID 1), so it can wait for them."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _supervise(command: list[str], drain_s: float | None = None) -> int:
+    """Run the flow run's command as a child, pass SIGTERM and SIGINT on to it, and when it has exited,
+    wait for what it left running before this process (the container's) ends.
+
+    With PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR set (prefect-kubernetes always sets it; the job
+    template sets `reschedule`), `prefect flow-run execute` answers SIGTERM by rescheduling the run,
+    stopping its engine process and exiting, and it gives the engine only 30 s before SIGKILL
+    (prefect/runner/_process_manager.py). torchrun, in a session of its own, is then still stopping its
+    ranks, which are writing the checkpoint of their last step (up to train.stop_grace_s). Had node 0
+    exec'd the command, the container would end with it and kill them mid-save; as the parent and a
+    child subreaper, node 0 waits for them, up to `drain_s`, then kills what is left."""
+    import subprocess
+
+    child = subprocess.Popen(command)
+
+    def forward(sig, _frame):
+        try:
+            child.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)
+    rc = child.wait()
+    _drain(DRAIN_S if drain_s is None else drain_s)
+    return rc if rc >= 0 else 128 - rc
+
+
+def _drain(timeout: float) -> None:
+    """Reap every process re-parented to this one until none is left, or kill them after `timeout`."""
+    import psutil
+
+    end, told = time.monotonic() + timeout, False
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # nothing left
+        if pid:
+            continue
+        left = psutil.Process().children(recursive=True)
+        if not told:
+            told = True
+            print(f"k8s_node: the flow run's command has ended; waiting up to {timeout:.0f} s for the "
+                  f"{len(left)} process(es) it left (a training writing its checkpoint)", flush=True)
+        if time.monotonic() >= end:
+            print(f"k8s_node: {len(left)} process(es) still running after {timeout:.0f} s: killed", flush=True)
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            end = float("inf")
+        time.sleep(0.2)
 
 
 def run_worker(index: int) -> int:
