@@ -85,6 +85,11 @@ class DataConfig(_Section):
                                      "(its manifest's), set by the launcher; none: data.train's place keys the run")
     version: str | None = Field(None, description="the data version's name for the run's name (mytable-v2), set "
                                 "by the launcher with content_hash")
+    # Unset (PIL) is left out of the hash, so runs made before the field existed keep their keys.
+    decoder: Literal["pil", "torchvision"] | None = Field(
+        None, description="how the training reader decodes and crops: pil (none: the default, open_clip's own "
+        "transform) or torchvision (decode_jpeg + torch's resize: the same crops, pixels equal up to rounding, "
+        "about half the CPU a sample; cloob/data/tensor_transform.py)")
 
 
 class OptimConfig(_Section):
@@ -227,6 +232,8 @@ class Recipe(_Section):
         data, train = d["data"], d["train"]
         content = data.pop("content_hash")
         data.pop("version")
+        if data.get("decoder") is None:
+            data.pop("decoder")
         init_sha = train.pop("init_sha256")
         for k in ("init_from", "init_checkpoint", "init_entry"):
             train.pop(k)

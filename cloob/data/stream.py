@@ -281,10 +281,14 @@ class ShardStream(IterableDataset):
         if not caption:
             counts.missing_caption += 1
             return None
+        decode = getattr(self.image_transform, "decode", None)  # a tensor transform decodes its own input
         try:
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            if decode is not None:
+                image = decode(sample[ext])
+            else:
+                with Image.open(io.BytesIO(sample[ext])) as im:
+                    image = im.convert("RGB")
+        except (OSError, ValueError, RuntimeError, Image.DecompressionBombError, SyntaxError):
             counts.corrupt_image += 1
             return None
         # The crop of a sample depends only on its place in the stream: resume replays it exactly.
