@@ -152,6 +152,9 @@ def test_dry_run_k8s_json_has_job_variables_the_pool_accepts(capsys, monkeypatch
     (["--spark-master", "spark://head:7077"], "--spark-master is for download.distributor=pyspark"),
     (["--ray-address", "head:6379", "--spec-override", "download.distributor=pyspark"],
      "--ray-address is for download.distributor=ray"),
+    (["--cluster", "spark://head:7077"], "--cluster is for download.distributor=pyspark or ray"),
+    (["--cluster", "head:6379", "--spec-override", "download.distributor=pyspark"],
+     "--cluster head:6379 is not a Spark master URL"),
     (["--downstream", "shapes", "--promote-on", "colors"], "--promote-on colors: not among the --downstream sets"),
     (["--min-gain", "1.5"], "--min-gain 1.5 is not a fraction"),
     (["--confidence", "95"], "--confidence 95.0 is not in (0, 1)"),
@@ -181,22 +184,22 @@ def test_the_scheduled_retrains_promotion_rule_is_set_at_deploy_time(capsys, mon
     assert not {"promote_on", "min_gain", "require_significant", "confidence", "approval", "init_from"} & set(params)
 
 
-def test_dry_run_names_the_cluster_that_prepares_the_data(capsys, monkeypatch):
+@pytest.mark.parametrize("flag", ["--cluster", "--ray-address"])  # the engine's own flag is an alias
+def test_dry_run_names_the_cluster_that_prepares_the_data(capsys, monkeypatch, flag):
     rc, out, err = _dry_run(capsys, monkeypatch, "--store", "s3://b/x", "--spec", "demo", "--spec-override",
-                            "download.distributor=ray", "--ray-address", "head:6379", "--json")
+                            "download.distributor=ray", flag, "head:6379", "--json")
     assert rc == 0, err
     deployments = {d["name"]: d for d in json.loads(out)["deployments"]}
     params = deployments["cloob-pipeline/retrain"]["parameters"]
-    assert params["ray_address"] == "head:6379" and "spark_master" not in params
+    assert params["cluster"] == "head:6379"
     study = deployments["cloob-study/cluster"]["parameters"]  # a study prepares its data there too
-    assert study["ray_address"] == "head:6379" and study["data_overrides"] == {"demo": ["download.distributor=ray"]}
+    assert study["cluster"] == "head:6379" and study["data_overrides"] == {"demo": ["download.distributor=ray"]}
     assert params["spec_overrides"] == ["download.distributor=ray"]
     from flows.pipeline import pipeline
     from flows.study import study_flow
 
     # The pipeline and the study take what the deployment passes, and hand it to cloob prepare.
-    assert {"spark_master", "ray_address"} <= set(pipeline.parameters.properties)
-    assert {"spark_master", "ray_address"} <= set(study_flow.parameters.properties)
+    assert "cluster" in pipeline.parameters.properties and "cluster" in study_flow.parameters.properties
 
 
 def test_deploy_wants_a_store_every_worker_sees_and_a_source_file_for_cc3m(capsys, monkeypatch):

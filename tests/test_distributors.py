@@ -159,7 +159,8 @@ def test_a_distributor_is_one_table_entry(tmp_path, monkeypatch):
 
     dask = distributors.Distributor(
         "dask", "dask", "a Dask scheduler address (tcp://host:8786)", accepts=lambda a: a.startswith("tcp://"),
-        remote=lambda a: a and f"Dask scheduler {a}", session=session)
+        remote=lambda a: a and f"Dask scheduler {a}", session=session,
+        cannot_import=lambda module: CloobError(f"the Dask workers cannot import {module}", "install it there"))
     with pytest.raises(CloobError, match=r"download.distributor: .*one of multiprocessing, pyspark, ray"):
         demo_spec("dask")
     monkeypatch.setitem(distributors.DISTRIBUTORS, "dask", dask)
@@ -182,6 +183,10 @@ def test_a_distributor_is_one_table_entry(tmp_path, monkeypatch):
     assert parser.parse_args(["--cluster", "tcp://h:8786"]).cluster == "tcp://h:8786"
     with distributors.session("dask", processes=3, cluster="tcp://h:8786"):
         assert started == [(3, "tcp://h:8786")]
+    from cloob.prepare.download.fetch import _explain_missing_module
+
+    with pytest.raises(CloobError, match="the Dask workers cannot import cloob"):
+        _explain_missing_module("dask", RuntimeError("ModuleNotFoundError: No module named 'cloob'"))
 
 
 def test_the_engines_own_flags_are_aliases_of_cluster():

@@ -52,6 +52,8 @@ class Distributor:
     remote: Callable[[str | None], str | None] = lambda address: None  # the cluster in words, if it reaches beyond this machine
     # session(processes, address, worker_env, out_url, out_is_local): the engine for one run
     session: Callable[..., Any] | None = None
+    # cannot_import(module): the error that replaces a worker's long traceback when it cannot import module
+    cannot_import: Callable[[str], CloobError] | None = None
 
 
 def _spark_accepts(address: str) -> bool:
@@ -71,6 +73,19 @@ def _ray_remote(address: str | None) -> str | None:
     return None if ray_is_local(address) else f"Ray cluster {address}"
 
 
+def _spark_cannot_import(module: str) -> CloobError:
+    python = os.environ.get("PYSPARK_PYTHON") or "unset, so python3 from their PATH"
+    return CloobError(f"Spark's executors cannot import {module}: they run PYSPARK_PYTHON ({python})",
+                      "set PYSPARK_PYTHON to a Python that has cloob installed on every node (uv sync --extra "
+                      "spark; in the docker/ worker images, /app/.venv/bin/python)")
+
+
+def _ray_cannot_import(module: str) -> CloobError:
+    return CloobError(f"the Ray workers cannot import {module}",
+                      "install cloob on every node of the cluster (uv sync --extra ray; the docker/ worker images "
+                      "have it)")
+
+
 def _spark_session(processes, address, worker_env, out_url, out_is_local):
     return _spark(processes, address, worker_env)
 
@@ -79,10 +94,10 @@ DISTRIBUTORS: dict[str, Distributor] = {d.name: d for d in (
     Distributor("multiprocessing", None, None),
     Distributor("pyspark", "spark", "a Spark master URL (spark://host:7077, local[N], yarn, k8s://...)",
                 alias="--spark-master", check=lambda: check_java(), accepts=_spark_accepts, remote=_spark_remote,
-                session=_spark_session),
+                session=_spark_session, cannot_import=_spark_cannot_import),
     Distributor("ray", "ray", "a Ray address (ray://host:10001, host:6379, auto; else RAY_ADDRESS)",
                 alias="--ray-address", accepts=_ray_accepts, remote=_ray_remote,
-                session=lambda *a: _ray(*a)),
+                session=lambda *a: _ray(*a), cannot_import=_ray_cannot_import),
 )}
 
 

@@ -124,19 +124,12 @@ def _explain_missing_module(distributor: str, error: Exception) -> None:
     traceback; say instead which Python it ran and how to give it one that works."""
     import re
 
-    from cloob.errors import CloobError
+    from cloob.prepare.distributors import get
 
     m = re.search(r"No module named '([\w.]+)'", str(error))
-    if not m:
-        return
-    if distributor == "pyspark":
-        python = os.environ.get("PYSPARK_PYTHON") or "unset, so python3 from their PATH"
-        raise CloobError(f"Spark's executors cannot import {m.group(1)}: they run PYSPARK_PYTHON ({python})",
-                         "set PYSPARK_PYTHON to a Python that has cloob installed on every node (uv sync --extra "
-                         "spark; in the docker/ worker images, /app/.venv/bin/python)") from None
-    raise CloobError(f"the Ray workers cannot import {m.group(1)}",
-                     "install cloob on every node of the cluster (uv sync --extra ray; the docker/ worker images "
-                     "have it)") from None
+    explain = get(distributor).cannot_import
+    if m and explain:
+        raise explain(m.group(1)) from None
 
 
 def main(argv: list[str]) -> int:
