@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from cloob.config import Recipe, load_recipe
 from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
+from cloob.data.tensor_transform import TensorTrainTransform
 from cloob.errors import CloobError
 from cloob.model import clamp_inv_tau_, create_model, model_config
 from cloob.run import reports
@@ -57,6 +59,8 @@ LOADER_TIMEOUT_S = 600.0
 
 @dataclass
 class Progress:
+    """Where the run stands: what a checkpoint keeps besides the weights, the optimizer and the scaler."""
+
     step: int = 0
     samples_seen: int = 0
     stream: StreamState = field(default_factory=StreamState)  # this rank, current epoch
@@ -64,6 +68,22 @@ class Progress:
     nonfinite_skipped: int = 0  # steps skipped for a non-finite loss or gradient (cloob.train.nonfinite)
     retries_before_epoch: int = 0  # shard reads reopened after a dropped connection (cloob.data.remote)
     recipe_hash: str | None = None  # the run's key, where it resumed a run saved under its legacy form
+
+    def start_epoch(self, steps_per_epoch: int) -> None:
+        """At an epoch's first step: fold the finished epoch's skip and retry counts into the run's and
+        start its stream positions afresh (nothing to do where they are fresh already)."""
+        if self.step % steps_per_epoch == 0 and self.stream.batches:
+            for k, v in self.stream.skip_totals().items():
+                self.skips_before_epoch[k] += v
+            self.retries_before_epoch += self.stream.retry_total()
+            self.stream = StreamState()
+
+    def advance(self, batch: dict, global_batch: int, nonfinite_skipped: int) -> None:
+        """One step done (or skipped as non-finite): the counts and this rank's stream positions."""
+        self.nonfinite_skipped = nonfinite_skipped
+        self.step += 1
+        self.samples_seen += global_batch
+        self.stream.update(batch)
 
 
 def _check_writable(run_dir: str) -> None:
@@ -130,6 +150,23 @@ def _stop_workers(batch_iter) -> None:
         shutdown()
 
 
+@dataclass
+class _Run:
+    """What one run holds from its start to its end (as open_clip's TrainState): saving, logging and
+    the final line take this, not ten arguments. forward, loss_fn and logger are set as they are made."""
+
+    recipe: Recipe
+    info: distributed.DistInfo
+    plan: Plan
+    store: CheckpointStore
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    forward: Callable | None = None  # the model under DDP and torch.compile, as the recipe asks
+    loss_fn: GlobalLoss | None = None
+    logger: MetricsLogger | None = None  # the main rank's
+
+
 def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitStack) -> dict:
     # -- the plan: data, batch and steps, checked before anything is made or written
     cfg = recipe.train
@@ -137,89 +174,23 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
     store = CheckpointStore(plan.run_dir)
     resume_from = store.latest() if cfg.resume else None
 
-    # -- the model, the optimizer and the grad scaler
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model, train_tf, _, tokenizer = create_model(recipe.model.arch, recipe.model.inv_tau,
-                                                 recipe.model.learn_inv_tau, device=info.device)
-    if recipe.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if cfg.init_from and not cfg.init_checkpoint:
-        raise CloobError(f"train.init_from={cfg.init_from} is not resolved (the launcher resolves it to a checkpoint "
-                         "and its sha256)", "start the run with `cloob train` (or the flows), or pass "
-                         "train.init_checkpoint=<checkpoint folder> and train.init_sha256=<its model_sha256> "
-                         "with it")
-    if resume_from is None and cfg.init_checkpoint:
-        # A warm start: the parent's weights only; the optimizer, schedule and step start afresh. Every
-        # rank reads the same file, checked against its sha256.
-        model.load_state_dict(load_init_weights(cfg.init_checkpoint, cfg.init_sha256, recipe.model.arch,
-                                                map_location=info.device))
-    optimizer = build_optimizer(model, recipe.optim)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
-    progress = Progress()
-
-    # -- resume: weights, optimizer, step, RNG and data positions from the latest complete checkpoint
-    if resume_from is not None:
-        try:
-            model_state, state, meta = CheckpointStore.load(resume_from, map_location=info.device)
-        except CloobError:
-            raise
-        except Exception as e:  # a damaged file: one message, not a traceback from torch.load
-            raise CloobError(f"cannot load checkpoint {resume_from.url}: {type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:300]}", "delete that checkpoint folder to resume from "
-                             "the one before it, or pass train.resume=false to start over") from None
-        if meta.get("recipe_hash") not in recipe.run_keys():
-            raise CloobError(f"{plan.run_dir} holds a run of a different recipe"
-                             + (" or data version" if recipe.data.content_hash else ""),
-                             "pass train.run_name=<new name>, or train.resume=false to start over elsewhere")
-        progress.recipe_hash = meta["recipe_hash"]  # a run keeps the key it was started with
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        progress.step, progress.samples_seen = state["step"], state["samples_seen"]
-        progress.nonfinite_skipped = state.get("nonfinite_skipped", 0)  # absent before it was counted
-        same_layout = (state["world_size"], state.get("steps_per_epoch")) == (info.world_size, plan.steps_per_epoch)
-        if same_layout:
-            rank_state = state["ranks"][info.rank]
-            progress.stream = StreamState.from_dict(rank_state["stream"])
-            progress.skips_before_epoch = rank_state["skips_before_epoch"]
-            progress.retries_before_epoch = rank_state.get("retries_before_epoch", 0)  # absent before counted
-            _set_rng_state(rank_state["rng"])
-        else:
-            # Positions are per rank and per epoch layout: keep the step, restart the epoch's order.
-            log.warning("resuming a run saved on %d ranks with %s steps/epoch on %d ranks with %d: the data "
-                        "order restarts within the epoch (not the exact trajectory)", state["world_size"],
-                        state.get("steps_per_epoch"), info.world_size, plan.steps_per_epoch)
-            progress.stream = StreamState(batches=progress.step % plan.steps_per_epoch)
+    # -- the model, the optimizer and the grad scaler; resume from the latest complete checkpoint
+    model, train_tf, tokenizer = _make_model(recipe, info, warm_start=resume_from is None)
+    run = _Run(recipe, info, plan, store, model, build_optimizer(model, recipe.optim),
+               torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"))
+    progress = _resume(run, resume_from) if resume_from is not None else Progress()
     reports.beat("start", progress.step)
 
     # -- DDP, compile, the loss
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.distributed else model
-    forward = torch.compile(ddp) if recipe.model.compile else ddp
-    loss_fn = GlobalLoss(recipe.loss, info, plan.global_batch)
+    run.forward = torch.compile(ddp) if recipe.model.compile else ddp
+    run.loss_fn = GlobalLoss(recipe.loss, info, plan.global_batch)
+    if info.is_main:
+        _announce(run, resume_from)
 
     # -- the data: one DataLoader for the whole run; its workers go on from epoch to epoch by themselves
-    dataset = ShardStream(plan.shard_urls, batch_size=cfg.batch_size, image_transform=train_tf,
-                          tokenizer=tokenizer, seed=cfg.seed, resampled=recipe.data.resampled,
-                          shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size,
-                          expected_counts={u: c for u, c in zip(plan.shard_urls, plan.shard_counts) if c},
-                          exclude_keys=plan.exclude_keys)
-    if info.is_main:
-        _announce(recipe, plan, info, resume_from, loss_fn)
-    if progress.step % plan.steps_per_epoch == 0 and progress.stream.batches:
-        # Resumed from a checkpoint saved on an epoch's last step: its stream positions are the
-        # finished epoch's. Fold them away as the loop below does at every epoch start, or the
-        # workers would skip that many batches into the new epoch and land in the next one.
-        for k, v in progress.stream.skip_totals().items():
-            progress.skips_before_epoch[k] += v
-        progress.retries_before_epoch += progress.stream.retry_total()
-        progress.stream = StreamState()
-    dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
-    loader = DataLoader(ReportErrors(dataset, run_dir=plan.run_dir, data=recipe.data.train), batch_size=None,
-                        num_workers=recipe.data.workers, worker_init_fn=preemption.worker_init,
-                        pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
-                        timeout=LOADER_TIMEOUT_S if recipe.data.workers else 0)
-    batch_iter = iter(loader)
+    batch_iter = _batch_iter(run, progress, train_tf, tokenizer)
     cleanup.callback(_stop_workers, batch_iter)  # however _train ends, before the run lock is released
     batches = checked(batch_iter)
     if progress.step < plan.total_steps:
@@ -234,96 +205,197 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
         remove_temp_files(plan.run_dir)  # left by a kill mid-write; before this run writes any of its own
     local_log_dir = plan.run_dir if is_local(store.fs) else str(Path(".cloob-logs") / plan.run_name)
     # metrics.jsonl and the tracking backends of train.report_to (cloob.train.tracking), main rank only
-    logger = MetricsLogger(local_log_dir, resume_step=progress.step, report_to=recipe.train.report_to,
-                           run_name=plan.run_name, config=recipe.model_dump(mode="json")) if info.is_main else None
+    run.logger = MetricsLogger(local_log_dir, resume_step=progress.step, report_to=recipe.train.report_to,
+                               run_name=plan.run_name, config=recipe.model_dump(mode="json")) if info.is_main else None
     if info.is_main:
         _write_recipe(recipe, plan.run_dir)
     bar = _progress_bar(plan.total_steps, progress.step, enabled=info.is_main and cfg.progress)
 
     # -- the loop
-    last_ckpt = resume_from
-    t_last, samples_last = time.perf_counter(), progress.samples_seen
-    metrics: dict = {}
+    last_ckpt, metrics, rate = resume_from, {}, _Rate(progress.samples_seen)
     nonfinite = NonfiniteSteps(cfg.max_nonfinite_steps, progress.nonfinite_skipped)
     preemption.running()  # SIGTERM from now on: stop after the step, with its checkpoint
     while progress.step < plan.total_steps:
         # -- one step: the batch, forward, loss over the global batch, backward, optimizer
-        epoch, in_epoch = divmod(progress.step, plan.steps_per_epoch)
-        if in_epoch == 0 and progress.stream.batches:  # a new epoch: fold the last one's skip counts away
-            for k, v in progress.stream.skip_totals().items():
-                progress.skips_before_epoch[k] += v
-            progress.retries_before_epoch += progress.stream.retry_total()
-            progress.stream = StreamState()
-        reports.beat("data", progress.step)
-        batch = next(batches)
-        reports.beat("step", progress.step)
-        if batch["epoch"] != epoch:  # the workers' epoch bookkeeping must agree with the step count
-            raise RuntimeError(f"data stream is in epoch {batch['epoch']} at step {progress.step} (epoch {epoch})")
+        progress.start_epoch(plan.steps_per_epoch)
+        epoch = progress.step // plan.steps_per_epoch
+        batch = _next_batch(batches, progress.step, epoch)
         images = batch["image"].to(info.device, non_blocking=True)
         texts = batch["text"].to(info.device, non_blocking=True)
-        lr = set_lr(optimizer, recipe.optim.lr, lr_factor(progress.step, plan.total_steps, recipe.schedule))
+        lr = set_lr(run.optimizer, recipe.optim.lr, lr_factor(progress.step, plan.total_steps, recipe.schedule))
         with _autocast(info.device, cfg.precision):
-            image_features, text_features, inv_tau = forward(images, texts)
+            image_features, text_features, inv_tau = run.forward(images, texts)
             # loss: what this rank back-propagates; loss_value: the global batch's loss (cloob/train/global_loss.py)
-            loss, loss_value = loss_fn(image_features, text_features, inv_tau)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # the true gradients, for the check below (scaler.step would unscale here)
+            loss, loss_value = run.loss_fn(image_features, text_features, inv_tau)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)  # the true gradients, for the check below (scaler.step would unscale here)
         if recipe.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
         # Every rank: stop after this step? skip it as non-finite? (cloob.train.boundary)
-        stop, skip = agree(info, preemption.requested(), nonfinite_flag(loss_value, model.parameters(), scaler))
+        stop, skip = agree(info, preemption.requested(), nonfinite_flag(loss_value, model.parameters(), run.scaler))
         if skip:
-            nonfinite.skip(progress.step + 1, scaler, last_ckpt.url if last_ckpt else None)
+            nonfinite.skip(progress.step + 1, run.scaler, last_ckpt.url if last_ckpt else None)
         else:
-            scaler.step(optimizer)
-            scaler.update()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
             if recipe.model.learn_inv_tau:
                 clamp_inv_tau_(model)
-        progress.nonfinite_skipped = nonfinite.skipped
-        progress.step += 1
-        progress.samples_seen += plan.global_batch
-        progress.stream.update(batch)
+        progress.advance(batch, plan.global_batch, nonfinite.skipped)
 
         # -- logging: metrics.jsonl, TensorBoard, the progress bar
         last = progress.step == plan.total_steps
         if progress.step % cfg.log_every == 0 or last or progress.step == 1:
-            now = time.perf_counter()
-            skips, read_retries = _global_skips(progress, info)
-            metrics = {"loss": loss_value.item(), "lr": lr, "inv_tau": model.logit_scale.exp().item(),
-                       "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
-                       "epoch": epoch, "skipped": sum(skips.values()),
-                       **{f"skipped_{k}": v for k, v in skips.items()}, "read_retries": read_retries,
-                       "nonfinite_skipped": progress.nonfinite_skipped}
-            t_last, samples_last = now, progress.samples_seen
-            if logger:
-                logger.log(progress.step, metrics, total_steps=plan.total_steps)
-        if bar is not None:
-            bar.update(1)
-            if metrics:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                inv_tau=f"{metrics['inv_tau']:.1f}", sps=f"{metrics['samples_per_s']:.0f}",
-                                skipped=metrics["skipped"], refresh=False)
+            metrics = _log_step(run, progress, loss_value, lr, epoch, rate)
+        _update_bar(bar, metrics)
         # -- checkpoint; on SIGTERM also one of this step, then every rank leaves (cloob.train.preemption)
         if progress.step % cfg.checkpoint_every == 0 or last or stop:
             with writing_checkpoint(progress.step, last_ckpt, run_dir=plan.run_dir, data=recipe.data.train):
-                last_ckpt = _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger)
+                last_ckpt = _save(run, progress, metrics)
         if stop and not last:
             reports.beat("done", progress.step)
             raise preemption.Preempted(stop, progress.step, last_ckpt.url)
+
     # -- the end: workers stopped, logs closed, the summary
     preemption.stopped()
     _stop_workers(batch_iter)
-    del batches, loader
+    del batches
     reports.beat("done", progress.step)
+    return _finish(run, progress, bar, last_ckpt, metrics)
 
+
+def _make_model(recipe: Recipe, info: distributed.DistInfo, warm_start: bool):
+    """(model, train transform, tokenizer): the same initial weights on every rank, or a warm start's."""
+    cfg = recipe.train
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model, train_tf, _, tokenizer = create_model(recipe.model.arch, recipe.model.inv_tau,
+                                                 recipe.model.learn_inv_tau, device=info.device)
+    if recipe.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.init_from and not cfg.init_checkpoint:
+        raise CloobError(f"train.init_from={cfg.init_from} is not resolved (the launcher resolves it to a checkpoint "
+                         "and its sha256)", "start the run with `cloob train` (or the flows), or pass "
+                         "train.init_checkpoint=<checkpoint folder> and train.init_sha256=<its model_sha256> "
+                         "with it")
+    if warm_start and cfg.init_checkpoint:
+        # A warm start: the parent's weights only; the optimizer, schedule and step start afresh. Every
+        # rank reads the same file, checked against its sha256.
+        model.load_state_dict(load_init_weights(cfg.init_checkpoint, cfg.init_sha256, recipe.model.arch,
+                                                map_location=info.device))
+    if recipe.data.decoder == "torchvision":  # the same crops at about half the CPU (bench/bench_decode.py)
+        train_tf = TensorTrainTransform.of(train_tf)
+    return model, train_tf, tokenizer
+
+
+def _resume(run: _Run, resume_from) -> Progress:
+    """Weights, optimizer, scaler, step, RNG and data positions from a complete checkpoint, into run."""
+    info, plan = run.info, run.plan
+    try:
+        model_state, state, meta = CheckpointStore.load(resume_from, map_location=info.device)
+    except CloobError:
+        raise
+    except Exception as e:  # a damaged file: one message, not a traceback from torch.load
+        raise CloobError(f"cannot load checkpoint {resume_from.url}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}", "delete that checkpoint folder to resume from "
+                         "the one before it, or pass train.resume=false to start over") from None
+    if meta.get("recipe_hash") not in run.recipe.run_keys():
+        raise CloobError(f"{plan.run_dir} holds a run of a different recipe"
+                         + (" or data version" if run.recipe.data.content_hash else ""),
+                         "pass train.run_name=<new name>, or train.resume=false to start over elsewhere")
+    run.model.load_state_dict(model_state)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    progress = Progress(step=state["step"], samples_seen=state["samples_seen"],
+                        nonfinite_skipped=state.get("nonfinite_skipped", 0),  # absent before it was counted
+                        recipe_hash=meta["recipe_hash"])  # a run keeps the key it was started with
+    if (state["world_size"], state.get("steps_per_epoch")) == (info.world_size, plan.steps_per_epoch):
+        rank_state = state["ranks"][info.rank]
+        progress.stream = StreamState.from_dict(rank_state["stream"])
+        progress.skips_before_epoch = rank_state["skips_before_epoch"]
+        progress.retries_before_epoch = rank_state.get("retries_before_epoch", 0)  # absent before counted
+        _set_rng_state(rank_state["rng"])
+    else:
+        # Positions are per rank and per epoch layout: keep the step, restart the epoch's order.
+        log.warning("resuming a run saved on %d ranks with %s steps/epoch on %d ranks with %d: the data "
+                    "order restarts within the epoch (not the exact trajectory)", state["world_size"],
+                    state.get("steps_per_epoch"), info.world_size, plan.steps_per_epoch)
+        progress.stream = StreamState(batches=progress.step % plan.steps_per_epoch)
+    return progress
+
+
+def _batch_iter(run: _Run, progress: Progress, train_tf, tokenizer):
+    """The DataLoader's iterator over this rank's batches, from where progress stands."""
+    recipe, plan, info, cfg = run.recipe, run.plan, run.info, run.recipe.train
+    dataset = ShardStream(plan.shard_urls, batch_size=cfg.batch_size, image_transform=train_tf,
+                          tokenizer=tokenizer, seed=cfg.seed, resampled=recipe.data.resampled,
+                          shuffle_buffer=recipe.data.shuffle_buffer, rank=info.rank, world_size=info.world_size,
+                          expected_counts={u: c for u, c in zip(plan.shard_urls, plan.shard_counts) if c},
+                          exclude_keys=plan.exclude_keys)
+    # Resumed from a checkpoint saved on an epoch's last step: its stream positions are the finished
+    # epoch's. Fold them away as the loop does at every epoch start, or the workers would skip that
+    # many batches into the new epoch and land in the next one.
+    progress.start_epoch(plan.steps_per_epoch)
+    dataset.start_epoch(progress.step // plan.steps_per_epoch, progress.stream, plan.steps_per_epoch)
+    loader = DataLoader(ReportErrors(dataset, run_dir=plan.run_dir, data=recipe.data.train), batch_size=None,
+                        num_workers=recipe.data.workers, worker_init_fn=preemption.worker_init,
+                        pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+                        timeout=LOADER_TIMEOUT_S if recipe.data.workers else 0)
+    return iter(loader)
+
+
+def _next_batch(batches, step: int, epoch: int) -> dict:
+    reports.beat("data", step)
+    batch = next(batches)
+    reports.beat("step", step)
+    if batch["epoch"] != epoch:  # the workers' epoch bookkeeping must agree with the step count
+        raise RuntimeError(f"data stream is in epoch {batch['epoch']} at step {step} (epoch {epoch})")
+    return batch
+
+
+class _Rate:
+    """Samples per second since the last call (or the start)."""
+
+    def __init__(self, samples: int):
+        self.time, self.samples = time.perf_counter(), samples
+
+    def __call__(self, samples: int) -> float:
+        now = time.perf_counter()
+        rate = (samples - self.samples) / max(now - self.time, 1e-9)
+        self.time, self.samples = now, samples
+        return rate
+
+
+def _log_step(run: _Run, progress: Progress, loss_value: torch.Tensor, lr: float, epoch: int, rate: _Rate) -> dict:
+    """The step's metrics (over all ranks), written to metrics.jsonl and TensorBoard by the main rank."""
+    samples_per_s = rate(progress.samples_seen)
+    skips, read_retries = _global_skips(progress, run.info)
+    metrics = {"loss": loss_value.item(), "lr": lr, "inv_tau": run.model.logit_scale.exp().item(),
+               "samples_per_s": samples_per_s, "epoch": epoch, "skipped": sum(skips.values()),
+               **{f"skipped_{k}": v for k, v in skips.items()}, "read_retries": read_retries,
+               "nonfinite_skipped": progress.nonfinite_skipped}
+    if run.logger:
+        run.logger.log(progress.step, metrics, total_steps=run.plan.total_steps)
+    return metrics
+
+
+def _update_bar(bar, metrics: dict) -> None:
+    if bar is not None:
+        bar.update(1)
+        if metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                            inv_tau=f"{metrics['inv_tau']:.1f}", sps=f"{metrics['samples_per_s']:.0f}",
+                            skipped=metrics["skipped"], refresh=False)
+
+
+def _finish(run: _Run, progress: Progress, bar, last_ckpt, metrics: dict) -> dict:
+    """Close the bar and the logs; the summary, and the final line on the main rank."""
     if bar is not None:
         bar.close()
-    if logger:
-        logger.close()
-    summary = {"run_dir": plan.run_dir, "checkpoint": last_ckpt.url if last_ckpt else None,
+    if run.logger:
+        run.logger.close()
+    summary = {"run_dir": run.plan.run_dir, "checkpoint": last_ckpt.url if last_ckpt else None,
                "step": progress.step, "metrics": metrics}
-    if info.is_main:
+    if run.info.is_main:
         print(f"done: {progress.step} steps; checkpoint: {summary['checkpoint']}{_data_note(metrics)}",
               file=sys.stderr)
     return summary
@@ -354,7 +426,9 @@ def _data_note(metrics: dict) -> str:
     return note
 
 
-def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics, logger):
+def _save(run: _Run, progress: Progress, metrics: dict):
+    """A checkpoint of this step: every rank's stream positions and RNG, saved by the main rank."""
+    recipe, plan, info, store, logger = run.recipe, run.plan, run.info, run.store, run.logger
     cfg_train = recipe.train
     reports.beat("save", progress.step)
     rank_state = {"stream": progress.stream.to_dict(), "skips_before_epoch": dict(progress.skips_before_epoch),
@@ -363,11 +437,11 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
     ranks = distributed.all_gather_object(rank_state, info)
     ref = None
     if info.is_main:
-        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": progress.step,
+        state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": progress.step,
                  "samples_seen": progress.samples_seen, "nonfinite_skipped": progress.nonfinite_skipped,
                  "world_size": info.world_size, "steps_per_epoch": plan.steps_per_epoch, "ranks": ranks}
         cfg = {"model_cfg": model_config(recipe.model.arch),
-               "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {})}
+               "preprocess_cfg": dict(getattr(run.model.visual, "preprocess_cfg", {}) or {})}
         meta = {"arch": recipe.model.arch, "method": recipe.loss.method, "recipe_name": recipe.name,
                 "recipe_hash": progress.recipe_hash or recipe.content_hash(), "run_name": plan.run_name,
                 "epoch_size": plan.num_samples,
@@ -378,7 +452,7 @@ def _save(store, recipe, plan, info, model, optimizer, scaler, progress, metrics
         if cfg_train.init_sha256:
             meta["init_from"] = {"ref": cfg_train.init_from, "entry": cfg_train.init_entry,
                                  "checkpoint": cfg_train.init_checkpoint, "sha256": cfg_train.init_sha256}
-        ref = store.save(progress.step, model.state_dict(), cfg, state, meta, keep=recipe.train.keep_checkpoints)
+        ref = store.save(progress.step, run.model.state_dict(), cfg, state, meta, keep=recipe.train.keep_checkpoints)
         if logger:
             logger.flush()
             if not is_local(store.fs):
@@ -400,12 +474,13 @@ def _write_recipe(recipe: Recipe, run_dir: str) -> None:
     Location(run_dir).write_bytes("recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode())
 
 
-def _announce(recipe, plan: Plan, info, resume_from, loss_fn: GlobalLoss) -> None:
+def _announce(run: _Run, resume_from) -> None:
+    recipe, plan, info = run.recipe, run.plan, run.info
     where = f"resuming from step {resume_from.step}" if resume_from else "starting"
     print(f"cloob train: {recipe.loss.method} / {recipe.model.arch} on {plan.num_samples} samples in "
           f"{len(plan.shard_urls)} shards; {info.world_size} x {recipe.train.batch_size} = global batch "
           f"{plan.global_batch}; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on "
-          f"{info.device.type}; {where}\n  loss: {loss_fn.plan.describe(info.world_size)}\n  run: {plan.run_dir}",
+          f"{info.device.type}; {where}\n  loss: {run.loss_fn.plan.describe(info.world_size)}\n  run: {plan.run_dir}",
           file=sys.stderr)
     cfg = recipe.train
     if recipe.data.content_hash:
