@@ -169,8 +169,16 @@ def recipe_data():
     return r.train.batch_size, r.data.shuffle_buffer, r.data.workers, r.data.resampled
 
 
-def ours(folder: str, workers: int, batch_size: int, shuffle_buffer: int, seed: int = 0):
-    """Batches (image, text) of our training pipeline, built as cloob/train/loop.py builds it."""
+def recipe_decoder() -> str:
+    """The RN50 recipe's data.decoder (pil when unset)."""
+    from cloob.config import load_recipe
+
+    return load_recipe(RECIPE).data.decoder or "pil"
+
+
+def ours(folder: str, workers: int, batch_size: int, shuffle_buffer: int, seed: int = 0, decoder: str = "pil"):
+    """Batches (image, text) of our training pipeline, built as cloob/train/loop.py builds it (data.decoder:
+    pil, open_clip's transform on PIL images, or torchvision, cloob.data.tensor_transform)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -182,6 +190,10 @@ def ours(folder: str, workers: int, batch_size: int, shuffle_buffer: int, seed: 
 
     shards = list_shards(folder)
     _, train_tf, _, tokenizer = create_model(ARCH)
+    if decoder == "torchvision":
+        from cloob.data.tensor_transform import TensorTrainTransform
+
+        train_tf = TensorTrainTransform.of(train_tf)
     ds = ShardStream(shards.urls, batch_size=batch_size, image_transform=train_tf, tokenizer=tokenizer, seed=seed,
                      resampled=True, shuffle_buffer=shuffle_buffer,
                      expected_counts={u: c for u, c in zip(shards.urls, shards.counts) if c},
@@ -215,8 +227,9 @@ def open_clip_pipeline(folder: str, workers: int, batch_size: int, seed: int = 0
 
 
 # -- one timed run (a fresh process) ------------------------------------------------------------------
-def child(impl: str, folder: str, workers: int, batch_size: int, shuffle_buffer: int, batches: int) -> dict:
-    it = ours(folder, workers, batch_size, shuffle_buffer) if impl == "ours" else \
+def child(impl: str, folder: str, workers: int, batch_size: int, shuffle_buffer: int, batches: int,
+          decoder: str = "pil") -> dict:
+    it = ours(folder, workers, batch_size, shuffle_buffer, decoder=decoder) if impl == "ours" else \
         open_clip_pipeline(folder, workers, batch_size)
     import psutil
 
@@ -327,6 +340,7 @@ HEADING = "## Input pipeline at 224 px: ours vs open_clip's webdataset pipeline 
 def report(info: dict) -> tuple[str, str]:
     """(heading, section text) of BENCHMARKS.md from a run's figures (also from a saved --json)."""
     runs, stage_rows = info["runs"], {int(k): v for k, v in info["stages"].items()}
+    heading = HEADING if info.get("decoder", "pil") == "pil" else HEADING + ", our data.decoder=torchvision"
 
     def pick(impl, s, k):
         return [x for x in runs if (x["impl"], x["size"], x["workers"]) == (impl, s, k)]
@@ -355,12 +369,13 @@ def report(info: dict) -> tuple[str, str]:
                       f"{m['tensor_normalise']:.2f} | {m['tokenise']:.3f} | {total:.2f} ({m['decode'] / total:.0%}) | "
                       f"{m['decode_draft_half']:.2f} | {m['crop_resize_after_draft']:.2f} |")
     loads = [float(x["load"].split()[0]) for x in runs]
-    text = (f"{HEADING}\n\n- Machine: {info['machine']}\n- Date: {info['date']}\n- Command: `{info['command']}`\n"
+    text = (f"{heading}\n\n- Machine: {info['machine']}\n- Date: {info['date']}\n- Command: `{info['command']}`\n"
             f"- Load average (1 min) at start {info['load_start'].split()[0]}, at run ends {min(loads):.1f} to "
             f"{max(loads):.1f}: the machine is shared, other sessions' work competes for its 2 cores, so runs "
             "differ by up to 2x; compare the two pipelines within a round (the sixth column), or by CPU time: samples per "
             "CPU-second of the worker processes (user + system, from psutil) count only the work, not the waiting, so "
             "they are the rate of one dedicated core and hold under load (cache and hyperthread contention aside)\n"
+            f"- Our data.decoder: {info.get('decoder', 'pil')} (cloob/data/tensor_transform.py for torchvision)\n"
             f"- Batch size {info['batch_size']} (the recipe's), our shuffle buffer {info['shuffle_buffer']} (the "
             f"recipe's), open_clip's its own; {info['photos']} photo-like pictures prepared by `cloob prepare` "
             f"(keep_ratio, quality 95) in shards of {info['shard_size']}; {info['rounds']} rounds, alternating; "
@@ -371,7 +386,7 @@ def report(info: dict) -> tuple[str, str]:
             "(w // 2, h // 2))` before the conversion, then the same crop on the half-size picture; wall-clock "
             "times on the shared machine, so their sums exceed the CPU-time rates above: read the shares):\n\n"
             + "\n".join(slines) + "\n\nSee the docstring of bench/bench_pipeline.py for the method.\n")
-    return HEADING, text
+    return heading, text
 
 
 def main() -> int:
@@ -386,17 +401,21 @@ def main() -> int:
     p.add_argument("--data", default="")
     p.add_argument("--json", default="")
     p.add_argument("--write", action="store_true")
+    p.add_argument("--decoder", choices=["recipe", "pil", "torchvision"], default="recipe",
+                   help="our pipeline's data.decoder (default: the RN50 recipe's)")
     p.add_argument("--report", default="", help="write the section from a saved --json instead of running")
     p.add_argument("--child", choices=["ours", "open_clip", "stages"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     batch_size, shuffle_buffer, recipe_workers, _ = recipe_data()
+    decoder = recipe_decoder() if args.decoder == "recipe" else args.decoder
     if args.child == "stages":
         print(json.dumps(stages(args.folder, args.stage_samples)))
         return 0
     if args.child:
-        print(json.dumps(child(args.child, args.folder, int(args.workers), batch_size, shuffle_buffer, args.batches)))
+        print(json.dumps(child(args.child, args.folder, int(args.workers), batch_size, shuffle_buffer, args.batches,
+                               decoder)))
         return 0
 
     from bench_train import machine
@@ -428,7 +447,7 @@ def main() -> int:
                 order = ["ours", "open_clip"] if r % 2 == 0 else ["open_clip", "ours"]
                 for impl in order:
                     row = run_child(["--child", impl, "--folder", str(folders[s]), "--workers", str(k),
-                                     "--batches", str(args.batches)], env)
+                                     "--batches", str(args.batches), "--decoder", decoder], env)
                     row.update(size=s, round=r)
                     runs.append(row)
                     print(f"round {r} {s} px {k} workers {impl:9s}: {row['samples_per_s']:6.1f} samples/s, "
@@ -443,7 +462,7 @@ def main() -> int:
             "runs": runs, "stages": stage_rows, "sizes": sizes, "workers": workers, "batch_size": batch_size,
             "shuffle_buffer": shuffle_buffer, "recipe_workers": recipe_workers, "photos": args.photos,
             "shard_size": args.shard_size, "rounds": args.rounds, "batches": args.batches,
-            "stage_samples": args.stage_samples}
+            "stage_samples": args.stage_samples, "decoder": decoder}
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     heading, text = report(info)

@@ -20,6 +20,10 @@ time budget (killed with its process group when over it, so one hang cannot eat 
              dry: the tiny model)
   loader     bench/bench_loader.py: our ShardStream + DataLoader, samples/s by number of workers and
              per worker (RN50's 224 px train transform on 256 px JPEGs; dry: tiny)
+  decode     bench/bench_decode.py: JPEG decoding + RN50's crop + normalise on the GPU (torchvision's
+             decode_jpeg on the device, nvJPEG, batches of 256) against PIL and decode_jpeg on one CPU
+             thread: images/s, the host CPU it still takes, and the pixels against PIL's (dry: the CPU
+             paths only)
 
 Results: every part's figures as JSON in the work folder, merged into one BENCHMARKS.md section,
 "## GPU check" (or "## GPU check: CPU dry path ...", so that neither overwrites the other), with the
@@ -28,7 +32,7 @@ or --out is given, gpu_check.md (the section), gpu_check.json (all figures) and 
 parts' output) are copied there; `python bench/gpu_check.py --render gpu_check.json` writes the
 section from a saved gpu_check.json into this checkout's BENCHMARKS.md.
 
-Usage: bench/gpu_check [--device cuda|cpu] [--parts preflight,tests,loss,train,eval,loader]
+Usage: bench/gpu_check [--device cuda|cpu] [--parts preflight,tests,loss,train,decode,eval,loader]
                        [--budget 470] [--out DIR] [--no-write] [--render PATH]
 """
 
@@ -56,19 +60,19 @@ from report import write_section  # noqa: E402
 
 SECTION = {"cuda": "## GPU check",
            "cpu": "## GPU check: CPU dry path (`--device cpu`: tiny sizes, the code paths only, not GPU figures)"}
-PARTS = ("preflight", "tests", "loss", "train", "eval", "loader")
+PARTS = ("preflight", "tests", "loss", "train", "decode", "eval", "loader")
 # Seconds per part on the GPU; the whole check stops starting parts at --budget.
-BUDGET = {"cuda": {"preflight": 60, "tests": 75, "loss": 120, "train": 170, "eval": 60, "loader": 60},
-          "cpu": {"preflight": 60, "tests": 90, "loss": 90, "train": 150, "eval": 90, "loader": 60}}
+BUDGET = {"cuda": {"preflight": 60, "tests": 75, "loss": 120, "train": 170, "eval": 60, "loader": 60, "decode": 45},
+          "cpu": {"preflight": 60, "tests": 90, "loss": 90, "train": 150, "eval": 90, "loader": 60, "decode": 60}}
 SIZES = {
     "cuda": dict(loss_sizes="4096,16384,65536", dim=1024, train=dict(recipe="cloob_rn50_cc3m", arch="RN50", precision="bf16",
                  steps=60, warmup=20, batch=256, workers=8, log_every=10), image_size=256, samples=4096,
                  eval=dict(arch="RN50", spec="gtsrb", per_class=20, image_size=256, batch=128, workers=8, repeats=2),
-                 loader=dict(arch="RN50", batch=256, workers="1,4,12")),
+                 loader=dict(arch="RN50", batch=256, workers="1,4,12"), decode=dict(images=1024, batch=256)),
     "cpu": dict(loss_sizes="256,512", dim=64, train=dict(recipe="tiny", arch="cloob-tiny-vit", precision="fp32", steps=10,
                 warmup=10, batch=16, workers=1, log_every=5), image_size=64, samples=1024,
                 eval=dict(arch="cloob-tiny-vit", spec="shapes", per_class=8, image_size=64, batch=32, workers=1, repeats=1),
-                loader=dict(arch="cloob-tiny-vit", batch=32, workers="1,2")),
+                loader=dict(arch="cloob-tiny-vit", batch=32, workers="1,2"), decode=dict(images=48, batch=16)),
 }
 PREFLIGHT = r"""
 import importlib, json, os, sys, time
@@ -157,6 +161,8 @@ def commands(device: str, work: Path) -> dict[str, list[str]]:
         "loader": [py, "bench/bench_loader.py", "--arch", ld["arch"], "--batch-size", str(ld["batch"]),
                    "--workers", ld["workers"], "--data", str(shards), "--samples", str(s["samples"]),
                    "--image-size", str(s["image_size"]), "--json", str(work / "loader.json")],
+        "decode": [py, "bench/bench_decode.py", "--device", device, "--images", str(s["decode"]["images"]),
+                   "--batch", str(s["decode"]["batch"]), "--json", str(work / "decode.json")],
     }
 
 
@@ -327,6 +333,12 @@ def section(results: dict) -> str:
                 f"| {r['workers']} | {r['samples_per_s']:,.0f} | {r['per_worker']:,.0f} |" for r in fig.get("rows", [])])
         lines += [(f"{fig['arch']} train transform, {fig['image_size']} px JPEGs, batch {fig['batch_size']}.\n\n{fig['table']}")
                   if fig else f"no figures ({parts['loader']['status']})"]
+    if "decode" in parts:
+        fig = parts["decode"].get("figures")
+        lines += ["", "### JPEG decoding + RN50's crop: PIL, decode_jpeg on the CPU and on the GPU (bench/bench_decode.py)", ""]
+        lines += [(f"{fig['images']} photo-like JPEGs, shorter side {fig['size']} px, {fig['kb_mean']:.1f} KB on average, "
+                   f"the same crop box per picture in every path.\n\n{fig['table']}") if fig
+                  else f"no figures ({parts['decode']['status']})"]
     failed = {k: p for k, p in parts.items() if not p["status"].startswith(("ok", "skipped"))}
     for name, p in failed.items():
         lines += ["", f"{name} {p['status']}; the end of its output:", "", "```", *p.get("tail", [])[-12:], "```"]

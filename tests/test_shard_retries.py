@@ -22,7 +22,7 @@ import torch
 
 from cloob.config import load_recipe
 from cloob.data import synthetic
-from cloob.data.remote import ResumingReader
+from cloob.data.remote import ResumingReader, ShardChanged
 from cloob.data.stream import ShardStream
 from cloob.model import create_model
 from cloob.train import train
@@ -256,3 +256,26 @@ def test_training_through_dropped_connections_equals_an_undisturbed_run(bucket, 
     bad = rows_c[-1]["skipped_bad_shard"]
     assert bad >= 1 and rows_c[-1]["skipped"] == bad and rows_c[-1]["read_retries"] == bad  # one reopen each
     assert f"; skipped {bad} unreadable shard(s); {bad} shard read(s) reopened" in line_c
+
+
+def test_a_shard_replaced_while_it_is_read_is_not_spliced_from_two_versions(bucket, shards, s3, through_proxy):
+    """The ETag check: the object is overwritten between a dropped connection and the reopen, so the
+    bytes after the break would come from another file. The reader refuses at once (no further
+    reopens) instead of handing the tar reader a splice."""
+    url, key = f"s3://{bucket}/shards/00002.tar", f"{bucket}/shards/00002.tar"
+    original = (shards / "00002.tar").read_bytes()
+    proxy = through_proxy(seed=2, resets=1, max_cut=len(original) // 2)
+    replaced = []
+
+    def replace(n: int) -> None:
+        if not replaced:
+            s3.pipe(key, (shards / "00001.tar").read_bytes())  # another shard's bytes under the same key
+            replaced.append(n)
+
+    with pytest.raises(OSError) as e:
+        with ResumingReader(url, on_retry=replace) as r:
+            while r.read(7000):
+                pass
+    assert proxy.resets_done == 1 and replaced == [1]
+    assert isinstance(e.value, ShardChanged) and "was replaced while being read" in str(e.value)
+    assert "ETag" in str(e.value) and url in str(e.value)
