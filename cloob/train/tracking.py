@@ -212,6 +212,15 @@ def log_evaluation(run_dir: str, step: int, run_name: str, scalars: dict[str, fl
     A local run folder is written in place. A remote one (s3://...) is written to a temporary local
     folder, then its files are copied into the run folder (TensorBoard cannot append to an object,
     and each evaluation's event file is a new file anyway)."""
+    try:
+        return _log_evaluation(run_dir, step, run_name, scalars)
+    except Exception as e:  # noqa: BLE001 -- a store that fails in a way not foreseen below: still a warning
+        log.warning("the evaluation of %s at step %d was not logged to a tracker: %s: %s", run_name, step,
+                    type(e).__name__, _one_line(e))
+        return []
+
+
+def _log_evaluation(run_dir: str, step: int, run_name: str, scalars: dict[str, float]) -> list[str]:
     from cloob.registry.lineage import read_recipe
     from cloob.storage import Location
 
