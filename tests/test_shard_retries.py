@@ -279,3 +279,24 @@ def test_a_shard_replaced_while_it_is_read_is_not_spliced_from_two_versions(buck
     assert proxy.resets_done == 1 and replaced == [1]
     assert isinstance(e.value, ShardChanged) and "was replaced while being read" in str(e.value)
     assert "ETag" in str(e.value) and url in str(e.value)
+
+
+def test_evaluation_shards_from_a_bucket_ride_out_dropped_connections(bucket, shards, s3_server, monkeypatch,
+                                                                     through_proxy):
+    """The evaluation reader (retrieval and classification shards) streams through the same resuming
+    reader: with connections reset mid-shard it yields every image, caption and index an undisturbed
+    read yields, none lost to a reset (a reset used to end the shard at its first unreadable member)."""
+    from cloob.evaluate.datasets import _Shards
+
+    _, _, val_tf, _ = create_model("cloob-tiny-vit")
+    urls = [f"s3://{bucket}/shards/{p.name}" for p in sorted(shards.glob("*.tar"))]
+
+    def read_all() -> list[tuple[str, int, bytes]]:
+        return [(target, index, image.numpy().tobytes()) for image, target, index in _Shards(urls, val_tf, "txt")]
+
+    _direct(s3_server, monkeypatch)
+    want = read_all()
+    proxy = through_proxy(seed=5, resets=5, max_cut=_shard_size(shards))
+    got = read_all()
+    assert proxy.resets_done == 5
+    assert len(want) == 160 and got == want

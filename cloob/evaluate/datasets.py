@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from cloob.data.remote import open_shard
 from cloob.data.workers import loader_kwargs
 from cloob.errors import CloobError
 from cloob.evaluate.sets.build import is_archive
@@ -218,7 +219,9 @@ class _Shards(IterableDataset):
         for s_idx, url in enumerate(self.shards):
             if s_idx % nw != wid:
                 continue
-            with fsspec.open(url, "rb") as stream:
+            # From a bucket: one streaming GET, reopened at the byte where a dropped connection broke
+            # (cloob.data.remote), so a reset mid-shard loses no image.
+            with open_shard(url) as stream:
                 # A damaged shard stops at its first unreadable member: what came before still counts.
                 samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}],
                                                           handler=_stop_on_error))
