@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import tempfile
 from typing import Any, Literal
 
@@ -37,6 +38,18 @@ def _limit_s3() -> None:
 
 
 _limit_s3()
+
+# A URL's user:password@ and its query string (a presigned URL's signature and key id ride there), in
+# a URL or anywhere in a text; the fragment goes with the query.
+_URL_SECRETS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@\"'<>]+@)?(?P<rest>[^\s\"'<>?#]*)"
+                          r"(?:[?#][^\s\"'<>]*)?")
+
+
+def redact(text: str) -> str:
+    """`text` (a URL, or a message holding URLs) with every URL's credentials cut out: the user:password@
+    and the query string. The one rule for everything cloob logs, prints or records (manifests, results,
+    lineage, errors). Local paths are returned as they are."""
+    return _URL_SECRETS.sub(lambda m: m["scheme"] + m["rest"], str(text))
 
 
 def is_local(fs) -> bool:

@@ -12,23 +12,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator
 
 from cloob.errors import CloobError
+from cloob.storage import redact
 
 # Exception types of the storage clients, by module, so that none of them must be installed here.
 STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3", "requests", "gcsfs", "adlfs")
 
 AGAIN = "then run the same command again"
-_USERINFO = re.compile(r"(?<=://)[^/\s@\"']+@")
-
-
-def redact(text: str) -> str:
-    """`text` with the user:password@ of every URL in it cut out."""
-    return _USERINFO.sub("", text)
-
-
 def one_line(text: object, limit: int = 400) -> str:
     """str(text) on one line, at most `limit` characters, credentials cut out."""
     text = redact(" ".join(str(text).split()))

@@ -254,7 +254,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_last_compl
 def test_what_is_a_storage_failure_and_how_it_is_named(monkeypatch):
     from botocore.exceptions import EndpointConnectionError
 
-    from cloob.storage_errors import redact, storage_failure
+    from cloob.storage import redact
+    from cloob.storage_errors import storage_failure
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:SECRET@127.0.0.1:9")
     try:  # wrapped, as s3fs and fsspec raise it
@@ -267,6 +268,10 @@ def test_what_is_a_storage_failure_and_how_it_is_named(monkeypatch):
     assert err.problem.startswith("cannot reach the store s3://b/reg (endpoint http://127.0.0.1:9): ")
     assert "SECRET" not in str(err) and "user" not in err.problem
     assert redact("see s3://k:s@h/x and http://a@b:1/") == "see s3://h/x and http://b:1/"
+    # One rule everywhere (cloob.storage.redact): a presigned URL's query goes too; paths stay as they are.
+    presigned = "https://u:p@h:8/a/b.tar?X-Amz-Credential=AKIA1%2F&X-Amz-Signature=abc#x"
+    assert redact(f"GET '{presigned}' failed") == "GET 'https://h:8/a/b.tar' failed"
+    assert redact("/data/a?b.tar") == "/data/a?b.tar" and redact("C:\\data\\x.tar") == "C:\\data\\x.tar"
     # a bare timeout or refused connection, with no storage client behind it, is another service's
     assert storage_failure(TimeoutError("timed out"), ["s3://b/reg"]) is None
     assert storage_failure(ConnectionRefusedError(111, "refused"), ["/data"]) is None

@@ -22,8 +22,8 @@ import torch
 
 from cloob import plain_data
 from cloob.errors import CloobError
-from cloob.registry.lineage import pretraining_data, redact, resolve_checkpoint
-from cloob.storage import Location
+from cloob.registry.lineage import pretraining_data, resolve_checkpoint
+from cloob.storage import Location, redact
 
 
 @dataclass

@@ -159,7 +159,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _base_row(em: EvalModel, dataset: str, uri: str, identity: str, task: str) -> dict:
-    from cloob.registry.lineage import redact as _redact
+    from cloob.storage import redact as _redact
     from cloob.version import code_version
 
     return {**em.info, "dataset": dataset, "dataset_uri": _redact(uri), "dataset_hash": identity, "task": task,

@@ -7,16 +7,7 @@ from __future__ import annotations
 import posixpath
 
 from cloob.errors import CloobError
-from cloob.storage import Location
-
-
-def redact(url: str) -> str:
-    # user:password@host in a URL is the one place a secret could ride along with a path.
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        if "@" in rest.split("/", 1)[0]:
-            return f"{scheme}://{rest.split('@', 1)[1]}"
-    return url
+from cloob.storage import Location, redact
 
 
 def read_json(url: str) -> dict | None:

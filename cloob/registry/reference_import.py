@@ -54,8 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from cloob.errors import CloobError
-from cloob.registry.lineage import redact
-from cloob.storage import Location
+from cloob.storage import Location, redact
 
 SOURCE = "ml-jku-cloob"
 DOWNLOADS = "https://ml.jku.at/research/CLOOB/downloads/checkpoints/"

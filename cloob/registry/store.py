@@ -30,8 +30,8 @@ from datetime import UTC, datetime
 
 from cloob.errors import CloobError
 from cloob.names import PLAIN_NAME, check_name
-from cloob.registry.lineage import pretraining_data, read_recipe, redact, resolve_checkpoint, run_lineage
-from cloob.storage import Location
+from cloob.registry.lineage import pretraining_data, read_recipe, resolve_checkpoint, run_lineage
+from cloob.storage import Location, redact
 
 ALIAS = PLAIN_NAME  # an alias is a folder: cloob.names
 _SHA = re.compile(r"^[0-9a-f]{6,64}$")

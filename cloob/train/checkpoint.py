@@ -35,7 +35,7 @@ from cloob import plain_data
 from cloob.errors import CloobError
 
 # atomic_write_bytes and is_local: cloob.train.loop imports them from here.
-from cloob.storage import Location, atomic_write_bytes, is_local  # noqa: F401
+from cloob.storage import Location, atomic_write_bytes, is_local, redact  # noqa: F401
 
 MODEL_FILE = "open_clip_pytorch_model.bin"
 CONFIG_FILE = "open_clip_config.json"
@@ -69,17 +69,11 @@ class DamagedCheckpoint(CloobError):
 
     def __init__(self, url: str, name: str, what: str, fix: str | None = None):
         self.url, self.name, self.what = url, name, what
-        super().__init__(f"checkpoint file {_redact(posixpath.join(url, name))} {what}",
+        super().__init__(f"checkpoint file {redact(posixpath.join(url, name))} {what}",
                          fix or "the checkpoint is damaged: use another one, or train again")
 
     def with_fix(self, fix: str) -> DamagedCheckpoint:
         return DamagedCheckpoint(self.url, self.name, self.what, fix)
-
-
-def _redact(url: str) -> str:
-    from cloob.registry.lineage import redact
-
-    return redact(url)
 
 
 def read_meta(url: str) -> dict:
@@ -261,11 +255,11 @@ def _fallback_fix(ref: CheckpointRef) -> str:
     run_dir = posixpath.dirname(root)
     aside = posixpath.join(run_dir, f"damaged-{posixpath.basename(ref.url.rstrip('/'))}")
     move = (f"mv {shlex.quote(ref.url)} {shlex.quote(aside)}" if "://" not in ref.url
-            else f"move the objects under {_redact(ref.url)}/ to {_redact(aside)}/")
+            else f"move the objects under {redact(ref.url)}/ to {redact(aside)}/")
     older = [r for r in CheckpointStore(run_dir).complete() if r.step < ref.step]
     if older:
         return (f"move the damaged checkpoint aside ({move}) and rerun the same command: it resumes from "
-                f"step {older[-1].step} ({_redact(older[-1].url)}), the next older complete checkpoint")
+                f"step {older[-1].step} ({redact(older[-1].url)}), the next older complete checkpoint")
     return (f"no older complete checkpoint is left: move the damaged one aside ({move}) and rerun to "
             "start the run over, or restore the file from a copy")
 
@@ -277,11 +271,11 @@ def load_init_weights(url: str, sha256: str | None, arch: str, map_location="cpu
     meta = read_meta(url)
     fix = "point train.init_from at a checkpoint of this recipe's model.arch, or leave it unset to train from scratch"
     if sha256 and meta.get("model_sha256") != sha256:
-        raise CloobError(f"train.init_from: {_redact(url)} is not the checkpoint it was resolved to (model sha256 "
+        raise CloobError(f"train.init_from: {redact(url)} is not the checkpoint it was resolved to (model sha256 "
                          f"{str(meta.get('model_sha256'))[:12]}, expected {sha256[:12]})",
                          "rerun: the launcher resolves train.init_from again")
     if meta.get("arch") and meta["arch"] != arch:
-        raise CloobError(f"train.init_from: {_redact(url)} is a {meta['arch']} model, this recipe trains {arch}", fix)
+        raise CloobError(f"train.init_from: {redact(url)} is a {meta['arch']} model, this recipe trains {arch}", fix)
     data = read_verified(url, MODEL_FILE, meta)
     try:
         return plain_data.load(data, map_location)

@@ -275,7 +275,7 @@ def _upload(local: Path, loc) -> None:
 
 def _redacted(value):
     """The recipe with user:password@ cut out of every URL in it (it goes to a third-party service)."""
-    from cloob.storage_errors import redact
+    from cloob.storage import redact
 
     if isinstance(value, dict):
         return {k: _redacted(v) for k, v in value.items()}

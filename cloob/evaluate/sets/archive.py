@@ -33,20 +33,10 @@ import zipfile
 from pathlib import Path
 
 from cloob.errors import CloobError
+from cloob.storage import redact
 
 _CHUNK = 1 << 20
 _UA = "cloob-prepare/1 (+https://github.com/ml-jku/cloob)"
-
-
-def redact(url: str) -> str:
-    """The URL without user:password and query string (presigned URLs carry credentials there)."""
-    parts = urllib.parse.urlsplit(str(url))
-    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
-        return str(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def default_cache_dir() -> Path:

@@ -17,7 +17,7 @@ from cloob.errors import CloobError
 from cloob.evaluate.sets import archive
 from cloob.evaluate.sets.reading import Reading, read_set
 from cloob.evaluate.sets.tree import Tree
-from cloob.storage import Location
+from cloob.storage import Location, redact
 
 log = logging.getLogger("cloob.evaluate.sets")
 _ARCHIVE_ENDINGS = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -48,7 +48,7 @@ def build_from_archive(spec, url: str, out: Location, cache: Path, progress: boo
                                  timeout=timeout, progress=progress)
     size = path.stat().st_size
     if spec.source.sha256 is None:
-        say(progress, f"{spec.name}: archive {archive.redact(url)}: {size} bytes, sha256 {sha}\n"
+        say(progress, f"{spec.name}: archive {redact(url)}: {size} bytes, sha256 {sha}\n"
                       f"  pin it in the spec: source.size: {size}, source.sha256: {sha}")
     work = _work_dir(spec, out, cache)
     try:

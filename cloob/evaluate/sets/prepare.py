@@ -16,7 +16,7 @@ from cloob.evaluate.sets.build import build_from_archive, build_from_folder, bui
 from cloob.evaluate.sets.manifest import ITEMS, MANIFEST, MANIFEST_FORMAT, items_bytes, manifest_of
 from cloob.evaluate.sets.reading import SHOWN, Reading
 from cloob.evaluate.sets.spec import DownstreamSpec, load_downstream_spec, spec_hash
-from cloob.storage import Location
+from cloob.storage import Location, redact
 
 
 def _summary(manifest: dict, uri: str, seconds: float, reused: bool) -> dict:
@@ -60,7 +60,7 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
         if "://" not in url and not Path(url).expanduser().exists():
             raise CloobError(f"{spec.name}: the source {url} does not exist",
                              f"pass a folder or an archive of {spec.name}: --source {spec.name}=/path")
-        source_id = {"kind": "archive", "url": archive.redact(url)}
+        source_id = {"kind": "archive", "url": redact(url)}
     if split:
         source_id["split"] = split
 
@@ -78,7 +78,7 @@ def prepare_downstream(name_or_spec: str | Path | DownstreamSpec, out: str, *, s
         reading, where = build_from_archive(spec, url, out_loc, cache, progress, timeout, split)
     shown_spec = spec.model_dump(mode="json")
     if shown_spec["source"].get("url"):
-        shown_spec["source"]["url"] = archive.redact(shown_spec["source"]["url"])  # no credentials
+        shown_spec["source"]["url"] = redact(shown_spec["source"]["url"])  # no credentials
     blob = items_bytes(reading.items)
     ds.write_bytes(ITEMS, blob)
     manifest = {"format": MANIFEST_FORMAT, "name": spec.name, "title": spec.title, "spec_sha256": digest,
