@@ -10,8 +10,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from cloob.errors import CloobError
+from cloob.names import shorten
 from cloob.safetext import safe_text
 from cloob.storage_errors import QuietStorageTasks, storage_failure
 
@@ -203,7 +205,7 @@ def _cmd_evaluate(args) -> int:
     cache = None if args.no_cache else posixpath.join(args.store, "cache", "classifiers")
     failed = {"model": 0, "set": 0, "pair": 0}
     flagged: dict[str, str] = {}
-    print(f"{'model':32s} {'dataset':14s} {'main':>22s} {'top1':>6s} {'top5':>6s} {'i2t@1':>6s} {'t2i@1':>6s} "
+    print(f"{'model':40s} {'dataset':14s} {'main':>22s} {'top1':>6s} {'top5':>6s} {'i2t@1':>6s} {'t2i@1':>6s} "
           f"{'images':>7s} {'skip':>5s} {'time':>7s}")
     for o in evaluate_many(models, classification, retrieval, results=results, cache_root=cache,
                            settings=settings, force=args.force, pretraining=args.pretraining,
@@ -216,7 +218,7 @@ def _cmd_evaluate(args) -> int:
         note = " (already in results)" if o.reused else (" (cached classifier)" if o.extra.get("classifier_cached") else "")
         label = f"{r['run_id']}" + (f"@{r['step']}" if r.get("step") is not None else "")
         main = f"{r['main_metric']} {_fmt(r['main_value'])}"
-        print(f"{label[-32:]:32s} {r['dataset'][:14]:14s} {main:>22s} {_fmt(r.get('top1')):>6s} {_fmt(r.get('top5')):>6s} "
+        print(f"{shorten(label, 40):40s} {r['dataset'][:14]:14s} {main:>22s} {_fmt(r.get('top1')):>6s} {_fmt(r.get('top5')):>6s} "
               f"{_fmt(r.get('i2t_r1')):>6s} {_fmt(r.get('t2i_r1')):>6s} {r['n_images']:7d} {r['n_skipped']:5d} "
               f"{r['seconds']:6.1f}s{note}")
         if r.get("dataset_warnings"):
@@ -283,15 +285,25 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_recipes(args) -> int:
+    import textwrap
+
     from cloob.config import RECIPES_DIR
 
     for p in sorted(RECIPES_DIR.glob("*.yaml")):
-        first = p.read_text().splitlines()[0].lstrip("# ")
-        print(f"{p.stem:20s} {first}")
+        # The recipe's opening comment up to its first blank or indented (command) line: whole sentences.
+        words = []
+        for line in p.read_text().splitlines():
+            text = line[1:] if line.startswith("#") else None
+            if text is None or not text.strip() or text.startswith("   "):
+                break
+            words.append(text.strip())
+        print(textwrap.fill(" ".join(words) or "-", width=110, initial_indent=f"{p.stem:20s} ",
+                            subsequent_indent=" " * 21))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
+    """The `cloob` command line; `extend(subparsers)` adds more commands (flows.cli: demo, study, deploy)."""
     parser = argparse.ArgumentParser(prog="cloob", description="Train and evaluate CLOOB and CLIP models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -410,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model architectures").set_defaults(func=_cmd_models)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=_cmd_recipes)
+    if extend is not None:
+        extend(sub)
     return parser
 
 

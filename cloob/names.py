@@ -57,3 +57,12 @@ def pydantic_name(value: str) -> str:
     if why is not None:
         raise ValueError(f"{value!r} is not a plain name: {why}; {FIX}")
     return value
+
+
+def shorten(name: str, width: int) -> str:
+    """`name` in at most `width` characters for a table column, cut in the middle (…): the head holds the
+    recipe and method, the tail the hash and step, the parts a reader tells runs apart by."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head):]

@@ -48,8 +48,11 @@ def _cmd_study(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return cli.build_parser(extend=_add_flow_commands)
+
+
+def _add_flow_commands(sub: argparse._SubParsersAction) -> None:
+    """demo, study and deploy: the commands that orchestrate (Prefect), beside cloob's own."""
     p = sub.add_parser("demo", help="the whole pipeline on this machine: demo data served on 127.0.0.1 -> "
                                     "img2dataset shards -> CLOOB and CLIP under torchrun -> registry -> "
                                     "zero-shot evaluation -> results table (ephemeral Prefect)")
@@ -73,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes (GPUs) per node")
     p.set_defaults(func=_cmd_study, own_logging=True)
     add_deploy_parser(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import zoneinfo
 from pathlib import Path
 from typing import Any
@@ -417,13 +416,3 @@ def add_deploy_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=run, own_logging=True)
     return p
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.deploy ...`: the same as `cloob deploy ...` (and its error handling)."""
-    from flows.cli import main as cloob_main
-
-    return cloob_main(["deploy", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

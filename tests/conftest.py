@@ -200,7 +200,7 @@ def gpu_workers(prefect_server, tmp_path_factory):
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    import flows.deploy as deploy
+    from flows.cli import main as cloob_main
     from tests.prefect_stack import FAKE_SECRET, GPU_TEST_POOL, Worker
 
     url = prefect_server.url
@@ -208,7 +208,7 @@ def gpu_workers(prefect_server, tmp_path_factory):
     store = home / "store"
     with temporary_settings(updates={PREFECT_API_URL: url}):
         # Two training slots, one per worker: a study's cells train side by side.
-        assert deploy.main(["--store", str(store), "--spec", "demo", "--recipe", "tiny", "--downstream", "shapes",
+        assert cloob_main(["deploy", "--store", str(store), "--spec", "demo", "--recipe", "tiny", "--downstream", "shapes",
                             "--gpu-pool", GPU_TEST_POOL, "--train-slots", "2"]) == 0
     workers = []
     try:

@@ -54,6 +54,7 @@ def _env(container: dict) -> dict:
 
 def _dry_run(capsys, monkeypatch, *argv) -> tuple[int, str, str]:
     import flows.deploy as deploy
+    from flows.cli import main as cloob_main
 
     def no_server(*a, **k):
         raise AssertionError("a dry run contacted the server")
@@ -62,7 +63,7 @@ def _dry_run(capsys, monkeypatch, *argv) -> tuple[int, str, str]:
     monkeypatch.setattr(deploy, "apply_plan", no_server)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake-key-id")
-    rc = deploy.main(["--dry-run", *argv])
+    rc = cloob_main(["deploy", "--dry-run", *argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -229,6 +230,7 @@ def test_deploy_without_a_reachable_server_says_how_to_start_one(capsys, monkeyp
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     import flows.deploy as deploy
+    from flows.cli import main as cloob_main
 
     monkeypatch.setattr(deploy, "apply_plan", lambda plan: pytest.fail("deployed without a server"))
     argv = ["--store", "s3://b/x", "--spec", "demo"]
@@ -237,7 +239,7 @@ def test_deploy_without_a_reachable_server_says_how_to_start_one(capsys, monkeyp
     for settings, problem in (({"restore_defaults": {PREFECT_API_URL}}, "PREFECT_API_URL is not set"),
                               ({"updates": {PREFECT_API_URL: closed}}, f"server at {closed} is not reachable")):
         with temporary_settings(**settings):
-            assert deploy.main(argv) == 2
+            assert cloob_main(["deploy", *argv]) == 2
         out, err = capsys.readouterr()
         assert err.startswith("error: ") and problem in err, err
         assert "fix: start one (`PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start`" in err

@@ -23,9 +23,10 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     import flows.deploy as deploy
+    from flows.cli import main as cloob_main
 
     url = prefect_server.url
-    proc = subprocess.run([sys.executable, "-m", "flows.deploy", "--store", "s3://bucket/cloob", "--spec", "demo",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--store", "s3://bucket/cloob", "--spec", "demo",
                            "--recipe", "tiny", "--recipe", "tiny loss.method=clip", "--downstream", "shapes",
                            "--worker-wait-s", "600"],
                           cwd=ROOT, env=deploy_env(PREFECT_API_URL=url), capture_output=True, text=True, timeout=120)
@@ -72,7 +73,7 @@ def test_deploy_creates_pools_and_deployments_on_a_real_server(prefect_server, t
     # Again, for Kubernetes with another schedule (in-process this time, against the same server):
     # the same deployments are updated, the schedule replaced, and the kubernetes pool created.
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        rc = deploy.main(["--store", "s3://bucket/cloob", "--spec", "demo", "--recipe", "tiny", "--downstream",
+        rc = cloob_main(["deploy", "--store", "s3://bucket/cloob", "--spec", "demo", "--recipe", "tiny", "--downstream",
                           "shapes", "--k8s", "--image", "reg/cloob-gpu:7", "--nnodes", "2", "--gpus-per-node", "4",
                           "--cron", "30 2 * * *", "--timezone", "Europe/Vienna", "--eval-on", "gpu"])
     assert rc == 0

@@ -85,6 +85,7 @@ def deployed() -> dict:
     import io
 
     import flows.deploy as deploy
+    from flows.cli import main as cloob_main
 
     mp = pytest.MonkeyPatch()
 
@@ -98,7 +99,7 @@ def deployed() -> dict:
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            rc = deploy.main(["--dry-run", "--store", "s3://bucket/cloob", "--spec", "demo", "--k8s", "--image",
+            rc = cloob_main(["deploy", "--dry-run", "--store", "s3://bucket/cloob", "--spec", "demo", "--k8s", "--image",
                               "reg/cloob-gpu:7", "--nnodes", "2", "--gpus-per-node", "8", "--eval-on", "gpu",
                               "--json"])
     finally:

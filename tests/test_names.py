@@ -96,3 +96,19 @@ def test_the_study_command_refuses_a_bad_name_before_anything_runs(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "study name '../../evil' is not a plain name" in err and "fix:" in err
     assert not store.exists() and not (tmp_path / "evil").exists()
+
+
+def test_table_names_are_cut_in_the_middle_and_recipes_listed_whole(capsys):
+    """A run's name in a table keeps its head (recipe, method) and its tail (hash, step); `cloob recipes`
+    prints each recipe's whole opening sentence(s), not its first line (new-user report 2026-12-07)."""
+    from cloob.cli import main
+    from cloob.names import shorten
+
+    name = "tiny-cloob-steps100-20ff5b6189@100"
+    assert shorten(name, 40) == name
+    cut = shorten("tiny-cloob-steps300-inv_tau30-beta25-mydata-v12-d3c06d2dca@300", 30)
+    assert len(cut) == 30 and cut.startswith("tiny-cloob-st") and cut.endswith("d3c06d2dca@300") and "…" in cut
+    assert main(["recipes"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "AMP, inv_tau = 30 fixed, Hopfield beta = 8." in out
+    assert "inv_tau = 30 fixed as in the paper's comparison." in out and "torchrun" not in out

@@ -236,6 +236,11 @@ def test_registry_list_shows_data_version_and_parent(parent, capsys):
     assert main(["registry", "list", "--store", str(store)]) == 0
     out = capsys.readouterr().out
     assert "data version" in out and "parent" in out and "mytable" in out
+    # Whole run names: their head says recipe and method (it used to be cut from the left: 'loob-steps...').
+    from cloob.registry import Registry
+
+    for e in Registry(str(store / "registry")).entries():
+        assert f"  {e['run_id']} " in out and e["run_id"].startswith("tiny-")
 
 
 def test_a_wrong_init_from_is_one_error_with_the_fix(parent):
@@ -280,6 +285,7 @@ def test_the_retrain_deployment_takes_init_from(capsys, monkeypatch):
     """`cloob deploy --init-from champion` makes the scheduled pipeline warm-start; without it the
     deployment has no init_from and the pipeline's default (from scratch) holds."""
     import flows.deploy as deploy
+    from flows.cli import main as cloob_main
     from flows.pipeline import pipeline
 
     def no_server(*a, **k):
@@ -289,7 +295,7 @@ def test_the_retrain_deployment_takes_init_from(capsys, monkeypatch):
     monkeypatch.setattr(deploy, "apply_plan", no_server)
 
     def params(*argv):
-        assert deploy.main(["--dry-run", "--json", "--store", "s3://b/x", "--spec", "demo", *argv]) == 0
+        assert cloob_main(["deploy", "--dry-run", "--json", "--store", "s3://b/x", "--spec", "demo", *argv]) == 0
         out = json.loads(capsys.readouterr().out)
         return {d["name"]: d for d in out["deployments"]}["cloob-pipeline/retrain"]["parameters"]
 
@@ -300,9 +306,10 @@ def test_the_retrain_deployment_takes_init_from(capsys, monkeypatch):
 
 def test_deploy_refuses_a_recipe_override_that_contradicts_an_override(capsys, monkeypatch):
     import flows.deploy as deploy
+    from flows.cli import main as cloob_main
 
     monkeypatch.setattr(deploy, "check_server", lambda *a, **k: None)
-    rc = deploy.main(["--dry-run", "--store", "s3://b/x", "--spec", "demo", "--recipe", "tiny train.steps=30",
+    rc = cloob_main(["deploy", "--dry-run", "--store", "s3://b/x", "--spec", "demo", "--recipe", "tiny train.steps=30",
                       "--override", "train.steps=40"])
     err = capsys.readouterr().err
     assert rc == 2 and "train.steps is 40" in err and "fix: drop train.steps" in err

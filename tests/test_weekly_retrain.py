@@ -62,11 +62,11 @@ def test_the_weekly_retrain_on_both_pools_fetches_new_rows_warm_starts_and_promo
     from prefect.client.schemas.sorting import ArtifactSort
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    import flows.deploy as deploy
     from cloob.data.shards import list_shards
     from cloob.data.stream import ShardStream
     from cloob.registry import Registry
     from cloob.results.table import read_rows
+    from flows.cli import main as cloob_main
     from flows.summary import SUMMARY_ARTIFACT
 
     url = gpu_workers["url"]
@@ -79,7 +79,7 @@ def test_the_weekly_retrain_on_both_pools_fetches_new_rows_warm_starts_and_promo
         "download": {"image_size": 64, "shard_size": 32, "processes": 1, "threads": 1, "timeout": 5, "deadline": 20,
                      "retries": 0}}))
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        assert deploy.main(["--store", str(store), "--spec", str(spec), "--recipe", "tiny", "--downstream", "shapes",
+        assert cloob_main(["deploy", "--store", str(store), "--spec", str(spec), "--recipe", "tiny", "--downstream", "shapes",
                             "--cpu-pool", CPU_TEST_POOL, "--gpu-pool", GPU_TEST_POOL, "--no-schedule",
                             "--init-from", "champion", "--worker-wait-s", "300",
                             "--override", "train.steps=30", "--override", "train.batch_size=16",

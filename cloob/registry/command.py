@@ -99,10 +99,11 @@ def run_command(args: argparse.Namespace) -> int:
     by_entry: dict[str, list[str]] = {}
     for a, e in sorted(reg.aliases().items()):
         by_entry.setdefault(e, []).append(a)
-    print(f"{'id':12s}  {'run':24s} {'step':>7s}  {'method':6s} {'arch':16s} {'data version':20s} "
+    run_w = max([3, *(len(str(e["run_id"])) for e in entries)])  # whole names: they say recipe and method
+    print(f"{'id':12s}  {'run':{run_w}s} {'step':>7s}  {'method':6s} {'arch':16s} {'data version':20s} "
           f"{'parent':12s}  aliases")
     for e in entries:
-        print(f"{e['id'][:12]}  {str(e['run_id'])[-24:]:24s} {str(e['step']):>7s}  {str(e['method']):6s} "
+        print(f"{e['id'][:12]}  {str(e['run_id']):{run_w}s} {str(e['step']):>7s}  {str(e['method']):6s} "
               f"{str(e['arch'])[:16]:16s} {_data_version(e)[:20]:20s} {((e.get('parent') or {}).get('id') or '-')[:12]:12s}"
               f"  {', '.join(by_entry.get(e['id'], []))}")
     print(f"{len(entries)} entries in {reg.uri}")

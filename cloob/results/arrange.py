@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from cloob import methods
 from cloob.errors import CloobError
+from cloob.names import shorten
 from cloob.results.paper import PaperReference, Ref, choose_paper, load_paper, matched_settings, paper_values
 
 METRICS = ("main", "top1", "top5", "mean_per_class_recall")
@@ -82,13 +83,6 @@ class Report:
 
 # ------------------------------------------------------------------------------------ arranging
 
-def _shorten(s: str, width: int = 28) -> str:
-    if len(s) <= width:
-        return s
-    head = (width - 1) // 2
-    return s[:head] + "…" + s[-(width - 1 - head):]
-
-
 def _label(c: Checkpoint) -> str:
     parts = [c.method or "?", c.arch or "?"]
     if c.pretraining_data:
@@ -98,7 +92,7 @@ def _label(c: Checkpoint) -> str:
     name = c.run_id
     if name.startswith("open_clip:"):
         name = name.split(":", 2)[-1]  # open_clip:<arch>:<weights file>: the file says enough
-    return " ".join(parts) + f" ({_shorten(name)})"
+    return " ".join(parts) + f" ({shorten(name, 28)})"
 
 
 def _family(run_id: str) -> str:
