@@ -111,8 +111,11 @@ def _wandb_records(path: Path) -> list:
 
 
 def _wandb_sessions(run_dir: Path) -> list[dict]:
-    """Each offline session in the run folder: its run record (id, name, project, job type, config)
-    and its history rows, in the order the sessions started."""
+    """Each offline session in the run folder: its run record (id, name, project, job type, start,
+    config) and its history rows, in the order the sessions started."""
+    import wandb
+
+    wandb.teardown()  # a run's file is whole once wandb's service has ended (finish() does not wait)
     sessions = []
     for f in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         s = {"file": f, "history": []}
@@ -120,11 +123,12 @@ def _wandb_sessions(run_dir: Path) -> list[dict]:
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 s.update(id=r.run.run_id, name=r.run.display_name, project=r.run.project, job=r.run.job_type,
+                         started=(r.run.start_time.seconds, r.run.start_time.nanos),
                          config={i.key: json.loads(i.value_json) for i in r.run.config.update if i.key != "_wandb"})
             elif kind == "history":
                 s["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
         sessions.append(s)
-    return sessions
+    return sorted(sessions, key=lambda s: s["started"])  # folder names have whole seconds only
 
 
 def test_training_and_zero_shot_are_in_the_runs_tensorboard(tracked):
@@ -285,3 +289,16 @@ def test_evaluating_a_run_on_s3_adds_its_event_file_to_the_run_folder(s3, tmp_pa
     assert set(scalars) == {"zeroshot/shapes/top1", "zeroshot/shapes/top5"}
     for k in ("top1", "top5"):
         assert scalars[f"zeroshot/shapes/{k}"] == pytest.approx({5: row[k]})
+
+
+def test_the_recipe_reaches_wandb_without_url_credentials(tmp_path, monkeypatch):
+    _offline_wandb(monkeypatch, tmp_path / "wandb-home")
+    recipe = load_recipe("tiny", ["data.train=s3://AKIAKEY:s3cr3t@bucket/shards?X-Amz-Signature=abc"])
+    config = recipe.model_dump(mode="json")
+    sink = tracking.WandbSink(tracking.RunContext(name="r", log_dir=tmp_path, config=config))
+    sink.log(1, {"train/loss": 2.0})
+    sink.close()
+    (session,) = _wandb_sessions(tmp_path)
+    assert session["config"]["data"]["train"] == "s3://bucket/shards"
+    assert session["config"]["model"] == config["model"]
+    assert b"s3cr3t" not in session["file"].read_bytes()

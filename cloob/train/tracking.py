@@ -106,6 +106,7 @@ class WandbSink:
     STEP = "global_step"
 
     def __init__(self, ctx: RunContext):
+        self._purpose = ctx.purpose
         try:
             import wandb
         except ImportError as e:
@@ -135,6 +136,13 @@ class WandbSink:
 
     def close(self) -> None:
         self._run.finish()
+        if self._purpose == "eval":
+            # finish() returns before wandb's service has written the run's file (seen with 0.31.0: a
+            # 7-byte .wandb right after it); the evaluation may copy that file to the store next, and
+            # then end. teardown() waits for the service, so the file is whole when this returns.
+            import wandb
+
+            wandb.teardown()
 
 
 # THE list of tracking backends: train.report_to names entries of it.
