@@ -11,8 +11,9 @@ then open_clip's mean/std normalisation):
     tv_cuda    (--device cuda) decode_jpeg of a whole batch on the GPU (nvJPEG), the crop per image on the GPU,
                stacked and normalised there: the data loader would then only read bytes and tokenise.
 
-Per path: milliseconds per image on one CPU thread (pil, tv_cpu; perf_counter over --images images after
-a warm-up) and, on the GPU, images/s for batches of --batch (CUDA-synchronised wall time) with the host CPU
+Per path: CPU milliseconds per image on one thread (pil, tv_cpu; the process's CPU time over --images
+images after a warm-up, so a shared machine's waiting does not count; hyperthread and cache contention
+do) and, on the GPU, images/s for batches of --batch (CUDA-synchronised wall time) with the host CPU
 seconds it took per image (the cores the GPU path still needs). Fidelity, per image with the same crop box:
 the mean and max absolute difference (in 0-255 steps) of tv_cpu's and tv_cuda's 224 x 224 result against
 PIL's, and of the decoded pixels alone (decoders may differ in IDCT and chroma upsampling). A path that
@@ -103,15 +104,16 @@ def tv_path(b: bytes, box, device: str = "cpu"):
 
 
 def timed_cpu(fn, jpegs, boxes, repeats: int = 3) -> float:
-    """Milliseconds per image, median of `repeats` passes over all images after one warm-up pass."""
+    """CPU milliseconds per image (this process's CPU time: one thread, so waiting for a core on a shared
+    machine does not count), median of `repeats` passes over all images after a warm-up."""
     for b, box in zip(jpegs[:20], boxes[:20]):
         fn(b, box)
     passes = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for b, box in zip(jpegs, boxes):
             fn(b, box)
-        passes.append(1000 * (time.perf_counter() - t0) / len(jpegs))
+        passes.append(1000 * (time.process_time() - t0) / len(jpegs))
     return statistics.median(passes)
 
 
@@ -135,7 +137,7 @@ def decoded_pixels(jpegs, device: str = "cpu"):
     pil, tv = [], []
     for b in jpegs:
         with Image.open(io.BytesIO(b)) as im:
-            pil.append(torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1))
+            pil.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
         tv.append(decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device))
     return pil, tv
 
@@ -201,9 +203,11 @@ def run(device: str, images: int, size: int, batch: int) -> dict:
 def table(info: dict) -> str:
     rows = ["| path | ms per image, one CPU thread | images/s | host CPU ms per image | result vs PIL's: mean / max "
             "abs diff (0-255) | decoded pixels vs PIL's: mean / max |", "|---|---:|---:|---:|---|---|"]
-    rows.append(f"| pil (today) | {info['pil_ms']:.2f} | {1000 / info['pil_ms']:.0f} per core | {info['pil_ms']:.2f} | - | - |")
+    rows.append(f"| pil (data.decoder unset: the default) | {info['pil_ms']:.2f}"
+                f" | {1000 / info['pil_ms']:.0f} per core | {info['pil_ms']:.2f} | - | - |")
     d, dd = info["tv_cpu_vs_pil"], info["tv_cpu_decode_vs_pil"]
-    rows.append(f"| tv_cpu | {info['tv_cpu_ms']:.2f} | {1000 / info['tv_cpu_ms']:.0f} per core | {info['tv_cpu_ms']:.2f} | "
+    rows.append(f"| tv_cpu (data.decoder=torchvision: the RN50 recipes) | {info['tv_cpu_ms']:.2f}"
+                f" | {1000 / info['tv_cpu_ms']:.0f} per core | {info['tv_cpu_ms']:.2f} | "
                 f"{d['mean_abs']:.2f} / {d['max_abs']} | {dd['mean_abs']:.3f} / {dd['max_abs']} |")
     if "tv_cuda" in info:
         g, d, dd = info["tv_cuda"], info["tv_cuda_vs_pil"], info["tv_cuda_decode_vs_pil"]
@@ -220,7 +224,7 @@ def section(info: dict) -> str:
             f"- Load average at start: {info['load']}\n- {info['images']} photo-like JPEGs, shorter side "
             f"{info['size']} px, quality 95, {info['kb_mean']:.1f} KB on average; torchvision "
             f"{info['torchvision']}; one RandomResizedCrop(224, scale 0.9-1.0) box per picture, the same box "
-            "for every path; CPU times are the median of 3 passes after a warm-up, on one thread\n\n"
+            "for every path; CPU times (process CPU time, one thread) are the median of 3 passes after a warm-up\n\n"
             + table(info) + "\n\nSee the docstring of bench/bench_decode.py for the method.\n")
 
 
@@ -232,7 +236,17 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--json", default="")
     ap.add_argument("--write", action="store_true", help="write the CPU section of BENCHMARKS.md")
+    ap.add_argument("--report", default="", help="write the section from a saved --json instead of measuring")
     args = ap.parse_args()
+    if args.report:
+        from report import write_section
+
+        info = json.loads(Path(args.report).read_text())
+        info["table"] = table(info)
+        print(section(info))
+        if args.write:
+            write_section(HEADING, section(info))
+        return 0
     info = run(args.device, args.images, args.size, args.batch)
     info.update(date=f"{_dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
                 command=f"python bench/bench_decode.py {' '.join(sys.argv[1:])}",
