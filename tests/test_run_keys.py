@@ -28,6 +28,8 @@ def _old_hash(r) -> str:
         d["loss"].pop(k)
     for k in ("content_hash", "version"):
         d["data"].pop(k)
+    if d["data"]["decoder"] is None:  # unset: the recipe as it was before data.decoder existed
+        d["data"].pop("decoder")
     for k in ("init_from", "init_checkpoint", "init_sha256", "init_entry"):
         d["train"].pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
