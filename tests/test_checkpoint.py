@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import child_env
 
 from cloob.config import load_recipe
 from cloob.errors import CloobError
@@ -265,7 +266,6 @@ def _plant(ck: Path, name: str, payload) -> None:
 def test_a_train_state_that_would_run_code_is_refused_on_resume_and_nothing_runs(tmp_path, shards_dir):
     """Resume loads train_state.pt as plain data only (weights_only): a pickle that calls exec is one
     error + fix from `cloob train`, and the marker it would write never appears."""
-    import os
     import sys
 
     extra = ("train.steps=3", "train.checkpoint_every=2")
@@ -280,7 +280,7 @@ def test_a_train_state_that_would_run_code_is_refused_on_resume_and_nothing_runs
 
     proc = subprocess.run([sys.executable, "-m", "cloob.cli", *_train_argv(shards_dir, tmp_path / "out", *extra)],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                          env=child_env())
     assert not marker.exists()
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -541,14 +541,14 @@ def test_all_bad_shards_raise_instead_of_hanging(tmp_path, tfs, num_workers):
 
 @pytest.mark.parametrize("resampled", [True, False])
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_a_set_smaller_than_the_shuffle_buffer_trains(tmp_path, tfs, resampled, num_workers):
+def test_a_set_smaller_than_the_shuffle_buffer_trains(make_shards, tfs, resampled, num_workers):
     """6 samples in 2 shards, a shuffle buffer of 1000 (the recipe's default): the buffer fills from
     many passes over the shards before the first sample leaves it. That is intact data, not "corrupt or
     unreadable", and every sample of the set comes out."""
     _, val_tf, tok = tfs
-    synthetic.write_shards(tmp_path, 6, shard_size=3, image_size=32, seed=11)
-    urls = list_shards(str(tmp_path)).urls
-    want = set(index_shards([tmp_path / "00000.tar", tmp_path / "00001.tar"], val_tf, tok))
+    d = make_shards(6, 3, seed=11)
+    urls = list_shards(str(d)).urls
+    want = set(index_shards([d / "00000.tar", d / "00001.tar"], val_tf, tok))
     stream = make_stream(urls, val_tf, tok, batch_size=4, shuffle_buffer=1000, resampled=resampled)
     got = take(stream, 5, num_workers=num_workers)
     fps = [fp for b in got for fp in batch_fingerprints(b)]

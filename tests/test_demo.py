@@ -13,7 +13,6 @@ CPU's arithmetic, which moves CLOOB within its spread over seeds (BENCHMARKS.md,
 """
 
 import contextlib
-import os
 import re
 import signal
 import subprocess
@@ -23,12 +22,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import child_env
 
 from cloob.registry import Registry
 from cloob.results.table import read_rows
 from cloob.run.launch import still_running
 
-ROOT = Path(__file__).parents[1]
 CHANCE = {"shapes": 1 / 18, "colors": 1 / 6}
 STEPS = 150
 SEEDS = 3
@@ -42,7 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(FIRST_CHECKPOINT_S + RERUN_S
 
 @pytest.fixture(scope="module")
 def env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # bytecode cache: conftest's bytecode_cache
+    env = child_env()  # bytecode cache: conftest's bytecode_cache
     for var in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_LOGGING_LEVEL"):  # the demo picks its own
         env.pop(var, None)
     return env

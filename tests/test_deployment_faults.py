@@ -9,20 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-# Before Prefect is imported (as in test_flows.py): its settings are read once.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+import pytest
 
-import pytest  # noqa: E402
-
-from tests.prefect_stack import Server, Worker  # noqa: E402
+from tests.prefect_stack import Server, Worker
 
 POOL = "faults-gpu-pool"
 DEPLOYMENT = "cloob-train/gpu"
@@ -34,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, make_shards):
     """A server (event persister on: heartbeats are events), the cloob-train/gpu deployment on POOL
     with one training slot, and two workers whose flow runs beat every 30 s (Prefect's minimum)."""
     from prefect.client.orchestration import SyncPrefectClient
@@ -42,11 +35,9 @@ def stack(tmp_path_factory):
     from prefect.deployments.runner import EntrypointType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cloob.data import synthetic
     from flows.pipeline import train_flow
 
     home = tmp_path_factory.mktemp("faults")
-    synthetic.write_shards(home / "shards", 80, shard_size=40, image_size=32, seed=5)
     server = Server(home)
     url = server.start()
     workers = []
@@ -58,8 +49,10 @@ def stack(tmp_path_factory):
             workers += [Worker(url, POOL, name, home, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30") for name in ("fa", "fb")]
             for w in workers:
                 w.wait_online(client, POOL)
-        yield {"server": server, "url": url, "workers": workers, "home": home, "shards": home / "shards"}
+        yield {"server": server, "url": url, "workers": workers, "home": home, "shards": make_shards(80, 40, seed=5)}
     finally:
+        for w in workers:
+            w.terminate()  # all at once, then each waited for
         for w in workers:
             w.stop()
         server.stop()

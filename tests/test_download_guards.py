@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BOMB_SIDE, ESCAPE_REASON
+from conftest import BOMB_SIDE, ESCAPE_REASON, child_env
 
 from cloob.prepare.demo_server import render
 
@@ -42,7 +42,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_and_a_servers_reason_ph
     out = tmp_path / "ds"
     proc = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-m", "cloob.cli", "prepare", str(spec),
                            "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          cwd=ROOT, env=child_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "/bad/bomb.png" in image_server.httpd.requests
 

@@ -11,6 +11,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import child_env
 from PIL import Image
 
 from cloob import cli
@@ -226,13 +227,13 @@ def load_model_random(tmp_path):
     return load_model(str(tmp_path / "r"))
 
 
-def test_retrieval_recall_equals_direct_computation(checkpoint, tmp_path):
-    synthetic.write_shards(tmp_path / "ret", 60, shard_size=25, image_size=48, seed=5)
+def test_retrieval_recall_equals_direct_computation(checkpoint, make_shards):
+    ret = make_shards(60, 25, seed=5, image_size=48)
     em = load_model(checkpoint)
-    row = evaluate_retrieval(em, open_retrieval_set(str(tmp_path / "ret")), _settings(workers=2), progress=False)
+    row = evaluate_retrieval(em, open_retrieval_set(str(ret)), _settings(workers=2), progress=False)
     # Direct: read the shards in order, embed, rank; a hit is a text with the same caption.
     pairs = []
-    for tar_path in sorted((tmp_path / "ret").glob("*.tar")):
+    for tar_path in sorted(ret.glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for key in sorted({n.split(".")[0] for n in members}):
@@ -253,11 +254,11 @@ def test_retrieval_recall_equals_direct_computation(checkpoint, tmp_path):
 
     hits = [caps[sims[i].argmax().item()] == caps[i] for i in range(len(caps))]  # i2t@1, image by image
     assert sorted(zip(row["outcomes"]["ids"].tolist(), row["outcomes"]["correct"])) == \
-        sorted(zip(image_ids([f"{t.name}#{n}" for t in sorted((tmp_path / "ret").glob("*.tar"))
+        sorted(zip(image_ids([f"{t.name}#{n}" for t in sorted(ret.glob("*.tar"))
                               for n in range(25)][:60]).tolist(), hits))
 
 
-def test_eval_set_and_results_on_s3(checkpoint, folders, s3, tmp_path):
+def test_eval_set_and_results_on_s3(checkpoint, folders, s3, tmp_path, make_shards):
     s3.mkdir("eval-bucket")
     s3.put(str(folders) + "/", "eval-bucket/shapes", recursive=True)
     local = evaluate_zeroshot(load_model(checkpoint), open_classification_set("shapes", str(folders)),
@@ -269,9 +270,9 @@ def test_eval_set_and_results_on_s3(checkpoint, folders, s3, tmp_path):
     assert len(rows) == 1 and rows[0]["dataset_uri"] == "s3://eval-bucket/shapes"
     assert rows[0]["top1"] == pytest.approx(local["top1"]) and rows[0]["n_images"] == local["n_images"]
     # webdataset shards on S3 (a retrieval set), read through fsspec by the DataLoader workers
-    synthetic.write_shards(tmp_path / "ret", 30, shard_size=10, image_size=32, seed=8)
-    s3.put(str(tmp_path / "ret") + "/", "eval-bucket/ret", recursive=True)
-    local_r = evaluate_retrieval(load_model(checkpoint), open_retrieval_set(str(tmp_path / "ret")), _settings(),
+    ret = make_shards(30, 10, seed=8)
+    s3.put(str(ret) + "/", "eval-bucket/ret", recursive=True)
+    local_r = evaluate_retrieval(load_model(checkpoint), open_retrieval_set(str(ret)), _settings(),
                                  progress=False)
     remote_r = evaluate_retrieval(load_model(checkpoint), open_retrieval_set("s3://eval-bucket/ret"),
                                   _settings(workers=2), progress=False)
@@ -507,7 +508,6 @@ def test_three_identical_evaluations_at_once_write_one_row(tmp_path, checkpoint)
     """Three `cloob evaluate` of the same (checkpoint, set, settings) started together: one evaluates,
     the others wait for it (the pair's lock, cloob.evaluate.claim) and reuse its row; the table holds
     one row and no lock is left behind (the 2026-12-07 report: 3 rows per pair)."""
-    import os
     import subprocess
     import sys
 
@@ -517,7 +517,7 @@ def test_three_identical_evaluations_at_once_write_one_row(tmp_path, checkpoint)
     root = Path(__file__).parents[1]
     argv = [sys.executable, "-m", "cloob.cli", "evaluate", checkpoint, "--data", f"shapes={data}",
             "--store", str(store), "--no-progress", "--workers", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    env = child_env(OMP_NUM_THREADS="1")
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, env=env)
              for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]

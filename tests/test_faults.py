@@ -19,16 +19,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import child_env
 
 from cloob.config import load_recipe
-from cloob.data import synthetic
 from cloob.errors import CloobError
 from cloob.run.launch import _resolve_run, launch, still_running
 from cloob.train import loop, train
 from cloob.train.checkpoint import STATE_FILE, CheckpointStore
 from cloob.train.nonfinite import NonfiniteSteps, flag
 
-ROOT = Path(__file__).parents[1]
 STEPS, EVERY = 30, 10
 PREEMPTED = re.compile(r"cloob train: preempted by SIGTERM at step (\d+); checkpoint step_(\d{8}) written; "
                        r"rerun the same command to resume")
@@ -36,14 +35,12 @@ PREEMPTED = re.compile(r"cloob train: preempted by SIGTERM at step (\d+); checkp
 
 @pytest.fixture(scope="module")
 def env() -> dict:
-    return {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return child_env({}, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shards")
-    synthetic.write_shards(d, 160, shard_size=40, image_size=32, seed=7)  # 4 shards, 10 steps per epoch
-    return d
+def shards(make_shards):
+    return make_shards(160, 40, seed=7)  # 4 shards, 10 steps per epoch
 
 
 def _overrides(shards, out, *extra):

@@ -2,22 +2,12 @@
 pipeline end to end, its kill and rerun, and a rerun that skips everything: tests/test_demo.py."""
 
 import os
-import tempfile
+from pathlib import Path
 
-# Before Prefect is imported: its settings are read once.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-# Prefect's 20 s for its temporary server to start is too little on a busy 2-core machine.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+import pytest
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from cloob.data import synthetic  # noqa: E402
-from cloob.results.table import read_rows  # noqa: E402
+from cloob.data import synthetic
+from cloob.results.table import read_rows
 
 
 @pytest.fixture(scope="module")

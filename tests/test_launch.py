@@ -21,8 +21,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import child_env
 
-from cloob.data import synthetic
 from cloob.errors import CloobError
 from cloob.run import reports
 from cloob.run.launch import _MetricsTail, _resolve_run, _sweep_report_dirs, build_command, launch, still_running
@@ -37,17 +37,15 @@ def env() -> dict:
     """The variables the runs get; the bytecode cache (conftest's bytecode_cache) is warmed first, so
     that deadlines in these tests do not measure the compiler (~13 s before the first step cold,
     ~5 s warm)."""
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env({}, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-c", "import cloob.train, torch.distributed.run, torch.utils.tensorboard"],
                    env={**os.environ, **env}, check=True)
     return env
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shards")
-    synthetic.write_shards(d, 160, shard_size=40, image_size=32, seed=7)  # 4 shards
-    return d
+def shards(make_shards):
+    return make_shards(160, 40, seed=7)  # 4 shards
 
 
 def _overrides(shards, out, *extra):

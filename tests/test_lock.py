@@ -16,11 +16,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import child_env
 
 from cloob.errors import CloobError
 from cloob.lock import folder_lock
-
-REPO = Path(__file__).resolve().parent.parent
 
 # A holder: waits for `go` (if given), takes the lock, says so, holds it until `release` exists.
 HOLDER = r"""
@@ -46,7 +45,7 @@ except CloobError as e:
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO))
+    return child_env()
 
 
 def _start(folder: str, release: Path, lease: float = 3600, go: Path | None = None) -> subprocess.Popen:

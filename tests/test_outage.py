@@ -1,16 +1,12 @@
 """flows.outage without a server: what is waited for, for how long, and the one message after."""
 
 import logging
-import os
-import tempfile
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))  # before Prefect is imported
+import httpx
+import pytest
 
-import httpx  # noqa: E402
-import pytest  # noqa: E402
-
-from cloob.errors import CloobError  # noqa: E402
-from flows.outage import Outage, is_outage, outage_limit_s  # noqa: E402
+from cloob.errors import CloobError
+from flows.outage import Outage, is_outage, outage_limit_s
 
 
 class _Clock:

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,9 +42,9 @@ def unpacked(tmp_path_factory) -> Path:
 
 
 def _python(site: Path, cwd: Path, code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    # PYTHONPATH first on sys.path: cloob and flows come from the unpacked wheel, not the checkout
+    # child_env's path first on sys.path: cloob and flows come from the unpacked wheel, not the checkout
     # (the checkout's editable install is only on the path after site-packages).
-    env = dict(os.environ, PYTHONPATH=str(site))
+    env = child_env(path=site)
     return subprocess.run([sys.executable, "-c", code, str(site), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -6,15 +6,12 @@ from pathlib import Path
 import pytest
 
 from cloob.config import load_recipe
-from cloob.data import synthetic
 from cloob.train import train
 
 
 @pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shards")
-    synthetic.write_shards(d, 64, shard_size=32, image_size=32, seed=5)
-    return d
+def tiny_shards(make_shards):
+    return make_shards(64, 32, seed=5)
 
 
 def _run(tiny_shards, out, *overrides):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import child_env
 from PIL import Image
 
 from cloob.cli import main as cli_main
@@ -26,7 +27,6 @@ from cloob.prepare.demo_server import render
 from cloob.prepare.run import prepare, read_manifest
 from cloob.prepare.spec import load_spec
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = {"processes": 1, "threads": 8, "timeout": 5, "deadline": 6, "retries": 0, "image_size": 32,
         "shard_size": 16, "max_image_area": 1.0e6, "max_bytes": 200_000}
 BAD = {"404.jpg": "HTTP Error 404", "not-an-image.jpg": "decod", "truncated.jpg": "truncated JPEG",
@@ -154,7 +154,7 @@ def test_killed_preparation_resumes_to_the_same_manifest(tmp_path):
     args = ["demo", "--set", "source.samples=480", "--set", "download.shard_size=48", "--set",
             "download.processes=1", "--set", "download.threads=2", "--set", "download.image_size=32",
             "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     import psutil
 
     killed = tmp_path / "killed"
@@ -478,7 +478,7 @@ def test_two_preparations_of_one_folder_one_is_refused(tmp_path):
     args = ["demo", "--set", "source.samples=480", "--set", "download.shard_size=48", "--set",
             "download.processes=1", "--set", "download.threads=1", "--set", "download.image_size=32",
             "--no-progress", "--out", str(tmp_path / "ds")]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     first = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock, owner = tmp_path / "ds" / "_cloob" / "lock.json", tmp_path / "ds" / "_cloob" / "spec.json"
@@ -507,7 +507,7 @@ def test_img2dataset_processes_do_not_load_torch():
     leaves torch unimportable: webdataset then uses stand-ins, and img2dataset needs none of torch."""
     probe = ("import runpy, sys; runpy.run_module('cloob.prepare.download.fetch', run_name='__mp_main__'); "
              "import img2dataset.writer, webdataset; print(sys.modules.get('torch'))")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
 
@@ -629,7 +629,7 @@ def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM) -> tup
 
     args = ["demo", "--out", str(out), "--set", "source.samples=480", "--set", "download.shard_size=48",
             "--set", "download.threads=2", "--set", "download.image_size=32", "--no-progress", *more]
-    proc = subprocess.Popen(_cli(*args), env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True,
+    proc = subprocess.Popen(_cli(*args), env=child_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -673,7 +673,7 @@ def test_sigterm_stops_a_preparation_in_one_line_and_leaves_nothing_running(tmp_
     again = subprocess.run(_cli("demo", "--out", str(out), "--set", "source.samples=480", "--set",
                                 "download.shard_size=48", "--set", "download.threads=2", "--set",
                                 "download.image_size=32", "--set", "download.processes=1", "--no-progress"),
-                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+                           env=child_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "480 rows -> 480 images in 10 shards" in again.stdout
     assert f"({10 - kept} of 10 shards; {kept} were already there)" in again.stdout, again.stdout

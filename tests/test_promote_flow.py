@@ -3,29 +3,19 @@ temporary PREFECT_HOME: the decision logged and published as the `cloob-promotio
 that decides nothing, and the reviewer's approval through Prefect's pause with an input form,
 resumed from here as the UI does (approve, reject) or left to time out."""
 
-import os
-import tempfile
+import threading
+import time
 
-# Before Prefect is imported: its settings are read once.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+import numpy as np
+import pytest
+from prefect import flow
 
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from prefect import flow  # noqa: E402
-
-from cloob.registry import Registry  # noqa: E402
-from cloob.registry import promotion as P  # noqa: E402
-from cloob.results.table import read_rows  # noqa: E402
-from flows.promote import PROMOTION_ARTIFACT, promote_models  # noqa: E402
-from flows.summary import SUMMARY_ARTIFACT  # noqa: E402
-from tests.test_promotion import _checkpoint, _evaluated  # noqa: E402
+from cloob.registry import Registry
+from cloob.registry import promotion as P
+from cloob.results.table import read_rows
+from flows.promote import PROMOTION_ARTIFACT, promote_models
+from flows.summary import SUMMARY_ARTIFACT
+from tests.test_promotion import _checkpoint, _evaluated
 
 
 @flow(name="promote-test")

@@ -2,21 +2,12 @@
 named by its data version, a warm start (init_from) is a new run whose registry entry names its parent,
 and a recipe entry's override that contradicts the pipeline's overrides fails before anything trains."""
 
-import os
 import posixpath
-import tempfile
 
-# Before Prefect is imported: its settings are read once.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+import pytest
 
-import pytest  # noqa: E402
-
-from cloob.errors import CloobError  # noqa: E402
-from cloob.registry import Registry  # noqa: E402
+from cloob.errors import CloobError
+from cloob.registry import Registry
 
 
 @pytest.mark.slow

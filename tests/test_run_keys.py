@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 from cloob.config import LOSS_EXECUTION_FIELDS, RUNTIME_FIELDS, load_recipe
 from cloob.data import synthetic
@@ -269,7 +270,7 @@ def test_a_warm_start_under_two_ranks(parent):
     from cloob.train import train
 
     store, common, summary, entry = parent
-    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = child_env({}, OMP_NUM_THREADS="1")
     ov = [o for o in common if not o.startswith("train.batch_size")]
     result = launch("tiny", [*ov, "train.batch_size=16", "train.steps=2", "train.init_from=champion"],
                     nproc_per_node=2, env=env)

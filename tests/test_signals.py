@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import child_env
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,7 +36,7 @@ with stop_on_signals("test", grace_s=2, exit_process=exit_process):
                                        (signal.SIGTERM, "library"), (signal.SIGINT, "library")])
 def test_a_signal_stops_the_process_and_its_children_despite_a_stuck_thread(sig, kind):
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, kind], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         child = psutil.Process(int(proc.stdout.readline()))
         os.kill(proc.pid, sig)

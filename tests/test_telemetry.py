@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import child_env
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -17,7 +19,7 @@ def test_the_ephemeral_prefect_has_telemetry_off(tmp_path):
             "print(get_current_settings().server.analytics_enabled, os.environ['DO_NOT_TRACK'])")
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "prefect")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env={**env, "PYTHONPATH": str(ROOT)})
+                         text=True, timeout=120, env=child_env(env))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "1"]
 

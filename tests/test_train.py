@@ -3,7 +3,6 @@ compatibility of checkpoints, and clear errors with nothing written on bad input
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,26 +12,22 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from conftest import child_env
 
 from cloob.config import load_recipe
-from cloob.data import synthetic
 from cloob.errors import CloobError
 from cloob.model import MODEL_CONFIGS_DIR
 from cloob.train import train
 from cloob.train.checkpoint import MODEL_FILE, CheckpointStore
 
-ROOT = Path(__file__).parents[1]
-
 
 @pytest.fixture(scope="module")
-def small_shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shards")
-    synthetic.write_shards(d, 320, shard_size=80, image_size=32, seed=3)  # 4 shards
-    return d
+def small_shards(make_shards):
+    return make_shards(320, 80, seed=3)  # 4 shards
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return child_env(OMP_NUM_THREADS="1")
 
 
 def _train_cmd(shards, out, *extra):
@@ -196,7 +191,7 @@ def test_shards_and_checkpoints_on_s3(tmp_path, small_shards, s3):
     assert again["step"] == 4 and again["checkpoint"] == summary["checkpoint"]
 
 
-def test_resume_after_the_data_grew_continues_with_a_warning(tmp_path, small_shards, caplog):
+def test_resume_after_the_data_grew_continues_with_a_warning(tmp_path, small_shards, caplog, make_shards):
     """A new shard changes steps/epoch: data positions no longer apply. The run resumes at its step,
     restarts the epoch's data order, says so, and finishes (the same path serves a changed world size)."""
     import shutil
@@ -209,20 +204,19 @@ def test_resume_after_the_data_grew_continues_with_a_warning(tmp_path, small_sha
     store = CheckpointStore(str(tmp_path / "runs" / "g"))
     shutil.rmtree(store.latest().url)  # as if the run had died after step 24
     assert store.latest().step == 24  # 20 steps/epoch now; 25 once the shard is added: 24 -> 25 crosses
-    synthetic.write_shards(tmp_path / "extra", 80, shard_size=80, image_size=32, seed=99)
-    shutil.copy(tmp_path / "extra" / "00000.tar", data / "00004.tar")
-    shutil.copy(tmp_path / "extra" / "00000_stats.json", data / "00004_stats.json")
+    extra = make_shards(80, 80, seed=99)
+    shutil.copy(extra / "00000.tar", data / "00004.tar")
+    shutil.copy(extra / "00000_stats.json", data / "00004_stats.json")
     with caplog.at_level("WARNING", logger="cloob.train"):
         summary = train(load_recipe("tiny", overrides))
     assert summary["step"] == 30 and store.latest().step == 30
     assert "restarts within the epoch" in caplog.text
 
 
-def test_a_set_smaller_than_the_shuffle_buffer_trains(tmp_path):
+def test_a_set_smaller_than_the_shuffle_buffer_trains(tmp_path, make_shards):
     """16 samples and the recipe's shuffle buffer (1000): the set is intact, so it trains (it was
     refused as "corrupt or unreadable", the buffer never having filled)."""
-    data = tmp_path / "data"
-    synthetic.write_shards(data, 16, shard_size=8, image_size=32, seed=4)
+    data = make_shards(16, 8, seed=4)
     recipe = load_recipe("tiny", [f"data.train={data}", f"train.output={tmp_path}", "train.batch_size=8",
                                   "train.steps=3", "data.workers=0", "train.progress=false"])
     assert recipe.data.shuffle_buffer > 16
