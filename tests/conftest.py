@@ -414,12 +414,12 @@ def slow_marker_is_honest():
 # soon as 2 or fewer of its tests are left (at once, for a file of 1 or 2 tests: the demo, the weekly
 # retrain): the long files go first, so that what is left at the end is short. Measured: the
 # 2026-12-07 clean-clone run (the demo 477 s, the deployment faults about 300 s, the weekly retrain
-# 231 s, the Ray tests of test_distributors about 200 s) and the 2026-12-01 order of the rest. The
-# rest keep their order, after these.
+# 231 s, the Ray tests of test_distributors about 200 s), test_k8s_sigterm alone (1 min 48 s) and the
+# 2026-12-01 order of the rest. The rest keep their order, after these.
 LONGEST_FIRST = ["test_demo.py", "test_deployment_faults.py", "test_launch.py", "test_weekly_retrain.py", "test_prepare.py",
                  "test_distributors.py", "test_gpu_pool.py", "test_faults.py", "test_lock.py", "test_train.py",
-                 "test_retrain_cli.py", "test_deploy_server.py", "test_distributed.py", "test_evaluate.py", "test_data.py",
-                 "test_k8s_node.py", "test_imports.py", "test_flows.py", "test_eval_threads.py"]
+                 "test_retrain_cli.py", "test_k8s_sigterm.py", "test_deploy_server.py", "test_distributed.py", "test_evaluate.py",
+                 "test_data.py", "test_k8s_node.py", "test_imports.py", "test_flows.py", "test_eval_threads.py"]
 
 
 def pytest_collection_modifyitems(config, items):

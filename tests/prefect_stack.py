@@ -91,11 +91,13 @@ class Server:
             self.proc.wait()
             self.proc = None
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` s: at a test's end nothing of its database is kept, and
+        a server whose event persister retries its last flush took 20 s to exit (the old limit)."""
         if self.proc is not None:
             _kill_group(self.proc, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 pass
             self.kill()

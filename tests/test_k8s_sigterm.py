@@ -19,20 +19,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-# Before Prefect is imported (as in test_flows.py): its settings are read once.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+import psutil
+import pytest
+from conftest import child_env
 
-import psutil  # noqa: E402
-import pytest  # noqa: E402
-
-from tests.prefect_stack import Server, clean_env  # noqa: E402
+from tests.prefect_stack import Server, clean_env
 
 ROOT = Path(__file__).parents[1]
 TEMPLATE = ROOT / "deploy" / "k8s" / "gpu-job-template.json"
@@ -218,8 +212,8 @@ def test_pod0_outlives_what_the_flow_runs_command_leaves_saving(tmp_path, behavi
     exited, waits for what it left before the container's main process ends; without it, node 0 is the
     command (exec) and ends with it, before the save."""
     marker = tmp_path / "saved"
-    env = {k: v for k, v in os.environ.items() if k not in ("CLOOB_K8S_SHAPE", "PREFECT__FLOW_RUN_ID")}
-    env.update(PYTHONPATH=str(ROOT), JOB_COMPLETION_INDEX="0", PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=behavior)
+    env = child_env({k: v for k, v in os.environ.items() if k not in ("CLOOB_K8S_SHAPE", "PREFECT__FLOW_RUN_ID")},
+                    JOB_COMPLETION_INDEX="0", PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=behavior)
     pod = subprocess.Popen([sys.executable, "-m", "flows.k8s_node", sys.executable, "-c", _LEAVES_A_SAVER, str(marker)],
                            env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:

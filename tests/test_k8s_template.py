@@ -13,20 +13,12 @@ bundled schemas."""
 import asyncio
 import copy
 import json
-import os
 import re
-import tempfile
 import uuid
 from pathlib import Path
 
-# Before Prefect is imported (as in test_flows.py): its settings are read once.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
-import pytest  # noqa: E402
-import yaml  # noqa: E402
+import pytest
+import yaml
 
 ROOT = Path(__file__).parents[1]
 DOCKER = ROOT / "docker"
