@@ -23,7 +23,9 @@ DEPLOYMENT = "cloob-train/gpu"
 TRAIN = ["train.steps=120", "train.checkpoint_every=10", "train.batch_size=8", "data.workers=0",
          "data.shuffle_buffer=16", "schedule.warmup_steps=1"]
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+# drain_prefect_clients: the pipelines run in this process; their last logs and events go to the server
+# while it is up, or Prefect retries them at exit (the process hung there for 1-6 minutes).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.usefixtures("drain_prefect_clients")]
 
 
 @pytest.fixture(scope="module")
