@@ -10,6 +10,7 @@ way wandb 0.31.0 (the locked version) writes it (a 7-byte header, LevelDB log fr
 import json
 import shutil
 import struct
+import uuid
 from pathlib import Path
 
 import pytest
@@ -270,17 +271,18 @@ def test_a_run_asking_for_tensorboard_only_never_opens_wandb(tmp_path, monkeypat
 def test_evaluating_a_run_on_s3_adds_its_event_file_to_the_run_folder(s3, tmp_path, make_random_checkpoint):
     """TensorBoard's writer cannot append to an object: the evaluation's event file is written
     locally and copied into the run folder on the store."""
-    s3.mkdir("bucket")
-    run = "s3://bucket/runs/r"
+    bucket = f"tracking-{uuid.uuid4().hex[:10]}"  # the S3 server is shared by every test of this process
+    s3.mkdir(bucket)
+    run = f"s3://{bucket}/runs/r"
     make_random_checkpoint(run, seed=1, step=5, run_name="r")
     recipe = load_recipe("tiny").model_dump(mode="json")
-    s3.pipe("bucket/runs/r/recipe.yaml", yaml.safe_dump(recipe).encode())
+    s3.pipe(f"{bucket}/runs/r/recipe.yaml", yaml.safe_dump(recipe).encode())
     folders = tmp_path / "shapes"
     synthetic.write_class_folders(folders, per_class=1, image_size=32, seed=6)
     assert cli.main(["evaluate", run, "--data", f"shapes={folders}", "--store", str(tmp_path / "store"),
                      "--no-progress", "--workers", "0"]) == 0
     row = read_rows(str(tmp_path / "store" / "results")).to_pylist()[0]
-    events = s3.ls("bucket/runs/r/tensorboard")
+    events = s3.ls(f"{bucket}/runs/r/tensorboard")
     assert len(events) == 1 and "tfevents" in events[0]
     local = tmp_path / "tb"
     local.mkdir()
