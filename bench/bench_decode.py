@@ -92,15 +92,31 @@ def pil_path(b: bytes, box):
 
 
 def tv_path(b: bytes, box, device: str = "cpu"):
+    """data.decoder=torchvision: the product's TensorTrainTransform (cloob/data/tensor_transform.py) with a
+    given box; on the GPU, decode_jpeg on the device, then the same crop and normalisation there."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as F
 
-    data = torch.frombuffer(bytearray(b), dtype=torch.uint8)
-    img = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    c = F.resized_crop(img, *box, [224, 224], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-    x = F.normalize(c.float().div_(255), MEAN, STD)
-    return x, c
+    ttf = _tensor_transform()
+    if device == "cpu":
+        img = ttf.decode(b)
+    else:
+        img = decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
+    c = ttf.crop(img, box)
+    return ttf.normalize(c), c
+
+
+_TTF = []
+
+
+def _tensor_transform():
+    """RN50's train transform in the tensor form the RN50 recipes run (made once)."""
+    if not _TTF:
+        from cloob.data.tensor_transform import TensorTrainTransform
+        from cloob.model import create_model
+
+        _TTF.append(TensorTrainTransform.of(create_model("RN50")[1]))
+    return _TTF[0]
 
 
 def timed_cpu(fn, jpegs, boxes, repeats: int = 3) -> float:
@@ -146,16 +162,15 @@ def cuda_path(jpegs, boxes, batch: int, repeats: int = 3) -> dict:
     """Images/s of batched nvJPEG decoding + per-image crop + normalise on the GPU, and host CPU s per image."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as F
 
+    ttf = _tensor_transform()
     datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
     mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
     std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
 
     def one_batch(lo: int):
         ims = decode_jpeg(datas[lo:lo + batch], mode=ImageReadMode.RGB, device="cuda")
-        crops = [F.resized_crop(im, *box, [224, 224], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-                 for im, box in zip(ims, boxes[lo:lo + batch])]
+        crops = [ttf.crop(im, box) for im, box in zip(ims, boxes[lo:lo + batch])]
         return (torch.stack(crops).float().div_(255) - mean) / std
 
     one_batch(0)

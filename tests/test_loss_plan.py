@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_loss_rows import _inputs as rows_inputs
+from test_loss_rows import _rel
 from torch.overrides import TorchFunctionMode
 
 import cloob.losses.plan as loss_plan
@@ -33,15 +34,7 @@ class _LargestTensor(TorchFunctionMode):
 
 
 def _inputs(n: int, d: int, dtype=torch.float32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
-    y = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
-    t = torch.tensor(30.0, dtype=dtype, requires_grad=True)
-    return x, y, t
-
-
-def _rel(a, b) -> float:
-    return ((a - b).double().norm() / b.double().norm()).item()
+    return rows_inputs(n, d, dtype, seed)
 
 
 @pytest.fixture

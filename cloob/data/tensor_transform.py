@@ -77,9 +77,15 @@ class TensorTrainTransform:
         return self(self.decode(data))
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-        c = F.resized_crop(img, top, left, h, w, self.size, interpolation=self.interpolation, antialias=self.antialias)
-        return F.normalize(c.float().div_(255), self.mean, self.std)
+        box = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        return self.normalize(self.crop(img, box))
+
+    def crop(self, img: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """The uint8 (3, size, size) resize of the box (top, left, height, width) of img."""
+        return F.resized_crop(img, *box, self.size, interpolation=self.interpolation, antialias=self.antialias)
+
+    def normalize(self, crop: torch.Tensor) -> torch.Tensor:
+        return F.normalize(crop.float().div_(255), self.mean, self.std)
 
 
 def _from_pil(im: Image.Image) -> torch.Tensor:
