@@ -19,14 +19,21 @@ import os
 import sys
 import time
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
-# Nothing in this process or its workers uses torch, but webdataset (imported by img2dataset's writer)
-# imports it when it can: ~3 s of CPU and ~300 MB in the logger process and in every pool worker,
-# which img2dataset replaces after 5 shards. With torch unimportable, webdataset uses stand-ins. Only
-# when this module is the program (or, in a spawned worker, its copy): imported elsewhere, it must
-# not take torch away from its importer.
+
+def _distributor(argv: list[str]) -> str:
+    try:
+        with open(argv[1]) as f:
+            return json.load(f)["img2dataset"].get("distributor", "multiprocessing")
+    except (IndexError, OSError, ValueError, KeyError):
+        return "multiprocessing"
+
+
+# Only when this module is the program (or, in a spawned worker, its copy): imported elsewhere, it must
+# not take torch away from its importer. Ray stays importable where it distributes the download.
 if __name__ in ("__main__", "__mp_main__"):
-    sys.modules.setdefault("torch", None)
+    from cloob.prepare.download.lean import make_lean
+
+    make_lean(keep_ray=__name__ == "__main__" and _distributor(sys.argv) == "ray")
 
 
 def _exit_with(parent: int, interval_s: float = 0.25) -> None:
