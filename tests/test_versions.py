@@ -5,6 +5,7 @@ Real img2dataset against the image server on 127.0.0.1; the HTTP requests are co
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -72,11 +73,19 @@ def stream_rows(data_train: str, n: int) -> list[int]:
 
 @pytest.mark.slow
 def test_a_grown_table_fetches_only_its_new_rows_into_a_new_version(tmp_path, image_server):
+    """Also the pipeline's already-done key (cloob.run.state.prepared): the flow's prepare task is
+    Skipped only while the source is as its newest version read it: rows appended to the table make it
+    prepare again (a new version of only the new rows)."""
+    from cloob.run.state import prepared
+
     url = image_server.url
     table = write(tmp_path / "rows.tsv", rows(url, range(20)))
     out = tmp_path / "ds"
+    assert prepared(spec(table), str(out)) is None  # nothing prepared yet
     m1 = prepare(spec(table), str(out), progress=False)
     assert fetched(image_server) == list(range(20)) and "version" not in m1
+    first = prepared(spec(table), str(out))
+    assert first is not None
     v1_bytes = (out / "_cloob" / "manifest.json").read_bytes()
 
     # Unchanged: a no-op that says so; the files' sizes and times say it without reading them.
@@ -92,8 +101,10 @@ def test_a_grown_table_fetches_only_its_new_rows_into_a_new_version(tmp_path, im
 
     # 6 rows appended: only they are fetched, into shards after the last.
     write(table, rows(url, range(26)))
+    assert prepared(spec(table), str(out)) is None  # grown: not "already done"
     m2 = prepare(spec(table), str(out), progress=False)
     assert fetched(image_server) == list(range(20, 26))
+    assert prepared(spec(table), str(out)) not in (None, first)
     assert m2["version"] == 2 and m2["rows_added"] == 6 and m2["rows_removed"] == 0
     assert m2["totals"]["samples"] == 26 and m2["totals"]["rows"] == 26
     assert [e["shard"] for e in m2["shards"]] == [f"{i:05d}.tar" for i in range(4)]  # 20 rows: 3, then 1
@@ -361,24 +372,6 @@ def test_yfcc_is_matched_by_photo_id_across_its_forms(tmp_path, image_server):
     assert image_server.httpd.requests == [] and read_manifest(out)["content_hash"] == m1["content_hash"]
 
 
-@pytest.mark.slow
-def test_the_pipelines_already_done_key_sees_a_grown_source(tmp_path, image_server):
-    """The flow's prepare task is Skipped only while the source is as its newest version read it: rows
-    appended to the table make it prepare again (a new version of only the new rows)."""
-    from cloob.run.state import prepared
-
-    table = write(tmp_path / "rows.tsv", rows(image_server.url, range(8)))
-    out = str(tmp_path / "ds")
-    assert prepared(spec(table), out) is None  # nothing prepared yet
-    prepare(spec(table), out, progress=False)
-    first = prepared(spec(table), out)
-    assert first is not None
-    write(table, rows(image_server.url, range(12)))
-    assert prepared(spec(table), out) is None  # grown: not "already done"
-    m = prepare(spec(table), out, progress=False)
-    assert m["version"] == 2 and prepared(spec(table), out) not in (None, first)
-
-
 def _old_match(source_file: str, known, tried: set[int], ok: set[int], retry_failed: bool):
     """The whole-table match the versions made before the matching was partitioned (every row's
     digests in memory, one hash join, one sort): (ids, pending, removed, rows digest, new keys)."""
@@ -513,14 +506,17 @@ def test_a_version_matched_in_many_partitions_is_the_same_version(tmp_path, imag
     url = image_server.url
     v1 = rows(url, range(24))
     grown = [*v1[:3], *v1[4:17], *v1[18:], *rows(url, range(24, 30)), v1[5], v1[5], v1[9]]
+    # Version 1 is prepared once and copied: a first version matches nothing (the matching, and
+    # PARTITION_ROWS with it, runs only when the source is read again).
+    table = write(tmp_path / "rows.tsv", v1)
+    prepare(spec(table), str(tmp_path / "v1"), progress=False)
+    assert fetched(image_server) == list(range(24))
+    write(table, grown)
     made = []
     for partition_rows in (1 << 18, 2):
         monkeypatch.setattr(matching, "PARTITION_ROWS", partition_rows)
-        table = write(tmp_path / f"rows-{partition_rows}.tsv", v1)
         out = tmp_path / f"ds-{partition_rows}"
-        prepare(spec(table), str(out), progress=False)
-        fetched(image_server)
-        write(table, grown)
+        shutil.copytree(tmp_path / "v1", out)
         m = prepare(spec(table), str(out), progress=False)
         made.append((fetched(image_server), m["content_hash"], m["rows"]["sha256"], m["removed_row_ids"],
                      m["excluded_keys"], m["rows_added"], m["totals"]["samples"],
