@@ -14,7 +14,7 @@ from cloob.registry import Registry
 from cloob.results.table import read_rows
 from tests.test_versions import fetched, rows, write
 
-TRAIN = ["train.steps=20", "train.batch_size=16", "data.workers=0", "data.shuffle_buffer=32",
+TRAIN = ["train.steps=8", "train.batch_size=16", "data.workers=0", "data.shuffle_buffer=32",
          "schedule.warmup_steps=2", "train.progress=false", "train.init_from=champion"]
 
 
