@@ -195,7 +195,7 @@ def gpu_workers(prefect_server, tmp_path_factory):
     """Two process workers, gpu-a and gpu-b, on prefect_stack.GPU_TEST_POOL, where `cloob deploy
     --gpu-pool` has put cloob-train/gpu and evaluate-checkpoints/gpu (store: a temporary folder). Each
     takes one run at a time (`--limit 1`, as `cloob deploy` tells GPU workers to) and polls every
-    second, not every 10 s (Prefect's default). Started once for the module, stopped at its end:
+    3 s, not every 10 s (Prefect's default). Started once for the module, stopped at its end:
     {"url", "store", "logs": {name: log file}}."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
