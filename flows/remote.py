@@ -43,7 +43,20 @@ RETRIES = 2
 
 # Scheduled-type states in which the run waits for a worker (not for a concurrency slot, which a
 # running training holds: that wait is logged but not timed).
-_UNTAKEN = {"Scheduled", "Late"}
+# States in which the run waits for a worker to take it: new, overdue, or rescheduled after it was stopped
+# (a preempted pod's run is AwaitingRetry until a worker starts it again). worker_wait_s counts in these.
+_UNTAKEN = {"Scheduled", "Late", "AwaitingRetry"}
+
+
+def waiting_for(name: str) -> str:
+    """What a run in the not-yet-running state `name` waits for, as the wait's log line says it."""
+    if name == "AwaitingConcurrencySlot":
+        return "the deployment's concurrency slot (another run of it holds it)"
+    if name == "AwaitingRetry":
+        return "a worker to resume it (it was stopped and rescheduled)"
+    if name in _UNTAKEN:
+        return "a worker"
+    return "its start"
 
 
 def _workers_online(client, pool: str) -> int | None:
@@ -118,11 +131,11 @@ def run_and_wait(deployment: str, parameters: dict, flow_run_name: str | None = 
                 if name in _UNTAKEN:
                     limit = "no limit" if worker_wait_s is None else f"gives up after {worker_wait_s:.0f} s (worker_wait_s)"
                     # A warning: nothing goes on until a worker appears (and the UI shows warnings apart).
-                    logger.warning("flow run %s of %s is %s: waiting for a worker on work pool %s (%s); %s", run.name,
-                                   deployment, name, pool, _said_workers(_workers_online(client, pool)), limit)
+                    logger.warning("flow run %s of %s is %s: waiting for %s on work pool %s (%s); %s", run.name,
+                                   deployment, name, waiting_for(name), pool,
+                                   _said_workers(_workers_online(client, pool)), limit)
                 else:
-                    logger.info("flow run %s of %s is %s: waiting for the deployment's concurrency slot (another "
-                                "run of it holds it)", run.name, deployment, name)
+                    logger.info("flow run %s of %s is %s: waiting for %s", run.name, deployment, name, waiting_for(name))
             if name not in _UNTAKEN:
                 untaken_since = now  # taken, or waiting for a slot: the limit is for a worker to appear
             elif worker_wait_s is not None and now - untaken_since >= worker_wait_s:
