@@ -143,13 +143,15 @@ def test_no_answer_before_the_timeout_promotes_nothing_and_asks_again_next_time(
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_the_pipeline_sets_the_champion_promotes_nothing_on_a_rerun_and_keeps_it_against_a_worse_model(tmp_path):
-    """Run 1 trains (the demo's CLOOB and CLIP, 60 steps), evaluates, and the first model becomes
+    """Run 1 trains (the demo's CLOOB and CLIP, 30 steps), evaluates, and the first model becomes
     champion, the second decided against it by the numbers; run 2 on unchanged data decides nothing;
-    run 3 trains a model made worse on purpose (2 steps) and it gets `challenger`, the champion stays."""
+    run 3 trains a model made worse on purpose (2 steps) and it gets `challenger`, the champion stays.
+    (No loader workers: this is not a test of them.)"""
     from flows.demo import demo_parameters
     from flows.pipeline import pipeline
 
-    params = demo_parameters(str(tmp_path / "store"), steps=60, samples=1024)
+    params = demo_parameters(str(tmp_path / "store"), steps=30, samples=1024)
+    params["overrides"] = [*params["overrides"], "data.workers=0"]
     reg = Registry(str(tmp_path / "store" / "registry"))
     first = pipeline(**params, require_significant=False)
     ids = [e["id"] for e in reg.entries()]
@@ -178,7 +180,7 @@ def test_the_pipeline_sets_the_champion_promotes_nothing_on_a_rerun_and_keeps_it
                                                  f"{first['data'][0]['content_hash'][:12]}): nothing to do.")
     assert _latest_pipeline_run().name == "cloob-pipeline: demo-v1"
 
-    worse = pipeline(**{**params, "recipes": params["recipes"][:1], "overrides": ["train.steps=2"]},
+    worse = pipeline(**{**params, "recipes": params["recipes"][:1], "overrides": ["train.steps=2", "data.workers=0"]},
                      require_significant=True)
     [d] = worse["promotion"]
     print("run 3:", d)
