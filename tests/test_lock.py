@@ -245,15 +245,20 @@ def test_s3_lease_is_renewed_and_an_expired_one_taken_over(tmp_path, s3):
 
     # A lock of a holder on another machine is stale once not renewed for its lease, by the
     # server's clock.
-    holder = _start(url, tmp_path / "never", lease=2)
+    # Its lease is long enough for the refused contender to start on a loaded machine (a 2 s lease
+    # expired before it had, in a clean-clone run of 2026-12-07), and it is waited out before trying again.
+    lease = 10
+    holder = _start(url, tmp_path / "never", lease=lease)
     _acquired(holder)
     holder.kill()
     holder.wait()
     rec = json.loads(s3.cat(f"{url}/lock.json"))
     rec.update(host="another-host")
     s3.pipe(f"{url}/lock.json", json.dumps(rec).encode())
+    written = time.monotonic()
     refused = _try_once(url)
     assert refused.returncode == 2 and "host another-host" in refused.stderr, refused.stderr
+    time.sleep(max(0.0, written + lease - time.monotonic()))
     deadline = time.monotonic() + 60
     while (taker := _try_once(url)).returncode != 0:
         assert time.monotonic() < deadline, taker.stderr
