@@ -136,7 +136,10 @@ def test_deadline_kills_the_group_and_a_rerun_resumes(tmp_path, shards, env):
         if not result.timed_out:
             steps *= 4
         elif result.checkpoint is None or not rec.procs:  # too slow to checkpoint, or to report a step
-            deadline *= 3
+            # Steps grow with the deadline: with 3x the time and the same 200 steps, the deadline fell after
+            # the loop, while the rank wrote its last checkpoint (SIGTERM ends it at once there: nothing
+            # is preempted), in a clean-clone run of 2026-12-07.
+            deadline, steps = deadline * 3, steps * 3
         else:
             break
     assert result.timed_out and not result.cancelled and result.returncode != 0
