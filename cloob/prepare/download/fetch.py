@@ -20,20 +20,25 @@ import sys
 import time
 
 
-def _distributor(argv: list[str]) -> str:
+def _read_args(argv: list[str]) -> dict | None:
+    """ARGS.json, or None where it cannot be read (main reads it again then, and fails saying why)."""
     try:
         with open(argv[1]) as f:
-            return json.load(f)["img2dataset"].get("distributor", "multiprocessing")
-    except (IndexError, OSError, ValueError, KeyError):
-        return "multiprocessing"
+            args = json.load(f)
+    except (IndexError, OSError, ValueError):
+        return None
+    return args if isinstance(args, dict) else None
 
+
+# Read once, before anything heavy is imported: the distributor decides what this process may import.
+_ARGS = _read_args(sys.argv) if __name__ == "__main__" else None
 
 # Only when this module is the program (or, in a spawned worker, its copy): imported elsewhere, it must
 # not take torch away from its importer. Ray stays importable where it distributes the download.
 if __name__ in ("__main__", "__mp_main__"):
     from cloob.prepare.download.lean import make_lean
 
-    make_lean(keep_ray=__name__ == "__main__" and _distributor(sys.argv) == "ray")
+    make_lean(keep_ray=_ARGS is not None and (_ARGS.get("img2dataset") or {}).get("distributor") == "ray")
 
 
 def _exit_with(parent: int, interval_s: float = 0.25) -> None:
@@ -139,13 +144,14 @@ def _explain_missing_module(distributor: str, error: Exception) -> None:
         raise explain(m.group(1)) from None
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], args: dict | None = None) -> int:
     import img2dataset
 
     from cloob.errors import CloobError
 
-    with open(argv[1]) as f:
-        args = json.load(f)
+    if args is None:
+        with open(argv[1]) as f:
+            args = json.load(f)
     kwargs = args["img2dataset"]
     if kwargs.get("distributor") == "ray":
         import signal
@@ -171,4 +177,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main(sys.argv, _ARGS))
