@@ -1,6 +1,7 @@
 """Training: the loop and the parts it is made of.
 
     loop.py         the training loop (single process, or one rank under torchrun): `train`
+    run_state.py    what a run holds (Run, Progress) and the one place each that saves and resumes it
     plan.py         the run's plan (data, batch, steps), checked before anything starts: `plan_run`
     checkpoint.py   atomic step checkpoints on any fsspec URL (no torch needed to list or read meta)
     optim.py        AdamW parameter groups and the learning-rate schedules

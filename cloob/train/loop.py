@@ -18,25 +18,21 @@ import contextlib
 import itertools
 import logging
 import os
-import random
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cloob.config import Recipe, load_recipe
-from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
+from cloob.data.stream import SKIP_REASONS, ShardStream
 from cloob.data.tensor_transform import TensorTrainTransform
 from cloob.errors import CloobError
-from cloob.model import clamp_inv_tau_, create_model, model_config
+from cloob.model import clamp_inv_tau_, create_model
 from cloob.run import reports
 from cloob.storage import Location, is_local
 from cloob.train import distributed, preemption
@@ -48,42 +44,12 @@ from cloob.train.metrics import MetricsLogger
 from cloob.train.nonfinite import NonfiniteSteps
 from cloob.train.nonfinite import flag as nonfinite_flag
 from cloob.train.optim import build_optimizer, lr_factor, set_lr
-from cloob.train.plan import Plan, plan_run, run_lock
-from cloob.version import code_version
+from cloob.train.plan import plan_run, run_lock
+from cloob.train.run_state import Progress, Run, resume, save
 
-log = logging.getLogger("cloob.train")
 # The longest wait for one batch from the data workers (their start and a shard's first bytes from a
 # bucket included): past it the run fails with one message instead of waiting on a stuck worker.
 LOADER_TIMEOUT_S = 600.0
-
-
-@dataclass
-class Progress:
-    """Where the run stands: what a checkpoint keeps besides the weights, the optimizer and the scaler."""
-
-    step: int = 0
-    samples_seen: int = 0
-    stream: StreamState = field(default_factory=StreamState)  # this rank, current epoch
-    skips_before_epoch: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
-    nonfinite_skipped: int = 0  # steps skipped for a non-finite loss or gradient (cloob.train.nonfinite)
-    retries_before_epoch: int = 0  # shard reads reopened after a dropped connection (cloob.data.remote)
-    recipe_hash: str | None = None  # the run's key, where it resumed a run saved under its legacy form
-
-    def start_epoch(self, steps_per_epoch: int) -> None:
-        """At an epoch's first step: fold the finished epoch's skip and retry counts into the run's and
-        start its stream positions afresh (nothing to do where they are fresh already)."""
-        if self.step % steps_per_epoch == 0 and self.stream.batches:
-            for k, v in self.stream.skip_totals().items():
-                self.skips_before_epoch[k] += v
-            self.retries_before_epoch += self.stream.retry_total()
-            self.stream = StreamState()
-
-    def advance(self, batch: dict, global_batch: int, nonfinite_skipped: int) -> None:
-        """One step done (or skipped as non-finite): the counts and this rank's stream positions."""
-        self.nonfinite_skipped = nonfinite_skipped
-        self.step += 1
-        self.samples_seen += global_batch
-        self.stream.update(batch)
 
 
 def _check_writable(run_dir: str) -> None:
@@ -91,21 +57,6 @@ def _check_writable(run_dir: str) -> None:
         Location(run_dir).makedirs()
     except (OSError, ValueError) as e:
         raise CloobError(f"cannot create the run folder {run_dir}: {e}", "choose a writable train.output") from None
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _autocast(device: torch.device, precision: str):
@@ -150,23 +101,6 @@ def _stop_workers(batch_iter) -> None:
         shutdown()
 
 
-@dataclass
-class _Run:
-    """What one run holds from its start to its end (as open_clip's TrainState): saving, logging and
-    the final line take this, not ten arguments. forward, loss_fn and logger are set as they are made."""
-
-    recipe: Recipe
-    info: distributed.DistInfo
-    plan: Plan
-    store: CheckpointStore
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    forward: Callable | None = None  # the model under DDP and torch.compile, as the recipe asks
-    loss_fn: GlobalLoss | None = None
-    logger: MetricsLogger | None = None  # the main rank's
-
-
 def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitStack) -> dict:
     # -- the plan: data, batch and steps, checked before anything is made or written
     cfg = recipe.train
@@ -176,9 +110,9 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
 
     # -- the model, the optimizer and the grad scaler; resume from the latest complete checkpoint
     model, train_tf, tokenizer = _make_model(recipe, info, warm_start=resume_from is None)
-    run = _Run(recipe, info, plan, store, model, build_optimizer(model, recipe.optim),
+    run = Run(recipe, info, plan, store, model, build_optimizer(model, recipe.optim),
                torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"))
-    progress = _resume(run, resume_from) if resume_from is not None else Progress()
+    progress = resume(run, resume_from) if resume_from is not None else Progress()
     reports.beat("start", progress.step)
 
     # -- DDP, compile, the loss
@@ -251,7 +185,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
         # -- checkpoint; on SIGTERM also one of this step, then every rank leaves (cloob.train.preemption)
         if progress.step % cfg.checkpoint_every == 0 or last or stop:
             with writing_checkpoint(progress.step, last_ckpt, run_dir=plan.run_dir, data=recipe.data.train):
-                last_ckpt = _save(run, progress, metrics)
+                last_ckpt = save(run, progress, metrics)
         if stop and not last:
             reports.beat("done", progress.step)
             raise preemption.Preempted(stop, progress.step, last_ckpt.url)
@@ -287,43 +221,7 @@ def _make_model(recipe: Recipe, info: distributed.DistInfo, warm_start: bool):
     return model, train_tf, tokenizer
 
 
-def _resume(run: _Run, resume_from) -> Progress:
-    """Weights, optimizer, scaler, step, RNG and data positions from a complete checkpoint, into run."""
-    info, plan = run.info, run.plan
-    try:
-        model_state, state, meta = CheckpointStore.load(resume_from, map_location=info.device)
-    except CloobError:
-        raise
-    except Exception as e:  # a damaged file: one message, not a traceback from torch.load
-        raise CloobError(f"cannot load checkpoint {resume_from.url}: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]}", "delete that checkpoint folder to resume from "
-                         "the one before it, or pass train.resume=false to start over") from None
-    if meta.get("recipe_hash") not in run.recipe.run_keys():
-        raise CloobError(f"{plan.run_dir} holds a run of a different recipe"
-                         + (" or data version" if run.recipe.data.content_hash else ""),
-                         "pass train.run_name=<new name>, or train.resume=false to start over elsewhere")
-    run.model.load_state_dict(model_state)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    progress = Progress(step=state["step"], samples_seen=state["samples_seen"],
-                        nonfinite_skipped=state.get("nonfinite_skipped", 0),  # absent before it was counted
-                        recipe_hash=meta["recipe_hash"])  # a run keeps the key it was started with
-    if (state["world_size"], state.get("steps_per_epoch")) == (info.world_size, plan.steps_per_epoch):
-        rank_state = state["ranks"][info.rank]
-        progress.stream = StreamState.from_dict(rank_state["stream"])
-        progress.skips_before_epoch = rank_state["skips_before_epoch"]
-        progress.retries_before_epoch = rank_state.get("retries_before_epoch", 0)  # absent before counted
-        _set_rng_state(rank_state["rng"])
-    else:
-        # Positions are per rank and per epoch layout: keep the step, restart the epoch's order.
-        log.warning("resuming a run saved on %d ranks with %s steps/epoch on %d ranks with %d: the data "
-                    "order restarts within the epoch (not the exact trajectory)", state["world_size"],
-                    state.get("steps_per_epoch"), info.world_size, plan.steps_per_epoch)
-        progress.stream = StreamState(batches=progress.step % plan.steps_per_epoch)
-    return progress
-
-
-def _batch_iter(run: _Run, progress: Progress, train_tf, tokenizer):
+def _batch_iter(run: Run, progress: Progress, train_tf, tokenizer):
     """The DataLoader's iterator over this rank's batches, from where progress stands."""
     recipe, plan, info, cfg = run.recipe, run.plan, run.info, run.recipe.train
     dataset = ShardStream(plan.shard_urls, batch_size=cfg.batch_size, image_transform=train_tf,
@@ -365,7 +263,7 @@ class _Rate:
         return rate
 
 
-def _log_step(run: _Run, progress: Progress, loss_value: torch.Tensor, lr: float, epoch: int, rate: _Rate) -> dict:
+def _log_step(run: Run, progress: Progress, loss_value: torch.Tensor, lr: float, epoch: int, rate: _Rate) -> dict:
     """The step's metrics (over all ranks), written to metrics.jsonl and TensorBoard by the main rank."""
     samples_per_s = rate(progress.samples_seen)
     skips, read_retries = _global_skips(progress, run.info)
@@ -387,7 +285,7 @@ def _update_bar(bar, metrics: dict) -> None:
                             skipped=metrics["skipped"], refresh=False)
 
 
-def _finish(run: _Run, progress: Progress, bar, last_ckpt, metrics: dict) -> dict:
+def _finish(run: Run, progress: Progress, bar, last_ckpt, metrics: dict) -> dict:
     """Close the bar and the logs; the summary, and the final line on the main rank."""
     if bar is not None:
         bar.close()
@@ -426,55 +324,13 @@ def _data_note(metrics: dict) -> str:
     return note
 
 
-def _save(run: _Run, progress: Progress, metrics: dict):
-    """A checkpoint of this step: every rank's stream positions and RNG, saved by the main rank."""
-    recipe, plan, info, store, logger = run.recipe, run.plan, run.info, run.store, run.logger
-    cfg_train = recipe.train
-    reports.beat("save", progress.step)
-    rank_state = {"stream": progress.stream.to_dict(), "skips_before_epoch": dict(progress.skips_before_epoch),
-                  "retries_before_epoch": progress.retries_before_epoch,
-                  "rng": _rng_state()}
-    ranks = distributed.all_gather_object(rank_state, info)
-    ref = None
-    if info.is_main:
-        state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": progress.step,
-                 "samples_seen": progress.samples_seen, "nonfinite_skipped": progress.nonfinite_skipped,
-                 "world_size": info.world_size, "steps_per_epoch": plan.steps_per_epoch, "ranks": ranks}
-        cfg = {"model_cfg": model_config(recipe.model.arch),
-               "preprocess_cfg": dict(getattr(run.model.visual, "preprocess_cfg", {}) or {})}
-        meta = {"arch": recipe.model.arch, "method": recipe.loss.method, "recipe_name": recipe.name,
-                "recipe_hash": progress.recipe_hash or recipe.content_hash(), "run_name": plan.run_name,
-                "epoch_size": plan.num_samples,
-                "samples_seen": progress.samples_seen, "world_size": info.world_size,
-                "total_steps": plan.total_steps, "code_version": code_version(), "metrics": metrics, "time": time.time()}
-        if recipe.data.content_hash:
-            meta["data"] = {"content_hash": recipe.data.content_hash, "version": recipe.data.version}
-        if cfg_train.init_sha256:
-            meta["init_from"] = {"ref": cfg_train.init_from, "entry": cfg_train.init_entry,
-                                 "checkpoint": cfg_train.init_checkpoint, "sha256": cfg_train.init_sha256}
-        ref = store.save(progress.step, run.model.state_dict(), cfg, state, meta, keep=recipe.train.keep_checkpoints)
-        if logger:
-            logger.flush()
-            if not is_local(store.fs):
-                _upload_logs(logger.dir, plan.run_dir)
-    distributed.barrier(info)
-    return ref if info.is_main else store.ref(progress.step)
-
-
-def _upload_logs(local_dir: Path, run_dir: str) -> None:
-    run = Location(run_dir)
-    for p in local_dir.rglob("*"):
-        if p.is_file():
-            run.copy_in(str(p), p.relative_to(local_dir).as_posix())
-
-
 def _write_recipe(recipe: Recipe, run_dir: str) -> None:
     import yaml
 
     Location(run_dir).write_bytes("recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode())
 
 
-def _announce(run: _Run, resume_from) -> None:
+def _announce(run: Run, resume_from) -> None:
     recipe, plan, info = run.recipe, run.plan, run.info
     where = f"resuming from step {resume_from.step}" if resume_from else "starting"
     print(f"cloob train: {recipe.loss.method} / {recipe.model.arch} on {plan.num_samples} samples in "
