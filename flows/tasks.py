@@ -283,7 +283,8 @@ def evaluate(checkpoint: str, dataset: str, dataset_uri: str, results: str, cach
     per-pair function: the same skip rule as `cloob evaluate`)."""
     from cloob.errors import CloobError
     from cloob.evaluate.datasets import open_classification_set
-    from cloob.evaluate.runner import EvalSettings, evaluate_pair
+    from cloob.evaluate.pairs import evaluate_pair
+    from cloob.evaluate.runner import EvalSettings
     from cloob.evaluate.zeroshot import ClassifierCache
 
     ds = open_classification_set(dataset, dataset_uri)
@@ -309,7 +310,8 @@ def evaluate_remote(deployment: str, checkpoint: str, dataset: str, dataset_uri:
     A run that ends Crashed is started again, up to `retries` times."""
     from cloob.errors import CloobError
     from cloob.evaluate.datasets import open_classification_set
-    from cloob.evaluate.runner import EvalSettings, finished_row
+    from cloob.evaluate.pairs import finished_row
+    from cloob.evaluate.runner import EvalSettings
 
     results = posixpath.join(store, "results")
     ds = open_classification_set(dataset, dataset_uri)

@@ -165,7 +165,7 @@ def test_finished_row_counts_a_cpu_or_a_gpu_row_without_loading_the_model(checkp
     """What the pipeline asks on the CPU pool before it starts a GPU evaluation run: a row of this
     pair made on a CPU or on a GPU (device auto) makes it finished; other settings or data do not."""
     import cloob.evaluate.models
-    from cloob.evaluate import runner
+    from cloob.evaluate import pairs as runner
     from cloob.results.table import append_rows
 
     ds = open_classification_set("shapes", str(folders))

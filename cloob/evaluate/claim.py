@@ -1,6 +1,6 @@
 """One evaluation per pair at a time: the lock an evaluation holds on its (checkpoint, set, settings).
 
-The "already in results" check (cloob.evaluate.runner.previous_row) alone lets two evaluations of
+The "already in results" check (cloob.evaluate.pairs.previous_row) alone lets two evaluations of
 the same pair that start together (two pipelines, a study and a manual `cloob evaluate`) both run
 and both append a row. So an evaluation claims its pair first: the lock
 `<results>/locks/<pair key>.json` (cloob.lock, the run and dataset folders' lock, so it works on a

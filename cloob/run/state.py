@@ -260,5 +260,5 @@ def _planned_steps(recipe, meta) -> int:
     steps_per_epoch = plan.num_samples // (recipe.train.batch_size * ws)
     return max(1, math.ceil(recipe.train.epochs * steps_per_epoch))
 
-# Whether a (checkpoint, set) pair is already evaluated: cloob.evaluate.runner.previous_row, used by
+# Whether a (checkpoint, set) pair is already evaluated: cloob.evaluate.pairs.previous_row, used by
 # `cloob evaluate` and the flow's evaluate task alike.

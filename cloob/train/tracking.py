@@ -16,7 +16,7 @@ run asks for it.
 A backend that cannot start fails the run at its start, with the fix (a run the user asked to track
 should not run untracked for days); one that fails later is dropped with one warning and the run goes
 on (metrics.jsonl still has every step). Evaluation results reach the same backends through
-`log_evaluation` (called by cloob.evaluate.runner for each new row of a run's checkpoint): there a
+`log_evaluation` (called by cloob.evaluate.pairs for each new row of a run's checkpoint): there a
 failing backend is only a warning, since the results table is the evaluation's contract.
 """
 
