@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from cloob.errors import CloobError
 from cloob.names import shorten
-from cloob.safetext import safe_text
 from cloob.storage_errors import QuietStorageTasks, storage_failure
 
 
@@ -25,53 +24,6 @@ def _cmd_train(args) -> int:
 
     return train_command(args.recipe, args.overrides, nproc_per_node=args.nproc_per_node,
                          max_restarts=args.max_restarts)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _shards_of(r: dict) -> str:
-    """' (2 of 8 shards; 6 were already there)' for a resumed download round, else ''."""
-    if not r.get("shards_kept"):
-        return ""
-    return f" ({r['shards']} of {r['shards'] + r['shards_kept']} shards; {r['shards_kept']} were already there)"
-
-
-def print_prepare_summary(m: dict, out: str) -> None:
-    t, run = m["totals"], m["run"]
-    print(f"{m['name']}: {t['rows']} rows -> {t['successes']} images in {t['shards']} shards "
-          f"({_human_bytes(t['bytes'])}) at {out}  [{100 * t['success_rate']:.1f}% success]")
-    if run["noop"]:
-        print(f"  {run.get('message') or 'nothing to do: every shard was already finished'} ({run['seconds']:.1f} s)")
-    else:
-        rate = sum(r["rows"] for r in run["rounds"]) / max(sum(r["seconds"] for r in run["rounds"]), 1e-9)
-        rounds = ", ".join(f"{r['mode']} {r['rows']} rows{_shards_of(r)} in {r['seconds']:.1f} s"
-                           for r in run["rounds"])
-        print(f"  this run: {run['seconds']:.1f} s ({rounds or 'no download needed'}"
-              f"{f'; {rate:.0f} rows/s' if run['rounds'] else ''})")
-        if run.get("message"):
-            print(f"  {run['message']}")
-    skipped = {k: m["rows"][k] for k in ("invalid_url", "empty_caption") if m["rows"].get(k)}
-    if skipped:
-        print("  source rows left out: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items()))
-    if t["failures_by_reason"]:
-        print(f"  failures by reason ({t['failures']}):")
-        for reason, n in list(t["failures_by_reason"].items())[:10]:
-            print(f"    {n:8d}  {safe_text(reason)}")  # escaped again: a manifest from before reason_of escaped
-        print("  retry them with --retry-failed")
-    print(f"  manifest: {out.rstrip('/')}/_cloob/manifest.json (content hash {m['content_hash'][:12]})")
-    if m.get("version"):
-        print(f"  version {m['version']}: {out.rstrip('/')}/_cloob/versions/v{m['version']}.json (the newest, "
-              f"the default); an earlier one: data.train={out.rstrip('/')}@v1")
-        if m.get("excluded_keys"):
-            print(f"  {len(m['excluded_keys'])} samples of rows removed from the source are skipped in training; "
-                  f"delete them from the shards with: cloob prepare <spec> --out {out} --purge-removed")
-    print(f"  train on it: cloob train <recipe> data.train={out}")
 
 
 def _cmd_prepare(args) -> int:
@@ -104,7 +56,9 @@ def _cmd_prepare(args) -> int:
         print(f"cloob prepare: stopped by {signal.Signals(e.signum).name}; the finished shards in {args.out} are "
               "kept, rerun the same command to resume", file=sys.stderr, flush=True)
         return 128 + e.signum
-    print_prepare_summary(m, args.out)
+    from cloob.prepare.summary import print_summary
+
+    print_summary(m, args.out)
     return 0
 
 
@@ -124,6 +78,7 @@ def _name_values(items: list[str] | None, flag: str, names: list[str], example: 
 def _cmd_prepare_downstream(args) -> int:
     from cloob.evaluate.sets.prepare import prepare_downstream
     from cloob.evaluate.sets.spec import list_downstream_specs
+    from cloob.prepare.summary import human_bytes
 
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
@@ -144,7 +99,7 @@ def _cmd_prepare_downstream(args) -> int:
     for r in rows:
         note = " (already prepared)" if r["reused"] else ""
         expected = r.get("expected_images") or "-"
-        print(f"{r['name']:14s} {r['images']:8d} {expected:>8} {r['classes']:8d} {_human_bytes(r['bytes'] or 0):>10s} "
+        print(f"{r['name']:14s} {r['images']:8d} {expected:>8} {r['classes']:8d} {human_bytes(r['bytes'] or 0):>10s} "
               f"{r['seconds']:7.1f}s  {r['uri']}{note}")
     for r in rows:
         split = r.get("split") or {}
@@ -190,7 +145,8 @@ def _fmt(v) -> str:
 def _cmd_evaluate(args) -> int:
     import posixpath
 
-    from cloob.evaluate.runner import EvalSettings, evaluate_many
+    from cloob.evaluate.pairs import evaluate_many
+    from cloob.evaluate.runner import EvalSettings
 
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url

@@ -10,6 +10,7 @@
     matching.py      the re-read source matched against the known rows in partitions on local disk
     purge.py         removed rows' samples deleted from the shards for good (--purge-removed)
     run.py           prepare(): the whole preparation, resumable (`cloob prepare`)
+    summary.py       what `cloob prepare` prints at the end, from the manifest
     stop.py          SIGTERM to `cloob prepare`: the download and every process of it stopped, one line
     folder.py        what a dataset folder may hold before preparation writes into it; staged writes
     manifest.py      the dataset manifest: shards, counts, digests, content hash
