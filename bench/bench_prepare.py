@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from report import write_section  # noqa: E402
 
 from cloob.prepare.demo_server import DemoServer, demo_rows, render  # noqa: E402
-from cloob.prepare.run import _img2dataset_args  # noqa: E402
+from cloob.prepare.download.rounds import img2dataset_args  # noqa: E402
 from cloob.prepare.spec import load_spec  # noqa: E402
 from cloob.storage import Location  # noqa: E402
 
@@ -242,7 +242,7 @@ def main() -> None:
                         cmd = [sys.executable, "-m", "cloob.cli", "prepare", str(spec_file), "--out", str(out),
                                "--no-progress"]
                     else:
-                        kwargs = _img2dataset_args(spec, Location(str(out)), str(table), "incremental")
+                        kwargs = img2dataset_args(spec, Location(str(out)), str(table), "incremental")
                         kwargs["url_list"], kwargs["save_additional_columns"] = str(table), None
                         cmd = [sys.executable, "-c",
                                f"import img2dataset, json; img2dataset.download(**json.loads({json.dumps(kwargs)!r}))"]

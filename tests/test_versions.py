@@ -328,7 +328,7 @@ def test_a_version_killed_before_or_after_its_download_resumes(tmp_path, image_s
         raise KeyboardInterrupt
 
     with monkeypatch.context() as mp:
-        mp.setattr(run, "_run_round", killed)
+        mp.setattr(run, "run_round", killed)
         with pytest.raises(KeyboardInterrupt):
             prepare(spec(table), str(out), progress=False)
     assert (out / "_cloob" / "keys" / "001.parquet").exists() and not (out / "_cloob" / "versions").exists()

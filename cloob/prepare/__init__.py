@@ -18,8 +18,9 @@
                      out; versions(), resolve() and source_unchanged() for the pipeline
     distributors.py  img2dataset's pyspark and ray distributors: checks, sessions
     demo_server.py   the demo's image server on 127.0.0.1
-    download/        img2dataset in its own process (fetch.py) with the download guards it lacks
-                     (guards.py), and how Spark/Ray workers rebuild them (unpickle.py)
+    download/        one download round (rounds.py): img2dataset in its own process (fetch.py) with
+                     the download guards it lacks (guards.py), and how Spark/Ray workers rebuild
+                     them (unpickle.py)
 
 cloob.data keeps only what reads shards (training and evaluation).
 """
