@@ -76,6 +76,19 @@ class Sampler(threading.Thread):
     def _pids():
         return (p for p in os.listdir("/proc") if p.isdigit())
 
+    @staticmethod
+    def _test_file(pid: str) -> str:
+        """The test file whose test started the process: pytest sets PYTEST_CURRENT_TEST in the
+        environment during each test, and children inherit it (unless a test gives them a bare one)."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                for var in f.read().split(b"\0"):
+                    if var.startswith(b"PYTEST_CURRENT_TEST="):
+                        return var.split(b"=", 1)[1].decode(errors="replace").split("::")[0]
+        except OSError:
+            pass
+        return "?"
+
     def run(self):
         while not self.stopping.is_set():
             for pid in self._pids():
@@ -92,7 +105,7 @@ class Sampler(threading.Thread):
                             cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
                         if not cmd:
                             continue
-                        self.seen[key] = [cmd, 0.0]
+                        self.seen[key] = [cmd, 0.0, self._test_file(pid)]
                     self.seen[key][1] = (int(rest[11]) + int(rest[12])) / self.tick
                 except (OSError, ValueError, IndexError):
                     pass
@@ -137,16 +150,25 @@ def main(argv: list[str] | None = None) -> int:
 
     reaped = c1.children_user + c1.children_system - c0.children_user - c0.children_system
     by_kind = collections.defaultdict(lambda: [0, 0.0])
-    for cmd, cpu in sampler.seen.values():
-        k = by_kind[kind(cmd)]
-        k[0] += 1
-        k[1] += cpu
+    by_file_kind = collections.defaultdict(lambda: [0, 0.0])
+    for cmd, cpu, test_file in sampler.seen.values():
+        for table, key in ((by_kind, kind(cmd)), (by_file_kind, (test_file, kind(cmd)))):
+            table[key][0] += 1
+            table[key][1] += cpu
     print(f"\npytest exit code {rc}; {wall:.0f} s wall; {reaped:.0f} s of CPU in all (user + sys, every process "
           f"reaped), {reaped / wall:.2f} cores on average on a {os.cpu_count()}-core machine")
     print(f"\nby kind of process (sampled: {sum(v[1] for v in by_kind.values()):.0f} s in {len(sampler.seen)} processes)")
     print(f"{'CPU s':>8} {'procs':>6} {'s/proc':>7}  kind")
     for name, (n, cpu) in sorted(by_kind.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"{cpu:8.1f} {n:6d} {cpu / n:7.2f}  {name}")
+    print("\nby test file and kind of process (the file whose test started it, from PYTEST_CURRENT_TEST)")
+    print(f"{'CPU s':>8} {'procs':>6} {'s/proc':>7}  file: kind")
+    for (name, k), (n, cpu) in sorted(by_file_kind.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print(f"{cpu:8.1f} {n:6d} {cpu / n:7.2f}  {name}: {k}")
+    print("\ntests that wait the most (wall - CPU: sleeps, polls, time-outs, or a CPU it did not get)")
+    print(f"{'wait s':>8} {'wall s':>7} {'CPU s':>6}  test")
+    for t in sorted(tests, key=lambda t: t["cpu"] - t["wall"])[:args.top]:
+        print(f"{t['wall'] - t['cpu']:8.1f} {t['wall']:7.1f} {t['cpu']:6.1f}  {t['id']}")
     files = collections.defaultdict(lambda: [0, 0.0, 0.0])
     for t in tests:
         f = files[t["id"].split("::")[0]]
