@@ -308,7 +308,7 @@ def test_the_training_state_the_trainer_saves_loads_as_plain_data(tmp_path):
 
     import numpy as np
 
-    from cloob.train.loop import _rng_state
+    from cloob.train.run_state import rng_state
 
     m = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(m.parameters())
@@ -316,7 +316,7 @@ def test_the_training_state_the_trainer_saves_loads_as_plain_data(tmp_path):
     opt.step()
     random.random(), np.random.normal(), torch.rand(1)  # noqa: B018 -- a cached gaussian in the numpy state
     state = {"optimizer": opt.state_dict(), "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
-             "step": 10, "ranks": [{"rng": _rng_state(), "stream": {"raw_consumed": {0: 3}, "batches": 1, "skips": {}}}]}
+             "step": 10, "ranks": [{"rng": rng_state(), "stream": {"raw_consumed": {0: 3}, "batches": 1, "skips": {}}}]}
     ref = CheckpointStore(str(tmp_path / "run")).save(10, {"w": torch.zeros(2)}, {}, state, {"arch": "x"}, keep=1)
     _, loaded, _ = CheckpointStore.load(ref)
     rng = loaded["ranks"][0]["rng"]

@@ -33,9 +33,7 @@ from dataclasses import dataclass
 
 from cloob import plain_data
 from cloob.errors import CloobError
-
-# atomic_write_bytes and is_local: cloob.train.loop imports them from here.
-from cloob.storage import Location, atomic_write_bytes, is_local, redact  # noqa: F401
+from cloob.storage import Location, redact
 
 MODEL_FILE = "open_clip_pytorch_model.bin"
 CONFIG_FILE = "open_clip_config.json"
