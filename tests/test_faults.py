@@ -97,6 +97,11 @@ def _latest(run_dir) -> int:
     return CheckpointStore(str(run_dir)).latest().step
 
 
+def _reasons(run_dir) -> dict[int, str | None]:
+    """{step: why its checkpoint was written (meta.json's reason)} of the run's checkpoints."""
+    return {ref.step: ref.meta().get("reason") for ref in CheckpointStore(str(run_dir)).complete()}
+
+
 @pytest.mark.slow
 def test_preempted_and_restarted_runs_end_bit_exact(tmp_path, shards, env, reference):
     """One run folder, three launches, each stopped a different way, then compared with the reference:
@@ -136,6 +141,7 @@ def test_preempted_and_restarted_runs_end_bit_exact(tmp_path, shards, env, refer
     assert m and int(m.group(1)) == int(m.group(2)), err[-3000:]
     first = int(m.group(1))
     assert 3 <= first < STEPS and _latest(run_dir) == first  # a checkpoint of the step it stopped after
+    assert _reasons(run_dir)[first] == "stopped", _reasons(run_dir)  # and it says why it was written
     assert "Traceback" not in err and took < 60, (took, err[-3000:])
     print(f"SIGTERM to cloob train -> exit: {took:.1f} s")
 
@@ -154,7 +160,7 @@ def test_preempted_and_restarted_runs_end_bit_exact(tmp_path, shards, env, refer
     assert any(f"resuming from step {first}" in line for line in lines), lines
     assert result.returncode == 143 and not result.cancelled and result.preempted, (result, lines)
     second = result.preempted["step"]
-    assert first + 3 <= second < STEPS and _latest(run_dir) == second
+    assert first + 3 <= second < STEPS and _latest(run_dir) == second and _reasons(run_dir)[second] == "stopped"
     with pytest.raises(CloobError, match=f"preempted by SIGTERM at step {second}; checkpoint step_{second:08d} "
                                          "written") as e:
         result.check()
@@ -181,6 +187,9 @@ def test_preempted_and_restarted_runs_end_bit_exact(tmp_path, shards, env, refer
     resumed = int(restart[0][-8:])
     assert any(f"resuming from step {resumed}" in line for line in lines), lines
 
+    reasons = _reasons(run_dir)  # the regular ones, the two stops (where still kept) and the last step's
+    assert reasons.pop(STEPS) == "final" and reasons, reasons
+    assert all(r == ("stopped" if s in (first, second) else "scheduled") for s, r in reasons.items()), reasons
     model, losses = _final(run_dir)
     ref_model, ref_losses = reference
     for k in ref_model:

@@ -175,8 +175,11 @@ def test_a_preempted_training_pod_saves_is_rescheduled_and_its_rerun_resumes_bit
     assert rc == 0 and "Flow run successfully rescheduled" in text, (rc, text[-5000:])
     assert not left, ([p.cmdline()[:6] for p in left], text[-5000:])
     # The ranks stopped after the same step and wrote its checkpoint before pod 0's process ended.
-    stopped = CheckpointStore(str(run_dir)).latest().step
-    assert EVERY < stopped < STEPS and stopped % EVERY, (stopped, text[-5000:])  # not one of the regular ones
+    latest = CheckpointStore(str(run_dir)).latest()
+    stopped = latest.step
+    # Written for the stop (meta.json's reason), whichever step it landed on: a signal slowed on its way
+    # through Prefect's processes may reach the ranks on a regular checkpoint's step.
+    assert EVERY < stopped < STEPS and latest.meta()["reason"] == "stopped", (stopped, text[-5000:])
     state = _state(stack, flow_run.id)
     assert state.type.value == "SCHEDULED" and state.name == "AwaitingRetry", state
 

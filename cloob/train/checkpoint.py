@@ -6,7 +6,8 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_00001000/`:
     open_clip_config.json         {"model_cfg", "preprocess_cfg"}: `local-dir:<folder>` loads it too
     train_state.pt                optimizer, grad scaler, step, epoch, RNG and data positions per rank
     meta.json                     written LAST: its presence marks the checkpoint complete; holds the
-                                  step, the recipe hash, metrics, `files` (sha256 and size of each
+                                  step, why it was written (`reason`: scheduled, stopped or final),
+                                  the recipe hash, metrics, `files` (sha256 and size of each
                                   file above) and `model_sha256` (the checkpoint's id in the registry
                                   and the results table)
 Every file is written atomically through cloob.storage.Location: to a temporary name and renamed

@@ -185,7 +185,7 @@ def _train(recipe: Recipe, info: distributed.DistInfo, cleanup: contextlib.ExitS
         # -- checkpoint; on SIGTERM also one of this step, then every rank leaves (cloob.train.preemption)
         if progress.step % cfg.checkpoint_every == 0 or last or stop:
             with writing_checkpoint(progress.step, last_ckpt, run_dir=plan.run_dir, data=recipe.data.train):
-                last_ckpt = save(run, progress, metrics)
+                last_ckpt = save(run, progress, metrics, "final" if last else "stopped" if stop else "scheduled")
         if stop and not last:
             reports.beat("done", progress.step)
             raise preemption.Preempted(stop, progress.step, last_ckpt.url)

@@ -128,8 +128,10 @@ def resume(run: Run, resume_from) -> Progress:
     return progress
 
 
-def save(run: Run, progress: Progress, metrics: dict):
-    """A checkpoint of this step: every rank's stream positions and RNG, saved by the main rank."""
+def save(run: Run, progress: Progress, metrics: dict, reason: str):
+    """A checkpoint of this step: every rank's stream positions and RNG, saved by the main rank. `reason`
+    (meta.json): why it was written, "scheduled" (train.checkpoint_every), "stopped" (a stop signal:
+    the run ends here, to be resumed) or "final" (the last step)."""
     recipe, plan, info, store, logger = run.recipe, run.plan, run.info, run.store, run.logger
     cfg_train = recipe.train
     reports.beat("save", progress.step)
@@ -148,7 +150,8 @@ def save(run: Run, progress: Progress, metrics: dict):
                 "recipe_hash": progress.recipe_hash or recipe.content_hash(), "run_name": plan.run_name,
                 "epoch_size": plan.num_samples,
                 "samples_seen": progress.samples_seen, "world_size": info.world_size,
-                "total_steps": plan.total_steps, "code_version": code_version(), "metrics": metrics, "time": time.time()}
+                "total_steps": plan.total_steps, "code_version": code_version(), "metrics": metrics, "time": time.time(),
+                "reason": reason}
         if recipe.data.content_hash:
             meta["data"] = {"content_hash": recipe.data.content_hash, "version": recipe.data.version}
         if cfg_train.init_sha256:
