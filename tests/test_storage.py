@@ -91,6 +91,11 @@ def test_moving_and_copying_local_files_in(where, tmp_path):
     loc.copy_in(str(tree), "copied")
     assert loc.files("copied") == [("copied/k/1.jpg", 1), ("copied/top.txt", 1)]
     assert (tree / "top.txt").exists()  # a copy: the source stays
+    (tree / "top.txt").write_bytes(b"tt")
+    loc.copy_in(str(tree), "copied")  # again, onto the first copy (a run's logs at each checkpoint)
+    assert loc.files("copied") == [("copied/k/1.jpg", 1), ("copied/top.txt", 2)]
+    loc.sub("mirror").copy_in(str(tree))  # into a location's root
+    assert loc.files("mirror") == [("mirror/k/1.jpg", 1), ("mirror/top.txt", 2)]
     loc.makedirs("empty/folder")
     if loc.is_local:
         assert os.path.isdir(loc.path("empty/folder"))

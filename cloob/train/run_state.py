@@ -10,7 +10,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -160,14 +159,9 @@ def save(run: Run, progress: Progress, metrics: dict, reason: str):
         ref = store.save(progress.step, run.model.state_dict(), cfg, state, meta, keep=recipe.train.keep_checkpoints)
         if logger:
             logger.flush()
-            if not is_local(store.fs):
-                upload_logs(logger.dir, plan.run_dir)
+            if not is_local(store.fs):  # metrics.jsonl and the trackers' files, from the local mirror
+                Location(plan.run_dir).copy_in(str(logger.dir))
     distributed.barrier(info)
     return ref if info.is_main else store.ref(progress.step)
 
 
-def upload_logs(local_dir: Path, run_dir: str) -> None:
-    run = Location(run_dir)
-    for p in local_dir.rglob("*"):
-        if p.is_file():
-            run.copy_in(str(p), p.relative_to(local_dir).as_posix())

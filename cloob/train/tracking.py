@@ -267,18 +267,12 @@ def _log_evaluation(run_dir: str, step: int, run_name: str, scalars: dict[str, f
                 log.warning("the evaluation of %s at step %d was not logged to %s: %s", run_name, step, name, msg)
         if not loc.is_local and written:
             try:
-                _upload(Path(d), loc)
+                loc.copy_in(d)
             except Exception as e:  # noqa: BLE001
                 log.warning("the evaluation's tracking files of %s could not be copied into %s: %s: %s",
                             run_name, loc.url(), type(e).__name__, _one_line(e))
                 return []
         return written
-
-
-def _upload(local: Path, loc) -> None:
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            loc.copy_in(str(p), p.relative_to(local).as_posix())
 
 
 def _redacted(value):
