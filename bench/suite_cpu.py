@@ -125,7 +125,8 @@ def pytest_runtest_protocol(item, nextitem):
     t0, c0 = time.time(), _cpu()
     yield
     with open(os.path.join(os.environ["SUITE_CPU_DIR"], os.environ.get("PYTEST_XDIST_WORKER", "main") + ".jsonl"), "a") as f:
-        f.write(json.dumps({"id": item.nodeid, "wall": time.time() - t0, "cpu": _cpu() - c0}) + "\\n")
+        f.write(json.dumps({"id": item.nodeid, "start": t0, "wall": time.time() - t0, "cpu": _cpu() - c0,
+                            "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}) + "\\n")
 '''
 
 
@@ -169,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'wait s':>8} {'wall s':>7} {'CPU s':>6}  test")
     for t in sorted(tests, key=lambda t: t["cpu"] - t["wall"])[:args.top]:
         print(f"{t['wall'] - t['cpu']:8.1f} {t['wall']:7.1f} {t['cpu']:6.1f}  {t['id']}")
+    if tests:  # each worker's last test: an idle tail at the end is time no ordering of files saved
+        t_start = min(t["start"] for t in tests)
+        print("\nworkers: when each ran its last test (s from the first test's start), and which")
+        for w in sorted({t["worker"] for t in tests}):
+            last = max((t for t in tests if t["worker"] == w), key=lambda t: t["start"] + t["wall"])
+            print(f"  {w}: {last['start'] + last['wall'] - t_start:7.0f}  {last['id']}")
     files = collections.defaultdict(lambda: [0, 0.0, 0.0])
     for t in tests:
         f = files[t["id"].split("::")[0]]
