@@ -43,6 +43,7 @@ class ResettingProxy:
         self.upstream = (host, int(port))
         self.rng = random.Random(seed)
         self.resets_left, self.resets_done, self.doomed_resets = resets, 0, 0
+        self.tar_gets: list[tuple[str, str | None]] = []  # (object path, Range header or None) of each .tar GET
         self.min_cut, self.max_cut, self.doomed = min_cut, max_cut, doomed
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -77,6 +78,9 @@ class ResettingProxy:
                         path = m.group(2).split(b"?")[0].decode()
                         cut, sent = None, 0
                         if m.group(1) == b"GET" and path.endswith(".tar"):
+                            ranged = re.search(rb"(?im)^range: *(\S+)\r$", data)
+                            with self.lock:
+                                self.tar_gets.append((path.lstrip("/"), ranged and ranged.group(1).decode()))
                             if self.doomed and self.doomed in path:
                                 cut = "headers"
                             else:
@@ -300,3 +304,16 @@ def test_evaluation_shards_from_a_bucket_ride_out_dropped_connections(bucket, sh
     got = read_all()
     assert proxy.resets_done == 5
     assert len(want) == 160 and got == want
+
+
+def test_the_plans_readability_check_reads_one_tar_header_not_the_shard(bucket, shards, through_proxy, tmp_path):
+    """The plan looks at the first shard's tar header before anything starts: one ranged GET of its
+    first 512 bytes, not a stream of the whole object cut off after a read (which, through a connection
+    that drops, spent resets on a read no batch ever counted)."""
+    from cloob.train.plan import plan_run
+
+    proxy = through_proxy(seed=11, resets=6, max_cut=_shard_size(shards))
+    plan = plan_run(load_recipe("tiny", [f"data.train=s3://{bucket}/shards", f"train.output={tmp_path}",
+                                         "train.batch_size=16", "data.workers=1"]), 1)
+    assert plan.num_samples == 160 and len(plan.shard_urls) == 4
+    assert proxy.resets_done == 0 and proxy.tar_gets == [(plan.shard_urls[0].removeprefix("s3://"), "bytes=0-511")]

@@ -12,9 +12,10 @@ import logging
 import math
 from dataclasses import dataclass
 
+import fsspec
+
 from cloob.architectures import check_architecture
 from cloob.config import Recipe
-from cloob.data.remote import open_shard
 from cloob.data.shards import list_shards
 from cloob.errors import CloobError
 from cloob.lock import FolderLock, folder_lock
@@ -62,8 +63,10 @@ def plan_run(recipe: Recipe, world_size: int) -> Plan:
 
 def _check_readable(url: str) -> None:
     try:
-        with open_shard(url) as f:  # from a bucket: one streaming GET, reopened where a dropped connection broke
-            head = f.read(512)
+        # The tar header only: one ranged read of 512 bytes (a stream of the object, cut off after the
+        # header, would make a bucket send up to a buffer's worth of a shard that may be gigabytes).
+        fs, path = fsspec.core.url_to_fs(url)
+        head = fs.cat_file(path, start=0, end=512)
     except (OSError, ValueError) as e:
         raise CloobError(f"cannot read shard {url}: {type(e).__name__}: {e}",
                          "check the path, permissions and credentials") from None
