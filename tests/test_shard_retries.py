@@ -317,3 +317,49 @@ def test_the_plans_readability_check_reads_one_tar_header_not_the_shard(bucket, 
                                          "train.batch_size=16", "data.workers=1"]), 1)
     assert plan.num_samples == 160 and len(plan.shard_urls) == 4
     assert proxy.resets_done == 0 and proxy.tar_gets == [(plan.shard_urls[0].removeprefix("s3://"), "bytes=0-511")]
+
+
+def test_the_readability_check_streams_where_an_http_server_ignores_range(tmp_path):
+    """Over HTTP the check streams the shard and stops after its header: a server that ignores Range
+    (python -m http.server does) would otherwise send the whole shard, into memory, to show 512 bytes."""
+    import functools
+    import io
+    import tarfile
+    import time
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from cloob.train.plan import _check_readable
+
+    payload = random.Random(0).randbytes(32 << 20)
+    with tarfile.open(tmp_path / "big.tar", "w") as tar:
+        info = tarfile.TarInfo("000.jpg")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    size = (tmp_path / "big.tar").stat().st_size
+    sent: list[int] = []
+
+    class Counting(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def copyfile(self, source, outputfile):
+            n = 0
+            try:
+                while chunk := source.read(1 << 16):
+                    outputfile.write(chunk)
+                    n += len(chunk)
+            except OSError:  # the client closed the connection: what it did not read was not sent
+                pass
+            sent.append(n)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _check_readable(f"http://127.0.0.1:{server.server_address[1]}/big.tar")
+        deadline = time.monotonic() + 30
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sent and sent[0] < size // 4, (sent, size)

@@ -63,10 +63,16 @@ def plan_run(recipe: Recipe, world_size: int) -> Plan:
 
 def _check_readable(url: str) -> None:
     try:
-        # The tar header only: one ranged read of 512 bytes (a stream of the object, cut off after the
-        # header, would make a bucket send up to a buffer's worth of a shard that may be gigabytes).
+        # The tar header only. From a bucket: one ranged read of 512 bytes (a stream of the object, cut
+        # off after the header, would make the store send up to a buffer's worth of a shard that may
+        # be gigabytes). Over HTTP: a stream, closed after the header, since a server may ignore Range
+        # and send the whole shard for a ranged read (python -m http.server does).
         fs, path = fsspec.core.url_to_fs(url)
-        head = fs.cat_file(path, start=0, end=512)
+        if {"http", "https"} & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol):
+            with fs.open(path, "rb", block_size=0) as f:
+                head = f.read(512)
+        else:
+            head = fs.cat_file(path, start=0, end=512)
     except (OSError, ValueError) as e:
         raise CloobError(f"cannot read shard {url}: {type(e).__name__}: {e}",
                          "check the path, permissions and credentials") from None
