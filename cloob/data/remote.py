@@ -232,6 +232,19 @@ async def _aclose(body) -> None:
     body.close()
 
 
+def read_head(url: str, n: int) -> bytes:
+    """The first n bytes of the shard at url (fewer if it is shorter), without reading the rest. From
+    an object store: one ranged read (a stream cut off after n bytes would make the store send up to a
+    buffer's worth of a shard that may be gigabytes). Over HTTP: a stream, closed after n bytes, since a
+    server may ignore Range and send the whole shard for a ranged read (python -m http.server does)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("http", "https"):
+        with fs.open(path, "rb", block_size=0) as f:
+            return f.read(n)
+    return fs.cat_file(path, start=0, end=n)
+
+
 def open_shard(url: str, on_retry: Callable[[int], None] | None = None) -> io.BufferedIOBase:
     """A binary file of the shard at url: a ResumingReader behind a buffer for remote URLs, the plain
     file for local ones. Raises OSError when the shard cannot be opened (after the retries)."""

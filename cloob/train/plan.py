@@ -12,10 +12,9 @@ import logging
 import math
 from dataclasses import dataclass
 
-import fsspec
-
 from cloob.architectures import check_architecture
 from cloob.config import Recipe
+from cloob.data.remote import read_head
 from cloob.data.shards import list_shards
 from cloob.errors import CloobError
 from cloob.lock import FolderLock, folder_lock
@@ -63,16 +62,7 @@ def plan_run(recipe: Recipe, world_size: int) -> Plan:
 
 def _check_readable(url: str) -> None:
     try:
-        # The tar header only. From a bucket: one ranged read of 512 bytes (a stream of the object, cut
-        # off after the header, would make the store send up to a buffer's worth of a shard that may
-        # be gigabytes). Over HTTP: a stream, closed after the header, since a server may ignore Range
-        # and send the whole shard for a ranged read (python -m http.server does).
-        fs, path = fsspec.core.url_to_fs(url)
-        if {"http", "https"} & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol):
-            with fs.open(path, "rb", block_size=0) as f:
-                head = f.read(512)
-        else:
-            head = fs.cat_file(path, start=0, end=512)
+        head = read_head(url, 512)  # the tar header only, not a stream of the whole shard
     except (OSError, ValueError) as e:
         raise CloobError(f"cannot read shard {url}: {type(e).__name__}: {e}",
                          "check the path, permissions and credentials") from None
