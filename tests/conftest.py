@@ -42,6 +42,17 @@ def child_env(base: dict | None = None, *, path: str | Path = ROOT, **extra) -> 
     return env
 
 
+def rank_number(p) -> int | None:
+    """The global rank of a training process (a psutil.Process): from its name when it was forked from
+    torchrun's agent (cloob-rank<N>, cloob.run.rank_fork), else from its environment (a new
+    interpreter: CLOOB_RANK_START=exec, or bare torchrun). None for any other process."""
+    name = p.name()
+    if name.startswith("cloob-rank"):
+        return int(name.removeprefix("cloob-rank"))
+    rank = p.environ().get("RANK")
+    return int(rank) if rank is not None and rank.isdigit() else None
+
+
 def pytest_configure(config):
     """Prefect's settings for this test process, before anything imports Prefect (it reads them once):
     a Prefect home of its own (each pytest-xdist worker has one: its ephemeral servers keep their

@@ -41,8 +41,8 @@ def test_uses_timm_agrees_with_open_clips_configs():
 
 _RANK_START = """
 import sys
-from cloob.train.__main__ import _skip_timm
-_skip_timm(sys.argv[1:])
+from cloob.architectures import skip_timm_for_args
+skip_timm_for_args(sys.argv[1:])
 import cloob.model
 print(sys.modules.get("timm") is not None)
 if sys.argv[-1] == "model.arch=cloob-tiny-vit":  # builds without timm

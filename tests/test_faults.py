@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import child_env
+from conftest import child_env, rank_number
 
 from cloob.config import load_recipe
 from cloob.errors import CloobError
@@ -83,7 +83,7 @@ def _torchrun_tree() -> list[psutil.Process]:
 
 
 def _rank(tree, rank: int) -> psutil.Process:
-    return next(p for p in tree[1:] if p.ppid() == tree[0].pid and p.environ().get("RANK") == str(rank))
+    return next(p for p in tree[1:] if p.ppid() == tree[0].pid and rank_number(p) == rank)
 
 
 def _gone(procs, timeout=60.0) -> None:

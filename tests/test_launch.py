@@ -3,7 +3,8 @@ deadline that kills the whole process group and a rerun that resumes, cancellati
 `cloob train` itself: signals reach the whole tree, a frozen rank fails the run naming it, and every
 failure is one message.
 
-Runs are few and tiny: most of a launch is importing torch in torchrun and in each rank.
+Runs are few and tiny: most of a launch is importing torch and the trainer, once, in torchrun (its ranks
+are forks of it, cloob.run.rank_fork).
 """
 
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import child_env
+from conftest import child_env, rank_number
 
 from cloob.errors import CloobError
 from cloob.run import reports
@@ -453,7 +454,7 @@ def test_a_killed_uv_run_takes_the_run_with_it(tmp_path, shards, env):
 def _rank(rec, rank: int):
     """The process of `rank` among the children of the torchrun that `rec` has seen."""
     torchrun = next(q for q in rec.procs.values() if "cloob.run.torchrun" in q.cmdline())
-    return next(q for q in torchrun.children() if q.environ().get("RANK") == str(rank))
+    return next(q for q in torchrun.children() if rank_number(q) == rank)
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ import psutil
 
 from cloob.config import Recipe, load_recipe
 from cloob.errors import CloobError
-from cloob.run import reports
+from cloob.run import rank_fork, reports
 from cloob.run.proctree import ProcessTree, still_running, stop_tree  # noqa: F401 (still_running: for callers)
 from cloob.run.state import identify
 from cloob.run.watchdog import Stall, Watchdog
@@ -279,6 +279,7 @@ def launch(recipe: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes
     A failed run is not raised: call .check() on the result. A bad recipe or override is raised at
     once (CloobError), before anything starts.
     """
+    rank_fork.wanted({**os.environ, **(env or {})})  # a bad CLOOB_RANK_START: one error here, not in torchrun
     # The data version and the warm start, resolved here for every rank: the run's key and name.
     overrides = identify(recipe, overrides)
     run_dir, metrics_path, r = _resolve_run(recipe, [*overrides, "train.progress=false"])

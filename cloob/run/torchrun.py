@@ -81,7 +81,7 @@ def main() -> int:
     from torch.distributed.run import main as torchrun
     from torch.distributed.run import parse_args, run
 
-    from cloob.run import reports
+    from cloob.run import rank_fork, reports
 
     if reports.report_dir() is None:  # run by hand: torchrun as it is
         torchrun()
@@ -95,8 +95,10 @@ def main() -> int:
             if name.startswith(("torch.distributed.elastic", "torch.distributed.run")) and \
                     isinstance(logger, logging.Logger):
                 logger.setLevel(logging.CRITICAL)
+    args = parse_args(sys.argv[1:])
+    rank_fork.install(args.training_script, args.module, args.training_script_args)
     try:
-        run(parse_args(sys.argv[1:]))
+        run(args)
     except ChildFailedError as e:
         reports.write_failures({rank: _failure(f) for rank, f in e.failures.items()})
         return 1
