@@ -356,3 +356,28 @@ def test_sigterm_is_only_recorded_while_the_loop_runs():
         assert got == [signal.SIGTERM] * 2
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+_EARLY_SIGTERM = """
+import os, signal, sys
+from cloob.lock import folder_lock
+from cloob.train import preemption
+with folder_lock(sys.argv[1], purpose="cloob train test"), preemption.stop_at_step_boundary():
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # torchrun stopping this rank: its peer failed on bad data
+    sys.stdin.read()  # the first batch, never got
+"""
+
+
+def test_sigterm_before_the_loop_ends_the_rank_with_its_lock_released(tmp_path):
+    """A rank stopped before its loop runs (its first batch not read yet) ends at once, as before, but
+    leaves the blocks it is in: the run folder's lock is released and the folder the lock made is
+    gone. Killed outright, it left `runs/<name>/lock.json` behind (seen as test_launch's bad-data test
+    failing 1 run in 3 once ranks started together, forked)."""
+    run_dir = tmp_path / "out" / "runs" / "r"
+    proc = subprocess.run([sys.executable, "-c", _EARLY_SIGTERM, str(run_dir)], capture_output=True, text=True,
+                          timeout=120, env=child_env(), stdin=subprocess.PIPE)
+    assert proc.stdout.split() == ["locked"], proc.stderr
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists(), sorted(str(p) for p in tmp_path.rglob("*"))

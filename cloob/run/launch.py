@@ -156,9 +156,10 @@ def _one_line(text: str) -> str:
 def first_failure(failures: dict[int, dict]) -> tuple[int, dict]:
     """The failed rank that ended the group, from torchrun's account {rank: {"signal", "exitcode",
     "time"}}. A rank killed from outside comes before the others' reactions to its end: a collective
-    failing on them (exit code 1, a "peer" error) or torchrun stopping them (SIGTERM)."""
+    failing on them (exit code 1, a "peer" error) or torchrun stopping them (SIGTERM, or exit code 143
+    from a rank that left on it, cloob.train.preemption)."""
     def order(kv):
-        sig = kv[1].get("signal")
+        sig = kv[1].get("signal") or ("SIGTERM" if kv[1].get("exitcode") == 128 + signal.SIGTERM else None)
         return (0 if sig and sig != "SIGTERM" else 1 if not sig else 2, kv[1].get("time") or 0, kv[0])
 
     return min(failures.items(), key=order)

@@ -9,8 +9,11 @@ on it (one all_reduce(MAX), cloob.train.boundary), so all of them stop after the
 far apart their signals came; the main rank writes that step's checkpoint, and every rank leaves
 with Preempted and exit status 128 + 15 = 143. A rerun resumes from that checkpoint, bit-exact.
 
-Before the loop (imports, rendezvous, loading, the first batch) and after it there is nothing to
-save, and SIGTERM does what it did before this handler was installed: it ends the process at once.
+Before the loop (rendezvous, loading, the first batch) and after it there is nothing to save, and
+SIGTERM ends the process at once: as SystemExit(143), which leaves the blocks it is in, so that the
+run folder's lock is released and the folders it made for it removed (torchrun stops a rank so when
+its peer fails on bad data while this one still reads its first batch: killed outright, it left a
+run folder holding only lock.json). A second SIGTERM meanwhile kills it as usual.
 
 The time from the signal to the checkpoint is one step plus one save. Whoever sends SIGKILL after a
 grace period must give that much: torchrun's agent waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for
@@ -108,9 +111,9 @@ def requested() -> int:
 def _pass_on(previous, signum: int, frame) -> None:
     if callable(previous):
         previous(signum, frame)
-    elif previous != signal.SIG_IGN:  # the default action: die of it
+    elif previous != signal.SIG_IGN:  # the default action, dying of it, after leaving the blocks we are in
         signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        raise SystemExit(128 + signum)
 
 
 def worker_init(worker_id: int) -> None:
