@@ -677,3 +677,14 @@ def test_sigterm_stops_a_preparation_in_one_line_and_leaves_nothing_running(tmp_
     assert again.returncode == 0, again.stderr
     assert "480 rows -> 480 images in 10 shards" in again.stdout
     assert f"({10 - kept} of 10 shards; {kept} were already there)" in again.stdout, again.stdout
+
+
+def test_the_pool_is_no_larger_than_the_shards_a_round_fetches():
+    """img2dataset starts every process of its pool whatever the work: a round with fewer shards to
+    fetch than download.processes starts one per shard; Spark and Ray keep the cores they were given."""
+    from cloob.prepare.download.rounds import pool_size
+
+    spec = load_spec("demo", ["download.processes=4"])
+    assert [pool_size(spec, n) for n in (0, 1, 3, 4, 10, None)] == [1, 1, 3, 4, 4, 4]
+    for engine in ("ray", "pyspark"):
+        assert pool_size(load_spec("demo", ["download.processes=4", f"download.distributor={engine}"]), 1) == 4

@@ -80,8 +80,9 @@ def _engine_args(spec: PretrainSpec, store: Location, cluster: dict, proxy: str 
             "out_is_local": store.is_local}
 
 
-def img2dataset_args(spec: PretrainSpec, store: Location, url_list: str, mode: str) -> dict:
-    """img2dataset's arguments: rows from the parquet file at URL `url_list`, shards into `store`."""
+def img2dataset_args(spec: PretrainSpec, store: Location, url_list: str, mode: str, pending: int | None = None) -> dict:
+    """img2dataset's arguments: rows from the parquet file at URL `url_list`, shards into `store`;
+    `pending`: how many shards this round has to fetch."""
     d = spec.download
     return {
         "url_list": url_list, "output_folder": store.url(),
@@ -89,13 +90,24 @@ def img2dataset_args(spec: PretrainSpec, store: Location, url_list: str, mode: s
         "save_additional_columns": ["row_id"], "output_format": "webdataset",
         "image_size": d.image_size, "resize_mode": d.resize_mode, "resize_only_if_bigger": d.resize_only_if_bigger,
         "encode_format": d.encode_format, "encode_quality": d.encode_quality,
-        "number_sample_per_shard": d.shard_size, "processes_count": d.processes, "thread_count": d.threads,
+        "number_sample_per_shard": d.shard_size, "processes_count": pool_size(spec, pending), "thread_count": d.threads,
         "timeout": d.timeout, "retries": d.retries, "min_image_size": d.min_image_size,
         "max_image_area": d.max_image_area, "max_aspect_ratio": d.max_aspect_ratio,
         "incremental_mode": mode, "enable_wandb": False, "compute_hash": "sha256", "distributor": d.distributor,
         "user_agent_token": d.user_agent_token, "disallowed_header_directives": d.disallowed_header_directives,
         "oom_shard_count": 5,
     }
+
+
+def pool_size(spec: PretrainSpec, pending: int | None) -> int:
+    """download.processes, but no more processes than shards to fetch on this machine's pool
+    (multiprocessing): img2dataset starts all of them whatever the work, and each is a new interpreter
+    (about 1 s of CPU before its first row). A retry round of one shard, or a week's delta, starts
+    one. On Spark and Ray the number is the cores of a cluster, left as given."""
+    d = spec.download
+    if d.distributor != "multiprocessing" or pending is None:
+        return d.processes
+    return max(1, min(d.processes, pending))
 
 
 def run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, rows: int, expect: list[int],
@@ -109,7 +121,7 @@ def run_round(store: Location, spec: PretrainSpec, url_list: str, mode: str, row
     started, t0 = datetime.now(UTC).isoformat(timespec="seconds"), time.monotonic()
     shards = len(expect)
     before = finished_shards(store)
-    args = img2dataset_args(spec, store, store.url(url_list), mode)
+    args = img2dataset_args(spec, store, store.url(url_list), mode, pending=shards)
     with tempfile.TemporaryDirectory(prefix="cloob-fetch-") as tmp:
         args_file, log_file = os.path.join(tmp, "args.json"), os.path.join(tmp, "img2dataset.log")
         error_file = os.path.join(tmp, "error.json")
