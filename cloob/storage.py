@@ -52,10 +52,15 @@ def redact(text: str) -> str:
     return _URL_SECRETS.sub(lambda m: m["scheme"] + m["rest"], str(text))
 
 
+def protocol_of(fs) -> str:
+    """An fsspec file system's primary protocol ("file", "s3", "http", ...): fs.protocol is a string
+    or a tuple of its names, the first the one it is known by."""
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 def is_local(fs) -> bool:
     """Whether an fsspec file system is the local disk."""
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return proto in ("file", "local")
+    return protocol_of(fs) in ("file", "local")
 
 
 def _atomic_write(fs, path: str, data: bytes) -> None:

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from cloob.storage import Location, atomic_write_bytes, is_local
+from cloob.storage import Location, atomic_write_bytes, is_local, protocol_of
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -108,3 +108,13 @@ def test_a_local_path_is_made_absolute_and_normal(tmp_path, monkeypatch):
     assert loc.root == loc.url() == str(tmp_path / "ds")
     loc.write_json("_cloob/x.json", {"a": 1})
     assert sorted(os.listdir(tmp_path)) == ["ds"] and (tmp_path / "ds" / "_cloob" / "x.json").exists()
+
+
+def test_a_file_systems_protocol_is_its_first_name():
+    """fsspec gives fs.protocol as a string or a tuple of names (s3fs: ("s3", "s3a"), the local disk:
+    ("file", "local")); the first is the one the code compares."""
+    import fsspec
+
+    local, s3, http = (fsspec.filesystem(p) for p in ("file", "s3", "http"))
+    assert (protocol_of(local), protocol_of(s3), protocol_of(http)) == ("file", "s3", "http")
+    assert is_local(local) and not is_local(s3) and not is_local(http)

@@ -35,6 +35,8 @@ from collections.abc import Callable
 
 import fsspec
 
+from cloob.storage import is_local, protocol_of
+
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRIES = 5
@@ -91,8 +93,7 @@ class ResumingReader(io.RawIOBase):
         self.backoff = env_backoff if backoff is None else backoff
         self.on_retry = on_retry
         self.fs, self.path = fsspec.core.url_to_fs(url)
-        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.s3 = proto in ("s3", "s3a")
+        self.s3 = protocol_of(self.fs) in ("s3", "s3a")
         self.pos = 0
         self.size: int | None = None
         self.etag: str | None = None
@@ -238,8 +239,7 @@ def read_head(url: str, n: int) -> bytes:
     buffer's worth of a shard that may be gigabytes). Over HTTP: a stream, closed after n bytes, since a
     server may ignore Range and send the whole shard for a ranged read (python -m http.server does)."""
     fs, path = fsspec.core.url_to_fs(url)
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if proto in ("http", "https"):
+    if protocol_of(fs) in ("http", "https"):
         with fs.open(path, "rb", block_size=0) as f:
             return f.read(n)
     return fs.cat_file(path, start=0, end=n)
@@ -249,7 +249,6 @@ def open_shard(url: str, on_retry: Callable[[int], None] | None = None) -> io.Bu
     """A binary file of the shard at url: a ResumingReader behind a buffer for remote URLs, the plain
     file for local ones. Raises OSError when the shard cannot be opened (after the retries)."""
     fs, _ = fsspec.core.url_to_fs(url)
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if proto in ("file", "local"):
+    if is_local(fs):
         return fsspec.open(url, "rb").open()
     return io.BufferedReader(ResumingReader(url, on_retry=on_retry), buffer_size=CHUNK)

@@ -15,7 +15,7 @@ from cloob.errors import CloobError
 from cloob.lock.holder import DEFAULT_LEASE_S, LOCK_NAME, _ago, _record, _stale, lease_s_default
 from cloob.lock.local import _FolderGone, _Local
 from cloob.lock.s3 import _S3
-from cloob.storage import is_local
+from cloob.storage import is_local, protocol_of
 
 log = logging.getLogger("cloob.lock")
 
@@ -40,7 +40,7 @@ class FolderLock:
         self.alternative = alternative
         self.lease_s = float(lease_s if lease_s is not None else lease_s_default())
         fs, path = fsspec.core.url_to_fs(folder)
-        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        proto = protocol_of(fs)
         if is_local(fs):
             self._b = _Local(path, name)
         elif proto in ("s3", "s3a"):

@@ -20,6 +20,7 @@ import fsspec
 from cloob.errors import CloobError
 from cloob.prepare.spec import Cc3mSource, DemoSource, PretrainSpec, TableSource, Yfcc15mSource
 from cloob.safetext import safe_text
+from cloob.storage import protocol_of
 
 _WS = re.compile(r"\s+")
 
@@ -68,7 +69,7 @@ def _table_files(src: TableSource, fix: str) -> list[str]:
         return [src.path]
     try:
         fs, _ = fsspec.core.url_to_fs(src.path)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        protocol = protocol_of(fs)
         fs.invalidate_cache()  # a listing cached earlier in this process would miss a new dump
         paths = sorted(fs.glob(src.path))
     except (OSError, ValueError) as e:
