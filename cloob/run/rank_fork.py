@@ -191,7 +191,9 @@ def _child(command, argv, env, stdout, stderr, local_rank, inherited) -> int:
             os.dup2(stream.fileno(), fd)
     _close_inherited(inherited)
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True, write_through=True)
+        reconfigure = getattr(stream, "reconfigure", None)  # absent if a library replaced the stream
+        if reconfigure is not None:
+            reconfigure(line_buffering=True, write_through=True)
     os.environ.clear()
     os.environ.update(env)
     logging.root.handlers.clear()  # the trainer's basicConfig takes effect, as in a new interpreter
