@@ -81,7 +81,8 @@ out = {"python": sys.version.split()[0], "executable": sys.executable}
 missing = {}
 for m in ["torch", "torchvision", "numpy", "PIL", "yaml", "pydantic", "fsspec", "psutil", "tqdm", "pyarrow", "pandas",
           "webdataset", "braceexpand", "ftfy", "regex", "open_clip", "open_clip_train.main", "pytest",
-          "cloob.losses", "cloob.train.loop", "cloob.evaluate.runner", "cloob.data.stream", "cloob.data.synthetic"]:
+          "cloob.losses", "cloob.train.loop", "cloob.evaluate.runner", "cloob.data.stream", "cloob.data.synthetic",
+          "cloob.run.launch"]:
     try:
         mod = importlib.import_module(m)
         out.setdefault("modules", {})[m] = getattr(mod, "__version__", "") or os.path.dirname(getattr(mod, "__file__", "") or "")

@@ -15,7 +15,6 @@ from conftest import child_env
 
 from cloob.errors import CloobError
 from cloob.run import rank_fork
-from cloob.run.launch import launch
 from cloob.train.checkpoint import CheckpointStore
 
 ROOT = Path(__file__).parents[1]
@@ -31,6 +30,8 @@ def test_only_torchruns_command_for_cloob_train_is_forked():
 
 
 def test_the_escape_hatch_and_a_bad_value(monkeypatch):
+    from cloob.run.launch import launch
+
     assert rank_fork.wanted({}) and rank_fork.wanted({"CLOOB_RANK_START": "fork"})
     assert not rank_fork.wanted({"CLOOB_RANK_START": "exec"})
     with pytest.raises(CloobError) as e:
@@ -86,8 +87,10 @@ def shards(make_shards):
     return make_shards(96, 24, seed=11)  # 4 shards
 
 
-def _train(shards, out, env) -> tuple[list[dict], dict, list]:
-    """A 2-rank run of 6 steps; the ranks as seen at its progress lines, its losses and final model."""
+def _train(shards, out, env, ranks: int = 2, *extra) -> tuple[list[dict], dict, list]:
+    """A run of 6 steps; the ranks as seen at its progress lines, its losses and final model."""
+    from cloob.run.launch import launch
+
     seen: dict[int, dict] = {}
 
     def look(_progress):
@@ -102,8 +105,8 @@ def _train(shards, out, env) -> tuple[list[dict], dict, list]:
                 pass
 
     overrides = [f"data.train={shards}", f"train.output={out}", "train.batch_size=8", "train.log_every=1",
-                 "train.steps=6", "data.workers=1", "data.shuffle_buffer=24", "schedule.warmup_steps=2"]
-    result = launch("tiny", overrides, nproc_per_node=2, env=env, on_progress=look)
+                 "train.steps=6", "data.workers=1", "data.shuffle_buffer=24", "schedule.warmup_steps=2", *extra]
+    result = launch("tiny", overrides, nproc_per_node=ranks, env=env, on_progress=look)
     assert result.returncode == 0, "\n".join(result.log_tail)
     model, _, meta = CheckpointStore.load(CheckpointStore(result.run_dir).latest())
     assert meta["step"] == 6
@@ -127,3 +130,12 @@ def test_forked_ranks_train_as_new_interpreters_do_and_look_like_them(tmp_path, 
         assert rank["session"] == pid  # a session of its own, as torch's Popen gives it
     assert sorted(r["name"] for _, r in forked) == ["cloob-rank0", "cloob-rank1"]
     assert not any(r["name"].startswith("cloob-rank") for _, r in execd)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_forked_rank_trains_on_the_gpu(tmp_path, shards):
+    """The agent imports the trainer without asking CUDA anything; the rank forked from it initializes
+    CUDA itself and trains (bench/gpu_check runs this with the other CUDA-marked tests)."""
+    forked, _, losses = _train(shards, tmp_path, child_env({}), 1, "train.device=cuda")
+    assert [r["name"] for _, r in forked] == ["cloob-rank0"] and len(losses) == 6
