@@ -27,6 +27,7 @@ from conftest import child_env, rank_number
 from cloob.errors import CloobError
 from cloob.run import reports
 from cloob.run.launch import _MetricsTail, _resolve_run, _sweep_report_dirs, build_command, launch, still_running
+from cloob.run.state import identify
 from cloob.run.watchdog import PHASE_FLOOR_S, STEP_FLOOR_S, Watchdog
 from cloob.train.checkpoint import CheckpointStore
 
@@ -119,38 +120,52 @@ def test_two_process_run_reports_lines_and_progress(tmp_path, shards, env):
 GRACE_S = 20.0
 
 
+class _Clock:
+    """The launcher's clock (its module's `time`): the real one, moved forward by `jump` seconds."""
+
+    def __init__(self):
+        self.jump = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.jump
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 @pytest.mark.slow
-def test_deadline_kills_the_group_and_a_rerun_resumes(tmp_path, shards, env):
-    # The deadline must fall after a checkpoint and before the end: here the first step comes ~6 s
-    # after the start and the 200 steps take ~10 s more. The rerun has the same overrides (another
-    # train.steps is another recipe, which the trainer refuses to resume). A machine too slow to
-    # write a checkpoint in time tries again with a longer deadline, one that finishes first with
-    # more steps (another recipe hash, so another run folder).
-    deadline, steps = 10.0, 200
+def test_deadline_kills_the_group_and_a_rerun_resumes(tmp_path, shards, env, monkeypatch):
+    # The deadline must fall after a checkpoint and before the end, whatever the machine's speed: a
+    # fixed one missed the first checkpoint on a loaded 2-core machine (each retry a whole run more).
+    # So the launcher's clock jumps past the deadline once a checkpoint is complete, seen from the
+    # progress callback, and the launcher's own loop sees the deadline at its next tick. The rerun has
+    # the same overrides (another train.steps is another recipe, which the trainer refuses to resume).
+    deadline, steps = 600.0, 200
     env = {**env, "LAUNCH_TEST_SECRET": "s3cr3t-value"}
-    for attempt in range(3):
-        overrides = _overrides(shards, tmp_path / f"attempt{attempt}", f"train.steps={steps}",
-                               "train.checkpoint_every=4")
-        rec = _Recorder()
-        result = launch("tiny", overrides, deadline_s=deadline, grace_s=GRACE_S, env=env, on_line=rec.on_line,
-                        on_progress=rec.on_progress)
-        if not result.timed_out:
-            steps *= 4
-        elif result.checkpoint is None or not rec.procs:  # too slow to checkpoint, or to report a step
-            # Steps grow with the deadline: with 3x the time and the same 200 steps, the deadline fell after
-            # the loop, while the rank wrote its last checkpoint (SIGTERM ends it at once there: nothing
-            # is preempted), in a clean-clone run of 2026-12-07.
-            deadline, steps = deadline * 3, steps * 3
-        else:
-            break
+    overrides = _overrides(shards, tmp_path / "out", f"train.steps={steps}", "train.checkpoint_every=4")
+    run_dir = _resolve_run("tiny", identify("tiny", overrides))[0]  # as launch resolves it
+    clock, rec, released = _Clock(), _Recorder(), []
+    monkeypatch.setattr("cloob.run.launch.time", clock)
+
+    def jump_after_a_checkpoint(row: dict) -> None:
+        rec.on_progress(row)
+        if not released and CheckpointStore(run_dir).latest() is not None:
+            released.append(time.monotonic())
+            clock.jump = deadline
+
+    result = launch("tiny", overrides, deadline_s=deadline, grace_s=GRACE_S, env=env, on_line=rec.on_line,
+                    on_progress=jump_after_a_checkpoint)
+    ended = time.monotonic()
     assert result.timed_out and not result.cancelled and result.returncode != 0
-    assert deadline <= result.seconds < deadline + GRACE_S + 35.0
+    assert released, rec.lines  # a checkpoint came before the end
+    assert result.seconds >= deadline and ended - released[0] < GRACE_S + 35.0
     # No process of the run survives: torchrun, the rank and its DataLoader worker.
     _assert_run_gone(result.pgid, rec.procs, at_least=3)
+    assert Path(result.run_dir) == Path(run_dir)
     stopped_at = CheckpointStore(result.run_dir).latest().step
     # The SIGTERM at the deadline stopped the rank after a step, with a checkpoint of that step.
     assert result.preempted is not None and result.preempted["step"] == stopped_at
-    assert 1 <= stopped_at < steps and result.last_progress["step"] >= stopped_at
+    assert 4 <= stopped_at < steps and result.last_progress["step"] >= stopped_at
     with pytest.raises(CloobError, match="deadline") as e:
         result.check()
     assert "resume" in e.value.fix
