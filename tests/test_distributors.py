@@ -7,11 +7,12 @@ to install them) and fail in CI, which installs them."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 
@@ -60,13 +61,17 @@ def guard_spec(tmp_path, base: str, distributor: str, shard_size: int = 8):
                                 distributor=distributor))
 
 
-def assert_guards_fired(m: dict, elapsed: float) -> None:
+def assert_guards_fired(m: dict, out: Path) -> None:
     t = m["totals"]
     assert (t["successes"], t["failures"]) == (4, len(GUARDED)), t
     reasons = " | ".join(t["failures_by_reason"])
     for name, words in GUARDED.items():
         assert words in reasons, (name, t["failures_by_reason"])
-    assert elapsed < 90  # the trickler did not hold its shard for img2dataset's 60 s default deadline
+    # The trickler did not hold its shard for img2dataset's 60 s default deadline: each shard's own
+    # download time, from img2dataset's stats (the preparation's whole time also counts Ray's or
+    # Spark's start-up: 101 s once on a loaded 2-core machine, against a bound of 90 s then).
+    durations = {f.name: json.loads(f.read_text())["duration"] for f in out.glob("*_stats.json")}
+    assert durations and max(durations.values()) < 45, durations
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +259,8 @@ def test_pyspark_local_gives_the_multiprocessing_content_hash_and_keeps_the_guar
     assert m["content_hash"] == demo_hash and m["totals"]["successes"] == 24
     assert [r.get("distributor") for r in m["history"]] == ["pyspark"]
 
-    t0 = time.monotonic()
     m = prepare(guard_spec(tmp_path, image_server.url, "pyspark"), str(tmp_path / "guards"), progress=False)
-    assert_guards_fired(m, time.monotonic() - t0)
+    assert_guards_fired(m, tmp_path / "guards")
 
 
 @pytest.mark.slow
@@ -274,9 +278,8 @@ def test_ray_workers_keep_the_guards_and_a_lost_shard_is_named_then_fetched(ray_
     # failure messages came with the downloader.
     out = tmp_path / "guards"
     spec = guard_spec(tmp_path, image_server.url, "ray", shard_size=4)  # 00000: 4 good rows, 00001: the bad ones
-    t0 = time.monotonic()
     first = prepare(spec, str(out), progress=False, cluster=ray_head)
-    assert_guards_fired(first, time.monotonic() - t0)
+    assert_guards_fired(first, out)
     kept = (out / "00001.tar").read_bytes()
 
     # Shard 0 cannot be written (its tar's path is a folder): img2dataset's ray distributor drops
@@ -328,7 +331,9 @@ def test_a_killed_ray_preparation_leaves_nothing_running(tmp_path):
     from test_prepare import signal_mid_download
 
     _need("ray", "ray")
+    # Ray's own processes see their cluster's end by polling it: a "python" one was still there 10 s
+    # after on a loaded 2-core machine (a clean-clone run, 2026-12-07); 30 s, and none may be left then.
     done, left, names = signal_mid_download(tmp_path / "d", "--set", "download.distributor=ray", "--set",
-                                            "download.processes=2", sig=signal.SIGKILL)
+                                            "download.processes=2", sig=signal.SIGKILL, settle_s=30)
     assert done.returncode == -signal.SIGKILL and any("Agent" in n for n in names), names
     assert not left, left

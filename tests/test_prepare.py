@@ -620,11 +620,11 @@ def test_a_resumed_preparation_reports_what_this_run_fetched(tmp_path, image_ser
     assert (last["rows"], last["new_shards"], last["shards"], last["shards_kept"]) == (28, 2, 2, 2)
 
 
-def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM) -> tuple[subprocess.CompletedProcess,
-                                                                                    list, list]:
+def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM,
+                        settle_s: float = 10.0) -> tuple[subprocess.CompletedProcess, list, list]:
     """`cloob prepare demo` (480 rows, 10 shards) in a new session, `sig` to it alone once a shard
     is finished; returns its result, what of its process tree (as it was at the signal, and any
-    process of its session) is still alive 10 s after it ended, and the names in that tree."""
+    process of its session) is still alive `settle_s` after it ended, and the names in that tree."""
     import psutil
 
     args = ["demo", "--out", str(out), "--set", "source.samples=480", "--set", "download.shard_size=48",
@@ -640,13 +640,18 @@ def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM) -> tup
         names = [p.name() for p in tree]
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        in_session = []
-        for p in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, OSError):
-                if os.getsid(p.pid) == proc.pid:
-                    in_session.append(p)
-        left = [f"{p.pid} {p.name()}" for p in {*alive, *in_session} if p.is_running()]
+        end = time.monotonic() + settle_s
+        while True:  # whatever still runs, once all is gone or settle_s is up
+            _, alive = psutil.wait_procs(tree, timeout=0)
+            in_session = []
+            for p in psutil.process_iter():
+                with contextlib.suppress(psutil.Error, OSError):
+                    if os.getsid(p.pid) == proc.pid:
+                        in_session.append(p)
+            left = [f"{p.pid} {p.name()}" for p in {*alive, *in_session} if p.is_running()]
+            if not left or time.monotonic() >= end:
+                break
+            time.sleep(0.2)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
