@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from cloob.data import synthetic
 from cloob.data.shards import list_shards
 from cloob.data.stream import SKIP_REASONS, ShardStream, StreamState
+from cloob.data.workers import worker_init
 from cloob.errors import CloobError
 from cloob.model import create_model
 
@@ -46,11 +47,14 @@ def make_stream(urls, transform, tokenizer, **kw) -> ShardStream:
 
 
 def batches(stream: ShardStream, num_workers: int = 0, epoch: int = 0, resume: StreamState | None = None):
-    """An iterator of batches: the dataset itself (num_workers=0) or a DataLoader as the trainer builds it."""
+    """An iterator of batches: the dataset itself (num_workers=0) or a DataLoader as the trainer builds it,
+    with its workers' guard against inherited thread-exit hooks (cloob.data.workers.worker_init). Without
+    it, workers forked from a pytest-xdist worker exited with 1 when dropped early, in runs of the whole
+    suite (torch's "DataLoader worker exited unexpectedly" warnings; not seen with these files alone)."""
     stream.start_epoch(epoch, resume)
     if num_workers == 0:
         return iter(stream)
-    return iter(DataLoader(stream, batch_size=None, num_workers=num_workers))
+    return iter(DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=worker_init))
 
 
 def take(stream: ShardStream, n: int, **kw) -> list[dict]:
@@ -589,13 +593,13 @@ def test_one_loader_across_epochs_equals_a_loader_per_epoch(shards_dir, tfs, res
     for epoch in range(3):
         stream = make_stream(urls, train_tf, tok, **kw)
         stream.start_epoch(epoch, None, spe)
-        it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
+        it = iter(DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init))
         per_epoch += [next(it) for _ in range(spe)]
         del it
 
     stream = make_stream(urls, train_tf, tok, **kw)
     stream.start_epoch(0, None, spe)
-    it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
+    it = iter(DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init))
     continuous = [next(it) for _ in range(3 * spe)]
     del it
     assert [b["epoch"] for b in continuous] == [e for e in range(3) for _ in range(spe)]
@@ -606,7 +610,7 @@ def test_one_loader_across_epochs_equals_a_loader_per_epoch(shards_dir, tfs, res
         state.update(b)
     stream = make_stream(urls, train_tf, tok, **kw)
     stream.start_epoch(1, StreamState.from_dict(state.to_dict()), spe)
-    it = iter(DataLoader(stream, batch_size=None, num_workers=workers))
+    it = iter(DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init))
     resumed = [next(it) for _ in range(3 * spe - 7)]
     del it
     assert_same_batches(resumed, continuous[7:])
@@ -638,7 +642,6 @@ def test_forked_workers_exit_cleanly_under_a_parent_thread_exit_hook():
     import os
     import threading
 
-    from cloob.data.workers import worker_init
     from cloob.evaluate.datasets import loader
 
     parent = os.getpid()
