@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BOMB_SIDE, ESCAPE_REASON, child_env
+from conftest import BOMB_SIDE, ESCAPE_REASON, bomb_png, child_env
 
 from cloob.prepare.demo_server import render
 
@@ -30,6 +30,10 @@ _PEAK_BOUND_KIB = 1_000_000  # a preparation of a few rows: ~250 MB; the bomb de
 def test_a_decompression_bomb_is_refused_from_its_header_and_a_servers_reason_phrase_is_escaped(tmp_path,
                                                                                                 image_server):
     base = image_server.url
+    # Built here, before the download asks for it: the server built it on the first request (about 3 s
+    # of CPU, its response held all that time), past the download's 10 s timeout on a loaded machine
+    # (a clean-clone run, 2026-12-07: "timed out" instead of the header's refusal).
+    bomb_png()
     _, caption = render(3, 48, 3, 0)
     rows = [(f"{base}/3/48/3/0.jpg", caption), (f"{base}/bad/bomb.png", "the bomb"),
             (f"{base}/bad/escape-reason.jpg", "a server's reason phrase")]
@@ -64,7 +68,6 @@ def test_a_decompression_bomb_is_refused_from_its_header_and_a_servers_reason_ph
 def test_the_header_check_and_the_reason_escaping_without_a_download():
     """The same two guards as functions (the quick loop): the bomb's header is read in well under a
     second without decoding it, and reason_of escapes what a server put in its reason phrase."""
-    from conftest import bomb_png
 
     from cloob.prepare.download.guards import check_body, declared_size
     from cloob.prepare.manifest import reason_of
