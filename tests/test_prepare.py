@@ -648,7 +648,7 @@ def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM,
                 with contextlib.suppress(psutil.Error, OSError):
                     if os.getsid(p.pid) == proc.pid:
                         in_session.append(p)
-            left = [f"{p.pid} {p.name()}" for p in {*alive, *in_session} if p.is_running()]
+            left = [f"{p.pid} {p.name()}" for p in {*alive, *in_session} if _runs(p)]
             if not left or time.monotonic() >= end:
                 break
             time.sleep(0.2)
@@ -657,6 +657,17 @@ def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM,
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), left, names
+
+
+def _runs(p) -> bool:
+    """Alive and not a zombie: a killed process whose parent is gone waits for init to reap it, which
+    took about a second here (2026-12-07), and runs nothing meanwhile."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def assert_stopped_in_one_line(done: subprocess.CompletedProcess, left: list, out: Path) -> None:

@@ -89,8 +89,17 @@ def stop_fetch(proc: subprocess.Popen, token: str, stopped: bool) -> None:
 def kill_marked(token: str, tree: list[psutil.Process] = ()) -> None:
     """SIGKILL the processes of `tree` still alive and every process of this user whose environment
     carries `token` (TOKEN_VAR)."""
+    marked = [p for p in tree if p.is_running()] + marked_by(token)
+    for p in marked:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(marked, timeout=5)
+
+
+def marked_by(token: str) -> list[psutil.Process]:
+    """The processes of this user, other than this one, whose environment carries `token` (TOKEN_VAR)."""
     me = os.getpid()
-    marked = [p for p in tree if p.is_running()]
+    marked = []
     for p in psutil.process_iter():
         if p.pid == me:
             continue
@@ -99,7 +108,4 @@ def kill_marked(token: str, tree: list[psutil.Process] = ()) -> None:
                 marked.append(p)
         except (psutil.Error, OSError):
             continue  # gone, or another user's
-    for p in marked:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(marked, timeout=5)
+    return marked

@@ -73,11 +73,10 @@ if __name__ == "__mp_main__":
     guards.set_parent(_FETCH_PID)  # a worker of a killed preparation must not mark a shard finished
 
 
-def _die_with_parent(sig: int | None = None) -> None:
-    """Ask Linux to kill this process when its parent dies: a killed `cloob prepare` must not leave
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies: a killed `cloob prepare` must not leave
     img2dataset downloading in the background (its pool workers then see their task pipe close and
-    exit). `sig`: SIGKILL by default; SIGTERM under ray, whose handler shuts its local cluster down
-    (SIGKILL left Ray's agents running for about a minute), with _kill_after_parent as the backstop.
+    exit). Not under ray: see _end_round_with_parent.
 
     Only in img2dataset's main process, never in its pool workers: the signal fires when the parent
     *thread* ends, and replacement workers are started by the pool's worker-handler thread, which
@@ -89,24 +88,49 @@ def _die_with_parent(sig: int | None = None) -> None:
             import ctypes
             import signal
 
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig or signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
 
 
-def _kill_after_parent(parent: int, grace_s: float = 30.0) -> None:
-    """SIGKILL this process `grace_s` after `parent` is no longer its parent: whatever its SIGTERM
-    handler does, it must not go on downloading for a preparation that is gone."""
-    import signal
+def _end_round_with_parent(parent: int, interval_s: float = 0.2) -> None:
+    """Under ray: once `parent` (`cloob prepare`) is no longer this process's parent, SIGKILL the local
+    Ray this process started (its raylet, GCS, agents and workers), whatever else it started, then
+    itself.
+
+    Nobody waits for this round any more, so nothing is gained by Ray's graceful shutdown, and it
+    cannot be relied on: SIGTERM to this process (Ray's handler, then ray.shutdown) ended it in 5 s
+    here, but left a process running more than 30 s after the kill in a CI run on a loaded machine
+    (2026-12-07). A plain parent-death SIGKILL of this process alone is no better: Ray's agents, whose
+    parent is the raylet, lived on for about a minute. So the tree is taken while the raylet still
+    holds its agents and workers, and the workers that left it are found by the round's token
+    (cloob.prepare.stop). A SIGTERM from a live `cloob prepare` still goes to Ray's handler; the
+    parent then cleans up after it (stop_fetch)."""
     import threading
+
+    import psutil
+
+    from cloob.prepare.stop import TOKEN_VAR, marked_by
 
     def watch():
         while os.getppid() == parent:
-            time.sleep(0.5)
-        time.sleep(grace_s)
-        os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(interval_s)
+        # All found before any is killed: the driver's core worker exits this process as soon as it
+        # sees its raylet die, and a raylet left alive would start new workers.
+        try:
+            doomed = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            doomed = []
+        token = os.environ.get(TOKEN_VAR)
+        doomed += marked_by(token) if token else []
+        for p in doomed:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        os._exit(1)
 
-    threading.Thread(target=watch, name="cloob-kill-after-parent", daemon=True).start()
+    threading.Thread(target=watch, name="cloob-end-round-with-parent", daemon=True).start()
 
 
 def _download_distributed(kwargs: dict, engine: dict) -> None:
@@ -154,11 +178,7 @@ def main(argv: list[str], args: dict | None = None) -> int:
             args = json.load(f)
     kwargs = args["img2dataset"]
     if kwargs.get("distributor") == "ray":
-        import signal
-
-        parent = int(os.environ.get("CLOOB_PREPARE_PID") or os.getppid())  # gone already: getppid() is not it
-        _die_with_parent(signal.SIGTERM)
-        _kill_after_parent(parent)
+        _end_round_with_parent(int(os.environ.get("CLOOB_PREPARE_PID") or os.getppid()))  # gone already: getppid() is not it
     else:
         _die_with_parent()
     os.environ["CLOOB_FETCH_PID"] = str(os.getpid())  # for img2dataset's spawned processes (_exit_with)
