@@ -657,3 +657,89 @@ def test_forked_workers_exit_cleanly_under_a_parent_thread_exit_hook():
         assert _worker_exit_codes(loader(_Items(), 4, 2).dl) == [0, 0]
     finally:
         threading._threading_atexits[:] = [h for h in threading._threading_atexits if getattr(h, "func", None) is not hook]
+
+
+_HANDOVER = """
+import os, socket, sys, time
+import multiprocessing as mp
+from multiprocessing import resource_sharer
+
+from cloob.data.workers import worker_init
+
+
+def work(conn):
+    worker_init(0)  # as the DataLoader calls it in each worker
+    r, _ = os.pipe()
+    # What pickling a tensor's storage for the loader's queue does under torch's file_descriptor sharing
+    # (Linux's default): the fd waits, in the worker's resource sharer, for the loader's process to fetch it.
+    fd = resource_sharer.DupFd(r)
+    conn.send(resource_sharer._resource_sharer._address)
+    while True:
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    worker = ctx.Process(target=work, args=(theirs,), daemon=True)
+    worker.start()
+    address = mine.recv()
+    print(worker.pid, address, flush=True)
+    sys.stdin.readline()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(address)  # a handover begun (the sharer's authentication waits for our answer) ...
+    print("connected", flush=True)
+    time.sleep(600)  # ... and never finished: the test kills this process here
+"""
+
+
+def test_a_handover_broken_off_by_the_loaders_process_dying_prints_no_traceback(tmp_path):
+    """A rank killed outright (SIGKILL, the OOM killer) in the middle of fetching a batch from its
+    DataLoader worker: the worker's resource-sharer thread fails the handover and printed its traceback
+    into the run's log under the dead rank's name (a clean-clone CI run, 2026-12-07), where the launcher
+    tells once how the rank ended. Now such a failure is dropped once the loader's process is gone; the
+    same failure with that process alive (here, another client that hangs up) is still printed."""
+    import contextlib
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from conftest import child_env
+
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        owner = subprocess.Popen([sys.executable, "-c", _HANDOVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=stderr, text=True, env=child_env())
+    worker = None
+    try:
+        pid, address = owner.stdout.readline().split()
+        worker = psutil.Process(int(pid))
+
+        def tracebacks() -> int:
+            return err.read_text().count("Traceback")
+
+        # The control: a client that is not the loader's process hangs up mid-handover; its owner lives.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(address)
+        deadline = time.monotonic() + 60
+        while tracebacks() == 0:
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        assert "resource_sharer.py" in err.read_text() and tracebacks() == 1
+
+        # The loader's process itself begins a handover and is killed.
+        owner.stdin.write("go\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == "connected"
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        time.sleep(5)  # the worker waits up to 2 s for its owner to be seen gone; before, it printed at once
+        assert worker.is_running() and tracebacks() == 1, err.read_text()
+    finally:
+        for p in (owner, worker):
+            with contextlib.suppress(psutil.Error, OSError):
+                p.kill()
+        owner.wait()
