@@ -26,6 +26,7 @@ from cloob.errors import CloobError
 from cloob.prepare.demo_server import render
 from cloob.prepare.run import prepare, read_manifest
 from cloob.prepare.spec import load_spec
+from cloob.run.proctree import still_running
 
 FAST = {"processes": 1, "threads": 8, "timeout": 5, "deadline": 6, "retries": 0, "image_size": 32,
         "shard_size": 16, "max_image_area": 1.0e6, "max_bytes": 200_000}
@@ -648,7 +649,9 @@ def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM,
                 with contextlib.suppress(psutil.Error, OSError):
                     if os.getsid(p.pid) == proc.pid:
                         in_session.append(p)
-            left = [f"{p.pid} {p.name()}" for p in {*alive, *in_session} if _runs(p)]
+            # A zombie counts as gone: a killed process whose parent is gone waits for init to reap it
+            # (about a second here, 2026-12-07) and runs nothing meanwhile.
+            left = [f"{p.pid} {p.name()}" for p in still_running({*alive, *in_session})]
             if not left or time.monotonic() >= end:
                 break
             time.sleep(0.2)
@@ -657,17 +660,6 @@ def signal_mid_download(out: Path, *more: str, sig: int = signal.SIGTERM,
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), left, names
-
-
-def _runs(p) -> bool:
-    """Alive and not a zombie: a killed process whose parent is gone waits for init to reap it, which
-    took about a second here (2026-12-07), and runs nothing meanwhile."""
-    import psutil
-
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def assert_stopped_in_one_line(done: subprocess.CompletedProcess, left: list, out: Path) -> None:
